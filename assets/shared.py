@@ -1,0 +1,45 @@
+"""Reads shared by several stages, so each stage module stays a thin wrapper."""
+
+
+import hashlib
+
+import dagster as dg
+import polars as pl
+
+from refine_af_pipeline.feedback import COMPONENTS, ComponentStats
+from resources import Warehouse
+
+
+def kept_instructions(warehouse: Warehouse) -> pl.DataFrame:
+    df = warehouse.read_table("deduplicated_instructions")
+    if df is None or df.filter(pl.col("decision") == "kept").height == 0:
+        raise dg.Failure("deduplicated_instructions has no kept instructions: materialize raw_instructions "
+                         "and deduplicated_instructions first (or generate more prompts)")
+    return df.filter(pl.col("decision") == "kept").select("instruction_id", "instruction", "is_classification")
+
+
+def is_held_out(instruction_id: str, share: float) -> bool:
+    """Stable split by id hash: the same instruction is held out in every run and every stage."""
+    bucket = int(hashlib.sha256(instruction_id.encode()).hexdigest()[:8], 16) % 10_000
+    return bucket < share * 10_000
+
+
+def base_component_stats(warehouse: Warehouse) -> ComponentStats:
+    df = warehouse.read_table("reward_scores")
+    if df is None:
+        raise dg.Failure("reward_scores is missing: materialize it first (its base-model scores standardise the reward)")
+    return ComponentStats.from_rows(df.filter(pl.col("gate_reason").is_null()).select(COMPONENTS).to_dicts())
+
+
+def latest_artifact(warehouse: Warehouse, table: str) -> str:
+    df = warehouse.read_table(table)
+    if df is None or df.height == 0:
+        raise dg.Failure(f"{table} has no training log: materialize it first")
+    return df["adapter_path"][-1]
+
+
+def subset(df: pl.DataFrame, limit: int, seed: int) -> pl.DataFrame:
+    """A reproducible sample of at most `limit` rows (0 = all)."""
+    if limit <= 0 or df.height <= limit:
+        return df
+    return df.sample(n=limit, seed=seed).sort("instruction_id")

@@ -1,0 +1,90 @@
+"""Self-Instruct bootstrapping: sample prompt examples, generate, parse into provenance rows."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .generation import Generation, SamplingParams, generate, next_token_distribution, render_prompt
+from .parsing import parse_numbered_continuation
+from .prompts import bootstrap_continuation_prefix, bootstrap_prompt, is_classification_prompt
+
+N_PROMPT_EXAMPLES = 8
+N_MACHINE_EXAMPLES = 2
+
+
+@dataclass(frozen=True)
+class PoolItem:
+    id: str
+    instruction: str
+    is_classification: bool
+
+
+@dataclass(frozen=True)
+class BootstrapPrompt:
+    text: str
+    example_ids: list[str]
+    classification: bool
+
+
+def sample_prompt(seeds: Sequence[PoolItem], machine: Sequence[PoolItem], rng: random.Random,
+                  classification: bool = False) -> BootstrapPrompt:
+    """8 examples: up to 2 machine-generated, the rest human seeds, shuffled together.
+
+    The classification variant draws only from classification items, so the model continues a list
+    of classification tasks.
+    """
+    if classification:
+        seeds = [s for s in seeds if s.is_classification] or list(seeds)
+        machine = [m for m in machine if m.is_classification]
+    n_machine = min(N_MACHINE_EXAMPLES, len(machine))
+    n_seed = min(N_PROMPT_EXAMPLES - n_machine, len(seeds))
+    examples = rng.sample(list(machine), n_machine) + rng.sample(list(seeds), n_seed)
+    rng.shuffle(examples)
+    return BootstrapPrompt(bootstrap_prompt([e.instruction for e in examples], classification),
+                           [e.id for e in examples], classification)
+
+
+def generate_instruction_rows(model, tokenizer, prompts: Sequence[BootstrapPrompt], params: SamplingParams,
+                              model_id: str, run_id: str, batch_size: int, seed: int,
+                              progress=None, id_offset: int = 0) -> list[dict]:
+    """One row per parsed instruction, or one row with an empty instruction for a response that
+    did not parse, so nothing the model wrote is dropped silently."""
+    rendered = [render_prompt(tokenizer, p.text, bootstrap_continuation_prefix(len(p.example_ids))) for p in prompts]
+    generations: list[Generation] = generate(model, tokenizer, rendered, params, batch_size, seed, progress)
+    rows = []
+    for k, (prompt, gen) in enumerate(zip(prompts, generations)):
+        parsed = parse_numbered_continuation(gen.text, len(prompt.example_ids) + 1, gen.hit_token_limit)
+        base = dict(
+            run_id=run_id,
+            prompt_index=id_offset + k,
+            prompt_example_ids=json.dumps(prompt.example_ids),
+            prompt_type="classification" if prompt.classification else "general",
+            model_id=model_id,
+            sampling_params=json.dumps(params.as_dict()),
+            raw_response=gen.text,
+            response_tokens=gen.n_tokens,
+            hit_token_limit=gen.hit_token_limit,
+            dropped_truncated_item=parsed.dropped_truncated,
+        )
+        items = parsed.instructions or [""]
+        for j, instruction in enumerate(items):
+            rows.append(dict(
+                instruction_id=f"{run_id[:8]}-{id_offset + k:05d}-{j:02d}",
+                instruction=instruction,
+                parse_status=parsed.status,
+                position_in_response=j,
+                **base,
+            ))
+    return rows
+
+
+def classify_instructions(model, tokenizer, instructions: Sequence[str], batch_size: int = 8) -> list[tuple[bool, float]]:
+    """Few-shot "Is it classification?": (label, P(Yes) renormalised over Yes/No)."""
+    if not instructions:
+        return []
+    contexts = [render_prompt(tokenizer, is_classification_prompt(i)) for i in instructions]
+    probs = next_token_distribution(model, tokenizer, contexts, ["Yes", "No"], batch_size)
+    return [(p[0] > 0.5, p[0]) for p in probs]

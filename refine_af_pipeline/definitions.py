@@ -1,0 +1,62 @@
+"""The one place that assembles the Dagster Definitions: assets, checks, resources, job, schedule."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from assets import checks, evaluation, finetune, instance_pairs, instructions, rewards, rl_policy, seed_pool
+from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
+
+STAGE_MODULES = [seed_pool, instructions, rewards, rl_policy, instance_pairs, finetune, evaluation]
+
+
+def data_dir() -> Path:
+    """REFINE_AF_DATA_DIR, else a folder in DAGSTER_HOME, else ./data."""
+    if os.environ.get("REFINE_AF_DATA_DIR"):
+        return Path(os.environ["REFINE_AF_DATA_DIR"])
+    if os.environ.get("DAGSTER_HOME"):
+        return Path(os.environ["DAGSTER_HOME"]) / "refine_af_data"
+    return Path("data")
+
+
+def default_resources(root: Path | None = None) -> dict:
+    root = Path(root or data_dir()).resolve()
+    return {
+        "warehouse": Warehouse(database=str(root / "refine_af.duckdb")),
+        "artifact_store": ArtifactStore(root=str(root / "artifacts")),
+        "language_model": LanguageModelResource(
+            model=os.environ.get("REFINE_AF_MODEL", "embedded"),
+            device=os.environ.get("REFINE_AF_DEVICE", "auto"),
+            dtype=os.environ.get("REFINE_AF_DTYPE", "auto"),
+        ),
+        "feedback_scorer": FeedbackScorerResource(),
+    }
+
+
+all_assets = dg.load_assets_from_modules(STAGE_MODULES)
+all_checks = dg.load_asset_checks_from_modules([checks])
+
+refine_af_job = dg.define_asset_job(
+    "refine_af_job",
+    selection=dg.AssetSelection.all(),
+    description="Materialize the whole REFINE-AF graph: seeds to evaluation.",
+)
+
+regeneration_schedule = dg.ScheduleDefinition(
+    name="refine_af_regeneration",
+    job=refine_af_job,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Nightly: grow the instruction pool and retrain downstream stages.",
+)
+
+defs = dg.Definitions(
+    assets=all_assets,
+    asset_checks=all_checks,
+    resources=default_resources(),
+    jobs=[refine_af_job],
+    schedules=[regeneration_schedule],
+)

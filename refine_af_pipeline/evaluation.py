@@ -1,0 +1,88 @@
+"""Held-out evaluation on tasks in the Super-NaturalInstructions task-file format."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .rouge import rouge_l
+
+
+class TaskFileError(ValueError):
+    """An evaluation task file that cannot be used; the message names the file and where."""
+
+
+@dataclass(frozen=True)
+class EvalInstance:
+    id: str
+    input: str
+    references: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    name: str
+    definition: str
+    instances: tuple[EvalInstance, ...]
+
+
+def builtin_task_dir() -> Path:
+    return Path(str(resources.files("refine_af_pipeline") / "data" / "eval_tasks"))
+
+
+def load_task_file(path: Path) -> EvalTask:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskFileError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TaskFileError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise TaskFileError(f"{path}: expected a JSON object with Definition and Instances")
+    definition = obj.get("Definition")
+    if isinstance(definition, list) and definition and all(isinstance(d, str) for d in definition):
+        definition = " ".join(definition)
+    if not isinstance(definition, str) or not definition.strip():
+        raise TaskFileError(f"{path}: 'Definition' must be a non-empty string or list of strings")
+    raw = obj.get("Instances")
+    if not isinstance(raw, list) or not raw:
+        raise TaskFileError(f"{path}: 'Instances' must be a non-empty list")
+    instances = []
+    for k, inst in enumerate(raw):
+        where = f"{path}: Instances[{k}]"
+        if not isinstance(inst, dict) or not isinstance(inst.get("input"), str):
+            raise TaskFileError(f"{where}: needs a string 'input'")
+        refs = inst.get("output")
+        if isinstance(refs, str):
+            refs = [refs]
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+            raise TaskFileError(f"{where}: 'output' must be a non-empty list of reference strings")
+        instances.append(EvalInstance(str(inst.get("id", f"{path.stem}-{k}")), inst["input"], tuple(refs)))
+    return EvalTask(path.stem, definition.strip(), tuple(instances))
+
+
+def load_tasks(directory: str | Path | None = None) -> list[EvalTask]:
+    folder = builtin_task_dir() if directory is None else Path(directory)
+    if not folder.is_dir():
+        raise TaskFileError(f"{folder}: evaluation task directory not found")
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise TaskFileError(f"{folder}: no *.json task files")
+    return [load_task_file(f) for f in files]
+
+
+def best_rouge_l(prediction: str, references: tuple[str, ...]) -> float:
+    """Max ROUGE-L F over references, as SuperNI scores multiple reference outputs."""
+    return max(rouge_l(ref, prediction) for ref in references)
+
+
+def first_line(text: str) -> str:
+    # Short-answer tasks: the answer is the first non-empty line; anything after is rambling.
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""

@@ -1,0 +1,135 @@
+"""Batched text generation and token scoring with a Hugging Face causal LM."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    do_sample: bool = True
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    n_tokens: int
+    hit_token_limit: bool
+
+
+def render_prompt(tokenizer, user_text: str, assistant_prefix: str = "") -> str:
+    """The user message in the model's chat template (if it has one), then the assistant prefix."""
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        rendered = user_text + "\n"
+    return rendered + assistant_prefix
+
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    batch_size: int = 8,
+    seed: int | None = None,
+    progress: ProgressFn | None = None,
+) -> list[Generation]:
+    """Generate one continuation per already-rendered prompt, in batches, keeping prompt order."""
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    results: list[Generation] = []
+    started = time.monotonic()
+    n_batches = (len(prompts) + batch_size - 1) // batch_size
+    for b in range(n_batches):
+        chunk = list(prompts[b * batch_size : (b + 1) * batch_size])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        if params.do_sample:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.no_grad():
+            out = model.generate(**enc, **kwargs)
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        eos_ids = _eos_ids(model, tokenizer)
+        for row in new_tokens.tolist():
+            # Cut at the first end-of-sequence (or pad) token; the rest is padding.
+            cut = next((i for i, t in enumerate(row) if t in eos_ids), None)
+            kept = row if cut is None else row[:cut]
+            results.append(
+                Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), cut is None)
+            )
+        if progress is not None:
+            progress(b + 1, n_batches, time.monotonic() - started)
+    return results
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(cfg_eos, int):
+        ids.add(cfg_eos)
+    elif cfg_eos:
+        ids.update(cfg_eos)
+    return {i for i in ids if i is not None}
+
+
+def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> list[list[float]]:
+    """Log-probability of each continuation token given its context (teacher forcing)."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    for start in range(0, len(contexts), batch_size):
+        ctx_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts[start : start + batch_size]]
+        cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations[start : start + batch_size]]
+        seqs = [a + b for a, b in zip(ctx_ids, cont_ids)]
+        width = max(len(s) for s in seqs)
+        pad = tokenizer.pad_token_id
+        # Right padding here: positions are read back by index, no generation involved.
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for k, (a, b) in enumerate(zip(ctx_ids, cont_ids)):
+            positions = range(len(a), len(a) + len(b))
+            out.append([logprobs[k, p - 1, b[p - len(a)]].item() for p in positions if p > 0])
+    return out
+
+
+def next_token_distribution(model, tokenizer, contexts: Sequence[str], candidate_tokens: Sequence[str], batch_size: int = 8) -> list[list[float]]:
+    """Probabilities of single-token candidates as the next token, renormalised over the candidates."""
+    import torch
+
+    cand_ids = []
+    for tok in candidate_tokens:
+        ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
+        cand_ids.append(ids[0])
+    device = next(model.parameters()).device
+    probs: list[list[float]] = []
+    for start in range(0, len(contexts), batch_size):
+        chunk = list(contexts[start : start + batch_size])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            logits = model(**enc).logits[:, -1, :].float()  # left padding: last position is real
+        sel = torch.softmax(logits[:, cand_ids], dim=-1)
+        probs.extend(sel.tolist())
+    return probs

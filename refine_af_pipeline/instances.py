@@ -1,0 +1,51 @@
+"""Instance generation: a model writes input/output pairs for instructions; each is parsed,
+gated, scored, and filtered the Self-Instruct way."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from .feedback import COMPONENTS, ComponentStats, FeedbackScorer, combine
+from .generation import SamplingParams, generate, render_prompt
+from .prompts import instance_prompt
+
+
+def generate_scored_instances(model, tokenizer, scorer: FeedbackScorer, instructions: Sequence[str],
+                              params: SamplingParams, batch_size: int, seed: int, progress=None) -> list[dict]:
+    prompts = [render_prompt(tokenizer, instance_prompt(i)) for i in instructions]
+    generations = generate(model, tokenizer, prompts, params, batch_size, seed, progress)
+    scored = scorer.score_texts(list(instructions), [g.text for g in generations])
+    rows = []
+    for instruction, gen, s in zip(instructions, generations, scored):
+        rows.append(dict(instruction=instruction, generation=gen.text, generation_tokens=gen.n_tokens,
+                         input=s.input, output=s.output, parse_status=s.parse_status, gate_reason=s.gate_reason,
+                         **s.components, reward=s.reward))
+    return rows
+
+
+def restandardise(rows: list[dict], weights, bias: float) -> ComponentStats:
+    """Compute component stats from these rows (the base model's) and recombine their rewards."""
+    stats = ComponentStats.from_rows([r for r in rows if r["gate_reason"] is None])
+    for r in rows:
+        if r["gate_reason"] is None:
+            r["reward"] = combine({c: r[c] for c in COMPONENTS}, stats, weights, bias)
+    return stats
+
+
+def filter_reason(rows: list[dict]) -> list[str | None]:
+    """Why each instance is dropped: the format gate's reason, or the same input answered with
+    different outputs for one instruction (both are dropped: which one is right is unknown)."""
+    outputs_by_input: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for r in rows:
+        if r["gate_reason"] is None:
+            outputs_by_input[(r["instruction"], " ".join(r["input"].split()).lower())].add(" ".join(r["output"].split()).lower())
+    reasons = []
+    for r in rows:
+        if r["gate_reason"] is not None:
+            reasons.append(r["gate_reason"])
+        elif len(outputs_by_input[(r["instruction"], " ".join(r["input"].split()).lower())]) > 1:
+            reasons.append("conflicting_outputs_for_same_input")
+        else:
+            reasons.append(None)
+    return reasons

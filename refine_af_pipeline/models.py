@@ -1,0 +1,116 @@
+"""Loading causal language models from the embedded package, a local directory or a hub id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .embedded_model import EMBEDDED_MODEL_ID, ensure_embedded_model
+
+EMBEDDED = "embedded"
+
+
+class ModelUnavailable(RuntimeError):
+    pass
+
+
+def resolve_device(device: str) -> str:
+    """"auto" picks cuda, then mps, then cpu; an explicit device is checked before any load."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelUnavailable(f"device '{device}' was requested but this machine has no CUDA device")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ModelUnavailable(f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA devices)")
+        return device
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelUnavailable("device 'mps' was requested but MPS is not available")
+    if device != "cpu" and device != "mps":
+        raise ModelUnavailable(f"unknown device '{device}' (use auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        # bf16 where the hardware has it; fp32 on CPU, where bf16 matmuls are slow on most chips.
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelUnavailable(f"unknown dtype '{dtype}' (use auto, float32, bfloat16 or float16)") from None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: `path` is loadable by from_pretrained; `model_id` is recorded."""
+
+    path: str
+    model_id: str
+    local_only: bool
+
+
+def resolve_model_source(model: str, cache_dir: Path | None = None, allow_download: bool = False) -> ModelSource:
+    if model == EMBEDDED:
+        return ModelSource(str(ensure_embedded_model(cache_dir)), f"{EMBEDDED_MODEL_ID} (embedded GGUF Q4_1)", True)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelUnavailable(f"model directory {path} has no config.json")
+        return ModelSource(str(path.resolve()), str(path.resolve()), True)
+    if model.startswith((".", "/", "~")):
+        raise ModelUnavailable(f"model directory {path} does not exist")
+    return ModelSource(model, model, not allow_download)
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.path, local_files_only=source.local_only, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise _unavailable(source, exc) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Decoder-only generation in batches needs the padding on the left.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(source: ModelSource, device: str, dtype, trust_remote_code: bool = False, adapter: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, local_files_only=source.local_only, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise _unavailable(source, exc) from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def _unavailable(source: ModelSource, exc: Exception) -> ModelUnavailable:
+    hint = (
+        " It is not in the local Hugging Face cache and downloads are off: download it first "
+        "(huggingface-cli download ...) or set allow_download on the model resource."
+        if source.local_only and not Path(source.path).exists()
+        else ""
+    )
+    return ModelUnavailable(f"cannot load model '{source.model_id}': {exc}.{hint}")

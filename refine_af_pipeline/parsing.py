@@ -1,0 +1,78 @@
+"""Turning raw model text into instructions and instances. Never raises on model output."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_NUMBERED_ITEM = re.compile(r"(?:^|\n)\s*(\d{1,3})\s*[.)]\s*")
+
+
+@dataclass(frozen=True)
+class ParsedInstructions:
+    instructions: list[str]
+    status: str  # ok | empty | unparseable
+    dropped_truncated: bool
+
+
+def parse_numbered_continuation(response: str, first_number: int, hit_token_limit: bool) -> ParsedInstructions:
+    """Split a continuation of a numbered list ("9. ... 10. ...") into single instructions.
+
+    The response is what the model wrote after the prompt's open number `first_number.`. Items end
+    at the next numbered line; a last item is dropped when generation stopped at the token limit,
+    because it is probably cut mid-sentence.
+    """
+    text = f"{first_number}. " + response.lstrip()
+    matches = list(_NUMBERED_ITEM.finditer(text))
+    # Numbers must run on consecutively; anything else is text that merely starts with a digit.
+    accepted = []
+    for match in matches:
+        if int(match.group(1)) == first_number + len(accepted):
+            accepted.append(match)
+    items = [text[m.end():(accepted[k + 1].start() if k + 1 < len(accepted) else len(text))]
+             for k, m in enumerate(accepted)]
+    cleaned = []
+    for item in items:
+        # An item ends at its first blank line: what follows is commentary, not the instruction.
+        item = re.split(r"\n\s*\n", item.strip(), maxsplit=1)[0]
+        item = " ".join(item.split())
+        cleaned.append(item)
+    dropped = False
+    if hit_token_limit and cleaned:
+        cleaned.pop()
+        dropped = True
+    cleaned = [c for c in cleaned if c]
+    if cleaned:
+        return ParsedInstructions(cleaned, "ok", dropped)
+    return ParsedInstructions([], "empty" if not response.strip() else "unparseable", dropped)
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    input: str
+    output: str
+    status: str  # ok | missing_output | empty_output
+
+
+_INPUT = re.compile(r"^\s*\**\s*input\s*\**\s*:\s*", re.IGNORECASE | re.MULTILINE)
+_OUTPUT = re.compile(r"^\s*\**\s*output\s*\**\s*:\s*", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_instance(text: str) -> ParsedInstance:
+    """Read "Input: ... Output: ..." from a generated instance; `<noinput>` means an empty input."""
+    out_match = _OUTPUT.search(text)
+    if out_match is None:
+        return ParsedInstance("", "", "missing_output")
+    in_match = _INPUT.search(text, 0, out_match.start())
+    input_text = text[in_match.end():out_match.start()].strip() if in_match else ""
+    output = text[out_match.end():]
+    # A second "Input:" starts another example; keep only the first.
+    next_input = _INPUT.search(output)
+    if next_input:
+        output = output[: next_input.start()]
+    output = output.strip()
+    if input_text.lower().strip("<> .") in {"noinput", "no input", "none", ""}:
+        input_text = ""
+    if not output:
+        return ParsedInstance(input_text, "", "empty_output")
+    return ParsedInstance(input_text, output, "ok")

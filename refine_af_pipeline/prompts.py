@@ -1,0 +1,82 @@
+"""Prompt texts for every stage. Kept in one place so a run can record exactly what it asked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+BOOTSTRAP_HEADER = "Come up with a series of tasks:"
+BOOTSTRAP_CLASSIFICATION_HEADER = "Come up with a series of classification tasks. Try to specify the possible output labels when possible."
+
+
+def bootstrap_prompt(example_instructions: Sequence[str], classification: bool = False) -> str:
+    """The Self-Instruct bootstrap prompt: numbered examples, and the next number left open.
+
+    The model continues the list; `bootstrap_continuation_prefix` gives the number it starts with.
+    """
+    header = BOOTSTRAP_CLASSIFICATION_HEADER if classification else BOOTSTRAP_HEADER
+    lines = [header]
+    for k, instruction in enumerate(example_instructions, start=1):
+        # Collapse internal whitespace so one example is one numbered line.
+        lines.append(f"{k}. {' '.join(instruction.split())}")
+    return "\n".join(lines) + "\n"
+
+
+def bootstrap_continuation_prefix(n_examples: int) -> str:
+    return f"{n_examples + 1}."
+
+
+INSTANCE_REQUEST = (
+    "Write one example for the task below: an input for it (write <noinput> if the task needs no "
+    "input) and the correct output for that input.\n"
+    "Answer in exactly this form:\nInput: <the input>\nOutput: <the output>\n\n"
+    "Task: {instruction}"
+)
+
+
+def instance_prompt(instruction: str) -> str:
+    """The request for one input/output instance of an instruction (base model and RL policy)."""
+    return INSTANCE_REQUEST.format(instruction=" ".join(instruction.split()))
+
+
+JUDGE_REQUEST = (
+    "Rate how well the response carries out the task, on a scale from 1 (useless) to 10 (perfect). "
+    "Answer with the number only.\n\nTask: {instruction}\n{input_block}Response: {output}"
+)
+
+
+def judge_prompt(instruction: str, input_text: str, output: str) -> str:
+    input_block = f"Input: {input_text}\n" if input_text else ""
+    return JUDGE_REQUEST.format(instruction=instruction, input_block=input_block, output=output)
+
+
+CLASSIFICATION_QUESTION_EXAMPLES = (
+    ("Decide whether the review below is positive or negative.", "Yes"),
+    ("Suggest three names for a bakery that sells only bread.", "No"),
+    ("Is this sentence written in the passive or the active voice?", "Yes"),
+    ("Explain why the sky looks blue during the day.", "No"),
+    ("Label each email as spam or not spam.", "Yes"),
+    ("Rewrite the paragraph so that a ten-year-old can follow it.", "No"),
+)
+
+
+def is_classification_prompt(instruction: str) -> str:
+    """Few-shot "Is it classification?" prompt; the answer token is Yes or No."""
+    lines = ["Can the following task be regarded as a classification task with finite output labels?", ""]
+    for example, answer in CLASSIFICATION_QUESTION_EXAMPLES:
+        lines += [f"Task: {example}", f"Is it classification? {answer}", ""]
+    lines += [f"Task: {' '.join(instruction.split())}", "Is it classification?"]
+    return "\n".join(lines)
+
+
+def sft_prompt(instruction: str, input_text: str) -> str:
+    """Alpaca-style layout: instruction, optional input, then the response section to complete."""
+    parts = [f"### Instruction:\n{instruction.strip()}\n"]
+    if input_text.strip():
+        parts.append(f"### Input:\n{input_text.strip()}\n")
+    parts.append("### Response:\n")
+    return "\n".join(parts)
+
+
+def evaluation_prompt(definition: str, input_text: str) -> str:
+    """Zero-shot prompt in the Super-NaturalInstructions style: definition, input, then Output:."""
+    return f"Definition: {definition.strip()}\n\nInput: {input_text.strip()}\nOutput:"

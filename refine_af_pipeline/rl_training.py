@@ -1,0 +1,134 @@
+"""RL from automated feedback: GRPO (default) or RLOO from TRL on a LoRA adapter.
+
+The policy learns to write an input/output instance for an instruction; the reward is the
+FeedbackScorer's combined score. beta > 0 keeps the policy near the base model (KL penalty; with
+PEFT the reference is the base model with the adapter switched off, so no second copy is held).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .feedback import COMPONENTS, FeedbackScorer
+from .prompts import instance_prompt
+
+
+@dataclass
+class RLSettings:
+    algorithm: str = "grpo"  # grpo | rloo
+    max_steps: int = 12
+    prompts_per_step: int = 4
+    group_size: int = 4  # completions per prompt, compared with each other
+    learning_rate: float = 1e-4
+    beta: float = 0.04  # KL coefficient
+    max_completion_length: int = 48
+    temperature: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    seed: int = 0
+
+
+@dataclass
+class RLResult:
+    adapter_dir: Path
+    log: list[dict] = field(default_factory=list)
+
+
+class _RewardRecorder:
+    """The TRL reward function; also remembers per-call component means and gate failures."""
+
+    __name__ = "automated_feedback"
+
+    def __init__(self, scorer: FeedbackScorer):
+        self.scorer = scorer
+        self.calls: list[dict] = []
+
+    def __call__(self, prompts, completions, instruction, **_) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        scored = self.scorer.score_texts(list(instruction), texts)
+        record = {"gate_failure_share": sum(s.gate_reason is not None for s in scored) / max(len(scored), 1)}
+        for name in COMPONENTS:
+            values = [s.components[name] for s in scored if s.components[name] is not None]
+            record[f"{name}_mean"] = sum(values) / len(values) if values else math.nan
+        self.calls.append(record)
+        return [s.reward for s in scored]
+
+
+def train_policy(model, tokenizer, instructions: Sequence[str], scorer: FeedbackScorer, settings: RLSettings,
+                 output_dir: Path, device: str, on_log=None) -> RLResult:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    if settings.algorithm not in ("grpo", "rloo"):
+        raise ValueError(f"unknown RL algorithm '{settings.algorithm}' (use grpo or rloo)")
+    if not instructions:
+        raise ValueError("no instructions to train the RL policy on")
+    dataset = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": instance_prompt(i)}] for i in instructions],
+        "instruction": list(instructions),
+    })
+    common = dict(
+        output_dir=str(output_dir / "trainer"),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.prompts_per_step * settings.group_size,
+        gradient_accumulation_steps=1,
+        num_generations=settings.group_size,
+        max_completion_length=settings.max_completion_length,
+        learning_rate=settings.learning_rate,
+        beta=settings.beta,
+        temperature=settings.temperature,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=settings.seed,
+        use_cpu=device == "cpu",
+        bf16=False,
+        disable_tqdm=True,
+    )
+    if settings.algorithm == "grpo":
+        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+    recorder = _RewardRecorder(scorer)
+
+    class _Forward(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if on_log is not None and logs:
+                on_log(state.global_step, settings.max_steps, logs)
+
+    trainer = Trainer(
+        model=model,
+        reward_funcs=[recorder],
+        args=Config(**common),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, target_modules="all-linear",
+                               task_type="CAUSAL_LM"),
+        callbacks=[_Forward()],
+    )
+    trainer.train()
+    adapter_dir = output_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    return RLResult(adapter_dir, _training_log(trainer.state.log_history, recorder.calls))
+
+
+def _training_log(history: list[dict], calls: list[dict]) -> list[dict]:
+    rows = []
+    step_logs = [h for h in history if "reward" in h]
+    for k, h in enumerate(step_logs):
+        row = {
+            "step": int(h.get("step", k + 1)),
+            "reward": float(h["reward"]),
+            "reward_std": float(h.get("reward_std", math.nan)),
+            "kl": float(h.get("kl", math.nan)),
+            "loss": float(h.get("loss", math.nan)),
+            "completion_length": float(h.get("completions/mean_length", math.nan)),
+        }
+        row.update(calls[k] if k < len(calls) else {})
+        rows.append(row)
+    return rows

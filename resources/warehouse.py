@@ -1,0 +1,89 @@
+"""The DuckDB file that holds every intermediate table.
+
+Written here rather than with dagster-duckdb's DuckDBResource because that one retries a locked
+file with growing back-off (over a minute and a half) and then raises DuckDB's raw error. A shared
+machine needs the opposite: a short bounded wait and a message that names the locked file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import polars as pl
+
+
+class DatabaseLocked(RuntimeError):
+    pass
+
+
+class Warehouse(dg.ConfigurableResource):
+    """DuckDB database file; tables are written whole inside one transaction."""
+
+    database: str
+    lock_timeout_s: float = 10.0
+
+    @contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout_s
+        while True:
+            try:
+                conn = duckdb.connect(self.database)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise
+                if time.monotonic() >= deadline:
+                    raise DatabaseLocked(
+                        f"DuckDB file {self.database} is locked by another process (waited "
+                        f"{self.lock_timeout_s:.0f} s). Only one run may write it at a time: wait for the "
+                        f"other run or stop it. DuckDB said: {exc}"
+                    ) from None
+                time.sleep(0.5)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def table_exists(self, name: str) -> bool:
+        with self.connect() as conn:
+            return _exists(conn, name)
+
+    def read_table(self, name: str, order_by: str | None = None) -> pl.DataFrame | None:
+        with self.connect() as conn:
+            if not _exists(conn, name):
+                return None
+            sql = f'SELECT * FROM "{name}"' + (f" ORDER BY {order_by}" if order_by else "")
+            return conn.execute(sql).pl()
+
+    def write_table(self, name: str, df: pl.DataFrame, mode: str = "replace") -> None:
+        """replace: the table becomes `df`; append: `df` is added (table created if missing).
+        One transaction, so a crash leaves the previous table as it was."""
+        if mode not in ("replace", "append"):
+            raise ValueError(f"unknown write mode {mode}")
+        with self.connect() as conn:
+            arrow = df.to_arrow()
+            conn.register("incoming", arrow)
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                if mode == "replace" or not _exists(conn, name):
+                    conn.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM incoming')
+                else:
+                    conn.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM incoming')
+                conn.execute("COMMIT")
+            except Exception:
+                conn.execute("ROLLBACK")
+                raise
+            finally:
+                conn.unregister("incoming")
+
+
+def _exists(conn: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(conn.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]
+    ).fetchone()[0])

@@ -1,0 +1,30 @@
+"""Materializing the whole graph into a temporary data directory, for the asset tests."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
+from resources import LanguageModelResource
+
+
+def smallest_run_config(**overrides) -> dg.RunConfig:
+    ops = {
+        "raw_instructions": {"num_prompts": 8, "classification_prompts": 1, "max_new_tokens": 64},
+        "reward_scores": {"max_instructions": 8, "max_new_tokens": 32},
+        "rl_refined_policy": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "max_completion_length": 24},
+        "instance_output_pairs": {"max_instructions": 8, "max_new_tokens": 32},
+        "finetuned_model": {"epochs": 1.0, "batch_size": 4, "max_length": 128},
+        "evaluation": {"instances_per_task": 1, "max_new_tokens": 8},
+    }
+    for key, value in overrides.items():
+        ops[key] = {**ops.get(key, {}), **value}
+    return dg.RunConfig(ops=ops)
+
+
+def materialize(data_dir: Path, model: str, run_config: dg.RunConfig, selection=None, batch_size: int = 8,
+                raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    resources = default_resources(data_dir)
+    resources["language_model"] = LanguageModelResource(model=model, device="cpu", batch_size=batch_size)
+    return dg.materialize([*all_assets, *all_checks], resources=resources, run_config=run_config,
+                          selection=selection, raise_on_error=raise_on_error)

@@ -1,0 +1,121 @@
+"""The whole graph on a tiny Llama the tests train themselves, into a temporary DuckDB."""
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipeline_helpers import materialize, smallest_run_config
+from refine_af_pipeline.rouge import RougeDeduplicator
+from refine_af_pipeline.seeds import SeedFileError
+
+TABLES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "rl_refined_policy",
+          "instance_output_pairs", "finetuned_model", "evaluation"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model_dir, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("data")
+    result = materialize(data_dir, str(tiny_model_dir), smallest_run_config())
+    return data_dir, result
+
+
+def _table(data_dir: Path, sql: str):
+    with duckdb.connect(str(data_dir / "refine_af.duckdb"), read_only=True) as conn:
+        return conn.execute(sql).pl()
+
+
+def test_every_stage_writes_its_table(first_run):
+    data_dir, result = first_run
+    assert result.success
+    counts = {t: _table(data_dir, f"SELECT count(*) AS n FROM {t}")["n"][0] for t in TABLES}
+    assert counts["seed_pool"] == 175
+    assert all(n > 0 for n in counts.values()), counts
+    assert counts["rl_refined_policy"] == 2  # one log row per RL step
+    assert counts["evaluation"] == 2 * 20  # (task, model) rows: base and finetuned on 20 tasks
+
+
+def test_raw_instructions_carry_provenance(first_run, tiny_model_dir):
+    data_dir, result = first_run
+    raw = _table(data_dir, "SELECT * FROM raw_instructions")
+    assert set(raw["run_id"]) == {result.run_id}
+    assert set(raw["model_id"]) == {str(Path(tiny_model_dir).resolve())}
+    assert raw["prompt_index"].n_unique() == 8
+    for ids in raw["prompt_example_ids"]:
+        assert len(json.loads(ids)) == 8
+    params = json.loads(raw["sampling_params"][0])
+    assert params["max_new_tokens"] == 64 and params["do_sample"] is True
+    assert set(raw["parse_status"]) <= {"ok", "empty", "unparseable"}
+    assert raw["instruction_id"].n_unique() == raw.height
+
+
+def test_dedup_records_decisions_and_respects_threshold(first_run):
+    data_dir, _ = first_run
+    dedup = _table(data_dir, "SELECT * FROM deduplicated_instructions")
+    raw = _table(data_dir, "SELECT instruction_id FROM raw_instructions")
+    assert sorted(dedup["instruction_id"]) == sorted(raw["instruction_id"])  # every candidate decided
+    kept = dedup.filter(dedup["decision"] == "kept")
+    assert kept.height > 0
+    assert (kept["max_rouge_l"] <= 0.7).all()
+    assert kept["is_classification"].null_count() == 0
+    rejected = dedup.filter(dedup["decision"] == "rejected")
+    assert rejected["reason"].null_count() == 0
+
+
+def test_reward_scores_have_components_and_scorers(first_run):
+    data_dir, _ = first_run
+    scores = _table(data_dir, "SELECT * FROM reward_scores")
+    for column in ["preference", "naturalness", "coherence", "understandability", "reward", "gate_reason", "scorers"]:
+        assert column in scores.columns
+    passed = scores.filter(scores["gate_reason"].is_null())
+    assert passed.height > 0
+    assert ((passed["preference"] >= 0) & (passed["preference"] <= 1)).all()
+    assert "preference" in json.loads(scores["scorers"][0])
+
+
+def test_adapters_are_in_the_artifact_store(first_run):
+    data_dir, result = first_run
+    for table in ["rl_refined_policy", "finetuned_model"]:
+        path = Path(_table(data_dir, f"SELECT adapter_path FROM {table} LIMIT 1")["adapter_path"][0])
+        assert path.is_relative_to(data_dir / "artifacts" / table / result.run_id)
+        assert (path / "adapter_config.json").is_file()
+        assert (path / "adapter_model.safetensors").is_file()
+    pairs = _table(data_dir, "SELECT * FROM instance_output_pairs")
+    assert pairs["policy_adapter"].str.contains("rl_refined_policy").all()
+
+
+def test_rl_log_and_checks(first_run):
+    data_dir, result = first_run
+    log = _table(data_dir, "SELECT * FROM rl_refined_policy ORDER BY step")
+    assert list(log["step"]) == [1, 2]
+    for column in ["reward", "kl", "loss", "completion_length", "gate_failure_share", "preference_mean"]:
+        assert column in log.columns
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["no_kept_pair_above_rouge_threshold"] and checks["no_blacklisted_keyword"]
+    assert "policy_reward_not_below_base" in checks and "instance_parse_rate" in checks
+
+
+def test_second_run_grows_the_pool_without_near_duplicates(first_run, tiny_model_dir):
+    data_dir, _ = first_run
+    before = _table(data_dir, "SELECT count(*) AS n FROM raw_instructions")["n"][0]
+    result = materialize(data_dir, str(tiny_model_dir), smallest_run_config(raw_instructions={"seed": 1}),
+                         selection=["raw_instructions", "deduplicated_instructions"])
+    assert result.success
+    raw = _table(data_dir, "SELECT * FROM raw_instructions")
+    assert raw.height > before and raw["run_id"].n_unique() == 2
+    dedup = _table(data_dir, "SELECT * FROM deduplicated_instructions")
+    kept_first = dedup.filter((dedup["decision"] == "kept") & (dedup["run_id"] != result.run_id))["instruction"]
+    kept_second = dedup.filter((dedup["decision"] == "kept") & (dedup["run_id"] == result.run_id))["instruction"]
+    pool = RougeDeduplicator(kept_first.to_list())
+    assert all(pool.max_score(i)[0] <= 0.7 for i in kept_second)
+
+
+def test_bad_seed_file_fails_with_its_name_and_keeps_the_table(first_run, tiny_model_dir, tmp_path):
+    data_dir, _ = first_run
+    bad = tmp_path / "bad_seeds.jsonl"
+    bad.write_text('{"id": "a", "instruction": "Do the thing", "instances": [{"input": "", "output": "x"}]}\n{oops\n')
+    with pytest.raises(SeedFileError, match=r"bad_seeds.jsonl:2: malformed JSON"):
+        materialize(data_dir, str(tiny_model_dir), smallest_run_config(seed_pool={"seed_file": str(bad)}),
+                    selection=["seed_pool"])
+    assert _table(data_dir, "SELECT count(*) AS n FROM seed_pool")["n"][0] == 175
