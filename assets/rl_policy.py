@@ -17,8 +17,8 @@ from .shared import base_component_stats, is_held_out, kept_instructions
 
 class RLConfig(dg.Config):
     algorithm: str = "grpo"  # grpo | rloo
-    max_steps: int = 12
-    prompts_per_step: int = 4
+    max_steps: int = 8
+    prompts_per_step: int = 2
     group_size: int = 4
     learning_rate: float = 1e-4
     beta: float = 0.04
@@ -27,6 +27,7 @@ class RLConfig(dg.Config):
     lora_r: int = 8
     lora_alpha: int = 16
     seed: int = 0
+    gradient_checkpointing: bool = False
     heldout_share: float = 0.2  # kept instructions RL never trains on
 
 

@@ -8,17 +8,17 @@ from collections.abc import Sequence
 
 from .feedback import COMPONENTS, ComponentStats, FeedbackScorer, combine
 from .generation import SamplingParams, generate, render_prompt
-from .prompts import instance_prompt
+from .prompts import INSTANCE_PREFIX, instance_prompt
 
 
 def generate_scored_instances(model, tokenizer, scorer: FeedbackScorer, instructions: Sequence[str],
                               params: SamplingParams, batch_size: int, seed: int, progress=None) -> list[dict]:
-    prompts = [render_prompt(tokenizer, instance_prompt(i)) for i in instructions]
+    prompts = [render_prompt(tokenizer, instance_prompt(i), INSTANCE_PREFIX) for i in instructions]
     generations = generate(model, tokenizer, prompts, params, batch_size, seed, progress)
-    scored = scorer.score_texts(list(instructions), [g.text for g in generations])
+    scored = scorer.score_texts(list(instructions), [INSTANCE_PREFIX + g.text for g in generations])
     rows = []
     for instruction, gen, s in zip(instructions, generations, scored):
-        rows.append(dict(instruction=instruction, generation=gen.text, generation_tokens=gen.n_tokens,
+        rows.append(dict(instruction=instruction, generation=INSTANCE_PREFIX + gen.text, generation_tokens=gen.n_tokens,
                          input=s.input, output=s.output, parse_status=s.parse_status, gate_reason=s.gate_reason,
                          **s.components, reward=s.reward))
     return rows

@@ -33,6 +33,10 @@ INSTANCE_REQUEST = (
 )
 
 
+# The assistant turn starts with this, so even a 135M model answers in the parseable layout.
+INSTANCE_PREFIX = "Input:"
+
+
 def instance_prompt(instruction: str) -> str:
     """The request for one input/output instance of an instruction (base model and RL policy)."""
     return INSTANCE_REQUEST.format(instruction=" ".join(instruction.split()))

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .feedback import COMPONENTS, FeedbackScorer
-from .prompts import instance_prompt
+from .prompts import INSTANCE_PREFIX, instance_prompt
 
 
 @dataclass
 class RLSettings:
     algorithm: str = "grpo"  # grpo | rloo
-    max_steps: int = 12
-    prompts_per_step: int = 4
+    max_steps: int = 8
+    prompts_per_step: int = 2
     group_size: int = 4  # completions per prompt, compared with each other
     learning_rate: float = 1e-4
     beta: float = 0.04  # KL coefficient
@@ -29,6 +29,7 @@ class RLSettings:
     lora_r: int = 8
     lora_alpha: int = 16
     seed: int = 0
+    gradient_checkpointing: bool = False  # turn on for 7B+ policies that do not fit otherwise
 
 
 @dataclass
@@ -47,7 +48,8 @@ class _RewardRecorder:
         self.calls: list[dict] = []
 
     def __call__(self, prompts, completions, instruction, **_) -> list[float]:
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        # The prompt ends inside the assistant turn with INSTANCE_PREFIX; completions continue it.
+        texts = [INSTANCE_PREFIX + (c[-1]["content"] if isinstance(c, list) else c) for c in completions]
         scored = self.scorer.score_texts(list(instruction), texts)
         record = {"gate_failure_share": sum(s.gate_reason is not None for s in scored) / max(len(scored), 1)}
         for name in COMPONENTS:
@@ -68,7 +70,8 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     if not instructions:
         raise ValueError("no instructions to train the RL policy on")
     dataset = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": instance_prompt(i)}] for i in instructions],
+        "prompt": [[{"role": "user", "content": instance_prompt(i)}, {"role": "assistant", "content": INSTANCE_PREFIX}]
+                   for i in instructions],
         "instruction": list(instructions),
     })
     common = dict(
@@ -88,6 +91,8 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
         use_cpu=device == "cpu",
         bf16=False,
         disable_tqdm=True,
+        # Checkpointing trades compute for memory; at these sizes it only made each step slower.
+        gradient_checkpointing=settings.gradient_checkpointing,
     )
     if settings.algorithm == "grpo":
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer

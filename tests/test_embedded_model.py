@@ -1,0 +1,51 @@
+"""The real embedded model (SmolLM2-135M-Instruct from PyPI) through the whole graph at the
+smallest sizes. Slow (minutes on 2 cores); it runs in CI."""
+
+import duckdb
+import pytest
+
+from pipeline_helpers import materialize, smallest_run_config
+from refine_af_pipeline.embedded_model import ensure_embedded_model
+from refine_af_pipeline.models import ModelUnavailable, resolve_model_source
+
+
+@pytest.mark.slow
+def test_embedded_model_runs_the_whole_graph(tmp_path):
+    path = ensure_embedded_model()
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    config = smallest_run_config(
+        raw_instructions={"num_prompts": 4, "classification_prompts": 0, "max_new_tokens": 96},
+        reward_scores={"max_instructions": 4, "max_new_tokens": 48},
+        rl_refined_policy={"max_steps": 1, "prompts_per_step": 2, "group_size": 2, "max_completion_length": 24},
+        instance_output_pairs={"max_instructions": 4, "max_new_tokens": 48},
+        evaluation={"instances_per_task": 1, "max_new_tokens": 8},
+    )
+    result = materialize(tmp_path, "embedded", config, batch_size=4)
+    assert result.success
+    with duckdb.connect(str(tmp_path / "refine_af.duckdb"), read_only=True) as conn:
+        model_ids = {r[0] for r in conn.execute("SELECT DISTINCT model_id FROM raw_instructions").fetchall()}
+        kept = conn.execute("SELECT count(*) FROM deduplicated_instructions WHERE decision = 'kept'").fetchone()[0]
+        evaluated = conn.execute("SELECT count(DISTINCT model) FROM evaluation").fetchone()[0]
+    assert model_ids == {"HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF Q4_1)"}
+    assert kept > 0
+    assert evaluated == 2
+
+
+def test_missing_hub_model_fails_fast_with_its_name():
+    source = resolve_model_source("no-such-org/no-such-model-xyz")
+    from refine_af_pipeline.models import load_tokenizer
+
+    with pytest.raises(ModelUnavailable, match="no-such-org/no-such-model-xyz"):
+        load_tokenizer(source)
+
+
+def test_missing_local_dir_and_absent_cuda_are_clear(tmp_path):
+    from refine_af_pipeline.models import resolve_device
+
+    with pytest.raises(ModelUnavailable, match="does not exist"):
+        resolve_model_source(str(tmp_path / "nowhere"))
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelUnavailable, match="no CUDA device"):
+            resolve_device("cuda:0")

@@ -1,0 +1,43 @@
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+from resources import DatabaseLocked, Warehouse
+
+
+def test_write_replace_append_and_read(tmp_path):
+    wh = Warehouse(database=str(tmp_path / "w.duckdb"))
+    assert wh.read_table("t") is None
+    wh.write_table("t", pl.DataFrame({"a": [1, 2]}))
+    wh.write_table("t", pl.DataFrame({"a": [3]}), mode="append")
+    assert wh.read_table("t", order_by="a")["a"].to_list() == [1, 2, 3]
+    wh.write_table("t", pl.DataFrame({"a": [9]}))
+    assert wh.read_table("t")["a"].to_list() == [9]
+
+
+def test_failed_append_leaves_table_unchanged(tmp_path):
+    wh = Warehouse(database=str(tmp_path / "w.duckdb"))
+    wh.write_table("t", pl.DataFrame({"a": [1]}))
+    with pytest.raises(Exception):
+        wh.write_table("t", pl.DataFrame({"b": ["not a column"]}), mode="append")
+    assert wh.read_table("t")["a"].to_list() == [1]
+
+
+def test_locked_database_gives_a_clear_error_quickly(tmp_path):
+    db = tmp_path / "locked.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        wh = Warehouse(database=str(db), lock_timeout_s=2)
+        started = time.monotonic()
+        with pytest.raises(DatabaseLocked, match="locked.duckdb is locked by another process"):
+            wh.read_table("anything")
+        assert time.monotonic() - started < 10
+    finally:
+        holder.kill()
+        holder.wait()
