@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .feedback import COMPONENTS, FeedbackScorer
 from .prompts import INSTANCE_PREFIX, instance_prompt
+from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 
 @dataclass
@@ -62,8 +63,6 @@ class _RewardRecorder:
 def train_policy(model, tokenizer, instructions: Sequence[str], scorer: FeedbackScorer, settings: RLSettings,
                  output_dir: Path, device: str, on_log=None) -> RLResult:
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import TrainerCallback
 
     if settings.algorithm not in ("grpo", "rloo"):
         raise ValueError(f"unknown RL algorithm '{settings.algorithm}' (use grpo or rloo)")
@@ -74,8 +73,8 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
                    for i in instructions],
         "instruction": list(instructions),
     })
-    common = dict(
-        output_dir=str(output_dir / "trainer"),
+    args = dict(
+        common_training_args(output_dir, settings.seed, device),
         max_steps=settings.max_steps,
         per_device_train_batch_size=settings.prompts_per_step * settings.group_size,
         gradient_accumulation_steps=1,
@@ -84,14 +83,7 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
         learning_rate=settings.learning_rate,
         beta=settings.beta,
         temperature=settings.temperature,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=settings.seed,
-        use_cpu=device == "cpu",
-        bf16=False,
-        disable_tqdm=True,
-        # Checkpointing trades compute for memory; at these sizes it only made each step slower.
+        # Checkpointing trades compute for memory; a 135M policy does not need it.
         gradient_checkpointing=settings.gradient_checkpointing,
     )
     if settings.algorithm == "grpo":
@@ -99,27 +91,17 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     else:
         from trl import RLOOConfig as Config, RLOOTrainer as Trainer
     recorder = _RewardRecorder(scorer)
-
-    class _Forward(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if on_log is not None and logs:
-                on_log(state.global_step, settings.max_steps, logs)
-
     trainer = Trainer(
         model=model,
         reward_funcs=[recorder],
-        args=Config(**common),
+        args=Config(**args),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, target_modules="all-linear",
-                               task_type="CAUSAL_LM"),
-        callbacks=[_Forward()],
+        peft_config=lora_config(settings.lora_r, settings.lora_alpha),
+        callbacks=[log_forwarder(on_log)],
     )
     trainer.train()
-    adapter_dir = output_dir / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    return RLResult(adapter_dir, _training_log(trainer.state.log_history, recorder.calls))
+    return RLResult(save_adapter(trainer, tokenizer, output_dir), _training_log(trainer.state.log_history, recorder.calls))
 
 
 def _training_log(history: list[dict], calls: list[dict]) -> list[dict]:

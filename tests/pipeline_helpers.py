@@ -8,7 +8,8 @@ from refine_af_pipeline.definitions import all_assets, all_checks, default_resou
 from resources import LanguageModelResource
 
 
-def smallest_run_config(**overrides) -> dg.RunConfig:
+def smallest_run_config(**overrides) -> dict:
+    """Per-asset config at the smallest sizes; `materialize` keeps the entries it selects."""
     ops = {
         "raw_instructions": {"num_prompts": 8, "classification_prompts": 1, "max_new_tokens": 64},
         "reward_scores": {"max_instructions": 8, "max_new_tokens": 32},
@@ -19,12 +20,13 @@ def smallest_run_config(**overrides) -> dg.RunConfig:
     }
     for key, value in overrides.items():
         ops[key] = {**ops.get(key, {}), **value}
-    return dg.RunConfig(ops=ops)
+    return ops
 
 
-def materialize(data_dir: Path, model: str, run_config: dg.RunConfig, selection=None, batch_size: int = 8,
+def materialize(data_dir: Path, model: str, run_config: dict, selection=None, batch_size: int = 8,
                 raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
     resources = default_resources(data_dir)
     resources["language_model"] = LanguageModelResource(model=model, device="cpu", batch_size=batch_size)
-    return dg.materialize([*all_assets, *all_checks], resources=resources, run_config=run_config,
+    ops = {k: {"config": v} for k, v in run_config.items() if selection is None or k in selection}
+    return dg.materialize([*all_assets, *all_checks], resources=resources, run_config=dg.RunConfig(ops=ops),
                           selection=selection, raise_on_error=raise_on_error)

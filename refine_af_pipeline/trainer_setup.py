@@ -1,0 +1,44 @@
+"""Settings shared by the RL and SFT trainers (both TRL trainers on a LoRA adapter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def common_training_args(output_dir: Path, seed: int, device: str) -> dict:
+    return dict(
+        output_dir=str(output_dir / "trainer"),
+        logging_steps=1,
+        save_strategy="no",  # the adapter is saved once, at the end, into the artifact store
+        report_to=[],
+        seed=seed,
+        use_cpu=device == "cpu",
+        bf16=False,  # the weights already come in the resource's dtype; no extra autocast
+        disable_tqdm=True,
+    )
+
+
+def lora_config(r: int, alpha: int):
+    from peft import LoraConfig
+
+    # all-linear: the same setting fits Llama, Mistral and the tiny test models without module names.
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def log_forwarder(on_log):
+    """A TrainerCallback passing each log dict to on_log(step, max_steps, logs)."""
+    from transformers import TrainerCallback
+
+    class _Forward(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if on_log is not None and logs:
+                on_log(state.global_step, state.max_steps, logs)
+
+    return _Forward()
+
+
+def save_adapter(trainer, tokenizer, output_dir: Path) -> Path:
+    adapter_dir = output_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    return adapter_dir
