@@ -24,7 +24,8 @@ class InstancePairsConfig(dg.Config):
     seed: int = 0
 
 
-@dg.asset(group_name="instances", kinds={"duckdb", "pytorch"}, deps=["rl_refined_policy"], pool="gpu")
+@dg.asset(group_name="instances", kinds={"duckdb", "pytorch"}, deps=["rl_refined_policy", "reward_scores", "deduplicated_instructions"],
+          pool="gpu")
 def instance_output_pairs(context: dg.AssetExecutionContext, config: InstancePairsConfig, warehouse: Warehouse,
                           language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
     """The RL-refined policy writes input/output instances for the kept instructions; each is

@@ -48,14 +48,15 @@ def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsC
     ]
     if len(machine) >= config.target_pool_size:
         context.log.info(f"pool already has {len(machine)} kept instructions (target {config.target_pool_size}); nothing generated")
-        return dg.MaterializeResult(metadata={"dagster/row_count": 0, "skipped": "target pool size reached"})
+        return dg.MaterializeResult(metadata={"dagster/row_count": warehouse.row_count("raw_instructions"),
+                                              "rows_this_run": 0, "skipped": "target pool size reached"})
     rng = random.Random(f"{config.seed}-{context.run_id}")
     prompts = [sample_prompt(seeds, machine, rng, classification=k < config.classification_prompts)
                for k in range(config.num_prompts)]
     model, tokenizer, source, device = language_model.load()
     context.log.info(f"generating from {len(prompts)} prompts with {source.model_id} on {device}")
     params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True)
-    existing = warehouse.read_table("raw_instructions")
+    rows_before = warehouse.row_count("raw_instructions")
     rows = generate_instruction_rows(
         model, tokenizer, prompts, params, source.model_id, context.run_id, language_model.batch_size,
         config.seed, progress_logger(context, "raw_instructions", language_model.batch_size * config.max_new_tokens),
@@ -65,7 +66,7 @@ def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsC
     parsed = df.filter(pl.col("parse_status") == "ok")
     return dg.MaterializeResult(metadata={
         **table_metadata(df, ["instruction_id", "instruction", "parse_status"],
-                         total_rows=(0 if existing is None else existing.height) + df.height),
+                         total_rows=rows_before + df.height),
         "rows_this_run": df.height,
         "parsed_instructions": parsed.height,
         "unparseable_responses": df.filter(pl.col("parse_status") != "ok").height,
@@ -73,7 +74,7 @@ def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsC
     })
 
 
-@dg.asset(group_name="instructions", kinds={"duckdb", "pytorch"}, deps=["raw_instructions"], pool="gpu")
+@dg.asset(group_name="instructions", kinds={"duckdb", "pytorch"}, deps=["raw_instructions", "seed_pool"], pool="gpu")
 def deduplicated_instructions(context: dg.AssetExecutionContext, warehouse: Warehouse,
                               language_model: LanguageModelResource) -> dg.MaterializeResult:
     """Every not-yet-decided raw instruction, filtered (length, keyword blacklist, punctuation,

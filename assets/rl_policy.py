@@ -31,7 +31,7 @@ class RLConfig(dg.Config):
     heldout_share: float = 0.2  # kept instructions RL never trains on
 
 
-@dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_scores"], pool="gpu")
+@dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_scores", "deduplicated_instructions"], pool="gpu")
 def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, warehouse: Warehouse,
                       language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource,
                       artifact_store: ArtifactStore) -> dg.MaterializeResult:

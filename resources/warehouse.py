@@ -54,6 +54,10 @@ class Warehouse(dg.ConfigurableResource):
         with self.connect() as conn:
             return _exists(conn, name)
 
+    def row_count(self, name: str) -> int:
+        with self.connect() as conn:
+            return conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] if _exists(conn, name) else 0
+
     def read_table(self, name: str, order_by: str | None = None) -> pl.DataFrame | None:
         with self.connect() as conn:
             if not _exists(conn, name):

@@ -119,3 +119,14 @@ def test_bad_seed_file_fails_with_its_name_and_keeps_the_table(first_run, tiny_m
         materialize(data_dir, str(tiny_model_dir), smallest_run_config(seed_pool={"seed_file": str(bad)}),
                     selection=["seed_pool"])
     assert _table(data_dir, "SELECT count(*) AS n FROM seed_pool")["n"][0] == 175
+
+
+def test_reaching_the_target_pool_size_stops_generation(first_run, tiny_model_dir):
+    data_dir, _ = first_run
+    before = _table(data_dir, "SELECT count(*) AS n FROM raw_instructions")["n"][0]
+    result = materialize(data_dir, str(tiny_model_dir), smallest_run_config(raw_instructions={"target_pool_size": 1}),
+                         selection=["raw_instructions"])
+    assert result.success
+    assert _table(data_dir, "SELECT count(*) AS n FROM raw_instructions")["n"][0] == before
+    metadata = result.asset_materializations_for_node("raw_instructions")[0].metadata
+    assert metadata["dagster/row_count"].value == before

@@ -10,10 +10,11 @@ from resources import DatabaseLocked, Warehouse
 
 def test_write_replace_append_and_read(tmp_path):
     wh = Warehouse(database=str(tmp_path / "w.duckdb"))
-    assert wh.read_table("t") is None
+    assert wh.read_table("t") is None and wh.row_count("t") == 0
     wh.write_table("t", pl.DataFrame({"a": [1, 2]}))
     wh.write_table("t", pl.DataFrame({"a": [3]}), mode="append")
     assert wh.read_table("t", order_by="a")["a"].to_list() == [1, 2, 3]
+    assert wh.row_count("t") == 3
     wh.write_table("t", pl.DataFrame({"a": [9]}))
     assert wh.read_table("t")["a"].to_list() == [9]
 
