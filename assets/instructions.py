@@ -90,15 +90,16 @@ def deduplicated_instructions(context: dg.AssetExecutionContext, warehouse: Ware
     candidates = raw.filter(~pl.col("instruction_id").is_in(list(decided)))
     rows = []
     for r in candidates.iter_rows(named=True):
-        row = dict(instruction_id=r["instruction_id"], instruction=r["instruction"], source_run_id=r["run_id"],
-                   run_id=context.run_id, max_rouge_l=None, most_similar_instruction=None)
         reason = "unparseable_response" if r["parse_status"] != "ok" else rejection_reason(r["instruction"])
-        if reason is None:
-            decision = dedup.consider(r["instruction"])
-            row.update(max_rouge_l=decision.max_rouge_l, most_similar_instruction=decision.most_similar)
-            reason = None if decision.keep else "rouge_l_above_threshold"
-        row.update(decision="kept" if reason is None else "rejected", reason=reason)
-        rows.append(row)
+        rows.append(dict(instruction_id=r["instruction_id"], instruction=r["instruction"], source_run_id=r["run_id"],
+                         run_id=context.run_id, max_rouge_l=None, most_similar_instruction=None, reason=reason))
+    # Candidates that pass the filters are de-duplicated in order, in one batched pass.
+    passing = [k for k, row in enumerate(rows) if row["reason"] is None]
+    for k, decision in zip(passing, dedup.consider_many([rows[k]["instruction"] for k in passing])):
+        rows[k].update(max_rouge_l=decision.max_rouge_l, most_similar_instruction=decision.most_similar,
+                       reason=None if decision.keep else "rouge_l_above_threshold")
+    for row in rows:
+        row["decision"] = "kept" if row["reason"] is None else "rejected"
     kept_idx = [k for k, row in enumerate(rows) if row["decision"] == "kept"]
     labels = []
     if kept_idx:

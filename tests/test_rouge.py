@@ -59,3 +59,17 @@ def test_dedup_matches_reference_on_random_pool():
             kept.append(t)
     assert ours == ref
     assert 0 < sum(ours) < len(ours)
+
+
+def test_block_boundaries_do_not_change_decisions(monkeypatch):
+    import refine_af_pipeline.rouge as rouge
+
+    rng = random.Random(5)
+    texts = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 8))) for _ in range(120)]
+    whole = [(d.keep, d.max_rouge_l, d.most_similar) for d in RougeDeduplicator(["a cat sat"]).consider_many(texts)]
+    monkeypatch.setattr(rouge, "BLOCK", 7)
+    blocked = [(d.keep, d.max_rouge_l, d.most_similar) for d in RougeDeduplicator(["a cat sat"]).consider_many(texts)]
+    one_by_one = RougeDeduplicator(["a cat sat"])
+    single = [(d.keep, d.max_rouge_l, d.most_similar) for d in (one_by_one.consider(t) for t in texts)]
+    assert whole == blocked == single
+    assert len(one_by_one) == 1 + sum(k for k, _, _ in single)
