@@ -16,7 +16,7 @@ from .shared import latest_artifact
 
 class EvaluationConfig(dg.Config):
     task_dir: str | None = None  # a folder of SuperNI-format task files; the built-in set if unset
-    instances_per_task: int = 3  # 0 = all
+    instances_per_task: int = 2  # 0 = all
     max_new_tokens: int = 24
 
 

@@ -17,7 +17,7 @@ from .shared import base_component_stats, is_held_out, kept_instructions
 
 class RLConfig(dg.Config):
     algorithm: str = "grpo"  # grpo | rloo
-    max_steps: int = 8
+    max_steps: int = 6
     prompts_per_step: int = 2
     group_size: int = 4
     learning_rate: float = 1e-4

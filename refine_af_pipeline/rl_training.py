@@ -20,7 +20,7 @@ from .trainer_setup import common_training_args, log_forwarder, lora_config, sav
 @dataclass
 class RLSettings:
     algorithm: str = "grpo"  # grpo | rloo
-    max_steps: int = 8
+    max_steps: int = 6
     prompts_per_step: int = 2
     group_size: int = 4  # completions per prompt, compared with each other
     learning_rate: float = 1e-4
