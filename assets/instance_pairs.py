@@ -16,7 +16,7 @@ from .shared import base_component_stats, kept_instructions, latest_artifact, su
 
 
 class InstancePairsConfig(dg.Config):
-    max_instructions: int = 32  # 0 = every kept instruction
+    max_instructions: int = 24  # 0 = every kept instruction
     instances_per_instruction: int = 1
     max_new_tokens: int = 96
     temperature: float = 0.7

@@ -16,7 +16,7 @@ from .shared import kept_instructions, subset
 
 
 class RewardScoresConfig(dg.Config):
-    max_instructions: int = 24  # 0 = every kept instruction
+    max_instructions: int = 16  # 0 = every kept instruction
     max_new_tokens: int = 96
     temperature: float = 0.7
     top_p: float = 0.95
