@@ -121,9 +121,11 @@ def run(method: str, n: int) -> tuple[float, float, list[bool]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N up to 2K, skip 50K")
+    parser.add_argument("--sizes", type=int, nargs="+", help="override the sizes all three methods run at")
+    parser.add_argument("--ours-sizes", type=int, nargs="*", help="override the sizes only ours runs at")
     args = parser.parse_args()
-    shared_sizes = [1000, 2000] if args.quick else [1000, 2000, 5000]
-    ours_only = [] if args.quick else [10_000, 50_000]
+    shared_sizes = args.sizes or ([1000, 2000] if args.quick else [1000, 2000, 5000])
+    ours_only = args.ours_sizes if args.ours_sizes is not None else ([] if args.quick else [10_000, 50_000])
     rows, identical, times = [], True, {}
     for n in shared_sizes:
         keeps = {}
@@ -150,7 +152,7 @@ def main() -> None:
     ref_n = shared_sizes[-1]
     speedup = times[("selfinstruct", ref_n)] / times[("ours", ref_n)]
     ours_50k = f"{times[('ours', 50_000)]:.1f}" if ("ours", 50_000) in times else "skipped"
-    label = "5k" if ref_n == 5000 else "2k"
+    label = f"{ref_n // 1000}k" if ref_n % 1000 == 0 else str(ref_n)
     print(f"dedup: identical={'yes' if identical else 'no'} speedup_vs_selfinstruct_{label}={speedup:.0f} ours_50k_s={ours_50k}")
 
 
