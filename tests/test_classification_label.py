@@ -36,8 +36,11 @@ def test_label_follows_yes_no_probability(tiny_model_dir):
         p_yes = torch.sigmoid(torch.tensor(gap)).item()  # softmax over two logits {gap, 0}
         assert [label for label, _ in labels] == [expected, expected]
         assert all(abs(p - p_yes) < 1e-5 for _, p in labels)
-    prompt_text = tokenizer.decode(model.seen[0][0], skip_special_tokens=True)
-    assert "Is it classification?" in prompt_text and "Write a poem about rain." in prompt_text
+    # One batch of two prompts, each ending with its own instruction and the question.
+    first, second = (tokenizer.decode(row, skip_special_tokens=True) for row in model.seen[0])
+    assert "Task: Label the review as positive or negative.\nIs it classification?" in first
+    assert "Task: Write a poem about rain.\nIs it classification?" in second
+    assert "Write a poem about rain." not in first
 
 
 def test_few_shot_prompt_ends_with_the_question():
