@@ -1,7 +1,7 @@
 """ROUGE-L de-duplication: the Self-Instruct reference, the Alpaca approach and ours, side by side.
 
     python benchmarks/dedup.py            # N = 1K, 2K, 5K (+ ours at 10K, 50K)
-    python benchmarks/dedup.py --quick    # N up to 2K, 50K skipped; under a minute
+    python benchmarks/dedup.py --quick    # N up to 2K, 50K skipped (about 4 minutes: the reference is slow)
 
 Every (method, N) runs in a fresh process, so its peak resident memory is its own. The last line is
 `dedup: identical=yes|no speedup_vs_selfinstruct_5k=<x> ours_50k_s=<s>` (with --quick the ratio is
@@ -11,11 +11,14 @@ at 2K and ours_50k_s=skipped).
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import random
 import resource
 import time
+from collections import defaultdict
 from functools import partial
+from importlib import resources
 
 from rouge_score import rouge_scorer
 
@@ -23,56 +26,73 @@ from refine_af_pipeline.rouge import RougeDeduplicator
 
 THRESHOLD = 0.7
 
-VERBS = ["Write", "Explain", "Summarize", "Describe", "List", "Suggest", "Compare", "Classify", "Rewrite",
-         "Translate", "Identify", "Generate", "Create", "Outline", "Evaluate", "Predict", "Convert", "Find"]
-OBJECTS = ["a short story", "the main idea", "three benefits", "a product description", "the differences",
-           "a polite email", "the key steps", "a catchy slogan", "five questions", "a recipe", "the sentiment",
-           "a haiku", "the causes", "a weekly plan", "the pros and cons", "a headline", "a summary", "an analogy"]
-TOPICS = ["climate change", "remote work", "a new smartphone", "healthy breakfast", "the French revolution",
-          "machine learning", "a job interview", "city cycling", "online privacy", "a birthday party",
-          "renewable energy", "learning a language", "a small bakery", "space travel", "team meetings",
-          "saving money", "a mystery novel", "public transport", "ocean pollution", "time management"]
-TAILS = ["for a ten-year-old", "in one sentence", "using simple words", "for a business audience", "in under 50 words",
-         "with an example", "as a bulleted list", "in a friendly tone", "for a newsletter", "step by step", ""]
-FILLERS = ["please", "carefully", "briefly", "also", "clearly", "then", "now", "really", "quickly"]
+FILLERS = ["please", "carefully", "briefly", "also", "clearly", "then", "now", "really", "quickly", "exactly"]
+
+
+def _word_chain() -> dict[str, list[str]]:
+    """Next-word lists of a first-order Markov chain over the 175 built-in seed instructions."""
+    text = resources.files("refine_af_pipeline").joinpath("data/seed_tasks.jsonl").read_text(encoding="utf-8")
+    following: dict[str, list[str]] = defaultdict(list)
+    for line in text.splitlines():
+        if line.strip():
+            words = json.loads(line)["instruction"].split()
+            for a, b in zip(["<s>", *words], [*words, "</s>"]):
+                following[a].append(b)
+    return following
+
+
+def _near_duplicate(rng: random.Random, text: str) -> str:
+    words = text.split()
+    for _ in range(rng.choice((1, 1, 2, 3))):  # one to three edits: some land above 0.7, some below
+        op = rng.random()
+        if op < 0.4:
+            words.insert(rng.randrange(len(words) + 1), rng.choice(FILLERS))
+        elif op < 0.7 and len(words) > 4:
+            del words[rng.randrange(len(words))]
+        else:
+            words[rng.randrange(len(words))] = rng.choice(FILLERS)
+    return " ".join(words)
 
 
 def instruction_set(n: int, seed: int = 0) -> list[str]:
-    """Template instructions over a wide vocabulary, a third of them near-duplicates of earlier ones
-    (a word inserted, dropped or swapped), so both the accept and the reject paths are exercised."""
+    """Instruction-like sentences walked from a word chain over the seed instructions (the
+    vocabulary and phrasing of real tasks, 5 to 40 words), and about a third near-duplicates of
+    earlier ones (words inserted, dropped or replaced), so both the accept and reject paths run."""
     rng = random.Random(seed)
+    following = _word_chain()
     out: list[str] = []
-    for _ in range(n):
+    while len(out) < n:
         if out and rng.random() < 0.35:
-            words = rng.choice(out).split()
-            op = rng.random()
-            if op < 0.4:
-                words.insert(rng.randrange(len(words) + 1), rng.choice(FILLERS))
-            elif op < 0.7 and len(words) > 4:
-                del words[rng.randrange(len(words))]
-            else:
-                words[rng.randrange(len(words))] = rng.choice(FILLERS + TOPICS[0].split())
+            out.append(_near_duplicate(rng, rng.choice(out)))
+            continue
+        words, word = [], "<s>"
+        while len(words) < 40:
+            word = rng.choice(following[word])
+            if word == "</s>":
+                break
+            words.append(word)
+        if len(words) >= 5:
             out.append(" ".join(words))
-        else:
-            text = f"{rng.choice(VERBS)} {rng.choice(OBJECTS)} about {rng.choice(TOPICS)} {rng.choice(TAILS)}"
-            extra = " ".join(rng.choice(TOPICS).split()[-1] for _ in range(rng.randint(0, 3)))
-            out.append(f"{text} {extra}".strip() + ".")
     return out
 
 
 # --- the Self-Instruct reference: rouge_scorer.score of each candidate against the whole pool, in a
-# multiprocessing pool per candidate. One Pool is reused across candidates (kinder than a new one each).
+# new multiprocessing pool for every candidate, as its bootstrap script does (it uses 4 workers; 2 here,
+# one per core of this machine).
 def selfinstruct_dedup(instructions: list[str]) -> list[bool]:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     pool: list[str] = []
     keep = []
-    with mp.Pool(2) as workers:
-        for inst in instructions:
-            scores = workers.map(partial(scorer.score, inst), pool) if pool else []
-            best = max((s["rougeL"].fmeasure for s in scores), default=0.0)
-            keep.append(best <= THRESHOLD)
-            if keep[-1]:
-                pool.append(inst)
+    for inst in instructions:
+        if pool:
+            with mp.Pool(2) as workers:
+                scores = workers.map(partial(scorer.score, inst), pool)
+        else:
+            scores = []
+        best = max((s["rougeL"].fmeasure for s in scores), default=0.0)
+        keep.append(best <= THRESHOLD)
+        if keep[-1]:
+            pool.append(inst)
     return keep
 
 
