@@ -36,7 +36,9 @@ def instance_output_pairs(context: dg.AssetExecutionContext, config: InstancePai
     stats = base_component_stats(warehouse)
     policy, tokenizer, source, device = language_model.load(adapter=adapter)
     judge, judge_tokenizer, _, _ = language_model.load()
-    scorer = feedback_scorer.build(judge, judge_tokenizer, device, stats, language_model.batch_size)
+    scorer = feedback_scorer.build(judge, judge_tokenizer, device, stats, language_model.batch_size,
+                                   judge_id=source.model_id)
+    versions = scorer.versions()
     ids = [i for i in chosen["instruction_id"].to_list() for _ in range(config.instances_per_instruction)]
     instructions = [i for i in chosen["instruction"].to_list() for _ in range(config.instances_per_instruction)]
     params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True)
@@ -47,8 +49,8 @@ def instance_output_pairs(context: dg.AssetExecutionContext, config: InstancePai
     df = pl.DataFrame(
         [dict(instance_id=f"{iid}-{k % config.instances_per_instruction}", instruction_id=iid, **r,
               keep=reason is None, filter_reason=reason, policy_adapter=adapter, model_id=source.model_id,
-              scorers=json.dumps(feedback_scorer.scorer_versions()), sampling_params=json.dumps(params.as_dict()),
-              run_id=context.run_id)
+              scorers=json.dumps(versions), **{f"{c}_scorer": versions[c] for c in COMPONENTS},
+              sampling_params=json.dumps(params.as_dict()), run_id=context.run_id)
          for k, (iid, r, reason) in enumerate(zip(ids, rows, reasons))],
         schema_overrides={c: pl.Float64 for c in COMPONENTS} | {"gate_reason": pl.Utf8, "filter_reason": pl.Utf8},
     )

@@ -2,6 +2,7 @@
 
 
 import hashlib
+import json
 
 import dagster as dg
 import polars as pl
@@ -28,7 +29,12 @@ def base_component_stats(warehouse: Warehouse) -> ComponentStats:
     df = warehouse.read_table("reward_scores")
     if df is None:
         raise dg.Failure("reward_scores is missing: materialize it first (its base-model scores standardise the reward)")
-    return ComponentStats.from_rows(df.filter(pl.col("gate_reason").is_null()).select(COMPONENTS).to_dicts())
+    stats = ComponentStats.from_rows(df.filter(pl.col("gate_reason").is_null()).select(COMPONENTS).to_dicts())
+    # Weights fitted to human ratings belong to this standardisation: every later reward uses them.
+    if "weights_source" in df.columns and df.height and df["weights_source"][0].startswith("calibration"):
+        stats.weights = json.loads(df["weights"][0])
+        stats.bias = float(df["bias"][0])
+    return stats
 
 
 def latest_artifact(warehouse: Warehouse, table: str) -> str:

