@@ -3,6 +3,7 @@
 
 
 import random
+import time
 
 import dagster as dg
 import polars as pl
@@ -57,10 +58,24 @@ def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsC
     context.log.info(f"generating from {len(prompts)} prompts with {source.model_id} on {device}")
     params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True)
     rows_before = warehouse.row_count("raw_instructions")
-    rows = generate_instruction_rows(
-        model, tokenizer, prompts, params, source.model_id, context.run_id, language_model.batch_size,
-        config.seed, progress_logger(context, "raw_instructions", language_model.batch_size * config.max_new_tokens),
-    )
+    # One batch at a time, so that a run stops generating once the pool could reach its target
+    # (kept so far + parsed this run, an upper bound on what de-duplication will keep).
+    report = progress_logger(context, "raw_instructions", language_model.batch_size * config.max_new_tokens)
+    step = language_model.batch_size
+    n_batches = -(-len(prompts) // step)
+    rows, parsed_so_far, started = [], 0, time.monotonic()
+    for b, start in enumerate(range(0, len(prompts), step)):
+        batch_rows = generate_instruction_rows(
+            model, tokenizer, prompts[start:start + step], params, source.model_id, context.run_id,
+            step, config.seed + b, id_offset=start,
+        )
+        rows.extend(batch_rows)
+        parsed_so_far += sum(r["parse_status"] == "ok" for r in batch_rows)
+        report(b + 1, n_batches, time.monotonic() - started)
+        if len(machine) + parsed_so_far >= config.target_pool_size and start + step < len(prompts):
+            context.log.info(f"target pool size {config.target_pool_size} within reach ({len(machine)} kept + "
+                             f"{parsed_so_far} parsed); stopped after {start + step} of {len(prompts)} prompts")
+            break
     df = pl.DataFrame(rows)
     warehouse.write_table("raw_instructions", df, mode="append")
     parsed = df.filter(pl.col("parse_status") == "ok")
@@ -68,6 +83,7 @@ def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsC
         **table_metadata(df, ["instruction_id", "instruction", "parse_status"],
                          total_rows=rows_before + df.height),
         "rows_this_run": df.height,
+        "prompts_used": df["prompt_index"].n_unique(),
         "parsed_instructions": parsed.height,
         "unparseable_responses": df.filter(pl.col("parse_status") != "ok").height,
         "model_id": source.model_id,

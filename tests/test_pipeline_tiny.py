@@ -130,3 +130,19 @@ def test_reaching_the_target_pool_size_stops_generation(first_run, tiny_model_di
     assert _table(data_dir, "SELECT count(*) AS n FROM raw_instructions")["n"][0] == before
     metadata = result.asset_materializations_for_node("raw_instructions")[0].metadata
     assert metadata["dagster/row_count"].value == before
+
+
+def test_generation_stops_within_a_run_once_the_target_is_within_reach(first_run, tiny_model_dir):
+    data_dir, _ = first_run
+    kept = _table(data_dir, "SELECT count(*) AS n FROM deduplicated_instructions WHERE decision = 'kept'")["n"][0]
+    result = materialize(data_dir, str(tiny_model_dir),
+                         smallest_run_config(raw_instructions={"target_pool_size": int(kept) + 1, "seed": 2}),
+                         selection=["raw_instructions"], batch_size=2)
+    assert result.success
+    rows = _table(data_dir, f"SELECT prompt_index, parse_status FROM raw_instructions WHERE run_id = '{result.run_id}'")
+    # Batches of 2 prompts: generation stops after the first batch that parsed any instruction.
+    batches_with_parsed = sorted({i // 2 for i, s in rows.iter_rows() if s == "ok"})
+    assert batches_with_parsed, "the tiny model parsed nothing"
+    assert rows["prompt_index"].n_unique() == 2 * (batches_with_parsed[0] + 1) < 8
+    metadata = result.asset_materializations_for_node("raw_instructions")[0].metadata
+    assert metadata["prompts_used"].value == rows["prompt_index"].n_unique()
