@@ -68,6 +68,11 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
         raise ValueError(f"unknown RL algorithm '{settings.algorithm}' (use grpo or rloo)")
     if not instructions:
         raise ValueError("no instructions to train the RL policy on")
+    # GRPO/RLOO draw prompts_per_step prompts per step and drop an incomplete step: with fewer
+    # instructions than that, TRL would train zero steps without an error. Cycle them up to one step.
+    instructions = list(instructions)
+    while len(instructions) < settings.prompts_per_step:
+        instructions += instructions[: settings.prompts_per_step - len(instructions)]
     dataset = Dataset.from_dict({
         "prompt": [[{"role": "user", "content": instance_prompt(i)}, {"role": "assistant", "content": INSTANCE_PREFIX}]
                    for i in instructions],
