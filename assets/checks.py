@@ -1,4 +1,4 @@
-"""Asset checks that guard the data between stages."""
+"""Asset checks that guard the data between stages (the RL stage's own check is in rl_checks.py)."""
 
 
 import dagster as dg
@@ -10,7 +10,6 @@ from resources import Warehouse
 
 from .instance_pairs import instance_output_pairs
 from .instructions import deduplicated_instructions
-from .rl_policy import rl_refined_policy
 
 
 @dg.asset_check(asset=deduplicated_instructions, blocking=True)
@@ -48,24 +47,3 @@ def instance_parse_rate(config: ParseRateConfig, warehouse: Warehouse) -> dg.Ass
     rate = float((df["parse_status"] == "ok").mean()) if df.height else 0.0
     return dg.AssetCheckResult(passed=rate >= config.min_parse_rate, severity=dg.AssetCheckSeverity.WARN,
                                metadata={"parse_rate": rate, "threshold": config.min_parse_rate, "instances": df.height})
-
-
-@dg.asset_check(asset=rl_refined_policy, additional_deps=[instance_output_pairs])
-def policy_reward_not_below_base(warehouse: Warehouse) -> dg.AssetCheckResult:
-    """Mean reward of the policy's instances vs the base model's, on the instructions both scored.
-    Warns rather than fails: a small demo run may not improve, and the data is still usable."""
-    base = warehouse.read_table("reward_scores")
-    policy = warehouse.read_table("instance_output_pairs")
-    if base is None or policy is None:
-        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
-                                   metadata={"reason": "reward_scores or instance_output_pairs not materialized yet"})
-    policy_mean = policy.group_by("instruction_id").agg(pl.col("reward").mean().alias("policy"))
-    joined = base.select("instruction_id", pl.col("reward").alias("base")).join(policy_mean, on="instruction_id")
-    if joined.height == 0:
-        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
-                                   metadata={"reason": "no instruction scored by both"})
-    diff = float((joined["policy"] - joined["base"]).mean())
-    return dg.AssetCheckResult(passed=diff >= 0, severity=dg.AssetCheckSeverity.WARN, metadata={
-        "mean_reward_base": float(joined["base"].mean()), "mean_reward_policy": float(joined["policy"].mean()),
-        "mean_difference": diff, "policy_win_share": float((joined["policy"] > joined["base"]).mean()),
-        "instructions": joined.height})

@@ -18,8 +18,10 @@ from .metadata import progress_logger, table_metadata
 
 
 class RawInstructionsConfig(dg.Config):
-    num_prompts: int = 16
-    classification_prompts: int = 2  # of num_prompts, use the classification-only variant
+    # 16 prompts kept 4-12 instructions per demo run (most rejected as near-copies of seeds), too
+    # few for RL's held-out check; 32 keep about twice as many.
+    num_prompts: int = 32
+    classification_prompts: int = 4  # of num_prompts, use the classification-only variant
     max_new_tokens: int = 128
     temperature: float = 0.7
     top_p: float = 0.95

@@ -8,27 +8,32 @@ import time
 import dagster as dg
 import polars as pl
 
+from refine_af_pipeline.feedback import COMPONENTS
+from refine_af_pipeline.rl_diagnostics import reward_hacking_warnings
 from refine_af_pipeline.rl_training import RLSettings, train_policy
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import png_markdown, table_metadata
-from .shared import base_component_stats, is_held_out, kept_instructions
+from .shared import base_component_stats, effective_heldout_share, kept_instructions, split_held_out
 
 
 class RLConfig(dg.Config):
-    algorithm: str = "grpo"  # grpo | rloo
-    max_steps: int = 6
+    algorithm: str = "grpo"  # grpo | rloo (both TRL, both on a LoRA adapter)
+    max_steps: int = 6  # optimiser steps; each samples prompts_per_step x group_size completions
     prompts_per_step: int = 2
-    group_size: int = 4
-    learning_rate: float = 1e-4
-    beta: float = 0.04
-    max_completion_length: int = 48
-    temperature: float = 1.0
+    group_size: int = 4  # completions per prompt; each is rewarded relative to its group
+    # 1e-4 left the demo's 6-step policy within KL ~3e-4 of the base (most held-out instances
+    # identical); 1e-3 moves it (KL ~0.02). Lower it for long paper-scale runs.
+    learning_rate: float = 1e-3
+    beta: float = 0.04  # KL penalty towards the base model (0 = none, no reference pass)
+    max_completion_length: int = 48  # tokens per completion during RL
+    temperature: float = 1.0  # RL sampling temperature (exploration)
     lora_r: int = 8
     lora_alpha: int = 16
     seed: int = 0
     gradient_checkpointing: bool = False
-    heldout_share: float = 0.2  # kept instructions RL never trains on
+    heldout_share: float = 0.2  # kept instructions (stable hash split) RL never trains on
+    min_heldout: int = 6  # hold out at least this many (at most half a small pool), so the check has some
 
 
 @dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_scores", "deduplicated_instructions"], pool="gpu")
@@ -37,12 +42,13 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
                       artifact_store: ArtifactStore) -> dg.MaterializeResult:
     """A LoRA adapter trained with TRL's GRPO (or RLOO) to write input/output instances that the
     automated feedback rewards, KL-regularised towards the base model. The adapter goes to the
-    artifact store; the per-step log (reward, components, KL, loss, completion length, format-gate
-    failures) is this asset's table."""
-    settings = RLSettings(**{k: v for k, v in config.model_dump().items() if k != "heldout_share"})
+    artifact store; the per-step log (reward, component means, KL, loss, completion length, share
+    cut at the token limit, format-gate failures, repeated 3-gram share) is this asset's table, and
+    the metadata warns when length or repetition trends suggest reward hacking."""
+    settings = RLSettings(**{k: v for k, v in config.model_dump().items() if k not in ("heldout_share", "min_heldout")})
     kept = kept_instructions(warehouse)
-    train = kept.filter(~pl.col("instruction_id").map_elements(lambda i: is_held_out(i, config.heldout_share),
-                                                               return_dtype=pl.Boolean))
+    share = effective_heldout_share(kept["instruction_id"].to_list(), config.heldout_share, config.min_heldout)
+    train, _ = split_held_out(kept, share)
     if train.height == 0:
         raise dg.Failure("every kept instruction is held out; lower heldout_share or grow the pool")
     stats = base_component_stats(warehouse)
@@ -64,19 +70,62 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
     df = pl.DataFrame(result.log).with_columns(
         pl.lit(context.run_id).alias("run_id"), pl.lit(str(result.adapter_dir)).alias("adapter_path"),
         pl.lit(source.model_id).alias("base_model_id"), pl.lit(json.dumps(config.model_dump())).alias("settings"),
+        # The share actually held out: the held-out check selects its instructions with it.
+        pl.lit(share).alias("heldout_share"),
     )
     warehouse.write_table("rl_refined_policy", df)
+    warnings = reward_hacking_warnings(result.log, settings.max_completion_length)
+    for line in warnings:
+        context.log.warning(f"possible reward hacking: {line}")
+    return dg.MaterializeResult(metadata={
+        **table_metadata(df, ["step", "reward", "kl", "completion_length", "gate_failure_share", "repeat_share"]),
+        "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
+        **training_curves(df, settings.algorithm),
+        **final_figures(df),
+        "reward_hacking_warnings": "; ".join(warnings) if warnings else "none seen",
+        "train_instructions": train.height,
+        "heldout_instructions": kept.height - train.height,
+        "heldout_share": share,
+        "train_seconds": round(seconds, 1),
+        **peak_memory(device),
+    })
+
+
+def training_curves(df: pl.DataFrame, algorithm: str) -> dict:
     from refine_af_pipeline.plots import line_chart_png
 
-    curves = {c: df[c].to_list() for c in ("reward", "kl", "completion_length", "gate_failure_share") if c in df.columns}
-    last = df.row(-1, named=True) if df.height else {}
-    return dg.MaterializeResult(metadata={
-        **table_metadata(df, ["step", "reward", "kl", "loss", "completion_length"]),
-        "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
-        "training_curves": png_markdown(line_chart_png(df["step"].to_list(), curves, f"{settings.algorithm.upper()} training"), "RL curves"),
-        "final_reward": float(last.get("reward", math.nan)),
-        "final_kl": float(last.get("kl", math.nan)),
-        "first_reward": float(df["reward"][0]) if df.height else math.nan,
-        "train_instructions": train.height,
-        "train_seconds": round(seconds, 1),
-    })
+    def chart(columns, title, alt):
+        curves = {c: df[c].to_list() for c in columns if c in df.columns}
+        return png_markdown(line_chart_png(df["step"].to_list(), curves, title), alt)
+
+    return {
+        "training_curves": chart(["reward", "kl", "gate_failure_share"], f"{algorithm.upper()} training", "RL curves"),
+        "component_curves": chart([f"{c}_mean" for c in COMPONENTS], "feedback components (raw means)", "components"),
+        "reward_hacking_curves": chart(["completion_length", "clipped_share", "repeat_share"],
+                                       "length, share at the token limit, repeated 3-grams", "hacking indicators"),
+    }
+
+
+def final_figures(df: pl.DataFrame) -> dict:
+    if df.height == 0:
+        return {}
+    first, last = df.row(0, named=True), df.row(-1, named=True)
+    columns = ["reward", "kl", "completion_length", "clipped_share", "gate_failure_share", "repeat_share",
+               *(f"{c}_mean" for c in COMPONENTS)]
+    figures = {f"final_{c}": float(last[c]) for c in columns if c in last and last[c] is not None}
+    figures["first_reward"] = float(first["reward"])
+    return figures
+
+
+def peak_memory(device: str) -> dict:
+    """Peak resident memory of this step's process (and peak GPU memory on CUDA)."""
+    import resource
+    import sys
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    figures = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if device.startswith("cuda"):
+        figures["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return figures

@@ -19,10 +19,34 @@ def kept_instructions(warehouse: Warehouse) -> pl.DataFrame:
     return df.filter(pl.col("decision") == "kept").select("instruction_id", "instruction", "is_classification")
 
 
+_BUCKETS = 10_000
+
+
+def _bucket(instruction_id: str) -> int:
+    return int(hashlib.sha256(instruction_id.encode()).hexdigest()[:8], 16) % _BUCKETS
+
+
 def is_held_out(instruction_id: str, share: float) -> bool:
-    """Stable split by id hash: the same instruction is held out in every run and every stage."""
-    bucket = int(hashlib.sha256(instruction_id.encode()).hexdigest()[:8], 16) % 10_000
-    return bucket < share * 10_000
+    """Stable split by id hash: the same instruction is held out in every run and every stage, and
+    a larger share holds out a superset of a smaller one's ids."""
+    return _bucket(instruction_id) < share * _BUCKETS
+
+
+def effective_heldout_share(instruction_ids: list[str], share: float, min_heldout: int) -> float:
+    """`share`, or, when that holds out fewer than min(min_heldout, half the pool) of these ids (a
+    small pool: the hash share is only a share on average), the smallest share that holds out
+    exactly that many. The caller records it: re-checking with the recorded share after the pool
+    has grown adds only new instructions, never one the policy trained on."""
+    wanted = min(min_heldout, len(instruction_ids) // 2)
+    if sum(is_held_out(i, share) for i in instruction_ids) >= wanted:
+        return share
+    return (sorted(_bucket(i) for i in instruction_ids)[wanted - 1] + 1) / _BUCKETS
+
+
+def split_held_out(kept: pl.DataFrame, share: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(instructions RL trains on, held-out instructions) by the stable id hash."""
+    held = kept["instruction_id"].map_elements(lambda i: is_held_out(i, share), return_dtype=pl.Boolean)
+    return kept.filter(~held), kept.filter(held)
 
 
 def base_component_stats(warehouse: Warehouse) -> ComponentStats:

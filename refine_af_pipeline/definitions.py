@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import checks, evaluation, finetune, instance_pairs, instructions, rewards, rl_policy, seed_pool
+from assets import checks, evaluation, finetune, instance_pairs, instructions, rewards, rl_checks, rl_policy, seed_pool
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
 STAGE_MODULES = [seed_pool, instructions, rewards, rl_policy, instance_pairs, finetune, evaluation]
@@ -37,7 +37,7 @@ def default_resources(root: Path | None = None) -> dict:
 
 
 all_assets = dg.load_assets_from_modules(STAGE_MODULES)
-all_checks = dg.load_asset_checks_from_modules([checks])
+all_checks = dg.load_asset_checks_from_modules([checks, rl_checks])
 
 refine_af_job = dg.define_asset_job(
     "refine_af_job",

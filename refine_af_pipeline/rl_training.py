@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .feedback import COMPONENTS, FeedbackScorer
+from .generation import render_prompt
 from .prompts import INSTANCE_PREFIX, instance_prompt
+from .rl_diagnostics import mean_repeat_share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 
@@ -23,7 +25,7 @@ class RLSettings:
     max_steps: int = 6
     prompts_per_step: int = 2
     group_size: int = 4  # completions per prompt, compared with each other
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3
     beta: float = 0.04  # KL coefficient
     max_completion_length: int = 48
     temperature: float = 1.0
@@ -40,7 +42,8 @@ class RLResult:
 
 
 class _RewardRecorder:
-    """The TRL reward function; also remembers per-call component means and gate failures."""
+    """The TRL reward function; also remembers per-call component means, gate failures and the
+    repeated-n-gram share of the completions (a degenerate-output indicator)."""
 
     __name__ = "automated_feedback"
 
@@ -50,9 +53,10 @@ class _RewardRecorder:
 
     def __call__(self, prompts, completions, instruction, **_) -> list[float]:
         # The prompt ends inside the assistant turn with INSTANCE_PREFIX; completions continue it.
-        texts = [INSTANCE_PREFIX + (c[-1]["content"] if isinstance(c, list) else c) for c in completions]
-        scored = self.scorer.score_texts(list(instruction), texts)
-        record = {"gate_failure_share": sum(s.gate_reason is not None for s in scored) / max(len(scored), 1)}
+        completions = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        scored = self.scorer.score_texts(list(instruction), [INSTANCE_PREFIX + c for c in completions])
+        record = {"gate_failure_share": sum(s.gate_reason is not None for s in scored) / max(len(scored), 1),
+                  "repeat_share": mean_repeat_share(completions)}
         for name in COMPONENTS:
             values = [s.components[name] for s in scored if s.components[name] is not None]
             record[f"{name}_mean"] = sum(values) / len(values) if values else math.nan
@@ -74,8 +78,7 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     while len(instructions) < settings.prompts_per_step:
         instructions += instructions[: settings.prompts_per_step - len(instructions)]
     dataset = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": instance_prompt(i)}, {"role": "assistant", "content": INSTANCE_PREFIX}]
-                   for i in instructions],
+        "prompt": [rl_prompt(tokenizer, i) for i in instructions],
         "instruction": list(instructions),
     })
     args = dict(
@@ -109,6 +112,19 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     return RLResult(save_adapter(trainer, tokenizer, output_dir), _training_log(trainer.state.log_history, recorder.calls))
 
 
+def rl_prompt(tokenizer, instruction: str) -> str:
+    """The exact text the instance-generation stage prompts with, so RL trains the policy on the
+    prompt it is later used with. A plain string, not chat messages: TRL 1.16 renders chat prompts
+    with add_generation_prompt=True, which would close the assistant turn holding INSTANCE_PREFIX
+    and open a fresh, empty one."""
+    text = render_prompt(tokenizer, instance_prompt(instruction), INSTANCE_PREFIX)
+    # TRL tokenizes string prompts with special tokens; avoid a doubled BOS where the template has one.
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
 def _training_log(history: list[dict], calls: list[dict]) -> list[dict]:
     rows = []
     step_logs = [h for h in history if "reward" in h]
@@ -120,6 +136,9 @@ def _training_log(history: list[dict], calls: list[dict]) -> list[dict]:
             "kl": float(h.get("kl", math.nan)),
             "loss": float(h.get("loss", math.nan)),
             "completion_length": float(h.get("completions/mean_length", math.nan)),
+            # Share of completions cut at max_completion_length: a length blow-up shows here first.
+            "clipped_share": float(h.get("completions/clipped_ratio", math.nan)),
+            "entropy": float(h.get("entropy", math.nan)),
         }
         row.update(calls[k] if k < len(calls) else {})
         rows.append(row)

@@ -3,9 +3,11 @@
 import json
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 
+from assets.shared import is_held_out
 from pipeline_helpers import materialize, smallest_run_config
 from refine_af_pipeline.rouge import RougeDeduplicator
 from refine_af_pipeline.seeds import SeedFileError
@@ -89,11 +91,44 @@ def test_rl_log_and_checks(first_run):
     data_dir, result = first_run
     log = _table(data_dir, "SELECT * FROM rl_refined_policy ORDER BY step")
     assert list(log["step"]) == [1, 2]
-    for column in ["reward", "kl", "loss", "completion_length", "gate_failure_share", "preference_mean"]:
+    for column in ["reward", "kl", "loss", "completion_length", "clipped_share", "gate_failure_share", "repeat_share",
+                   "preference_mean", "naturalness_mean", "coherence_mean", "understandability_mean"]:
         assert column in log.columns
+    metadata = result.asset_materializations_for_node("rl_refined_policy")[0].metadata
+    for key in ["training_curves", "component_curves", "reward_hacking_curves", "reward_hacking_warnings",
+                "final_reward", "final_repeat_share", "peak_rss_mib"]:
+        assert key in metadata, key
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["no_kept_pair_above_rouge_threshold"] and checks["no_blacklisted_keyword"]
-    assert "policy_reward_not_below_base" in checks and "instance_parse_rate" in checks
+    assert "policy_beats_base_on_heldout" in checks and "instance_parse_rate" in checks
+
+
+def test_heldout_check_reports_paired_difference_ci_and_win_share(first_run):
+    data_dir, result = first_run
+    [evaluation] = [e for e in result.get_asset_check_evaluations() if e.check_name == "policy_beats_base_on_heldout"]
+    assert evaluation.severity == dg.AssetCheckSeverity.WARN
+    m = {k: v.value for k, v in evaluation.metadata.items()}
+    table = _table(data_dir, "SELECT * FROM rl_heldout_comparison")
+    assert m["heldout_instructions"] == table.height > 0
+    assert m["ci95_low"] <= m["mean_difference"] <= m["ci95_high"]
+    assert m["mean_difference"] == pytest.approx(m["mean_reward_policy"] - m["mean_reward_base"])
+    assert m["mean_difference"] == pytest.approx(table["reward_difference"].mean())
+    assert 0.0 <= m["win_share"] <= 1.0
+    assert m["win_share"] == pytest.approx((table["outcome"] == "win").mean())
+    assert m["win_share"] + m["tie_share"] + m["loss_share"] == pytest.approx(1.0)
+    assert all(f"difference_{c}" in m for c in ["preference", "naturalness", "coherence", "understandability"])
+    assert evaluation.passed == (m["ci95_low"] > 0 and m["heldout_instructions"] >= 5)
+    # The check compares on instructions RL never trained on: the same hash split the asset used,
+    # at the share it recorded (raised from 20% so that a small pool holds out min(6, half) of it).
+    kept = _table(data_dir, "SELECT instruction_id FROM deduplicated_instructions "
+                            f"WHERE decision = 'kept' AND run_id = '{result.run_id}'")
+    share = _table(data_dir, "SELECT DISTINCT heldout_share FROM rl_refined_policy")["heldout_share"].to_list()
+    assert len(share) == 1
+    heldout = {i for i in kept["instruction_id"] if is_held_out(i, share[0])}
+    assert set(table["instruction_id"]) == heldout and len(heldout) >= min(6, kept.height // 2)
+    rl_metadata = result.asset_materializations_for_node("rl_refined_policy")[0].metadata
+    assert rl_metadata["heldout_instructions"].value == len(heldout)
+    assert (table["samples"] == 2).all()
 
 
 def test_second_run_grows_the_pool_without_near_duplicates(first_run, tiny_model_dir):

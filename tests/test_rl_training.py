@@ -1,0 +1,54 @@
+"""The RL trainer on the tiny Llama: RLOO runs with TRL 1.16, and RL prompts are the inference prompts."""
+
+import math
+
+import pytest
+
+from refine_af_pipeline.generation import render_prompt
+from refine_af_pipeline.prompts import INSTANCE_PREFIX, instance_prompt
+from refine_af_pipeline.rl_training import RLSettings, rl_prompt, train_policy
+
+INSTRUCTIONS = ["Describe a quiet river garden", "List three useful habits for every student",
+                "Compare two ancient bridges", "Suggest a simple recipe for a team"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    from refine_af_pipeline.models import load_tokenizer, resolve_model_source
+
+    source = resolve_model_source(str(tiny_model_dir))
+    return source, load_tokenizer(source)
+
+
+def test_rl_prompt_is_the_instance_generation_prompt(loaded):
+    _, tokenizer = loaded
+    for instruction in INSTRUCTIONS:
+        text = rl_prompt(tokenizer, instruction)
+        assert text == render_prompt(tokenizer, instance_prompt(instruction), INSTANCE_PREFIX)
+        # The policy continues the open assistant turn right after "Input:", not a fresh turn.
+        assert text.endswith("<|im_start|>assistant\n" + INSTANCE_PREFIX)
+
+
+def test_one_rloo_step_trains_and_logs(loaded, tmp_path):
+    from refine_af_pipeline.models import load_causal_lm
+    from resources import FeedbackScorerResource
+
+    source, tokenizer = loaded
+    judge = load_causal_lm(source, "cpu", None)
+    scorer = FeedbackScorerResource().build(judge, tokenizer, "cpu", batch_size=8)
+    policy = load_causal_lm(source, "cpu", None)
+    settings = RLSettings(algorithm="rloo", max_steps=1, prompts_per_step=2, group_size=2, max_completion_length=16)
+    result = train_policy(policy, tokenizer, INSTRUCTIONS, scorer, settings, tmp_path, "cpu")
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    [row] = result.log
+    assert row["step"] == 1 and math.isfinite(row["reward"])
+    for column in ["kl", "completion_length", "clipped_share", "gate_failure_share", "repeat_share",
+                   "preference_mean", "naturalness_mean", "coherence_mean", "understandability_mean"]:
+        assert column in row, column
+    assert 0.0 <= row["clipped_share"] <= 1.0 and 0.0 <= row["repeat_share"] <= 1.0
+    assert 0 < row["completion_length"] <= 16
+
+
+def test_unknown_algorithm_is_refused(loaded, tmp_path):
+    with pytest.raises(ValueError, match="unknown RL algorithm 'ppo'"):
+        train_policy(None, loaded[1], INSTRUCTIONS, None, RLSettings(algorithm="ppo"), tmp_path, "cpu")
