@@ -6,8 +6,8 @@
                        id or directory>" | "unieval:<hub id or directory>"
     understandability: "flesch" (default) | "unieval:<hub id or directory>"
 
-The same name gives the same version string, whether the scorer is built (`build_components`) or
-only described (`describe_components`), so a row's recorded judge is the one that scored it.
+Each built component carries its version string; rows record those, so a row's recorded judge is
+the one that scored it.
 """
 
 from __future__ import annotations
@@ -70,25 +70,6 @@ def _model_id(ref: str) -> str:
 
 def _embedding_id(ref: str) -> str:
     return EMBEDDED_MINILM_ID if ref == EMBEDDED_MINILM else _model_id(ref)
-
-
-def describe_components(scorers: Mapping[str, str], judge_id: str, embedding_model: str = EMBEDDED_MINILM) -> dict[str, str]:
-    """The version string each configured component will record, without loading any model."""
-    versions = {}
-    for name, (kind, ref) in _specs(scorers).items():
-        if kind == "llm-judge":
-            versions[name] = LLMJudgePreference.version_for(judge_id)
-        elif kind == "likelihood":
-            versions[name] = LikelihoodNaturalness.version_for(judge_id)
-        elif kind == "embedding":
-            versions[name] = EmbeddingCoherence.version_for(_embedding_id(ref or embedding_model))
-        elif kind == "flesch":
-            versions[name] = ReadabilityUnderstandability.version_for()
-        elif kind == "reward-model":
-            versions[name] = RewardModelPreference.version_for(_model_id(ref))
-        else:
-            versions[name] = UniEvalBoolean.version_for(_model_id(ref), name)
-    return versions
 
 
 def load_embedder(model: str, device: str, allow_download: bool = False):

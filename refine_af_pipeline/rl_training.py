@@ -79,7 +79,7 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
         instructions += instructions[: settings.prompts_per_step - len(instructions)]
     dataset = Dataset.from_dict({
         "prompt": [rl_prompt(tokenizer, i) for i in instructions],
-        "instruction": list(instructions),
+        "instruction": instructions,
     })
     args = dict(
         common_training_args(output_dir, settings.seed, device),

@@ -7,7 +7,7 @@ import dagster as dg
 
 from refine_af_pipeline.feedback import DEFAULT_WEIGHTS, ComponentStats, FeedbackScorer
 from refine_af_pipeline.feedback_components import model_name
-from refine_af_pipeline.feedback_setup import EMBEDDED_MINILM, build_components, describe_components
+from refine_af_pipeline.feedback_setup import EMBEDDED_MINILM, build_components
 
 __all__ = ["EMBEDDED_MINILM", "FeedbackScorerResource"]
 
@@ -34,11 +34,6 @@ class FeedbackScorerResource(dg.ConfigurableResource):
     def scorer_names(self) -> dict[str, str]:
         return {"preference": self.preference, "naturalness": self.naturalness, "coherence": self.coherence,
                 "understandability": self.understandability}
-
-    def scorer_versions(self, judge_id: str = "base-model") -> dict[str, str]:
-        """The versions the built scorer records, without loading models; `judge_id` names the base
-        model that the LLM judge and the likelihood use. A built scorer's `versions()` is the record."""
-        return describe_components(self.scorer_names(), judge_id, self.embedding_model)
 
     def build(self, model, tokenizer, device: str, stats: ComponentStats | None = None, batch_size: int = 8,
               judge_id: str | None = None) -> FeedbackScorer:

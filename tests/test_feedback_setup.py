@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from refine_af_pipeline.feedback import COMPONENTS, FORMAT_GATE_REWARD, ComponentStats, FeedbackScorer
-from refine_af_pipeline.feedback_setup import build_components, describe_components, parse_scorer
+from refine_af_pipeline.feedback_setup import build_components, parse_scorer
 from refine_af_pipeline.models import load_causal_lm, load_tokenizer, resolve_model_source
 from resources import FeedbackScorerResource
 from tiny_judges import build_llama_reward_model, build_t5_evaluator
@@ -41,7 +41,7 @@ def test_scorer_names_parse_with_clear_errors():
     with pytest.raises(ValueError, match="takes no model"):
         parse_scorer("naturalness", "likelihood:gpt2")
     with pytest.raises(ValueError, match=r"unknown feedback components \['fluency'\]"):
-        describe_components({"fluency": "likelihood"}, "judge")
+        build_components({"fluency": "likelihood"}, None, None, "judge", "cpu")
 
 
 def test_score_texts_gates_then_combines_standardised_components():
@@ -82,7 +82,6 @@ def test_built_components_record_the_versions_they_were_described_with(tiny, tin
     components = build_components(names, model, tokenizer, "tiny-judge", "cpu")
     assert components[1].model is components[2].model  # one evaluator for both UniEval components
     scorer = FeedbackScorer(components=components)
-    assert scorer.versions() == describe_components(names, "tiny-judge")
     assert scorer.versions()["preference"] == f"reward-model-logit/v1:{rm.resolve()}"
     assert scorer.versions()["coherence"].startswith(f"unieval-boolean/v1:{t5.resolve()}:q-")
     row = scorer.score_texts(["Add the numbers."], ["Input: 2 and 3\nOutput: 5"])[0]
@@ -95,7 +94,6 @@ def test_resource_builds_the_offline_defaults_and_reports_their_versions(tiny):
     model, tokenizer = tiny
     resource = FeedbackScorerResource()
     scorer = resource.build(model, tokenizer, "cpu", judge_id="tiny-judge")
-    assert scorer.versions() == resource.scorer_versions("tiny-judge")
     assert scorer.versions() == {
         "preference": "llm-judge-rating-1-10/v1:tiny-judge",
         "naturalness": "mean-token-likelihood/v1:tiny-judge",
