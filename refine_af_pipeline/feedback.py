@@ -10,7 +10,7 @@ them from a name like "reward-model:<id>". Offline defaults (no network, run on 
 - naturalness: exp(mean token log-likelihood) of the output given the request, under the base model.
 - coherence: cosine similarity of (instruction + input) and output, all-MiniLM-L6-v2 embeddings.
 - understandability: Flesch reading ease (textstat), clipped to [0, 100] and mapped to [0, 1].
-A format gate gives unparseable, empty or input-repeating instances a fixed low reward.
+A format gate gives unparseable, empty, input-repeating or looping instances a fixed low reward.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .feedback_components import (
     flesch_score,
 )
 from .parsing import parse_instance
+from .rl_diagnostics import repeated_ngram_share
 
 __all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "FORMAT_GATE_REWARD", "ComponentStats", "FeedbackScorer",
            "ScoredInstance", "combine", "flesch_score", "format_gate"]
@@ -46,6 +47,12 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
     "understandability": 0.25,
 }
 FORMAT_GATE_REWARD = -3.0  # well below what standardised components reach for parseable output
+# An output whose word 3-grams are at least this share repeats of earlier ones is a loop, not an
+# answer. Measured in the demo RL runs: the likelihood-based naturalness rewards loops (a repeated
+# phrase is very likely under the model), and the policy's repeat share rose 0.02 -> 0.08 while its
+# naturalness rose; gating loops removes that incentive. Ordinary outputs (lists included) stay
+# well below a half.
+DEGENERATE_REPEAT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,8 @@ def format_gate(parse_status: str, input_text: str, output: str) -> str | None:
         return "empty_output"
     if input_text.strip() and " ".join(output.split()).lower() == " ".join(input_text.split()).lower():
         return "output_equals_input"
+    if repeated_ngram_share(output) >= DEGENERATE_REPEAT_SHARE:
+        return "degenerate_repetition"
     return None
 
 

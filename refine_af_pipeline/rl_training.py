@@ -28,7 +28,7 @@ class RLSettings:
     learning_rate: float = 1e-3
     beta: float = 0.04  # KL coefficient
     max_completion_length: int = 48
-    temperature: float = 1.0
+    temperature: float = 0.7
     lora_r: int = 8
     lora_alpha: int = 16
     seed: int = 0

@@ -32,6 +32,11 @@ def test_format_gate_reasons():
     assert format_gate("ok", "", "  ") == "empty_output"
     assert format_gate("ok", "The Cat sat", "the  cat sat") == "output_equals_input"
     assert format_gate("ok", "", "fine answer") is None
+    loop = "the answer is yes " * 6
+    assert format_gate("ok", "Is it?", loop) == "degenerate_repetition"
+    # A list with a shared frame but different items is not a loop.
+    listing = "1. Buy apples. 2. Buy bread. 3. Buy milk. 4. Walk the dog. 5. Call mom."
+    assert format_gate("ok", "", listing) is None
 
 
 def test_readability_prefers_plain_text():
