@@ -16,8 +16,7 @@ from .instructions import deduplicated_instructions
 def no_kept_pair_above_rouge_threshold(warehouse: Warehouse) -> dg.AssetCheckResult:
     """No two kept instructions (nor a kept one and a seed) have ROUGE-L above the threshold."""
     seeds = warehouse.read_table("seed_pool")["instruction"].to_list()
-    df = warehouse.read_table("deduplicated_instructions")
-    kept = df.filter(pl.col("decision") == "kept")["instruction"].to_list()
+    kept = _kept_instructions(warehouse)
     pool = RougeDeduplicator(seeds)
     worst, pair = 0.0, None
     for instruction in kept:
@@ -31,9 +30,15 @@ def no_kept_pair_above_rouge_threshold(warehouse: Warehouse) -> dg.AssetCheckRes
 
 @dg.asset_check(asset=deduplicated_instructions, blocking=True)
 def no_blacklisted_keyword(warehouse: Warehouse) -> dg.AssetCheckResult:
-    df = warehouse.read_table("deduplicated_instructions").filter(pl.col("decision") == "kept")
-    offenders = [i for i in df["instruction"].to_list() if blacklisted_word(i)]
-    return dg.AssetCheckResult(passed=not offenders, metadata={"offenders": offenders[:10], "kept": df.height})
+    kept = _kept_instructions(warehouse)
+    offenders = [i for i in kept if blacklisted_word(i)]
+    return dg.AssetCheckResult(passed=not offenders, metadata={"offenders": offenders[:10], "kept": len(kept)})
+
+
+def _kept_instructions(warehouse: Warehouse) -> list[str]:
+    # No table yet (a run that had nothing to decide writes none): nothing kept, nothing to flag.
+    df = warehouse.read_table("deduplicated_instructions")
+    return [] if df is None else df.filter(pl.col("decision") == "kept")["instruction"].to_list()
 
 
 class ParseRateConfig(dg.Config):

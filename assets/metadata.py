@@ -23,6 +23,14 @@ def table_metadata(df: pl.DataFrame, preview_columns: list[str] | None = None, p
     }
 
 
+def stored_table_metadata(warehouse, table: str, preview_columns: list[str] | None = None) -> dict:
+    """table_metadata of a stored table, for a run that wrote nothing to it (the schema and a
+    preview from its first rows, its full row count)."""
+    df = warehouse.query(f'SELECT * FROM "{table}" LIMIT 5') if warehouse.table_exists(table) else pl.DataFrame()
+    columns = [c for c in (preview_columns or []) if c in df.columns] or None
+    return table_metadata(df, columns, total_rows=warehouse.row_count(table))
+
+
 def markdown_table(df: pl.DataFrame, max_chars: int = 120) -> str:
     if df.height == 0:
         return "_(no rows)_"

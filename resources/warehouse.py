@@ -52,42 +52,59 @@ class Warehouse(dg.ConfigurableResource):
 
     def table_exists(self, name: str) -> bool:
         with self.connect() as conn:
-            return _exists(conn, name)
+            return table_exists_on(conn, name)
 
     def row_count(self, name: str) -> int:
         with self.connect() as conn:
-            return conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] if _exists(conn, name) else 0
+            return conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] if table_exists_on(conn, name) else 0
 
     def read_table(self, name: str, order_by: str | None = None) -> pl.DataFrame | None:
         with self.connect() as conn:
-            if not _exists(conn, name):
+            if not table_exists_on(conn, name):
                 return None
             sql = f'SELECT * FROM "{name}"' + (f" ORDER BY {order_by}" if order_by else "")
             return conn.execute(sql).pl()
 
+    def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
+        with self.connect() as conn:
+            return conn.execute(sql, params or []).pl()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection inside BEGIN ... COMMIT: everything done with it lands together or not at
+        all (an exception rolls back; a killed process leaves an uncommitted transaction that DuckDB
+        discards when the file is next opened)."""
+        with self.connect() as conn:
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
     def write_table(self, name: str, df: pl.DataFrame, mode: str = "replace") -> None:
         """replace: the table becomes `df`; append: `df` is added (table created if missing).
         One transaction, so a crash leaves the previous table as it was."""
-        if mode not in ("replace", "append"):
-            raise ValueError(f"unknown write mode {mode}")
-        with self.connect() as conn:
-            arrow = df.to_arrow()
-            conn.register("incoming", arrow)
-            conn.execute("BEGIN TRANSACTION")
-            try:
-                if mode == "replace" or not _exists(conn, name):
-                    conn.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM incoming')
-                else:
-                    conn.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM incoming')
-                conn.execute("COMMIT")
-            except Exception:
-                conn.execute("ROLLBACK")
-                raise
-            finally:
-                conn.unregister("incoming")
+        with self.transaction() as conn:
+            insert_rows(conn, name, df, mode)
 
 
-def _exists(conn: duckdb.DuckDBPyConnection, name: str) -> bool:
+def insert_rows(conn: duckdb.DuckDBPyConnection, name: str, df: pl.DataFrame, mode: str = "append") -> None:
+    """Write `df` into table `name` on `conn` (inside the caller's transaction, if any)."""
+    if mode not in ("replace", "append"):
+        raise ValueError(f"unknown write mode {mode}")
+    conn.register("incoming", df.to_arrow())
+    try:
+        if mode == "replace" or not table_exists_on(conn, name):
+            conn.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM incoming')
+        else:
+            conn.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM incoming')
+    finally:
+        conn.unregister("incoming")
+
+
+def table_exists_on(conn: duckdb.DuckDBPyConnection, name: str) -> bool:
     return bool(conn.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]
     ).fetchone()[0])
