@@ -7,10 +7,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import checks, evaluation, finetune, instance_pairs, instructions, rewards, rl_checks, rl_policy, seed_pool
+from assets import (checks, evaluation, exports, finetune, instance_pairs, instructions, rewards, rl_checks, rl_policy,
+                    seed_pool)
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
-STAGE_MODULES = [seed_pool, instructions, rewards, rl_policy, instance_pairs, finetune, evaluation]
+STAGE_MODULES = [seed_pool, instructions, rewards, rl_policy, instance_pairs, finetune, evaluation, exports]
 
 
 def data_dir() -> Path:
@@ -42,7 +43,8 @@ all_checks = dg.load_asset_checks_from_modules([checks, rl_checks])
 refine_af_job = dg.define_asset_job(
     "refine_af_job",
     selection=dg.AssetSelection.all(),
-    description="Materialize the whole REFINE-AF graph: seeds to evaluation.",
+    description="Materialize the whole REFINE-AF graph: seeds, both branches (REFINE-AF and the Self-Instruct "
+                "baseline), their evaluation and the dataset exports.",
 )
 
 regeneration_schedule = dg.ScheduleDefinition(

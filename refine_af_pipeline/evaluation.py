@@ -86,3 +86,17 @@ def first_line(text: str) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+def evaluation_items(tasks: list[EvalTask], instances_per_task: int = 0) -> list[tuple[EvalTask, EvalInstance]]:
+    """(task, instance) pairs to score: the first `instances_per_task` of each task (0 = all)."""
+    return [(t, inst) for t in tasks
+            for inst in (t.instances[:instances_per_task] if instances_per_task > 0 else t.instances)]
+
+
+def mean_by_task(items: list[tuple[EvalTask, EvalInstance]], scores: list[float]) -> dict[str, float]:
+    """Task name -> mean of its instances' scores (SuperNI averages within a task first)."""
+    by_task: dict[str, list[float]] = {}
+    for (task, _), score in zip(items, scores, strict=True):
+        by_task.setdefault(task.name, []).append(score)
+    return {name: sum(values) / len(values) for name, values in by_task.items()}

@@ -18,10 +18,14 @@ def smallest_run_config(**overrides) -> dict:
                                                            "bootstrap_resamples": 2000},
         "instance_output_pairs": {"max_instructions": 8, "max_new_tokens": 32},
         "finetuned_model": {"epochs": 1.0, "batch_size": 4, "max_length": 128},
-        "evaluation": {"instances_per_task": 1, "max_new_tokens": 8},
+        "evaluation": {"instances_per_task": 1, "max_new_tokens": 8, "bootstrap_resamples": 2000},
     }
     for key, value in overrides.items():
         ops[key] = {**ops.get(key, {}), **value}
+    # The Self-Instruct branch runs with the REFINE-AF branch's settings (as in make run) unless told otherwise.
+    for baseline, refine_af in (("selfinstruct_instance_pairs", "instance_output_pairs"),
+                                ("selfinstruct_finetuned_model", "finetuned_model")):
+        ops[baseline] = {**ops[refine_af], **overrides.get(baseline, {})}
     return ops
 
 

@@ -5,22 +5,41 @@ import dagster as dg
 
 from refine_af_pipeline.definitions import defs
 
-STAGES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "rl_refined_policy",
-          "instance_output_pairs", "finetuned_model", "evaluation"]
+# Shared stages, then the REFINE-AF branch (RL policy writes the instances) beside the Self-Instruct
+# baseline branch (the base model writes them), joined again by the evaluation and the exports.
+SHARED = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores"]
+REFINE_AF = ["rl_refined_policy", "instance_output_pairs", "finetuned_model"]
+SELF_INSTRUCT = ["selfinstruct_instance_pairs", "selfinstruct_finetuned_model"]
+STAGES = SHARED + REFINE_AF + SELF_INSTRUCT + ["evaluation", "instruction_dataset_exports"]
+MODEL_STAGES = [s for s in STAGES if s not in ("seed_pool", "instruction_dataset_exports")]
 
 
-def test_definitions_hold_the_eight_stages_in_one_chain():
+def _parents(graph, name: str) -> set[str]:
+    return {k.to_user_string() for k in graph.get(dg.AssetKey(name)).parent_keys}
+
+
+def test_definitions_hold_both_branches_evaluation_and_exports():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == set(STAGES)
-    for upstream, downstream in zip(STAGES, STAGES[1:]):
-        assert dg.AssetKey(upstream) in graph.get(dg.AssetKey(downstream)).parent_keys
+    for chain in (SHARED + REFINE_AF, SHARED + SELF_INSTRUCT):
+        for upstream, downstream in zip(chain, chain[1:]):
+            assert upstream in _parents(graph, downstream), (upstream, downstream)
+    # The branches differ only in the policy: the baseline never reads the RL adapter.
+    assert _parents(graph, "selfinstruct_instance_pairs") == {"reward_scores", "deduplicated_instructions"}
+    assert _parents(graph, "instance_output_pairs") == {"rl_refined_policy", "reward_scores",
+                                                        "deduplicated_instructions"}
+    assert _parents(graph, "evaluation") == {"finetuned_model", "selfinstruct_finetuned_model"}
+    assert _parents(graph, "instruction_dataset_exports") == {"instance_output_pairs", "selfinstruct_instance_pairs"}
+    checks = {k.name for k in graph.asset_check_keys}
+    assert "refine_af_beats_self_instruct" in checks
 
 
 def test_model_assets_share_the_gpu_pool():
     graph = defs.resolve_asset_graph()
     pools = {k.to_user_string(): graph.get(k).pools for k in graph.get_all_asset_keys()}
-    assert all(pools[s] == {"gpu"} for s in STAGES[1:])
+    assert all(pools[s] == {"gpu"} for s in MODEL_STAGES), pools
+    assert not pools["instruction_dataset_exports"]  # writes files only: no reason to wait for the GPU
 
 
 def test_schedule_targets_the_whole_job_and_starts_stopped():

@@ -1,17 +1,41 @@
+"""The held-out evaluation tasks (SuperNI task-file format), their loader, prompt and metric."""
+
 import json
 
 import pytest
 
-from refine_af_pipeline.evaluation import TaskFileError, best_rouge_l, first_line, load_task_file, load_tasks
+from refine_af_pipeline.evaluation import (TaskFileError, best_rouge_l, evaluation_items, first_line, load_task_file,
+                                           load_tasks, mean_by_task)
+from refine_af_pipeline.prompts import evaluation_prompt
+from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator, rouge_l
 from refine_af_pipeline.seeds import load_seed_tasks
 
 
-def test_builtin_tasks_load_and_are_disjoint_from_seeds():
+def test_builtin_set_has_20_tasks_of_10_instances_with_references():
     tasks = load_tasks()
     assert len(tasks) >= 20
-    assert all(len(t.instances) == 10 for t in tasks)
-    seed_instructions = {t.instruction for t in load_seed_tasks()}
-    assert not seed_instructions & {t.definition for t in tasks}
+    assert all(len(t.instances) >= 10 for t in tasks), {t.name: len(t.instances) for t in tasks}
+    assert all(inst.references and all(r.strip() for r in inst.references) for t in tasks for inst in t.instances)
+    ids = [inst.id for t in tasks for inst in t.instances]
+    assert len(ids) == len(set(ids))
+
+
+def test_builtin_tasks_are_disjoint_from_the_seeds_and_from_each_other():
+    tasks = load_tasks()
+    seeds = load_seed_tasks()
+    # No definition is a near-duplicate (the pipeline's own ROUGE-L bar) of a seed instruction...
+    seed_pool = RougeDeduplicator([s.instruction for s in seeds])
+    worst = max((seed_pool.max_score(t.definition), t.name) for t in tasks)
+    assert worst[0][0] <= DEFAULT_THRESHOLD, worst
+    # ...nor of another task's definition...
+    for k, a in enumerate(tasks):
+        for b in tasks[k + 1:]:
+            assert rouge_l(a.definition, b.definition) <= DEFAULT_THRESHOLD, (a.name, b.name)
+    # ...and no evaluation input repeats a seed's instance input or another evaluation input.
+    seed_inputs = RougeDeduplicator([i.input for s in seeds for i in s.instances if i.input.strip()])
+    inputs = [inst.input for t in tasks for inst in t.instances]
+    assert len(inputs) == len(set(inputs))
+    assert max(seed_inputs.max_score(x)[0] for x in inputs) <= DEFAULT_THRESHOLD
 
 
 def test_malformed_task_file_names_the_file(tmp_path):
@@ -23,8 +47,51 @@ def test_malformed_task_file_names_the_file(tmp_path):
     no_refs.write_text(json.dumps({"Definition": ["d"], "Instances": [{"input": "a", "output": []}]}))
     with pytest.raises(TaskFileError, match=r"task_norefs.json: Instances\[0\]"):
         load_task_file(no_refs)
+    no_definition = tmp_path / "task_nodef.json"
+    no_definition.write_text(json.dumps({"Instances": [{"input": "a", "output": ["b"]}]}))
+    with pytest.raises(TaskFileError, match=r"task_nodef.json: 'Definition'"):
+        load_task_file(no_definition)
+    latin1 = tmp_path / "task_latin1.json"
+    latin1.write_bytes('{"Definition": ["caf\u00e9"]}'.encode("latin-1"))
+    with pytest.raises(TaskFileError, match=r"task_latin1.json: not valid UTF-8"):
+        load_task_file(latin1)
 
 
-def test_best_over_references_and_first_line():
+def test_a_user_task_dir_loads_and_one_bad_file_in_it_is_named(tmp_path):
+    good = {"Definition": ["Answer with the capital city."], "Positive Examples": [],
+            "Instances": [{"id": "c-1", "input": "France", "output": ["Paris"]},
+                          {"id": "c-2", "input": "Japan", "output": "Tokyo"}]}
+    (tmp_path / "task001_capitals.json").write_text(json.dumps(good))
+    [task] = load_tasks(tmp_path)
+    assert task.name == "task001_capitals" and task.definition == "Answer with the capital city."
+    assert [i.references for i in task.instances] == [("Paris",), ("Tokyo",)]
+    (tmp_path / "task002_broken.json").write_text('{"Definition": "d", "Instances": 3}')
+    with pytest.raises(TaskFileError, match=r"task002_broken.json: 'Instances'"):
+        load_tasks(tmp_path)
+    with pytest.raises(TaskFileError, match="not found"):
+        load_tasks(tmp_path / "nowhere")
+
+
+def test_prompt_is_definition_then_input_then_output():
+    prompt = evaluation_prompt("  Name the colour of the sky. ", " On a clear day ")
+    assert prompt == "Definition: Name the colour of the sky.\n\nInput: On a clear day\nOutput:"
+
+
+def test_rouge_l_is_the_best_over_references_on_hand_cases():
+    # LCS "the cat sat" (3 of 3 prediction tokens, 3 of 6 reference tokens): P=1, R=0.5, F=2/3.
+    assert rouge_l("the cat sat on the mat", "the cat sat") == pytest.approx(2 / 3)
+    assert best_rouge_l("the cat sat", ("a dog barked", "the cat sat on the mat")) == pytest.approx(2 / 3)
     assert best_rouge_l("positive", ("negative", "positive")) == 1.0
+    assert best_rouge_l("Positive!", ("positive",)) == 1.0  # rouge-score lower-cases and drops punctuation
+    assert best_rouge_l("", ("positive",)) == 0.0
+    assert best_rouge_l("blue sky", ("red", "green")) == 0.0
     assert first_line("\n  blue sky \nmore text") == "blue sky"
+
+
+def test_items_and_per_task_means(tmp_path):
+    tasks = load_tasks()[:2]
+    items = evaluation_items(tasks, 3)
+    assert [t.name for t, _ in items] == [tasks[0].name] * 3 + [tasks[1].name] * 3
+    assert len(evaluation_items(tasks, 0)) == sum(len(t.instances) for t in tasks)
+    means = mean_by_task(items, [1.0, 0.0, 0.5, 0.2, 0.2, 0.2])
+    assert means == pytest.approx({tasks[0].name: 0.5, tasks[1].name: 0.2})

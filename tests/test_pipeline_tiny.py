@@ -5,15 +5,18 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import polars as pl
 import pytest
 
 from assets.shared import is_held_out
 from pipeline_helpers import materialize, smallest_run_config
+from refine_af_pipeline.exports import read_dataset_exports
 from refine_af_pipeline.rouge import RougeDeduplicator
 from refine_af_pipeline.seeds import SeedFileError
 
 TABLES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "rl_refined_policy",
-          "instance_output_pairs", "finetuned_model", "evaluation"]
+          "instance_output_pairs", "finetuned_model", "selfinstruct_instance_pairs", "selfinstruct_finetuned_model",
+          "evaluation", "evaluation_predictions", "evaluation_summary", "instruction_dataset_exports"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,8 @@ def test_every_stage_writes_its_table(first_run):
     assert counts["seed_pool"] == 175
     assert all(n > 0 for n in counts.values()), counts
     assert counts["rl_refined_policy"] == 2  # one log row per RL step
-    assert counts["evaluation"] == 2 * 20  # (task, model) rows: base and finetuned on 20 tasks
+    assert counts["evaluation"] == 3 * 20  # (task, model) rows: base, Self-Instruct, REFINE-AF on 20 tasks
+    assert counts["evaluation_predictions"] == 3 * 20  # one instance per task in the smallest config
 
 
 def test_raw_instructions_carry_provenance(first_run, tiny_model_dir):
@@ -78,7 +82,7 @@ def test_reward_scores_have_components_and_scorers(first_run):
 
 def test_adapters_are_in_the_artifact_store(first_run):
     data_dir, result = first_run
-    for table in ["rl_refined_policy", "finetuned_model"]:
+    for table in ["rl_refined_policy", "finetuned_model", "selfinstruct_finetuned_model"]:
         path = Path(_table(data_dir, f"SELECT adapter_path FROM {table} LIMIT 1")["adapter_path"][0])
         assert path.is_relative_to(data_dir / "artifacts" / table / result.run_id)
         assert (path / "adapter_config.json").is_file()
@@ -181,3 +185,67 @@ def test_generation_stops_within_a_run_once_the_target_is_within_reach(first_run
     assert rows["prompt_index"].n_unique() == 2 * (batches_with_parsed[0] + 1) < 8
     metadata = result.asset_materializations_for_node("raw_instructions")[0].metadata
     assert metadata["prompts_used"].value == rows["prompt_index"].n_unique()
+
+
+def test_self_instruct_branch_uses_the_base_model_on_the_same_instructions(first_run, tiny_model_dir):
+    data_dir, result = first_run
+    refine = _table(data_dir, "SELECT * FROM instance_output_pairs ORDER BY instance_id")
+    baseline = _table(data_dir, "SELECT * FROM selfinstruct_instance_pairs ORDER BY instance_id")
+    assert baseline["instruction_id"].to_list() == refine["instruction_id"].to_list()
+    assert baseline["policy_adapter"].null_count() == baseline.height  # no RL adapter: the base model wrote them
+    assert set(baseline["model_id"]) == set(refine["model_id"]) == {str(Path(tiny_model_dir).resolve())}
+    assert set(baseline["run_id"]) == {result.run_id}
+    for column in ["sampling_params", "scorers", "preference_scorer"]:
+        assert set(baseline[column]) == set(refine[column]), column
+    assert set(baseline.columns) == set(refine.columns)
+    logs = {t: _table(data_dir, f"SELECT DISTINCT settings, train_table FROM {t}")
+            for t in ["finetuned_model", "selfinstruct_finetuned_model"]}
+    assert logs["finetuned_model"]["settings"].to_list() == logs["selfinstruct_finetuned_model"]["settings"].to_list()
+    assert logs["selfinstruct_finetuned_model"]["train_table"].to_list() == ["selfinstruct_instance_pairs"]
+
+
+def test_evaluation_compares_three_models_with_a_summary_and_a_warning_check(first_run):
+    data_dir, result = first_run
+    scores = _table(data_dir, "SELECT * FROM evaluation")
+    assert sorted(set(scores["model"])) == ["base", "refine_af", "self_instruct"]
+    assert scores.group_by("model").len()["len"].to_list() == [20, 20, 20]
+    adapters = dict(_table(data_dir, "SELECT DISTINCT model, adapter_path FROM evaluation").iter_rows())
+    assert adapters["base"] is None
+    assert "/selfinstruct_finetuned_model/" in adapters["self_instruct"] and "/finetuned_model/" in adapters["refine_af"]
+    predictions = _table(data_dir, "SELECT * FROM evaluation_predictions")
+    per_task = predictions.group_by("task", "model").agg(pl.col("rouge_l").mean()).sort("task", "model")
+    joined = per_task.join(scores, on=["task", "model"])
+    assert joined.height == 60 and (joined["rouge_l"] - joined["rouge_l_right"]).abs().max() < 1e-12
+    summary = _table(data_dir, "SELECT * FROM evaluation_summary")
+    headline = summary.filter((pl.col("candidate") == "refine_af") & (pl.col("reference") == "self_instruct")).row(
+        0, named=True)
+    wide = scores.pivot(on="model", index="task", values="rouge_l")
+    diff = wide["refine_af"] - wide["self_instruct"]
+    assert headline["n_tasks"] == 20
+    assert headline["wins"] == int((diff > 1e-9).sum()) and headline["ties"] == int((diff.abs() <= 1e-9).sum())
+    assert headline["wins"] + headline["ties"] + headline["losses"] == 20
+    assert headline["win_share_ci_low"] <= headline["win_share"] <= headline["win_share_ci_high"]
+    metadata = result.asset_materializations_for_node("evaluation")[0].metadata
+    for key in ["mean_rouge_l_base", "mean_rouge_l_self_instruct", "mean_rouge_l_refine_af", "summary", "per_task",
+                "chart", "share_tasks_refine_af_beats_self_instruct", "share_ci95_low", "share_ci95_high", "ties"]:
+        assert key in metadata, key
+    assert metadata["mean_rouge_l_refine_af"].value == pytest.approx(wide["refine_af"].mean())
+    [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "refine_af_beats_self_instruct"]
+    assert check.severity == dg.AssetCheckSeverity.WARN
+    assert check.passed == (headline["wins"] > headline["losses"])
+
+
+def test_exports_hold_the_kept_pairs_of_both_branches_in_every_format(first_run):
+    data_dir, result = first_run
+    listing = _table(data_dir, "SELECT * FROM instruction_dataset_exports")
+    assert sorted(set(listing["dataset"])) == ["refine_af", "self_instruct"]
+    assert listing.height == 2 * 4
+    for dataset, table in [("refine_af", "instance_output_pairs"), ("self_instruct", "selfinstruct_instance_pairs")]:
+        kept = _table(data_dir, f"SELECT * FROM {table} WHERE keep ORDER BY instance_id")
+        folder = data_dir / "artifacts" / "instruction_dataset_exports" / result.run_id / dataset
+        assert set(listing.filter(pl.col("dataset") == dataset)["rows"]) == {kept.height}
+        for fmt, records in read_dataset_exports(folder).items():
+            assert [r["instance_id"] for r in records] == kept["instance_id"].to_list(), fmt
+            assert [r["output"] for r in records] == kept["output"].to_list(), fmt
+            assert [r["policy_adapter"] for r in records] == kept["policy_adapter"].to_list(), fmt
+            assert {r["run_id"] for r in records} <= {result.run_id}, fmt
