@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import dagster as dg
 import polars as pl
+from pydantic import model_validator
 
 from refine_af_pipeline.bootstrap import BootstrapPrompt, PoolItem, classify_instructions, generate_instruction_rows, sample_prompt
 from refine_af_pipeline.filters import rejection_reason
@@ -16,6 +17,7 @@ from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, unfinished_plan_ids
 
+from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from .metadata import progress_logger, stored_table_metadata, table_metadata
 
 PREVIEW = ["instruction_id", "instruction", "parse_status"]
@@ -24,16 +26,23 @@ PREVIEW = ["instruction_id", "instruction", "parse_status"]
 class RawInstructionsConfig(dg.Config):
     # 16 prompts kept 4-12 instructions per demo run (most rejected as near-copies of seeds), too
     # few for RL's held-out check; 32 keep about twice as many.
-    num_prompts: int = 32
-    classification_prompts: int = 4  # of num_prompts, use the classification-only variant
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
+    num_prompts: PositiveInt = 32
+    classification_prompts: NonNegativeInt = 4  # of num_prompts, use the classification-only variant
+    max_new_tokens: PositiveInt = 128
+    temperature: PositiveFloat = 0.7
+    top_p: Probability = 0.95
     seed: int = 0
-    target_pool_size: int = 10_000  # stop generating once this many instructions are kept
+    target_pool_size: PositiveInt = 10_000  # stop generating once this many instructions are kept
     # A run that finds a plan a crashed run left unfinished generates its missing batches (with the
     # plan's own prompts and settings) instead of starting a new plan; False abandons it instead.
     resume_unfinished: bool = True
+
+    @model_validator(mode="after")
+    def _classification_share(self):
+        if self.classification_prompts > self.num_prompts:
+            raise ValueError(f"classification_prompts ({self.classification_prompts}) cannot exceed num_prompts "
+                             f"({self.num_prompts})")
+        return self
 
 
 def _kept_pool(warehouse: Warehouse) -> pl.DataFrame | None:
@@ -60,9 +69,6 @@ def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsC
     ids, model, sampling parameters, run id, raw response and parse status. Rows are appended one
     prompt batch at a time, each batch in its own transaction, following a plan recorded first: a
     run killed midway is finished by the next materialization (generation_plans)."""
-    if config.num_prompts <= 0 or not 0 <= config.classification_prompts <= config.num_prompts:
-        raise dg.Failure(f"num_prompts must be > 0 and classification_prompts in 0..num_prompts (got "
-                         f"{config.num_prompts}, {config.classification_prompts})")
     ledger = BatchLedger(warehouse, "raw_instructions")
     plan = ledger.unfinished_plan()
     if plan is not None and not config.resume_unfinished:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
@@ -47,13 +48,22 @@ refine_af_job = dg.define_asset_job(
                 "baseline), their evaluation and the dataset exports.",
 )
 
-regeneration_schedule = dg.ScheduleDefinition(
-    name="refine_af_regeneration",
-    job=refine_af_job,
-    cron_schedule="0 3 * * *",
-    default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Nightly: grow the instruction pool and retrain downstream stages.",
-)
+
+def regeneration_run_config(day: datetime) -> dict:
+    """A nightly run's config: the defaults, with raw_instructions seeded by the date, so each night
+    samples new prompts and new generation noise (a fixed seed would repeat the last night's)."""
+    return {"ops": {"raw_instructions": {"config": {"seed": int(day.strftime("%Y%m%d"))}}}}
+
+
+@dg.schedule(job=refine_af_job, cron_schedule="0 3 * * *", name="refine_af_regeneration",
+             default_status=dg.DefaultScheduleStatus.STOPPED,
+             description="Nightly: grow the instruction pool and retrain downstream stages.")
+def regeneration_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    day = context.scheduled_execution_time
+    # One run per night: a tick evaluated twice (daemon restart) finds the run key taken.
+    return dg.RunRequest(run_key=f"regeneration-{day:%Y-%m-%d}", run_config=regeneration_run_config(day),
+                         tags={"refine_af/trigger": "schedule"})
+
 
 defs = dg.Definitions(
     assets=all_assets,

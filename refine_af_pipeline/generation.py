@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from .retry import Backoff, call_with_retry
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -47,8 +49,10 @@ def generate(
     batch_size: int = 8,
     seed: int | None = None,
     progress: ProgressFn | None = None,
+    backoff: Backoff | None = None,
 ) -> list[Generation]:
-    """Generate one continuation per already-rendered prompt, in batches, keeping prompt order."""
+    """Generate one continuation per already-rendered prompt, in batches, keeping prompt order.
+    A batch whose generate call raises a transient backend error is tried again (retry.py)."""
     import torch
 
     if seed is not None:
@@ -65,8 +69,12 @@ def generate(
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.no_grad():
-            out = model.generate(**enc, **kwargs)
+
+        def run_batch():
+            with torch.no_grad():
+                return model.generate(**enc, **kwargs)
+
+        out = call_with_retry(run_batch, f"generation batch {b + 1}/{n_batches}", backoff)
         new_tokens = out[:, enc["input_ids"].shape[1] :]
         eos_ids = _eos_ids(model, tokenizer)
         for row in new_tokens.tolist():

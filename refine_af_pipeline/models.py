@@ -72,6 +72,41 @@ def resolve_model_source(model: str, cache_dir: Path | None = None, allow_downlo
     return ModelSource(model, model, not allow_download)
 
 
+def check_model_available(model: str, cache_dir: Path | None = None, allow_download: bool = False) -> None:
+    """Raise ModelUnavailable when `model` cannot be loaded, without loading it (milliseconds):
+    the embedded package is installed, a local directory has a config.json, a hub id is in the
+    local Hugging Face cache unless downloads are allowed."""
+    if model == EMBEDDED:
+        from .embedded_model import CONVERTED_DIR_NAME, EmbeddedModelMissing, default_cache_dir, gguf_path
+
+        converted = Path(cache_dir or default_cache_dir()) / CONVERTED_DIR_NAME / "config.json"
+        if not converted.is_file():
+            try:
+                gguf_path()
+            except EmbeddedModelMissing as exc:
+                raise ModelUnavailable(str(exc)) from None
+        return
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")):
+        resolve_model_source(model, cache_dir, allow_download)  # its checks name the directory
+        return
+    if allow_download:
+        return  # cannot be told offline; from_pretrained reports a wrong id
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except HFValidationError:
+        cached = None
+    if not isinstance(cached, str):
+        raise ModelUnavailable(
+            f"model '{model}' is neither a local directory nor in the local Hugging Face cache, and downloads "
+            f"are off. Use \"embedded\", a directory with config.json, or fetch it first "
+            f"(huggingface-cli download {model}) or set allow_download on the language_model resource."
+        )
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -48,7 +49,8 @@ def test_schedule_targets_the_whole_job_and_starts_stopped():
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     job = defs.resolve_job_def("refine_af_job")
     assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == set(STAGES)
-    with dg.build_schedule_context() as context:
+    # The tick itself (run key, run config) is tested in test_operations.py.
+    with dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 24, 3, tzinfo=UTC)) as context:
         requests = schedule.evaluate_tick(context).run_requests
     assert len(requests) == 1
 

@@ -1,0 +1,73 @@
+"""The batch ledger behind crash-resume (resources/batch_ledger.py), without a model."""
+
+import polars as pl
+import pytest
+
+from resources import Warehouse
+from resources.batch_ledger import BatchLedger, LedgerError, unfinished_plan_ids
+
+
+@pytest.fixture
+def warehouse(tmp_path):
+    return Warehouse(database=str(tmp_path / "w.duckdb"))
+
+
+def _rows(plan_id: str, batch: int, n: int = 2) -> pl.DataFrame:
+    return pl.DataFrame({"row_id": [f"{batch}-{k}" for k in range(n)], "run_id": [plan_id] * n, "text": ["x"] * n})
+
+
+def test_a_plan_resumes_where_it_stopped(warehouse):
+    ledger = BatchLedger(warehouse, "stage")
+    assert ledger.unfinished_plan() is None
+    plan = ledger.start_plan("run-a", {"seed": 7}, [["p0", "p1"], ["p2"], ["p3"]])
+    assert [b.inputs for b in plan.pending()] == [["p0", "p1"], ["p2"], ["p3"]]
+    ledger.commit_batch(plan, plan.batches[0], "out", _rows("run-a", 0), "run-a")
+    ledger.commit_batch(plan, plan.batches[2], "out", _rows("run-a", 2), "run-a")
+    # What a new process sees after the first one died here:
+    again = ledger.unfinished_plan()
+    assert again.resumed and again.plan_id == "run-a" and again.settings == {"seed": 7}
+    assert [b.index for b in again.pending()] == [1] and again.pending()[0].inputs == ["p2"]
+    with warehouse.connect() as conn:
+        assert unfinished_plan_ids(conn, "stage") == ["run-a"]
+        assert unfinished_plan_ids(conn, "other") == []
+    ledger.commit_batch(again, again.batches[1], "out", _rows("run-a", 1), "run-b")
+    ledger.finish(again, "run-b")
+    assert ledger.unfinished_plan() is None
+    log = ledger.batch_log()
+    assert log["committed_by_run_id"].to_list() == ["run-a", "run-b", "run-a"]
+    assert sorted(warehouse.read_table("out")["row_id"]) == ["0-0", "0-1", "1-0", "1-1", "2-0", "2-1"]
+
+
+def test_a_batch_is_committed_once_and_a_failed_commit_leaves_nothing(warehouse):
+    ledger = BatchLedger(warehouse, "stage")
+    plan = ledger.start_plan("run-a", {}, [[0], [1]])
+    ledger.commit_batch(plan, plan.batches[0], "out", _rows("run-a", 0), "run-a")
+    with pytest.raises(LedgerError, match="batch 0 is already committed"):
+        ledger.commit_batch(plan, plan.batches[0], "out", _rows("run-a", 0), "run-a")
+    with pytest.raises(Exception):  # rows that do not fit the table: the batch mark is rolled back too
+        ledger.commit_batch(plan, plan.batches[1], "out", pl.DataFrame({"other": [1]}), "run-a")
+    assert [b.index for b in ledger.unfinished_plan().pending()] == [1]
+    assert warehouse.row_count("out") == 2
+    with pytest.raises(LedgerError, match="already has an unfinished plan"):
+        ledger.start_plan("run-b", {}, [[0]])
+
+
+def test_finish_publishes_staged_rows_in_the_same_transaction(warehouse):
+    ledger = BatchLedger(warehouse, "pairs")
+    warehouse.write_table("pairs", pl.DataFrame({"row_id": ["old"], "run_id": ["run-0"], "text": ["old"]}))
+    plan = ledger.start_plan("run-a", {}, [[0], [1]])
+    for batch in plan.batches:
+        ledger.commit_batch(plan, batch, "pairs_batches", _rows("run-a", batch.index), "run-a")
+    assert warehouse.read_table("pairs")["row_id"].to_list() == ["old"]  # unchanged until finished
+    staged = warehouse.query("SELECT * FROM pairs_batches WHERE run_id = 'run-a' ORDER BY row_id")
+    ledger.finish(plan, "run-a", replace={"pairs": staged}, clear_rows_of="pairs_batches")
+    assert warehouse.read_table("pairs", order_by="row_id")["row_id"].to_list() == ["0-0", "0-1", "1-0", "1-1"]
+    assert warehouse.row_count("pairs_batches") == 0
+
+
+def test_an_abandoned_plan_is_not_resumed(warehouse):
+    ledger = BatchLedger(warehouse, "stage")
+    plan = ledger.start_plan("run-a", {}, [[0], [1]])
+    ledger.finish(plan, "run-b", status="abandoned")
+    assert ledger.unfinished_plan() is None
+    assert ledger.start_plan("run-b", {}, [[0]]).plan_id == "run-b"

@@ -1,0 +1,206 @@
+"""What the user sees when things go wrong at run time: bad run config, a model or device that is not
+there, model output that does not parse, a flaky backend, a DuckDB file held by another process."""
+
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import duckdb
+import pytest
+import torch
+
+import refine_af_pipeline.retry as retry
+from pipeline_helpers import materialize
+from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
+from refine_af_pipeline.generation import Generation
+from resources import DatabaseLocked, LanguageModelResource
+from resources import language_model as language_model_module
+
+
+def _materialize(data_dir, selection, ops=None, **model_config):
+    resources = default_resources(data_dir)
+    resources["language_model"] = LanguageModelResource(**{"device": "cpu", **model_config})
+    return dg.materialize([*all_assets, *all_checks], resources=resources, selection=selection,
+                          run_config=dg.RunConfig(ops={k: {"config": v} for k, v in (ops or {}).items()}))
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if any step reads model weights or a tokenizer."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(language_model_module, "load_causal_lm", forbidden)
+    monkeypatch.setattr(language_model_module, "load_tokenizer", forbidden)
+
+
+@pytest.fixture
+def seeded_dir(tmp_path):
+    data_dir = tmp_path / "data"
+    assert materialize(data_dir, "unused", {}, selection=["seed_pool"]).success
+    return data_dir
+
+
+def _tables(data_dir) -> set[str]:
+    with duckdb.connect(str(data_dir / "refine_af.duckdb"), read_only=True) as conn:
+        return {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"num_prompts": 0}, r"num_prompts\n  Input should be greater than 0"),
+    ({"num_prompts": -4}, r"num_prompts\n  Input should be greater than 0"),
+    ({"max_new_tokens": 0}, r"max_new_tokens\n  Input should be greater than 0"),
+    ({"classification_prompts": -1}, r"classification_prompts\n  Input should be greater than or equal to 0"),
+    ({"num_prompts": 2, "classification_prompts": 3}, r"classification_prompts \(3\) cannot exceed num_prompts \(2\)"),
+    ({"temperature": 0.0}, r"temperature\n  Input should be greater than 0"),
+    ({"target_pool_size": 0}, r"target_pool_size\n  Input should be greater than 0"),
+])
+def test_bad_sizes_fail_before_any_model_is_loaded(seeded_dir, tiny_model_dir, no_model_load, config, message):
+    with pytest.raises(Exception) as info:
+        _materialize(seeded_dir, ["raw_instructions"], {"raw_instructions": config}, model=str(tiny_model_dir))
+    assert info.match(message)
+    assert "raw_instructions" not in _tables(seeded_dir)
+
+
+@pytest.mark.parametrize("model_config, message", [
+    ({"device": "cuda"}, "device 'cuda' was requested but this machine has no CUDA device"),
+    ({"device": "tpu"}, "unknown device 'tpu'"),
+    ({"dtype": "float8"}, "unknown dtype 'float8'"),
+    ({"model": "nobody/no-such-model"}, "model 'nobody/no-such-model' is neither a local directory nor in the "
+                                        "local Hugging Face cache, and downloads are off"),
+    ({"model": "/no/such/model/dir"}, "model directory /no/such/model/dir does not exist"),
+])
+def test_unusable_model_or_device_fails_before_any_model_is_loaded(seeded_dir, tiny_model_dir, no_model_load,
+                                                                   model_config, message):
+    if model_config.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    started = time.monotonic()
+    with pytest.raises(dg.DagsterResourceFunctionError) as info:
+        _materialize(seeded_dir, ["raw_instructions"], **{"model": str(tiny_model_dir), **model_config})
+    assert message in str(_root_cause(info.value))
+    assert time.monotonic() - started < 60
+    assert "raw_instructions" not in _tables(seeded_dir)
+
+
+def test_zero_batch_size_is_refused():
+    with pytest.raises(Exception, match=r"batch_size\n  Input should be greater than 0"):
+        LanguageModelResource(batch_size=0)
+
+
+def test_model_output_that_does_not_parse_is_stored_with_its_status(seeded_dir, tiny_model_dir, monkeypatch):
+    from refine_af_pipeline import bootstrap
+
+    junk = ["", "   \n\n", "!!! ??? ###", "\x00\x01 ∆∆∆ " * 20, "10. 11. 12.", "Sure! Here are some ideas."]
+
+    def junk_generate(model, tokenizer, prompts, *args, **kwargs):
+        return [Generation(junk[k % len(junk)], 5, True) for k in range(len(prompts))]
+
+    monkeypatch.setattr(bootstrap, "generate", junk_generate)
+    result = materialize(seeded_dir, str(tiny_model_dir), {"raw_instructions": {"num_prompts": 6, "classification_prompts": 0}},
+                         selection=["raw_instructions", "deduplicated_instructions"])
+    assert result.success
+    with duckdb.connect(str(seeded_dir / "refine_af.duckdb"), read_only=True) as conn:
+        raw = conn.execute("SELECT raw_response, parse_status FROM raw_instructions").pl()
+        dedup = conn.execute("SELECT decision, reason FROM deduplicated_instructions").pl()
+    assert sorted(raw["raw_response"]) == sorted(junk)  # every response kept, none dropped silently
+    assert set(raw["parse_status"]) == {"empty", "unparseable"}
+    assert set(dedup["decision"]) == {"rejected"} and set(dedup["reason"]) == {"unparseable_response"}
+    metadata = result.asset_materializations_for_node("raw_instructions")[0].metadata
+    assert metadata["unparseable_responses"].value == 6 and metadata["parsed_instructions"].value == 0
+
+
+def test_a_flaky_backend_is_retried_inside_the_step(seeded_dir, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(retry, "DEFAULT_BACKOFF", retry.Backoff(attempts=3, first_delay_s=0.01))
+    real_load, failures = LanguageModelResource.load, []
+
+    def load_flaky(self, adapter=None):
+        model, tokenizer, source, device = real_load(self, adapter)
+        real_generate = model.generate
+
+        def flaky_generate(**kwargs):
+            if len(failures) < 2:
+                failures.append(1)
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            return real_generate(**kwargs)
+
+        model.generate = flaky_generate
+        return model, tokenizer, source, device
+
+    monkeypatch.setattr(LanguageModelResource, "load", load_flaky)
+    result = materialize(seeded_dir, str(tiny_model_dir), {"raw_instructions": {"num_prompts": 4, "max_new_tokens": 16}},
+                         selection=["raw_instructions"], batch_size=2)
+    assert result.success and len(failures) == 2
+    with duckdb.connect(str(seeded_dir / "refine_af.duckdb"), read_only=True) as conn:
+        assert conn.execute("SELECT count(DISTINCT prompt_index) FROM raw_instructions").fetchone()[0] == 4
+
+
+def test_a_backend_that_keeps_failing_fails_the_step_after_the_bound(seeded_dir, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(retry, "DEFAULT_BACKOFF", retry.Backoff(attempts=3, first_delay_s=0.01))
+    real_load = LanguageModelResource.load
+
+    def load_broken(self, adapter=None):
+        model, tokenizer, source, device = real_load(self, adapter)
+
+        def broken(**kwargs):
+            raise OSError("Input/output error (simulated)")
+
+        model.generate = broken
+        return model, tokenizer, source, device
+
+    monkeypatch.setattr(LanguageModelResource, "load", load_broken)
+    with pytest.raises(retry.RetriesExhausted, match=r"generation batch 1/1 failed 3 times; the last error: OSError"):
+        materialize(seeded_dir, str(tiny_model_dir), {"raw_instructions": {"num_prompts": 4, "max_new_tokens": 16}},
+                    selection=["raw_instructions"], batch_size=4)
+
+
+def test_a_locked_database_fails_the_step_within_seconds_naming_the_file(seeded_dir):
+    db = seeded_dir / "refine_af.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
+                               "print('ready', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        with pytest.raises(DatabaseLocked) as info:
+            materialize(seeded_dir, "unused", {}, selection=["seed_pool"])
+        elapsed = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"DuckDB file {db} is locked by another process (waited 10 s)" in str(info.value)
+    assert "Only one run may write it at a time" in str(info.value)
+    assert elapsed < 30  # the 10 s wait plus the run's own start-up, not DuckDB's own minutes
+
+
+class _RecordingComponent:
+    def __init__(self, name):
+        self.name, self.version, self.seen = name, f"fake-{name}", []
+
+    def score(self, instructions, inputs, outputs):
+        self.seen.extend(outputs)
+        return [0.5] * len(outputs)
+
+
+def test_instances_that_do_not_parse_are_kept_with_their_status_and_never_scored():
+    from refine_af_pipeline.feedback import COMPONENTS, FORMAT_GATE_REWARD, FeedbackScorer
+    from refine_af_pipeline.instances import filter_reason
+
+    components = [_RecordingComponent(name) for name in COMPONENTS]
+    scorer = FeedbackScorer(components=components)
+    generations = ["", "Input: only an input", "Output:", "Input: x\nOutput: x", "\x00\x01 ∆∆∆",
+                   "Output: " + "la la la " * 30, "Input: a question\nOutput: a real answer"]
+    scored = scorer.score_texts(["Answer it"] * len(generations), generations)
+    statuses = [(s.parse_status, s.gate_reason) for s in scored]
+    assert statuses == [("missing_output", "missing_output"), ("missing_output", "missing_output"),
+                        ("empty_output", "empty_output"), ("ok", "output_equals_input"),
+                        ("missing_output", "missing_output"), ("ok", "degenerate_repetition"), ("ok", None)]
+    assert [s.reward for s in scored[:6]] == [FORMAT_GATE_REWARD] * 6
+    assert all(c.seen == ["a real answer"] for c in components)  # judges see only the parseable one
+    rows = [dict(instruction="Answer it", input=s.input, output=s.output, gate_reason=s.gate_reason) for s in scored]
+    assert filter_reason(rows)[:6] == [g for _, g in statuses[:6]] and filter_reason(rows)[6] is None

@@ -1,0 +1,60 @@
+"""How the pipeline is operated: the regeneration schedule and the Dagster instance settings that
+the README's DAGSTER_HOME gets (run queue, concurrency pools, telemetry, captured logs)."""
+
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from refine_af_pipeline.definitions import defs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tick(when: datetime) -> list[dg.RunRequest]:
+    schedule = defs.get_schedule_def("refine_af_regeneration")
+    with dg.build_schedule_context(scheduled_execution_time=when) as context:
+        return schedule.evaluate_tick(context).run_requests
+
+
+def test_regeneration_tick_requests_the_whole_job_with_a_seed_per_night():
+    schedule = defs.get_schedule_def("refine_af_regeneration")
+    assert schedule.job_name == "refine_af_job" and schedule.cron_schedule == "0 3 * * *"
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    [request] = _tick(datetime(2026, 11, 24, 3, 0, tzinfo=UTC))
+    assert request.job_name in (None, "refine_af_job")
+    assert request.asset_selection is None  # the job's own selection: every asset
+    assert request.run_key == "regeneration-2026-11-24"
+    assert request.run_config == {"ops": {"raw_instructions": {"config": {"seed": 20261124}}}}
+    assert request.tags["refine_af/trigger"] == "schedule"
+    [next_night] = _tick(datetime(2026, 11, 25, 3, 0, tzinfo=UTC))
+    assert next_night.run_key != request.run_key
+    assert next_night.run_config["ops"]["raw_instructions"]["config"]["seed"] == 20261125
+
+
+def test_the_job_is_every_asset_and_accepts_the_tick_config():
+    job = defs.resolve_job_def("refine_af_job")
+    every_asset = set(defs.resolve_asset_graph().get_all_asset_keys())
+    assert set(job.asset_layer.executable_asset_keys) == every_asset
+    [request] = _tick(datetime(2026, 11, 24, 3, 0, tzinfo=UTC))
+    validated = dg.validate_run_config(job, request.run_config)
+    assert validated["ops"]["raw_instructions"]["config"]["seed"] == 20261124
+
+
+def test_instance_settings_queue_one_run_and_one_step_per_pool(tmp_path):
+    # The file the Makefile copies into DAGSTER_HOME, loaded the way dagster loads it.
+    subprocess.run(["make", "-s", f"DAGSTER_HOME={tmp_path}", f"{tmp_path}/dagster.yaml"], cwd=ROOT, check=True)
+    assert (tmp_path / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text()
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    try:
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 1
+        assert instance.global_op_concurrency_default_limit == 1
+        assert not instance.telemetry_enabled
+    finally:
+        instance.dispose()
+    settings = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    # Retry warnings from the core (logger refine_af_pipeline.*) reach the run's event log.
+    assert "refine_af_pipeline" in settings["python_logs"]["managed_python_loggers"]

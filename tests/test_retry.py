@@ -1,0 +1,69 @@
+"""Bounded retry with backoff around model backend calls (refine_af_pipeline/retry.py)."""
+
+import pytest
+
+from refine_af_pipeline.generation import SamplingParams, generate
+from refine_af_pipeline.retry import Backoff, RetriesExhausted, call_with_retry
+
+
+class Flaky:
+    """Raises `error` on the first `failures` calls, then returns `value`."""
+
+    def __init__(self, failures: int, error: BaseException, value="done"):
+        self.failures, self.error, self.value, self.calls = failures, error, value, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return self.value
+
+
+def test_transient_errors_are_retried_with_growing_pauses():
+    pauses = []
+    flaky = Flaky(2, RuntimeError("CUDA error: unspecified launch failure"))
+    assert call_with_retry(flaky, "batch 1/1", Backoff(attempts=3, first_delay_s=2, factor=2), pauses.append) == "done"
+    assert flaky.calls == 3 and pauses == [2, 4]
+
+
+def test_the_bound_is_kept_and_the_last_error_is_named():
+    pauses = []
+    flaky = Flaky(10, OSError("Input/output error reading model.safetensors"))
+    with pytest.raises(RetriesExhausted, match=r"batch 3/5 failed 4 times; the last error: OSError: Input/output") as info:
+        call_with_retry(flaky, "batch 3/5", Backoff(attempts=4, first_delay_s=1, factor=10, max_delay_s=30), pauses.append)
+    assert flaky.calls == 4 and pauses == [1, 10, 30]
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_errors_that_are_not_transient_are_raised_at_once():
+    pauses = []
+    flaky = Flaky(1, ValueError("bad prompt"))
+    with pytest.raises(ValueError, match="bad prompt"):
+        call_with_retry(flaky, "batch", Backoff(), pauses.append)
+    assert flaky.calls == 1 and pauses == []
+
+
+def test_generate_retries_a_failing_batch_and_gives_the_same_text(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.padding_side = "left"
+    prompts = ["<|im_start|>user\nList tasks<|im_end|>\n<|im_start|>assistant\n"] * 3
+    params = SamplingParams(max_new_tokens=8, do_sample=False)
+    expected = generate(model, tokenizer, prompts, params, batch_size=2)
+    real, calls = model.generate, []
+
+    def fails_twice(**kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(**kwargs)
+
+    model.generate = fails_twice
+    got = generate(model, tokenizer, prompts, params, batch_size=2, backoff=Backoff(attempts=3, first_delay_s=0))
+    assert got == expected
+    assert len(calls) == 4  # batch 1: two failures and a success; batch 2: one call
+    model.generate = Flaky(5, RuntimeError("device lost"))
+    with pytest.raises(RetriesExhausted, match="generation batch 1/2 failed 3 times"):
+        generate(model, tokenizer, prompts, params, batch_size=2, backoff=Backoff(attempts=3, first_delay_s=0))
