@@ -4,6 +4,7 @@ branches differ only in which policy writes the instances."""
 
 
 import json
+import time
 
 import dagster as dg
 import polars as pl
@@ -12,7 +13,9 @@ from refine_af_pipeline.feedback import COMPONENTS
 from refine_af_pipeline.generation import SamplingParams
 from refine_af_pipeline.instances import filter_reason, generate_scored_instances
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
+from resources.batch_ledger import BatchLedger, GenerationPlan
 
+from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from .metadata import progress_logger, table_metadata
 from .shared import base_component_stats, kept_instructions, latest_artifact, subset
 
@@ -21,12 +24,41 @@ class InstancePairsConfig(dg.Config):
     # 0 = every kept instruction. 16 for the demo: with 32 bootstrap prompts the pool holds ~25-30,
     # and 24 pairs made SFT and this step ~1 min slower than the 15-minute make-run budget allows.
     # The same seed picks the same instructions in both branches.
-    max_instructions: int = 16
-    instances_per_instruction: int = 1
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.95
+    max_instructions: NonNegativeInt = 16
+    instances_per_instruction: PositiveInt = 1
+    max_new_tokens: PositiveInt = 96
+    temperature: PositiveFloat = 0.7
+    top_p: Probability = 0.95
     seed: int = 0
+
+
+def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsConfig, warehouse: Warehouse,
+          ledger: BatchLedger, adapter: str | None, batch_size: int) -> GenerationPlan:
+    """The plan a crashed run left for this policy, or a new one: the chosen instructions in batches."""
+    plan = ledger.unfinished_plan()
+    if plan is not None and plan.settings["adapter"] == adapter:
+        context.log.warning(f"resuming the unfinished plan of run {plan.plan_id}: {len(plan.committed)} of "
+                            f"{len(plan.batches)} batches were committed before it stopped; generating the "
+                            f"{len(plan.pending())} missing ones with that plan's instructions and settings")
+        return plan
+    if plan is not None:
+        # Its instances came from another RL policy: mixing the two in one table would mislead.
+        ledger.finish(plan, context.run_id, status="abandoned", clear_rows_of=_staging(name))
+        context.log.warning(f"abandoned the unfinished plan of run {plan.plan_id}: made with policy "
+                            f"{plan.settings['adapter']}, the latest is {adapter}")
+    chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
+    n = config.instances_per_instruction
+    items = [dict(instance_id=f"{iid}-{j}", instruction_id=iid, instruction=text)
+             for iid, text in zip(chosen["instruction_id"].to_list(), chosen["instruction"].to_list()) for j in range(n)]
+    settings = dict(SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True).as_dict(),
+                    seed=config.seed, adapter=adapter, batch_size=batch_size)
+    return ledger.start_plan(context.run_id, settings, [items[s:s + batch_size] for s in range(0, len(items), batch_size)])
+
+
+def _staging(name: str) -> str:
+    # Batches land here; the asset's own table is replaced with the whole plan once it is finished,
+    # so readers of `name` never see a half-written run.
+    return f"{name}_batches"
 
 
 def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str) -> dg.AssetsDefinition:
@@ -38,39 +70,56 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
     def _instance_pairs(context: dg.AssetExecutionContext, config: InstancePairsConfig, warehouse: Warehouse,
                         language_model: LanguageModelResource,
                         feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
-        chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
+        ledger = BatchLedger(warehouse, name)
         adapter = latest_artifact(warehouse, "rl_refined_policy") if use_rl_policy else None
-        stats = base_component_stats(warehouse)
-        policy, tokenizer, source, device = language_model.load(adapter=adapter)
-        # The judge is always the plain base model; when the base model is also the policy, one copy
-        # serves both (generation does not change the weights).
-        judge, judge_tokenizer = language_model.load()[:2] if use_rl_policy else (policy, tokenizer)
-        scorer = feedback_scorer.build(judge, judge_tokenizer, device, stats, language_model.batch_size,
-                                       judge_id=source.model_id)
-        versions = scorer.versions()
-        ids = [i for i in chosen["instruction_id"].to_list() for _ in range(config.instances_per_instruction)]
-        instructions = [i for i in chosen["instruction"].to_list() for _ in range(config.instances_per_instruction)]
-        params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True)
-        rows = generate_scored_instances(policy, tokenizer, scorer, instructions, params, language_model.batch_size,
-                                         config.seed, progress_logger(context, name,
-                                                                      language_model.batch_size * config.max_new_tokens))
-        reasons = filter_reason(rows)
-        df = pl.DataFrame(
-            [dict(instance_id=f"{iid}-{k % config.instances_per_instruction}", instruction_id=iid, **r,
-                  keep=reason is None, filter_reason=reason, policy_adapter=adapter, model_id=source.model_id,
-                  scorers=json.dumps(versions), **{f"{c}_scorer": versions[c] for c in COMPONENTS},
-                  sampling_params=json.dumps(params.as_dict()), run_id=context.run_id)
-             for k, (iid, r, reason) in enumerate(zip(ids, rows, reasons))],
-            schema_overrides={c: pl.Float64 for c in COMPONENTS}
-            | {"gate_reason": pl.Utf8, "filter_reason": pl.Utf8, "policy_adapter": pl.Utf8},
-        )
-        warehouse.write_table(name, df)
+        plan = _plan(context, name, config, warehouse, ledger, adapter, language_model.batch_size)
+        settings = plan.settings
+        params = SamplingParams(settings["max_new_tokens"], settings["temperature"], settings["top_p"],
+                                settings["do_sample"])
+        pending = plan.pending()
+        if pending:
+            stats = base_component_stats(warehouse)
+            policy, tokenizer, source, device = language_model.load(adapter=adapter)
+            # The judge is always the plain base model; when the base model is also the policy, one copy
+            # serves both (generation does not change the weights).
+            judge, judge_tokenizer = language_model.load()[:2] if use_rl_policy else (policy, tokenizer)
+            scorer = feedback_scorer.build(judge, judge_tokenizer, device, stats, language_model.batch_size,
+                                           judge_id=source.model_id)
+            versions = scorer.versions()
+            report = progress_logger(context, name, settings["batch_size"] * params.max_new_tokens)
+            started = time.monotonic()
+            for done, batch in enumerate(pending, start=1):
+                rows = generate_scored_instances(policy, tokenizer, scorer, [i["instruction"] for i in batch.inputs],
+                                                 params, settings["batch_size"], settings["seed"] + batch.index)
+                staged = pl.DataFrame(
+                    [dict(instance_id=item["instance_id"], instruction_id=item["instruction_id"], **r,
+                          policy_adapter=adapter, model_id=source.model_id, scorers=json.dumps(versions),
+                          **{f"{c}_scorer": versions[c] for c in COMPONENTS},
+                          sampling_params=json.dumps(params.as_dict()), run_id=plan.plan_id)
+                     for item, r in zip(batch.inputs, rows)],
+                    schema_overrides={c: pl.Float64 for c in COMPONENTS} | {"gate_reason": pl.Utf8,
+                                                                            "policy_adapter": pl.Utf8})
+                ledger.commit_batch(plan, batch, _staging(name), staged, context.run_id)
+                report(done, len(pending), time.monotonic() - started)
+        order = {item["instance_id"]: k for k, item in enumerate(i for b in plan.batches for i in b.inputs)}
+        staged = warehouse.query(f'SELECT * FROM "{_staging(name)}" WHERE run_id = ?', [plan.plan_id])
+        staged = staged.sort(pl.col("instance_id").replace_strict(order, return_dtype=pl.Int64))
+        # Conflicting outputs are judged across the whole plan, so the filter runs once all batches are in.
+        reasons = filter_reason(staged.to_dicts())
+        df = staged.with_columns(pl.Series("keep", [r is None for r in reasons]),
+                                 pl.Series("filter_reason", reasons, dtype=pl.Utf8))
+        ledger.finish(plan, context.run_id, replace={name: df}, clear_rows_of=_staging(name))
         return dg.MaterializeResult(metadata={
             **table_metadata(df, ["instruction", "input", "output", "reward", "keep"]),
             "parse_rate": float((df["parse_status"] == "ok").mean()),
             "kept_pairs": int(df["keep"].sum()),
             "mean_reward": float(df["reward"].mean()),
             "policy": dg.MetadataValue.path(adapter) if adapter else "base model (no RL adapter)",
+            "plan_run_id": plan.plan_id,
+            "resumed_plan": plan.resumed,
+            "batches_planned": len(plan.batches),
+            "batches_committed_before_this_run": len(plan.batches) - len(pending),
+            "batches_generated": len(pending),
         })
 
     return _instance_pairs

@@ -119,6 +119,49 @@ def test_killed_raw_instructions_run_is_finished_without_regenerating(tiny_model
     assert dedup.success and sorted(decided["instruction_id"]) == sorted(after["instruction_id"])
 
 
-@pytest.mark.skip(reason="instance generation batches: after the issue-5 factory refactor")
-def test_killed_instance_generation_run_is_finished_without_regenerating():
-    pass
+INSTANCE_CONFIG = {"max_instructions": 4, "instances_per_instruction": 2, "max_new_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def upstream_of_instances(tiny_model_dir, tmp_path_factory):
+    """A data directory with everything instance generation reads (kept pool, base scores, RL adapter)."""
+    data_dir = tmp_path_factory.mktemp("instances")
+    result = materialize(data_dir, str(tiny_model_dir), smallest_run_config(),
+                         selection=["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores",
+                                    "rl_refined_policy"])
+    assert result.success
+    return data_dir
+
+
+@pytest.mark.parametrize("asset", ["instance_output_pairs", "selfinstruct_instance_pairs"])
+def test_killed_instance_generation_run_is_finished_without_regenerating(upstream_of_instances, tiny_model_dir, asset):
+    data_dir = upstream_of_instances
+    db = data_dir / "refine_af.duckdb"
+    staging = f"{asset}_batches"
+    committed, planned = kill_mid_generation(data_dir, str(tiny_model_dir), asset, {asset: INSTANCE_CONFIG})
+    assert planned >= 2 and 1 <= committed < planned, (committed, planned)
+    before = _query(db, f"SELECT * FROM {staging} ORDER BY instance_id")
+    [plan_id] = set(before["run_id"])
+    assert before["instance_id"].n_unique() == before.height == BATCH_SIZE * committed
+    # The asset's own table only ever holds a finished run: none yet.
+    assert _query(db, f"SELECT count(*) AS n FROM {asset}") is None
+
+    resumed = materialize(data_dir, str(tiny_model_dir), {asset: INSTANCE_CONFIG}, selection=[asset],
+                          batch_size=BATCH_SIZE)
+    metadata = {k: v.value for k, v in resumed.asset_materializations_for_node(asset)[0].metadata.items()}
+    assert metadata["resumed_plan"] is True and metadata["plan_run_id"] == plan_id
+    assert metadata["batches_generated"] == planned - committed
+
+    after = _query(db, f"SELECT * FROM {asset} ORDER BY instance_id")
+    planned_ids = _query(db, "SELECT inputs FROM generation_plan_batches WHERE plan_id = ? AND asset = ?",
+                         [plan_id, asset])["inputs"]
+    expected_ids = sorted(item["instance_id"] for batch in planned_ids for item in json.loads(batch))
+    assert after["instance_id"].to_list() == expected_ids  # every planned instance once: none missing, none twice
+    assert set(after["run_id"]) == {plan_id} and after["keep"].dtype == pl.Boolean
+    kept_rows = after.filter(pl.col("instance_id").is_in(before["instance_id"].to_list())).select(before.columns)
+    assert kept_rows.equals(before)  # generated before the kill, published unchanged
+    assert _query(db, f"SELECT count(*) AS n FROM {staging}")["n"][0] == 0
+    log = _plan_log(db, asset)
+    assert set(log["status"]) == {"finished"}
+    by = log["committed_by_run_id"].to_list()
+    assert sorted(by) == sorted([plan_id] * committed + [resumed.run_id] * (planned - committed))
