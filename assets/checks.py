@@ -8,6 +8,7 @@ from refine_af_pipeline.filters import blacklisted_word
 from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import Warehouse
 
+from .config_types import Share
 from .instance_pairs import instance_output_pairs
 from .instructions import deduplicated_instructions
 
@@ -42,7 +43,7 @@ def _kept_instructions(warehouse: Warehouse) -> list[str]:
 
 
 class ParseRateConfig(dg.Config):
-    min_parse_rate: float = 0.5
+    min_parse_rate: Share = 0.5
 
 
 @dg.asset_check(asset=instance_output_pairs)

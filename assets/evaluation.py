@@ -16,6 +16,7 @@ from refine_af_pipeline.prompts import evaluation_prompt
 from refine_af_pipeline.task_comparison import TaskComparison, compare_over_tasks, mean_per_model
 from resources import LanguageModelResource, Warehouse
 
+from .config_types import NonNegativeInt, PositiveInt
 from .metadata import markdown_table, png_markdown, progress_logger, table_metadata
 from .shared import latest_artifact
 
@@ -28,9 +29,9 @@ CHECK_NAME = "refine_af_beats_self_instruct"
 
 class EvaluationConfig(dg.Config):
     task_dir: str | None = None  # a folder of SuperNI-format task files; the built-in set if unset
-    instances_per_task: int = 2  # 0 = all
-    max_new_tokens: int = 24
-    bootstrap_resamples: int = 10_000
+    instances_per_task: NonNegativeInt = 2  # 0 = all
+    max_new_tokens: PositiveInt = 24
+    bootstrap_resamples: PositiveInt = 10_000
     seed: int = 0  # of the bootstrap
 
 

@@ -13,17 +13,18 @@ from refine_af_pipeline.plots import line_chart_png
 from refine_af_pipeline.sft_training import SFTSettings, finetune
 from resources import ArtifactStore, LanguageModelResource, Warehouse
 
+from .config_types import PositiveFloat, PositiveInt
 from .metadata import png_markdown, table_metadata
 
 
 class FinetuneConfig(dg.Config):
     # Both branches read their own copy of this config: keep them equal for a fair comparison.
-    epochs: float = 2.0
-    batch_size: int = 8
-    learning_rate: float = 2e-4
-    max_length: int = 256
-    lora_r: int = 8
-    lora_alpha: int = 16
+    epochs: PositiveFloat = 2.0
+    batch_size: PositiveInt = 8
+    learning_rate: PositiveFloat = 2e-4
+    max_length: PositiveInt = 256
+    lora_r: PositiveInt = 8
+    lora_alpha: PositiveInt = 16
     seed: int = 0
 
 

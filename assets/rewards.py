@@ -12,15 +12,16 @@ from refine_af_pipeline.generation import SamplingParams
 from refine_af_pipeline.instances import generate_scored_instances, restandardise
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
+from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from .metadata import progress_logger, table_metadata
 from .shared import kept_instructions, subset
 
 
 class RewardScoresConfig(dg.Config):
-    max_instructions: int = 16  # 0 = every kept instruction
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.95
+    max_instructions: NonNegativeInt = 16  # 0 = every kept instruction
+    max_new_tokens: PositiveInt = 96
+    temperature: PositiveFloat = 0.7
+    top_p: Probability = 0.95
     seed: int = 0
 
 

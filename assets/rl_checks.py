@@ -12,6 +12,7 @@ from refine_af_pipeline.generation import SamplingParams
 from refine_af_pipeline.heldout_comparison import generate_both, per_instruction_rows, summarise
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
+from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from .metadata import markdown_table
 from .rl_policy import rl_refined_policy
 from .shared import base_component_stats, kept_instructions, latest_artifact, split_held_out
@@ -20,15 +21,15 @@ PASS_RULE = "lower bound of the bootstrap 95% CI of the mean paired reward diffe
 
 
 class HeldoutComparisonConfig(dg.Config):
-    samples_per_instruction: int = 3  # instances per instruction and model, averaged (less sampling noise)
-    max_instructions: int = 0  # 0 = every held-out instruction
-    min_instructions: int = 5  # fewer held-out instructions than this: warn, the CI means little
+    samples_per_instruction: PositiveInt = 3  # instances per instruction and model, averaged (less sampling noise)
+    max_instructions: NonNegativeInt = 0  # 0 = every held-out instruction
+    min_instructions: NonNegativeInt = 5  # fewer held-out instructions than this: warn, the CI means little
     # Sampling as instance_output_pairs uses it, so the check measures the policy as the pipeline uses it.
-    max_new_tokens: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.95
+    max_new_tokens: PositiveInt = 96
+    temperature: PositiveFloat = 0.7
+    top_p: Probability = 0.95
     seed: int = 0
-    bootstrap_resamples: int = 10_000
+    bootstrap_resamples: PositiveInt = 10_000
 
 
 def _warn(**metadata) -> dg.AssetCheckResult:

@@ -13,28 +13,29 @@ from refine_af_pipeline.rl_diagnostics import reward_hacking_warnings
 from refine_af_pipeline.rl_training import RLSettings, train_policy
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
+from .config_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Share
 from .metadata import png_markdown, table_metadata
 from .shared import base_component_stats, effective_heldout_share, kept_instructions, split_held_out
 
 
 class RLConfig(dg.Config):
     algorithm: str = "grpo"  # grpo | rloo (both TRL, both on a LoRA adapter)
-    max_steps: int = 6  # optimiser steps; each samples prompts_per_step x group_size completions
-    prompts_per_step: int = 2
-    group_size: int = 4  # completions per prompt; each is rewarded relative to its group
+    max_steps: PositiveInt = 6  # optimiser steps; each samples prompts_per_step x group_size completions
+    prompts_per_step: PositiveInt = 2
+    group_size: PositiveInt = 4  # completions per prompt; each is rewarded relative to its group
     # 1e-4 left the demo's 6-step policy within KL ~3e-4 of the base (most held-out instances
     # identical); 1e-3 moves it (KL ~0.02). Lower it for long paper-scale runs.
-    learning_rate: float = 1e-3
-    beta: float = 0.04  # KL penalty towards the base model (0 = none, no reference pass)
-    max_completion_length: int = 48  # tokens per completion during RL
+    learning_rate: PositiveFloat = 1e-3
+    beta: NonNegativeFloat = 0.04  # KL penalty towards the base model (0 = none, no reference pass)
+    max_completion_length: PositiveInt = 48  # tokens per completion during RL
     # The instance stages sample at 0.7: RL at 1.0 optimised a noisier policy than the one used.
-    temperature: float = 0.7
-    lora_r: int = 8
-    lora_alpha: int = 16
+    temperature: PositiveFloat = 0.7
+    lora_r: PositiveInt = 8
+    lora_alpha: PositiveInt = 16
     seed: int = 0
     gradient_checkpointing: bool = False
-    heldout_share: float = 0.2  # kept instructions (stable hash split) RL never trains on
-    min_heldout: int = 6  # hold out at least this many (at most half a small pool), so the check has some
+    heldout_share: Share = 0.2  # kept instructions (stable hash split) RL never trains on
+    min_heldout: NonNegativeInt = 6  # hold out at least this many (at most half a small pool), so the check has some
 
 
 @dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_scores", "deduplicated_instructions"], pool="gpu")

@@ -204,3 +204,30 @@ def test_instances_that_do_not_parse_are_kept_with_their_status_and_never_scored
     assert all(c.seen == ["a real answer"] for c in components)  # judges see only the parseable one
     rows = [dict(instruction="Answer it", input=s.input, output=s.output, gate_reason=s.gate_reason) for s in scored]
     assert filter_reason(rows)[:6] == [g for _, g in statuses[:6]] and filter_reason(rows)[6] is None
+
+
+def _stage_config_classes() -> list[type]:
+    import assets
+
+    modules = [m for name, m in sorted(vars(assets).items()) if not name.startswith("_") and hasattr(m, "__file__")]
+    found = {obj for m in modules for obj in vars(m).values()
+             if isinstance(obj, type) and issubclass(obj, dg.Config) and obj.__module__.startswith("assets.")}
+    return sorted(found, key=lambda c: c.__name__)
+
+
+def test_every_stage_refuses_negative_sizes():
+    import refine_af_pipeline.definitions  # noqa: F401  (imports every asset module)
+
+    classes = _stage_config_classes()
+    assert {"RawInstructionsConfig", "InstancePairsConfig", "FinetuneConfig", "EvaluationConfig"} <= {c.__name__ for c in classes}
+    unconstrained, checked = [], 0
+    for cls in classes:
+        for name, field in cls.model_fields.items():
+            if field.annotation in (int, float) and name != "seed" or (field.metadata and name != "seed"):
+                checked += 1
+                try:
+                    cls(**{name: -1})
+                    unconstrained.append(f"{cls.__name__}.{name}")
+                except Exception as exc:
+                    assert name in str(exc), exc
+    assert checked >= 30 and not unconstrained, f"these accept -1: {unconstrained}"
