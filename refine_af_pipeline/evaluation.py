@@ -33,10 +33,16 @@ def builtin_task_dir() -> Path:
 
 
 def load_task_file(path: Path) -> EvalTask:
+    if not path.is_file():
+        raise TaskFileError(f"{path}: task file not found")
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TaskFileError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise TaskFileError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise TaskFileError(f"{path}: task file is empty")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:

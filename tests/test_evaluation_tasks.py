@@ -53,7 +53,7 @@ def test_malformed_task_file_names_the_file(tmp_path):
         load_task_file(no_definition)
     latin1 = tmp_path / "task_latin1.json"
     latin1.write_bytes('{"Definition": ["caf\u00e9"]}'.encode("latin-1"))
-    with pytest.raises(TaskFileError, match=r"task_latin1.json: not valid UTF-8"):
+    with pytest.raises(TaskFileError, match=r"task_latin1.json:1: not valid UTF-8"):
         load_task_file(latin1)
 
 
