@@ -9,7 +9,7 @@ export REFINE_AF_DATA_DIR ?= $(CURDIR)/data
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test ui validate clean
+.PHONY: setup run test ui validate screenshot clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ test: setup
 
 ui: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -m refine_af_pipeline.definitions -h 127.0.0.1 -p 3000
+
+# docs/asset_graph.png: the asset graph as the UI draws it (headless Chromium; see the script).
+screenshot: setup
+	bash docs/make_screenshot.sh
 
 validate: setup
 	$(BIN)/dagster definitions validate -m refine_af_pipeline.definitions
