@@ -58,3 +58,27 @@ def test_instance_settings_queue_one_run_and_one_step_per_pool(tmp_path):
     settings = yaml.safe_load((ROOT / "dagster.yaml").read_text())
     # Retry warnings from the core (logger refine_af_pipeline.*) reach the run's event log.
     assert "refine_af_pipeline" in settings["python_logs"]["managed_python_loggers"]
+
+
+def test_a_retried_batch_shows_in_the_run_log(tmp_path):
+    from refine_af_pipeline.retry import Backoff, call_with_retry
+
+    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    failures = []
+
+    def flaky():
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("CUDA error: launch failure (simulated)")
+        return 1
+
+    @dg.asset
+    def generation_stage():
+        return call_with_retry(flaky, "generation batch 1/2", Backoff(first_delay_s=0))
+
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        result = dg.materialize([generation_stage], instance=instance)
+        messages = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert result.success
+    assert any("generation batch 1/2 failed (try 1 of 3: RuntimeError: CUDA error: launch failure (simulated))"
+               in m for m in messages), messages[-5:]
