@@ -56,8 +56,9 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
     for label, adapter_table in EVALUATED_MODELS.items():
         adapter = latest_artifact(warehouse, adapter_table) if adapter_table else None
         model, tokenizer, source, _ = language_model.load(adapter=adapter)
+        # Only the first line is scored, so a row may stop there (same answers, fewer tokens).
         gens = generate(model, tokenizer, prompts, params, language_model.batch_size, 0,
-                        progress_logger(context, f"evaluation/{label}"))
+                        progress_logger(context, f"evaluation/{label}"), stop_after_first_line=True)
         answers = [first_line(g.text) for g in gens]
         scores = [best_rouge_l(a, inst.references) for a, (_, inst) in zip(answers, items)]
         by_model[label] = mean_by_task(items, scores)

@@ -50,9 +50,12 @@ def generate(
     seed: int | None = None,
     progress: ProgressFn | None = None,
     backoff: Backoff | None = None,
+    stop_after_first_line: bool = False,
 ) -> list[Generation]:
     """Generate one continuation per already-rendered prompt, in batches, keeping prompt order.
-    A batch whose generate call raises a transient backend error is tried again (retry.py)."""
+    A batch whose generate call raises a transient backend error is tried again (retry.py).
+    `stop_after_first_line`: a row stops once its first non-empty line has ended (for callers that
+    keep only that line; the line itself is the same as without stopping)."""
     import torch
 
     if seed is not None:
@@ -69,6 +72,8 @@ def generate(
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop_after_first_line:
+            kwargs.update(stopping_criteria=_first_line_ended(tokenizer, enc["input_ids"].shape[1]))
 
         def run_batch():
             with torch.no_grad():
@@ -87,6 +92,20 @@ def generate(
         if progress is not None:
             progress(b + 1, n_batches, time.monotonic() - started)
     return results
+
+
+def _first_line_ended(tokenizer, prompt_width: int):
+    """A per-row stop: the new text holds a newline after some non-blank text. transformers pads
+    the rows that stopped while the others go on; the cut at the first pad token removes that."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class FirstLineEnded(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_width:], skip_special_tokens=True)
+            return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([FirstLineEnded()])
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

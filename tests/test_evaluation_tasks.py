@@ -95,3 +95,19 @@ def test_items_and_per_task_means(tmp_path):
     assert len(evaluation_items(tasks, 0)) == sum(len(t.instances) for t in tasks)
     means = mean_by_task(items, [1.0, 0.0, 0.5, 0.2, 0.2, 0.2])
     assert means == pytest.approx({tasks[0].name: 0.5, tasks[1].name: 0.2})
+
+
+def test_stopping_after_the_first_line_keeps_that_line(tiny_model_dir):
+    from refine_af_pipeline.generation import SamplingParams, generate
+    from resources import LanguageModelResource
+
+    model, tokenizer, _, _ = LanguageModelResource(model=str(tiny_model_dir), device="cpu").load()
+    items = evaluation_items(load_tasks()[:4], 2)
+    prompts = [evaluation_prompt(t.definition, inst.input) for t, inst in items]
+    params = SamplingParams(max_new_tokens=24, do_sample=False)
+    full = generate(model, tokenizer, prompts, params, batch_size=4)
+    stopped = generate(model, tokenizer, prompts, params, batch_size=4, stop_after_first_line=True)
+    assert [first_line(g.text) for g in stopped] == [first_line(g.text) for g in full]
+    ended = [g for g in full if "\n" in g.text.lstrip()]
+    assert ended, "the tiny model wrote no second line: the test would not exercise the stop"
+    assert sum(g.n_tokens for g in stopped) < sum(g.n_tokens for g in full)
