@@ -120,7 +120,8 @@ def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsC
             report(done, len(pending), time.monotonic() - started)
     ledger.finish(plan, context.run_id, status="stopped_at_target" if stopped_early else "finished")
     df = warehouse.query("SELECT * FROM raw_instructions WHERE run_id = ? ORDER BY prompt_index, position_in_response",
-                         [plan.plan_id])
+                         [plan.plan_id]) if warehouse.table_exists("raw_instructions") else pl.DataFrame(
+        schema={c: pl.Utf8 for c in [*PREVIEW, "model_id"]} | {"prompt_index": pl.Int64})
     return dg.MaterializeResult(metadata={
         **table_metadata(df, PREVIEW, total_rows=warehouse.row_count("raw_instructions")),
         "rows_this_run": rows_this_run,
