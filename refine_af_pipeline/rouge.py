@@ -15,16 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
-from rouge_score.tokenizers import DefaultTokenizer
+
+# rouge-score's own tokenizer function; DefaultTokenizer(use_stemmer=False) only wraps it, and its
+# module imports nltk (for the stemmer we do not use), which costs ~5 s in every step process.
+from rouge_score.tokenize import tokenize as _rouge_tokenize
 
 DEFAULT_THRESHOLD = 0.7
 BLOCK = 256  # candidates scored together; bounds memory at BLOCK x pool size
 
-_tokenizer = DefaultTokenizer(use_stemmer=False)
-
 
 def rouge_tokens(text: str) -> list[str]:
-    return _tokenizer.tokenize(text)
+    return _rouge_tokenize(text, None)
 
 
 def f_measure(lcs: int, n_target: int, n_prediction: int) -> float:
