@@ -21,10 +21,10 @@ from .shared import base_component_stats, kept_instructions, latest_artifact, su
 
 
 class InstancePairsConfig(dg.Config):
-    # 0 = every kept instruction. 16 for the demo: with 32 bootstrap prompts the pool holds ~25-30,
-    # and 24 pairs made SFT and this step ~1 min slower than the 15-minute make-run budget allows.
+    # 0 = every kept instruction. 8 for the demo (one generation batch): with both branches (this
+    # step and SFT run twice) 16 put make run ~1 min further over its 15-minute budget.
     # The same seed picks the same instructions in both branches.
-    max_instructions: NonNegativeInt = 16
+    max_instructions: NonNegativeInt = 8
     instances_per_instruction: PositiveInt = 1
     max_new_tokens: PositiveInt = 96
     temperature: PositiveFloat = 0.7
