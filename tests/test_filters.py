@@ -12,6 +12,11 @@ from refine_af_pipeline.filters import rejection_reason
     ("Write a program that sorts numbers", "starts_with_write_a_program"),
     ("- List four ways to save water", "starts_with_punctuation"),
     ("Ébauchez un plan pour la semaine", "starts_with_non_ascii"),
+    ("1. 1. 2. 2. 3. 3. 4. 4.", "starts_with_list_number"),
+    ("2. Use an analogy: the sentence reflects the writer's mood", "starts_with_list_number"),
+    ("3) Rewrite this message so it sounds polite", "starts_with_list_number"),
+    ("5 tips for a calm morning routine", None),  # a number as a word, no list marker
+    ("3.5 litres is how many cups? Convert it", None),  # a decimal, not a list marker
     ("Suggest four names for a bakery", None),
     ("Explain what a mapping function does", None),  # "map" only as a whole word
 ])
