@@ -39,6 +39,10 @@ class DagsterServices:
         self.logs = {name: home / f"{name}.log" for name in ("webserver", "daemon")}
 
     def start(self) -> None:
+        # Create the SQLite storage first: the webserver and the daemon each create missing tables on
+        # start, and racing each other one of them fails with "table jobs already exists" (seen in CI).
+        subprocess.run([str(BIN / "dagster"), "instance", "migrate"], cwd=ROOT, env=self.env, check=True,
+                       stdout=subprocess.DEVNULL)
         workspace = ["-w", str(ROOT / "workspace.yaml")]
         self._spawn("webserver", [str(BIN / "dagster-webserver"), *workspace, "-h", "127.0.0.1", "-p", str(self.port)])
         self._spawn("daemon", [str(BIN / "dagster-daemon"), "run", *workspace])

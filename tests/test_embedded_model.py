@@ -17,7 +17,9 @@ def test_embedded_model_runs_the_whole_graph(tmp_path):
         raw_instructions={"num_prompts": 4, "classification_prompts": 0, "max_new_tokens": 96},
         reward_scores={"max_instructions": 4, "max_new_tokens": 48},
         rl_refined_policy={"max_steps": 1, "prompts_per_step": 2, "group_size": 2, "max_completion_length": 24},
-        instance_output_pairs={"max_instructions": 4, "max_new_tokens": 48},
+        # 8 instructions, not 4: with 4 the base model's instances were once all filtered out and the
+        # Self-Instruct SFT step failed with "no kept pairs" (the prompts differ per run id).
+        instance_output_pairs={"max_instructions": 8, "max_new_tokens": 48},
         evaluation={"instances_per_task": 1, "max_new_tokens": 8},
     )
     result = materialize(tmp_path, "embedded", config, batch_size=4)
