@@ -11,13 +11,33 @@ from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator, rouge
 from refine_af_pipeline.seeds import load_seed_tasks
 
 
-def test_builtin_set_has_20_tasks_of_10_instances_with_references():
+# The seed pool's task types, and the built-in tasks of each (every task in exactly one type).
+TASK_TYPES = {
+    "classification": ["e01", "e10", "e21", "e22", "e23", "e24", "e25", "e26", "e29", "e30", "e31", "e64"],
+    "extraction": ["e08", "e11", "e32", "e33", "e39", "e40", "e42", "e63"],
+    "rewriting": ["e02", "e04", "e09", "e12", "e34", "e35", "e36", "e37", "e38", "e41"],
+    "generation": ["e05", "e13", "e14", "e20", "e58", "e60", "e61", "e62"],
+    "reasoning": ["e03", "e06", "e17", "e18", "e27", "e28", "e46", "e49", "e51"],
+    "arithmetic": ["e07", "e15", "e19", "e43", "e44", "e45", "e47", "e48", "e50", "e52", "e53"],
+    "coding": ["e16", "e54", "e55", "e56"],
+    "knowledge": ["e57", "e59"],
+}
+
+
+def test_builtin_set_has_60_tasks_of_10_instances_with_references():
     tasks = load_tasks()
-    assert len(tasks) >= 20
+    assert len(tasks) >= 60
     assert all(len(t.instances) >= 10 for t in tasks), {t.name: len(t.instances) for t in tasks}
     assert all(inst.references and all(r.strip() for r in inst.references) for t in tasks for inst in t.instances)
     ids = [inst.id for t in tasks for inst in t.instances]
     assert len(ids) == len(set(ids))
+
+
+def test_builtin_tasks_cover_the_seed_task_types():
+    names = {t.name.split("_")[1]: t.name for t in load_tasks()}
+    typed = [code for codes in TASK_TYPES.values() for code in codes]
+    assert sorted(typed) == sorted(names), set(typed) ^ set(names)  # every task typed exactly once
+    assert all(len(codes) >= 2 for codes in TASK_TYPES.values())
 
 
 def test_builtin_tasks_are_disjoint_from_the_seeds_and_from_each_other():
