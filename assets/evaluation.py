@@ -1,6 +1,7 @@
 """Stage 5: the paper's comparison. Base, Self-Instruct-tuned and REFINE-AF-tuned models answer
-held-out tasks in the Super-NaturalInstructions format zero-shot; ROUGE-L per task and model, and
-the share of tasks where REFINE-AF beats Self-Instruct with a bootstrap CI."""
+held-out tasks in the Super-NaturalInstructions format zero-shot; ROUGE-L and the reference
+log-likelihood per task and model, and for each pair of models and each metric the share of tasks
+one beats the other with a bootstrap CI."""
 
 
 import json
@@ -9,15 +10,16 @@ from collections import Counter
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.evaluation import best_rouge_l, evaluation_items, first_line, load_tasks, mean_by_task
+from refine_af_pipeline.evaluation import (best_rouge_l, evaluation_items, first_line, load_tasks, mean_by_task,
+                                           reference_log_likelihood)
 from refine_af_pipeline.generation import SamplingParams, generate
-from refine_af_pipeline.plots import bar_chart_png
+from refine_af_pipeline.plots import bar_panels_png
 from refine_af_pipeline.prompts import evaluation_prompt
-from refine_af_pipeline.task_comparison import TaskComparison, compare_over_tasks, mean_per_model
+from refine_af_pipeline.task_comparison import mean_per_model, summary_rows, tasks_differing
 from resources import LanguageModelResource, Warehouse
 
 from .config_types import NonNegativeInt, PositiveInt
-from .metadata import markdown_table, png_markdown, progress_logger, table_metadata
+from .metadata import markdown_table, peak_memory, png_markdown, progress_logger, table_metadata
 from .shared import latest_artifact
 
 # Model label in the tables -> the fine-tuning asset whose adapter it is (None: the base model).
@@ -27,9 +29,15 @@ COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "base"), ("self_ins
 CHECK_NAME = "refine_af_beats_self_instruct"
 
 
+# Issue-level bar: a tuned model "differs" from the base on a task when its mean reference
+# log-likelihood moved by more than this many nats per token.
+LOG_LIKELIHOOD_MARGIN = 0.01
+METRICS = ("rouge_l", "log_likelihood")
+
+
 class EvaluationConfig(dg.Config):
     task_dir: str | None = None  # a folder of SuperNI-format task files; the built-in set if unset
-    instances_per_task: NonNegativeInt = 2  # 0 = all
+    instances_per_task: NonNegativeInt = 3  # 0 = all
     max_new_tokens: PositiveInt = 24
     bootstrap_resamples: PositiveInt = 10_000
     seed: int = 0  # of the bootstrap
@@ -39,87 +47,117 @@ class EvaluationConfig(dg.Config):
           deps=["finetuned_model", "selfinstruct_finetuned_model"],
           check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="evaluation", description=(
               "Warns (never fails) unless the REFINE-AF model wins more held-out tasks than it loses "
-              "against the Self-Instruct model."))])
+              "against the Self-Instruct model by ROUGE-L."))])
 def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, warehouse: Warehouse,
                language_model: LanguageModelResource) -> dg.MaterializeResult:
     """Each model answers every evaluation instance zero-shot in the SuperNI layout (definition,
     input, "Output:"), greedy; the first line of the answer is scored by ROUGE-L against each
-    reference, best one counts. One row per (task, model) here, one per (instance, model) in
-    evaluation_predictions, the pairwise task comparisons in evaluation_summary."""
+    reference, best one counts. Each model also reads every reference after the same prompt: the
+    mean per-token log-likelihood of the best reference, which moves with the model even when the
+    greedy answer does not. One row per (task, model) here with both task means, one per
+    (instance, model) in evaluation_predictions, the pairwise task comparisons on both metrics in
+    evaluation_summary."""
     tasks = load_tasks(config.task_dir)
     items = evaluation_items(tasks, config.instances_per_task)
     # Plain text prompts: the SuperNI layout itself ends with "Output:".
     prompts = [evaluation_prompt(t.definition, inst.input) for t, inst in items]
+    references = [inst.references for _, inst in items]
     params = SamplingParams(max_new_tokens=config.max_new_tokens, do_sample=False)
     counts = Counter(t.name for t, _ in items)
-    task_rows, prediction_rows, by_model = [], [], {}
-    for label, adapter_table in EVALUATED_MODELS.items():
-        adapter = latest_artifact(warehouse, adapter_table) if adapter_table else None
-        model, tokenizer, source, _ = language_model.load(adapter=adapter)
+    adapters = {label: latest_artifact(warehouse, table) if table else None for label, table in EVALUATED_MODELS.items()}
+    # One copy of the base weights; the tuned models are its two LoRA adapters.
+    models, tokenizer, source, device = language_model.load_variants(adapters)
+    task_rows, prediction_rows = [], []
+    by_metric: dict[str, dict[str, dict[str, float]]] = {m: {} for m in METRICS}
+    for label, model in models.items():
         # Only the first line is scored, so a row may stop there (same answers, fewer tokens).
-        gens = generate(model, tokenizer, prompts, params, language_model.batch_size, 0,
+        gens = generate(model, tokenizer, prompts, params, language_model.generation_batch_size("evaluation"), 0,
                         progress_logger(context, f"evaluation/{label}"), stop_after_first_line=True)
         answers = [first_line(g.text) for g in gens]
         scores = [best_rouge_l(a, inst.references) for a, (_, inst) in zip(answers, items)]
-        by_model[label] = mean_by_task(items, scores)
-        task_rows += [dict(task=name, model=label, model_id=source.model_id, adapter_path=adapter, rouge_l=score,
-                           n_instances=counts[name], run_id=context.run_id) for name, score in by_model[label].items()]
+        likelihoods = reference_log_likelihood(model, tokenizer, prompts, references, language_model.scoring_batch_size)
+        by_metric["rouge_l"][label] = mean_by_task(items, scores)
+        by_metric["log_likelihood"][label] = mean_by_task(items, likelihoods)
+        task_rows += [dict(task=name, model=label, model_id=source.model_id, adapter_path=adapters[label],
+                           rouge_l=score, log_likelihood=by_metric["log_likelihood"][label][name],
+                           n_instances=counts[name], run_id=context.run_id)
+                      for name, score in by_metric["rouge_l"][label].items()]
         prediction_rows += [dict(task=t.name, instance_id=inst.id, model=label, prediction=a, rouge_l=s,
-                                 references=json.dumps(list(inst.references)), run_id=context.run_id)
-                            for (t, inst), a, s in zip(items, answers, scores)]
-        del model
-    comparisons = [compare_over_tasks(by_model[c], by_model[r], c, r, config.bootstrap_resamples, seed=config.seed)
-                   for c, r in COMPARISONS]
+                                 reference_log_likelihood=ll, references=json.dumps(list(inst.references)),
+                                 run_id=context.run_id)
+                            for (t, inst), a, s, ll in zip(items, answers, scores, likelihoods)]
+        context.log.info(f"evaluation/{label}: mean ROUGE-L {mean_per_model(by_metric['rouge_l'])[label]:.4f}, "
+                         f"mean reference log-likelihood {mean_per_model(by_metric['log_likelihood'])[label]:.4f}")
+    del models
+    rows = summary_rows(by_metric, COMPARISONS, config.bootstrap_resamples, config.seed)
     df = pl.DataFrame(task_rows, schema_overrides={"adapter_path": pl.Utf8})
-    summary = pl.DataFrame([{**c.as_dict(), "task_dir": config.task_dir or "built-in", "run_id": context.run_id}
-                            for c in comparisons])
+    summary = pl.DataFrame([{**r, "task_dir": config.task_dir or "built-in", "run_id": context.run_id} for r in rows])
     warehouse.write_table("evaluation", df)
     warehouse.write_table("evaluation_predictions", pl.DataFrame(prediction_rows))
     warehouse.write_table("evaluation_summary", summary)
-    headline = comparisons[0]
-    means = mean_per_model(by_model)
+    headline = _comparison(rows, "rouge_l", *COMPARISONS[0])
+    means = {m: mean_per_model(by_metric[m]) for m in METRICS}
+    ll = by_metric["log_likelihood"]
+    differing = {f"tasks_log_likelihood_differs_from_base_{m}": tasks_differing(ll[m], ll["base"], LOG_LIKELIHOOD_MARGIN)
+                 for m in EVALUATED_MODELS if m != "base"}
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["task", "model", "rouge_l"]),
-            **{f"mean_rouge_l_{m}": v for m, v in means.items()},
+            **table_metadata(df, ["task", "model", "rouge_l", "log_likelihood"]),
+            **{f"mean_{metric}_{m}": v for metric in METRICS for m, v in means[metric].items()},
             **_headline_metadata(headline),
+            **differing,
+            "log_likelihood_margin": LOG_LIKELIHOOD_MARGIN,
             "tasks": len(tasks),
             "instances_per_task": len(items) // max(len(tasks), 1),
             "summary": dg.MetadataValue.md(markdown_table(_summary_view(summary))),
-            "per_task": dg.MetadataValue.md(markdown_table(_per_task_view(by_model))),
-            "chart": png_markdown(_chart(by_model, means), "ROUGE-L per task"),
+            "per_task": dg.MetadataValue.md(markdown_table(_per_task_view(by_metric))),
+            "chart": png_markdown(_chart(by_metric, means), "ROUGE-L and reference log-likelihood per task"),
+            **peak_memory(device),
         },
         check_results=[dg.AssetCheckResult(
-            check_name=CHECK_NAME, passed=headline.wins > headline.losses, severity=dg.AssetCheckSeverity.WARN,
+            check_name=CHECK_NAME, passed=headline["wins"] > headline["losses"], severity=dg.AssetCheckSeverity.WARN,
             metadata={**_headline_metadata(headline),
-                      "rule": "passes when REFINE-AF wins more tasks than it loses (ties count for neither)"})],
+                      "log_likelihood_wins_ties_losses": _wtl(_comparison(rows, "log_likelihood", *COMPARISONS[0])),
+                      "rule": "passes when REFINE-AF wins more tasks than it loses by ROUGE-L (ties count for neither)"})],
     )
 
 
-def _headline_metadata(c: TaskComparison) -> dict:
+def _comparison(rows: list[dict], metric: str, candidate: str, reference: str) -> dict:
+    return next(r for r in rows if (r["metric"], r["candidate"], r["reference"]) == (metric, candidate, reference))
+
+
+def _wtl(c: dict) -> str:
+    return f"{c['wins']}/{c['ties']}/{c['losses']}"
+
+
+def _headline_metadata(c: dict) -> dict:
     return {
-        "share_tasks_refine_af_beats_self_instruct": c.win_share,
-        "share_ci95_low": c.win_share_ci_low,
-        "share_ci95_high": c.win_share_ci_high,
-        "wins_ties_losses": f"{c.wins}/{c.ties}/{c.losses}",
-        "ties": c.ties,
-        "mean_difference_refine_af_minus_self_instruct": c.mean_difference,
-        "mean_difference_ci95": f"[{c.mean_difference_ci_low:.4f}, {c.mean_difference_ci_high:.4f}]",
+        "share_tasks_refine_af_beats_self_instruct": c["win_share"],
+        "share_ci95_low": c["win_share_ci_low"],
+        "share_ci95_high": c["win_share_ci_high"],
+        "wins_ties_losses": _wtl(c),
+        "ties": c["ties"],
+        "mean_difference_refine_af_minus_self_instruct": c["mean_difference"],
+        "mean_difference_ci95": f"[{c['mean_difference_ci_low']:.4f}, {c['mean_difference_ci_high']:.4f}]",
     }
 
 
 def _summary_view(summary: pl.DataFrame) -> pl.DataFrame:
-    return summary.select("candidate", "reference", "n_tasks", "wins", "ties", "losses", "win_share",
+    return summary.select("metric", "candidate", "reference", "n_tasks", "wins", "ties", "losses", "win_share",
                           "win_share_ci_low", "win_share_ci_high", "mean_difference", "mean_difference_ci_low",
                           "mean_difference_ci_high")
 
 
-def _per_task_view(by_model: dict[str, dict[str, float]]) -> pl.DataFrame:
-    tasks = sorted(by_model["base"])
-    return pl.DataFrame({"task": tasks, **{m: [by_model[m][t] for t in tasks] for m in EVALUATED_MODELS}})
+def _per_task_view(by_metric: dict[str, dict[str, dict[str, float]]]) -> pl.DataFrame:
+    tasks = sorted(by_metric["rouge_l"]["base"])
+    return pl.DataFrame({"task": tasks, **{f"{metric}_{m}": [by_metric[metric][m][t] for t in tasks]
+                                            for metric in METRICS for m in EVALUATED_MODELS}})
 
 
-def _chart(by_model: dict[str, dict[str, float]], means: dict[str, float]) -> bytes:
-    tasks = sorted(by_model["base"])
-    return bar_chart_png([*tasks, "MEAN"], {m: [*(by_model[m][t] for t in tasks), means[m]] for m in EVALUATED_MODELS},
-                         "ROUGE-L per held-out task: base, Self-Instruct, REFINE-AF")
+def _chart(by_metric: dict[str, dict[str, dict[str, float]]], means: dict[str, dict[str, float]]) -> bytes:
+    tasks = sorted(by_metric["rouge_l"]["base"])
+    short = [t.split("_")[1] if t.count("_") >= 1 else t for t in tasks]
+    panels = {metric: {m: [*(by_metric[metric][m][t] for t in tasks), means[metric][m]] for m in EVALUATED_MODELS}
+              for metric in METRICS}
+    return bar_panels_png([*short, "MEAN"], panels,
+                          "Per held-out task: ROUGE-L and reference log-likelihood (nats/token); base, Self-Instruct, REFINE-AF")

@@ -10,22 +10,28 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.plots import line_chart_png
-from refine_af_pipeline.sft_training import SFTSettings, finetune
+from refine_af_pipeline.sft_training import SFTSettings, finetune, validation_never_improved, validation_split
 from resources import ArtifactStore, LanguageModelResource, Warehouse
 
-from .config_types import PositiveFloat, PositiveInt
-from .metadata import png_markdown, table_metadata
+from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Share
+from .metadata import peak_memory, png_markdown, table_metadata
 
 
 class FinetuneConfig(dg.Config):
     # Both branches read their own copy of this config: keep them equal for a fair comparison.
-    epochs: PositiveFloat = 2.0
-    batch_size: PositiveInt = 8
-    learning_rate: PositiveFloat = 2e-4
+    # LoRA on a few dozen pairs: tens of steps at a high rate (see SFTSettings); the validation
+    # curve in the metadata says whether this many epochs help or start to overfit.
+    epochs: PositiveFloat = 3.0
+    batch_size: PositiveInt = 4
+    learning_rate: PositiveFloat = 1e-3
     max_length: PositiveInt = 256
     lora_r: PositiveInt = 8
     lora_alpha: PositiveInt = 16
     seed: int = 0
+    # Instructions whose pairs are held out of training and scored after every epoch (salted hash
+    # of the instruction id); at least min_validation of them when a quarter of the pool allows.
+    validation_share: Share = 0.15
+    min_validation: NonNegativeInt = 4
 
 
 def build_finetuned_model_asset(name: str, pairs_table: str, description: str) -> dg.AssetsDefinition:
@@ -39,7 +45,14 @@ def build_finetuned_model_asset(name: str, pairs_table: str, description: str) -
         if pairs is None or pairs.filter(pl.col("keep")).height == 0:
             raise dg.Failure(f"{pairs_table} has no kept pairs to fine-tune on")
         kept = pairs.filter(pl.col("keep"))
-        triples = list(zip(kept["instruction"].to_list(), kept["input"].to_list(), kept["output"].to_list()))
+        held = validation_split(kept["instruction_id"].to_list(), config.validation_share, config.min_validation)
+        is_val = kept["instruction_id"].is_in(list(held))
+        train, val = kept.filter(~is_val), kept.filter(is_val)
+        if train.height == 0:
+            raise dg.Failure(f"every kept pair of {pairs_table} is in the validation slice; lower validation_share")
+        triples = _triples(train)
+        settings = SFTSettings(**{k: v for k, v in config.model_dump().items()
+                                  if k not in ("validation_share", "min_validation")})
         model, tokenizer, source, device = language_model.load()
         out_dir = artifact_store.run_dir(name, context.run_id)
         started = time.monotonic()
@@ -47,26 +60,54 @@ def build_finetuned_model_asset(name: str, pairs_table: str, description: str) -
         def on_log(step, total, logs):
             if "loss" in logs:
                 context.log.info(f"{name} SFT step {step}/{total}: loss {logs['loss']:.3f}")
+            elif "eval_loss" in logs:
+                context.log.info(f"{name} epoch {logs.get('epoch', 0):.1f}: validation loss {logs['eval_loss']:.3f}")
 
-        result = finetune(model, tokenizer, triples, SFTSettings(**config.model_dump()), out_dir, device, on_log)
-        df = pl.DataFrame(result.log).with_columns(
+        context.log.info(f"{name}: SFT on {train.height} pairs, {val.height} pairs of {len(held)} instructions "
+                         "held out for validation")
+        result = finetune(model, tokenizer, triples, settings, out_dir, device, on_log, validation=_triples(val))
+        seconds = time.monotonic() - started
+        df = pl.DataFrame(result.epochs).with_columns(
             pl.lit(context.run_id).alias("run_id"), pl.lit(str(result.adapter_dir)).alias("adapter_path"),
-            pl.lit(source.model_id).alias("base_model_id"), pl.lit(len(triples)).alias("train_examples"),
-            pl.lit(pairs_table).alias("train_table"), pl.lit(json.dumps(config.model_dump())).alias("settings"),
+            pl.lit(source.model_id).alias("base_model_id"), pl.lit(train.height).alias("train_examples"),
+            pl.lit(val.height).alias("validation_examples"), pl.lit(pairs_table).alias("train_table"),
+            pl.lit(json.dumps(config.model_dump())).alias("settings"),
         )
         warehouse.write_table(name, df)
+        first, last = df.row(0, named=True), df.row(-1, named=True)
+        warning = None
+        if val.height == 0:
+            warning = "no validation pairs (too few kept pairs): the curve shows the training loss only"
+        elif validation_never_improved(result.epochs):
+            warning = (f"the validation loss never fell below its value before training ({first['validation_loss']:.3f}): "
+                       "the adapter did not learn anything that carries over; check the pairs or the settings")
+        if warning:
+            context.log.warning(f"{name}: {warning}")
         return dg.MaterializeResult(metadata={
-            **table_metadata(df, ["step", "loss", "learning_rate"]),
+            **table_metadata(df, ["epoch", "steps", "train_loss", "validation_loss"]),
             "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
-            "loss_curve": png_markdown(line_chart_png(df["step"].to_list(), {"loss": df["loss"].to_list()},
-                                                      f"SFT loss ({name})"), "SFT loss"),
-            "train_examples": len(triples),
-            "first_loss": float(df["loss"][0]),
-            "final_loss": float(df["loss"][-1]),
-            "train_seconds": round(time.monotonic() - started, 1),
+            "loss_curve": png_markdown(line_chart_png(
+                df["epoch"].to_list(), {"train_loss": df["train_loss"].to_list(),
+                                        "validation_loss": df["validation_loss"].to_list()},
+                f"SFT loss per epoch ({name})", xlabel="epoch"), "SFT loss"),
+            "train_examples": train.height,
+            "validation_examples": val.height,
+            "optimizer_steps": int(last["steps"]),
+            "first_train_loss": first["train_loss"],
+            "final_train_loss": last["train_loss"],
+            "first_validation_loss": first["validation_loss"],
+            "final_validation_loss": last["validation_loss"],
+            "best_validation_loss": float(df["validation_loss"].min()) if val.height else float("nan"),
+            "validation_warning": warning or "none",
+            "train_seconds": round(seconds, 1),
+            **peak_memory(device),
         })
 
     return _finetuned_model
+
+
+def _triples(pairs: pl.DataFrame) -> list[tuple[str, str, str]]:
+    return list(zip(pairs["instruction"].to_list(), pairs["input"].to_list(), pairs["output"].to_list()))
 
 
 finetuned_model = build_finetuned_model_asset(

@@ -16,7 +16,7 @@ from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
 
 from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
-from .metadata import progress_logger, table_metadata
+from .metadata import peak_memory, progress_logger, table_metadata
 from .shared import base_component_stats, kept_instructions, latest_artifact, subset
 
 
@@ -72,18 +72,19 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
                         feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
         ledger = BatchLedger(warehouse, name)
         adapter = latest_artifact(warehouse, "rl_refined_policy") if use_rl_policy else None
-        plan = _plan(context, name, config, warehouse, ledger, adapter, language_model.batch_size)
+        plan = _plan(context, name, config, warehouse, ledger, adapter, language_model.generation_batch_size(name))
         settings = plan.settings
         params = SamplingParams(settings["max_new_tokens"], settings["temperature"], settings["top_p"],
                                 settings["do_sample"])
         pending = plan.pending()
+        device = language_model.resolved_device()
         if pending:
             stats = base_component_stats(warehouse)
-            policy, tokenizer, source, device = language_model.load(adapter=adapter)
-            # The judge is always the plain base model; when the base model is also the policy, one copy
-            # serves both (generation does not change the weights).
-            judge, judge_tokenizer = language_model.load()[:2] if use_rl_policy else (policy, tokenizer)
-            scorer = feedback_scorer.build(judge, judge_tokenizer, device, stats, language_model.batch_size,
+            # The judge is always the plain base model; one copy of the weights serves both (the RL
+            # policy is that copy with its adapter on).
+            models, tokenizer, source, device = language_model.load_variants({"policy": adapter, "judge": None})
+            policy, judge = models["policy"], models["judge"]
+            scorer = feedback_scorer.build(judge, tokenizer, device, stats, language_model.scoring_batch_size,
                                            judge_id=source.model_id)
             versions = scorer.versions()
             report = progress_logger(context, name, settings["batch_size"] * params.max_new_tokens)
@@ -120,6 +121,7 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
             "batches_planned": len(plan.batches),
             "batches_committed_before_this_run": len(plan.batches) - len(pending),
             "batches_generated": len(pending),
+            **peak_memory(device),
         })
 
     return _instance_pairs

@@ -18,7 +18,7 @@ from resources import LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, unfinished_plan_ids
 
 from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
-from .metadata import progress_logger, stored_table_metadata, table_metadata
+from .metadata import peak_memory, progress_logger, stored_table_metadata, table_metadata
 
 PREVIEW = ["instruction_id", "instruction", "parse_status"]
 
@@ -87,7 +87,7 @@ def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsC
         return dg.MaterializeResult(metadata={**stored_table_metadata(warehouse, "raw_instructions", PREVIEW),
                                               "rows_this_run": 0, "skipped": "target pool size reached"})
     if plan is None:
-        plan = _new_plan(context, config, ledger, seeds, machine, language_model.batch_size)
+        plan = _new_plan(context, config, ledger, seeds, machine, language_model.generation_batch_size("raw_instructions"))
     else:
         context.log.warning(f"resuming the unfinished plan of run {plan.plan_id}: {len(plan.committed)} of "
                             f"{len(plan.batches)} batches were committed before it stopped; generating the "
@@ -134,6 +134,7 @@ def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsC
         "parsed_instructions": df.filter(pl.col("parse_status") == "ok").height,
         "unparseable_responses": df.filter(pl.col("parse_status") != "ok").height,
         "model_id": df["model_id"][0] if df.height else "",
+        **peak_memory(language_model.resolved_device()),
     })
 
 
@@ -175,7 +176,8 @@ def deduplicated_instructions(context: dg.AssetExecutionContext, warehouse: Ware
     labels = []
     if kept_idx:
         model, tokenizer, source, _ = language_model.load()
-        labels = classify_instructions(model, tokenizer, [rows[k]["instruction"] for k in kept_idx], language_model.batch_size)
+        labels = classify_instructions(model, tokenizer, [rows[k]["instruction"] for k in kept_idx],
+                                       language_model.scoring_batch_size)
     for row in rows:
         row.update(is_classification=None, is_classification_p=None, classification_model_id=None)
     for k, (label, p) in zip(kept_idx, labels):
@@ -196,4 +198,5 @@ def deduplicated_instructions(context: dg.AssetExecutionContext, warehouse: Ware
         "kept_total": len(kept_before) + len(kept_idx),
         "rejection_reasons": dg.MetadataValue.md(
             "\n".join(f"- {r['reason']}: {r['len']}" for r in reasons.iter_rows(named=True)) if df.height else "_none_"),
+        **peak_memory(language_model.resolved_device()),
     })

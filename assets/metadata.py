@@ -59,3 +59,17 @@ def progress_logger(context: dg.AssetExecutionContext, what: str, unit_tokens: i
         context.log.info(f"{what}: batch {done}/{total}, {elapsed:.0f} s elapsed{rate}, ETA {eta:.0f} s")
 
     return report
+
+
+def peak_memory(device: str = "cpu") -> dict:
+    """Peak resident memory of this step's process so far (and peak GPU memory on CUDA)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    figures = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if device.startswith("cuda"):
+        import torch
+
+        figures["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return figures

@@ -13,7 +13,7 @@ from refine_af_pipeline.instances import generate_scored_instances, restandardis
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
-from .metadata import progress_logger, table_metadata
+from .metadata import peak_memory, progress_logger, table_metadata
 from .shared import kept_instructions, subset
 
 
@@ -38,11 +38,12 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     ratings = read_ratings(feedback_scorer.calibration_csv) if feedback_scorer.calibration_csv else None
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
     model, tokenizer, source, device = language_model.load()
-    scorer = feedback_scorer.build(model, tokenizer, device, batch_size=language_model.batch_size, judge_id=source.model_id)
+    scorer = feedback_scorer.build(model, tokenizer, device, batch_size=language_model.scoring_batch_size,
+                                   judge_id=source.model_id)
     params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True)
-    rows = generate_scored_instances(model, tokenizer, scorer, chosen["instruction"].to_list(), params,
-                                     language_model.batch_size, config.seed,
-                                     progress_logger(context, "reward_scores", language_model.batch_size * config.max_new_tokens))
+    batch_size = language_model.generation_batch_size("reward_scores")
+    rows = generate_scored_instances(model, tokenizer, scorer, chosen["instruction"].to_list(), params, batch_size,
+                                     config.seed, progress_logger(context, "reward_scores", batch_size * config.max_new_tokens))
     ids = chosen["instruction_id"].to_list()
     weights, bias, weights_source = scorer.weights, scorer.bias, "config"
     stats = restandardise(rows, weights, bias)
@@ -74,4 +75,5 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
         "weights": dg.MetadataValue.json({**weights, "bias": bias}),
         "weights_source": weights_source,
         **calibration_metadata,
+        **peak_memory(device),
     })

@@ -13,10 +13,11 @@ from refine_af_pipeline.heldout_comparison import generate_both, per_instruction
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
-from .metadata import markdown_table
+from .metadata import markdown_table, peak_memory
 from .rl_policy import rl_refined_policy
 from .shared import base_component_stats, kept_instructions, latest_artifact, split_held_out
 
+CHECK_STAGE = "policy_beats_base_on_heldout"  # its name in stage_batch_sizes
 PASS_RULE = "lower bound of the bootstrap 95% CI of the mean paired reward difference (policy - base) > 0"
 
 
@@ -62,11 +63,12 @@ def policy_beats_base_on_heldout(context: dg.AssetCheckExecutionContext, config:
         return _warn(reason=f"no held-out instructions (heldout_share {heldout_share}); grow the pool or raise it",
                      pass_rule=PASS_RULE)
     adapter = latest_artifact(warehouse, "rl_refined_policy")
-    base, tokenizer, source, device = language_model.load()
-    policy, _, _, _ = language_model.load(adapter=adapter)
-    # The base model is also the judge, exactly as in reward_scores and the RL reward.
-    scorer = feedback_scorer.build(base, tokenizer, device, base_component_stats(warehouse), language_model.batch_size,
-                                   judge_id=source.model_id)
+    # One copy of the weights: the policy is the base model with its adapter on, the base model (also
+    # the judge, exactly as in reward_scores and the RL reward) the same with it off.
+    models, tokenizer, source, device = language_model.load_variants({"base": None, "policy": adapter})
+    base, policy = models["base"], models["policy"]
+    scorer = feedback_scorer.build(base, tokenizer, device, base_component_stats(warehouse),
+                                   language_model.scoring_batch_size, judge_id=source.model_id)
     params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True)
     k = config.samples_per_instruction
 
@@ -75,7 +77,7 @@ def policy_beats_base_on_heldout(context: dg.AssetCheckExecutionContext, config:
 
     context.log.info(f"held-out comparison on {heldout.height} instructions x {k} samples, {source.model_id} on {device}")
     base_rows, policy_rows = generate_both(base, policy, tokenizer, scorer, heldout["instruction"].to_list(), params, k,
-                                           language_model.batch_size, config.seed, progress)
+                                           language_model.generation_batch_size(CHECK_STAGE), config.seed, progress)
     rows = per_instruction_rows(heldout["instruction_id"].to_list(), heldout["instruction"].to_list(),
                                 base_rows, policy_rows, k)
     summary = summarise(rows, config.bootstrap_resamples, config.seed)
@@ -108,4 +110,5 @@ def policy_beats_base_on_heldout(context: dg.AssetCheckExecutionContext, config:
             "instruction", "base_reward", "policy_reward", "reward_difference", "outcome").head(20), max_chars=60)),
         "table": "rl_heldout_comparison",
         "check_seconds": round(time.monotonic() - started, 1),
+        **peak_memory(device),
     })

@@ -1,13 +1,13 @@
 """Reads shared by several stages, so each stage module stays a thin wrapper."""
 
 
-import hashlib
 import json
 
 import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.feedback import COMPONENTS, ComponentStats
+from refine_af_pipeline.splits import BUCKETS, hash_bucket, in_share
 from resources import Warehouse
 
 
@@ -19,17 +19,10 @@ def kept_instructions(warehouse: Warehouse) -> pl.DataFrame:
     return df.filter(pl.col("decision") == "kept").select("instruction_id", "instruction", "is_classification")
 
 
-_BUCKETS = 10_000
-
-
-def _bucket(instruction_id: str) -> int:
-    return int(hashlib.sha256(instruction_id.encode()).hexdigest()[:8], 16) % _BUCKETS
-
-
 def is_held_out(instruction_id: str, share: float) -> bool:
     """Stable split by id hash: the same instruction is held out in every run and every stage, and
     a larger share holds out a superset of a smaller one's ids."""
-    return _bucket(instruction_id) < share * _BUCKETS
+    return in_share(instruction_id, share)
 
 
 def effective_heldout_share(instruction_ids: list[str], share: float, min_heldout: int) -> float:
@@ -40,7 +33,7 @@ def effective_heldout_share(instruction_ids: list[str], share: float, min_heldou
     wanted = min(min_heldout, len(instruction_ids) // 2)
     if sum(is_held_out(i, share) for i in instruction_ids) >= wanted:
         return share
-    return (sorted(_bucket(i) for i in instruction_ids)[wanted - 1] + 1) / _BUCKETS
+    return (sorted(hash_bucket(i) for i in instruction_ids)[wanted - 1] + 1) / BUCKETS
 
 
 def split_held_out(kept: pl.DataFrame, share: float) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from .generation import continuation_logprobs, mean_logprob
 from .rouge import rouge_l
 
 
@@ -106,3 +109,23 @@ def mean_by_task(items: list[tuple[EvalTask, EvalInstance]], scores: list[float]
     for (task, _), score in zip(items, scores, strict=True):
         by_task.setdefault(task.name, []).append(score)
     return {name: sum(values) / len(values) for name, values in by_task.items()}
+
+
+def reference_log_likelihood(model, tokenizer, prompts: Sequence[str], references: Sequence[Sequence[str]],
+                             batch_size: int = 8) -> list[float]:
+    """Per prompt, the mean per-token log-likelihood (nats) of its reference outputs after the
+    prompt, teacher-forced; the best reference counts, as for ROUGE-L. Unlike the greedy answer,
+    this moves with any change of the model's distribution over the right answer."""
+    contexts, continuations, owner = [], [], []
+    for k, (prompt, refs) in enumerate(zip(prompts, references, strict=True)):
+        for ref in refs:
+            # The answer follows "Output:" after a space, as the model writes it.
+            contexts.append(prompt)
+            continuations.append(" " + ref.strip())
+            owner.append(k)
+    best = [-math.inf] * len(prompts)
+    for k, logprobs in zip(owner, continuation_logprobs(model, tokenizer, contexts, continuations, batch_size)):
+        value = mean_logprob(logprobs)
+        if not math.isnan(value):
+            best[k] = max(best[k], value)
+    return [b if b > -math.inf else math.nan for b in best]

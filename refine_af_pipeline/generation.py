@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -66,7 +67,8 @@ def generate(
     n_batches = (len(prompts) + batch_size - 1) // batch_size
     for b in range(n_batches):
         chunk = list(prompts[b * batch_size : (b + 1) * batch_size])
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False).to(device)
         kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         if params.do_sample:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
@@ -118,31 +120,68 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 8) -> list[list[float]]:
-    """Log-probability of each continuation token given its context (teacher forcing)."""
+def _position_ids(attention_mask):
+    # Left padding: each row's positions start at 0 with its first real token, as in generate().
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _last_logits(model, input_ids, attention_mask, keep: int):
+    """Logits of the last `keep` positions only. A [batch, length, vocabulary] tensor for every
+    position is the largest allocation of a scoring pass (SmolLM2's 49k vocabulary: 0.2 GB per
+    1,000 tokens in fp32), and only the positions that predict the scored tokens are needed."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask))
+    try:
+        out = model(**kwargs, logits_to_keep=keep)
+    except TypeError as exc:  # a model class without logits_to_keep computes them all
+        if "logits_to_keep" not in str(exc):
+            raise
+        out = model(**kwargs)
+    return out.logits[:, -keep:, :]
+
+
+def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str],
+                          batch_size: int = 8) -> list[list[float]]:
+    """Log-probability of each continuation token given its context (teacher forcing). A
+    continuation token with no context before it has no prediction and is left out."""
     import torch
 
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
     out: list[list[float]] = []
     for start in range(0, len(contexts), batch_size):
-        ctx_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts[start : start + batch_size]]
-        cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations[start : start + batch_size]]
+        ctx_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts[start:start + batch_size]]
+        cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations[start:start + batch_size]]
         seqs = [a + b for a, b in zip(ctx_ids, cont_ids)]
         width = max(len(s) for s in seqs)
-        pad = tokenizer.pad_token_id
-        # Right padding here: positions are read back by index, no generation involved.
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        if width == 0:
+            out.extend([] for _ in seqs)
+            continue
+        # Left padding puts every continuation at the end, so one `keep` covers all rows.
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        keep = min(max(len(b) for b in cont_ids) + 1, width)
         with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        for k, (a, b) in enumerate(zip(ctx_ids, cont_ids)):
-            positions = range(len(a), len(a) + len(b))
-            out.append([logprobs[k, p - 1, b[p - len(a)]].item() for p in positions if p > 0])
+            logits = _last_logits(model, input_ids, attention, keep)
+            # Kept position j predicts the token at kept position j + 1.
+            targets = input_ids[:, width - keep + 1:]
+            for k, (a, b) in enumerate(zip(ctx_ids, cont_ids)):
+                if not b:
+                    out.append([])
+                    continue
+                row = logits[k, :keep - 1].float()  # one row at a time: no second batch-sized copy
+                lp = row.gather(-1, targets[k].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
+                values = lp[keep - 1 - len(b):].tolist() if len(b) < keep else [math.nan] + lp.tolist()
+                out.append(values if a else values[1:])
     return out
 
 
-def next_token_distribution(model, tokenizer, contexts: Sequence[str], candidate_tokens: Sequence[str], batch_size: int = 8) -> list[list[float]]:
+def mean_logprob(logprobs: Sequence[float]) -> float:
+    """Mean per-token log-likelihood; NaN for a continuation with no scored token."""
+    return sum(logprobs) / len(logprobs) if logprobs else math.nan
+
+
+def next_token_distribution(model, tokenizer, contexts: Sequence[str], candidate_tokens: Sequence[str],
+                            batch_size: int = 8) -> list[list[float]]:
     """Probabilities of single-token candidates as the next token, renormalised over the candidates."""
     import torch
 
@@ -153,10 +192,11 @@ def next_token_distribution(model, tokenizer, contexts: Sequence[str], candidate
     device = next(model.parameters()).device
     probs: list[list[float]] = []
     for start in range(0, len(contexts), batch_size):
-        chunk = list(contexts[start : start + batch_size])
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        chunk = list(contexts[start:start + batch_size])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False).to(device)
         with torch.no_grad():
-            logits = model(**enc).logits[:, -1, :].float()  # left padding: last position is real
+            logits = _last_logits(model, enc["input_ids"], enc["attention_mask"], 1)[:, -1, :].float()
         sel = torch.softmax(logits[:, cand_ids], dim=-1)
         probs.extend(sel.tolist())
     return probs

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .adapters import AdapterView
 from .feedback import COMPONENTS, FeedbackScorer
 from .generation import render_prompt
 from .prompts import INSTANCE_PREFIX, instance_prompt
@@ -23,12 +24,16 @@ from .trainer_setup import common_training_args, log_forwarder, lora_config, sav
 class RLSettings:
     algorithm: str = "grpo"  # grpo | rloo
     max_steps: int = 6
-    prompts_per_step: int = 2
+    prompts_per_step: int = 8
     group_size: int = 4  # completions per prompt, compared with each other
+    # Completions per forward/backward pass: a step's prompts_per_step x group_size completions are
+    # generated in one batch and trained on in slices of this size (gradient accumulation).
+    train_batch_size: int = 8
     learning_rate: float = 1e-3
     beta: float = 0.04  # KL coefficient
-    max_completion_length: int = 48
+    max_completion_length: int = 96
     temperature: float = 0.7
+    top_p: float = 0.95
     lora_r: int = 8
     lora_alpha: int = 16
     seed: int = 0
@@ -65,13 +70,20 @@ class _RewardRecorder:
 
 
 def train_policy(model, tokenizer, instructions: Sequence[str], scorer: FeedbackScorer, settings: RLSettings,
-                 output_dir: Path, device: str, on_log=None) -> RLResult:
+                 output_dir: Path, device: str, on_log=None, base_view: AdapterView | None = None) -> RLResult:
+    """Train a LoRA adapter on `model`. `base_view`, if given (the scorer's judge), is bound to the
+    trainer's PEFT model, so the judge reads the base weights with the adapter off: one copy of the
+    weights serves policy, reference and judge."""
     from datasets import Dataset
 
     if settings.algorithm not in ("grpo", "rloo"):
         raise ValueError(f"unknown RL algorithm '{settings.algorithm}' (use grpo or rloo)")
     if not instructions:
         raise ValueError("no instructions to train the RL policy on")
+    completions_per_step = settings.prompts_per_step * settings.group_size
+    if completions_per_step % settings.train_batch_size:
+        raise ValueError(f"train_batch_size ({settings.train_batch_size}) must divide prompts_per_step x group_size "
+                         f"({completions_per_step})")
     # GRPO/RLOO draw prompts_per_step prompts per step and drop an incomplete step: with fewer
     # instructions than that, TRL would train zero steps without an error. Cycle them up to one step.
     instructions = list(instructions)
@@ -84,13 +96,16 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     args = dict(
         common_training_args(output_dir, settings.seed, device),
         max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.prompts_per_step * settings.group_size,
-        gradient_accumulation_steps=1,
+        # One generate call per optimizer step for all its completions (the large batch is where
+        # generation is fast); the backward passes go through them train_batch_size at a time.
+        per_device_train_batch_size=settings.train_batch_size,
+        gradient_accumulation_steps=completions_per_step // settings.train_batch_size,
         num_generations=settings.group_size,
         max_completion_length=settings.max_completion_length,
         learning_rate=settings.learning_rate,
         beta=settings.beta,
         temperature=settings.temperature,
+        top_p=settings.top_p,
         # Checkpointing trades compute for memory; a 135M policy does not need it.
         gradient_checkpointing=settings.gradient_checkpointing,
     )
@@ -108,6 +123,8 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
         peft_config=lora_config(settings.lora_r, settings.lora_alpha),
         callbacks=[log_forwarder(on_log)],
     )
+    if base_view is not None:
+        base_view.bind(trainer.model)
     trainer.train()
     return RLResult(save_adapter(trainer, tokenizer, output_dir), _training_log(trainer.state.log_history, recorder.calls))
 

@@ -1,24 +1,33 @@
 """Supervised fine-tuning on (instruction, input, output) triples: TRL SFTTrainer with LoRA.
 
 Prompt/completion records (Alpaca-style prompt, output as completion) so the loss covers only the
-response tokens.
+response tokens. A validation slice (chosen by the caller, see `validation_split`) is scored before
+training and after every epoch, so the log shows whether the model learnt anything that carries
+over to pairs it did not train on.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .prompts import sft_prompt
+from .splits import hash_bucket
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
+
+VALIDATION_SALT = "sft-validation"
 
 
 @dataclass
 class SFTSettings:
-    epochs: float = 2.0
-    batch_size: int = 8
-    learning_rate: float = 2e-4
+    # A LoRA adapter on a few dozen pairs needs tens of optimizer steps at a high learning rate to
+    # move the model at all (2 steps at 2e-4 left every evaluation answer unchanged); small batches
+    # give more steps for the same compute, and the validation loss shows when it starts to overfit.
+    epochs: float = 3.0
+    batch_size: int = 4
+    learning_rate: float = 1e-3
     max_length: int = 256
     lora_r: int = 8
     lora_alpha: int = 16
@@ -28,7 +37,18 @@ class SFTSettings:
 @dataclass
 class SFTResult:
     adapter_dir: Path
-    log: list[dict] = field(default_factory=list)
+    log: list[dict] = field(default_factory=list)  # one row per optimizer step: step, loss, learning_rate, epoch
+    epochs: list[dict] = field(default_factory=list)  # epoch, steps, train_loss, validation_loss (epoch 0: before)
+
+
+def validation_split(keys: Sequence[str], share: float, minimum: int) -> set[str]:
+    """The keys (instruction ids) whose pairs are held out for validation: those in the lowest
+    `share` of a salted hash, or, when that is fewer than min(minimum, a quarter of the keys), the
+    that-many lowest. Stable across runs and stages; all pairs of one instruction go to one side."""
+    distinct = sorted(set(keys), key=lambda k: (hash_bucket(k, VALIDATION_SALT), k))
+    chosen = [k for k in distinct if hash_bucket(k, VALIDATION_SALT) < share * 10_000]
+    wanted = min(minimum, len(distinct) // 4)
+    return set(chosen if len(chosen) >= wanted else distinct[:wanted])
 
 
 def sft_records(triples: Sequence[tuple[str, str, str]]) -> dict[str, list[str]]:
@@ -36,31 +56,63 @@ def sft_records(triples: Sequence[tuple[str, str, str]]) -> dict[str, list[str]]
 
 
 def finetune(model, tokenizer, triples: Sequence[tuple[str, str, str]], settings: SFTSettings, output_dir: Path,
-             device: str, on_log=None) -> SFTResult:
+             device: str, on_log=None, validation: Sequence[tuple[str, str, str]] = ()) -> SFTResult:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     if not triples:
         raise ValueError("no (instruction, input, output) triples to fine-tune on")
+    train = Dataset.from_dict(sft_records(triples))
+    evaluated = {"train": train} | ({"validation": Dataset.from_dict(sft_records(validation))} if validation else {})
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(
             **common_training_args(output_dir, settings.seed, device),
             num_train_epochs=settings.epochs,
             per_device_train_batch_size=settings.batch_size,
+            per_device_eval_batch_size=max(settings.batch_size, 8),
             learning_rate=settings.learning_rate,
             max_length=settings.max_length,
+            eval_strategy="epoch" if validation else "no",
         ),
-        train_dataset=Dataset.from_dict(sft_records(triples)),
+        train_dataset=train,
+        eval_dataset=evaluated.get("validation"),
         processing_class=tokenizer,
         peft_config=lora_config(settings.lora_r, settings.lora_alpha),
         callbacks=[log_forwarder(on_log)],
     )
+    # Before any step: both losses of the untrained adapter (= the base model), the curves' origin.
+    start = {name: trainer.evaluate(ds, metric_key_prefix=name)[f"{name}_loss"] for name, ds in evaluated.items()}
     trainer.train()
     adapter_dir = save_adapter(trainer, tokenizer, output_dir)
-    log = [
+    steps = [
         {"step": int(h["step"]), "loss": float(h["loss"]), "learning_rate": float(h.get("learning_rate", 0.0)),
          "epoch": float(h.get("epoch", 0.0))}
         for h in trainer.state.log_history if "loss" in h
     ]
-    return SFTResult(adapter_dir, log)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    return SFTResult(adapter_dir, steps, epoch_log(steps, evals, start))
+
+
+def epoch_log(steps: Sequence[dict], evals: Sequence[dict], start: dict[str, float]) -> list[dict]:
+    """Per epoch: the optimizer steps so far, the mean training loss of the epoch's steps and the
+    validation loss after it; epoch 0 holds the losses measured before training."""
+    rows = [{"epoch": 0, "steps": 0, "train_loss": start.get("train", math.nan),
+             "validation_loss": start.get("validation", math.nan)}]
+    last_epoch = max((s["epoch"] for s in steps), default=0.0)
+    for k in range(1, math.ceil(last_epoch - 1e-9) + 1):
+        in_epoch = [s for s in steps if k - 1 < s["epoch"] <= k + 1e-9]
+        after = [e for e in evals if k - 1 < float(e.get("epoch", 0.0)) <= k + 1e-9]
+        rows.append({
+            "epoch": k,
+            "steps": max((s["step"] for s in in_epoch), default=rows[-1]["steps"]),
+            "train_loss": sum(s["loss"] for s in in_epoch) / len(in_epoch) if in_epoch else math.nan,
+            "validation_loss": float(after[-1]["eval_loss"]) if after else math.nan,
+        })
+    return rows
+
+
+def validation_never_improved(epochs: Sequence[dict]) -> bool:
+    """True when no epoch's validation loss is below the one measured before training."""
+    values = [e["validation_loss"] for e in epochs if not math.isnan(e["validation_loss"])]
+    return len(values) >= 2 and min(values[1:]) >= values[0]

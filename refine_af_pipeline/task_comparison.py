@@ -7,7 +7,7 @@ so the interval says how much the share would move with another draw of tasks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from .paired_comparison import paired_bootstrap
@@ -15,6 +15,10 @@ from .paired_comparison import paired_bootstrap
 # Greedy decoding gives identical outputs (hence identical task means) when both models answer alike;
 # anything closer than this is that case, not an improvement.
 ROUGE_TIE_TOLERANCE = 1e-9
+# A task's mean log-likelihood (nats per token) moves by less than this only through float noise of
+# batching; any real change of the model moves it by more.
+LOG_LIKELIHOOD_TIE_TOLERANCE = 1e-4
+METRIC_TIE_TOLERANCES = {"rouge_l": ROUGE_TIE_TOLERANCE, "log_likelihood": LOG_LIKELIHOOD_TIE_TOLERANCE}
 
 
 @dataclass(frozen=True)
@@ -76,3 +80,21 @@ def compare_over_tasks(candidate: Mapping[str, float], reference: Mapping[str, f
 def mean_per_model(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """model -> mean over its tasks of the per-task ROUGE-L (every task weighs the same)."""
     return {model: sum(by_task.values()) / len(by_task) for model, by_task in scores.items() if by_task}
+
+
+def summary_rows(by_metric: Mapping[str, Mapping[str, Mapping[str, float]]], pairs: Sequence[tuple[str, str]],
+                 resamples: int = 10_000, seed: int = 0) -> list[dict]:
+    """One row per (metric, candidate, reference): compare_over_tasks with the metric's tie
+    tolerance. `by_metric`: metric -> model -> task -> task mean."""
+    rows = []
+    for metric, by_model in by_metric.items():
+        for candidate, reference in pairs:
+            c = compare_over_tasks(by_model[candidate], by_model[reference], candidate, reference, resamples,
+                                   seed=seed, tie_tolerance=METRIC_TIE_TOLERANCES[metric])
+            rows.append({"metric": metric, **c.as_dict()})
+    return rows
+
+
+def tasks_differing(candidate: Mapping[str, float], reference: Mapping[str, float], margin: float) -> int:
+    """How many tasks' means differ by more than `margin` (either way)."""
+    return sum(abs(candidate[t] - reference[t]) > margin for t in candidate)

@@ -13,11 +13,12 @@ def smallest_run_config(**overrides) -> dict:
     ops = {
         "raw_instructions": {"num_prompts": 8, "classification_prompts": 1, "max_new_tokens": 64},
         "reward_scores": {"max_instructions": 8, "max_new_tokens": 32},
-        "rl_refined_policy": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "max_completion_length": 24},
+        "rl_refined_policy": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "train_batch_size": 2,
+                              "max_completion_length": 24},
         "rl_refined_policy_policy_beats_base_on_heldout": {"samples_per_instruction": 2, "max_new_tokens": 32,
                                                            "bootstrap_resamples": 2000},
         "instance_output_pairs": {"max_instructions": 8, "max_new_tokens": 32},
-        "finetuned_model": {"epochs": 1.0, "batch_size": 4, "max_length": 128},
+        "finetuned_model": {"epochs": 2.0, "batch_size": 4, "max_length": 128, "min_validation": 1},
         "evaluation": {"instances_per_task": 1, "max_new_tokens": 8, "bootstrap_resamples": 2000},
     }
     for key, value in overrides.items():

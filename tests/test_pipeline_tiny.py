@@ -10,6 +10,7 @@ import pytest
 
 from assets.shared import is_held_out
 from pipeline_helpers import materialize, smallest_run_config
+from refine_af_pipeline.evaluation import load_tasks
 from refine_af_pipeline.exports import read_dataset_exports
 from refine_af_pipeline.rouge import RougeDeduplicator
 from refine_af_pipeline.seeds import SeedFileError
@@ -38,8 +39,10 @@ def test_every_stage_writes_its_table(first_run):
     assert counts["seed_pool"] == 175
     assert all(n > 0 for n in counts.values()), counts
     assert counts["rl_refined_policy"] == 2  # one log row per RL step
-    assert counts["evaluation"] == 3 * 20  # (task, model) rows: base, Self-Instruct, REFINE-AF on 20 tasks
-    assert counts["evaluation_predictions"] == 3 * 20  # one instance per task in the smallest config
+    n_tasks = len(load_tasks())
+    assert counts["evaluation"] == 3 * n_tasks  # (task, model) rows: base, Self-Instruct, REFINE-AF on every task
+    assert counts["evaluation_predictions"] == 3 * n_tasks  # one instance per task in the smallest config
+    assert counts["evaluation_summary"] == 2 * 3  # (metric, pair of models)
 
 
 def test_raw_instructions_carry_provenance(first_run, tiny_model_dir):
@@ -204,35 +207,71 @@ def test_self_instruct_branch_uses_the_base_model_on_the_same_instructions(first
     assert logs["selfinstruct_finetuned_model"]["train_table"].to_list() == ["selfinstruct_instance_pairs"]
 
 
-def test_evaluation_compares_three_models_with_a_summary_and_a_warning_check(first_run):
+def test_evaluation_compares_three_models_on_both_metrics_with_a_summary_and_a_warning_check(first_run):
     data_dir, result = first_run
+    n_tasks = len(load_tasks())
     scores = _table(data_dir, "SELECT * FROM evaluation")
     assert sorted(set(scores["model"])) == ["base", "refine_af", "self_instruct"]
-    assert scores.group_by("model").len()["len"].to_list() == [20, 20, 20]
+    assert scores.group_by("model").len()["len"].to_list() == [n_tasks] * 3
+    assert (scores["log_likelihood"] < 0).all()  # mean log-probability per token of a reference
     adapters = dict(_table(data_dir, "SELECT DISTINCT model, adapter_path FROM evaluation").iter_rows())
     assert adapters["base"] is None
     assert "/selfinstruct_finetuned_model/" in adapters["self_instruct"] and "/finetuned_model/" in adapters["refine_af"]
     predictions = _table(data_dir, "SELECT * FROM evaluation_predictions")
-    per_task = predictions.group_by("task", "model").agg(pl.col("rouge_l").mean()).sort("task", "model")
+    per_task = predictions.group_by("task", "model").agg(pl.col("rouge_l").mean(),
+                                                         pl.col("reference_log_likelihood").mean()).sort("task", "model")
     joined = per_task.join(scores, on=["task", "model"])
-    assert joined.height == 60 and (joined["rouge_l"] - joined["rouge_l_right"]).abs().max() < 1e-12
+    assert joined.height == 3 * n_tasks and (joined["rouge_l"] - joined["rouge_l_right"]).abs().max() < 1e-12
+    assert (joined["reference_log_likelihood"] - joined["log_likelihood"]).abs().max() < 1e-9
+    # The tuned adapters change the model: its log-likelihood of the references moves on every task.
+    wide_ll = scores.pivot(on="model", index="task", values="log_likelihood")
+    assert ((wide_ll["refine_af"] - wide_ll["base"]).abs() > 1e-4).all()
     summary = _table(data_dir, "SELECT * FROM evaluation_summary")
-    headline = summary.filter((pl.col("candidate") == "refine_af") & (pl.col("reference") == "self_instruct")).row(
-        0, named=True)
-    wide = scores.pivot(on="model", index="task", values="rouge_l")
-    diff = wide["refine_af"] - wide["self_instruct"]
-    assert headline["n_tasks"] == 20
-    assert headline["wins"] == int((diff > 1e-9).sum()) and headline["ties"] == int((diff.abs() <= 1e-9).sum())
-    assert headline["wins"] + headline["ties"] + headline["losses"] == 20
-    assert headline["win_share_ci_low"] <= headline["win_share"] <= headline["win_share_ci_high"]
+    assert sorted(set(summary["metric"])) == ["log_likelihood", "rouge_l"]
+    for metric in ("rouge_l", "log_likelihood"):
+        wide = scores.pivot(on="model", index="task", values=metric)
+        for candidate, reference in [("refine_af", "self_instruct"), ("refine_af", "base"), ("self_instruct", "base")]:
+            row = summary.filter((pl.col("metric") == metric) & (pl.col("candidate") == candidate)
+                                 & (pl.col("reference") == reference)).row(0, named=True)
+            diff = wide[candidate] - wide[reference]
+            tolerance = 1e-9 if metric == "rouge_l" else 1e-4
+            assert row["n_tasks"] == n_tasks
+            assert row["wins"] == int((diff > tolerance).sum()) and row["ties"] == int((diff.abs() <= tolerance).sum())
+            assert row["wins"] + row["ties"] + row["losses"] == n_tasks
+            assert row["win_share_ci_low"] <= row["win_share"] <= row["win_share_ci_high"]
+            assert row["mean_difference"] == pytest.approx(diff.mean())
     metadata = result.asset_materializations_for_node("evaluation")[0].metadata
-    for key in ["mean_rouge_l_base", "mean_rouge_l_self_instruct", "mean_rouge_l_refine_af", "summary", "per_task",
-                "chart", "share_tasks_refine_af_beats_self_instruct", "share_ci95_low", "share_ci95_high", "ties"]:
+    for key in ["mean_rouge_l_base", "mean_rouge_l_self_instruct", "mean_rouge_l_refine_af",
+                "mean_log_likelihood_base", "mean_log_likelihood_refine_af", "summary", "per_task",
+                "chart", "share_tasks_refine_af_beats_self_instruct", "share_ci95_low", "share_ci95_high", "ties",
+                "tasks_log_likelihood_differs_from_base_refine_af", "peak_rss_mib"]:
         assert key in metadata, key
-    assert metadata["mean_rouge_l_refine_af"].value == pytest.approx(wide["refine_af"].mean())
+    assert metadata["mean_rouge_l_refine_af"].value == pytest.approx(scores.filter(pl.col("model") == "refine_af")["rouge_l"].mean())
+    assert metadata["tasks_log_likelihood_differs_from_base_refine_af"].value == int(
+        ((wide_ll["refine_af"] - wide_ll["base"]).abs() > 0.01).sum())
+    headline = summary.filter((pl.col("metric") == "rouge_l") & (pl.col("candidate") == "refine_af")
+                              & (pl.col("reference") == "self_instruct")).row(0, named=True)
     [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "refine_af_beats_self_instruct"]
     assert check.severity == dg.AssetCheckSeverity.WARN
     assert check.passed == (headline["wins"] > headline["losses"])
+
+
+def test_sft_logs_train_and_validation_loss_per_epoch(first_run):
+    data_dir, result = first_run
+    for table, pairs_table in [("finetuned_model", "instance_output_pairs"),
+                               ("selfinstruct_finetuned_model", "selfinstruct_instance_pairs")]:
+        log = _table(data_dir, f"SELECT * FROM {table} ORDER BY epoch")
+        assert log["epoch"].to_list() == [0, 1, 2]
+        assert log["steps"][0] == 0 and log["steps"].is_sorted() and log["steps"][-1] > 0
+        assert log["validation_loss"].is_not_nan().all() and log["train_loss"].is_not_nan().all()
+        kept = _table(data_dir, f"SELECT count(*) AS n FROM {pairs_table} WHERE keep")["n"][0]
+        assert log["train_examples"][0] + log["validation_examples"][0] == kept
+        assert log["validation_examples"][0] >= 1
+        metadata = result.asset_materializations_for_node(table)[0].metadata
+        for key in ["loss_curve", "final_train_loss", "final_validation_loss", "first_validation_loss",
+                    "validation_warning", "optimizer_steps", "peak_rss_mib"]:
+            assert key in metadata, key
+        assert metadata["final_validation_loss"].value == pytest.approx(log["validation_loss"][-1])
 
 
 def test_exports_hold_the_kept_pairs_of_both_branches_in_every_format(first_run):

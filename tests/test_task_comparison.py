@@ -45,3 +45,22 @@ def test_different_task_sets_are_refused():
 def test_mean_per_model_weighs_every_task_the_same():
     assert mean_per_model({"base": {"a": 0.2, "b": 0.4}, "refine_af": {"a": 0.6, "b": 0.0}}) == pytest.approx(
         {"base": 0.3, "refine_af": 0.3})
+
+
+def test_summary_rows_compare_every_pair_on_each_metric_with_its_own_tie_tolerance():
+    from refine_af_pipeline.task_comparison import summary_rows, tasks_differing
+
+    by_metric = {
+        "rouge_l": {"base": {"a": 0.5, "b": 0.2, "c": 0.1}, "tuned": {"a": 0.5, "b": 0.3, "c": 0.0}},
+        # log-likelihoods: a change of 5e-5 nats/token is batching noise (a tie), 0.02 is not.
+        "log_likelihood": {"base": {"a": -2.0, "b": -1.5, "c": -3.0}, "tuned": {"a": -1.98, "b": -1.49995, "c": -3.5}},
+    }
+    rows = summary_rows(by_metric, [("tuned", "base")], resamples=2_000)
+    assert [r["metric"] for r in rows] == ["rouge_l", "log_likelihood"]
+    rouge, ll = rows
+    assert (rouge["wins"], rouge["ties"], rouge["losses"]) == (1, 1, 1)
+    assert (ll["wins"], ll["ties"], ll["losses"]) == (1, 1, 1)
+    assert ll["mean_difference"] == pytest.approx((0.02 + 0.00005 - 0.5) / 3)
+    assert ll["mean_difference_ci_low"] <= ll["mean_difference"] <= ll["mean_difference_ci_high"]
+    assert rouge["win_share"] == pytest.approx(1 / 3) and rouge["candidate"] == "tuned"
+    assert tasks_differing(by_metric["log_likelihood"]["tuned"], by_metric["log_likelihood"]["base"], 0.01) == 2

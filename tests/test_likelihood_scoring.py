@@ -1,0 +1,73 @@
+"""Teacher-forced log-likelihoods and next-token distributions in padded batches, against a hand
+computation: one unpadded forward pass per text and a log-softmax read at each position."""
+
+import math
+
+import pytest
+import torch
+
+from refine_af_pipeline.evaluation import reference_log_likelihood
+from refine_af_pipeline.generation import continuation_logprobs, mean_logprob, next_token_distribution
+from resources import LanguageModelResource
+
+CONTEXTS = ["Definition: Name the colour.\n\nInput: the sky on a clear day\nOutput:",
+            "Explain",
+            "Definition: Answer with one word.\n\nInput: a very long input that makes this row the widest of the "
+            "batch by far, so the others are padded\nOutput:"]
+CONTINUATIONS = [" blue", " the river and the garden before the market opens", " yes"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tokenizer, _, _ = LanguageModelResource(model=str(tiny_model_dir), device="cpu").load()
+    return model, tokenizer
+
+
+def by_hand(model, tokenizer, context: str, continuation: str) -> list[float]:
+    a = tokenizer(context, add_special_tokens=False)["input_ids"]
+    b = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([a + b])).logits[0]
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return [logprobs[p - 1, (a + b)[p]].item() for p in range(len(a), len(a) + len(b)) if p > 0]
+
+
+def test_continuation_logprobs_equal_a_hand_computation_in_padded_batches(tiny):
+    model, tokenizer = tiny
+    expected = [by_hand(model, tokenizer, c, x) for c, x in zip(CONTEXTS, CONTINUATIONS)]
+    for batch_size in (1, 2, 3):
+        got = continuation_logprobs(model, tokenizer, CONTEXTS, CONTINUATIONS, batch_size=batch_size)
+        assert [len(g) for g in got] == [len(e) for e in expected]
+        for g, e in zip(got, expected):
+            assert g == pytest.approx(e, abs=2e-4), batch_size
+    assert all(v < 0 for row in expected for v in row)
+
+
+def test_a_continuation_without_context_skips_its_first_token(tiny):
+    model, tokenizer = tiny
+    [got] = continuation_logprobs(model, tokenizer, [""], [" the river"])
+    n = len(tokenizer(" the river", add_special_tokens=False)["input_ids"])
+    assert len(got) == n - 1 and got == pytest.approx(by_hand(model, tokenizer, "", " the river"), abs=2e-4)
+
+
+def test_reference_log_likelihood_is_the_best_mean_over_references(tiny):
+    model, tokenizer = tiny
+    prompt = CONTEXTS[0]
+    refs = ("blue", "a bright and very clear blue colour")
+    means = [mean_logprob(by_hand(model, tokenizer, prompt, " " + r)) for r in refs]
+    [got] = reference_log_likelihood(model, tokenizer, [prompt], [refs], batch_size=2)
+    assert got == pytest.approx(max(means), abs=2e-4)
+    assert means[0] != pytest.approx(means[1], abs=1e-3)  # the choice of reference matters here
+    assert math.isnan(mean_logprob([]))
+
+
+def test_next_token_distribution_matches_an_unpadded_forward(tiny):
+    model, tokenizer = tiny
+    candidates = ["Yes", "No"]
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in candidates]
+    got = next_token_distribution(model, tokenizer, CONTEXTS, candidates, batch_size=3)
+    for context, probs in zip(CONTEXTS, got):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokenizer(context, add_special_tokens=False)["input_ids"]])).logits
+        expected = torch.softmax(logits[0, -1, ids].double(), dim=-1).tolist()
+        assert probs == pytest.approx(expected, abs=2e-4)
