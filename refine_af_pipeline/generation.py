@@ -54,20 +54,22 @@ def generate(
     stop_after_first_line: bool = False,
 ) -> list[Generation]:
     """Generate one continuation per already-rendered prompt, in batches, keeping prompt order.
-    A batch whose generate call raises a transient backend error is tried again (retry.py).
-    `stop_after_first_line`: a row stops once its first non-empty line has ended (for callers that
-    keep only that line; the line itself is the same as without stopping)."""
+    Prompts of similar length share a batch (a padded position costs as much as a real one);
+    the results come back in prompt order. A batch whose generate call raises a transient backend
+    error is tried again (retry.py). `stop_after_first_line`: a row stops once its first non-empty
+    line has ended (for callers that keep only that line; the line itself is the same as without
+    stopping)."""
     import torch
 
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
-    results: list[Generation] = []
+    eos_ids = _eos_ids(model, tokenizer)
+    results: list[Generation | None] = [None] * len(prompts)
     started = time.monotonic()
-    n_batches = (len(prompts) + batch_size - 1) // batch_size
-    for b in range(n_batches):
-        chunk = list(prompts[b * batch_size : (b + 1) * batch_size])
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
+    batches = length_sorted_batches(tokenizer, prompts, batch_size)
+    for b, indices in enumerate(batches):
+        enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
         kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         if params.do_sample:
@@ -81,19 +83,26 @@ def generate(
             with torch.no_grad():
                 return model.generate(**enc, **kwargs)
 
-        out = call_with_retry(run_batch, f"generation batch {b + 1}/{n_batches}", backoff)
-        new_tokens = out[:, enc["input_ids"].shape[1] :]
-        eos_ids = _eos_ids(model, tokenizer)
-        for row in new_tokens.tolist():
+        out = call_with_retry(run_batch, f"generation batch {b + 1}/{len(batches)}", backoff)
+        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        for i, row in zip(indices, new_tokens.tolist()):
             # Cut at the first end-of-sequence (or pad) token; the rest is padding.
-            cut = next((i for i, t in enumerate(row) if t in eos_ids), None)
+            cut = next((k for k, t in enumerate(row) if t in eos_ids), None)
             kept = row if cut is None else row[:cut]
-            results.append(
-                Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), cut is None)
-            )
+            results[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), cut is None)
         if progress is not None:
-            progress(b + 1, n_batches, time.monotonic() - started)
+            progress(b + 1, len(batches), time.monotonic() - started)
     return results
+
+
+def length_sorted_batches(tokenizer, texts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Indices of `texts` in batches of at most batch_size, longest first, so that each batch pads
+    little. One batch (len(texts) <= batch_size) keeps the given order."""
+    if len(texts) <= batch_size:
+        return [list(range(len(texts)))] if texts else []
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def _first_line_ended(tokenizer, prompt_width: int):
@@ -147,14 +156,17 @@ def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuatio
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    out: list[list[float]] = []
-    for start in range(0, len(contexts), batch_size):
-        ctx_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts[start:start + batch_size]]
-        cont_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations[start:start + batch_size]]
+    all_ctx = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
+    all_cont = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    # Similar lengths share a batch (less padding); results go back in input order.
+    order = sorted(range(len(contexts)), key=lambda i: -(len(all_ctx[i]) + len(all_cont[i])))
+    out: list[list[float]] = [[] for _ in contexts]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        ctx_ids, cont_ids = [all_ctx[i] for i in rows], [all_cont[i] for i in rows]
         seqs = [a + b for a, b in zip(ctx_ids, cont_ids)]
         width = max(len(s) for s in seqs)
         if width == 0:
-            out.extend([] for _ in seqs)
             continue
         # Left padding puts every continuation at the end, so one `keep` covers all rows.
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
@@ -166,12 +178,11 @@ def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuatio
             targets = input_ids[:, width - keep + 1:]
             for k, (a, b) in enumerate(zip(ctx_ids, cont_ids)):
                 if not b:
-                    out.append([])
                     continue
                 row = logits[k, :keep - 1].float()  # one row at a time: no second batch-sized copy
                 lp = row.gather(-1, targets[k].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
                 values = lp[keep - 1 - len(b):].tolist() if len(b) < keep else [math.nan] + lp.tolist()
-                out.append(values if a else values[1:])
+                out[rows[k]] = values if a else values[1:]
     return out
 
 
@@ -190,13 +201,12 @@ def next_token_distribution(model, tokenizer, contexts: Sequence[str], candidate
         ids = tokenizer(tok, add_special_tokens=False)["input_ids"]
         cand_ids.append(ids[0])
     device = next(model.parameters()).device
-    probs: list[list[float]] = []
-    for start in range(0, len(contexts), batch_size):
-        chunk = list(contexts[start:start + batch_size])
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
+    probs: list[list[float] | None] = [None] * len(contexts)
+    for rows in length_sorted_batches(tokenizer, contexts, batch_size):
+        enc = tokenizer([contexts[i] for i in rows], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
         with torch.no_grad():
             logits = _last_logits(model, enc["input_ids"], enc["attention_mask"], 1)[:, -1, :].float()
-        sel = torch.softmax(logits[:, cand_ids], dim=-1)
-        probs.extend(sel.tolist())
+        for i, p in zip(rows, torch.softmax(logits[:, cand_ids], dim=-1).tolist()):
+            probs[i] = p
     return probs

@@ -15,32 +15,37 @@ class ParsedInstructions:
     dropped_truncated: bool
 
 
+_RESTARTED_LIST = re.compile(r"1\s*[.)]\s+\S")
+
+
 def parse_numbered_continuation(response: str, first_number: int, hit_token_limit: bool) -> ParsedInstructions:
     """Split a continuation of a numbered list ("9. ... 10. ...") into single instructions.
 
-    The response is what the model wrote after the prompt's open number `first_number.`. Items end
-    at the next numbered line; a last item is dropped when generation stopped at the token limit,
-    because it is probably cut mid-sentence.
+    The response is what the model wrote after the prompt's open number `first_number.`. Items
+    start at consecutive numbered lines; an item is the first line of its text: further lines are
+    the model answering it (a nested list, an example) or commentary. A small model often restarts
+    the numbering instead ("9. 1. A\n2. B"); that list is read from its own "1.". An item whose
+    line runs to the end of a response cut at the token limit is dropped: it is probably cut
+    mid-sentence.
     """
-    text = f"{first_number}. " + response.lstrip()
+    body = response.lstrip()
+    start = 1 if _RESTARTED_LIST.match(body) else first_number
+    text = body if start == 1 else f"{first_number}. " + body
     matches = list(_NUMBERED_ITEM.finditer(text))
     # Numbers must run on consecutively; anything else is text that merely starts with a digit.
     accepted = []
     for match in matches:
-        if int(match.group(1)) == first_number + len(accepted):
+        if int(match.group(1)) == start + len(accepted):
             accepted.append(match)
-    items = [text[m.end():(accepted[k + 1].start() if k + 1 < len(accepted) else len(text))]
-             for k, m in enumerate(accepted)]
-    cleaned = []
-    for item in items:
-        # An item ends at its first blank line: what follows is commentary, not the instruction.
-        item = re.split(r"\n\s*\n", item.strip(), maxsplit=1)[0]
-        item = " ".join(item.split())
-        cleaned.append(item)
-    dropped = False
-    if hit_token_limit and cleaned:
-        cleaned.pop()
-        dropped = True
+    cleaned, dropped = [], False
+    for k, m in enumerate(accepted):
+        end = accepted[k + 1].start() if k + 1 < len(accepted) else len(text)
+        item = text[m.end():end].strip()
+        line, newline, _ = item.partition("\n")
+        if hit_token_limit and not newline and end == len(text):
+            dropped = True  # the last line was still being written when generation stopped
+            continue
+        cleaned.append(" ".join(line.split()))
     cleaned = [c for c in cleaned if c]
     if cleaned:
         return ParsedInstructions(cleaned, "ok", dropped)

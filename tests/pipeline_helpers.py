@@ -31,9 +31,10 @@ def smallest_run_config(**overrides) -> dict:
 
 
 def materialize(data_dir: Path, model: str, run_config: dict, selection=None, batch_size: int = 8,
-                raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+                raise_on_error: bool = True, stage_batch_sizes: dict | None = None) -> dg.ExecuteInProcessResult:
     resources = default_resources(data_dir)
-    resources["language_model"] = LanguageModelResource(model=model, device="cpu", batch_size=batch_size)
+    resources["language_model"] = LanguageModelResource(model=model, device="cpu", batch_size=batch_size,
+                                                        stage_batch_sizes=stage_batch_sizes or {})
     ops = {k: {"config": v} for k, v in run_config.items() if selection is None or k in selection}
     return dg.materialize([*all_assets, *all_checks], resources=resources, run_config=dg.RunConfig(ops=ops),
                           selection=selection, raise_on_error=raise_on_error)

@@ -1,0 +1,73 @@
+"""Generation batches: any batch size gives the outputs in prompt order, and in the generation
+stages a stage's batch size sets the crash-resume batches while rows keep their provenance."""
+
+import json
+
+import duckdb
+import pytest
+
+from pipeline_helpers import materialize, smallest_run_config
+from refine_af_pipeline.generation import SamplingParams, generate, length_sorted_batches, render_prompt
+from refine_af_pipeline.prompts import INSTANCE_PREFIX, instance_prompt
+from resources import LanguageModelResource
+
+INSTRUCTIONS = ["Plan a trip", "Explain rivers to a child who asks why water flows downhill every single day",
+                "List three habits", "Compare two bridges and say which one is older and which one is longer",
+                "Rewrite this", "Suggest a recipe for a quiet evening", "Describe the market",
+                "Outline a budget for a student who lives in a city and walks to school"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tokenizer, _, _ = LanguageModelResource(model=str(tiny_model_dir), device="cpu").load()
+    return model, tokenizer
+
+
+def test_length_sorted_batches_cover_every_index_once_longest_first(tiny):
+    _, tokenizer = tiny
+    texts = [i * (k % 3 + 1) for k, i in enumerate(INSTRUCTIONS)]
+    batches = length_sorted_batches(tokenizer, texts, 3)
+    assert [len(b) for b in batches] == [3, 3, 2]
+    assert sorted(i for b in batches for i in b) == list(range(len(texts)))
+    lengths = [len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for b in batches for i in b]
+    assert lengths == sorted(lengths, reverse=True)
+    assert length_sorted_batches(tokenizer, texts[:2], 8) == [[0, 1]]  # one batch: order as given
+
+
+def test_any_batch_size_returns_the_outputs_in_prompt_order(tiny):
+    model, tokenizer = tiny
+    prompts = [render_prompt(tokenizer, instance_prompt(i), INSTANCE_PREFIX) for i in INSTRUCTIONS]
+    params = SamplingParams(max_new_tokens=12, do_sample=False)
+    one_by_one = [generate(model, tokenizer, [p], params, batch_size=1)[0].text for p in prompts]
+    assert len(set(one_by_one)) > 1, "the tiny model answers every prompt alike: order would not show"
+    for batch_size in (3, 8, 64):
+        batched = [g.text for g in generate(model, tokenizer, prompts, params, batch_size=batch_size)]
+        assert batched == one_by_one, batch_size
+
+
+def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(tiny_model_dir, tmp_path):
+    config = smallest_run_config(raw_instructions={"num_prompts": 8, "classification_prompts": 1},
+                                 instance_output_pairs={"max_instructions": 5, "instances_per_instruction": 2})
+    sizes = {"raw_instructions": 3, "selfinstruct_instance_pairs": 4}
+    result = materialize(tmp_path, str(tiny_model_dir), config, batch_size=2, stage_batch_sizes=sizes,
+                         selection=["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores",
+                                    "selfinstruct_instance_pairs"])
+    assert result.success
+    with duckdb.connect(str(tmp_path / "refine_af.duckdb"), read_only=True) as conn:
+        batches = conn.execute("SELECT asset, batch_index, inputs, rows_written FROM generation_plan_batches "
+                               "ORDER BY asset, batch_index").pl()
+        raw = conn.execute("SELECT prompt_index, prompt_example_ids, position_in_response FROM raw_instructions "
+                           "ORDER BY prompt_index, position_in_response").pl()
+        pairs = conn.execute("SELECT instance_id, instruction_id, instruction FROM selfinstruct_instance_pairs").pl()
+    raw_batches = [json.loads(i) for i in batches.filter(batches["asset"] == "raw_instructions")["inputs"]]
+    assert [len(b) for b in raw_batches] == [3, 3, 2]
+    planned = [p for b in raw_batches for p in b]
+    # Every row's provenance is the prompt the plan put at its index.
+    for row in raw.filter(raw["position_in_response"] == 0).iter_rows(named=True):
+        assert json.loads(row["prompt_example_ids"]) == planned[row["prompt_index"]]["example_ids"]
+    assert sorted(set(raw["prompt_index"])) == list(range(8))
+    instance_batches = [json.loads(i) for i in batches.filter(batches["asset"] == "selfinstruct_instance_pairs")["inputs"]]
+    assert [len(b) for b in instance_batches] == [4, 4, 2]
+    planned_items = [item for b in instance_batches for item in b]
+    assert pairs["instance_id"].to_list() == [i["instance_id"] for i in planned_items]  # plan order
+    assert pairs["instruction"].to_list() == [i["instruction"] for i in planned_items]
