@@ -10,10 +10,12 @@ from collections import Counter
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.evaluation import (best_rouge_l, evaluation_items, first_line, load_tasks, mean_by_task,
-                                           reference_log_likelihood)
-from refine_af_pipeline.generation import SamplingParams, generate
+from refine_af_pipeline.adapters import merged
+from refine_af_pipeline.evaluation import (best_mean_logprob, best_rouge_l, evaluation_items, first_line, load_tasks,
+                                           mean_by_task, reference_continuations)
+from refine_af_pipeline.generation import SamplingParams
 from refine_af_pipeline.plots import bar_panels_png
+from refine_af_pipeline.prefix_scoring import generate_and_score_continuations
 from refine_af_pipeline.prompts import evaluation_prompt
 from refine_af_pipeline.task_comparison import mean_per_model, summary_rows, tasks_differing
 from resources import LanguageModelResource, Warehouse
@@ -70,12 +72,16 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
     task_rows, prediction_rows = [], []
     by_metric: dict[str, dict[str, dict[str, float]]] = {m: {} for m in METRICS}
     for label, model in models.items():
-        # Only the first line is scored, so a row may stop there (same answers, fewer tokens).
-        gens = generate(model, tokenizer, prompts, params, language_model.generation_batch_size("evaluation"), 0,
-                        progress_logger(context, f"evaluation/{label}"), stop_after_first_line=True)
+        # Only the first line is scored, so a row may stop there (same answers, fewer tokens). The
+        # references are read on the same prefill of the prompt as the answer.
+        with merged(model) as view:
+            gens, reference_logprobs = generate_and_score_continuations(
+                view, tokenizer, prompts, [reference_continuations(r) for r in references], params,
+                language_model.generation_batch_size("evaluation"), 0, progress_logger(context, f"evaluation/{label}"),
+                stop_after_first_line=True)
         answers = [first_line(g.text) for g in gens]
         scores = [best_rouge_l(a, inst.references) for a, (_, inst) in zip(answers, items)]
-        likelihoods = reference_log_likelihood(model, tokenizer, prompts, references, language_model.scoring_batch_size)
+        likelihoods = [best_mean_logprob(lists) for lists in reference_logprobs]
         by_metric["rouge_l"][label] = mean_by_task(items, scores)
         by_metric["log_likelihood"][label] = mean_by_task(items, likelihoods)
         task_rows += [dict(task=name, model=label, model_id=source.model_id, adapter_path=adapters[label],

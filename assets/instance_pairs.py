@@ -21,11 +21,10 @@ from .shared import base_component_stats, kept_instructions, latest_artifact, su
 
 
 class InstancePairsConfig(dg.Config):
-    # 0 = every kept instruction. 8 for the demo (one generation batch): with both branches (this
-    # step and SFT run twice) 16 put make run ~1 min further over its 15-minute budget.
-    # The same seed picks the same instructions in both branches.
-    max_instructions: NonNegativeInt = 8
-    instances_per_instruction: PositiveInt = 1
+    # 0 = every kept instruction; the same seed picks the same instructions in both branches.
+    # 32 x 2 instances fill one generation batch of 64.
+    max_instructions: NonNegativeInt = 32
+    instances_per_instruction: PositiveInt = 2
     max_new_tokens: PositiveInt = 96
     temperature: PositiveFloat = 0.7
     top_p: Probability = 0.95

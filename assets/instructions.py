@@ -24,10 +24,9 @@ PREVIEW = ["instruction_id", "instruction", "parse_status"]
 
 
 class RawInstructionsConfig(dg.Config):
-    # 16 prompts kept 4-12 instructions per demo run (most rejected as near-copies of seeds), too
-    # few for RL's held-out check; 32 keep about twice as many.
-    num_prompts: PositiveInt = 32
-    classification_prompts: NonNegativeInt = 4  # of num_prompts, use the classification-only variant
+    # Two generation batches of 64; about one kept instruction per prompt with the embedded model.
+    num_prompts: PositiveInt = 128
+    classification_prompts: NonNegativeInt = 16  # of num_prompts, use the classification-only variant
     max_new_tokens: PositiveInt = 128
     temperature: PositiveFloat = 0.7
     top_p: Probability = 0.95

@@ -24,6 +24,7 @@ class AdapterView:
     def __init__(self, peft_model=None, adapter: str | None = None):
         self._peft = peft_model
         self.adapter = adapter
+        self._merged = False
 
     def bind(self, peft_model) -> None:
         self._peft = peft_model
@@ -44,10 +45,29 @@ class AdapterView:
                 with peft.disable_adapter():
                     yield peft
             else:
-                peft.set_adapter(self.adapter)
+                if not self._merged:
+                    peft.set_adapter(self.adapter)
                 yield peft
         finally:
             peft.train(was_training)
+
+    @contextmanager
+    def merged(self) -> Iterator[AdapterView]:
+        """Inside, this adapter is folded into the base weights, so calls skip the LoRA matmuls
+        (generation with an unmerged all-linear LoRA took ~25% longer on 2 CPU cores). The other
+        views of the same model must not be used meanwhile; the weights are restored on exit."""
+        if self.adapter is None:
+            yield self
+            return
+        peft = self.peft_model
+        peft.set_adapter(self.adapter)
+        peft.merge_adapter()
+        self._merged = True
+        try:
+            yield self
+        finally:
+            peft.unmerge_adapter()
+            self._merged = False
 
     def __call__(self, *args, **kwargs):
         with self.selected() as model:
@@ -65,6 +85,16 @@ class AdapterView:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.peft_model, name)
+
+
+@contextmanager
+def merged(model) -> Iterator[object]:
+    """`model` with its adapter merged if it is an AdapterView; any other model as it is."""
+    if isinstance(model, AdapterView):
+        with model.merged() as view:
+            yield view
+    else:
+        yield model
 
 
 def attach_adapters(model, adapters: Mapping[str, str]):

@@ -111,21 +111,30 @@ def mean_by_task(items: list[tuple[EvalTask, EvalInstance]], scores: list[float]
     return {name: sum(values) / len(values) for name, values in by_task.items()}
 
 
+def reference_continuations(references: Sequence[str]) -> list[str]:
+    # The answer follows "Output:" after a space, as the model writes it.
+    return [" " + ref.strip() for ref in references]
+
+
+def best_mean_logprob(logprobs_per_reference: Sequence[Sequence[float]]) -> float:
+    """The best reference's mean per-token log-likelihood (NaN if none has a scored token)."""
+    values = [v for v in map(mean_logprob, logprobs_per_reference) if not math.isnan(v)]
+    return max(values) if values else math.nan
+
+
 def reference_log_likelihood(model, tokenizer, prompts: Sequence[str], references: Sequence[Sequence[str]],
                              batch_size: int = 8) -> list[float]:
     """Per prompt, the mean per-token log-likelihood (nats) of its reference outputs after the
     prompt, teacher-forced; the best reference counts, as for ROUGE-L. Unlike the greedy answer,
-    this moves with any change of the model's distribution over the right answer."""
+    this moves with any change of the model's distribution over the right answer. (The
+    evaluation asset gets the same numbers from prefix_scoring, sharing the prompt's prefill.)"""
     contexts, continuations, owner = [], [], []
     for k, (prompt, refs) in enumerate(zip(prompts, references, strict=True)):
-        for ref in refs:
-            # The answer follows "Output:" after a space, as the model writes it.
+        for cont in reference_continuations(refs):
             contexts.append(prompt)
-            continuations.append(" " + ref.strip())
+            continuations.append(cont)
             owner.append(k)
-    best = [-math.inf] * len(prompts)
+    per_prompt: list[list[list[float]]] = [[] for _ in prompts]
     for k, logprobs in zip(owner, continuation_logprobs(model, tokenizer, contexts, continuations, batch_size)):
-        value = mean_logprob(logprobs)
-        if not math.isnan(value):
-            best[k] = max(best[k], value)
-    return [b if b > -math.inf else math.nan for b in best]
+        per_prompt[k].append(logprobs)
+    return [best_mean_logprob(lists) for lists in per_prompt]

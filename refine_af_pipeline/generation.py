@@ -64,34 +64,45 @@ def generate(
     if seed is not None:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_ids_of(model, tokenizer)
     results: list[Generation | None] = [None] * len(prompts)
     started = time.monotonic()
     batches = length_sorted_batches(tokenizer, prompts, batch_size)
     for b, indices in enumerate(batches):
         enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
-        kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        if params.do_sample:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if stop_after_first_line:
-            kwargs.update(stopping_criteria=_first_line_ended(tokenizer, enc["input_ids"].shape[1]))
+        kwargs = generation_kwargs(tokenizer, params, enc["input_ids"].shape[1], stop_after_first_line)
 
         def run_batch():
             with torch.no_grad():
                 return model.generate(**enc, **kwargs)
 
         out = call_with_retry(run_batch, f"generation batch {b + 1}/{len(batches)}", backoff)
-        new_tokens = out[:, enc["input_ids"].shape[1]:]
-        for i, row in zip(indices, new_tokens.tolist()):
-            # Cut at the first end-of-sequence (or pad) token; the rest is padding.
-            cut = next((k for k, t in enumerate(row) if t in eos_ids), None)
-            kept = row if cut is None else row[:cut]
-            results[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), cut is None)
+        for i, generation in zip(indices, decode_new_tokens(tokenizer, out[:, enc["input_ids"].shape[1]:], eos_ids)):
+            results[i] = generation
         if progress is not None:
             progress(b + 1, len(batches), time.monotonic() - started)
+    return results
+
+
+def generation_kwargs(tokenizer, params: SamplingParams, prompt_width: int, stop_after_first_line: bool) -> dict:
+    kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if params.do_sample:
+        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stop_after_first_line:
+        kwargs.update(stopping_criteria=_first_line_ended(tokenizer, prompt_width))
+    return kwargs
+
+
+def decode_new_tokens(tokenizer, new_tokens, eos_ids: set[int]) -> list[Generation]:
+    """Each row cut at its first end-of-sequence (or pad) token; the rest is padding."""
+    results = []
+    for row in new_tokens.tolist():
+        cut = next((k for k, t in enumerate(row) if t in eos_ids), None)
+        kept = row if cut is None else row[:cut]
+        results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), cut is None))
     return results
 
 
@@ -119,7 +130,7 @@ def _first_line_ended(tokenizer, prompt_width: int):
     return StoppingCriteriaList([FirstLineEnded()])
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids_of(model, tokenizer) -> set[int]:
     ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
     cfg_eos = getattr(model.generation_config, "eos_token_id", None)
     if isinstance(cfg_eos, int):
@@ -129,7 +140,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _position_ids(attention_mask):
+def position_ids(attention_mask):
     # Left padding: each row's positions start at 0 with its first real token, as in generate().
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -138,7 +149,7 @@ def _last_logits(model, input_ids, attention_mask, keep: int):
     """Logits of the last `keep` positions only. A [batch, length, vocabulary] tensor for every
     position is the largest allocation of a scoring pass (SmolLM2's 49k vocabulary: 0.2 GB per
     1,000 tokens in fp32), and only the positions that predict the scored tokens are needed."""
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask))
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     try:
         out = model(**kwargs, logits_to_keep=keep)
     except TypeError as exc:  # a model class without logits_to_keep computes them all

@@ -23,12 +23,12 @@ from .trainer_setup import common_training_args, log_forwarder, lora_config, sav
 @dataclass
 class RLSettings:
     algorithm: str = "grpo"  # grpo | rloo
-    max_steps: int = 6
-    prompts_per_step: int = 8
+    max_steps: int = 3
+    prompts_per_step: int = 4
     group_size: int = 4  # completions per prompt, compared with each other
     # Completions per forward/backward pass: a step's prompts_per_step x group_size completions are
     # generated in one batch and trained on in slices of this size (gradient accumulation).
-    train_batch_size: int = 8
+    train_batch_size: int = 2
     learning_rate: float = 1e-3
     beta: float = 0.04  # KL coefficient
     max_completion_length: int = 96

@@ -71,3 +71,52 @@ def test_next_token_distribution_matches_an_unpadded_forward(tiny):
             logits = model(input_ids=torch.tensor([tokenizer(context, add_special_tokens=False)["input_ids"]])).logits
         expected = torch.softmax(logits[0, -1, ids].double(), dim=-1).tolist()
         assert probs == pytest.approx(expected, abs=2e-4)
+
+
+def test_one_prefill_gives_the_same_answers_and_continuation_scores_as_two_passes(tiny):
+    from refine_af_pipeline.generation import SamplingParams, generate
+    from refine_af_pipeline.prefix_scoring import generate_and_score_continuations
+
+    model, tokenizer = tiny
+    prompts = CONTEXTS + ["Definition: Give the opposite.\n\nInput: quiet\nOutput:"]
+    continuations = [[" blue", " a clear blue sky"], [" the river"], [" yes", " no", " maybe not"], [" loud"]]
+    params = SamplingParams(max_new_tokens=10, do_sample=False)
+    for batch_size in (2, 4):
+        gens, scores = generate_and_score_continuations(model, tokenizer, prompts, continuations, params, batch_size)
+        assert [g.text for g in gens] == [g.text for g in generate(model, tokenizer, prompts, params, batch_size)]
+        for prompt, conts, got in zip(prompts, continuations, scores):
+            assert len(got) == len(conts)
+            for cont, lp in zip(conts, got):
+                assert lp == pytest.approx(by_hand(model, tokenizer, prompt, cont), abs=2e-4), (prompt, cont)
+
+
+def test_views_of_one_shared_model_match_separately_loaded_models(tiny_model_dir, tmp_path):
+    """Base and adapter views over one copy of the weights answer and score like a fresh base
+    model and a fresh model with the adapter; merging the adapter changes nothing but speed."""
+    from peft import get_peft_model
+
+    from refine_af_pipeline.adapters import merged
+    from refine_af_pipeline.trainer_setup import lora_config
+
+    resource = LanguageModelResource(model=str(tiny_model_dir), device="cpu")
+    base, tokenizer, _, _ = resource.load()
+    peft = get_peft_model(resource.load()[0], lora_config(4, 8))
+    torch.manual_seed(1)
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)  # a trained-looking adapter: B is zero when it starts
+    peft.save_pretrained(tmp_path / "adapter")
+    adapted, _, _, _ = resource.load(adapter=str(tmp_path / "adapter"))
+    views, _, _, _ = resource.load_variants({"base": None, "tuned": str(tmp_path / "adapter")})
+    expected = {"base": continuation_logprobs(base, tokenizer, CONTEXTS, CONTINUATIONS),
+                "tuned": continuation_logprobs(adapted, tokenizer, CONTEXTS, CONTINUATIONS)}
+    assert expected["base"][0] != pytest.approx(expected["tuned"][0], abs=1e-3)  # the adapter matters
+    for label in ("tuned", "base", "tuned"):  # switching back and forth
+        got = continuation_logprobs(views[label], tokenizer, CONTEXTS, CONTINUATIONS)
+        for g, e in zip(got, expected[label]):
+            assert g == pytest.approx(e, abs=2e-4), label
+    with merged(views["tuned"]) as view:
+        for g, e in zip(continuation_logprobs(view, tokenizer, CONTEXTS, CONTINUATIONS), expected["tuned"]):
+            assert g == pytest.approx(e, abs=2e-4)
+    for g, e in zip(continuation_logprobs(views["base"], tokenizer, CONTEXTS, CONTINUATIONS), expected["base"]):
+        assert g == pytest.approx(e, abs=2e-4)  # unmerged again: the base weights are as they were
