@@ -21,13 +21,14 @@ class FinetuneConfig(dg.Config):
     # Both branches read their own copy of this config: keep them equal for a fair comparison.
     # LoRA on a few dozen pairs: tens of steps at a high rate (see SFTSettings); the validation
     # curve in the metadata says whether this many epochs help or start to overfit.
-    epochs: PositiveFloat = 3.0
+    epochs: PositiveFloat = 2.0
     batch_size: PositiveInt = 4
     learning_rate: PositiveFloat = 1e-3
     max_length: PositiveInt = 256
     lora_r: PositiveInt = 8
     lora_alpha: PositiveInt = 16
     seed: int = 0
+    gradient_checkpointing: bool = False  # for 7B+ models that do not fit otherwise
     # Instructions whose pairs are held out of training and scored after every epoch (salted hash
     # of the instruction id); at least min_validation of them when a quarter of the pool allows.
     validation_share: Share = 0.15

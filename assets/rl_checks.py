@@ -22,7 +22,7 @@ PASS_RULE = "lower bound of the bootstrap 95% CI of the mean paired reward diffe
 
 
 class HeldoutComparisonConfig(dg.Config):
-    samples_per_instruction: PositiveInt = 2  # instances per instruction and model, averaged (less sampling noise)
+    samples_per_instruction: PositiveInt = 1  # instances per instruction and model, averaged (less sampling noise)
     max_instructions: NonNegativeInt = 0  # 0 = every held-out instruction
     min_instructions: NonNegativeInt = 5  # fewer held-out instructions than this: warn, the CI means little
     # Sampling as instance_output_pairs uses it, so the check measures the policy as the pipeline uses it.

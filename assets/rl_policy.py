@@ -21,10 +21,10 @@ from .shared import base_component_stats, effective_heldout_share, kept_instruct
 
 class RLConfig(dg.Config):
     algorithm: str = "grpo"  # grpo | rloo (both TRL, both on a LoRA adapter)
-    # Optimiser steps; each samples prompts_per_step x group_size completions. A step of 16
-    # completions takes about a minute on 2 CPU cores: the demo trains 3, the experiment profile more.
+    # Optimiser steps; each samples prompts_per_step x group_size completions. A step of 12
+    # completions takes about 50 s on 2 CPU cores: the demo trains 3, the experiment profile more.
     max_steps: PositiveInt = 3
-    prompts_per_step: PositiveInt = 4
+    prompts_per_step: PositiveInt = 3
     group_size: PositiveInt = 4  # completions per prompt; each is rewarded relative to its group
     # The step's completions are generated in one batch, then trained on this many at a time:
     # activations take ~2 MB per token, so 2 completions keep the step under 3 GB.

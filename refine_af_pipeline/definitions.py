@@ -65,10 +65,20 @@ def regeneration_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunReques
                          tags={"refine_af/trigger": "schedule"})
 
 
+# One process per step, forked from a server that has already imported the pipeline and the model
+# libraries: a spawned step spent ~6 s importing torch, transformers and TRL before its first line,
+# and a run has 15 steps. Importing does not start torch's thread pools or touch CUDA, so forking
+# after it is safe.
+step_executor = dg.multiprocess_executor.configured(
+    {"start_method": {"forkserver": {"preload_modules": [
+        "refine_af_pipeline.definitions", "torch", "transformers", "peft", "trl", "sentence_transformers"]}}}
+)
+
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
     resources=default_resources(),
     jobs=[refine_af_job],
     schedules=[regeneration_schedule],
+    executor=step_executor,
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from .adapters import merged
 from .feedback import COMPONENTS, ComponentStats, FeedbackScorer, combine
 from .generation import SamplingParams, generate, render_prompt
 from .prompts import INSTANCE_PREFIX, instance_prompt
@@ -14,7 +15,10 @@ from .prompts import INSTANCE_PREFIX, instance_prompt
 def generate_scored_instances(model, tokenizer, scorer: FeedbackScorer, instructions: Sequence[str],
                               params: SamplingParams, batch_size: int, seed: int, progress=None) -> list[dict]:
     prompts = [render_prompt(tokenizer, instance_prompt(i), INSTANCE_PREFIX) for i in instructions]
-    generations = generate(model, tokenizer, prompts, params, batch_size, seed, progress)
+    # An adapter is merged for the generation only: the scorer's judge may be the same weights
+    # with the adapter off.
+    with merged(model) as policy:
+        generations = generate(policy, tokenizer, prompts, params, batch_size, seed, progress)
     scored = scorer.score_texts(list(instructions), [INSTANCE_PREFIX + g.text for g in generations])
     rows = []
     for instruction, gen, s in zip(instructions, generations, scored):

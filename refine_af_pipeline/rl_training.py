@@ -24,7 +24,7 @@ from .trainer_setup import common_training_args, log_forwarder, lora_config, sav
 class RLSettings:
     algorithm: str = "grpo"  # grpo | rloo
     max_steps: int = 3
-    prompts_per_step: int = 4
+    prompts_per_step: int = 3
     group_size: int = 4  # completions per prompt, compared with each other
     # Completions per forward/backward pass: a step's prompts_per_step x group_size completions are
     # generated in one batch and trained on in slices of this size (gradient accumulation).
@@ -111,8 +111,15 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     )
     if settings.algorithm == "grpo":
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+
+        # Advantages scaled by the spread of the whole step, not of each group: with 4 completions
+        # a group whose rewards happen to be close (std ~0.1 against ~1 across groups) would have
+        # its noise amplified tenfold.
+        args["scale_rewards"] = "batch"
     else:
         from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+
+        args["normalize_advantages"] = True  # the same scale, over the step's completions
     recorder = _RewardRecorder(scorer)
     trainer = Trainer(
         model=model,

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 
@@ -60,3 +61,16 @@ def test_cli_validates_the_code_location():
                              "refine_af_pipeline.definitions"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Validation successful" in result.stdout + result.stderr
+
+
+def test_the_experiment_profile_is_a_run_config_the_job_accepts():
+    import yaml
+
+    from refine_af_pipeline.definitions import defs
+
+    config = yaml.safe_load((Path(__file__).parent.parent / "configs" / "experiment.yaml").read_text())
+    job = defs.resolve_job_def("refine_af_job")
+    assert dg.validate_run_config(job, config)["ops"]["rl_refined_policy"]["config"]["heldout_share"] == 0.3
+    # Both instance branches are sized alike, or the comparison is not like for like.
+    ops = config["ops"]
+    assert ops["instance_output_pairs"] == ops["selfinstruct_instance_pairs"]
