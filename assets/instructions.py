@@ -24,9 +24,9 @@ PREVIEW = ["instruction_id", "instruction", "parse_status"]
 
 
 class RawInstructionsConfig(dg.Config):
-    # One generation batch; the embedded model's responses gave 1.0-1.4 kept instructions per prompt.
-    num_prompts: PositiveInt = 64
-    classification_prompts: NonNegativeInt = 8  # of num_prompts, use the classification-only variant
+    # One generation batch; the embedded model's responses gave 0.7-1.4 kept instructions per prompt.
+    num_prompts: PositiveInt = 96
+    classification_prompts: NonNegativeInt = 12  # of num_prompts, use the classification-only variant
     max_new_tokens: PositiveInt = 128
     temperature: PositiveFloat = 0.7
     top_p: Probability = 0.95

@@ -32,9 +32,9 @@ class LanguageModelResource(dg.ConfigurableResource):
     model: str = EMBEDDED
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    # Measured on 2 CPU cores with the embedded model: 81 tokens/s at batch 8, 184 at 64
-    # (benchmarks/generation.py); 64 prompts of the largest stage prompt need about 1 GB of KV cache.
-    batch_size: int = Field(default=64, gt=0, description="prompts per generate call (every generation stage)")
+    # Measured with the embedded model on 2 CPU cores (benchmarks/generation.py): 32 tokens/s at
+    # batch 8, 66-77 from batch 48 to 96; 96 of the longest stage prompts need ~1.5 GB of KV cache.
+    batch_size: int = Field(default=96, gt=0, description="prompts per generate call (every generation stage)")
     stage_batch_sizes: dict[str, int] = Field(
         default={}, description="per-stage generation batch by asset name, e.g. {evaluation: 32}")
     scoring_batch_size: int = Field(default=16, gt=0, description="texts per forward-only scoring pass")
