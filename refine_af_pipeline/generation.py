@@ -149,13 +149,18 @@ def _last_logits(model, input_ids, attention_mask, keep: int):
     """Logits of the last `keep` positions only. A [batch, length, vocabulary] tensor for every
     position is the largest allocation of a scoring pass (SmolLM2's 49k vocabulary: 0.2 GB per
     1,000 tokens in fp32), and only the positions that predict the scored tokens are needed."""
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    try:
-        out = model(**kwargs, logits_to_keep=keep)
-    except TypeError as exc:  # a model class without logits_to_keep computes them all
-        if "logits_to_keep" not in str(exc):
-            raise
-        out = model(**kwargs)
+    optional = dict(position_ids=position_ids(attention_mask), logits_to_keep=keep)
+    while True:
+        try:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, **optional)
+            break
+        except TypeError as exc:
+            # A model class without one of these keywords (a custom judge): left padding then
+            # relies on its own positions, and all logits are computed.
+            dropped = next((k for k in optional if f"'{k}'" in str(exc)), None)
+            if dropped is None:
+                raise
+            optional.pop(dropped)
     return out.logits[:, -keep:, :]
 
 

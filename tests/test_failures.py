@@ -134,7 +134,7 @@ def test_a_flaky_backend_is_retried_inside_the_step(seeded_dir, tiny_model_dir, 
         return model, tokenizer, source, device
 
     monkeypatch.setattr(LanguageModelResource, "load", load_flaky)
-    result = materialize(seeded_dir, str(tiny_model_dir), {"raw_instructions": {"num_prompts": 4, "max_new_tokens": 16}},
+    result = materialize(seeded_dir, str(tiny_model_dir), {"raw_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
                          selection=["raw_instructions"], batch_size=2)
     assert result.success and len(failures) == 2
     with duckdb.connect(str(seeded_dir / "refine_af.duckdb"), read_only=True) as conn:
@@ -156,7 +156,7 @@ def test_a_backend_that_keeps_failing_fails_the_step_after_the_bound(seeded_dir,
 
     monkeypatch.setattr(LanguageModelResource, "load", load_broken)
     with pytest.raises(retry.RetriesExhausted, match=r"generation batch 1/1 failed 3 times; the last error: OSError"):
-        materialize(seeded_dir, str(tiny_model_dir), {"raw_instructions": {"num_prompts": 4, "max_new_tokens": 16}},
+        materialize(seeded_dir, str(tiny_model_dir), {"raw_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
                     selection=["raw_instructions"], batch_size=4)
 
 
