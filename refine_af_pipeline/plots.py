@@ -26,28 +26,6 @@ def line_chart_png(x: Sequence[float], series: Mapping[str, Sequence[float]], ti
     return buf.getvalue()
 
 
-def bar_chart_png(labels: Sequence[str], values: Mapping[str, Sequence[float]], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(labels)), 3))
-    width = 0.8 / max(len(values), 1)
-    pos = np.arange(len(labels))
-    for k, (name, vals) in enumerate(values.items()):
-        ax.bar(pos + k * width, list(vals), width, label=name)
-    ax.set_xticks(pos + width * (len(values) - 1) / 2, labels, rotation=60, ha="right", fontsize=7)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def bar_panels_png(labels: Sequence[str], panels: Mapping[str, Mapping[str, Sequence[float]]], title: str) -> bytes:
     """One grouped bar chart per panel (e.g. per metric), stacked, sharing the labels."""
     import matplotlib
