@@ -22,8 +22,8 @@ from .shared import base_component_stats, kept_instructions, latest_artifact, su
 
 class InstancePairsConfig(dg.Config):
     # 0 = every kept instruction; the same seed picks the same instructions in both branches.
-    # 40 x 2 instances, one generation batch; 64-68% of them passed the filters in the demo runs.
-    max_instructions: NonNegativeInt = 40
+    # 36 x 2 instances, one generation batch; 64-68% of them passed the filters in the demo runs.
+    max_instructions: NonNegativeInt = 36
     instances_per_instruction: PositiveInt = 2
     max_new_tokens: PositiveInt = 96
     temperature: PositiveFloat = 0.7

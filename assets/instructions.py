@@ -27,7 +27,7 @@ class RawInstructionsConfig(dg.Config):
     # One generation batch; the embedded model's responses gave 0.7-1.4 kept instructions per prompt.
     num_prompts: PositiveInt = 96
     classification_prompts: NonNegativeInt = 12  # of num_prompts, use the classification-only variant
-    max_new_tokens: PositiveInt = 128
+    max_new_tokens: PositiveInt = 112
     temperature: PositiveFloat = 0.7
     top_p: Probability = 0.95
     seed: int = 0

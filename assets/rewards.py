@@ -19,7 +19,7 @@ from .shared import kept_instructions, subset
 
 class RewardScoresConfig(dg.Config):
     # 0 = every kept instruction. Their scores standardise every later reward: enough for a mean and spread.
-    max_instructions: NonNegativeInt = 24
+    max_instructions: NonNegativeInt = 16
     max_new_tokens: PositiveInt = 96
     temperature: PositiveFloat = 0.7
     top_p: Probability = 0.95

@@ -78,6 +78,8 @@ def finetune(model, tokenizer, triples: Sequence[tuple[str, str, str]], settings
             max_length=settings.max_length,
             eval_strategy="epoch" if validation else "no",
             gradient_checkpointing=settings.gradient_checkpointing,
+            # Batches of similar lengths: padded positions cost as much as real ones.
+            train_sampling_strategy="group_by_length",
         ),
         train_dataset=train,
         eval_dataset=evaluated.get("validation"),
