@@ -26,10 +26,12 @@ from .retry import Backoff, call_with_retry
 def generate_and_score_continuations(model, tokenizer, prompts: Sequence[str], continuations: Sequence[Sequence[str]],
                                      params: SamplingParams, batch_size: int = 8, seed: int | None = None,
                                      progress=None, stop_after_first_line: bool = False,
-                                     backoff: Backoff | None = None) -> tuple[list[Generation], list[list[list[float]]]]:
+                                     backoff: Backoff | None = None, score_batch_size: int = 16,
+                                     ) -> tuple[list[Generation], list[list[list[float]]]]:
     """(one generation per prompt, per prompt the token log-probabilities of each of its
     continuations), both in input order; the same results as `generate` and
-    `continuation_logprobs` up to float rounding."""
+    `continuation_logprobs` up to float rounding. `score_batch_size` continuations are scored per
+    forward pass (each holds logits over the vocabulary for all its tokens)."""
     import torch
 
     if seed is not None:
@@ -43,14 +45,14 @@ def generate_and_score_continuations(model, tokenizer, prompts: Sequence[str], c
     for b, rows in enumerate(batches):
         def run_batch(rows=rows):
             return _batch(model, tokenizer, [prompts[i] for i in rows], [continuations[i] for i in rows], params,
-                          device, eos_ids, stop_after_first_line)
+                          device, eos_ids, stop_after_first_line, score_batch_size)
 
         result = call_with_retry(run_batch, f"generation batch {b + 1}/{len(batches)}", backoff)
         if result is None:  # no shareable cache: the two passes apart
             batch_prompts = [prompts[i] for i in rows]
             result = (generate(model, tokenizer, batch_prompts, params, len(rows), None, None, backoff,
                                stop_after_first_line),
-                      _apart(model, tokenizer, batch_prompts, [continuations[i] for i in rows], len(rows)))
+                      _apart(model, tokenizer, batch_prompts, [continuations[i] for i in rows], score_batch_size))
         for i, g, s in zip(rows, *result):
             generations[i], scores[i] = g, s
         if progress is not None:
@@ -68,7 +70,7 @@ def _apart(model, tokenizer, prompts, continuations, batch_size) -> list[list[li
     return out
 
 
-def _batch(model, tokenizer, prompts, continuations, params, device, eos_ids, stop_after_first_line):
+def _batch(model, tokenizer, prompts, continuations, params, device, eos_ids, stop_after_first_line, score_batch_size):
     import torch
     from transformers import DynamicCache
 
@@ -84,39 +86,49 @@ def _batch(model, tokenizer, prompts, continuations, params, device, eos_ids, st
                        use_cache=True, logits_to_keep=1).past_key_values
         if not isinstance(prefix, DynamicCache):
             return None
-        scored = _score_on_prefix(model, tokenizer, copy.deepcopy(prefix), ids, mask, continuations, device)
+        scored = _score_on_prefix(model, tokenizer, prefix, ids, mask, continuations, device, score_batch_size)
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=prefix,
                              **generation_kwargs(tokenizer, params, width, stop_after_first_line))
     return decode_new_tokens(tokenizer, out[:, width:], eos_ids), scored
 
 
-def _score_on_prefix(model, tokenizer, cache, ids, mask, continuations, device) -> list[list[list[float]]]:
+def _rows_of(cache, rows):
+    """A cache holding `rows` of `cache` (repeats allowed); `cache` itself is left as it was:
+    each layer is a new object whose tensors are the indexed copies."""
+    view = copy.copy(cache)
+    view.layers = [copy.copy(layer) for layer in cache.layers]
+    view.batch_select_indices(rows)
+    return view
+
+
+def _score_on_prefix(model, tokenizer, prefix, ids, mask, continuations, device, chunk: int) -> list[list[list[float]]]:
     """Log-probabilities of each continuation after its prompt: one row per (prompt, continuation)
-    on a copy of the prompt cache, fed the last prompt token and the continuation's tokens."""
+    on that prompt's rows of the prefix cache, fed the last prompt token and the continuation's
+    tokens; `chunk` rows per forward pass."""
     import torch
 
-    owners = [k for k, conts in enumerate(continuations) for _ in conts]
-    tokens = [tokenizer(c, add_special_tokens=False)["input_ids"] for conts in continuations for c in conts]
+    pairs = [(k, c) for k, conts in enumerate(continuations) for c in conts]
     out: list[list[list[float]]] = [[] for _ in continuations]
-    if not owners:
-        return out
-    cache.batch_select_indices(torch.tensor(owners, device=device))
-    length = 1 + max(len(t) for t in tokens)
     pad = tokenizer.pad_token_id
-    new_ids = torch.tensor([[int(ids[o, -1])] + t + [pad] * (length - 1 - len(t)) for o, t in zip(owners, tokens)],
-                           device=device)
-    new_mask = torch.tensor([[1] * (1 + len(t)) + [0] * (length - 1 - len(t)) for t in tokens], device=device)
-    full_mask = torch.cat([mask[owners, :-1], new_mask], dim=1)
-    start = mask[owners].sum(dim=1, keepdim=True) - 1  # position of each row's last prompt token
-    positions = start + torch.arange(length, device=device).unsqueeze(0)
-    logits = model(input_ids=new_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True).logits
-    for r, (owner, t) in enumerate(zip(owners, tokens)):
-        if not t:
-            out[owner].append([])
-            continue
-        row = logits[r, :len(t)].float()
-        target = torch.tensor(t, device=device)
-        lp = row.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
-        out[owner].append(lp.tolist())
+    for start in range(0, len(pairs), chunk):
+        owners = [k for k, _ in pairs[start:start + chunk]]
+        tokens = [tokenizer(c, add_special_tokens=False)["input_ids"] for _, c in pairs[start:start + chunk]]
+        length = 1 + max(len(t) for t in tokens)
+        new_ids = torch.tensor([[int(ids[o, -1])] + t + [pad] * (length - 1 - len(t)) for o, t in zip(owners, tokens)],
+                               device=device)
+        new_mask = torch.tensor([[1] * (1 + len(t)) + [0] * (length - 1 - len(t)) for t in tokens], device=device)
+        full_mask = torch.cat([mask[owners, :-1], new_mask], dim=1)
+        first = mask[owners].sum(dim=1, keepdim=True) - 1  # position of each row's last prompt token
+        positions = first + torch.arange(length, device=device).unsqueeze(0)
+        cache = _rows_of(prefix, torch.tensor(owners, device=device))
+        logits = model(input_ids=new_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).logits
+        for r, (owner, t) in enumerate(zip(owners, tokens)):
+            if not t:
+                out[owner].append([])
+                continue
+            row = logits[r, :len(t)].float()
+            target = torch.tensor(t, device=device)
+            lp = row.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
+            out[owner].append(lp.tolist())
     return out

@@ -82,7 +82,8 @@ def test_one_prefill_gives_the_same_answers_and_continuation_scores_as_two_passe
     continuations = [[" blue", " a clear blue sky"], [" the river"], [" yes", " no", " maybe not"], [" loud"]]
     params = SamplingParams(max_new_tokens=10, do_sample=False)
     for batch_size in (2, 4):
-        gens, scores = generate_and_score_continuations(model, tokenizer, prompts, continuations, params, batch_size)
+        gens, scores = generate_and_score_continuations(model, tokenizer, prompts, continuations, params, batch_size,
+                                                        score_batch_size=3)
         assert [g.text for g in gens] == [g.text for g in generate(model, tokenizer, prompts, params, batch_size)]
         for prompt, conts, got in zip(prompts, continuations, scores):
             assert len(got) == len(conts)
