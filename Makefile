@@ -39,14 +39,18 @@ run: setup $(DAGSTER_HOME)/dagster.yaml
 	@echo "Dagster runs:  $(DAGSTER_HOME)  (make ui to browse them)"
 
 # The experiment profile (configs/experiment.yaml): the whole graph sized for a comparison with
-# statistical power, about 90 minutes on 2 CPU cores; its own data folder, so the demo's pool and
-# tables stay apart.
+# statistical power, at most 90 minutes on 2 CPU cores; its own data folder and Dagster home, so
+# the demo's pool, tables and run history stay apart.
 EXPERIMENT_DATA_DIR ?= $(CURDIR)/data/experiment
-experiment: setup $(DAGSTER_HOME)/dagster.yaml
+EXPERIMENT_DAGSTER_HOME ?= $(EXPERIMENT_DATA_DIR)/dagster_home
+experiment: setup
+	mkdir -p $(EXPERIMENT_DAGSTER_HOME)
+	cp dagster.yaml $(EXPERIMENT_DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -c "from refine_af_pipeline.embedded_model import ensure_embedded_model as e; print('embedded model:', e())"
-	REFINE_AF_DATA_DIR=$(EXPERIMENT_DATA_DIR) $(BIN)/dagster asset materialize -m refine_af_pipeline.definitions \
-		--select '*' -c configs/experiment.yaml
+	REFINE_AF_DATA_DIR=$(EXPERIMENT_DATA_DIR) DAGSTER_HOME=$(EXPERIMENT_DAGSTER_HOME) $(BIN)/dagster asset materialize \
+		-m refine_af_pipeline.definitions --select '*' -c configs/experiment.yaml
 	@echo "DuckDB tables: $(EXPERIMENT_DATA_DIR)/refine_af.duckdb"
+	@echo "Dagster runs:  $(EXPERIMENT_DAGSTER_HOME)  (browse: DAGSTER_HOME=$(EXPERIMENT_DAGSTER_HOME) REFINE_AF_DATA_DIR=$(EXPERIMENT_DATA_DIR) make ui)"
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -22,7 +22,8 @@ class FinetuneConfig(dg.Config):
     # LoRA on a few dozen pairs: tens of steps at a high rate (see SFTSettings); the validation
     # curve in the metadata says whether this many epochs help or start to overfit.
     epochs: PositiveFloat = 2.0
-    batch_size: PositiveInt = 4
+    batch_size: PositiveInt = 4  # pairs per optimizer step
+    train_batch_size: PositiveInt = 2  # pairs per forward/backward pass (memory)
     learning_rate: PositiveFloat = 1e-3
     max_length: PositiveInt = 256
     lora_r: PositiveInt = 8
@@ -68,11 +69,12 @@ def build_finetuned_model_asset(name: str, pairs_table: str, description: str) -
                          "held out for validation")
         result = finetune(model, tokenizer, triples, settings, out_dir, device, on_log, validation=_triples(val))
         seconds = time.monotonic() - started
-        df = pl.DataFrame(result.epochs).with_columns(
+        df = pl.DataFrame(result.epochs, schema_overrides={"step_losses": pl.List(pl.Float64)}).with_columns(
             pl.lit(context.run_id).alias("run_id"), pl.lit(str(result.adapter_dir)).alias("adapter_path"),
             pl.lit(source.model_id).alias("base_model_id"), pl.lit(train.height).alias("train_examples"),
             pl.lit(val.height).alias("validation_examples"), pl.lit(pairs_table).alias("train_table"),
             pl.lit(json.dumps(config.model_dump())).alias("settings"),
+            pl.lit(json.dumps(sorted(held))).alias("validation_instruction_ids"),
         )
         warehouse.write_table(name, df)
         first, last = df.row(0, named=True), df.row(-1, named=True)

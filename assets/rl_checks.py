@@ -22,7 +22,8 @@ PASS_RULE = "lower bound of the bootstrap 95% CI of the mean paired reward diffe
 
 
 class HeldoutComparisonConfig(dg.Config):
-    samples_per_instruction: PositiveInt = 1  # instances per instruction and model, averaged (less sampling noise)
+    # Instances per instruction and model, averaged: more samples, less sampling noise per instruction.
+    samples_per_instruction: PositiveInt = 1
     max_instructions: NonNegativeInt = 0  # 0 = every held-out instruction
     min_instructions: NonNegativeInt = 5  # fewer held-out instructions than this: warn, the CI means little
     # Sampling as instance_output_pairs uses it, so the check measures the policy as the pipeline uses it.

@@ -29,8 +29,8 @@ class RLConfig(dg.Config):
     # The step's completions are generated in one batch, then trained on this many at a time:
     # activations take ~2 MB per token, so 2 completions keep the step under 3 GB.
     train_batch_size: PositiveInt = 2
-    # 1e-4 left the demo's 6-step policy within KL ~3e-4 of the base (most held-out instances
-    # identical); 1e-3 moves it (KL ~0.02). Lower it for long paper-scale runs.
+    # High for LoRA so that a few steps move the policy at all (1e-4 kept a 6-step policy within
+    # KL ~3e-4 of the base); lower it for long paper-scale runs.
     learning_rate: PositiveFloat = 1e-3
     beta: NonNegativeFloat = 0.04  # KL penalty towards the base model (0 = none, no reference pass)
     # RL samples the policy as the instance stages and the held-out check use it: the same token

@@ -65,14 +65,25 @@ def regeneration_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunReques
                          tags={"refine_af/trigger": "schedule"})
 
 
-# One process per step, forked from a server that has already imported the pipeline and the model
-# libraries: a spawned step spent ~6 s importing torch, transformers and TRL before its first line,
-# and a run has 15 steps. Importing does not start torch's thread pools or touch CUDA, so forking
-# after it is safe.
-step_executor = dg.multiprocess_executor.configured(
-    {"start_method": {"forkserver": {"preload_modules": [
-        "refine_af_pipeline.definitions", "torch", "transformers", "peft", "trl", "sentence_transformers"]}}}
-)
+# Steps preloaded by the forkserver: a spawned step spent ~6 s importing torch, transformers and
+# TRL before its first line, and a run has 15 steps. Importing does not start torch's thread pools
+# or touch CUDA, so forking after it is safe.
+FORKSERVER_PRELOAD = ["refine_af_pipeline.definitions", "torch", "transformers", "peft", "trl", "sentence_transformers"]
+
+
+def _forkserver_by_default(config: dict) -> dict:
+    """Dagster's default executor config, with forkserver as the multiprocess start method unless
+    the run config chooses one (or in_process)."""
+    if "in_process" in config:
+        return {"in_process": config["in_process"]}
+    multiprocess = dict(config.get("multiprocess") or {})
+    if multiprocess.get("start_method") is None:
+        multiprocess["start_method"] = {"forkserver": {"preload_modules": FORKSERVER_PRELOAD}}
+    return {"multiprocess": multiprocess}
+
+
+step_executor = dg.multi_or_in_process_executor.configured(
+    _forkserver_by_default, config_schema=dg.multi_or_in_process_executor.config_schema.as_field())
 
 defs = dg.Definitions(
     assets=all_assets,

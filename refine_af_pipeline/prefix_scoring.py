@@ -8,8 +8,8 @@ Measured on the embedded model and the built-in tasks (2 CPU cores), scoring the
 took about as long as generating the answers.
 
 Written here because transformers has no call that returns both; it relies only on the public
-cache API (DynamicCache, batch_select_indices). A model whose cache is not a DynamicCache gets the
-two separate passes.
+cache API (DynamicCache, batch_select_indices). A model whose cache is not a DynamicCache, or whose
+forward takes no position_ids or logits_to_keep, gets the two separate passes.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def generate_and_score_continuations(model, tokenizer, prompts: Sequence[str], c
     batches = length_sorted_batches(tokenizer, prompts, batch_size)
     started = time.monotonic()
     for b, rows in enumerate(batches):
-        def run_batch(rows=rows):
-            return _batch(model, tokenizer, [prompts[i] for i in rows], [continuations[i] for i in rows], params,
+        def run_generate_and_score_batch(rows=rows):
+            return _generate_and_score_batch(model, tokenizer, [prompts[i] for i in rows], [continuations[i] for i in rows], params,
                           device, eos_ids, stop_after_first_line, score_batch_size)
 
         result = call_with_retry(run_batch, f"generation batch {b + 1}/{len(batches)}", backoff)
@@ -52,7 +52,7 @@ def generate_and_score_continuations(model, tokenizer, prompts: Sequence[str], c
             batch_prompts = [prompts[i] for i in rows]
             result = (generate(model, tokenizer, batch_prompts, params, len(rows), None, None, backoff,
                                stop_after_first_line),
-                      _apart(model, tokenizer, batch_prompts, [continuations[i] for i in rows], score_batch_size))
+                      _score_separately(model, tokenizer, batch_prompts, [continuations[i] for i in rows], score_batch_size))
         for i, g, s in zip(rows, *result):
             generations[i], scores[i] = g, s
         if progress is not None:
@@ -60,7 +60,7 @@ def generate_and_score_continuations(model, tokenizer, prompts: Sequence[str], c
     return generations, scores
 
 
-def _apart(model, tokenizer, prompts, continuations, batch_size) -> list[list[list[float]]]:
+def _score_separately(model, tokenizer, prompts, continuations, batch_size) -> list[list[list[float]]]:
     flat_ctx = [p for p, conts in zip(prompts, continuations) for _ in conts]
     flat = continuation_logprobs(model, tokenizer, flat_ctx, [c for conts in continuations for c in conts], batch_size)
     out, k = [], 0
@@ -70,7 +70,7 @@ def _apart(model, tokenizer, prompts, continuations, batch_size) -> list[list[li
     return out
 
 
-def _batch(model, tokenizer, prompts, continuations, params, device, eos_ids, stop_after_first_line, score_batch_size):
+def _generate_and_score_batch(model, tokenizer, prompts, continuations, params, device, eos_ids, stop_after_first_line, score_batch_size):
     import torch
     from transformers import DynamicCache
 
@@ -82,8 +82,13 @@ def _batch(model, tokenizer, prompts, continuations, params, device, eos_ids, st
     with torch.no_grad():
         # The cache holds every prompt token but the last: generation must feed at least one token,
         # and the last prompt token's logits predict each continuation's first token.
-        prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids(mask[:, :-1]),
-                       use_cache=True, logits_to_keep=1).past_key_values
+        try:
+            prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                           position_ids=position_ids(mask[:, :-1]), use_cache=True, logits_to_keep=1).past_key_values
+        except TypeError as exc:  # a model class without these keywords: the two passes apart
+            if "position_ids" in str(exc) or "logits_to_keep" in str(exc):
+                return None
+            raise
         if not isinstance(prefix, DynamicCache):
             return None
         scored = _score_on_prefix(model, tokenizer, prefix, ids, mask, continuations, device, score_batch_size)
@@ -118,8 +123,8 @@ def _score_on_prefix(model, tokenizer, prefix, ids, mask, continuations, device,
                                device=device)
         new_mask = torch.tensor([[1] * (1 + len(t)) + [0] * (length - 1 - len(t)) for t in tokens], device=device)
         full_mask = torch.cat([mask[owners, :-1], new_mask], dim=1)
-        first = mask[owners].sum(dim=1, keepdim=True) - 1  # position of each row's last prompt token
-        positions = first + torch.arange(length, device=device).unsqueeze(0)
+        last_prompt_position = mask[owners].sum(dim=1, keepdim=True) - 1
+        positions = last_prompt_position + torch.arange(length, device=device).unsqueeze(0)
         cache = _rows_of(prefix, torch.tensor(owners, device=device))
         logits = model(input_ids=new_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
                        use_cache=True).logits

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .prompts import sft_prompt
-from .splits import hash_bucket
+from .splits import hash_bucket, in_share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 VALIDATION_SALT = "sft-validation"
@@ -26,7 +26,10 @@ class SFTSettings:
     # move the model at all (2 steps at 2e-4 left every evaluation answer unchanged); small batches
     # give more steps for the same compute, and the validation loss shows when it starts to overfit.
     epochs: float = 2.0
-    batch_size: int = 4
+    batch_size: int = 4  # pairs per optimizer step
+    # Pairs per forward/backward pass (gradient accumulation up to batch_size): activations take
+    # ~2 MB per token, so 4 pairs of 256 tokens would add 2 GB to the step's peak.
+    train_batch_size: int = 2
     learning_rate: float = 1e-3
     max_length: int = 256
     lora_r: int = 8
@@ -49,7 +52,7 @@ def validation_split(keys: Sequence[str], share: float, minimum: int) -> set[str
     `share` of a salted hash, or, when that is fewer than min(minimum, a quarter of the keys), the
     that-many lowest. Stable across runs and stages; all pairs of one instruction go to one side."""
     distinct = sorted(set(keys), key=lambda k: (hash_bucket(k, VALIDATION_SALT), k))
-    chosen = [k for k in distinct if hash_bucket(k, VALIDATION_SALT) < share * 10_000]
+    chosen = [k for k in distinct if in_share(k, share, VALIDATION_SALT)]
     wanted = min(minimum, len(distinct) // 4)
     return set(chosen if len(chosen) >= wanted else distinct[:wanted])
 
@@ -65,6 +68,8 @@ def finetune(model, tokenizer, triples: Sequence[tuple[str, str, str]], settings
 
     if not triples:
         raise ValueError("no (instruction, input, output) triples to fine-tune on")
+    if settings.batch_size % settings.train_batch_size:
+        raise ValueError(f"train_batch_size ({settings.train_batch_size}) must divide batch_size ({settings.batch_size})")
     train = Dataset.from_dict(sft_records(triples))
     evaluated = {"train": train} | ({"validation": Dataset.from_dict(sft_records(validation))} if validation else {})
     trainer = SFTTrainer(
@@ -72,8 +77,9 @@ def finetune(model, tokenizer, triples: Sequence[tuple[str, str, str]], settings
         args=SFTConfig(
             **common_training_args(output_dir, settings.seed, device),
             num_train_epochs=settings.epochs,
-            per_device_train_batch_size=settings.batch_size,
-            per_device_eval_batch_size=max(settings.batch_size, 8),
+            per_device_train_batch_size=settings.train_batch_size,
+            gradient_accumulation_steps=settings.batch_size // settings.train_batch_size,
+            per_device_eval_batch_size=8,
             learning_rate=settings.learning_rate,
             max_length=settings.max_length,
             eval_strategy="epoch" if validation else "no",
@@ -101,9 +107,10 @@ def finetune(model, tokenizer, triples: Sequence[tuple[str, str, str]], settings
 
 
 def epoch_log(steps: Sequence[dict], evals: Sequence[dict], start: dict[str, float]) -> list[dict]:
-    """Per epoch: the optimizer steps so far, the mean training loss of the epoch's steps and the
-    validation loss after it; epoch 0 holds the losses measured before training."""
-    rows = [{"epoch": 0, "steps": 0, "train_loss": start.get("train", math.nan),
+    """Per epoch: the optimizer steps so far, the epoch's step losses and their mean, and the
+    validation loss after it; epoch 0 holds the losses measured before training (both evaluated
+    on their whole slice, in eval mode)."""
+    rows = [{"epoch": 0, "steps": 0, "step_losses": [], "train_loss": start.get("train", math.nan),
              "validation_loss": start.get("validation", math.nan)}]
     last_epoch = max((s["epoch"] for s in steps), default=0.0)
     for k in range(1, math.ceil(last_epoch - 1e-9) + 1):
@@ -112,6 +119,7 @@ def epoch_log(steps: Sequence[dict], evals: Sequence[dict], start: dict[str, flo
         rows.append({
             "epoch": k,
             "steps": max((s["step"] for s in in_epoch), default=rows[-1]["steps"]),
+            "step_losses": [s["loss"] for s in in_epoch],
             "train_loss": sum(s["loss"] for s in in_epoch) / len(in_epoch) if in_epoch else math.nan,
             "validation_loss": float(after[-1]["eval_loss"]) if after else math.nan,
         })

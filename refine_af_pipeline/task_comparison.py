@@ -1,8 +1,9 @@
 """How two models compare over evaluation tasks: the paper's figure (the share of tasks where the
 REFINE-AF model scores higher than the Self-Instruct model) with a bootstrap confidence interval.
 
-The unit is the task: per-instance ROUGE-L is averaged within a task first, as SuperNI reports it,
-so the interval says how much the share would move with another draw of tasks.
+The unit is the task: per-instance scores (ROUGE-L, log-likelihood) are averaged within a task
+first, as SuperNI reports it, so the interval says how much the share would move with another
+draw of tasks.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ class TaskComparison:
     candidate: str
     reference: str
     n_tasks: int
-    wins: int  # tasks where the candidate's mean ROUGE-L is higher
+    wins: int  # tasks where the candidate's task mean is higher
     ties: int
     losses: int
     win_share: float  # wins / n_tasks: ties count as "not improved", as in the paper's share
     win_share_ci_low: float
     win_share_ci_high: float
-    mean_difference: float  # mean over tasks of candidate - reference ROUGE-L
+    mean_difference: float  # mean over tasks of candidate - reference task means
     mean_difference_ci_low: float
     mean_difference_ci_high: float
     confidence: float
@@ -53,7 +54,7 @@ class TaskComparison:
 def compare_over_tasks(candidate: Mapping[str, float], reference: Mapping[str, float], candidate_name: str = "candidate",
                        reference_name: str = "reference", resamples: int = 10_000, confidence: float = 0.95,
                        seed: int = 0, tie_tolerance: float = ROUGE_TIE_TOLERANCE) -> TaskComparison:
-    """Paired over the tasks both models were scored on (task name -> mean ROUGE-L); both must hold
+    """Paired over the tasks both models were scored on (task name -> task mean of one metric); both must hold
     the same tasks. Percentile bootstrap over tasks, fixed seed: the same scores give the same CI."""
     import numpy as np
 
@@ -78,7 +79,7 @@ def compare_over_tasks(candidate: Mapping[str, float], reference: Mapping[str, f
 
 
 def mean_per_model(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """model -> mean over its tasks of the per-task ROUGE-L (every task weighs the same)."""
+    """model -> mean over its tasks of the per-task means (every task weighs the same)."""
     return {model: sum(by_task.values()) / len(by_task) for model, by_task in scores.items() if by_task}
 
 

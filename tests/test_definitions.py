@@ -74,3 +74,17 @@ def test_the_experiment_profile_is_a_run_config_the_job_accepts():
     # Both instance branches are sized alike, or the comparison is not like for like.
     ops = config["ops"]
     assert ops["instance_output_pairs"] == ops["selfinstruct_instance_pairs"]
+
+
+def test_steps_fork_from_a_preloaded_server_unless_the_run_config_says_otherwise():
+    job = defs.resolve_implicit_global_asset_job_def()
+
+    def executor_config(run_config):
+        return dg.validate_run_config(job, run_config)["execution"]["multi_or_in_process_executor"]
+
+    default = executor_config({})["multiprocess"]
+    assert "torch" in default["start_method"]["forkserver"]["preload_modules"]
+    assert executor_config({"execution": {"config": {"in_process": {}}}}) == {"in_process": {"retries": {"enabled": {}}}}
+    spawned = executor_config({"execution": {"config": {"multiprocess": {"start_method": {"spawn": {}},
+                                                                          "max_concurrent": 1}}}})["multiprocess"]
+    assert spawned["start_method"] == {"spawn": {}} and spawned["max_concurrent"] == 1

@@ -71,3 +71,13 @@ def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(
     planned_items = [item for b in instance_batches for item in b]
     assert pairs["instance_id"].to_list() == [i["instance_id"] for i in planned_items]  # plan order
     assert pairs["instruction"].to_list() == [i["instruction"] for i in planned_items]
+
+
+def test_bad_batch_settings_are_refused_with_the_setting_named(tmp_path):
+    from refine_af_pipeline.rl_training import RLSettings, train_policy
+
+    with pytest.raises(ValueError, match=r"stage batch sizes must be positive: \{'evaluation': 0\}"):
+        LanguageModelResource(stage_batch_sizes={"evaluation": 0})
+    with pytest.raises(ValueError, match=r"train_batch_size \(5\) must divide prompts_per_step x group_size \(12\)"):
+        train_policy(None, None, ["an instruction"], None, RLSettings(prompts_per_step=3, group_size=4,
+                                                                      train_batch_size=5), tmp_path, "cpu")

@@ -40,7 +40,6 @@ def test_continuation_logprobs_equal_a_hand_computation_in_padded_batches(tiny):
         assert [len(g) for g in got] == [len(e) for e in expected]
         for g, e in zip(got, expected):
             assert g == pytest.approx(e, abs=2e-4), batch_size
-    assert all(v < 0 for row in expected for v in row)
 
 
 def test_a_continuation_without_context_skips_its_first_token(tiny):
@@ -121,3 +120,25 @@ def test_views_of_one_shared_model_match_separately_loaded_models(tiny_model_dir
             assert g == pytest.approx(e, abs=2e-4)
     for g, e in zip(continuation_logprobs(views["base"], tokenizer, CONTEXTS, CONTINUATIONS), expected["base"]):
         assert g == pytest.approx(e, abs=2e-4)  # unmerged again: the base weights are as they were
+
+
+def test_the_shared_prefill_stops_after_the_first_line_and_falls_back_for_a_one_token_prompt(tiny):
+    from refine_af_pipeline.generation import SamplingParams, generate
+    from refine_af_pipeline.prefix_scoring import generate_and_score_continuations
+
+    model, tokenizer = tiny
+    params = SamplingParams(max_new_tokens=16, do_sample=False)
+    prompts = CONTEXTS[:2]
+    continuations = [[" blue"], [" the river"]]
+    gens, _ = generate_and_score_continuations(model, tokenizer, prompts, continuations, params, 2,
+                                               stop_after_first_line=True)
+    assert [g.text for g in gens] == [g.text for g in generate(model, tokenizer, prompts, params, 2,
+                                                               stop_after_first_line=True)]
+    # A prompt of one token has no prefix to share: the batch is generated and scored apart.
+    one_token = tokenizer.decode(tokenizer("Explain", add_special_tokens=False)["input_ids"][:1])
+    assert len(tokenizer(one_token, add_special_tokens=False)["input_ids"]) == 1
+    gens, scores = generate_and_score_continuations(model, tokenizer, [one_token, CONTEXTS[0]],
+                                                    [[" the river"], [" blue"]], params, 2)
+    assert scores[0][0] == pytest.approx(by_hand(model, tokenizer, one_token, " the river"), abs=2e-4)
+    assert scores[1][0] == pytest.approx(by_hand(model, tokenizer, CONTEXTS[0], " blue"), abs=2e-4)
+    assert [g.text for g in gens] == [g.text for g in generate(model, tokenizer, [one_token, CONTEXTS[0]], params, 2)]

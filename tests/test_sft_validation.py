@@ -34,9 +34,10 @@ def test_small_pools_get_the_minimum_and_never_more_than_a_quarter():
     ids = _ids(16)
     assert len(validation_split(ids, 0.0, 4)) == 4
     assert len(validation_split(_ids(8), 0.0, 4)) == 2
-    assert validation_split(_ids(3), 0.5, 4) == {i for i in _ids(3) if hash_bucket(i, "sft-validation") < 5000}
-    train = set(ids) - validation_split(ids, 0.0, 4)
-    assert train and not (train & validation_split(ids, 0.0, 4))
+    share_only = validation_split(_ids(40), 0.5, 0)  # no minimum: exactly the hash share
+    assert 10 < len(share_only) < 30 and share_only == validation_split(_ids(40), 0.5, 0)
+    assert validation_split(_ids(16), 0.0, 4) < set(_ids(16))  # a strict subset: something is left to train on
+    assert validation_split(_ids(2), 0.0, 4) == set()  # a quarter of 2 is 0: all train
 
 
 def test_epoch_log_means_the_steps_of_each_epoch_and_takes_the_validation_after_it():
