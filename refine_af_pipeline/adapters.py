@@ -96,9 +96,13 @@ class AdapterView:
 
     def __getattr__(self, name: str):
         # config, generation_config, name_or_path, device ... come from the shared model.
+        # An AttributeError raised in a property lands here too, so read the model field directly.
+        peft = self.__dict__.get("_peft")
         if name.startswith("_"):
             raise AttributeError(name)
-        return getattr(self.peft_model, name)
+        if peft is None or name == "peft_model":
+            raise UnboundView(f"this AdapterView is not bound to a PEFT model yet (asked for {name!r})")
+        return getattr(peft, name)
 
 
 @contextmanager

@@ -43,9 +43,10 @@ def generate_and_score_continuations(model, tokenizer, prompts: Sequence[str], c
     batches = length_sorted_batches(tokenizer, prompts, batch_size)
     started = time.monotonic()
     for b, rows in enumerate(batches):
-        def run_generate_and_score_batch(rows=rows):
-            return _generate_and_score_batch(model, tokenizer, [prompts[i] for i in rows], [continuations[i] for i in rows], params,
-                          device, eos_ids, stop_after_first_line, score_batch_size)
+        def run_batch(rows=rows):
+            return _generate_and_score_batch(model, tokenizer, [prompts[i] for i in rows],
+                                             [continuations[i] for i in rows], params, device, eos_ids,
+                                             stop_after_first_line, score_batch_size)
 
         result = call_with_retry(run_batch, f"generation batch {b + 1}/{len(batches)}", backoff)
         if result is None:  # no shareable cache: the two passes apart
