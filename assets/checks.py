@@ -4,11 +4,11 @@
 import dagster as dg
 import polars as pl
 
+from refine_af_pipeline.instances import ParseRateSettings
 from refine_af_pipeline.filters import blacklisted_word
 from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import Warehouse
 
-from .config_types import Share
 from .instance_pairs import instance_output_pairs
 from .instructions import deduplicated_instructions
 
@@ -42,8 +42,8 @@ def _kept_instructions(warehouse: Warehouse) -> list[str]:
     return [] if df is None else df.filter(pl.col("decision") == "kept")["instruction"].to_list()
 
 
-class ParseRateConfig(dg.Config):
-    min_parse_rate: Share = 0.5
+class ParseRateConfig(dg.Config, ParseRateSettings):
+    """Run config of the parse-rate check: the fields of ParseRateSettings (refine_af_pipeline/instances.py)."""
 
 
 @dg.asset_check(asset=instance_output_pairs)

@@ -11,8 +11,8 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.adapters import merged
-from refine_af_pipeline.evaluation import (best_mean_logprob, best_rouge_l, evaluation_items, first_line, load_tasks,
-                                           mean_by_task, reference_continuations)
+from refine_af_pipeline.evaluation import (EvaluationSettings, best_mean_logprob, best_rouge_l, evaluation_items,
+                                           first_line, load_tasks, mean_by_task, reference_continuations)
 from refine_af_pipeline.generation import SamplingParams
 from refine_af_pipeline.plots import bar_panels_png
 from refine_af_pipeline.prefix_scoring import generate_and_score_continuations
@@ -20,8 +20,7 @@ from refine_af_pipeline.prompts import evaluation_prompt
 from refine_af_pipeline.task_comparison import mean_per_model, summary_rows, tasks_differing
 from resources import LanguageModelResource, Warehouse
 
-from .config_types import NonNegativeInt, PositiveInt
-from .metadata import markdown_table, peak_memory, png_markdown, progress_logger, table_metadata
+from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
 from .shared import latest_artifact
 
 # Model label in the tables -> the fine-tuning asset whose adapter it is (None: the base model).
@@ -38,12 +37,8 @@ LOG_LIKELIHOOD_MARGIN = 0.01
 METRICS = ("rouge_l", "log_likelihood")
 
 
-class EvaluationConfig(dg.Config):
-    task_dir: str | None = None  # a folder of SuperNI-format task files; the built-in set if unset
-    instances_per_task: NonNegativeInt = 3  # 0 = all
-    max_new_tokens: PositiveInt = 16  # the first line of 90% of the embedded model's answers fits
-    bootstrap_resamples: PositiveInt = 10_000
-    seed: int = 0  # of the bootstrap
+class EvaluationConfig(dg.Config, EvaluationSettings):
+    """Run config of `evaluation`: the fields of EvaluationSettings (refine_af_pipeline/evaluation.py)."""
 
 
 @dg.asset(group_name="evaluation", kinds={"duckdb", "pytorch"}, pool="gpu",
@@ -116,8 +111,8 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
             "log_likelihood_margin": LOG_LIKELIHOOD_MARGIN,
             "tasks": len(tasks),
             "instances_per_task": len(items) // max(len(tasks), 1),
-            "summary": dg.MetadataValue.md(markdown_table(_summary_view(summary))),
-            "per_task": dg.MetadataValue.md(markdown_table(_per_task_view(by_metric))),
+            "summary": metadata_table(_summary_view(summary)),
+            "per_task": metadata_table(_per_task_view(by_metric)),
             "chart": png_markdown(_chart(by_metric, means), "ROUGE-L and reference log-likelihood per task"),
             **peak_memory(device),
         },

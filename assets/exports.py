@@ -4,17 +4,17 @@
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.exports import export_rows, write_dataset_exports
+from refine_af_pipeline.exports import ExportSettings, export_rows, write_dataset_exports
 from resources import ArtifactStore, Warehouse
 
-from .metadata import markdown_table, table_metadata
+from .metadata import metadata_table, table_metadata
 
 # Exported dataset name -> the instance table whose kept rows it holds.
 EXPORTED_TABLES = {"refine_af": "instance_output_pairs", "self_instruct": "selfinstruct_instance_pairs"}
 
 
-class ExportsConfig(dg.Config):
-    include_self_instruct: bool = True  # also export the baseline's data (dataset "self_instruct")
+class ExportsConfig(dg.Config, ExportSettings):
+    """Run config of `instruction_dataset_exports`: the fields of ExportSettings (refine_af_pipeline/exports.py)."""
 
 
 @dg.asset(group_name="exports", kinds={"duckdb", "parquet", "json"}, deps=list(EXPORTED_TABLES.values()))
@@ -44,5 +44,5 @@ def instruction_dataset_exports(context: dg.AssetExecutionContext, config: Expor
         **table_metadata(df, ["dataset", "format", "rows"]),
         "export_dir": dg.MetadataValue.path(str(out_root)),
         **{f"rows_{d}": int(df.filter(pl.col("dataset") == d)["rows"][0]) for d in datasets},
-        "files": dg.MetadataValue.md(markdown_table(df.select("dataset", "format", "rows", "path"), max_chars=200)),
+        "files": metadata_table(df.select("dataset", "format", "rows", "path")),
     })

@@ -13,27 +13,11 @@ from refine_af_pipeline.plots import line_chart_png
 from refine_af_pipeline.sft_training import SFTSettings, finetune, validation_never_improved, validation_split
 from resources import ArtifactStore, LanguageModelResource, Warehouse
 
-from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Share
 from .metadata import peak_memory, png_markdown, table_metadata
 
 
-class FinetuneConfig(dg.Config):
-    # Both branches read their own copy of this config: keep them equal for a fair comparison.
-    # LoRA on a few dozen pairs: tens of steps at a high rate (see SFTSettings); the validation
-    # curve in the metadata says whether this many epochs help or start to overfit.
-    epochs: PositiveFloat = 2.0
-    batch_size: PositiveInt = 4  # pairs per optimizer step
-    train_batch_size: PositiveInt = 2  # pairs per forward/backward pass (memory)
-    learning_rate: PositiveFloat = 1e-3
-    max_length: PositiveInt = 256
-    lora_r: PositiveInt = 8
-    lora_alpha: PositiveInt = 16
-    seed: int = 0
-    gradient_checkpointing: bool = False  # for 7B+ models that do not fit otherwise
-    # Instructions whose pairs are held out of training and scored after every epoch (salted hash
-    # of the instruction id); at least min_validation of them when a quarter of the pool allows.
-    validation_share: Share = 0.15
-    min_validation: NonNegativeInt = 4
+class FinetuneConfig(dg.Config, SFTSettings):
+    """Run config of both fine-tuning assets: the fields of SFTSettings (refine_af_pipeline/sft_training.py)."""
 
 
 def build_finetuned_model_asset(name: str, pairs_table: str, description: str) -> dg.AssetsDefinition:
@@ -46,15 +30,13 @@ def build_finetuned_model_asset(name: str, pairs_table: str, description: str) -
         pairs = warehouse.read_table(pairs_table)
         if pairs is None or pairs.filter(pl.col("keep")).height == 0:
             raise dg.Failure(f"{pairs_table} has no kept pairs to fine-tune on")
-        kept = pairs.filter(pl.col("keep"))
+            kept = pairs.filter(pl.col("keep"))
         held = validation_split(kept["instruction_id"].to_list(), config.validation_share, config.min_validation)
         is_val = kept["instruction_id"].is_in(list(held))
         train, val = kept.filter(~is_val), kept.filter(is_val)
         if train.height == 0:
             raise dg.Failure(f"every kept pair of {pairs_table} is in the validation slice; lower validation_share")
         triples = _triples(train)
-        settings = SFTSettings(**{k: v for k, v in config.model_dump().items()
-                                  if k not in ("validation_share", "min_validation")})
         model, tokenizer, source, device = language_model.load()
         out_dir = artifact_store.run_dir(name, context.run_id)
         started = time.monotonic()
@@ -67,7 +49,7 @@ def build_finetuned_model_asset(name: str, pairs_table: str, description: str) -
 
         context.log.info(f"{name}: SFT on {train.height} pairs, {val.height} pairs of {len(held)} instructions "
                          "held out for validation")
-        result = finetune(model, tokenizer, triples, settings, out_dir, device, on_log, validation=_triples(val))
+        result = finetune(model, tokenizer, triples, config, out_dir, device, on_log, validation=_triples(val))
         seconds = time.monotonic() - started
         df = pl.DataFrame(result.epochs, schema_overrides={"step_losses": pl.List(pl.Float64)}).with_columns(
             pl.lit(context.run_id).alias("run_id"), pl.lit(str(result.adapter_dir)).alias("adapter_path"),

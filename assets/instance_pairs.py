@@ -11,24 +11,16 @@ import polars as pl
 
 from refine_af_pipeline.feedback import COMPONENTS
 from refine_af_pipeline.generation import SamplingParams
-from refine_af_pipeline.instances import filter_reason, generate_scored_instances
+from refine_af_pipeline.instances import InstancePairsSettings, filter_reason, generate_scored_instances
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
 
-from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from .metadata import peak_memory, progress_logger, table_metadata
 from .shared import base_component_stats, kept_instructions, latest_artifact, subset
 
 
-class InstancePairsConfig(dg.Config):
-    # 0 = every kept instruction; the same seed picks the same instructions in both branches.
-    # 36 x 2 instances, one generation batch; 64-68% of them passed the filters in the demo runs.
-    max_instructions: NonNegativeInt = 36
-    instances_per_instruction: PositiveInt = 2
-    max_new_tokens: PositiveInt = 96
-    temperature: PositiveFloat = 0.7
-    top_p: Probability = 0.95
-    seed: int = 0
+class InstancePairsConfig(dg.Config, InstancePairsSettings):
+    """Run config of both instance stages: the fields of InstancePairsSettings (refine_af_pipeline/instances.py)."""
 
 
 def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsConfig, warehouse: Warehouse,

@@ -8,40 +8,22 @@ from dataclasses import asdict
 
 import dagster as dg
 import polars as pl
-from pydantic import model_validator
 
-from refine_af_pipeline.bootstrap import BootstrapPrompt, PoolItem, classify_instructions, generate_instruction_rows, sample_prompt
+from refine_af_pipeline.bootstrap import (BootstrapPrompt, BootstrapSettings, PoolItem, classify_instructions,
+                                         generate_instruction_rows, sample_prompt)
 from refine_af_pipeline.filters import rejection_reason
 from refine_af_pipeline.generation import SamplingParams
 from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, unfinished_plan_ids
 
-from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from .metadata import peak_memory, progress_logger, stored_table_metadata, table_metadata
 
 PREVIEW = ["instruction_id", "instruction", "parse_status"]
 
 
-class RawInstructionsConfig(dg.Config):
-    # One generation batch; the embedded model's responses gave 0.7-1.4 kept instructions per prompt.
-    num_prompts: PositiveInt = 96
-    classification_prompts: NonNegativeInt = 12  # of num_prompts, use the classification-only variant
-    max_new_tokens: PositiveInt = 112
-    temperature: PositiveFloat = 0.7
-    top_p: Probability = 0.95
-    seed: int = 0
-    target_pool_size: PositiveInt = 10_000  # stop generating once this many instructions are kept
-    # A run that finds a plan a crashed run left unfinished generates its missing batches (with the
-    # plan's own prompts and settings) instead of starting a new plan; False abandons it instead.
-    resume_unfinished: bool = True
-
-    @model_validator(mode="after")
-    def _classification_share(self):
-        if self.classification_prompts > self.num_prompts:
-            raise ValueError(f"classification_prompts ({self.classification_prompts}) cannot exceed num_prompts "
-                             f"({self.num_prompts})")
-        return self
+class RawInstructionsConfig(dg.Config, BootstrapSettings):
+    """Run config of `raw_instructions`: the fields of BootstrapSettings (refine_af_pipeline/bootstrap.py)."""
 
 
 def _kept_pool(warehouse: Warehouse) -> pl.DataFrame | None:

@@ -2,9 +2,12 @@
 
 
 import base64
+import math
 
 import dagster as dg
 import polars as pl
+
+from .column_descriptions import column_description
 
 _DTYPE_NAMES = {pl.Utf8: "string", pl.Boolean: "bool", pl.Float64: "float", pl.Int64: "int"}
 
@@ -13,7 +16,8 @@ def table_metadata(df: pl.DataFrame, preview_columns: list[str] | None = None, p
                    total_rows: int | None = None) -> dict:
     """`total_rows`: the table's size when `df` is only the rows this run appended."""
     schema = dg.TableSchema(columns=[
-        dg.TableColumn(name, _DTYPE_NAMES.get(dtype, str(dtype))) for name, dtype in df.schema.items()
+        dg.TableColumn(name, _DTYPE_NAMES.get(dtype, str(dtype)), description=column_description(name))
+        for name, dtype in df.schema.items()
     ])
     preview = df.select(preview_columns) if preview_columns else df
     return {
@@ -29,6 +33,23 @@ def stored_table_metadata(warehouse, table: str, preview_columns: list[str] | No
     df = warehouse.query(f'SELECT * FROM "{table}" LIMIT 5') if warehouse.table_exists(table) else pl.DataFrame()
     columns = [c for c in (preview_columns or []) if c in df.columns] or None
     return table_metadata(df, columns, total_rows=warehouse.row_count(table))
+
+
+def metadata_table(df: pl.DataFrame) -> dg.MetadataValue:
+    """`df` as a Dagster table (the UI sorts and scrolls it), each column described."""
+    schema = dg.TableSchema(columns=[
+        dg.TableColumn(name, _DTYPE_NAMES.get(dtype, str(dtype)), description=column_description(name))
+        for name, dtype in df.schema.items()
+    ])
+    records = [dg.TableRecord({k: _plain(v) for k, v in row.items()}) for row in df.iter_rows(named=True)]
+    return dg.MetadataValue.table(records, schema)
+
+
+def _plain(value):
+    # TableRecord takes str, int, float, bool or None; NaN is not JSON, the UI shows None as empty.
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def markdown_table(df: pl.DataFrame, max_chars: int = 120) -> str:

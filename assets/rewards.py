@@ -9,21 +9,15 @@ import polars as pl
 from refine_af_pipeline.calibration import calibrate, read_ratings
 from refine_af_pipeline.feedback import COMPONENTS
 from refine_af_pipeline.generation import SamplingParams
-from refine_af_pipeline.instances import generate_scored_instances, restandardise
+from refine_af_pipeline.instances import RewardScoresSettings, generate_scored_instances, restandardise
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
-from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from .metadata import peak_memory, progress_logger, table_metadata
 from .shared import kept_instructions, subset
 
 
-class RewardScoresConfig(dg.Config):
-    # 0 = every kept instruction. Their scores standardise every later reward: enough for a mean and spread.
-    max_instructions: NonNegativeInt = 16
-    max_new_tokens: PositiveInt = 96
-    temperature: PositiveFloat = 0.7
-    top_p: Probability = 0.95
-    seed: int = 0
+class RewardScoresConfig(dg.Config, RewardScoresSettings):
+    """Run config of `reward_scores`: the fields of RewardScoresSettings (refine_af_pipeline/instances.py)."""
 
 
 @dg.asset(group_name="feedback", kinds={"duckdb", "pytorch"}, deps=["deduplicated_instructions"], pool="gpu")

@@ -9,11 +9,10 @@ import polars as pl
 
 from refine_af_pipeline.feedback import COMPONENTS
 from refine_af_pipeline.generation import SamplingParams
-from refine_af_pipeline.heldout_comparison import generate_both, per_instruction_rows, summarise
+from refine_af_pipeline.heldout_comparison import HeldoutCheckSettings, generate_both, per_instruction_rows, summarise
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
-from .config_types import NonNegativeInt, PositiveFloat, PositiveInt, Probability
-from .metadata import markdown_table, peak_memory
+from .metadata import metadata_table, peak_memory
 from .rl_policy import rl_refined_policy
 from .shared import base_component_stats, kept_instructions, latest_artifact, split_held_out
 
@@ -21,17 +20,8 @@ CHECK_STAGE = "policy_beats_base_on_heldout"  # its name in stage_batch_sizes
 PASS_RULE = "lower bound of the bootstrap 95% CI of the mean paired reward difference (policy - base) > 0"
 
 
-class HeldoutComparisonConfig(dg.Config):
-    # Instances per instruction and model, averaged: more samples, less sampling noise per instruction.
-    samples_per_instruction: PositiveInt = 1
-    max_instructions: NonNegativeInt = 0  # 0 = every held-out instruction
-    min_instructions: NonNegativeInt = 5  # fewer held-out instructions than this: warn, the CI means little
-    # Sampling as instance_output_pairs uses it, so the check measures the policy as the pipeline uses it.
-    max_new_tokens: PositiveInt = 96
-    temperature: PositiveFloat = 0.7
-    top_p: Probability = 0.95
-    seed: int = 0
-    bootstrap_resamples: PositiveInt = 10_000
+class HeldoutComparisonConfig(dg.Config, HeldoutCheckSettings):
+    """Run config of the held-out check: the fields of HeldoutCheckSettings (refine_af_pipeline/heldout_comparison.py)."""
 
 
 def _warn(**metadata) -> dg.AssetCheckResult:
@@ -107,8 +97,8 @@ def policy_beats_base_on_heldout(context: dg.AssetCheckExecutionContext, config:
         "repeat_share_base": summary.repeat_share_base,
         "repeat_share_policy": summary.repeat_share_policy,
         "pass_rule": PASS_RULE + (f"; and at least {config.min_instructions} instructions" if config.min_instructions else ""),
-        "per_instruction": dg.MetadataValue.md(markdown_table(df.select(
-            "instruction", "base_reward", "policy_reward", "reward_difference", "outcome").head(20), max_chars=60)),
+        "per_instruction": metadata_table(df.select(
+            "instruction", "base_reward", "policy_reward", "reward_difference", "outcome")),
         "table": "rl_heldout_comparison",
         "check_seconds": round(time.monotonic() - started, 1),
         **peak_memory(device),

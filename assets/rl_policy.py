@@ -14,36 +14,12 @@ from refine_af_pipeline.rl_diagnostics import reward_hacking_warnings
 from refine_af_pipeline.rl_training import RLSettings, train_policy
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
-from .config_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Share
 from .metadata import peak_memory, png_markdown, table_metadata
 from .shared import base_component_stats, effective_heldout_share, kept_instructions, split_held_out
 
 
-class RLConfig(dg.Config):
-    algorithm: str = "grpo"  # grpo | rloo (both TRL, both on a LoRA adapter)
-    # Optimiser steps; each samples prompts_per_step x group_size completions. A step of 12
-    # completions takes about 50 s on 2 CPU cores: the demo trains 3, the experiment profile more.
-    max_steps: PositiveInt = 3
-    prompts_per_step: PositiveInt = 3
-    group_size: PositiveInt = 4  # completions per prompt; each is rewarded relative to its group
-    # The step's completions are generated in one batch, then trained on this many at a time:
-    # activations take ~2 MB per token, so 2 completions keep the step under 3 GB.
-    train_batch_size: PositiveInt = 2
-    # High for LoRA so that a few steps move the policy at all (1e-4 kept a 6-step policy within
-    # KL ~3e-4 of the base); lower it for long paper-scale runs.
-    learning_rate: PositiveFloat = 1e-3
-    beta: NonNegativeFloat = 0.04  # KL penalty towards the base model (0 = none, no reference pass)
-    # RL samples the policy as the instance stages and the held-out check use it: the same token
-    # limit (a shorter one trains on instances cut before their output ends), temperature and top_p.
-    max_completion_length: PositiveInt = 96
-    temperature: PositiveFloat = 0.7
-    top_p: Probability = 0.95
-    lora_r: PositiveInt = 8
-    lora_alpha: PositiveInt = 16
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    heldout_share: Share = 0.2  # kept instructions (stable hash split) RL never trains on
-    min_heldout: NonNegativeInt = 6  # hold out at least this many (at most half a small pool), so the check has some
+class RLConfig(dg.Config, RLSettings):
+    """Run config of `rl_refined_policy`: the fields of RLSettings (refine_af_pipeline/rl_training.py)."""
 
 
 @dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_scores", "deduplicated_instructions"], pool="gpu")
@@ -55,7 +31,6 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
     artifact store; the per-step log (reward, component means, KL, loss, completion length, share
     cut at the token limit, format-gate failures, repeated 3-gram share) is this asset's table, and
     the metadata warns when length or repetition trends suggest reward hacking."""
-    settings = RLSettings(**{k: v for k, v in config.model_dump().items() if k not in ("heldout_share", "min_heldout")})
     kept = kept_instructions(warehouse)
     share = effective_heldout_share(kept["instruction_id"].to_list(), config.heldout_share, config.min_heldout)
     train, _ = split_held_out(kept, share)
@@ -75,9 +50,9 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
             context.log.info(f"RL step {step}/{total}: reward {logs['reward']:.3f}, kl {logs.get('kl', math.nan):.4f}, "
                              f"{time.monotonic() - started:.0f} s elapsed")
 
-    context.log.info(f"RL ({settings.algorithm}) on {train.height} instructions ({kept.height - train.height} held out), "
+    context.log.info(f"RL ({config.algorithm}) on {train.height} instructions ({kept.height - train.height} held out), "
                      f"{source.model_id} on {device}")
-    result = train_policy(policy, tokenizer, train["instruction"].to_list(), scorer, settings, out_dir, device, on_log,
+    result = train_policy(policy, tokenizer, train["instruction"].to_list(), scorer, config, out_dir, device, on_log,
                           base_view=judge)
     seconds = time.monotonic() - started
     df = pl.DataFrame(result.log).with_columns(
@@ -87,13 +62,13 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
         pl.lit(share).alias("heldout_share"),
     )
     warehouse.write_table("rl_refined_policy", df)
-    warnings = reward_hacking_warnings(result.log, settings.max_completion_length)
+    warnings = reward_hacking_warnings(result.log, config.max_completion_length)
     for line in warnings:
         context.log.warning(f"possible reward hacking: {line}")
     return dg.MaterializeResult(metadata={
         **table_metadata(df, ["step", "reward", "kl", "completion_length", "gate_failure_share", "repeat_share"]),
         "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
-        **training_curves(df, settings.algorithm),
+        **training_curves(df, config.algorithm),
         **final_figures(df),
         **reward_trend(df),
         "reward_hacking_warnings": "; ".join(warnings) if warnings else "none seen",

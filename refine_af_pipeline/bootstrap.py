@@ -7,9 +7,14 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pydantic import Field, model_validator
+
 from .generation import Generation, SamplingParams, generate, next_token_distribution, render_prompt
 from .parsing import parse_numbered_continuation
 from .prompts import bootstrap_continuation_prefix, bootstrap_prompt, is_classification_prompt
+from .settings_types import NonNegativeInt, PositiveInt, SamplingSettings
+
+
 
 N_PROMPT_EXAMPLES = 8
 N_MACHINE_EXAMPLES = 2
@@ -88,3 +93,23 @@ def classify_instructions(model, tokenizer, instructions: Sequence[str], batch_s
     contexts = [render_prompt(tokenizer, is_classification_prompt(i)) for i in instructions]
     probs = next_token_distribution(model, tokenizer, contexts, ["Yes", "No"], batch_size)
     return [(p[0] > 0.5, p[0]) for p in probs]
+
+
+class BootstrapSettings(SamplingSettings):
+    """Settings of Self-Instruct bootstrapping (`raw_instructions`)."""
+
+    num_prompts: PositiveInt = Field(96, description=(
+        "bootstrap prompts per run (the embedded model's responses gave 0.7-1.4 kept instructions per prompt)"))
+    classification_prompts: NonNegativeInt = Field(12, description="of num_prompts, how many use the classification-only variant")
+    max_new_tokens: PositiveInt = Field(112, description="tokens per response at most (a list of instructions)")
+    target_pool_size: PositiveInt = Field(10_000, description="stop generating once this many instructions are kept")
+    resume_unfinished: bool = Field(True, description=(
+        "a plan a crashed run left unfinished is completed (its missing batches, with its own prompts and "
+        "settings) instead of starting a new one; false abandons it"))
+
+    @model_validator(mode="after")
+    def _classification_share(self):
+        if self.classification_prompts > self.num_prompts:
+            raise ValueError(f"classification_prompts ({self.classification_prompts}) cannot exceed num_prompts "
+                             f"({self.num_prompts})")
+        return self

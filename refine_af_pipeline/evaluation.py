@@ -9,8 +9,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from .generation import continuation_logprobs, mean_logprob
 from .rouge import rouge_l
+from .settings_types import NonNegativeInt, PositiveInt
+
+
 
 
 class TaskFileError(ValueError):
@@ -138,3 +143,16 @@ def reference_log_likelihood(model, tokenizer, prompts: Sequence[str], reference
     for k, logprobs in zip(owner, continuation_logprobs(model, tokenizer, contexts, continuations, batch_size)):
         per_prompt[k].append(logprobs)
     return [best_mean_logprob(lists) for lists in per_prompt]
+
+
+class EvaluationSettings(BaseModel):
+    """Settings of `evaluation`: which tasks, how many instances, how the answers are read."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task_dir: str | None = Field(None, description="a folder of SuperNI-format task files; the built-in set if unset")
+    instances_per_task: NonNegativeInt = Field(3, description="instances evaluated per task (0 = all)")
+    max_new_tokens: PositiveInt = Field(16, description=(
+        "tokens per greedy answer (ROUGE-L reads its first line; that of 90% of the embedded model's answers fits)"))
+    bootstrap_resamples: PositiveInt = Field(10_000, description="resamples of the tasks behind the CIs")
+    seed: int = Field(0, description="seed of the bootstrap")

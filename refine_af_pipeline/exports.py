@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 
 import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
 
 ALPACA_FIELDS = ("instruction", "input", "output")
 # Which run, model, adapter, sampling and judges made each row (policy_adapter is null for the
@@ -88,3 +90,11 @@ def read_dataset_exports(target: Path) -> dict[str, list[dict]]:
         "parquet": pl.read_parquet(target / FORMAT_FILES["parquet"]).to_dicts(),
         "hf_dataset": load_from_disk(str(target / FORMAT_FILES["hf_dataset"])).to_list(),
     }
+
+
+class ExportSettings(BaseModel):
+    """Settings of `instruction_dataset_exports`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    include_self_instruct: bool = Field(True, description="also export the baseline's data (dataset self_instruct)")

@@ -12,11 +12,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pydantic import Field
+
 from .feedback import COMPONENTS, FeedbackScorer
 from .generation import SamplingParams
 from .instances import generate_scored_instances
 from .paired_comparison import PairedComparison, mean_paired_difference, outcome, paired_bootstrap
 from .rl_diagnostics import mean_repeat_share
+from .settings_types import NonNegativeInt, PositiveInt, SamplingSettings
+
+
 
 
 @dataclass(frozen=True)
@@ -99,3 +104,14 @@ def summarise(rows: Sequence[dict], resamples: int = 10_000, seed: int = 0, conf
         component_differences={c: mean_paired_difference([r[f"policy_{c}"] for r in rows],
                                                          [r[f"base_{c}"] for r in rows])[0] for c in COMPONENTS},
     )
+
+
+class HeldoutCheckSettings(SamplingSettings):
+    """Settings of the held-out check (`policy_beats_base_on_heldout`); its sampling defaults are the
+    instance stages', so it measures the policy as the pipeline uses it."""
+
+    samples_per_instruction: PositiveInt = Field(1, description=(
+        "instances per instruction and model, averaged: more samples, less sampling noise per instruction"))
+    max_instructions: NonNegativeInt = Field(0, description="held-out instructions to compare (0 = all)")
+    min_instructions: NonNegativeInt = Field(5, description="with fewer held-out instructions the check warns: the CI means little")
+    bootstrap_resamples: PositiveInt = Field(10_000, description="resamples of the instructions behind the CI")

@@ -6,10 +6,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from .adapters import merged
 from .feedback import COMPONENTS, ComponentStats, FeedbackScorer, combine
 from .generation import SamplingParams, generate, render_prompt
 from .prompts import INSTANCE_PREFIX, instance_prompt
+from .settings_types import NonNegativeInt, PositiveInt, SamplingSettings, Share
+
+
 
 
 def generate_scored_instances(model, tokenizer, scorer: FeedbackScorer, instructions: Sequence[str],
@@ -53,3 +58,28 @@ def filter_reason(rows: list[dict]) -> list[str | None]:
         else:
             reasons.append(None)
     return reasons
+
+
+class RewardScoresSettings(SamplingSettings):
+    """Settings of `reward_scores`: the base model's instances whose component scores standardise
+    every later reward."""
+
+    max_instructions: NonNegativeInt = Field(16, description=(
+        "kept instructions to write an instance for (0 = all): enough for each component's mean and spread"))
+
+
+class InstancePairsSettings(SamplingSettings):
+    """Settings of the instance stages (`instance_output_pairs`, `selfinstruct_instance_pairs`: both
+    read their own copy; keep them equal for a fair comparison)."""
+
+    max_instructions: NonNegativeInt = Field(36, description=(
+        "kept instructions to write instances for (0 = all); the same seed picks the same ones in both branches"))
+    instances_per_instruction: PositiveInt = Field(2, description="instances written per instruction")
+
+
+class ParseRateSettings(BaseModel):
+    """Settings of the parse-rate check on the policy's instances."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_parse_rate: Share = Field(0.5, description="warn below this share of instances that parse into input and output")

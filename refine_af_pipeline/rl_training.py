@@ -11,33 +11,56 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .adapters import AdapterView
 from .feedback import COMPONENTS, FeedbackScorer
 from .generation import render_prompt
 from .prompts import INSTANCE_PREFIX, instance_prompt
 from .rl_diagnostics import mean_repeat_share
+from .settings_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 
-@dataclass
-class RLSettings:
-    algorithm: str = "grpo"  # grpo | rloo
-    max_steps: int = 3
-    prompts_per_step: int = 3
-    group_size: int = 4  # completions per prompt, compared with each other
-    # Completions per forward/backward pass: a step's prompts_per_step x group_size completions are
-    # generated in one batch and trained on in slices of this size (gradient accumulation).
-    train_batch_size: int = 2
-    learning_rate: float = 1e-3
-    beta: float = 0.04  # KL coefficient
-    max_completion_length: int = 96
-    temperature: float = 0.7
-    top_p: float = 0.95
-    lora_r: int = 8
-    lora_alpha: int = 16
-    seed: int = 0
-    gradient_checkpointing: bool = False  # turn on for 7B+ policies that do not fit otherwise
+class RLSettings(BaseModel):
+    """Settings of the RL stage (`rl_refined_policy`): trainer, step size, sampling, adapter, and the
+    held-out split the check compares on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="TRL trainer, both on a LoRA adapter: GRPO or RLOO")
+    max_steps: PositiveInt = Field(3, description="optimizer steps; each samples prompts_per_step x group_size completions")
+    prompts_per_step: PositiveInt = Field(3, description="instructions per optimizer step")
+    group_size: PositiveInt = Field(4, description="completions per instruction, each rewarded relative to the others")
+    train_batch_size: PositiveInt = Field(2, description=(
+        "completions per forward/backward pass: a step's completions are generated in one batch and trained on "
+        "this many at a time (gradient accumulation: same update, the memory of the slice); must divide "
+        "prompts_per_step x group_size"))
+    learning_rate: PositiveFloat = Field(1e-3, description=(
+        "LoRA learning rate; high so that a few steps move a small policy at all, lower it for long runs"))
+    beta: NonNegativeFloat = Field(0.04, description="KL penalty towards the base model (0 = none, no reference pass)")
+    max_completion_length: PositiveInt = Field(96, description=(
+        "tokens per completion: the instance stages' max_new_tokens, so RL does not train on instances cut "
+        "before their output ends"))
+    temperature: PositiveFloat = Field(0.7, description="sampling temperature: the one the instance stages use")
+    top_p: Probability = Field(0.95, description="nucleus sampling: the one the instance stages use")
+    lora_r: PositiveInt = Field(8, description="LoRA rank")
+    lora_alpha: PositiveInt = Field(16, description="LoRA scaling numerator (scale = lora_alpha / lora_r)")
+    seed: int = Field(0, description="trainer seed")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (for 7B+ policies)")
+    heldout_share: Share = Field(0.2, description="share of kept instructions (stable hash split) RL never trains on")
+    min_heldout: NonNegativeInt = Field(6, description=(
+        "hold out at least this many instructions (at most half the pool), so the held-out check has some"))
+
+    @model_validator(mode="after")
+    def _slices_fill_a_step(self):
+        completions = self.prompts_per_step * self.group_size
+        if completions % self.train_batch_size:
+            raise ValueError(f"train_batch_size ({self.train_batch_size}) must divide prompts_per_step x group_size "
+                             f"({completions})")
+        return self
 
 
 @dataclass
@@ -76,14 +99,9 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     weights serves policy, reference and judge."""
     from datasets import Dataset
 
-    if settings.algorithm not in ("grpo", "rloo"):
-        raise ValueError(f"unknown RL algorithm '{settings.algorithm}' (use grpo or rloo)")
     if not instructions:
         raise ValueError("no instructions to train the RL policy on")
     completions_per_step = settings.prompts_per_step * settings.group_size
-    if completions_per_step % settings.train_batch_size:
-        raise ValueError(f"train_batch_size ({settings.train_batch_size}) must divide prompts_per_step x group_size "
-                         f"({completions_per_step})")
     # GRPO/RLOO draw prompts_per_step prompts per step and drop an incomplete step: with fewer
     # instructions than that, TRL would train zero steps without an error. Cycle them up to one step.
     instructions = list(instructions)

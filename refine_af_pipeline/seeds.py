@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
+
 BUILTIN_SEED_FILE = "seed_tasks.jsonl"
 
 
@@ -142,3 +145,11 @@ def load_seed_tasks(path: str | Path | None = None) -> list[SeedTask]:
             raise SeedFileError(f"{file}: duplicate task id '{task.id}' (entries {seen[task.id] + 1} and {k + 1})")
         seen[task.id] = k
     return tasks
+
+
+class SeedPoolSettings(BaseModel):
+    """Settings of `seed_pool`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed_file: str | None = Field(None, description="Self-Instruct JSONL or Alpaca JSON; the built-in 175 tasks if unset")

@@ -13,31 +13,47 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from .prompts import sft_prompt
+from .settings_types import NonNegativeInt, PositiveFloat, PositiveInt, Share
 from .splits import hash_bucket, in_share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 VALIDATION_SALT = "sft-validation"
 
 
-@dataclass
-class SFTSettings:
-    # A LoRA adapter on a few dozen pairs needs tens of optimizer steps at a high learning rate to
-    # move the model at all (2 steps at 2e-4 left every evaluation answer unchanged); small batches
-    # give more steps for the same compute, and the validation loss shows when it starts to overfit.
-    epochs: float = 2.0
-    batch_size: int = 4  # pairs per optimizer step
-    # Pairs per forward/backward pass (gradient accumulation up to batch_size): activations take
-    # ~2 MB per token, so 4 pairs of 256 tokens would add 2 GB to the step's peak.
-    train_batch_size: int = 2
-    learning_rate: float = 1e-3
-    max_length: int = 256
-    lora_r: int = 8
-    lora_alpha: int = 16
-    seed: int = 0
-    # TRL's SFTConfig turns it on by default; a 135M model does not need it, and recomputing the
-    # activations made each step ~30% slower on 2 CPU cores. Turn it on for 7B+ models.
-    gradient_checkpointing: bool = False
+class SFTSettings(BaseModel):
+    """Settings of supervised fine-tuning (`finetuned_model`, `selfinstruct_finetuned_model`: both
+    branches read their own copy; keep them equal for a fair comparison). A LoRA adapter on a few
+    dozen pairs needs tens of optimizer steps at a high learning rate to move the model at all;
+    small batches give more steps for the same compute, and the validation loss shows when more
+    epochs start to overfit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: PositiveFloat = Field(2.0, description="passes over the training pairs (fractions allowed)")
+    batch_size: PositiveInt = Field(4, description="pairs per optimizer step")
+    train_batch_size: PositiveInt = Field(2, description=(
+        "pairs per forward/backward pass (gradient accumulation up to batch_size; activations take ~2 MB per "
+        "token on the embedded model); must divide batch_size"))
+    learning_rate: PositiveFloat = Field(1e-3, description="LoRA learning rate (2 steps at 2e-4 left every evaluation answer unchanged)")
+    max_length: PositiveInt = Field(256, description="tokens per example, prompt and response")
+    lora_r: PositiveInt = Field(8, description="LoRA rank")
+    lora_alpha: PositiveInt = Field(16, description="LoRA scaling numerator (scale = lora_alpha / lora_r)")
+    seed: int = Field(0, description="trainer seed")
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute activations in the backward pass: off, unlike TRL's default, since a 135M model does not "
+        "need it (30% slower on 2 CPU cores); turn it on for 7B+"))
+    validation_share: Share = Field(0.15, description=(
+        "share of instructions (salted hash of the id) whose pairs are held out and scored after every epoch"))
+    min_validation: NonNegativeInt = Field(4, description="hold out at least this many instructions when a quarter of the pool allows")
+
+    @model_validator(mode="after")
+    def _slices_fill_a_batch(self):
+        if self.batch_size % self.train_batch_size:
+            raise ValueError(f"train_batch_size ({self.train_batch_size}) must divide batch_size ({self.batch_size})")
+        return self
 
 
 @dataclass
@@ -68,8 +84,6 @@ def finetune(model, tokenizer, triples: Sequence[tuple[str, str, str]], settings
 
     if not triples:
         raise ValueError("no (instruction, input, output) triples to fine-tune on")
-    if settings.batch_size % settings.train_batch_size:
-        raise ValueError(f"train_batch_size ({settings.train_batch_size}) must divide batch_size ({settings.batch_size})")
     train = Dataset.from_dict(sft_records(triples))
     evaluated = {"train": train} | ({"validation": Dataset.from_dict(sft_records(validation))} if validation else {})
     trainer = SFTTrainer(

@@ -29,8 +29,8 @@ class DagsterServices:
     """Starts both processes in new sessions (process groups); stop() ends them and every process
     they started (code servers, run workers, step processes)."""
 
-    def __init__(self, home: Path, env: dict[str, str]):
-        self.home, self.port = home, free_port()
+    def __init__(self, home: Path, env: dict[str, str], workspace: Path = ROOT / "workspace.yaml"):
+        self.home, self.port, self.workspace = home, free_port(), workspace
         self.url = f"http://127.0.0.1:{self.port}"
         home.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
@@ -43,7 +43,7 @@ class DagsterServices:
         # start, and racing each other one of them fails with "table jobs already exists" (seen in CI).
         subprocess.run([str(BIN / "dagster"), "instance", "migrate"], cwd=ROOT, env=self.env, check=True,
                        stdout=subprocess.DEVNULL)
-        workspace = ["-w", str(ROOT / "workspace.yaml")]
+        workspace = ["-w", str(self.workspace)]
         self._spawn("webserver", [str(BIN / "dagster-webserver"), *workspace, "-h", "127.0.0.1", "-p", str(self.port)])
         self._spawn("daemon", [str(BIN / "dagster-daemon"), "run", *workspace])
 

@@ -127,7 +127,7 @@ def test_a_flaky_backend_is_retried_inside_the_step(seeded_dir, tiny_model_dir, 
         def flaky_generate(**kwargs):
             if len(failures) < 2:
                 failures.append(1)
-                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+                raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated)")
             return real_generate(**kwargs)
 
         model.generate = flaky_generate

@@ -53,6 +53,10 @@ def test_instance_settings_queue_one_run_and_one_step_per_pool(tmp_path):
         assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 1
         assert instance.global_op_concurrency_default_limit == 1
         assert not instance.telemetry_enabled
+        assert type(instance.run_launcher).__name__ == "ProcessCheckingRunLauncher"
+        assert instance.run_launcher.supports_check_run_worker_health
+        assert instance.run_monitoring_enabled and instance.run_monitoring_max_resume_run_attempts == 0
+        assert instance.run_monitoring_poll_interval_seconds <= 15
     finally:
         instance.dispose()
     settings = yaml.safe_load((ROOT / "dagster.yaml").read_text())
@@ -69,7 +73,7 @@ def test_a_retried_batch_shows_in_the_run_log(tmp_path):
     def flaky():
         if not failures:
             failures.append(1)
-            raise RuntimeError("CUDA error: launch failure (simulated)")
+            raise ConnectionResetError("connection reset by the model server (simulated)")
         return 1
 
     @dg.asset
@@ -80,5 +84,5 @@ def test_a_retried_batch_shows_in_the_run_log(tmp_path):
         result = dg.materialize([generation_stage], instance=instance)
         messages = [e.user_message for e in instance.all_logs(result.run_id)]
     assert result.success
-    assert any("generation batch 1/2 failed (try 1 of 3: RuntimeError: CUDA error: launch failure (simulated))"
+    assert any("generation batch 1/2 failed (try 1 of 3: ConnectionResetError: connection reset by the model server (simulated))"
                in m for m in messages), messages[-5:]

@@ -45,6 +45,22 @@ def test_every_stage_writes_its_table(first_run):
     assert counts["evaluation_summary"] == 2 * 3  # (metric, pair of models)
 
 
+def test_every_column_has_a_description(first_run):
+    from assets.column_descriptions import COLUMN_DESCRIPTIONS
+
+    data_dir, result = first_run
+    for materialization in result.get_asset_materialization_events():
+        metadata = materialization.materialization.metadata
+        columns = metadata["dagster/column_schema"].value.columns
+        assert columns, materialization.asset_key
+        undescribed = [c.name for c in columns if not c.description]
+        assert not undescribed, (materialization.asset_key, undescribed)
+    with duckdb.connect(str(data_dir / "refine_af.duckdb"), read_only=True) as conn:  # ledger tables too
+        stored = conn.execute("SELECT table_name, column_name FROM information_schema.columns").fetchall()
+    assert {t for t, _ in stored} >= set(TABLES) | {"rl_heldout_comparison", "generation_plans"}
+    assert not [(t, c) for t, c in stored if c not in COLUMN_DESCRIPTIONS]
+
+
 def test_raw_instructions_carry_provenance(first_run, tiny_model_dir):
     data_dir, result = first_run
     raw = _table(data_dir, "SELECT * FROM raw_instructions")

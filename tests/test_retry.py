@@ -3,7 +3,7 @@
 import pytest
 
 from refine_af_pipeline.generation import SamplingParams, generate
-from refine_af_pipeline.retry import Backoff, RetriesExhausted, call_with_retry
+from refine_af_pipeline.retry import Backoff, RetriesExhausted, call_with_retry, is_transient
 
 
 class Flaky:
@@ -21,7 +21,7 @@ class Flaky:
 
 def test_transient_errors_are_retried_with_growing_pauses():
     pauses = []
-    flaky = Flaky(2, RuntimeError("CUDA error: unspecified launch failure"))
+    flaky = Flaky(2, RuntimeError("CUDA out of memory. Tried to allocate 64.00 MiB"))
     assert call_with_retry(flaky, "batch 1/1", Backoff(attempts=3, first_delay_s=2, factor=2), pauses.append) == "done"
     assert flaky.calls == 3 and pauses == [2, 4]
 
@@ -35,12 +35,48 @@ def test_the_bound_is_kept_and_the_last_error_is_named():
     assert isinstance(info.value.__cause__, OSError)
 
 
-def test_errors_that_are_not_transient_are_raised_at_once():
+@pytest.mark.parametrize("error", [
+    ValueError("bad prompt"),
+    RuntimeError("The size of tensor a (8) must match the size of tensor b (9)"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),  # the context is lost for good
+    FileNotFoundError(2, "No such file or directory", "model.safetensors"),
+    PermissionError(13, "Permission denied", "/models"),
+    OSError(28, "No space left on device"),
+])
+def test_errors_that_are_not_transient_are_raised_at_once(error):
     pauses = []
-    flaky = Flaky(1, ValueError("bad prompt"))
-    with pytest.raises(ValueError, match="bad prompt"):
+    flaky = Flaky(1, error)
+    with pytest.raises(type(error)):
         call_with_retry(flaky, "batch", Backoff(), pauses.append)
     assert flaky.calls == 1 and pauses == []
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 9.00 GB)"),
+    OSError(5, "Input/output error"),
+    OSError("Input/output error reading model.safetensors"),
+    ConnectionResetError(104, "Connection reset by peer"),
+    TimeoutError("read timed out"),
+])
+def test_transient_errors_are_recognised(error):
+    assert is_transient(error)
+    flaky = Flaky(1, error)
+    assert call_with_retry(flaky, "batch", Backoff(first_delay_s=0), lambda s: None) == "done"
+    assert flaky.calls == 2
+
+
+def test_torch_out_of_memory_is_transient():
+    import torch
+
+    assert is_transient(torch.OutOfMemoryError("CUDA out of memory"))
+
+
+def test_a_custom_rule_replaces_the_default():
+    flaky = Flaky(1, KeyError("x"))
+    assert call_with_retry(flaky, "batch", Backoff(first_delay_s=0, retry_on=lambda e: isinstance(e, KeyError)),
+                           lambda s: None) == "done"
 
 
 def test_generate_retries_a_failing_batch_and_gives_the_same_text(tiny_model_dir):
@@ -64,6 +100,6 @@ def test_generate_retries_a_failing_batch_and_gives_the_same_text(tiny_model_dir
     got = generate(model, tokenizer, prompts, params, batch_size=2, backoff=Backoff(attempts=3, first_delay_s=0))
     assert got == expected
     assert len(calls) == 4  # batch 1: two failures and a success; batch 2: one call
-    model.generate = Flaky(5, RuntimeError("device lost"))
+    model.generate = Flaky(5, TimeoutError("model server did not answer"))
     with pytest.raises(RetriesExhausted, match="generation batch 1/2 failed 3 times"):
         generate(model, tokenizer, prompts, params, batch_size=2, backoff=Backoff(attempts=3, first_delay_s=0))

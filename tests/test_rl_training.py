@@ -49,6 +49,6 @@ def test_one_rloo_step_trains_and_logs(loaded, tmp_path):
     assert 0 < row["completion_length"] <= 16
 
 
-def test_unknown_algorithm_is_refused(loaded, tmp_path):
-    with pytest.raises(ValueError, match="unknown RL algorithm 'ppo'"):
-        train_policy(None, loaded[1], INSTRUCTIONS, None, RLSettings(algorithm="ppo"), tmp_path, "cpu")
+def test_unknown_algorithm_is_refused():
+    with pytest.raises(ValueError, match=r"algorithm\n  Input should be 'grpo' or 'rloo'"):
+        RLSettings(algorithm="ppo")
