@@ -30,7 +30,7 @@ def build_finetuned_model_asset(name: str, pairs_table: str, description: str) -
         pairs = warehouse.read_table(pairs_table)
         if pairs is None or pairs.filter(pl.col("keep")).height == 0:
             raise dg.Failure(f"{pairs_table} has no kept pairs to fine-tune on")
-            kept = pairs.filter(pl.col("keep"))
+        kept = pairs.filter(pl.col("keep"))
         held = validation_split(kept["instruction_id"].to_list(), config.validation_share, config.min_validation)
         is_val = kept["instruction_id"].is_in(list(held))
         train, val = kept.filter(~is_val), kept.filter(is_val)
