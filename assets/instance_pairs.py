@@ -41,7 +41,7 @@ def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsCon
     n = config.instances_per_instruction
     items = [dict(instance_id=f"{iid}-{j}", instruction_id=iid, instruction=text)
              for iid, text in zip(chosen["instruction_id"].to_list(), chosen["instruction"].to_list()) for j in range(n)]
-    settings = dict(SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True).as_dict(),
+    settings = dict(config.sampling_params().as_dict(),
                     seed=config.seed, adapter=adapter, batch_size=batch_size)
     return ledger.start_plan(context.run_id, settings, [items[s:s + batch_size] for s in range(0, len(items), batch_size)])
 

@@ -36,7 +36,7 @@ def _new_plan(context: dg.AssetExecutionContext, config: RawInstructionsConfig, 
     rng = random.Random(f"{config.seed}-{context.run_id}")
     prompts = [asdict(sample_prompt(seeds, machine, rng, classification=k < config.classification_prompts))
                for k in range(config.num_prompts)]
-    settings = dict(SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True).as_dict(),
+    settings = dict(config.sampling_params().as_dict(),
                     seed=config.seed, batch_size=batch_size, target_pool_size=config.target_pool_size)
     return ledger.start_plan(context.run_id, settings,
                              [prompts[s:s + batch_size] for s in range(0, len(prompts), batch_size)])

@@ -15,10 +15,7 @@ _DTYPE_NAMES = {pl.Utf8: "string", pl.Boolean: "bool", pl.Float64: "float", pl.I
 def table_metadata(df: pl.DataFrame, preview_columns: list[str] | None = None, preview_rows: int = 5,
                    total_rows: int | None = None) -> dict:
     """`total_rows`: the table's size when `df` is only the rows this run appended."""
-    schema = dg.TableSchema(columns=[
-        dg.TableColumn(name, _DTYPE_NAMES.get(dtype, str(dtype)), description=column_description(name))
-        for name, dtype in df.schema.items()
-    ])
+    schema = _described_schema(df)
     preview = df.select(preview_columns) if preview_columns else df
     return {
         "dagster/row_count": dg.MetadataValue.int(df.height if total_rows is None else total_rows),
@@ -35,12 +32,16 @@ def stored_table_metadata(warehouse, table: str, preview_columns: list[str] | No
     return table_metadata(df, columns, total_rows=warehouse.row_count(table))
 
 
-def metadata_table(df: pl.DataFrame) -> dg.MetadataValue:
-    """`df` as a Dagster table (the UI sorts and scrolls it), each column described."""
-    schema = dg.TableSchema(columns=[
+def _described_schema(df: pl.DataFrame) -> dg.TableSchema:
+    return dg.TableSchema(columns=[
         dg.TableColumn(name, _DTYPE_NAMES.get(dtype, str(dtype)), description=column_description(name))
         for name, dtype in df.schema.items()
     ])
+
+
+def metadata_table(df: pl.DataFrame) -> dg.MetadataValue:
+    """`df` as a Dagster table (the UI sorts and scrolls it), each column described."""
+    schema = _described_schema(df)
     records = [dg.TableRecord({k: _plain(v) for k, v in row.items()}) for row in df.iter_rows(named=True)]
     return dg.MetadataValue.table(records, schema)
 

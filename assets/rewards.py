@@ -8,7 +8,6 @@ import polars as pl
 
 from refine_af_pipeline.calibration import calibrate, read_ratings
 from refine_af_pipeline.feedback import COMPONENTS
-from refine_af_pipeline.generation import SamplingParams
 from refine_af_pipeline.instances import RewardScoresSettings, generate_scored_instances, restandardise
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
@@ -35,7 +34,7 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     model, tokenizer, source, device = language_model.load()
     scorer = feedback_scorer.build(model, tokenizer, device, batch_size=language_model.scoring_batch_size,
                                    judge_id=source.model_id)
-    params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True)
+    params = config.sampling_params()
     batch_size = language_model.generation_batch_size("reward_scores")
     rows = generate_scored_instances(model, tokenizer, scorer, chosen["instruction"].to_list(), params, batch_size,
                                      config.seed, progress_logger(context, "reward_scores", batch_size * config.max_new_tokens))

@@ -8,7 +8,6 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.feedback import COMPONENTS
-from refine_af_pipeline.generation import SamplingParams
 from refine_af_pipeline.heldout_comparison import HeldoutCheckSettings, generate_both, per_instruction_rows, summarise
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
@@ -60,7 +59,7 @@ def policy_beats_base_on_heldout(context: dg.AssetCheckExecutionContext, config:
     base, policy = models["base"], models["policy"]
     scorer = feedback_scorer.build(base, tokenizer, device, base_component_stats(warehouse),
                                    language_model.scoring_batch_size, judge_id=source.model_id)
-    params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p, do_sample=True)
+    params = config.sampling_params()
     k = config.samples_per_instruction
 
     def progress(label, done, total):
