@@ -1,4 +1,5 @@
-"""Asset checks that guard the data between stages (the RL stage's own check is in rl_checks.py)."""
+"""Asset checks that guard the data between stages (the RL held-out check is in rl_heldout.py, the
+evaluation's in evaluation.py: each is computed by its asset)."""
 
 
 import dagster as dg
@@ -10,10 +11,9 @@ from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import Warehouse
 
 from .instance_pairs import instance_output_pairs
-from .instructions import deduplicated_instructions
 
 
-@dg.asset_check(asset=deduplicated_instructions, blocking=True)
+@dg.asset_check(asset="deduplicated_instructions", additional_deps=["seed_pool"], blocking=True)
 def no_kept_pair_above_rouge_threshold(warehouse: Warehouse) -> dg.AssetCheckResult:
     """No two kept instructions (nor a kept one and a seed) have ROUGE-L above the threshold."""
     seeds = warehouse.read_table("seed_pool")["instruction"].to_list()
@@ -29,7 +29,7 @@ def no_kept_pair_above_rouge_threshold(warehouse: Warehouse) -> dg.AssetCheckRes
         "max_rouge_l": worst, "kept": len(kept), "closest_pair": str(pair)})
 
 
-@dg.asset_check(asset=deduplicated_instructions, blocking=True)
+@dg.asset_check(asset="deduplicated_instructions", blocking=True)
 def no_blacklisted_keyword(warehouse: Warehouse) -> dg.AssetCheckResult:
     kept = _kept_instructions(warehouse)
     offenders = [i for i in kept if blacklisted_word(i)]

@@ -60,9 +60,13 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     **_COMPONENTS,
     **{f"{c}_scorer": f"scorer name and version behind {c}" for c in _COMPONENTS},
     "reward": "combined reward: bias + sum of weight x standardised component (-3 on a format-gate failure); in rl_refined_policy the mean of the step's completions",
-    "weights": "component weights of the combined reward, as JSON",
+    # reward standardisation (one row, from the base model's gate-passing instances in reward_scores)
+    **{f"mean_{c}": f"mean raw {c} of the base model's instances that passed the format gate" for c in _COMPONENTS},
+    **{f"std_{c}": f"standard deviation of raw {c} over those instances (1 when constant)" for c in _COMPONENTS},
+    **{f"weight_{c}": f"weight of the standardised {c} in the combined reward" for c in _COMPONENTS},
     "bias": "bias of the combined reward",
     "weights_source": "where the weights come from: config, or calibration:<ratings file>",
+    "standardised_instances": "base-model instances the means and spreads were computed over",
     "keep": "whether the pair passed every filter and enters fine-tuning",
     "filter_reason": "why the pair was filtered out (a gate reason, conflicting_outputs_for_same_input ...); null when kept",
     # RL training log

@@ -19,13 +19,15 @@ from refine_af_pipeline.prefix_scoring import generate_and_score_continuations
 from refine_af_pipeline.prompts import evaluation_prompt
 from refine_af_pipeline.task_comparison import mean_per_model, summary_rows, tasks_differing
 from resources import LanguageModelResource, Warehouse
+from resources.warehouse import insert_rows
 
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
-from .shared import latest_artifact
+from .shared import upstream_adapter
 
 # Model label in the tables -> the fine-tuning asset whose adapter it is (None: the base model).
 EVALUATED_MODELS = {"base": None, "self_instruct": "selfinstruct_finetuned_model", "refine_af": "finetuned_model"}
 # (candidate, reference): the paper's comparison first, then each tuned model against the base.
+TUNED = [a for a in EVALUATED_MODELS.values() if a]
 COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "base"), ("self_instruct", "base")]
 CHECK_NAME = "refine_af_beats_self_instruct"
 
@@ -41,20 +43,29 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
     """Run config of `evaluation`: the fields of EvaluationSettings (refine_af_pipeline/evaluation.py)."""
 
 
-@dg.asset(group_name="evaluation", kinds={"duckdb", "pytorch"}, pool="gpu",
-          deps=["finetuned_model", "selfinstruct_finetuned_model"],
-          check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="evaluation", description=(
-              "Warns (never fails) unless the REFINE-AF model wins more held-out tasks than it loses "
-              "against the Self-Instruct model by ROUGE-L."))])
+@dg.multi_asset(
+    name="evaluation", group_name="evaluation", pool="gpu", can_subset=False,
+    specs=[
+        dg.AssetSpec("evaluation", deps=TUNED, kinds={"duckdb", "pytorch"}, description=(
+            "One row per (held-out task, model): the task's mean ROUGE-L of the first answer line and mean "
+            "reference log-likelihood, for the base, Self-Instruct-tuned and REFINE-AF-tuned models.")),
+        dg.AssetSpec("evaluation_predictions", deps=TUNED, kinds={"duckdb"}, description=(
+            "One row per (evaluation instance, model): the greedy answer's first line, its ROUGE-L against "
+            "the best reference, the best reference's mean per-token log-likelihood, the references.")),
+        dg.AssetSpec("evaluation_summary", deps=TUNED, kinds={"duckdb"}, description=(
+            "For each pair of models and each metric (ROUGE-L, log-likelihood): wins/ties/losses over tasks, "
+            "the win share with its bootstrap 95% CI, the mean paired difference with its CI.")),
+    ],
+    check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="evaluation_summary", description=(
+        "Warns (never fails) unless the REFINE-AF model wins more held-out tasks than it loses "
+        "against the Self-Instruct model by ROUGE-L."))])
 def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, warehouse: Warehouse,
-               language_model: LanguageModelResource) -> dg.MaterializeResult:
+               language_model: LanguageModelResource):
     """Each model answers every evaluation instance zero-shot in the SuperNI layout (definition,
     input, "Output:"), greedy; the first line of the answer is scored by ROUGE-L against each
     reference, best one counts. Each model also reads every reference after the same prompt: the
     mean per-token log-likelihood of the best reference, which moves with the model even when the
-    greedy answer does not. One row per (task, model) here with both task means, one per
-    (instance, model) in evaluation_predictions, the pairwise task comparisons on both metrics in
-    evaluation_summary."""
+    greedy answer does not. The three tables are written in one transaction."""
     tasks = load_tasks(config.task_dir)
     items = evaluation_items(tasks, config.instances_per_task)
     # Plain text prompts: the SuperNI layout itself ends with "Output:".
@@ -62,7 +73,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
     references = [inst.references for _, inst in items]
     params = SamplingParams(max_new_tokens=config.max_new_tokens, do_sample=False)
     counts = Counter(t.name for t, _ in items)
-    adapters = {label: latest_artifact(warehouse, table) if table else None for label, table in EVALUATED_MODELS.items()}
+    adapters = {label: upstream_adapter(context, asset) if asset else None for label, asset in EVALUATED_MODELS.items()}
     # One copy of the base weights; the tuned models are its two LoRA adapters.
     models, tokenizer, source, device = language_model.load_variants(adapters)
     task_rows, prediction_rows = [], []
@@ -73,7 +84,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
         with merged(model) as view:
             gens, reference_logprobs = generate_and_score_continuations(
                 view, tokenizer, prompts, [reference_continuations(r) for r in references], params,
-                language_model.generation_batch_size("evaluation"), 0, progress_logger(context, f"evaluation/{label}"),
+                language_model.generation_batch_size(context.op.name), 0, progress_logger(context, f"evaluation/{label}"),
                 stop_after_first_line=True, score_batch_size=language_model.scoring_batch_size)
         answers = [first_line(g.text) for g in gens]
         scores = [best_rouge_l(a, inst.references) for a, (_, inst) in zip(answers, items)]
@@ -94,15 +105,22 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
     rows = summary_rows(by_metric, COMPARISONS, config.bootstrap_resamples, config.seed)
     df = pl.DataFrame(task_rows, schema_overrides={"adapter_path": pl.Utf8})
     summary = pl.DataFrame([{**r, "task_dir": config.task_dir or "built-in", "run_id": context.run_id} for r in rows])
-    warehouse.write_table("evaluation", df)
-    warehouse.write_table("evaluation_predictions", pl.DataFrame(prediction_rows))
-    warehouse.write_table("evaluation_summary", summary)
+    predictions = pl.DataFrame(prediction_rows)
+    with warehouse.transaction() as conn:
+        for table, frame in (("evaluation", df), ("evaluation_predictions", predictions), ("evaluation_summary", summary)):
+            insert_rows(conn, table, frame, mode="replace")
     headline = _comparison(rows, "rouge_l", *COMPARISONS[0])
     means = {m: mean_per_model(by_metric[m]) for m in METRICS}
     ll = by_metric["log_likelihood"]
     differing = {f"tasks_log_likelihood_differs_from_base_{m}": tasks_differing(ll[m], ll["base"], LOG_LIKELIHOOD_MARGIN)
                  for m in EVALUATED_MODELS if m != "base"}
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(asset_key="evaluation_predictions", metadata=table_metadata(
+        predictions, ["task", "model", "prediction", "rouge_l", "reference_log_likelihood"]))
+    yield dg.MaterializeResult(asset_key="evaluation_summary", metadata={
+        **table_metadata(summary, ["metric", "candidate", "reference", "wins", "ties", "losses"]),
+        "summary": metadata_table(_summary_view(summary))})
+    yield dg.MaterializeResult(
+        asset_key="evaluation",
         metadata={
             **table_metadata(df, ["task", "model", "rouge_l", "log_likelihood"]),
             **{f"mean_{metric}_{m}": v for metric in METRICS for m, v in means[metric].items()},
@@ -115,13 +133,13 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
             "per_task": metadata_table(_per_task_view(by_metric)),
             "chart": png_markdown(_chart(by_metric, means), "ROUGE-L and reference log-likelihood per task"),
             **peak_memory(device),
-        },
-        check_results=[dg.AssetCheckResult(
-            check_name=CHECK_NAME, passed=headline["wins"] > headline["losses"], severity=dg.AssetCheckSeverity.WARN,
-            metadata={**_headline_metadata(headline),
-                      "log_likelihood_wins_ties_losses": _wtl(_comparison(rows, "log_likelihood", *COMPARISONS[0])),
-                      "rule": "passes when REFINE-AF wins more tasks than it loses by ROUGE-L (ties count for neither)"})],
-    )
+        })
+    yield dg.AssetCheckResult(
+        asset_key="evaluation_summary", check_name=CHECK_NAME, passed=headline["wins"] > headline["losses"],
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={**_headline_metadata(headline),
+                  "log_likelihood_wins_ties_losses": _wtl(_comparison(rows, "log_likelihood", *COMPARISONS[0])),
+                  "rule": "passes when REFINE-AF wins more tasks than it loses by ROUGE-L (ties count for neither)"})
 
 
 def _comparison(rows: list[dict], metric: str, candidate: str, reference: str) -> dict:

@@ -16,7 +16,7 @@ from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
 
 from .metadata import peak_memory, progress_logger, table_metadata
-from .shared import base_component_stats, kept_instructions, latest_artifact, subset
+from .shared import base_component_stats, kept_instructions, subset, upstream_adapter
 
 
 class InstancePairsConfig(dg.Config, InstancePairsSettings):
@@ -54,7 +54,7 @@ def _staging(name: str) -> str:
 
 def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str) -> dg.AssetsDefinition:
     """The asset `name`: the RL-refined policy's instances (`use_rl_policy`) or the base model's."""
-    deps = ["reward_scores", "deduplicated_instructions"] + (["rl_refined_policy"] if use_rl_policy else [])
+    deps = ["reward_standardisation", "deduplicated_instructions"] + (["rl_refined_policy"] if use_rl_policy else [])
 
     @dg.asset(name=name, group_name="instances", kinds={"duckdb", "pytorch"}, deps=deps, pool="gpu",
               description=description)
@@ -62,8 +62,8 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
                         language_model: LanguageModelResource,
                         feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
         ledger = BatchLedger(warehouse, name)
-        adapter = latest_artifact(warehouse, "rl_refined_policy") if use_rl_policy else None
-        plan = _plan(context, name, config, warehouse, ledger, adapter, language_model.generation_batch_size(name))
+        adapter = upstream_adapter(context, "rl_refined_policy") if use_rl_policy else None
+        plan = _plan(context, name, config, warehouse, ledger, adapter, language_model.generation_batch_size(context.op.name))
         settings = plan.settings
         params = SamplingParams(settings["max_new_tokens"], settings["temperature"], settings["top_p"],
                                 settings["do_sample"])

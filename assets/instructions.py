@@ -1,5 +1,7 @@
-"""Stage 1: Self-Instruct bootstrapping (raw_instructions) and filtering + ROUGE-L de-duplication
-(deduplicated_instructions). Both tables grow run after run."""
+"""Stage 1: Self-Instruct bootstrapping. One step generates instructions batch by batch and
+decides each batch at once (filters, ROUGE-L de-duplication against the seeds and everything kept
+so far, a model-made classification label), the way Self-Instruct iterates the two: the pool that
+de-duplicates a batch is the one the earlier batches grew. Both tables grow run after run."""
 
 
 import random
@@ -10,28 +12,65 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.bootstrap import (BootstrapPrompt, BootstrapSettings, PoolItem, classify_instructions,
-                                         generate_instruction_rows, sample_prompt)
-from refine_af_pipeline.filters import rejection_reason
+                                         deduplication_rows, generate_instruction_rows, sample_prompt)
 from refine_af_pipeline.generation import SamplingParams
 from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import LanguageModelResource, Warehouse
-from resources.batch_ledger import BatchLedger, unfinished_plan_ids
+from resources.batch_ledger import BatchLedger
 
 from .metadata import peak_memory, progress_logger, stored_table_metadata, table_metadata
 
-PREVIEW = ["instruction_id", "instruction", "parse_status"]
+RAW, DEDUP = "raw_instructions", "deduplicated_instructions"
+RAW_PREVIEW = ["instruction_id", "instruction", "parse_status"]
+DEDUP_PREVIEW = ["instruction", "decision", "reason", "max_rouge_l"]
+_DECISION_SCHEMA = {"max_rouge_l": pl.Float64, "most_similar_instruction": pl.Utf8, "reason": pl.Utf8,
+                    "is_classification": pl.Boolean, "is_classification_p": pl.Float64,
+                    "classification_model_id": pl.Utf8}
 
 
-class RawInstructionsConfig(dg.Config, BootstrapSettings):
-    """Run config of `raw_instructions`: the fields of BootstrapSettings (refine_af_pipeline/bootstrap.py)."""
+class BootstrapConfig(dg.Config, BootstrapSettings):
+    """Run config of `bootstrap_instructions`: the fields of BootstrapSettings (refine_af_pipeline/bootstrap.py)."""
 
 
-def _kept_pool(warehouse: Warehouse) -> pl.DataFrame | None:
-    df = warehouse.read_table("deduplicated_instructions")
-    return None if df is None else df.filter(pl.col("decision") == "kept")
+class _Decider:
+    """Decides raw rows in order against the seeds and the kept pool, labels the kept ones."""
+
+    def __init__(self, warehouse: Warehouse, language_model: LanguageModelResource, seeds: list[str]):
+        done = warehouse.read_table(DEDUP)
+        self.decided = set() if done is None else set(done["instruction_id"].to_list())
+        self.kept_before = [] if done is None else done.filter(pl.col("decision") == "kept")["instruction"].to_list()
+        self.dedup = RougeDeduplicator(seeds + self.kept_before, DEFAULT_THRESHOLD)
+        self.language_model = language_model
+        self.rows: list[dict] = []  # decided by this run
+
+    def decide(self, raw_rows: list[dict], run_id: str, model=None, tokenizer=None, model_id: str = "") -> pl.DataFrame:
+        rows = deduplication_rows([r for r in raw_rows if r["instruction_id"] not in self.decided], self.dedup, run_id)
+        kept = [row for row in rows if row["decision"] == "kept"]
+        if kept:
+            if model is None:
+                model, tokenizer, source, _ = self.language_model.load()
+                model_id = source.model_id
+            labels = classify_instructions(model, tokenizer, [row["instruction"] for row in kept],
+                                           self.language_model.scoring_batch_size)
+            for row, (label, p) in zip(kept, labels):
+                row.update(is_classification=label, is_classification_p=p, classification_model_id=model_id)
+        self.decided.update(row["instruction_id"] for row in rows)
+        self.rows += rows
+        return _decision_frame(rows)
+
+    @property
+    def kept_total(self) -> int:
+        return len(self.kept_before) + sum(row["decision"] == "kept" for row in self.rows)
 
 
-def _new_plan(context: dg.AssetExecutionContext, config: RawInstructionsConfig, ledger: BatchLedger,
+def _decision_frame(rows: list[dict]) -> pl.DataFrame:
+    if rows:
+        return pl.DataFrame(rows, schema_overrides=_DECISION_SCHEMA, infer_schema_length=None)
+    return pl.DataFrame(schema={"instruction_id": pl.Utf8, "instruction": pl.Utf8, "source_run_id": pl.Utf8,
+                                "run_id": pl.Utf8, "decision": pl.Utf8, **_DECISION_SCHEMA})
+
+
+def _new_plan(context: dg.AssetExecutionContext, config: BootstrapConfig, ledger: BatchLedger,
               seeds: list[PoolItem], machine: list[PoolItem], batch_size: int):
     rng = random.Random(f"{config.seed}-{context.run_id}")
     prompts = [asdict(sample_prompt(seeds, machine, rng, classification=k < config.classification_prompts))
@@ -42,69 +81,95 @@ def _new_plan(context: dg.AssetExecutionContext, config: RawInstructionsConfig, 
                              [prompts[s:s + batch_size] for s in range(0, len(prompts), batch_size)])
 
 
-@dg.asset(group_name="instructions", kinds={"duckdb", "pytorch"}, deps=["seed_pool"], pool="gpu")
-def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsConfig, warehouse: Warehouse,
-                     language_model: LanguageModelResource) -> dg.MaterializeResult:
-    """Instructions generated by the model from Self-Instruct prompts (8 numbered examples, up to 2
-    machine-generated, the model continues the list). Every row keeps its provenance: prompt example
-    ids, model, sampling parameters, run id, raw response and parse status. Rows are appended one
-    prompt batch at a time, each batch in its own transaction, following a plan recorded first: a
-    run killed midway is finished by the next materialization (generation_plans)."""
-    ledger = BatchLedger(warehouse, "raw_instructions")
+def _open_plan(context: dg.AssetExecutionContext, config: BootstrapConfig, ledger: BatchLedger):
     plan = ledger.unfinished_plan()
     if plan is not None and not config.resume_unfinished:
         ledger.finish(plan, context.run_id, status="abandoned")
         context.log.warning(f"abandoned the unfinished plan of run {plan.plan_id} ({len(plan.committed)} of "
-                            f"{len(plan.batches)} batches committed; those rows stay)")
-        plan = None
-    seeds_df = warehouse.read_table("seed_pool")
-    seeds = [PoolItem(r["id"], r["instruction"], r["is_classification"]) for r in seeds_df.iter_rows(named=True)]
-    kept = _kept_pool(warehouse)
-    machine = [] if kept is None else [
-        PoolItem(r["instruction_id"], r["instruction"], bool(r["is_classification"])) for r in kept.iter_rows(named=True)
-    ]
-    if plan is None and len(machine) >= config.target_pool_size:
-        context.log.info(f"pool already has {len(machine)} kept instructions (target {config.target_pool_size}); nothing generated")
-        return dg.MaterializeResult(metadata={**stored_table_metadata(warehouse, "raw_instructions", PREVIEW),
-                                              "rows_this_run": 0, "skipped": "target pool size reached"})
-    if plan is None:
-        plan = _new_plan(context, config, ledger, seeds, machine, language_model.generation_batch_size("raw_instructions"))
-    else:
+                            f"{len(plan.batches)} batches committed; those rows and their decisions stay)")
+        return None
+    if plan is not None:
         context.log.warning(f"resuming the unfinished plan of run {plan.plan_id}: {len(plan.committed)} of "
                             f"{len(plan.batches)} batches were committed before it stopped; generating the "
                             f"{len(plan.pending())} missing ones with that plan's prompts and settings")
+    return plan
+
+
+@dg.multi_asset(
+    name="bootstrap_instructions", group_name="instructions", pool="gpu", can_subset=False,
+    specs=[
+        dg.AssetSpec(RAW, deps=["seed_pool"], kinds={"duckdb", "pytorch"}, description=(
+            "Instructions the model generated from Self-Instruct prompts (8 numbered examples, up to 2 "
+            "machine-generated, the model continues the list). Every row keeps its provenance: prompt "
+            "example ids, model, sampling parameters, run id, raw response and parse status.")),
+        dg.AssetSpec(DEDUP, deps=["seed_pool", RAW], kinds={"duckdb"}, description=(
+            "The decision on every raw instruction: filtered (length, keyword blacklist, punctuation, "
+            "non-ASCII, \"Write a program\") and de-duplicated (rejected when its ROUGE-L F-measure "
+            "against any seed or already-kept instruction is above 0.7), with the max score, the most "
+            "similar instruction and the reason; kept rows get a model-made is_classification label.")),
+    ])
+def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapConfig, warehouse: Warehouse,
+                           language_model: LanguageModelResource):
+    """Generates prompt batch by batch following a plan recorded first (generation_plans); each
+    batch's raw rows and their decisions are committed in one transaction, so a run killed midway
+    is finished by the next materialization with nothing regenerated, lost or decided twice."""
+    ledger = BatchLedger(warehouse, RAW)
+    plan = _open_plan(context, config, ledger)
+    seeds_df = warehouse.read_table("seed_pool")
+    seeds = [PoolItem(r["id"], r["instruction"], r["is_classification"]) for r in seeds_df.iter_rows(named=True)]
+    decider = _Decider(warehouse, language_model, seeds_df["instruction"].to_list())
+    # Raw rows without a decision (a database from before both were committed together): decided
+    # first, in generation order, so the pool below is complete.
+    if warehouse.table_exists(RAW):
+        undecided = warehouse.read_table(RAW, order_by="run_id, prompt_index, position_in_response")
+        undecided = undecided.filter(~pl.col("instruction_id").is_in(list(decider.decided)))
+        if undecided.height:
+            context.log.info(f"deciding {undecided.height} raw instructions left undecided by an earlier run")
+            warehouse.write_table(DEDUP, decider.decide(undecided.to_dicts(), context.run_id), mode="append")
+    kept = warehouse.read_table(DEDUP)
+    machine = [] if kept is None else [
+        PoolItem(r["instruction_id"], r["instruction"], bool(r["is_classification"]))
+        for r in kept.filter(pl.col("decision") == "kept").iter_rows(named=True)]
+    if plan is None and len(machine) >= config.target_pool_size:
+        context.log.info(f"pool already has {len(machine)} kept instructions (target {config.target_pool_size}); "
+                         "nothing generated")
+        yield dg.MaterializeResult(asset_key=RAW, metadata={
+            **stored_table_metadata(warehouse, RAW, RAW_PREVIEW), "rows_this_run": 0,
+            "skipped": "target pool size reached"})
+        yield _dedup_result(warehouse, decider, language_model)
+        return
+    if plan is None:
+        plan = _new_plan(context, config, ledger, seeds, machine, language_model.generation_batch_size(context.op.name))
     settings = plan.settings
     params = SamplingParams(settings["max_new_tokens"], settings["temperature"], settings["top_p"], settings["do_sample"])
     step, target = settings["batch_size"], settings["target_pool_size"]
-    # Rows keep the plan's run id: ids stay unique and a resumed batch reads as part of its run.
-    parsed_so_far = warehouse.query("SELECT count(*) AS n FROM raw_instructions WHERE run_id = ? AND parse_status = 'ok'",
-                                    [plan.plan_id])["n"][0] if plan.committed else 0
     pending = plan.pending()
     rows_this_run, stopped_early = 0, False
     if pending:
         model, tokenizer, source, device = language_model.load()
         context.log.info(f"generating {len(pending)} batches of up to {step} prompts with {source.model_id} on {device}")
-        report = progress_logger(context, "raw_instructions", step * params.max_new_tokens)
+        report = progress_logger(context, RAW, step * params.max_new_tokens)
         started = time.monotonic()
         for done, batch in enumerate(pending, start=1):
-            if len(machine) + parsed_so_far >= target:
-                context.log.info(f"target pool size {target} within reach ({len(machine)} kept + {parsed_so_far} "
-                                 f"parsed); stopped before batch {batch.index + 1} of {len(plan.batches)}")
+            if decider.kept_total >= target:
+                context.log.info(f"target pool size {target} reached ({decider.kept_total} kept); stopped "
+                                 f"before batch {batch.index + 1} of {len(plan.batches)}")
                 stopped_early = True
                 break
             prompts = [BootstrapPrompt(**p) for p in batch.inputs]
-            batch_rows = generate_instruction_rows(model, tokenizer, prompts, params, source.model_id, plan.plan_id,
-                                                   step, settings["seed"] + batch.index, id_offset=batch.index * step)
-            ledger.commit_batch(plan, batch, "raw_instructions", pl.DataFrame(batch_rows), context.run_id)
-            rows_this_run += len(batch_rows)
-            parsed_so_far += sum(r["parse_status"] == "ok" for r in batch_rows)
+            # Rows keep the plan's run id: ids stay unique and a resumed batch reads as part of its run.
+            raw_rows = generate_instruction_rows(model, tokenizer, prompts, params, source.model_id, plan.plan_id,
+                                                 step, settings["seed"] + batch.index, id_offset=batch.index * step)
+            decisions = decider.decide(raw_rows, context.run_id, model, tokenizer, source.model_id)
+            ledger.commit_batch(plan, batch, RAW, pl.DataFrame(raw_rows), context.run_id, also_append={DEDUP: decisions})
+            rows_this_run += len(raw_rows)
             report(done, len(pending), time.monotonic() - started)
     ledger.finish(plan, context.run_id, status="stopped_at_target" if stopped_early else "finished")
-    df = warehouse.query("SELECT * FROM raw_instructions WHERE run_id = ? ORDER BY prompt_index, position_in_response",
-                         [plan.plan_id]) if warehouse.table_exists("raw_instructions") else pl.DataFrame(
-        schema={c: pl.Utf8 for c in [*PREVIEW, "model_id"]} | {"prompt_index": pl.Int64})
-    return dg.MaterializeResult(metadata={
-        **table_metadata(df, PREVIEW, total_rows=warehouse.row_count("raw_instructions")),
+    df = warehouse.query(f"SELECT * FROM {RAW} WHERE run_id = ? ORDER BY prompt_index, position_in_response",
+                         [plan.plan_id]) if warehouse.table_exists(RAW) else pl.DataFrame(
+        schema={c: pl.Utf8 for c in [*RAW_PREVIEW, "model_id"]} | {"prompt_index": pl.Int64})
+    yield dg.MaterializeResult(asset_key=RAW, metadata={
+        **table_metadata(df, RAW_PREVIEW, total_rows=warehouse.row_count(RAW)),
         "rows_this_run": rows_this_run,
         "plan_run_id": plan.plan_id,
         "resumed_plan": plan.resumed,
@@ -117,66 +182,17 @@ def raw_instructions(context: dg.AssetExecutionContext, config: RawInstructionsC
         "model_id": df["model_id"][0] if df.height else "",
         **peak_memory(language_model.resolved_device()),
     })
+    yield _dedup_result(warehouse, decider, language_model)
 
 
-@dg.asset(group_name="instructions", kinds={"duckdb", "pytorch"}, deps=["raw_instructions", "seed_pool"], pool="gpu")
-def deduplicated_instructions(context: dg.AssetExecutionContext, warehouse: Warehouse,
-                              language_model: LanguageModelResource) -> dg.MaterializeResult:
-    """Every not-yet-decided raw instruction, filtered (length, keyword blacklist, punctuation,
-    non-ASCII, "Write a program") and de-duplicated: rejected when its ROUGE-L F-measure against any
-    seed or already-kept instruction is above 0.7. Each row keeps the max score, the most similar
-    instruction, the decision and its reason; kept rows get a model-made is_classification label."""
-    # Rows of a plan that a crashed run left unfinished wait until a later raw_instructions run
-    # completes it: de-duplication then sees each generation run whole, in prompt order.
-    with warehouse.connect() as conn:
-        held_back = unfinished_plan_ids(conn, "raw_instructions")
-    raw = warehouse.read_table("raw_instructions", order_by="run_id, prompt_index, position_in_response")
-    if held_back:
-        context.log.warning(f"raw_instructions rows of unfinished plan(s) {held_back} are left for a later run: "
-                            "materialize raw_instructions to finish them")
-        raw = raw.filter(~pl.col("run_id").is_in(held_back))
-    seeds = warehouse.read_table("seed_pool")
-    done = warehouse.read_table("deduplicated_instructions")
-    decided = set() if done is None else set(done["instruction_id"].to_list())
-    kept_before = [] if done is None else done.filter(pl.col("decision") == "kept")["instruction"].to_list()
-    dedup = RougeDeduplicator(seeds["instruction"].to_list() + kept_before, DEFAULT_THRESHOLD)
-    candidates = raw.filter(~pl.col("instruction_id").is_in(list(decided)))
-    rows = []
-    for r in candidates.iter_rows(named=True):
-        reason = "unparseable_response" if r["parse_status"] != "ok" else rejection_reason(r["instruction"])
-        rows.append(dict(instruction_id=r["instruction_id"], instruction=r["instruction"], source_run_id=r["run_id"],
-                         run_id=context.run_id, max_rouge_l=None, most_similar_instruction=None, reason=reason))
-    # Candidates that pass the filters are de-duplicated in order, in one batched pass.
-    passing = [k for k, row in enumerate(rows) if row["reason"] is None]
-    for k, decision in zip(passing, dedup.consider_many([rows[k]["instruction"] for k in passing])):
-        rows[k].update(max_rouge_l=decision.max_rouge_l, most_similar_instruction=decision.most_similar,
-                       reason=None if decision.keep else "rouge_l_above_threshold")
-    for row in rows:
-        row["decision"] = "kept" if row["reason"] is None else "rejected"
-    kept_idx = [k for k, row in enumerate(rows) if row["decision"] == "kept"]
-    labels = []
-    if kept_idx:
-        model, tokenizer, source, _ = language_model.load()
-        labels = classify_instructions(model, tokenizer, [rows[k]["instruction"] for k in kept_idx],
-                                       language_model.scoring_batch_size)
-    for row in rows:
-        row.update(is_classification=None, is_classification_p=None, classification_model_id=None)
-    for k, (label, p) in zip(kept_idx, labels):
-        rows[k].update(is_classification=label, is_classification_p=p, classification_model_id=source.model_id)
-    schema = {"max_rouge_l": pl.Float64, "most_similar_instruction": pl.Utf8, "reason": pl.Utf8,
-              "is_classification": pl.Boolean, "is_classification_p": pl.Float64, "classification_model_id": pl.Utf8}
-    df = pl.DataFrame(rows, schema_overrides=schema, infer_schema_length=None) if rows else pl.DataFrame(
-        schema={"instruction_id": pl.Utf8, "instruction": pl.Utf8, "source_run_id": pl.Utf8, "run_id": pl.Utf8,
-                "decision": pl.Utf8, **schema})
-    if df.height:
-        warehouse.write_table("deduplicated_instructions", df, mode="append")
+def _dedup_result(warehouse: Warehouse, decider: _Decider, language_model: LanguageModelResource) -> dg.MaterializeResult:
+    df = _decision_frame(decider.rows)
     reasons = df.group_by("reason").len().sort("len", descending=True) if df.height else df
-    return dg.MaterializeResult(metadata={
-        **table_metadata(df, ["instruction", "decision", "reason", "max_rouge_l"],
-                         total_rows=(0 if done is None else done.height) + df.height),
+    return dg.MaterializeResult(asset_key=DEDUP, metadata={
+        **table_metadata(df, DEDUP_PREVIEW, total_rows=warehouse.row_count(DEDUP)),
         "rows_this_run": df.height,
-        "kept_this_run": len(kept_idx),
-        "kept_total": len(kept_before) + len(kept_idx),
+        "kept_this_run": int((df["decision"] == "kept").sum()) if df.height else 0,
+        "kept_total": decider.kept_total,
         "rejection_reasons": dg.MetadataValue.md(
             "\n".join(f"- {r['reason']}: {r['len']}" for r in reasons.iter_rows(named=True)) if df.height else "_none_"),
         **peak_memory(language_model.resolved_device()),

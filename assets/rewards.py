@@ -1,4 +1,5 @@
-"""Stage 2a: automated-feedback scores of the base model's instances."""
+"""Stage 2a: automated-feedback scores of the base model's instances, and the standardisation
+(component means and spreads, weights, bias) that every later reward uses."""
 
 
 import json
@@ -10,24 +11,36 @@ from refine_af_pipeline.calibration import calibrate, read_ratings
 from refine_af_pipeline.feedback import COMPONENTS
 from refine_af_pipeline.instances import RewardScoresSettings, generate_scored_instances, restandardise
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
+from resources.warehouse import insert_rows
 
 from .metadata import peak_memory, progress_logger, table_metadata
-from .shared import kept_instructions, subset
+from .shared import STANDARDISATION, kept_instructions, standardisation_frame, subset
 
 
 class RewardScoresConfig(dg.Config, RewardScoresSettings):
     """Run config of `reward_scores`: the fields of RewardScoresSettings (refine_af_pipeline/instances.py)."""
 
 
-@dg.asset(group_name="feedback", kinds={"duckdb", "pytorch"}, deps=["deduplicated_instructions"], pool="gpu")
+@dg.multi_asset(
+    name="reward_scores", group_name="feedback", pool="gpu", can_subset=False,
+    specs=[
+        dg.AssetSpec("reward_scores", deps=["deduplicated_instructions"], kinds={"duckdb", "pytorch"}, description=(
+            "The base model writes one input/output instance per kept instruction and the automated feedback "
+            "scores it: one column per component (preference, naturalness, coherence, understandability) with "
+            "the judge that produced it (`<component>_scorer`), the format gate's reason, and the combined "
+            "reward.")),
+        dg.AssetSpec(STANDARDISATION, deps=["reward_scores"], kinds={"duckdb"}, description=(
+            "One row: the mean and standard deviation of each feedback component over the base model's "
+            "format-gate-passing instances in reward_scores, the weights and bias that combine the "
+            "standardised components, and where the weights come from (the feedback_scorer config, or "
+            "calibration:<ratings file> when `calibration_csv` fitted them to human ratings). The RL stage, "
+            "both instance stages and the held-out comparison standardise every reward with it.")),
+    ])
 def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig, warehouse: Warehouse,
-                  language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
-    """The base model writes one input/output instance per kept instruction and the automated
-    feedback scores it: one column per component (preference, naturalness, coherence,
-    understandability) with the judge that produced it (`<component>_scorer`), the format gate's
-    reason, and the combined reward. These scores fix the mean and spread that standardise every
-    later reward; with `calibration_csv` on the feedback_scorer resource, the weights and bias are
-    fitted to those human ratings here and every later reward uses them."""
+                  language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource):
+    """Generates and scores the base model's instances, fixes the standardisation from them (and,
+    with `calibration_csv` on the feedback_scorer resource, fits the weights and bias to those
+    human ratings), then writes both tables in one transaction."""
     # A bad ratings file fails the run before any generation.
     ratings = read_ratings(feedback_scorer.calibration_csv) if feedback_scorer.calibration_csv else None
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
@@ -35,7 +48,7 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     scorer = feedback_scorer.build(model, tokenizer, device, batch_size=language_model.scoring_batch_size,
                                    judge_id=source.model_id)
     params = config.sampling_params()
-    batch_size = language_model.generation_batch_size("reward_scores")
+    batch_size = language_model.generation_batch_size(context.op.name)
     rows = generate_scored_instances(model, tokenizer, scorer, chosen["instruction"].to_list(), params, batch_size,
                                      config.seed, progress_logger(context, "reward_scores", batch_size * config.max_new_tokens))
     ids = chosen["instruction_id"].to_list()
@@ -53,21 +66,29 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     df = pl.DataFrame(
         [dict(instruction_id=i, **r, model_id=source.model_id, scorers=json.dumps(versions),
               **{f"{c}_scorer": versions[c] for c in COMPONENTS},
-              weights=json.dumps(weights), bias=float(bias), weights_source=weights_source,
               sampling_params=json.dumps(params.as_dict()), run_id=context.run_id)
          for i, r in zip(ids, rows)],
         schema_overrides={c: pl.Float64 for c in COMPONENTS} | {"gate_reason": pl.Utf8},
     )
-    warehouse.write_table("reward_scores", df)
     passed = df.filter(pl.col("gate_reason").is_null())
-    return dg.MaterializeResult(metadata={
+    standardisation = standardisation_frame(stats, weights, bias, weights_source, passed.height, source.model_id,
+                                            context.run_id)
+    with warehouse.transaction() as conn:
+        insert_rows(conn, "reward_scores", df, mode="replace")
+        insert_rows(conn, STANDARDISATION, standardisation, mode="replace")
+    yield dg.MaterializeResult(asset_key="reward_scores", metadata={
         **table_metadata(df, ["instruction", "output", "reward", *COMPONENTS]),
         "mean_reward": float(df["reward"].mean()),
         "format_gate_pass_rate": passed.height / max(df.height, 1),
-        **{f"mean_{c}": float(stats.mean[c]) for c in COMPONENTS},
         "scorers": dg.MetadataValue.json(versions),
+        **peak_memory(device),
+    })
+    yield dg.MaterializeResult(asset_key=STANDARDISATION, metadata={
+        **table_metadata(standardisation),
+        **{f"mean_{c}": float(stats.mean[c]) for c in COMPONENTS},
+        **{f"std_{c}": float(stats.std[c]) for c in COMPONENTS},
         "weights": dg.MetadataValue.json({**weights, "bias": bias}),
         "weights_source": weights_source,
+        "instances": passed.height,
         **calibration_metadata,
-        **peak_memory(device),
     })

@@ -22,7 +22,7 @@ class RLConfig(dg.Config, RLSettings):
     """Run config of `rl_refined_policy`: the fields of RLSettings (refine_af_pipeline/rl_training.py)."""
 
 
-@dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_scores", "deduplicated_instructions"], pool="gpu")
+@dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_standardisation", "deduplicated_instructions"], pool="gpu")
 def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, warehouse: Warehouse,
                       language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource,
                       artifact_store: ArtifactStore) -> dg.MaterializeResult:

@@ -1,7 +1,7 @@
 """Reads shared by several stages, so each stage module stays a thin wrapper."""
 
 
-import json
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -42,23 +42,56 @@ def split_held_out(kept: pl.DataFrame, share: float) -> tuple[pl.DataFrame, pl.D
     return kept.filter(~held), kept.filter(held)
 
 
+STANDARDISATION = "reward_standardisation"
+
+
+def standardisation_frame(stats: ComponentStats, weights: dict[str, float], bias: float, weights_source: str,
+                          instances: int, model_id: str, run_id: str) -> pl.DataFrame:
+    """The reward_standardisation table: one row; a mean, spread and weight column per component."""
+    return pl.DataFrame([{
+        **{f"mean_{c}": float(stats.mean[c]) for c in COMPONENTS},
+        **{f"std_{c}": float(stats.std[c]) for c in COMPONENTS},
+        **{f"weight_{c}": float(weights.get(c, 0.0)) for c in COMPONENTS},
+        "bias": float(bias), "weights_source": weights_source, "standardised_instances": instances, "model_id": model_id,
+        "run_id": run_id}])
+
+
 def base_component_stats(warehouse: Warehouse) -> ComponentStats:
-    df = warehouse.read_table("reward_scores")
-    if df is None:
-        raise dg.Failure("reward_scores is missing: materialize it first (its base-model scores standardise the reward)")
-    stats = ComponentStats.from_rows(df.filter(pl.col("gate_reason").is_null()).select(COMPONENTS).to_dicts())
+    """The standardisation of every later reward, from the reward_standardisation asset."""
+    df = warehouse.read_table(STANDARDISATION)
+    if df is None or df.height != 1:
+        raise dg.Failure(f"{STANDARDISATION} is missing: materialize reward_scores first (its base-model scores "
+                         "standardise the reward)")
+    row = df.row(0, named=True)
+    stats = ComponentStats(mean={c: row[f"mean_{c}"] for c in COMPONENTS}, std={c: row[f"std_{c}"] for c in COMPONENTS})
     # Weights fitted to human ratings belong to this standardisation: every later reward uses them.
-    if "weights_source" in df.columns and df.height and df["weights_source"][0].startswith("calibration"):
-        stats.weights = json.loads(df["weights"][0])
-        stats.bias = float(df["bias"][0])
+    # Configured weights stay the feedback_scorer's, so a changed config applies downstream.
+    if row["weights_source"].startswith("calibration"):
+        stats.weights = {c: row[f"weight_{c}"] for c in COMPONENTS}
+        stats.bias = float(row["bias"])
     return stats
 
 
-def latest_artifact(warehouse: Warehouse, table: str) -> str:
-    df = warehouse.read_table(table)
-    if df is None or df.height == 0:
-        raise dg.Failure(f"{table} has no training log: materialize it first")
-    return df["adapter_path"][-1]
+def upstream_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:
+    """The metadata of `asset`'s latest materialization: how a declared upstream hands its
+    artifacts (an adapter's path, the share it held out) to the assets that depend on it."""
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(f"{asset} has no materialization in this Dagster instance: materialize it first")
+    metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    return {**metadata, "run_id": event.run_id}
+
+
+def upstream_adapter(context: dg.AssetExecutionContext, asset: str) -> str:
+    """The LoRA adapter folder `asset`'s latest materialization wrote."""
+    metadata = upstream_metadata(context, asset)
+    path = metadata.get("adapter_path")
+    if not path:
+        raise dg.Failure(f"the latest materialization of {asset} (run {metadata['run_id']}) records no adapter_path")
+    if not Path(path).is_dir():
+        raise dg.Failure(f"the adapter of {asset}'s latest materialization (run {metadata['run_id']}) is gone: "
+                         f"{path} does not exist; materialize {asset} again")
+    return str(path)
 
 
 def subset(df: pl.DataFrame, limit: int, seed: int) -> pl.DataFrame:

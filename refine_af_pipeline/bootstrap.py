@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pydantic import Field, model_validator
 
 from .generation import Generation, SamplingParams, generate, next_token_distribution, render_prompt
+from .filters import rejection_reason
 from .parsing import parse_numbered_continuation
 from .prompts import bootstrap_continuation_prefix, bootstrap_prompt, is_classification_prompt
+from .rouge import RougeDeduplicator
 from .settings_types import NonNegativeInt, PositiveInt, SamplingSettings
 
 
@@ -83,6 +85,27 @@ def generate_instruction_rows(model, tokenizer, prompts: Sequence[BootstrapPromp
                 position_in_response=j,
                 **base,
             ))
+    return rows
+
+
+def deduplication_rows(raw_rows: Sequence[dict], dedup: RougeDeduplicator, run_id: str) -> list[dict]:
+    """The decision on each raw row, in order: unparseable, rejected by a filter (length, keyword,
+    punctuation, non-ASCII ...), rejected as too similar by ROUGE-L to a seed or an instruction kept
+    earlier (`dedup` holds those and learns each kept one), or kept. Classification labels are
+    added by the caller (they need the model)."""
+    rows = []
+    for r in raw_rows:
+        reason = "unparseable_response" if r["parse_status"] != "ok" else rejection_reason(r["instruction"])
+        rows.append(dict(instruction_id=r["instruction_id"], instruction=r["instruction"], source_run_id=r["run_id"],
+                         run_id=run_id, max_rouge_l=None, most_similar_instruction=None, reason=reason))
+    # Candidates that pass the filters are de-duplicated in order, in one batched pass.
+    passing = [k for k, row in enumerate(rows) if row["reason"] is None]
+    for k, decision in zip(passing, dedup.consider_many([rows[k]["instruction"] for k in passing])):
+        rows[k].update(max_rouge_l=decision.max_rouge_l, most_similar_instruction=decision.most_similar,
+                       reason=None if decision.keep else "rouge_l_above_threshold")
+    for row in rows:
+        row["decision"] = "kept" if row["reason"] is None else "rejected"
+        row.update(is_classification=None, is_classification_p=None, classification_model_id=None)
     return rows
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import (checks, evaluation, exports, finetune, instance_pairs, instructions, rewards, rl_checks, rl_policy,
+from assets import (checks, evaluation, exports, finetune, instance_pairs, instructions, rewards, rl_heldout, rl_policy,
                     seed_pool)
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
-STAGE_MODULES = [seed_pool, instructions, rewards, rl_policy, instance_pairs, finetune, evaluation, exports]
+STAGE_MODULES = [seed_pool, instructions, rewards, rl_policy, rl_heldout, instance_pairs, finetune, evaluation, exports]
 
 
 def data_dir() -> Path:
@@ -39,7 +39,7 @@ def default_resources(root: Path | None = None) -> dict:
 
 
 all_assets = dg.load_assets_from_modules(STAGE_MODULES)
-all_checks = dg.load_asset_checks_from_modules([checks, rl_checks])
+all_checks = dg.load_asset_checks_from_modules([checks])
 
 refine_af_job = dg.define_asset_job(
     "refine_af_job",
@@ -50,9 +50,9 @@ refine_af_job = dg.define_asset_job(
 
 
 def regeneration_run_config(day: datetime) -> dict:
-    """A nightly run's config: the defaults, with raw_instructions seeded by the date, so each night
+    """A nightly run's config: the defaults, with the bootstrap seeded by the date, so each night
     samples new prompts and new generation noise (a fixed seed would repeat the last night's)."""
-    return {"ops": {"raw_instructions": {"config": {"seed": int(day.strftime("%Y%m%d"))}}}}
+    return {"ops": {"bootstrap_instructions": {"config": {"seed": int(day.strftime("%Y%m%d"))}}}}
 
 
 @dg.schedule(job=refine_af_job, cron_schedule="0 3 * * *", name="refine_af_regeneration",

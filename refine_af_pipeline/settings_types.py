@@ -2,7 +2,7 @@
 
 Each stage's settings are one pydantic model in the core module of its stage (BootstrapSettings,
 RLSettings, ...): every field with its default, constraint and description. The asset's run
-config derives from it (`class RawInstructionsConfig(dg.Config, BootstrapSettings)`), so it has the
+config derives from it (`class BootstrapConfig(dg.Config, BootstrapSettings)`), so it has the
 same fields, the launchpad shows the descriptions, and a zero or negative size fails with
 pydantic's message naming the field before the asset reads a table or loads a model."""
 

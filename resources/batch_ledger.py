@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import duckdb
 import polars as pl
 
 from .warehouse import Warehouse, insert_rows, table_exists_on
@@ -109,16 +108,18 @@ class BatchLedger:
                               [PlannedBatch(k, json.loads(json.dumps(i))) for k, i in enumerate(batch_inputs)])
 
     def commit_batch(self, plan: GenerationPlan, batch: PlannedBatch, table: str, rows: pl.DataFrame,
-                     run_id: str) -> None:
-        """Append the batch's rows to `table` and mark the batch committed, in one transaction."""
+                     run_id: str, also_append: dict[str, pl.DataFrame] | None = None) -> None:
+        """Append the batch's rows to `table` (and each frame of `also_append` to its table: a stage
+        that writes several tables per batch) and mark the batch committed, in one transaction."""
         with self.warehouse.transaction() as conn:
             done = conn.execute(f"SELECT committed_at IS NOT NULL FROM {BATCHES} WHERE plan_id = ? AND asset = ? "
                                 "AND batch_index = ?", [plan.plan_id, self.asset, batch.index]).fetchone()
             if done is None or done[0]:
                 raise LedgerError(f"{self.asset} plan {plan.plan_id} batch {batch.index} is "
                                   f"{'not in the plan' if done is None else 'already committed'}")
-            if rows.height:
-                insert_rows(conn, table, rows, mode="append")
+            for name, df in {table: rows, **(also_append or {})}.items():
+                if df.height:
+                    insert_rows(conn, name, df, mode="append")
             conn.execute(f"UPDATE {BATCHES} SET committed_at = ?, committed_by_run_id = ?, rows_written = ? "
                          "WHERE plan_id = ? AND asset = ? AND batch_index = ?",
                          [_now(), run_id, rows.height, plan.plan_id, self.asset, batch.index])
@@ -144,11 +145,3 @@ class BatchLedger:
                 return None
             return conn.execute(f"SELECT plan_id, batch_index, committed_at, committed_by_run_id, rows_written "
                                 f"FROM {BATCHES} WHERE asset = ? ORDER BY plan_id, batch_index", [self.asset]).pl()
-
-
-def unfinished_plan_ids(conn: duckdb.DuckDBPyConnection, asset: str) -> list[str]:
-    """Plans of `asset` still open: readers use it to hold back rows of a half-generated run."""
-    if not table_exists_on(conn, PLANS):
-        return []
-    return [r[0] for r in conn.execute(f"SELECT plan_id FROM {PLANS} WHERE asset = ? AND status = 'open'",
-                                       [asset]).fetchall()]

@@ -21,6 +21,11 @@ from refine_af_pipeline.models import (
 )
 
 
+# The steps that call generate, by step (op) name: the keys stage_batch_sizes accepts.
+GENERATION_STEPS = ("bootstrap_instructions", "reward_scores", "rl_heldout_comparison", "instance_output_pairs",
+                    "selfinstruct_instance_pairs", "evaluation")
+
+
 class LanguageModelResource(dg.ConfigurableResource):
     """`model`: "embedded" (SmolLM2-135M-Instruct from PyPI), a local directory, or a hub id.
 
@@ -36,7 +41,7 @@ class LanguageModelResource(dg.ConfigurableResource):
     # batch 8, 66-77 from batch 48 to 96; 96 of the longest stage prompts need ~1.5 GB of KV cache.
     batch_size: int = Field(default=96, gt=0, description="prompts per generate call (every generation stage)")
     stage_batch_sizes: dict[str, int] = Field(
-        default={}, description="per-stage generation batch by asset name, e.g. {evaluation: 32}")
+        default={}, description="per-step generation batch by step name, e.g. {evaluation: 32}")
     scoring_batch_size: int = Field(default=16, gt=0, description="texts per forward-only scoring pass")
     trust_remote_code: bool = False
     allow_download: bool = False
@@ -48,6 +53,10 @@ class LanguageModelResource(dg.ConfigurableResource):
         bad = {stage: size for stage, size in sizes.items() if size <= 0}
         if bad:
             raise ValueError(f"stage batch sizes must be positive: {bad}")
+        unknown = sorted(set(sizes) - set(GENERATION_STEPS))
+        if unknown:
+            raise ValueError(f"stage_batch_sizes names {unknown}, which generate nothing; the generation steps "
+                             f"are {', '.join(GENERATION_STEPS)}")
         return sizes
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:

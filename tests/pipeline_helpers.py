@@ -6,17 +6,17 @@ import dagster as dg
 
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
 from resources import LanguageModelResource
+from warehouse_recorder import RecordingWarehouse
 
 
 def smallest_run_config(**overrides) -> dict:
     """Per-asset config at the smallest sizes; `materialize` keeps the entries it selects."""
     ops = {
-        "raw_instructions": {"num_prompts": 8, "classification_prompts": 1, "max_new_tokens": 64},
+        "bootstrap_instructions": {"num_prompts": 8, "classification_prompts": 1, "max_new_tokens": 64},
         "reward_scores": {"max_instructions": 8, "max_new_tokens": 32},
         "rl_refined_policy": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "train_batch_size": 2,
                               "max_completion_length": 24},
-        "rl_refined_policy_policy_beats_base_on_heldout": {"samples_per_instruction": 2, "max_new_tokens": 32,
-                                                           "bootstrap_resamples": 2000},
+        "rl_heldout_comparison": {"samples_per_instruction": 2, "max_new_tokens": 32, "bootstrap_resamples": 2000},
         "instance_output_pairs": {"max_instructions": 8, "max_new_tokens": 32},
         "finetuned_model": {"epochs": 2.0, "batch_size": 4, "max_length": 128, "min_validation": 1},
         "evaluation": {"instances_per_task": 1, "max_new_tokens": 8, "bootstrap_resamples": 2000},
@@ -30,11 +30,36 @@ def smallest_run_config(**overrides) -> dict:
     return ops
 
 
+# op name -> the asset names it materializes (a multi-asset's op writes several).
+_OP_ASSETS = {a.node_def.name: {k.to_user_string() for k in a.keys} for a in all_assets if a.is_executable}
+
+
+def ops_for(run_config: dict, selection=None) -> dict:
+    """The run config's `ops` section for the ops that materialize any selected asset."""
+    selected = None if selection is None else set(selection)
+    return {k: {"config": v} for k, v in run_config.items() if selected is None or _OP_ASSETS.get(k, {k}) & selected}
+
+
+def instance_for(data_dir: Path) -> dg.DagsterInstance:
+    """The Dagster instance that goes with a data directory: consecutive materializations into the
+    same directory see each other's runs, as they do under one DAGSTER_HOME (adapters reach their
+    consumers through the upstream's latest materialization)."""
+    home = Path(data_dir) / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.local_temp(tempdir=str(home))
+
+
 def materialize(data_dir: Path, model: str, run_config: dict, selection=None, batch_size: int = 8,
-                raise_on_error: bool = True, stage_batch_sizes: dict | None = None) -> dg.ExecuteInProcessResult:
+                raise_on_error: bool = True, stage_batch_sizes: dict | None = None,
+                record_file: Path | None = None) -> dg.ExecuteInProcessResult:
+    """`record_file`: record every table each step reads and writes there (warehouse_recorder)."""
     resources = default_resources(data_dir)
+    if record_file is not None:
+        resources["warehouse"] = RecordingWarehouse(database=resources["warehouse"].database,
+                                                    record_file=str(record_file))
     resources["language_model"] = LanguageModelResource(model=model, device="cpu", batch_size=batch_size,
                                                         stage_batch_sizes=stage_batch_sizes or {})
-    ops = {k: {"config": v} for k, v in run_config.items() if selection is None or k in selection}
-    return dg.materialize([*all_assets, *all_checks], resources=resources, run_config=dg.RunConfig(ops=ops),
-                          selection=selection, raise_on_error=raise_on_error)
+    ops = ops_for(run_config, selection)
+    with instance_for(data_dir) as instance:
+        return dg.materialize([*all_assets, *all_checks], resources=resources, run_config=dg.RunConfig(ops=ops),
+                              selection=selection, raise_on_error=raise_on_error, instance=instance)

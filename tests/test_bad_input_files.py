@@ -87,5 +87,6 @@ def test_bad_evaluation_task_file_names_the_file_and_writes_nothing(data_dir, tm
             (folder / name).write_bytes(content)
     before = _snapshot(data_dir, "evaluation")
     with pytest.raises(TaskFileError, match=message):
-        materialize(data_dir, "embedded", {"evaluation": {"task_dir": str(folder)}}, selection=["evaluation"])
+        materialize(data_dir, "embedded", {"evaluation": {"task_dir": str(folder)}},
+                    selection=["evaluation", "evaluation_predictions", "evaluation_summary"])
     assert _snapshot(data_dir, "evaluation").equals(before)

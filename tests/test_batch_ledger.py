@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 
 from resources import Warehouse
-from resources.batch_ledger import BatchLedger, LedgerError, unfinished_plan_ids
+from resources.batch_ledger import BatchLedger, LedgerError
 
 
 @pytest.fixture
@@ -27,9 +27,6 @@ def test_a_plan_resumes_where_it_stopped(warehouse):
     again = ledger.unfinished_plan()
     assert again.resumed and again.plan_id == "run-a" and again.settings == {"seed": 7}
     assert [b.index for b in again.pending()] == [1] and again.pending()[0].inputs == ["p2"]
-    with warehouse.connect() as conn:
-        assert unfinished_plan_ids(conn, "stage") == ["run-a"]
-        assert unfinished_plan_ids(conn, "other") == []
     ledger.commit_batch(again, again.batches[1], "out", _rows("run-a", 1), "run-b")
     ledger.finish(again, "run-b")
     assert ledger.unfinished_plan() is None
@@ -71,3 +68,18 @@ def test_an_abandoned_plan_is_not_resumed(warehouse):
     ledger.finish(plan, "run-b", status="abandoned")
     assert ledger.unfinished_plan() is None
     assert ledger.start_plan("run-b", {}, [[0]]).plan_id == "run-b"
+
+
+def test_a_batch_written_to_two_tables_lands_in_both_or_neither(warehouse):
+    ledger = BatchLedger(warehouse, "stage")
+    plan = ledger.start_plan("run-a", {}, [[0], [1]])
+    decisions = pl.DataFrame({"row_id": ["0-0", "0-1"], "decision": ["kept", "rejected"]})
+    ledger.commit_batch(plan, plan.batches[0], "out", _rows("run-a", 0), "run-a", also_append={"decided": decisions})
+    assert warehouse.read_table("decided")["decision"].to_list() == ["kept", "rejected"]
+    # The second table rejects this frame (a column it does not have): the first table's rows and
+    # the ledger mark are rolled back with it.
+    bad = pl.DataFrame({"row_id": ["1-0"], "not_a_column": [1]})
+    with pytest.raises(Exception, match="not_a_column"):
+        ledger.commit_batch(plan, plan.batches[1], "out", _rows("run-a", 1), "run-a", also_append={"decided": bad})
+    assert warehouse.row_count("out") == 2 and warehouse.row_count("decided") == 2
+    assert [b.index for b in ledger.unfinished_plan().pending()] == [1]

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import polars as pl
 import pytest
@@ -17,6 +18,7 @@ from pipeline_helpers import materialize, smallest_run_config
 
 CHILD = Path(__file__).parent / "materialize_child.py"
 BATCH_SIZE = 2
+BOOTSTRAP = ["raw_instructions", "deduplicated_instructions"]  # one step writes both
 RAW_CONFIG = {"num_prompts": 8, "classification_prompts": 1, "max_new_tokens": 48}
 
 
@@ -45,12 +47,14 @@ def _committed_batches(db: Path, asset: str) -> tuple[int, int]:
     return (0, 0) if df is None else (int(df["committed"][0]), int(df["planned"][0]))
 
 
-def kill_mid_generation(data_dir: Path, model: str, asset: str, run_config: dict, timeout_s: float = 300) -> tuple[int, int]:
-    """Start materializing `asset` in a child process, SIGKILL it once at least one batch but not
-    every batch is committed; return (committed, planned) batches as the kill left them."""
+def kill_mid_generation(data_dir: Path, model: str, asset: str, run_config: dict, timeout_s: float = 300,
+                        select: list[str] | None = None) -> tuple[int, int]:
+    """Start materializing `select` (default: `asset`) in a child process, SIGKILL it once at least
+    one batch but not every batch of `asset`'s plan is committed; return (committed, planned)
+    batches as the kill left them."""
     db = data_dir / "refine_af.duckdb"
     child = subprocess.Popen(
-        [sys.executable, str(CHILD), "--data-dir", str(data_dir), "--model", model, "--select", asset,
+        [sys.executable, str(CHILD), "--data-dir", str(data_dir), "--model", model, "--select", ",".join(select or [asset]),
          "--run-config", json.dumps(run_config), "--batch-size", str(BATCH_SIZE), "--slow-batch-seconds", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -82,20 +86,21 @@ def test_killed_raw_instructions_run_is_finished_without_regenerating(tiny_model
     db = data_dir / "refine_af.duckdb"
     assert materialize(data_dir, str(tiny_model_dir), {}, selection=["seed_pool"]).success
     committed, planned = kill_mid_generation(data_dir, str(tiny_model_dir), "raw_instructions",
-                                             {"raw_instructions": RAW_CONFIG})
+                                             {"bootstrap_instructions": RAW_CONFIG}, select=BOOTSTRAP)
     assert planned == 4 and 1 <= committed < planned, (committed, planned)
     before = _query(db, "SELECT * FROM raw_instructions ORDER BY instruction_id")
     [plan_id] = set(before["run_id"])
-    # Whole batches only: each committed batch wrote its 2 prompts' rows, nothing else is there.
+    # Whole batches only: each committed batch wrote its 2 prompts' rows, nothing else is there,
+    # and their decisions went in with them.
     assert sorted(set(before["prompt_index"])) == list(range(BATCH_SIZE * committed))
+    decided_before = _query(db, "SELECT * FROM deduplicated_instructions ORDER BY instruction_id")
+    assert decided_before["instruction_id"].to_list() == before["instruction_id"].to_list()
 
-    # De-duplication run in between holds the unfinished plan's rows back.
-    held = materialize(data_dir, str(tiny_model_dir), {}, selection=["deduplicated_instructions"])
-    assert held.asset_materializations_for_node("deduplicated_instructions")[0].metadata["rows_this_run"].value == 0
-
-    resumed = materialize(data_dir, str(tiny_model_dir), {"raw_instructions": RAW_CONFIG},
-                          selection=["raw_instructions"], batch_size=BATCH_SIZE)
-    metadata = {k: v.value for k, v in resumed.asset_materializations_for_node("raw_instructions")[0].metadata.items()}
+    resumed = materialize(data_dir, str(tiny_model_dir), {"bootstrap_instructions": RAW_CONFIG},
+                          selection=BOOTSTRAP, batch_size=BATCH_SIZE)
+    [metadata] = [{k: v.value for k, v in m.metadata.items()}
+                  for m in resumed.asset_materializations_for_node("bootstrap_instructions")
+                  if m.asset_key == dg.AssetKey("raw_instructions")]
     assert metadata["resumed_plan"] is True and metadata["plan_run_id"] == plan_id
     assert metadata["batches_committed_before_this_run"] == committed
     assert metadata["batches_generated"] == planned - committed
@@ -113,10 +118,10 @@ def test_killed_raw_instructions_run_is_finished_without_regenerating(tiny_model
     by = log["committed_by_run_id"].to_list()
     assert by[:committed] == [plan_id] * committed and by[committed:] == [resumed.run_id] * (planned - committed)
     assert log["rows_written"].sum() == after.height
-
-    dedup = materialize(data_dir, str(tiny_model_dir), {}, selection=["deduplicated_instructions"])
-    decided = _query(db, "SELECT instruction_id FROM deduplicated_instructions")
-    assert dedup.success and sorted(decided["instruction_id"]) == sorted(after["instruction_id"])
+    # Every raw row decided exactly once; the decisions made before the kill stand unchanged.
+    decided = _query(db, "SELECT * FROM deduplicated_instructions ORDER BY instruction_id")
+    assert decided["instruction_id"].to_list() == after["instruction_id"].to_list()
+    assert decided.filter(pl.col("instruction_id").is_in(before["instruction_id"].to_list())).equals(decided_before)
 
 
 INSTANCE_CONFIG = {"max_instructions": 4, "instances_per_instruction": 2, "max_new_tokens": 24}
@@ -127,7 +132,7 @@ def upstream_of_instances(tiny_model_dir, tmp_path_factory):
     """A data directory with everything instance generation reads (kept pool, base scores, RL adapter)."""
     data_dir = tmp_path_factory.mktemp("instances")
     result = materialize(data_dir, str(tiny_model_dir), smallest_run_config(),
-                         selection=["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores",
+                         selection=["seed_pool", *BOOTSTRAP, "reward_scores", "reward_standardisation",
                                     "rl_refined_policy"])
     assert result.success
     return data_dir

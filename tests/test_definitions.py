@@ -9,10 +9,11 @@ from refine_af_pipeline.definitions import defs
 
 # Shared stages, then the REFINE-AF branch (RL policy writes the instances) beside the Self-Instruct
 # baseline branch (the base model writes them), joined again by the evaluation and the exports.
-SHARED = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores"]
+SHARED = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "reward_standardisation"]
 REFINE_AF = ["rl_refined_policy", "instance_output_pairs", "finetuned_model"]
 SELF_INSTRUCT = ["selfinstruct_instance_pairs", "selfinstruct_finetuned_model"]
-STAGES = SHARED + REFINE_AF + SELF_INSTRUCT + ["evaluation", "instruction_dataset_exports"]
+EVALUATION = ["evaluation", "evaluation_predictions", "evaluation_summary"]
+STAGES = SHARED + REFINE_AF + ["rl_heldout_comparison"] + SELF_INSTRUCT + EVALUATION + ["instruction_dataset_exports"]
 MODEL_STAGES = [s for s in STAGES if s not in ("seed_pool", "instruction_dataset_exports")]
 
 
@@ -24,17 +25,33 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == set(STAGES)
-    for chain in (SHARED + REFINE_AF, SHARED + SELF_INSTRUCT):
-        for upstream, downstream in zip(chain, chain[1:]):
-            assert upstream in _parents(graph, downstream), (upstream, downstream)
+    # One step writes both bootstrap tables (a DAG, not a loop through its own downstream), one the
+    # scores and their standardisation, one the three evaluation tables.
+    assert _parents(graph, "raw_instructions") == {"seed_pool"}
+    assert _parents(graph, "deduplicated_instructions") == {"seed_pool", "raw_instructions"}
+    assert _parents(graph, "reward_scores") == {"deduplicated_instructions"}
+    assert _parents(graph, "reward_standardisation") == {"reward_scores"}
+    for stage in ("rl_refined_policy", "selfinstruct_instance_pairs"):
+        assert _parents(graph, stage) == {"reward_standardisation", "deduplicated_instructions"}
     # The branches differ only in the policy: the baseline never reads the RL adapter.
-    assert _parents(graph, "selfinstruct_instance_pairs") == {"reward_scores", "deduplicated_instructions"}
-    assert _parents(graph, "instance_output_pairs") == {"rl_refined_policy", "reward_scores",
+    assert _parents(graph, "instance_output_pairs") == {"rl_refined_policy", "reward_standardisation",
                                                         "deduplicated_instructions"}
-    assert _parents(graph, "evaluation") == {"finetuned_model", "selfinstruct_finetuned_model"}
+    assert _parents(graph, "rl_heldout_comparison") == {"rl_refined_policy", "reward_standardisation",
+                                                        "deduplicated_instructions"}
+    assert _parents(graph, "finetuned_model") == {"instance_output_pairs"}
+    for table in EVALUATION:
+        assert _parents(graph, table) == {"finetuned_model", "selfinstruct_finetuned_model"}
     assert _parents(graph, "instruction_dataset_exports") == {"instance_output_pairs", "selfinstruct_instance_pairs"}
-    checks = {k.name for k in graph.asset_check_keys}
-    assert "refine_af_beats_self_instruct" in checks
+    checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+    assert {("evaluation_summary", "refine_af_beats_self_instruct"),
+            ("rl_heldout_comparison", "policy_beats_base_on_heldout")} <= checks
+
+
+def test_every_step_named_by_stage_batch_sizes_is_a_step_of_the_job():
+    from resources.language_model import GENERATION_STEPS
+
+    job = defs.resolve_job_def("refine_af_job")
+    assert set(GENERATION_STEPS) <= {node.name for node in job.graph.node_defs}
 
 
 def test_model_assets_share_the_gpu_pool():

@@ -14,7 +14,7 @@ def test_embedded_model_runs_the_whole_graph(tmp_path):
     path = ensure_embedded_model()
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     config = smallest_run_config(
-        raw_instructions={"num_prompts": 4, "classification_prompts": 0, "max_new_tokens": 96},
+        bootstrap_instructions={"num_prompts": 4, "classification_prompts": 0, "max_new_tokens": 96},
         reward_scores={"max_instructions": 4, "max_new_tokens": 48},
         rl_refined_policy={"max_steps": 1, "prompts_per_step": 2, "group_size": 2, "max_completion_length": 24},
         # 8 instructions, not 4: with 4 the base model's instances were once all filtered out and the

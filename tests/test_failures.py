@@ -18,6 +18,9 @@ from resources import DatabaseLocked, LanguageModelResource
 from resources import language_model as language_model_module
 
 
+BOOTSTRAP = ["raw_instructions", "deduplicated_instructions"]  # one step writes both
+
+
 def _materialize(data_dir, selection, ops=None, **model_config):
     resources = default_resources(data_dir)
     resources["language_model"] = LanguageModelResource(**{"device": "cpu", **model_config})
@@ -64,7 +67,7 @@ def _tables(data_dir) -> set[str]:
 ])
 def test_bad_sizes_fail_before_any_model_is_loaded(seeded_dir, tiny_model_dir, no_model_load, config, message):
     with pytest.raises(Exception) as info:
-        _materialize(seeded_dir, ["raw_instructions"], {"raw_instructions": config}, model=str(tiny_model_dir))
+        _materialize(seeded_dir, BOOTSTRAP, {"bootstrap_instructions": config}, model=str(tiny_model_dir))
     assert info.match(message)
     assert "raw_instructions" not in _tables(seeded_dir)
 
@@ -83,7 +86,7 @@ def test_unusable_model_or_device_fails_before_any_model_is_loaded(seeded_dir, t
         pytest.skip("this machine has CUDA")
     started = time.monotonic()
     with pytest.raises(dg.DagsterResourceFunctionError) as info:
-        _materialize(seeded_dir, ["raw_instructions"], **{"model": str(tiny_model_dir), **model_config})
+        _materialize(seeded_dir, BOOTSTRAP, **{"model": str(tiny_model_dir), **model_config})
     assert message in str(_root_cause(info.value))
     assert time.monotonic() - started < 60
     assert "raw_instructions" not in _tables(seeded_dir)
@@ -103,8 +106,8 @@ def test_model_output_that_does_not_parse_is_stored_with_its_status(seeded_dir, 
         return [Generation(junk[k % len(junk)], 5, True) for k in range(len(prompts))]
 
     monkeypatch.setattr(bootstrap, "generate", junk_generate)
-    result = materialize(seeded_dir, str(tiny_model_dir), {"raw_instructions": {"num_prompts": 6, "classification_prompts": 0}},
-                         selection=["raw_instructions", "deduplicated_instructions"])
+    result = materialize(seeded_dir, str(tiny_model_dir), {"bootstrap_instructions": {"num_prompts": 6, "classification_prompts": 0}},
+                         selection=BOOTSTRAP)
     assert result.success
     with duckdb.connect(str(seeded_dir / "refine_af.duckdb"), read_only=True) as conn:
         raw = conn.execute("SELECT raw_response, parse_status FROM raw_instructions").pl()
@@ -112,7 +115,8 @@ def test_model_output_that_does_not_parse_is_stored_with_its_status(seeded_dir, 
     assert sorted(raw["raw_response"]) == sorted(junk)  # every response kept, none dropped silently
     assert set(raw["parse_status"]) == {"empty", "unparseable"}
     assert set(dedup["decision"]) == {"rejected"} and set(dedup["reason"]) == {"unparseable_response"}
-    metadata = result.asset_materializations_for_node("raw_instructions")[0].metadata
+    [metadata] = [m.metadata for m in result.asset_materializations_for_node("bootstrap_instructions")
+                  if m.asset_key == dg.AssetKey("raw_instructions")]
     assert metadata["unparseable_responses"].value == 6 and metadata["parsed_instructions"].value == 0
 
 
@@ -134,8 +138,8 @@ def test_a_flaky_backend_is_retried_inside_the_step(seeded_dir, tiny_model_dir, 
         return model, tokenizer, source, device
 
     monkeypatch.setattr(LanguageModelResource, "load", load_flaky)
-    result = materialize(seeded_dir, str(tiny_model_dir), {"raw_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
-                         selection=["raw_instructions"], batch_size=2)
+    result = materialize(seeded_dir, str(tiny_model_dir), {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
+                         selection=BOOTSTRAP, batch_size=2)
     assert result.success and len(failures) == 2
     with duckdb.connect(str(seeded_dir / "refine_af.duckdb"), read_only=True) as conn:
         assert conn.execute("SELECT count(DISTINCT prompt_index) FROM raw_instructions").fetchone()[0] == 4
@@ -156,8 +160,8 @@ def test_a_backend_that_keeps_failing_fails_the_step_after_the_bound(seeded_dir,
 
     monkeypatch.setattr(LanguageModelResource, "load", load_broken)
     with pytest.raises(retry.RetriesExhausted, match=r"generation batch 1/1 failed 3 times; the last error: OSError"):
-        materialize(seeded_dir, str(tiny_model_dir), {"raw_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
-                    selection=["raw_instructions"], batch_size=4)
+        materialize(seeded_dir, str(tiny_model_dir), {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
+                    selection=BOOTSTRAP, batch_size=4)
 
 
 def test_a_locked_database_fails_the_step_within_seconds_naming_the_file(seeded_dir):
@@ -219,7 +223,7 @@ def test_every_stage_refuses_negative_sizes():
     import refine_af_pipeline.definitions  # noqa: F401  (imports every asset module)
 
     classes = _stage_config_classes()
-    assert {"RawInstructionsConfig", "InstancePairsConfig", "FinetuneConfig", "EvaluationConfig"} <= {c.__name__ for c in classes}
+    assert {"BootstrapConfig", "InstancePairsConfig", "FinetuneConfig", "EvaluationConfig"} <= {c.__name__ for c in classes}
     unconstrained, checked = [], 0
     for cls in classes:
         for name, field in cls.model_fields.items():

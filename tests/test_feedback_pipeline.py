@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from pipeline_helpers import smallest_run_config
+from pipeline_helpers import ops_for, smallest_run_config
 from refine_af_pipeline.calibration import CalibrationFileError
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
 from refine_af_pipeline.feedback import COMPONENTS, ComponentStats, standardise
@@ -18,6 +18,7 @@ from resources import LanguageModelResource, Warehouse
 from tiny_judges import build_llama_reward_model
 
 UPSTREAM = ["seed_pool", "raw_instructions", "deduplicated_instructions"]
+SCORES = ["reward_scores", "reward_standardisation"]  # one step writes both
 KNOWN = {"preference": 0.8, "naturalness": 0.2, "coherence": 0.4, "understandability": 0.1}
 
 
@@ -27,15 +28,15 @@ def _materialize(data_dir: Path, model_dir: Path, feedback: dict, selection: lis
     resources["language_model"] = LanguageModelResource(model=str(model_dir), device="cpu")
     # Enough kept instructions that at least 8 instances pass the gate (the tiny model's parse rate
     # is about one in three), so calibration has more ratings than numbers to fit.
-    ops = smallest_run_config(raw_instructions={"num_prompts": 32}, reward_scores={"max_instructions": 0})
+    ops = smallest_run_config(bootstrap_instructions={"num_prompts": 32}, reward_scores={"max_instructions": 0})
     return dg.materialize([*all_assets, *all_checks], resources=resources, selection=selection,
-                          run_config={"ops": {k: {"config": ops[k]} for k in selection if k in ops},
+                          run_config={"ops": ops_for(ops, selection),
                                       "resources": {"feedback_scorer": {"config": feedback}}})
 
 
-def _scores(data_dir: Path):
+def _scores(data_dir: Path, table: str = "reward_scores"):
     with duckdb.connect(str(data_dir / "refine_af.duckdb"), read_only=True) as conn:
-        return conn.execute("SELECT * FROM reward_scores").pl()
+        return conn.execute(f"SELECT * FROM {table}").pl()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def first_run(tiny_model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("feedback-data")
     rm = build_llama_reward_model(tiny_model_dir, tmp_path_factory.mktemp("judges") / "rm")
     feedback = {"preference": f"reward-model:{rm}"}
-    result = _materialize(data_dir, tiny_model_dir, feedback, [*UPSTREAM, "reward_scores"])
+    result = _materialize(data_dir, tiny_model_dir, feedback, [*UPSTREAM, *SCORES])
     return data_dir, rm, feedback, result
 
 
@@ -60,9 +61,10 @@ def test_every_row_records_the_judge_of_each_component(first_run, tiny_model_dir
     for c in COMPONENTS:
         assert set(scores[f"{c}_scorer"]) == {expected[c]}
     assert {json.dumps(json.loads(s), sort_keys=True) for s in scores["scorers"]} == {json.dumps(expected, sort_keys=True)}
-    metadata = result.asset_materializations_for_node("reward_scores")[0].metadata
+    [metadata] = [m.metadata for m in result.asset_materializations_for_node("reward_scores")
+                  if m.asset_key == dg.AssetKey("reward_scores")]
     assert metadata["scorers"].value == expected
-    assert set(scores["weights_source"]) == {"config"}
+    assert _scores(data_dir, "reward_standardisation")["weights_source"].to_list() == ["config"]
     # A reward model's preference is its raw logit, not squeezed into [0, 1].
     passed = scores.filter(scores["gate_reason"].is_null())
     assert passed.height >= 8
@@ -85,20 +87,22 @@ def test_ratings_csv_calibrates_the_weights_for_every_later_reward(first_run, ti
             writer.writerow([row["instruction_id"], 3 + sum(KNOWN[c] * z[c] for c in COMPONENTS) + rng.normal(0, 0.01),
                              row["output"]])
 
-    result = _materialize(data_dir, tiny_model_dir, {**feedback, "calibration_csv": str(path)}, ["reward_scores"])
+    result = _materialize(data_dir, tiny_model_dir, {**feedback, "calibration_csv": str(path)}, SCORES)
     assert result.success
     after = _scores(data_dir)
-    weights = json.loads(after["weights"][0])
-    metadata = result.asset_materializations_for_node("reward_scores")[0].metadata
+    [standardisation] = _scores(data_dir, "reward_standardisation").to_dicts()
+    weights = {c: standardisation[f"weight_{c}"] for c in COMPONENTS}
+    [metadata] = [m.metadata for m in result.asset_materializations_for_node("reward_scores")
+                  if m.asset_key == dg.AssetKey("reward_standardisation")]
     assert metadata["calibration_instances"].value >= 8  # same seed: the same instances again
     for c in COMPONENTS:
         assert weights[c] == pytest.approx(KNOWN[c], abs=0.05), c
-    assert after["bias"][0] == pytest.approx(3.0, abs=0.05)
-    assert set(after["weights_source"]) == {f"calibration:{path}"}
-    assert metadata["weights"].value == {**weights, "bias": after["bias"][0]}
+    assert standardisation["bias"] == pytest.approx(3.0, abs=0.05)
+    assert standardisation["weights_source"] == f"calibration:{path}"
+    assert metadata["weights"].value == {**weights, "bias": standardisation["bias"]}
     # Every later stage standardises with these stats and combines with the fitted weights.
     later = base_component_stats(Warehouse(database=str(data_dir / "refine_af.duckdb")))
-    assert later.weights == weights and later.bias == after["bias"][0]
+    assert later.weights == weights and later.bias == standardisation["bias"]
     row = after.filter(after["gate_reason"].is_null()).row(0, named=True)
     z = standardise({c: row[c] for c in COMPONENTS}, later)
     assert row["reward"] == pytest.approx(later.bias + sum(weights[c] * z[c] for c in COMPONENTS), abs=1e-9)
@@ -110,5 +114,5 @@ def test_bad_ratings_file_stops_the_run_before_anything_is_written(first_run, ti
     path = tmp_path / "ratings.csv"
     path.write_text("instruction_id,rating\nabc,4\nxyz,excellent\n", encoding="utf-8")
     with pytest.raises(CalibrationFileError, match=r"ratings.csv:3: column 'rating': 'excellent' is not a number"):
-        _materialize(data_dir, tiny_model_dir, {**feedback, "calibration_csv": str(path)}, ["reward_scores"])
+        _materialize(data_dir, tiny_model_dir, {**feedback, "calibration_csv": str(path)}, SCORES)
     assert set(_scores(data_dir)["run_id"]) == before

@@ -46,12 +46,12 @@ def test_any_batch_size_returns_the_outputs_in_prompt_order(tiny):
 
 
 def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(tiny_model_dir, tmp_path):
-    config = smallest_run_config(raw_instructions={"num_prompts": 8, "classification_prompts": 1},
+    config = smallest_run_config(bootstrap_instructions={"num_prompts": 8, "classification_prompts": 1},
                                  instance_output_pairs={"max_instructions": 5, "instances_per_instruction": 2})
-    sizes = {"raw_instructions": 3, "selfinstruct_instance_pairs": 4}
+    sizes = {"bootstrap_instructions": 3, "selfinstruct_instance_pairs": 4}
     result = materialize(tmp_path, str(tiny_model_dir), config, batch_size=2, stage_batch_sizes=sizes,
                          selection=["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores",
-                                    "selfinstruct_instance_pairs"])
+                                    "reward_standardisation", "selfinstruct_instance_pairs"])
     assert result.success
     with duckdb.connect(str(tmp_path / "refine_af.duckdb"), read_only=True) as conn:
         batches = conn.execute("SELECT asset, batch_index, inputs, rows_written FROM generation_plan_batches "
@@ -78,6 +78,10 @@ def test_bad_batch_settings_are_refused_with_the_setting_named(tmp_path):
 
     with pytest.raises(ValueError, match=r"stage batch sizes must be positive: \{'evaluation': 0\}"):
         LanguageModelResource(stage_batch_sizes={"evaluation": 0})
+    # A step name that generates nothing (a typo, or an asset of a step) would be ignored silently.
+    with pytest.raises(ValueError, match=r"stage_batch_sizes names \['raw_instructions'\], which generate nothing; "
+                                         r"the generation steps are bootstrap_instructions, reward_scores"):
+        LanguageModelResource(stage_batch_sizes={"raw_instructions": 64})
     with pytest.raises(ValueError, match=r"train_batch_size \(5\) must divide prompts_per_step x group_size \(12\)"):
         train_policy(None, None, ["an instruction"], None, RLSettings(prompts_per_step=3, group_size=4,
                                                                       train_batch_size=5), tmp_path, "cpu")

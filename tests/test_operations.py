@@ -27,11 +27,11 @@ def test_regeneration_tick_requests_the_whole_job_with_a_seed_per_night():
     assert request.job_name in (None, "refine_af_job")
     assert request.asset_selection is None  # the job's own selection: every asset
     assert request.run_key == "regeneration-2026-11-24"
-    assert request.run_config == {"ops": {"raw_instructions": {"config": {"seed": 20261124}}}}
+    assert request.run_config == {"ops": {"bootstrap_instructions": {"config": {"seed": 20261124}}}}
     assert request.tags["refine_af/trigger"] == "schedule"
     [next_night] = _tick(datetime(2026, 11, 25, 3, 0, tzinfo=UTC))
     assert next_night.run_key != request.run_key
-    assert next_night.run_config["ops"]["raw_instructions"]["config"]["seed"] == 20261125
+    assert next_night.run_config["ops"]["bootstrap_instructions"]["config"]["seed"] == 20261125
 
 
 def test_the_job_is_every_asset_and_accepts_the_tick_config():
@@ -40,7 +40,7 @@ def test_the_job_is_every_asset_and_accepts_the_tick_config():
     assert set(job.asset_layer.executable_asset_keys) == every_asset
     [request] = _tick(datetime(2026, 11, 24, 3, 0, tzinfo=UTC))
     validated = dg.validate_run_config(job, request.run_config)
-    assert validated["ops"]["raw_instructions"]["config"]["seed"] == 20261124
+    assert validated["ops"]["bootstrap_instructions"]["config"]["seed"] == 20261124
 
 
 def test_instance_settings_queue_one_run_and_one_step_per_pool(tmp_path):

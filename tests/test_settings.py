@@ -35,7 +35,7 @@ def test_the_sampling_settings_are_shared():
     from refine_af_pipeline.settings_types import SamplingSettings
 
     sampling = [c.__name__ for c in _asset_configs() if issubclass(c, SamplingSettings)]
-    assert {"RawInstructionsConfig", "RewardScoresConfig", "InstancePairsConfig", "HeldoutComparisonConfig"} <= set(sampling)
+    assert {"BootstrapConfig", "RewardScoresConfig", "InstancePairsConfig", "HeldoutComparisonConfig"} <= set(sampling)
 
 
 @pytest.mark.parametrize("config, settings", DERIVED)
