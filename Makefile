@@ -33,11 +33,12 @@ run: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -c "from refine_af_pipeline.embedded_model import ensure_embedded_model as e; print('embedded model:', e())"
 	# Default multiprocess executor: one subprocess per step. In one process (in_process executor) the
 	# same run took 12 min instead of 9.5 (RL and generation steps slower, 9.3 GB peak), so not that.
-	$(BIN)/dagster asset materialize -m refine_af_pipeline.definitions --select '*'
+	$(BIN)/dagster asset materialize -m refine_af_pipeline.definitions --select '*' -c configs/demo.yaml
 	@echo "DuckDB tables: $(REFINE_AF_DATA_DIR)/refine_af.duckdb"
 	@echo "Adapters:      $(REFINE_AF_DATA_DIR)/artifacts/{rl_refined_policy,finetuned_model}/<run id>/adapter"
 	@echo "Dagster runs:  $(DAGSTER_HOME)  (make ui to browse them)"
 
+# The demo sizes are configs/demo.yaml; the config defaults are the method's full-data settings.
 # The experiment profile (configs/experiment.yaml): the whole graph sized for a comparison with
 # statistical power, at most 90 minutes on 2 CPU cores; its own data folder and Dagster home, so
 # the demo's pool, tables and run history stay apart.

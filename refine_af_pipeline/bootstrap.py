@@ -119,13 +119,19 @@ def classify_instructions(model, tokenizer, instructions: Sequence[str], batch_s
 
 
 class BootstrapSettings(SamplingSettings):
-    """Settings of Self-Instruct bootstrapping (`raw_instructions`)."""
+    """Settings of Self-Instruct bootstrapping (`bootstrap_instructions`). The defaults are the
+    method's: grow the pool to REFINE-AF's 15,000 instructions per model; configs/demo.yaml and
+    configs/experiment.yaml make a run small."""
 
-    num_prompts: PositiveInt = Field(96, description=(
-        "bootstrap prompts per run (the embedded model's responses gave 0.7-1.4 kept instructions per prompt)"))
-    classification_prompts: NonNegativeInt = Field(12, description="of num_prompts, how many use the classification-only variant")
+    num_prompts: PositiveInt = Field(16_000, description=(
+        "bootstrap prompts per run at most; the run stops earlier at target_pool_size (the embedded model's "
+        "responses gave 0.7-1.4 kept instructions per prompt)"))
+    classification_prompts: NonNegativeInt = Field(2_000, description=(
+        "of num_prompts, how many use the classification-only variant (an eighth: classification tasks are rarer "
+        "in the model's continuations than in the seed pool)"))
     max_new_tokens: PositiveInt = Field(112, description="tokens per response at most (a list of instructions)")
-    target_pool_size: PositiveInt = Field(10_000, description="stop generating once this many instructions are kept")
+    target_pool_size: PositiveInt = Field(15_000, description=(
+        "stop generating once this many instructions are kept (REFINE-AF's pool per model)"))
     resume_unfinished: bool = Field(True, description=(
         "a plan a crashed run left unfinished is completed (its missing batches, with its own prompts and "
         "settings) instead of starting a new one; false abandons it"))

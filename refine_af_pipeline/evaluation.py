@@ -151,7 +151,8 @@ class EvaluationSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     task_dir: str | None = Field(None, description="a folder of SuperNI-format task files; the built-in set if unset")
-    instances_per_task: NonNegativeInt = Field(3, description="instances evaluated per task (0 = all)")
+    instances_per_task: NonNegativeInt = Field(0, description=(
+        "instances evaluated per task (0 = all, the method; SuperNI's test set has up to 100 per task)"))
     max_new_tokens: PositiveInt = Field(16, description=(
         "tokens per greedy answer (ROUGE-L reads its first line; that of 90% of the embedded model's answers fits)"))
     bootstrap_resamples: PositiveInt = Field(10_000, description="resamples of the tasks behind the CIs")

@@ -107,10 +107,10 @@ def summarise(rows: Sequence[dict], resamples: int = 10_000, seed: int = 0, conf
 
 
 class HeldoutCheckSettings(SamplingSettings):
-    """Settings of the held-out check (`policy_beats_base_on_heldout`); its sampling defaults are the
+    """Settings of the held-out comparison (`rl_heldout_comparison`); its sampling defaults are the
     instance stages', so it measures the policy as the pipeline uses it."""
 
-    samples_per_instruction: PositiveInt = Field(1, description=(
+    samples_per_instruction: PositiveInt = Field(2, description=(
         "instances per instruction and model, averaged: more samples, less sampling noise per instruction"))
     max_instructions: NonNegativeInt = Field(0, description="held-out instructions to compare (0 = all)")
     min_instructions: NonNegativeInt = Field(5, description="with fewer held-out instructions the check warns: the CI means little")

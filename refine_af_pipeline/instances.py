@@ -64,16 +64,18 @@ class RewardScoresSettings(SamplingSettings):
     """Settings of `reward_scores`: the base model's instances whose component scores standardise
     every later reward."""
 
-    max_instructions: NonNegativeInt = Field(16, description=(
-        "kept instructions to write an instance for (0 = all): enough for each component's mean and spread"))
+    max_instructions: NonNegativeInt = Field(0, description=(
+        "kept instructions to write an instance for (0 = all); a few dozen already fix each component's "
+        "mean and spread"))
 
 
 class InstancePairsSettings(SamplingSettings):
     """Settings of the instance stages (`instance_output_pairs`, `selfinstruct_instance_pairs`: both
     read their own copy; keep them equal for a fair comparison)."""
 
-    max_instructions: NonNegativeInt = Field(36, description=(
-        "kept instructions to write instances for (0 = all); the same seed picks the same ones in both branches"))
+    max_instructions: NonNegativeInt = Field(0, description=(
+        "kept instructions to write instances for (0 = all, the method); the same seed picks the same ones in "
+        "both branches"))
     instances_per_instruction: PositiveInt = Field(2, description="instances written per instruction")
 
 

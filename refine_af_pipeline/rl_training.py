@@ -31,8 +31,10 @@ class RLSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     algorithm: Literal["grpo", "rloo"] = Field("grpo", description="TRL trainer, both on a LoRA adapter: GRPO or RLOO")
-    max_steps: PositiveInt = Field(3, description="optimizer steps; each samples prompts_per_step x group_size completions")
-    prompts_per_step: PositiveInt = Field(3, description="instructions per optimizer step")
+    max_steps: PositiveInt = Field(1_500, description=(
+        "optimizer steps; each samples prompts_per_step x group_size completions (1,500 x 8: one pass over the "
+        "12,000 instructions a 15,000 pool leaves after the 20% held out)"))
+    prompts_per_step: PositiveInt = Field(8, description="instructions per optimizer step")
     group_size: PositiveInt = Field(4, description="completions per instruction, each rewarded relative to the others")
     train_batch_size: PositiveInt = Field(2, description=(
         "completions per forward/backward pass: a step's completions are generated in one batch and trained on "

@@ -32,7 +32,8 @@ class SFTSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    epochs: PositiveFloat = Field(2.0, description="passes over the training pairs (fractions allowed)")
+    epochs: PositiveFloat = Field(3.0, description=(
+        "passes over the training pairs (fractions allowed); 3 as in Alpaca's fine-tuning recipe"))
     batch_size: PositiveInt = Field(4, description="pairs per optimizer step")
     train_batch_size: PositiveInt = Field(2, description=(
         "pairs per forward/backward pass (gradient accumulation up to batch_size; activations take ~2 MB per "

@@ -4,8 +4,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from refine_af_pipeline.definitions import defs
+
+ROOT = Path(__file__).parent.parent
 
 # Shared stages, then the REFINE-AF branch (RL policy writes the instances) beside the Self-Instruct
 # baseline branch (the base model writes them), joined again by the evaluation and the exports.
@@ -80,17 +83,33 @@ def test_cli_validates_the_code_location():
     assert "Validation successful" in result.stdout + result.stderr
 
 
-def test_the_experiment_profile_is_a_run_config_the_job_accepts():
+# (op, field): the sizes whose defaults are the method's full-data scale (0 = all).
+SCALE = [("bootstrap_instructions", "num_prompts"), ("reward_scores", "max_instructions"),
+         ("rl_refined_policy", "max_steps"), ("instance_output_pairs", "max_instructions"),
+         ("selfinstruct_instance_pairs", "max_instructions"), ("evaluation", "instances_per_task")]
+
+
+@pytest.mark.parametrize("profile", ["demo", "experiment"])
+def test_the_profiles_are_run_configs_that_make_every_full_data_size_small(profile):
     import yaml
 
-    from refine_af_pipeline.definitions import defs
-
-    config = yaml.safe_load((Path(__file__).parent.parent / "configs" / "experiment.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / f"{profile}.yaml").read_text())
     job = defs.resolve_job_def("refine_af_job")
-    assert dg.validate_run_config(job, config)["ops"]["rl_refined_policy"]["config"]["heldout_share"] == 0.3
-    # Both instance branches are sized alike, or the comparison is not like for like.
+    resolved = dg.validate_run_config(job, config)["ops"]
+    defaults = dg.validate_run_config(job, {})["ops"]
+    for op, field in SCALE:
+        value, default = resolved[op]["config"][field], defaults[op]["config"][field]
+        assert 0 < value and (default == 0 or value < default), (op, field, value, default)
+    # Both branches are sized and trained alike, or the comparison is not like for like.
     ops = config["ops"]
     assert ops["instance_output_pairs"] == ops["selfinstruct_instance_pairs"]
+    assert ops["finetuned_model"] == ops["selfinstruct_finetuned_model"]
+
+
+def test_make_run_passes_the_demo_profile_and_make_experiment_its_own():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--select '*' -c configs/demo.yaml" in makefile
+    assert "--select '*' -c configs/experiment.yaml" in makefile
 
 
 def test_steps_fork_from_a_preloaded_server_unless_the_run_config_says_otherwise():

@@ -63,7 +63,7 @@ def test_closed_choices_and_cross_field_rules_are_refused_when_the_settings_are_
     with pytest.raises(ValueError, match="Input should be 'grpo' or 'rloo'"):
         RLConfig(algorithm="ppo")
     with pytest.raises(ValueError, match=r"train_batch_size \(5\) must divide prompts_per_step x group_size \(12\)"):
-        RLConfig(train_batch_size=5)
+        RLConfig(prompts_per_step=3, train_batch_size=5)
     with pytest.raises(ValueError, match=r"train_batch_size \(3\) must divide batch_size \(4\)"):
         FinetuneConfig(train_batch_size=3)
     with pytest.raises(ValueError, match="extra"):
