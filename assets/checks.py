@@ -5,9 +5,9 @@ evaluation's in evaluation.py: each is computed by its asset)."""
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.instances import ParseRateSettings
-from refine_af_pipeline.filters import blacklisted_word
-from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
+from refine_af_pipeline.instructions.instances import ParseRateSettings
+from refine_af_pipeline.instructions.filters import blacklisted_word
+from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import Warehouse
 
 from .instance_pairs import instance_output_pairs
@@ -43,7 +43,7 @@ def _kept_instructions(warehouse: Warehouse) -> list[str]:
 
 
 class ParseRateConfig(dg.Config, ParseRateSettings):
-    """Run config of the parse-rate check: the fields of ParseRateSettings (refine_af_pipeline/instances.py)."""
+    """Run config of the parse-rate check: the fields of ParseRateSettings (refine_af_pipeline/instructions/instances.py)."""
 
 
 @dg.asset_check(asset=instance_output_pairs)

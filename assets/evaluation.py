@@ -10,14 +10,14 @@ from collections import Counter
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.adapters import merged
-from refine_af_pipeline.evaluation import (EvaluationSettings, best_mean_logprob, best_rouge_l, evaluation_items,
-                                           first_line, load_tasks, mean_by_task, reference_continuations)
-from refine_af_pipeline.generation import SamplingParams
+from refine_af_pipeline.llm.adapters import merged
+from refine_af_pipeline.evaluation.tasks import (EvaluationSettings, best_mean_logprob, best_rouge_l, evaluation_items,
+                                                 first_line, load_tasks, mean_by_task, reference_continuations)
+from refine_af_pipeline.llm.generation import SamplingParams
 from refine_af_pipeline.plots import bar_panels_png
-from refine_af_pipeline.prefix_scoring import generate_and_score_continuations
-from refine_af_pipeline.prompts import evaluation_prompt
-from refine_af_pipeline.task_comparison import mean_per_model, summary_rows, tasks_differing
+from refine_af_pipeline.llm.prefix_scoring import generate_and_score_continuations
+from refine_af_pipeline.llm.prompts import evaluation_prompt
+from refine_af_pipeline.evaluation.task_comparison import mean_per_model, summary_rows, tasks_differing
 from resources import LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
@@ -40,7 +40,7 @@ METRICS = ("rouge_l", "log_likelihood")
 
 
 class EvaluationConfig(dg.Config, EvaluationSettings):
-    """Run config of `evaluation`: the fields of EvaluationSettings (refine_af_pipeline/evaluation.py)."""
+    """Run config of `evaluation`: the fields of EvaluationSettings (refine_af_pipeline/evaluation/tasks.py)."""
 
 
 @dg.multi_asset(

@@ -10,14 +10,14 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.plots import line_chart_png
-from refine_af_pipeline.sft_training import SFTSettings, finetune, validation_never_improved, validation_split
+from refine_af_pipeline.training.sft import SFTSettings, finetune, validation_never_improved, validation_split
 from resources import ArtifactStore, LanguageModelResource, Warehouse
 
 from .metadata import peak_memory, png_markdown, table_metadata
 
 
 class FinetuneConfig(dg.Config, SFTSettings):
-    """Run config of both fine-tuning assets: the fields of SFTSettings (refine_af_pipeline/sft_training.py)."""
+    """Run config of both fine-tuning assets: the fields of SFTSettings (refine_af_pipeline/training/sft.py)."""
 
 
 def build_finetuned_model_asset(name: str, pairs_table: str, description: str) -> dg.AssetsDefinition:

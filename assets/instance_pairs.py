@@ -3,40 +3,32 @@ in the Self-Instruct baseline branch, by the base model. One factory builds both
 branches differ only in which policy writes the instances."""
 
 
-import json
 import time
 
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.feedback import COMPONENTS
-from refine_af_pipeline.generation import SamplingParams
-from refine_af_pipeline.instances import InstancePairsSettings, filter_reason, generate_scored_instances
+from refine_af_pipeline.llm.generation import SamplingParams
+from refine_af_pipeline.instructions.instances import InstancePairsSettings, filter_reason, generate_scored_instances
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
 
 from .metadata import peak_memory, progress_logger, table_metadata
-from .shared import base_component_stats, kept_instructions, subset, upstream_adapter
+from .shared import base_component_stats, kept_instructions, scored_instance_frame, subset, upstream_adapter
 
 
 class InstancePairsConfig(dg.Config, InstancePairsSettings):
-    """Run config of both instance stages: the fields of InstancePairsSettings (refine_af_pipeline/instances.py)."""
+    """Run config of both instance stages: the fields of InstancePairsSettings (refine_af_pipeline/instructions/instances.py)."""
 
 
 def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsConfig, warehouse: Warehouse,
           ledger: BatchLedger, adapter: str | None, batch_size: int) -> GenerationPlan:
     """The plan a crashed run left for this policy, or a new one: the chosen instructions in batches."""
-    plan = ledger.unfinished_plan()
-    if plan is not None and plan.settings["adapter"] == adapter:
-        context.log.warning(f"resuming the unfinished plan of run {plan.plan_id}: {len(plan.committed)} of "
-                            f"{len(plan.batches)} batches were committed before it stopped; generating the "
-                            f"{len(plan.pending())} missing ones with that plan's instructions and settings")
-        return plan
+    # A plan made with another RL policy is abandoned: mixing two policies' instances would mislead.
+    plan = ledger.take_unfinished(context.run_id, context.log, lambda p: None if p.settings["adapter"] == adapter else (
+        f"made with policy {p.settings['adapter']}, the latest is {adapter}"), clear_rows_of=_staging(name))
     if plan is not None:
-        # Its instances came from another RL policy: mixing the two in one table would mislead.
-        ledger.finish(plan, context.run_id, status="abandoned", clear_rows_of=_staging(name))
-        context.log.warning(f"abandoned the unfinished plan of run {plan.plan_id}: made with policy "
-                            f"{plan.settings['adapter']}, the latest is {adapter}")
+        return plan
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
     n = config.instances_per_instruction
     items = [dict(instance_id=f"{iid}-{j}", instruction_id=iid, instruction=text)
@@ -83,14 +75,9 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
             for done, batch in enumerate(pending, start=1):
                 rows = generate_scored_instances(policy, tokenizer, scorer, [i["instruction"] for i in batch.inputs],
                                                  params, settings["batch_size"], settings["seed"] + batch.index)
-                staged = pl.DataFrame(
-                    [dict(instance_id=item["instance_id"], instruction_id=item["instruction_id"], **r,
-                          policy_adapter=adapter, model_id=source.model_id, scorers=json.dumps(versions),
-                          **{f"{c}_scorer": versions[c] for c in COMPONENTS},
-                          sampling_params=json.dumps(params.as_dict()), run_id=plan.plan_id)
-                     for item, r in zip(batch.inputs, rows)],
-                    schema_overrides={c: pl.Float64 for c in COMPONENTS} | {"gate_reason": pl.Utf8,
-                                                                            "policy_adapter": pl.Utf8})
+                keys = [{"instance_id": i["instance_id"], "instruction_id": i["instruction_id"]} for i in batch.inputs]
+                staged = scored_instance_frame(keys, rows, source.model_id, versions, params, plan.plan_id,
+                                               policy_adapter=adapter)
                 ledger.commit_batch(plan, batch, _staging(name), staged, context.run_id)
                 report(done, len(pending), time.monotonic() - started)
         order = {item["instance_id"]: k for k, item in enumerate(i for b in plan.batches for i in b.inputs)}

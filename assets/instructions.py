@@ -11,10 +11,10 @@ from dataclasses import asdict
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.bootstrap import (BootstrapPrompt, BootstrapSettings, PoolItem, classify_instructions,
-                                         deduplication_rows, generate_instruction_rows, sample_prompt)
-from refine_af_pipeline.generation import SamplingParams
-from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
+from refine_af_pipeline.instructions.bootstrap import (BootstrapPrompt, BootstrapSettings, PoolItem, classify_instructions,
+                                                       deduplication_rows, generate_instruction_rows, sample_prompt)
+from refine_af_pipeline.llm.generation import SamplingParams
+from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger
 
@@ -29,7 +29,7 @@ _DECISION_SCHEMA = {"max_rouge_l": pl.Float64, "most_similar_instruction": pl.Ut
 
 
 class BootstrapConfig(dg.Config, BootstrapSettings):
-    """Run config of `bootstrap_instructions`: the fields of BootstrapSettings (refine_af_pipeline/bootstrap.py)."""
+    """Run config of `bootstrap_instructions`: the fields of BootstrapSettings (refine_af_pipeline/instructions/bootstrap.py)."""
 
 
 class _Decider:
@@ -81,20 +81,6 @@ def _new_plan(context: dg.AssetExecutionContext, config: BootstrapConfig, ledger
                              [prompts[s:s + batch_size] for s in range(0, len(prompts), batch_size)])
 
 
-def _open_plan(context: dg.AssetExecutionContext, config: BootstrapConfig, ledger: BatchLedger):
-    plan = ledger.unfinished_plan()
-    if plan is not None and not config.resume_unfinished:
-        ledger.finish(plan, context.run_id, status="abandoned")
-        context.log.warning(f"abandoned the unfinished plan of run {plan.plan_id} ({len(plan.committed)} of "
-                            f"{len(plan.batches)} batches committed; those rows and their decisions stay)")
-        return None
-    if plan is not None:
-        context.log.warning(f"resuming the unfinished plan of run {plan.plan_id}: {len(plan.committed)} of "
-                            f"{len(plan.batches)} batches were committed before it stopped; generating the "
-                            f"{len(plan.pending())} missing ones with that plan's prompts and settings")
-    return plan
-
-
 @dg.multi_asset(
     name="bootstrap_instructions", group_name="instructions", pool="gpu", can_subset=False,
     specs=[
@@ -114,7 +100,8 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
     batch's raw rows and their decisions are committed in one transaction, so a run killed midway
     is finished by the next materialization with nothing regenerated, lost or decided twice."""
     ledger = BatchLedger(warehouse, RAW)
-    plan = _open_plan(context, config, ledger)
+    plan = ledger.take_unfinished(context.run_id, context.log, lambda _: None if config.resume_unfinished else (
+        "resume_unfinished is off; its committed rows and their decisions stay"))
     seeds_df = warehouse.read_table("seed_pool")
     seeds = [PoolItem(r["id"], r["instruction"], r["is_classification"]) for r in seeds_df.iter_rows(named=True)]
     decider = _Decider(warehouse, language_model, seeds_df["instruction"].to_list())

@@ -2,23 +2,22 @@
 (component means and spreads, weights, bias) that every later reward uses."""
 
 
-import json
 
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.calibration import calibrate, read_ratings
-from refine_af_pipeline.feedback import COMPONENTS
-from refine_af_pipeline.instances import RewardScoresSettings, generate_scored_instances, restandardise
+from refine_af_pipeline.feedback.calibration import calibrate, read_ratings
+from refine_af_pipeline.feedback.scores import COMPONENTS
+from refine_af_pipeline.instructions.instances import RewardScoresSettings, generate_scored_instances, restandardise
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
 from .metadata import peak_memory, progress_logger, table_metadata
-from .shared import STANDARDISATION, kept_instructions, standardisation_frame, subset
+from .shared import STANDARDISATION, kept_instructions, scored_instance_frame, standardisation_frame, subset
 
 
 class RewardScoresConfig(dg.Config, RewardScoresSettings):
-    """Run config of `reward_scores`: the fields of RewardScoresSettings (refine_af_pipeline/instances.py)."""
+    """Run config of `reward_scores`: the fields of RewardScoresSettings (refine_af_pipeline/instructions/instances.py)."""
 
 
 @dg.multi_asset(
@@ -63,13 +62,8 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
         calibration_metadata = {"calibration_instances": fit.n, "calibration_rmse": fit.rmse,
                                 "calibration_r2": fit.r2, "calibration_skipped": dg.MetadataValue.json(fit.skipped)}
     versions = scorer.versions()
-    df = pl.DataFrame(
-        [dict(instruction_id=i, **r, model_id=source.model_id, scorers=json.dumps(versions),
-              **{f"{c}_scorer": versions[c] for c in COMPONENTS},
-              sampling_params=json.dumps(params.as_dict()), run_id=context.run_id)
-         for i, r in zip(ids, rows)],
-        schema_overrides={c: pl.Float64 for c in COMPONENTS} | {"gate_reason": pl.Utf8},
-    )
+    df = scored_instance_frame([{"instruction_id": i} for i in ids], rows, source.model_id, versions, params,
+                               context.run_id)
     passed = df.filter(pl.col("gate_reason").is_null())
     standardisation = standardisation_frame(stats, weights, bias, weights_source, passed.height, source.model_id,
                                             context.run_id)

@@ -8,8 +8,8 @@ import time
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.feedback import COMPONENTS
-from refine_af_pipeline.heldout_comparison import HeldoutCheckSettings, generate_both, per_instruction_rows, summarise
+from refine_af_pipeline.feedback.scores import COMPONENTS
+from refine_af_pipeline.evaluation.heldout import HeldoutCheckSettings, generate_both, per_instruction_rows, summarise
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import metadata_table, peak_memory, table_metadata
@@ -22,7 +22,7 @@ _EMPTY_SCHEMA = {"instruction_id": pl.Utf8, "instruction": pl.Utf8, "base_reward
 
 
 class HeldoutComparisonConfig(dg.Config, HeldoutCheckSettings):
-    """Run config of `rl_heldout_comparison`: the fields of HeldoutCheckSettings (refine_af_pipeline/heldout_comparison.py)."""
+    """Run config of `rl_heldout_comparison`: the fields of HeldoutCheckSettings (refine_af_pipeline/evaluation/heldout.py)."""
 
 
 @dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, pool="gpu",

@@ -8,10 +8,10 @@ import time
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.adapters import AdapterView
-from refine_af_pipeline.feedback import COMPONENTS
-from refine_af_pipeline.rl_diagnostics import reward_hacking_warnings
-from refine_af_pipeline.rl_training import RLSettings, train_policy
+from refine_af_pipeline.llm.adapters import AdapterView
+from refine_af_pipeline.feedback.scores import COMPONENTS
+from refine_af_pipeline.training.rl_diagnostics import reward_hacking_warnings
+from refine_af_pipeline.training.rl import RLSettings, train_policy
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import peak_memory, png_markdown, table_metadata
@@ -19,7 +19,7 @@ from .shared import base_component_stats, effective_heldout_share, kept_instruct
 
 
 class RLConfig(dg.Config, RLSettings):
-    """Run config of `rl_refined_policy`: the fields of RLSettings (refine_af_pipeline/rl_training.py)."""
+    """Run config of `rl_refined_policy`: the fields of RLSettings (refine_af_pipeline/training/rl.py)."""
 
 
 @dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_standardisation", "deduplicated_instructions"], pool="gpu")

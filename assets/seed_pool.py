@@ -6,14 +6,14 @@ import json
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.seeds import SeedPoolSettings, load_seed_tasks
+from refine_af_pipeline.instructions.seeds import SeedPoolSettings, load_seed_tasks
 from resources import Warehouse
 
 from .metadata import table_metadata
 
 
 class SeedPoolConfig(dg.Config, SeedPoolSettings):
-    """Run config of `seed_pool`: the fields of SeedPoolSettings (refine_af_pipeline/seeds.py)."""
+    """Run config of `seed_pool`: the fields of SeedPoolSettings (refine_af_pipeline/instructions/seeds.py)."""
 
 
 @dg.asset(group_name="instructions", kinds={"duckdb", "polars"})

@@ -22,7 +22,7 @@ from importlib import resources
 
 from rouge_score import rouge_scorer
 
-from refine_af_pipeline.rouge import RougeDeduplicator
+from refine_af_pipeline.instructions.rouge import RougeDeduplicator
 
 THRESHOLD = 0.7
 

@@ -3,7 +3,7 @@
 The same chat prompts (instance-generation prompts for seed instructions, in the model's chat
 template), the same sampling settings and the same seed go through
 - raw: tokenizer + `model.generate` on the batch, nothing else;
-- path: `refine_af_pipeline.generation.generate` (prompt batching, padding, the retry wrapper,
+- path: `refine_af_pipeline.llm.generation.generate` (prompt batching, padding, the retry wrapper,
   cutting at end-of-sequence, decoding),
 at each batch size, alternating raw and path so that a change in machine load hits both. Tokens/s
 counts the generated tokens before the first end-of-sequence token of each row, over wall time.
@@ -29,9 +29,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def chat_prompts(tokenizer, n: int) -> list[str]:
-    from refine_af_pipeline.generation import render_prompt
-    from refine_af_pipeline.prompts import INSTANCE_PREFIX, instance_prompt
-    from refine_af_pipeline.seeds import load_seed_tasks
+    from refine_af_pipeline.llm.generation import render_prompt
+    from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
+    from refine_af_pipeline.instructions.seeds import load_seed_tasks
 
     seeds = load_seed_tasks()
     return [render_prompt(tokenizer, instance_prompt(seeds[k % len(seeds)].instruction), INSTANCE_PREFIX)
@@ -59,7 +59,7 @@ def raw_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int
 
 
 def path_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, seed: int) -> int:
-    from refine_af_pipeline.generation import SamplingParams, generate
+    from refine_af_pipeline.llm.generation import SamplingParams, generate
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.95, do_sample=True)
     return sum(g.n_tokens for g in generate(model, tokenizer, prompts, params, batch_size, seed))

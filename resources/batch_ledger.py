@@ -16,7 +16,7 @@ Tables (in the warehouse, beside the stage tables):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -90,6 +90,24 @@ class BatchLedger:
         return GenerationPlan(plan_id, self.asset, json.loads(settings),
                               [PlannedBatch(i, json.loads(inputs)) for i, inputs, _ in rows],
                               {i for i, _, done in rows if done}, resumed=True)
+
+    def take_unfinished(self, run_id: str, log, abandon_reason: Callable[[GenerationPlan], str | None],
+                        clear_rows_of: str | None = None) -> GenerationPlan | None:
+        """The unfinished plan to resume, or None. `abandon_reason(plan)` says why a plan must not
+        be resumed (None: resume it); such a plan is closed as abandoned (and its rows deleted
+        from the staging table `clear_rows_of`). Either way `log.warning` says what happened."""
+        plan = self.unfinished_plan()
+        if plan is None:
+            return None
+        progress = f"{len(plan.committed)} of {len(plan.batches)} batches committed"
+        reason = abandon_reason(plan)
+        if reason is not None:
+            self.finish(plan, run_id, status="abandoned", clear_rows_of=clear_rows_of)
+            log.warning(f"abandoned the unfinished plan of run {plan.plan_id} ({progress}): {reason}")
+            return None
+        log.warning(f"resuming the unfinished plan of run {plan.plan_id}: {progress} before it stopped; generating "
+                    f"the {len(plan.pending())} missing ones with that plan's inputs and settings")
+        return plan
 
     def start_plan(self, plan_id: str, settings: dict, batch_inputs: Sequence[Any]) -> GenerationPlan:
         """Record a new plan and its batches in one transaction."""

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from refine_af_pipeline.feedback import DEFAULT_WEIGHTS, ComponentStats, FeedbackScorer
-from refine_af_pipeline.feedback_components import model_name
-from refine_af_pipeline.feedback_setup import EMBEDDED_MINILM, build_components
+from refine_af_pipeline.feedback.scores import DEFAULT_WEIGHTS, ComponentStats, FeedbackScorer
+from refine_af_pipeline.feedback.components import model_name
+from refine_af_pipeline.feedback.setup import EMBEDDED_MINILM, build_components
 
 __all__ = ["EMBEDDED_MINILM", "FeedbackScorerResource"]
 
 
 class FeedbackScorerResource(dg.ConfigurableResource):
-    """Each component's scorer by name (see refine_af_pipeline/feedback_setup.py):
+    """Each component's scorer by name (see refine_af_pipeline/feedback/setup.py):
     `preference`: "llm-judge" (the base model rates 1..10) or "reward-model:<hub id or directory>";
     `naturalness`: "likelihood" or "unieval:<id>"; `coherence`: "embedding" (`embedding_model`:
     "embedded-minilm", all-MiniLM-L6-v2 from PyPI, or a sentence-transformers id/path) or

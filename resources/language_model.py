@@ -8,8 +8,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field, field_validator
 
-from refine_af_pipeline.adapters import AdapterView, attach_adapters
-from refine_af_pipeline.models import (
+from refine_af_pipeline.llm.adapters import AdapterView, attach_adapters
+from refine_af_pipeline.llm.models import (
     EMBEDDED,
     ModelSource,
     check_model_available,

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def slow_down_generation(seconds: float) -> None:
-    from refine_af_pipeline import bootstrap, instances
+    from refine_af_pipeline.instructions import bootstrap, instances
 
     for module in (bootstrap, instances):
         real = module.generate

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from refine_af_pipeline.adapters import AdapterView, merged
+from refine_af_pipeline.llm.adapters import AdapterView, merged
 from resources import LanguageModelResource
 
 
@@ -12,7 +12,7 @@ def shared(tiny_model_dir, tmp_path):
     """(resource, {"base": view, "tuned": view}) over a tiny model with a non-zero adapter."""
     from peft import get_peft_model
 
-    from refine_af_pipeline.trainer_setup import lora_config
+    from refine_af_pipeline.training.trainer_setup import lora_config
 
     resource = LanguageModelResource(model=str(tiny_model_dir), device="cpu")
     peft = get_peft_model(resource.load()[0], lora_config(4, 8))

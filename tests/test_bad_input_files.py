@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 
 from pipeline_helpers import materialize
-from refine_af_pipeline.evaluation import TaskFileError
-from refine_af_pipeline.seeds import SeedFileError
+from refine_af_pipeline.evaluation.tasks import TaskFileError
+from refine_af_pipeline.instructions.seeds import SeedFileError
 from resources import Warehouse
 
 GOOD_SEED = json.dumps({"id": "s1", "instruction": "Name a colour of the sky", "instances": [{"input": "", "output": "Blue"}]})

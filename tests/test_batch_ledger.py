@@ -83,3 +83,27 @@ def test_a_batch_written_to_two_tables_lands_in_both_or_neither(warehouse):
         ledger.commit_batch(plan, plan.batches[1], "out", _rows("run-a", 1), "run-a", also_append={"decided": bad})
     assert warehouse.row_count("out") == 2 and warehouse.row_count("decided") == 2
     assert [b.index for b in ledger.unfinished_plan().pending()] == [1]
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, line):
+        self.lines.append(line)
+
+
+def test_an_unfinished_plan_is_resumed_or_abandoned_with_its_reason_said(warehouse):
+    ledger = BatchLedger(warehouse, "stage")
+    plan = ledger.start_plan("run-a", {"adapter": "old"}, [[0], [1]])
+    ledger.commit_batch(plan, plan.batches[0], "stage_batches", _rows("run-a", 0), "run-a")
+    log = _Log()
+    resumed = ledger.take_unfinished("run-b", log, lambda p: None)
+    assert resumed.plan_id == "run-a" and [b.index for b in resumed.pending()] == [1]
+    assert log.lines == ["resuming the unfinished plan of run run-a: 1 of 2 batches committed before it stopped; "
+                         "generating the 1 missing ones with that plan's inputs and settings"]
+    why = lambda p: None if p.settings["adapter"] == "new" else f"made with {p.settings['adapter']}"  # noqa: E731
+    assert ledger.take_unfinished("run-b", log, why, clear_rows_of="stage_batches") is None
+    assert log.lines[-1] == "abandoned the unfinished plan of run run-a (1 of 2 batches committed): made with old"
+    assert ledger.unfinished_plan() is None and warehouse.row_count("stage_batches") == 0
+    assert ledger.take_unfinished("run-c", log, why) is None and len(log.lines) == 2  # nothing left to take

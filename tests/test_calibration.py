@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from refine_af_pipeline.calibration import (
+from refine_af_pipeline.feedback.calibration import (
     CalibrationError,
     CalibrationFileError,
     Rating,
     calibrate,
     read_ratings,
 )
-from refine_af_pipeline.feedback import COMPONENTS, ComponentStats, standardise
+from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats, standardise
 
 TRUE_WEIGHTS = {"preference": 1.2, "naturalness": 0.4, "coherence": -0.3, "understandability": 0.1}
 TRUE_BIAS = 5.0

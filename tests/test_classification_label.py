@@ -4,9 +4,9 @@ from types import SimpleNamespace
 
 import torch
 
-from refine_af_pipeline.bootstrap import classify_instructions
-from refine_af_pipeline.models import load_tokenizer, resolve_model_source
-from refine_af_pipeline.prompts import is_classification_prompt
+from refine_af_pipeline.instructions.bootstrap import classify_instructions
+from refine_af_pipeline.llm.models import load_tokenizer, resolve_model_source
+from refine_af_pipeline.llm.prompts import is_classification_prompt
 
 
 class _ScriptedModel(torch.nn.Module):

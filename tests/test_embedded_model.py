@@ -5,8 +5,8 @@ import duckdb
 import pytest
 
 from pipeline_helpers import materialize, smallest_run_config
-from refine_af_pipeline.embedded_model import ensure_embedded_model
-from refine_af_pipeline.models import ModelUnavailable, resolve_model_source
+from refine_af_pipeline.llm.embedded_model import ensure_embedded_model
+from refine_af_pipeline.llm.models import ModelUnavailable, resolve_model_source
 
 
 @pytest.mark.slow
@@ -35,14 +35,14 @@ def test_embedded_model_runs_the_whole_graph(tmp_path):
 
 def test_missing_hub_model_fails_fast_with_its_name():
     source = resolve_model_source("no-such-org/no-such-model-xyz")
-    from refine_af_pipeline.models import load_tokenizer
+    from refine_af_pipeline.llm.models import load_tokenizer
 
     with pytest.raises(ModelUnavailable, match="no-such-org/no-such-model-xyz"):
         load_tokenizer(source)
 
 
 def test_missing_local_dir_and_absent_cuda_are_clear(tmp_path):
-    from refine_af_pipeline.models import resolve_device
+    from refine_af_pipeline.llm.models import resolve_device
 
     with pytest.raises(ModelUnavailable, match="does not exist"):
         resolve_model_source(str(tmp_path / "nowhere"))

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from refine_af_pipeline.evaluation import (TaskFileError, best_rouge_l, evaluation_items, first_line, load_task_file,
-                                           load_tasks, mean_by_task)
-from refine_af_pipeline.prompts import evaluation_prompt
-from refine_af_pipeline.rouge import DEFAULT_THRESHOLD, RougeDeduplicator, rouge_l
-from refine_af_pipeline.seeds import load_seed_tasks
+from refine_af_pipeline.evaluation.tasks import (TaskFileError, best_rouge_l, evaluation_items, first_line, load_task_file,
+                                                 load_tasks, mean_by_task)
+from refine_af_pipeline.llm.prompts import evaluation_prompt
+from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDeduplicator, rouge_l
+from refine_af_pipeline.instructions.seeds import load_seed_tasks
 
 
 # The seed pool's task types, and the built-in tasks of each (every task in exactly one type).
@@ -118,7 +118,7 @@ def test_items_and_per_task_means(tmp_path):
 
 
 def test_stopping_after_the_first_line_keeps_that_line(tiny_model_dir):
-    from refine_af_pipeline.generation import SamplingParams, generate
+    from refine_af_pipeline.llm.generation import SamplingParams, generate
     from resources import LanguageModelResource
 
     model, tokenizer, _, _ = LanguageModelResource(model=str(tiny_model_dir), device="cpu").load()

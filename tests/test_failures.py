@@ -10,10 +10,10 @@ import duckdb
 import pytest
 import torch
 
-import refine_af_pipeline.retry as retry
+import refine_af_pipeline.llm.retry as retry
 from pipeline_helpers import materialize
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
-from refine_af_pipeline.generation import Generation
+from refine_af_pipeline.llm.generation import Generation
 from resources import DatabaseLocked, LanguageModelResource
 from resources import language_model as language_model_module
 
@@ -98,7 +98,7 @@ def test_zero_batch_size_is_refused():
 
 
 def test_model_output_that_does_not_parse_is_stored_with_its_status(seeded_dir, tiny_model_dir, monkeypatch):
-    from refine_af_pipeline import bootstrap
+    from refine_af_pipeline.instructions import bootstrap
 
     junk = ["", "   \n\n", "!!! ??? ###", "\x00\x01 ∆∆∆ " * 20, "10. 11. 12.", "Sure! Here are some ideas."]
 
@@ -192,8 +192,8 @@ class _RecordingComponent:
 
 
 def test_instances_that_do_not_parse_are_kept_with_their_status_and_never_scored():
-    from refine_af_pipeline.feedback import COMPONENTS, FORMAT_GATE_REWARD, FeedbackScorer
-    from refine_af_pipeline.instances import filter_reason
+    from refine_af_pipeline.feedback.scores import COMPONENTS, FORMAT_GATE_REWARD, FeedbackScorer
+    from refine_af_pipeline.instructions.instances import filter_reason
 
     components = [_RecordingComponent(name) for name in COMPONENTS]
     scorer = FeedbackScorer(components=components)

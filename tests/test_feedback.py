@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from refine_af_pipeline.feedback import FORMAT_GATE_REWARD, ComponentStats, combine, flesch_score, format_gate
-from refine_af_pipeline.instances import filter_reason
+from refine_af_pipeline.feedback.scores import FORMAT_GATE_REWARD, ComponentStats, combine, flesch_score, format_gate
+from refine_af_pipeline.instructions.instances import filter_reason
 
 
 def test_standardisation_uses_base_mean_and_std():

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from feedback_fakes import ScriptedCausalLM
-from refine_af_pipeline.feedback_components import (
+from refine_af_pipeline.feedback.components import (
     EmbeddingCoherence,
     LikelihoodNaturalness,
     LLMJudgePreference,
     ReadabilityUnderstandability,
 )
-from refine_af_pipeline.feedback_setup import EMBEDDED_MINILM, EMBEDDED_MINILM_ID, load_embedder
-from refine_af_pipeline.models import load_causal_lm, load_tokenizer, resolve_model_source
+from refine_af_pipeline.feedback.setup import EMBEDDED_MINILM, EMBEDDED_MINILM_ID, load_embedder
+from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolve_model_source
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline_helpers import ops_for, smallest_run_config
-from refine_af_pipeline.calibration import CalibrationFileError
+from refine_af_pipeline.feedback.calibration import CalibrationFileError
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
-from refine_af_pipeline.feedback import COMPONENTS, ComponentStats, standardise
+from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats, standardise
 from resources import LanguageModelResource, Warehouse
 from tiny_judges import build_llama_reward_model
 

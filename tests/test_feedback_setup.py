@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from refine_af_pipeline.feedback import COMPONENTS, FORMAT_GATE_REWARD, ComponentStats, FeedbackScorer
-from refine_af_pipeline.feedback_setup import build_components, parse_scorer
-from refine_af_pipeline.models import load_causal_lm, load_tokenizer, resolve_model_source
+from refine_af_pipeline.feedback.scores import COMPONENTS, FORMAT_GATE_REWARD, ComponentStats, FeedbackScorer
+from refine_af_pipeline.feedback.setup import build_components, parse_scorer
+from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolve_model_source
 from resources import FeedbackScorerResource
 from tiny_judges import build_llama_reward_model, build_t5_evaluator
 

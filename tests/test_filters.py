@@ -1,6 +1,6 @@
 import pytest
 
-from refine_af_pipeline.filters import rejection_reason
+from refine_af_pipeline.instructions.filters import rejection_reason
 
 
 @pytest.mark.parametrize("instruction, reason", [

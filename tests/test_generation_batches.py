@@ -7,8 +7,8 @@ import duckdb
 import pytest
 
 from pipeline_helpers import materialize, smallest_run_config
-from refine_af_pipeline.generation import SamplingParams, generate, length_sorted_batches, render_prompt
-from refine_af_pipeline.prompts import INSTANCE_PREFIX, instance_prompt
+from refine_af_pipeline.llm.generation import SamplingParams, generate, length_sorted_batches, render_prompt
+from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
 from resources import LanguageModelResource
 
 INSTRUCTIONS = ["Plan a trip", "Explain rivers to a child who asks why water flows downhill every single day",
@@ -74,7 +74,7 @@ def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(
 
 
 def test_bad_batch_settings_are_refused_with_the_setting_named(tmp_path):
-    from refine_af_pipeline.rl_training import RLSettings, train_policy
+    from refine_af_pipeline.training.rl import RLSettings, train_policy
 
     with pytest.raises(ValueError, match=r"stage batch sizes must be positive: \{'evaluation': 0\}"):
         LanguageModelResource(stage_batch_sizes={"evaluation": 0})

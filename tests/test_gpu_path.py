@@ -35,27 +35,27 @@ def _synthetic_instructions(n: int, seed: int = 1) -> list[str]:
 
 @pytest.fixture(scope="module")
 def device() -> str:
-    from refine_af_pipeline.models import resolve_device
+    from refine_af_pipeline.llm.models import resolve_device
 
     return resolve_device("auto")
 
 
 @pytest.fixture(scope="module")
 def dtype(device):
-    from refine_af_pipeline.models import resolve_dtype
+    from refine_af_pipeline.llm.models import resolve_dtype
 
     return resolve_dtype("auto", device)
 
 
 @pytest.fixture(scope="module")
 def source(tiny_model_dir):
-    from refine_af_pipeline.models import resolve_model_source
+    from refine_af_pipeline.llm.models import resolve_model_source
 
     return resolve_model_source(str(tiny_model_dir))
 
 
 def _load(source, device, dtype, adapter=None):
-    from refine_af_pipeline.models import load_causal_lm, load_tokenizer
+    from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(source, device, dtype, adapter=adapter), load_tokenizer(source)
 
@@ -75,7 +75,7 @@ def scorer(base, tiny_model_dir, device):
     The coherence component thus still runs, on cuda, with production weights and code."""
     from sentence_transformers import SentenceTransformer
 
-    from refine_af_pipeline.feedback import FeedbackScorer
+    from refine_af_pipeline.feedback.scores import FeedbackScorer
 
     model, tokenizer = base
     embedder = SentenceTransformer(str(tiny_model_dir), device=device, local_files_only=True)
@@ -84,7 +84,7 @@ def scorer(base, tiny_model_dir, device):
 
 
 def test_auto_resolves_to_cuda_and_its_dtype(device, dtype):
-    from refine_af_pipeline.models import ModelUnavailable, resolve_device
+    from refine_af_pipeline.llm.models import ModelUnavailable, resolve_device
 
     assert device == "cuda"
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
@@ -104,7 +104,7 @@ def test_loader_puts_the_model_on_cuda_in_the_resolved_dtype(base, dtype):
 
 def test_cuda_logprobs_match_cpu(source, device):
     """Same weights in float32 on cuda and on cpu: the scoring path gives the same log-probabilities."""
-    from refine_af_pipeline.generation import continuation_logprobs, render_prompt
+    from refine_af_pipeline.llm.generation import continuation_logprobs, render_prompt
 
     gpu_model, tokenizer = _load(source, device, torch.float32)
     cpu_model, _ = _load(source, "cpu", torch.float32)
@@ -120,9 +120,9 @@ def test_cuda_logprobs_match_cpu(source, device):
 
 
 def test_generation_on_cuda_writes_instructions(base):
-    from refine_af_pipeline.bootstrap import PoolItem, generate_instruction_rows, sample_prompt
-    from refine_af_pipeline.generation import SamplingParams, generate, render_prompt
-    from refine_af_pipeline.seeds import load_seed_tasks
+    from refine_af_pipeline.instructions.bootstrap import PoolItem, generate_instruction_rows, sample_prompt
+    from refine_af_pipeline.llm.generation import SamplingParams, generate, render_prompt
+    from refine_af_pipeline.instructions.seeds import load_seed_tasks
 
     model, tokenizer = base
     seeds = [PoolItem(t.id, t.instruction, t.is_classification) for t in load_seed_tasks()]
@@ -153,8 +153,8 @@ def test_generation_on_cuda_writes_instructions(base):
 
 
 def test_scored_instances_on_cuda(base, scorer):
-    from refine_af_pipeline.generation import SamplingParams
-    from refine_af_pipeline.instances import generate_scored_instances
+    from refine_af_pipeline.llm.generation import SamplingParams
+    from refine_af_pipeline.instructions.instances import generate_scored_instances
 
     model, tokenizer = base
     instructions = _synthetic_instructions(8)
@@ -216,9 +216,9 @@ def _lora_on_cuda(model) -> None:
 
 
 def test_grpo_steps_on_cuda(source, device, dtype, scorer, tmp_path):
-    from refine_af_pipeline.generation import SamplingParams, generate, render_prompt
-    from refine_af_pipeline.prompts import INSTANCE_PREFIX, instance_prompt
-    from refine_af_pipeline.rl_training import RLSettings, train_policy
+    from refine_af_pipeline.llm.generation import SamplingParams, generate, render_prompt
+    from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
+    from refine_af_pipeline.training.rl import RLSettings, train_policy
 
     policy, tokenizer = _load(source, device, dtype)
     settings = RLSettings(max_steps=3, prompts_per_step=2, group_size=2, max_completion_length=24)
@@ -248,7 +248,7 @@ def test_grpo_steps_on_cuda(source, device, dtype, scorer, tmp_path):
 
 
 def test_sft_steps_on_cuda(source, device, dtype, tmp_path):
-    from refine_af_pipeline.sft_training import SFTSettings, finetune
+    from refine_af_pipeline.training.sft import SFTSettings, finetune
 
     model, tokenizer = _load(source, device, dtype)
     instructions = _synthetic_instructions(8, seed=2)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from feedback_fakes import ScriptedCausalLM, ScriptedSeq2Seq
-from refine_af_pipeline.judge_models import RewardModelPreference, UniEvalBoolean, load_evaluator, load_reward_model
-from refine_af_pipeline.models import ModelUnavailable, load_tokenizer, resolve_model_source
+from refine_af_pipeline.feedback.judges import RewardModelPreference, UniEvalBoolean, load_evaluator, load_reward_model
+from refine_af_pipeline.llm.models import ModelUnavailable, load_tokenizer, resolve_model_source
 from tiny_judges import build_llama_reward_model, build_oasst_reward_model, build_t5_evaluator
 
 INSTRUCTIONS = ["Add the numbers.", "Name a colour.", "Write a short greeting for a friend."]

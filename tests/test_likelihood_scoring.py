@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from refine_af_pipeline.evaluation import reference_log_likelihood
-from refine_af_pipeline.generation import continuation_logprobs, mean_logprob, next_token_distribution
+from refine_af_pipeline.evaluation.tasks import reference_log_likelihood
+from refine_af_pipeline.llm.generation import continuation_logprobs, mean_logprob, next_token_distribution
 from resources import LanguageModelResource
 
 CONTEXTS = ["Definition: Name the colour.\n\nInput: the sky on a clear day\nOutput:",
@@ -73,8 +73,8 @@ def test_next_token_distribution_matches_an_unpadded_forward(tiny):
 
 
 def test_one_prefill_gives_the_same_answers_and_continuation_scores_as_two_passes(tiny):
-    from refine_af_pipeline.generation import SamplingParams, generate
-    from refine_af_pipeline.prefix_scoring import generate_and_score_continuations
+    from refine_af_pipeline.llm.generation import SamplingParams, generate
+    from refine_af_pipeline.llm.prefix_scoring import generate_and_score_continuations
 
     model, tokenizer = tiny
     prompts = CONTEXTS + ["Definition: Give the opposite.\n\nInput: quiet\nOutput:"]
@@ -95,8 +95,8 @@ def test_views_of_one_shared_model_match_separately_loaded_models(tiny_model_dir
     model and a fresh model with the adapter; merging the adapter changes nothing but speed."""
     from peft import get_peft_model
 
-    from refine_af_pipeline.adapters import merged
-    from refine_af_pipeline.trainer_setup import lora_config
+    from refine_af_pipeline.llm.adapters import merged
+    from refine_af_pipeline.training.trainer_setup import lora_config
 
     resource = LanguageModelResource(model=str(tiny_model_dir), device="cpu")
     base, tokenizer, _, _ = resource.load()
@@ -123,8 +123,8 @@ def test_views_of_one_shared_model_match_separately_loaded_models(tiny_model_dir
 
 
 def test_the_shared_prefill_stops_after_the_first_line_and_falls_back_for_a_one_token_prompt(tiny):
-    from refine_af_pipeline.generation import SamplingParams, generate
-    from refine_af_pipeline.prefix_scoring import generate_and_score_continuations
+    from refine_af_pipeline.llm.generation import SamplingParams, generate
+    from refine_af_pipeline.llm.prefix_scoring import generate_and_score_continuations
 
     model, tokenizer = tiny
     params = SamplingParams(max_new_tokens=16, do_sample=False)

@@ -65,7 +65,7 @@ def test_instance_settings_queue_one_run_and_one_step_per_pool(tmp_path):
 
 
 def test_a_retried_batch_shows_in_the_run_log(tmp_path):
-    from refine_af_pipeline.retry import Backoff, call_with_retry
+    from refine_af_pipeline.llm.retry import Backoff, call_with_retry
 
     (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
     failures = []

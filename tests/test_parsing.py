@@ -1,4 +1,4 @@
-from refine_af_pipeline.parsing import parse_instance, parse_numbered_continuation
+from refine_af_pipeline.instructions.parsing import parse_instance, parse_numbered_continuation
 
 
 def test_numbered_continuation_splits_items():

@@ -11,10 +11,10 @@ import pytest
 from assets.shared import is_held_out
 from pipeline_helpers import materialize, smallest_run_config
 from refine_af_pipeline.definitions import all_assets, all_checks
-from refine_af_pipeline.evaluation import load_tasks
+from refine_af_pipeline.evaluation.tasks import load_tasks
 from refine_af_pipeline.exports import read_dataset_exports
-from refine_af_pipeline.rouge import RougeDeduplicator
-from refine_af_pipeline.seeds import SeedFileError
+from refine_af_pipeline.instructions.rouge import RougeDeduplicator
+from refine_af_pipeline.instructions.seeds import SeedFileError
 from warehouse_recorder import lineage_violations, load_records
 
 TABLES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "reward_standardisation",

@@ -1,9 +1,9 @@
-"""Bounded retry with backoff around model backend calls (refine_af_pipeline/retry.py)."""
+"""Bounded retry with backoff around model backend calls (refine_af_pipeline/llm/retry.py)."""
 
 import pytest
 
-from refine_af_pipeline.generation import SamplingParams, generate
-from refine_af_pipeline.retry import Backoff, RetriesExhausted, call_with_retry, is_transient
+from refine_af_pipeline.llm.generation import SamplingParams, generate
+from refine_af_pipeline.llm.retry import Backoff, RetriesExhausted, call_with_retry, is_transient
 
 
 class Flaky:

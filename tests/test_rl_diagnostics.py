@@ -1,6 +1,6 @@
 import pytest
 
-from refine_af_pipeline.rl_diagnostics import mean_repeat_share, repeated_ngram_share, reward_hacking_warnings
+from refine_af_pipeline.training.rl_diagnostics import mean_repeat_share, repeated_ngram_share, reward_hacking_warnings
 
 
 def test_repeated_ngram_share():

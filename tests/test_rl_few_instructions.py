@@ -2,8 +2,8 @@
 
 import math
 
-from refine_af_pipeline.models import load_causal_lm, load_tokenizer, resolve_model_source
-from refine_af_pipeline.rl_training import RLSettings, train_policy
+from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolve_model_source
+from refine_af_pipeline.training.rl import RLSettings, train_policy
 from resources import FeedbackScorerResource
 
 

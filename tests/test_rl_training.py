@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from refine_af_pipeline.generation import render_prompt
-from refine_af_pipeline.prompts import INSTANCE_PREFIX, instance_prompt
-from refine_af_pipeline.rl_training import RLSettings, rl_prompt, train_policy
+from refine_af_pipeline.llm.generation import render_prompt
+from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
+from refine_af_pipeline.training.rl import RLSettings, rl_prompt, train_policy
 
 INSTRUCTIONS = ["Describe a quiet river garden", "List three useful habits for every student",
                 "Compare two ancient bridges", "Suggest a simple recipe for a team"]
@@ -14,7 +14,7 @@ INSTRUCTIONS = ["Describe a quiet river garden", "List three useful habits for e
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    from refine_af_pipeline.models import load_tokenizer, resolve_model_source
+    from refine_af_pipeline.llm.models import load_tokenizer, resolve_model_source
 
     source = resolve_model_source(str(tiny_model_dir))
     return source, load_tokenizer(source)
@@ -30,7 +30,7 @@ def test_rl_prompt_is_the_instance_generation_prompt(loaded):
 
 
 def test_one_rloo_step_trains_and_logs(loaded, tmp_path):
-    from refine_af_pipeline.models import load_causal_lm
+    from refine_af_pipeline.llm.models import load_causal_lm
     from resources import FeedbackScorerResource
 
     source, tokenizer = loaded

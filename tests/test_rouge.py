@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 
-from refine_af_pipeline.rouge import RougeDeduplicator, rouge_l
+from refine_af_pipeline.instructions.rouge import RougeDeduplicator, rouge_l
 
 _reference = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 _WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "Write", "list", "three", "of", "2", "x-y", "it's", "!"]
@@ -62,7 +62,7 @@ def test_dedup_matches_reference_on_random_pool():
 
 
 def test_block_boundaries_do_not_change_decisions(monkeypatch):
-    import refine_af_pipeline.rouge as rouge
+    import refine_af_pipeline.instructions.rouge as rouge
 
     rng = random.Random(5)
     texts = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 8))) for _ in range(120)]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from refine_af_pipeline.seeds import SeedFileError, load_seed_tasks
+from refine_af_pipeline.instructions.seeds import SeedFileError, load_seed_tasks
 
 
 def test_builtin_pool_has_175_diverse_tasks():

@@ -5,8 +5,8 @@ import pytest
 
 from assets.finetune import FinetuneConfig
 from assets.rl_policy import RLConfig
-from refine_af_pipeline.rl_training import RLSettings
-from refine_af_pipeline.sft_training import SFTSettings
+from refine_af_pipeline.training.rl import RLSettings
+from refine_af_pipeline.training.sft import SFTSettings
 
 DERIVED = [(RLConfig, RLSettings), (FinetuneConfig, SFTSettings)]
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from refine_af_pipeline.sft_training import epoch_log, validation_never_improved, validation_split
-from refine_af_pipeline.splits import hash_bucket
+from refine_af_pipeline.training.sft import epoch_log, validation_never_improved, validation_split
+from refine_af_pipeline.training.splits import hash_bucket
 
 
 def _ids(n: int, prefix: str = "run1") -> list[str]:

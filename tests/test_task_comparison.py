@@ -2,7 +2,7 @@
 
 import pytest
 
-from refine_af_pipeline.task_comparison import compare_over_tasks, mean_per_model
+from refine_af_pipeline.evaluation.task_comparison import compare_over_tasks, mean_per_model
 
 
 def test_hand_made_table_counts_wins_ties_and_losses():
@@ -48,7 +48,7 @@ def test_mean_per_model_weighs_every_task_the_same():
 
 
 def test_summary_rows_compare_every_pair_on_each_metric_with_its_own_tie_tolerance():
-    from refine_af_pipeline.task_comparison import summary_rows, tasks_differing
+    from refine_af_pipeline.evaluation.task_comparison import summary_rows, tasks_differing
 
     by_metric = {
         "rouge_l": {"base": {"a": 0.5, "b": 0.2, "c": 0.1}, "tuned": {"a": 0.5, "b": 0.3, "c": 0.0}},

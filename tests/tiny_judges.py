@@ -30,7 +30,7 @@ def build_llama_reward_model(tiny_model_dir: Path, target: Path, seed: int = 0) 
 
 
 def build_oasst_reward_model(tiny_model_dir: Path, target: Path, seed: int = 0) -> Path:
-    from refine_af_pipeline.oasst_reward_model import OasstRewardConfig, OasstRewardModel
+    from refine_af_pipeline.feedback.oasst_reward_model import OasstRewardConfig, OasstRewardModel
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer(tiny_model_dir, ["<|prompter|>", "<|assistant|>"])

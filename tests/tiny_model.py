@@ -29,7 +29,7 @@ def _words(rng: random.Random, lo: int, hi: int) -> str:
 
 
 def _training_texts(rng: random.Random, seed_instructions: list[str], n: int) -> list[str]:
-    from refine_af_pipeline.prompts import bootstrap_prompt, instance_prompt
+    from refine_af_pipeline.llm.prompts import bootstrap_prompt, instance_prompt
 
     texts = []
     for k in range(n):
@@ -51,7 +51,7 @@ def build_tiny_model(target: Path, steps: int = 150, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from refine_af_pipeline.seeds import load_seed_tasks
+    from refine_af_pipeline.instructions.seeds import load_seed_tasks
 
     rng = random.Random(seed)
     torch.manual_seed(seed)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from .feedback import COMPONENTS, FeedbackScorer
-from .generation import SamplingParams
-from .instances import generate_scored_instances
+from ..feedback.scores import COMPONENTS, FeedbackScorer
+from ..llm.generation import SamplingParams
+from ..instructions.instances import generate_scored_instances
 from .paired_comparison import PairedComparison, mean_paired_difference, outcome, paired_bootstrap
-from .rl_diagnostics import mean_repeat_share
-from .settings_types import NonNegativeInt, PositiveInt, SamplingSettings
+from ..training.rl_diagnostics import mean_repeat_share
+from ..settings_types import NonNegativeInt, PositiveInt, SamplingSettings
 
 
 

@@ -2,8 +2,8 @@
 combined reward. The same code scores the base model's instances (reward_scores), the RL reward and
 the RL policy's instances (instance_output_pairs).
 
-Each component is a pluggable scorer (feedback_components.py: the offline defaults;
-judge_models.py: the paper's reward model and UniEval-style evaluators); feedback_setup.py builds
+Each component is a pluggable scorer (components.py: the offline defaults;
+judges.py: the paper's reward model and UniEval-style evaluators); setup.py builds
 them from a name like "reward-model:<id>". Offline defaults (no network, run on a laptop CPU):
 - preference: the base LLM as a judge; rating 1..10 read as the probability-weighted mean over the
   rating tokens (not parsed free text), mapped to [0, 1].
@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .feedback_components import (
+from .components import (
     EmbeddingCoherence,
     FeedbackComponent,
     LikelihoodNaturalness,
@@ -27,8 +27,8 @@ from .feedback_components import (
     ReadabilityUnderstandability,
     flesch_score,
 )
-from .parsing import parse_instance
-from .rl_diagnostics import repeated_ngram_share
+from ..instructions.parsing import parse_instance
+from ..training.rl_diagnostics import repeated_ngram_share
 
 __all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "FORMAT_GATE_REWARD", "ComponentStats", "FeedbackScorer",
            "ScoredInstance", "combine", "flesch_score", "format_gate"]

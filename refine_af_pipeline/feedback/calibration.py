@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .feedback import FORMAT_GATE_REWARD, ComponentStats, standardise
+from ..text_files import decode_utf8
+from .scores import FORMAT_GATE_REWARD, ComponentStats, standardise
 
 REQUIRED_COLUMNS = ("instruction_id", "rating")
 
@@ -57,13 +58,9 @@ class Calibration:
 def read_ratings(path: str | Path) -> list[Rating]:
     """Every rating in the file, or a CalibrationFileError naming the file, line and column."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise CalibrationFileError(f"{path}: ratings file not found") from None
-    except UnicodeDecodeError as exc:
-        line = text_line_of(path.read_bytes(), exc.start)
-        raise CalibrationFileError(f"{path}:{line}: not valid UTF-8") from None
+    if not path.is_file():
+        raise CalibrationFileError(f"{path}: ratings file not found")
+    text = decode_utf8(path, path.read_bytes(), CalibrationFileError, encoding="utf-8-sig")
     reader = csv.DictReader(text.splitlines(keepends=True))
     if not reader.fieldnames:
         raise CalibrationFileError(f"{path}: empty file (expected a header line: instruction_id,rating[,output])")
@@ -101,10 +98,6 @@ def read_ratings(path: str | Path) -> list[Rating]:
                                    f"reward ({FORMAT_GATE_REWARD:g}); shift the scale so that any rated instance "
                                    "beats an unparseable one")
     return ratings
-
-
-def text_line_of(data: bytes, offset: int) -> int:
-    return data[:offset].count(b"\n") + 1
 
 
 def fit_weights(z_rows: Sequence[Mapping[str, float]], ratings: Sequence[float],

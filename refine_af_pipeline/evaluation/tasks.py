@@ -11,9 +11,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .generation import continuation_logprobs, mean_logprob
-from .rouge import rouge_l
-from .settings_types import NonNegativeInt, PositiveInt
+from ..llm.generation import continuation_logprobs, mean_logprob
+from ..instructions.rouge import rouge_l
+from ..settings_types import NonNegativeInt, PositiveInt
+from ..text_files import decode_utf8
 
 
 
@@ -43,12 +44,7 @@ def builtin_task_dir() -> Path:
 def load_task_file(path: Path) -> EvalTask:
     if not path.is_file():
         raise TaskFileError(f"{path}: task file not found")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise TaskFileError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    text = decode_utf8(path, path.read_bytes(), TaskFileError)
     if not text.strip():
         raise TaskFileError(f"{path}: task file is empty")
     try:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..text_files import decode_utf8
+
 
 BUILTIN_SEED_FILE = "seed_tasks.jsonl"
 
@@ -87,12 +89,7 @@ def _read_text(path: Path) -> str:
         raise SeedFileError(f"{path}: seed file not found")
     if not path.is_file():
         raise SeedFileError(f"{path}: not a file")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise SeedFileError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return decode_utf8(path, path.read_bytes(), SeedFileError)
 
 
 def _load_jsonl(path: Path, text: str, source: str) -> list[SeedTask]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
-log = logging.getLogger("refine_af_pipeline.retry")
+log = logging.getLogger(__name__)
 
 
 class RetriesExhausted(RuntimeError):

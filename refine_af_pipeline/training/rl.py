@@ -15,12 +15,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .adapters import AdapterView
-from .feedback import COMPONENTS, FeedbackScorer
-from .generation import render_prompt
-from .prompts import INSTANCE_PREFIX, instance_prompt
+from ..llm.adapters import AdapterView
+from ..feedback.scores import COMPONENTS, FeedbackScorer
+from ..llm.generation import render_prompt
+from ..llm.prompts import INSTANCE_PREFIX, instance_prompt
 from .rl_diagnostics import mean_repeat_share
-from .settings_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Share
+from ..settings_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 

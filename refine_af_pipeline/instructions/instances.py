@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .adapters import merged
-from .feedback import COMPONENTS, ComponentStats, FeedbackScorer, combine
-from .generation import SamplingParams, generate, render_prompt
-from .prompts import INSTANCE_PREFIX, instance_prompt
-from .settings_types import NonNegativeInt, PositiveInt, SamplingSettings, Share
+from ..llm.adapters import merged
+from ..feedback.scores import COMPONENTS, ComponentStats, FeedbackScorer, combine
+from ..llm.generation import SamplingParams, generate, render_prompt
+from ..llm.prompts import INSTANCE_PREFIX, instance_prompt
+from ..settings_types import NonNegativeInt, PositiveInt, SamplingSettings, Share
 
 
 

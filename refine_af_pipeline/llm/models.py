@@ -107,19 +107,23 @@ def check_model_available(model: str, cache_dir: Path | None = None, allow_downl
         )
 
 
-def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, padding_side: str | None = "left",
+                   what: str = "model", resource: str = "language_model"):
+    """The tokenizer of `source`, with a pad token. Decoder-only generation in batches needs the
+    padding on the left (the default); None keeps the tokenizer's own (a reward model reads its
+    last non-pad token either way). `what` and `resource` name the model in the error."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source.path, local_files_only=source.local_only, trust_remote_code=trust_remote_code
         )
-    except OSError as exc:
-        raise _unavailable(source, exc) from None
+    except (OSError, ValueError) as exc:
+        raise model_unavailable(source, exc, f"{what} (tokenizer)" if what != "model" else what, resource) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # Decoder-only generation in batches needs the padding on the left.
-    tokenizer.padding_side = "left"
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
     return tokenizer
 
 
@@ -131,7 +135,7 @@ def load_causal_lm(source: ModelSource, device: str, dtype, trust_remote_code: b
             source.path, dtype=dtype, local_files_only=source.local_only, trust_remote_code=trust_remote_code
         )
     except OSError as exc:
-        raise _unavailable(source, exc) from None
+        raise model_unavailable(source, exc) from None
     if adapter is not None:
         from peft import PeftModel
 
@@ -141,11 +145,13 @@ def load_causal_lm(source: ModelSource, device: str, dtype, trust_remote_code: b
     return model
 
 
-def _unavailable(source: ModelSource, exc: Exception) -> ModelUnavailable:
-    hint = (
-        " It is not in the local Hugging Face cache and downloads are off: download it first "
-        "(huggingface-cli download ...) or set allow_download on the model resource."
-        if source.local_only and not Path(source.path).exists()
-        else ""
-    )
-    return ModelUnavailable(f"cannot load model '{source.model_id}': {exc}.{hint}")
+def model_unavailable(source: ModelSource, exc: Exception, what: str = "model",
+                      resource: str = "language_model") -> ModelUnavailable:
+    """The error for a model that would not load: which model, for which resource, why, and how
+    to get it when it is missing from the local cache."""
+    hint = (f" It is not in the local Hugging Face cache and downloads are off: download it first "
+            f"(huggingface-cli download ...) or set allow_download on the {resource} resource."
+            if source.local_only and not Path(source.path).exists() else "")
+    reason = " ".join(str(exc).split()).rstrip(".")
+    scope = "" if resource == "language_model" else f" for the {resource.replace('_', ' ')}"
+    return ModelUnavailable(f"cannot load {what} '{source.model_id}'{scope}: {reason}.{hint}")

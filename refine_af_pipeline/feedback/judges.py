@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from pathlib import Path
 
-from .feedback_components import request_text
-from .generation import next_token_distribution, render_prompt
-from .models import ModelUnavailable, ModelSource, resolve_model_source
-from .prompts import UNIEVAL_QUESTIONS, unieval_chat_question, unieval_seq2seq_input
+from .components import request_text
+from ..llm.generation import next_token_distribution, render_prompt
+from ..llm.models import load_tokenizer, model_unavailable, resolve_model_source
+from ..llm.prompts import UNIEVAL_QUESTIONS, unieval_chat_question, unieval_seq2seq_input
 
 REWARD_MODEL_FORMATS = ("auto", "oasst", "chat", "pair")
 _MAX_TOKENS = 2048  # the oasst-rm models were trained on at most 2048 tokens
@@ -150,6 +149,9 @@ def _first_token(tokenizer, word: str) -> int:
     return ids[0]
 
 
+RESOURCE = "feedback_scorer"  # named in the load errors: where allow_download is set for the judges
+
+
 def load_reward_model(model: str, device: str, allow_download: bool = False, cache_dir=None):
     """(model, tokenizer, model_id) of a sequence-classification reward model."""
     from transformers import AutoModelForSequenceClassification
@@ -158,11 +160,11 @@ def load_reward_model(model: str, device: str, allow_download: bool = False, cac
 
     register_oasst_reward_model()  # the oasst-rm pythia checkpoints use their own model type
     source = resolve_model_source(model, cache_dir, allow_download)
-    tokenizer = _load_tokenizer(source, "reward model")
+    tokenizer = load_tokenizer(source, padding_side=None, what="reward model", resource=RESOURCE)
     try:
         loaded = AutoModelForSequenceClassification.from_pretrained(source.path, local_files_only=source.local_only)
     except (OSError, ValueError) as exc:
-        raise _unavailable(source, "reward model", exc) from None
+        raise model_unavailable(source, exc, "reward model", RESOURCE) from None
     if loaded.config.pad_token_id is None:
         loaded.config.pad_token_id = tokenizer.pad_token_id  # batches need it to find each last token
     return loaded.to(device).eval(), tokenizer, source.model_id
@@ -176,30 +178,10 @@ def load_evaluator(model: str, device: str, allow_download: bool = False, cache_
     try:
         config = AutoConfig.from_pretrained(source.path, local_files_only=source.local_only)
         cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        tokenizer = _load_tokenizer(source, "evaluator")
+        tokenizer = load_tokenizer(source, padding_side=None, what="evaluator", resource=RESOURCE)
         loaded = cls.from_pretrained(source.path, local_files_only=source.local_only)
     except (OSError, ValueError) as exc:
-        raise _unavailable(source, "evaluator", exc) from None
+        raise model_unavailable(source, exc, "evaluator", RESOURCE) from None
     if not config.is_encoder_decoder:
         tokenizer.padding_side = "left"  # the answer is read at the last position
     return loaded.to(device).eval(), tokenizer, source.model_id
-
-
-def _load_tokenizer(source: ModelSource, what: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=source.local_only)
-    except (OSError, ValueError) as exc:
-        raise _unavailable(source, f"{what} (tokenizer)", exc) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _unavailable(source: ModelSource, what: str, exc: Exception) -> ModelUnavailable:
-    hint = (" It is not in the local Hugging Face cache and downloads are off: download it first "
-            "(huggingface-cli download ...) or set allow_download on the feedback_scorer resource."
-            if source.local_only and not Path(source.path).exists() else "")
-    reason = " ".join(str(exc).split()).rstrip(".")
-    return ModelUnavailable(f"cannot load {what} '{source.model_id}' for the feedback scorer: {reason}.{hint}")

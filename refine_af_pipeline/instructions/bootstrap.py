@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 from pydantic import Field, model_validator
 
-from .generation import Generation, SamplingParams, generate, next_token_distribution, render_prompt
+from ..llm.generation import Generation, SamplingParams, generate, next_token_distribution, render_prompt
 from .filters import rejection_reason
 from .parsing import parse_numbered_continuation
-from .prompts import bootstrap_continuation_prefix, bootstrap_prompt, is_classification_prompt
+from ..llm.prompts import bootstrap_continuation_prefix, bootstrap_prompt, is_classification_prompt
 from .rouge import RougeDeduplicator
-from .settings_types import NonNegativeInt, PositiveInt, SamplingSettings
+from ..settings_types import NonNegativeInt, PositiveInt, SamplingSettings
 
 
 

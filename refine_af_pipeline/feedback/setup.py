@@ -15,15 +15,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from .feedback_components import (
+from .components import (
     EmbeddingCoherence,
     FeedbackComponent,
     LikelihoodNaturalness,
     LLMJudgePreference,
     ReadabilityUnderstandability,
 )
-from .judge_models import RewardModelPreference, UniEvalBoolean, load_evaluator, load_reward_model
-from .models import ModelUnavailable
+from .judges import RewardModelPreference, UniEvalBoolean, load_evaluator, load_reward_model
+from ..llm.models import ModelUnavailable
 
 DEFAULT_SCORERS = {"preference": "llm-judge", "naturalness": "likelihood", "coherence": "embedding",
                    "understandability": "flesch"}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .prompts import sft_prompt
-from .settings_types import NonNegativeInt, PositiveFloat, PositiveInt, Share
+from ..llm.prompts import sft_prompt
+from ..settings_types import NonNegativeInt, PositiveFloat, PositiveInt, Share
 from .splits import hash_bucket, in_share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 

@@ -4,7 +4,7 @@ A component has a `name` (the property it scores: preference, naturalness, coher
 understandability), a `version` (the method and the model it uses, recorded with every score) and
 `score(instructions, inputs, outputs) -> list[float]`, one number per instance, higher = better.
 This module holds the offline defaults, which need nothing beyond the base model and the PyPI
-packages; judge_models.py holds the paper's judges (a reward model, UniEval-style evaluators).
+packages; judges.py holds the paper's judges (a reward model, UniEval-style evaluators).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-from .generation import continuation_logprobs, next_token_distribution, render_prompt
-from .prompts import judge_prompt
+from ..llm.generation import continuation_logprobs, next_token_distribution, render_prompt
+from ..llm.prompts import judge_prompt
 
 
 class FeedbackComponent(Protocol):

@@ -1,0 +1,1 @@
+"""Evaluation: the evaluation tasks and the held-out, paired and per-task comparisons."""

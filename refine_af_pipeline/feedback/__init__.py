@@ -1,0 +1,1 @@
+"""Automated feedback: the component scorers, judge models, combined reward and its calibration."""

@@ -1,0 +1,1 @@
+"""Instruction bootstrapping: seed tasks, parsing, filters, ROUGE-L dedup and instance generation."""

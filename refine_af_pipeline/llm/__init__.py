@@ -1,0 +1,1 @@
+"""Language-model backend: loading, generation, likelihood scoring, adapters, retry and prompts."""
