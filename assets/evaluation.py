@@ -84,7 +84,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
         with merged(model) as view:
             gens, reference_logprobs = generate_and_score_continuations(
                 view, tokenizer, prompts, [reference_continuations(r) for r in references], params,
-                language_model.generation_batch_size(context.op.name), 0, progress_logger(context, f"evaluation/{label}"),
+                language_model.generation_batch_size(context.op_def.name), 0, progress_logger(context, f"evaluation/{label}"),
                 stop_after_first_line=True, score_batch_size=language_model.scoring_batch_size)
         answers = [first_line(g.text) for g in gens]
         scores = [best_rouge_l(a, inst.references) for a, (_, inst) in zip(answers, items)]

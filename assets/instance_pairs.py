@@ -55,7 +55,7 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
                         feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
         ledger = BatchLedger(warehouse, name)
         adapter = upstream_adapter(context, "rl_refined_policy") if use_rl_policy else None
-        plan = _plan(context, name, config, warehouse, ledger, adapter, language_model.generation_batch_size(context.op.name))
+        plan = _plan(context, name, config, warehouse, ledger, adapter, language_model.generation_batch_size(context.op_def.name))
         settings = plan.settings
         params = SamplingParams(settings["max_new_tokens"], settings["temperature"], settings["top_p"],
                                 settings["do_sample"])

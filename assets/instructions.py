@@ -126,7 +126,7 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
         yield _dedup_result(warehouse, decider, language_model)
         return
     if plan is None:
-        plan = _new_plan(context, config, ledger, seeds, machine, language_model.generation_batch_size(context.op.name))
+        plan = _new_plan(context, config, ledger, seeds, machine, language_model.generation_batch_size(context.op_def.name))
     settings = plan.settings
     params = SamplingParams(settings["max_new_tokens"], settings["temperature"], settings["top_p"], settings["do_sample"])
     step, target = settings["batch_size"], settings["target_pool_size"]

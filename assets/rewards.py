@@ -47,7 +47,7 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     scorer = feedback_scorer.build(model, tokenizer, device, batch_size=language_model.scoring_batch_size,
                                    judge_id=source.model_id)
     params = config.sampling_params()
-    batch_size = language_model.generation_batch_size(context.op.name)
+    batch_size = language_model.generation_batch_size(context.op_def.name)
     rows = generate_scored_instances(model, tokenizer, scorer, chosen["instruction"].to_list(), params, batch_size,
                                      config.seed, progress_logger(context, "reward_scores", batch_size * config.max_new_tokens))
     ids = chosen["instruction_id"].to_list()

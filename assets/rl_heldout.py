@@ -41,8 +41,11 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
     of instructions the policy wins, ties and loses, and the paired difference of each component."""
     started = time.monotonic()
     # The share and the adapter of the same materialization of rl_refined_policy.
-    heldout_share = float(upstream_metadata(context, "rl_refined_policy")["heldout_share"])
-    adapter = upstream_adapter(context, "rl_refined_policy")
+    policy = upstream_metadata(context, "rl_refined_policy")
+    if "heldout_share" not in policy:
+        raise dg.Failure(f"the latest materialization of rl_refined_policy (run {policy['run_id']}) records no "
+                         "heldout_share: materialize rl_refined_policy again")
+    heldout_share = float(policy["heldout_share"])
     _, heldout = split_held_out(kept_instructions(warehouse), heldout_share)
     if config.max_instructions > 0:
         heldout = heldout.head(config.max_instructions)
@@ -53,6 +56,7 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
         return dg.MaterializeResult(metadata={"heldout_instructions": 0, "reason": reason}, check_results=[
             dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, severity=dg.AssetCheckSeverity.WARN,
                                 metadata={"reason": reason, "pass_rule": PASS_RULE})])
+    adapter = upstream_adapter(context, "rl_refined_policy", policy)
     # One copy of the weights: the policy is the base model with its adapter on, the base model (also
     # the judge, exactly as in reward_scores and the RL reward) the same with it off.
     models, tokenizer, source, device = language_model.load_variants({"base": None, "policy": adapter})
@@ -67,7 +71,7 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
 
     context.log.info(f"held-out comparison on {heldout.height} instructions x {k} samples, {source.model_id} on {device}")
     base_rows, policy_rows = generate_both(base, policy, tokenizer, scorer, heldout["instruction"].to_list(), params, k,
-                                           language_model.generation_batch_size(context.op.name), config.seed, progress)
+                                           language_model.generation_batch_size(context.op_def.name), config.seed, progress)
     rows = per_instruction_rows(heldout["instruction_id"].to_list(), heldout["instruction"].to_list(),
                                 base_rows, policy_rows, k)
     summary = summarise(rows, config.bootstrap_resamples, config.seed)

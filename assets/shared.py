@@ -2,6 +2,7 @@
 
 
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -16,8 +17,8 @@ from resources import Warehouse
 def kept_instructions(warehouse: Warehouse) -> pl.DataFrame:
     df = warehouse.read_table("deduplicated_instructions")
     if df is None or df.filter(pl.col("decision") == "kept").height == 0:
-        raise dg.Failure("deduplicated_instructions has no kept instructions: materialize raw_instructions "
-                         "and deduplicated_instructions first (or generate more prompts)")
+        raise dg.Failure("deduplicated_instructions has no kept instructions: materialize bootstrap_instructions "
+                         "(raw_instructions and deduplicated_instructions) first (or generate more prompts)")
     return df.filter(pl.col("decision") == "kept").select("instruction_id", "instruction", "is_classification")
 
 
@@ -92,14 +93,17 @@ def upstream_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:
     artifacts (an adapter's path, the share it held out) to the assets that depend on it."""
     event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
     if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"{asset} has no materialization in this Dagster instance: materialize it first")
+        raise dg.Failure(f"{asset} has no materialization in this Dagster instance (DAGSTER_HOME="
+                         f"{os.environ.get('DAGSTER_HOME', 'unset: a temporary instance')}): its artifacts are handed "
+                         "over through its materialization, so materialize it under the same DAGSTER_HOME first")
     metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
     return {**metadata, "run_id": event.run_id}
 
 
-def upstream_adapter(context: dg.AssetExecutionContext, asset: str) -> str:
-    """The LoRA adapter folder `asset`'s latest materialization wrote."""
-    metadata = upstream_metadata(context, asset)
+def upstream_adapter(context: dg.AssetExecutionContext, asset: str, metadata: dict | None = None) -> str:
+    """The LoRA adapter folder `asset`'s latest materialization wrote (`metadata`: that
+    materialization's, when the caller has it already)."""
+    metadata = metadata or upstream_metadata(context, asset)
     path = metadata.get("adapter_path")
     if not path:
         raise dg.Failure(f"the latest materialization of {asset} (run {metadata['run_id']}) records no adapter_path")

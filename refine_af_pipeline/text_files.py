@@ -3,14 +3,18 @@ shape, `<file>:<line>: ...`, for every file format."""
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 
-def decode_utf8(path: Path, data: bytes, error: type[Exception], encoding: str = "utf-8") -> str:
-    """`data` (the bytes of `path`) as text, or `error` naming the file and the line of the first
-    byte that is not UTF-8 (`utf-8-sig` also drops a byte-order mark)."""
+def decode_utf8(path: Path, data: bytes, error: type[Exception], skip_bom: bool = False) -> str:
+    """`data` (the bytes of `path`) as text, or `error` naming the file, the line and the byte
+    offset of the first byte that is not UTF-8. `skip_bom` drops a leading byte-order mark (the
+    offsets still count it, so they point into the file as it is)."""
+    start = len(codecs.BOM_UTF8) if skip_bom and data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode(encoding)
+        return data[start:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise error(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        offset = start + exc.start
+        line = data[:offset].count(b"\n") + 1
+        raise error(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {offset})") from None

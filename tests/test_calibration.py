@@ -114,3 +114,12 @@ def test_missing_or_non_utf8_ratings_file(tmp_path):
     path.write_bytes("instruction_id,rating\ncaf\u00e9,4\n".encode("latin-1"))
     with pytest.raises(CalibrationFileError, match=r"latin.csv:2: not valid UTF-8"):
         read_ratings(path)
+
+
+def test_a_bad_byte_after_a_byte_order_mark_is_placed_where_it_is_in_the_file(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfinstruction_id,rating\nabc,4\nx\xe9,3\n")
+    with pytest.raises(CalibrationFileError, match=r"bom.csv:3: not valid UTF-8 \(invalid continuation byte at byte 32\)"):
+        read_ratings(path)
+    with pytest.raises(CalibrationFileError, match=r"not a file"):
+        read_ratings(tmp_path)

@@ -58,9 +58,11 @@ class Calibration:
 def read_ratings(path: str | Path) -> list[Rating]:
     """Every rating in the file, or a CalibrationFileError naming the file, line and column."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CalibrationFileError(f"{path}: ratings file not found")
-    text = decode_utf8(path, path.read_bytes(), CalibrationFileError, encoding="utf-8-sig")
+    if not path.is_file():
+        raise CalibrationFileError(f"{path}: not a file")
+    text = decode_utf8(path, path.read_bytes(), CalibrationFileError, skip_bom=True)
     reader = csv.DictReader(text.splitlines(keepends=True))
     if not reader.fieldnames:
         raise CalibrationFileError(f"{path}: empty file (expected a header line: instruction_id,rating[,output])")

@@ -125,7 +125,7 @@ class BootstrapSettings(SamplingSettings):
 
     num_prompts: PositiveInt = Field(16_000, description=(
         "bootstrap prompts per run at most; the run stops earlier at target_pool_size (the embedded model's "
-        "responses gave 0.7-1.4 kept instructions per prompt)"))
+        "responses gave 0.7-1.4 kept instructions per prompt, so a pool may need a second run)"))
     classification_prompts: NonNegativeInt = Field(2_000, description=(
         "of num_prompts, how many use the classification-only variant (an eighth: classification tasks are rarer "
         "in the model's continuations than in the seed pool)"))
