@@ -38,8 +38,10 @@ class _Decider:
     def __init__(self, warehouse: Warehouse, language_model: LanguageModelResource, seeds: list[str]):
         done = warehouse.read_table(DEDUP)
         self.decided = set() if done is None else set(done["instruction_id"].to_list())
-        self.kept_before = [] if done is None else done.filter(pl.col("decision") == "kept")["instruction"].to_list()
-        self.dedup = RougeDeduplicator(seeds + self.kept_before, DEFAULT_THRESHOLD)
+        kept = [] if done is None else done.filter(pl.col("decision") == "kept").to_dicts()
+        # The kept pool (earlier runs' and this run's): the machine examples and the target.
+        self.kept = [PoolItem(r["instruction_id"], r["instruction"], bool(r["is_classification"])) for r in kept]
+        self.dedup = RougeDeduplicator(seeds + [k.instruction for k in self.kept], DEFAULT_THRESHOLD)
         self.language_model = language_model
         self.rows: list[dict] = []  # decided by this run
 
@@ -56,11 +58,12 @@ class _Decider:
                 row.update(is_classification=label, is_classification_p=p, classification_model_id=model_id)
         self.decided.update(row["instruction_id"] for row in rows)
         self.rows += rows
+        self.kept += [PoolItem(r["instruction_id"], r["instruction"], bool(r["is_classification"])) for r in kept]
         return _decision_frame(rows)
 
     @property
     def kept_total(self) -> int:
-        return len(self.kept_before) + sum(row["decision"] == "kept" for row in self.rows)
+        return len(self.kept)
 
 
 def _decision_frame(rows: list[dict]) -> pl.DataFrame:
@@ -113,10 +116,7 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
         if undecided.height:
             context.log.info(f"deciding {undecided.height} raw instructions left undecided by an earlier run")
             warehouse.write_table(DEDUP, decider.decide(undecided.to_dicts(), context.run_id), mode="append")
-    kept = warehouse.read_table(DEDUP)
-    machine = [] if kept is None else [
-        PoolItem(r["instruction_id"], r["instruction"], bool(r["is_classification"]))
-        for r in kept.filter(pl.col("decision") == "kept").iter_rows(named=True)]
+    machine = list(decider.kept)
     if plan is None and len(machine) >= config.target_pool_size:
         context.log.info(f"pool already has {len(machine)} kept instructions (target {config.target_pool_size}); "
                          "nothing generated")
