@@ -26,7 +26,11 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "instruction": "the task instruction text",
     "run_id": "Dagster run that wrote the row",
     "source_run_id": "run of raw_instructions that generated the candidate",
-    "model_id": "model that generated or answered (Hugging Face id or directory; the embedded model is marked as such)",
+    "model_id": "model that generated or answered, by the name it was served as (in process: Hugging Face id or "
+                "directory, the embedded model marked as such; vllm: plus the adapter; openai: the served model name)",
+    "backend": "generation engine that produced the row: transformers, vllm or openai",
+    "engine_version": "version of that engine (transformers x.y, vllm x.y, or what the server reports)",
+    "policy_served_model": "the RL policy as it was served (model_id of the policy's rows)",
     "base_model_id": "base model the adapter was trained on",
     "adapter_path": "directory of the LoRA adapter this row belongs to (null: the base model)",
     "policy_adapter": "LoRA adapter of the RL policy that wrote the instance (null: the base model, the Self-Instruct baseline)",

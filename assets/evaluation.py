@@ -10,19 +10,17 @@ from collections import Counter
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.llm.adapters import merged
 from refine_af_pipeline.evaluation.tasks import (EvaluationSettings, best_mean_logprob, best_rouge_l, evaluation_items,
                                                  first_line, load_tasks, mean_by_task, reference_continuations)
-from refine_af_pipeline.llm.generation import SamplingParams
+from refine_af_pipeline.llm.backend import SamplingParams
 from refine_af_pipeline.plots import bar_panels_png
-from refine_af_pipeline.llm.prefix_scoring import generate_and_score_continuations
 from refine_af_pipeline.llm.prompts import evaluation_prompt
 from refine_af_pipeline.evaluation.task_comparison import mean_per_model, summary_rows, tasks_differing
 from resources import LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
-from .shared import upstream_adapter
+from .shared import provenance_columns, upstream_adapter
 
 # Model label in the tables -> the fine-tuning asset whose adapter it is (None: the base model).
 EVALUATED_MODELS = {"base": None, "self_instruct": "selfinstruct_finetuned_model", "refine_af": "finetuned_model"}
@@ -75,15 +73,15 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
     counts = Counter(t.name for t, _ in items)
     adapters = {label: upstream_adapter(context, asset) if asset else None for label, asset in EVALUATED_MODELS.items()}
     # One copy of the base weights; the tuned models are its two LoRA adapters.
-    models, tokenizer, source, device = language_model.load_variants(adapters)
+    models = language_model.open_models(adapters)
     task_rows, prediction_rows = [], []
     by_metric: dict[str, dict[str, dict[str, float]]] = {m: {} for m in METRICS}
     for label, model in models.items():
         # Only the first line is scored, so a row may stop there (same answers, fewer tokens). The
         # references are read on the same prefill of the prompt as the answer.
-        with merged(model) as view:
-            gens, reference_logprobs = generate_and_score_continuations(
-                view, tokenizer, prompts, [reference_continuations(r) for r in references], params,
+        with model.for_generation() as view:
+            gens, reference_logprobs = view.generate_and_score(
+                prompts, [reference_continuations(r) for r in references], params,
                 language_model.generation_batch_size(context.op_def.name), 0, progress_logger(context, f"evaluation/{label}"),
                 stop_after_first_line=True, score_batch_size=language_model.scoring_batch_size)
         answers = [first_line(g.text) for g in gens]
@@ -91,13 +89,13 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
         likelihoods = [best_mean_logprob(lists) for lists in reference_logprobs]
         by_metric["rouge_l"][label] = mean_by_task(items, scores)
         by_metric["log_likelihood"][label] = mean_by_task(items, likelihoods)
-        task_rows += [dict(task=name, model=label, model_id=source.model_id, adapter_path=adapters[label],
+        task_rows += [dict(task=name, model=label, **provenance_columns(model.provenance), adapter_path=adapters[label],
                            rouge_l=score, log_likelihood=by_metric["log_likelihood"][label][name],
                            n_instances=counts[name], run_id=context.run_id)
                       for name, score in by_metric["rouge_l"][label].items()]
         prediction_rows += [dict(task=t.name, instance_id=inst.id, model=label, prediction=a, rouge_l=s,
                                  reference_log_likelihood=ll, references=json.dumps(list(inst.references)),
-                                 run_id=context.run_id)
+                                 **provenance_columns(model.provenance), run_id=context.run_id)
                             for (t, inst), a, s, ll in zip(items, answers, scores, likelihoods)]
         context.log.info(f"evaluation/{label}: mean ROUGE-L {mean_per_model(by_metric['rouge_l'])[label]:.4f}, "
                          f"mean reference log-likelihood {mean_per_model(by_metric['log_likelihood'])[label]:.4f}")
@@ -132,7 +130,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
             "summary": metadata_table(_summary_view(summary)),
             "per_task": metadata_table(_per_task_view(by_metric)),
             "chart": png_markdown(_chart(by_metric, means), "ROUGE-L and reference log-likelihood per task"),
-            **peak_memory(device),
+            **peak_memory(language_model.resolved_device()),
         })
     yield dg.AssetCheckResult(
         asset_key="evaluation_summary", check_name=CHECK_NAME, passed=headline["wins"] > headline["losses"],

@@ -8,7 +8,7 @@ import time
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.llm.generation import SamplingParams
+from refine_af_pipeline.llm.backend import SamplingParams
 from refine_af_pipeline.instructions.instances import InstancePairsSettings, filter_reason, generate_scored_instances
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
@@ -65,18 +65,17 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
             stats = base_component_stats(warehouse)
             # The judge is always the plain base model; one copy of the weights serves both (the RL
             # policy is that copy with its adapter on).
-            models, tokenizer, source, device = language_model.load_variants({"policy": adapter, "judge": None})
+            models = language_model.open_models({"policy": adapter, "judge": None})
             policy, judge = models["policy"], models["judge"]
-            scorer = feedback_scorer.build(judge, tokenizer, device, stats, language_model.scoring_batch_size,
-                                           judge_id=source.model_id)
+            scorer = feedback_scorer.build(judge, device, stats, language_model.scoring_batch_size)
             versions = scorer.versions()
             report = progress_logger(context, name, settings["batch_size"] * params.max_new_tokens)
             started = time.monotonic()
             for done, batch in enumerate(pending, start=1):
-                rows = generate_scored_instances(policy, tokenizer, scorer, [i["instruction"] for i in batch.inputs],
+                rows = generate_scored_instances(policy, scorer, [i["instruction"] for i in batch.inputs],
                                                  params, settings["batch_size"], settings["seed"] + batch.index)
                 keys = [{"instance_id": i["instance_id"], "instruction_id": i["instruction_id"]} for i in batch.inputs]
-                staged = scored_instance_frame(keys, rows, source.model_id, versions, params, plan.plan_id,
+                staged = scored_instance_frame(keys, rows, policy.provenance, versions, params, plan.plan_id,
                                                policy_adapter=adapter)
                 ledger.commit_batch(plan, batch, _staging(name), staged, context.run_id)
                 report(done, len(pending), time.monotonic() - started)

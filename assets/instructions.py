@@ -13,7 +13,7 @@ import polars as pl
 
 from refine_af_pipeline.instructions.bootstrap import (BootstrapPrompt, BootstrapSettings, PoolItem, classify_instructions,
                                                        deduplication_rows, generate_instruction_rows, sample_prompt)
-from refine_af_pipeline.llm.generation import SamplingParams
+from refine_af_pipeline.llm.backend import SamplingParams, ServedModel
 from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger
@@ -45,17 +45,17 @@ class _Decider:
         self.language_model = language_model
         self.rows: list[dict] = []  # decided by this run
 
-    def decide(self, raw_rows: list[dict], run_id: str, model=None, tokenizer=None, model_id: str = "") -> pl.DataFrame:
+    def decide(self, raw_rows: list[dict], run_id: str, model: ServedModel | None = None) -> pl.DataFrame:
         rows = deduplication_rows([r for r in raw_rows if r["instruction_id"] not in self.decided], self.dedup, run_id)
         kept = [row for row in rows if row["decision"] == "kept"]
         if kept:
             if model is None:
-                model, tokenizer, source, _ = self.language_model.load()
-                model_id = source.model_id
-            labels = classify_instructions(model, tokenizer, [row["instruction"] for row in kept],
+                model = self.language_model.open_models({"base": None})["base"]
+            labels = classify_instructions(model, [row["instruction"] for row in kept],
                                            self.language_model.scoring_batch_size)
             for row, (label, p) in zip(kept, labels):
-                row.update(is_classification=label, is_classification_p=p, classification_model_id=model_id)
+                row.update(is_classification=label, is_classification_p=p,
+                           classification_model_id=model.provenance.served_model)
         self.decided.update(row["instruction_id"] for row in rows)
         self.rows += rows
         self.kept += [PoolItem(r["instruction_id"], r["instruction"], bool(r["is_classification"])) for r in kept]
@@ -133,8 +133,10 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
     pending = plan.pending()
     rows_this_run, stopped_early = 0, False
     if pending:
-        model, tokenizer, source, device = language_model.load()
-        context.log.info(f"generating {len(pending)} batches of up to {step} prompts with {source.model_id} on {device}")
+        model = language_model.open_models({"base": None})["base"]
+        served = model.provenance
+        context.log.info(f"generating {len(pending)} batches of up to {step} prompts with {served.served_model} "
+                         f"({served.backend}, {served.engine_version})")
         report = progress_logger(context, RAW, step * params.max_new_tokens)
         started = time.monotonic()
         for done, batch in enumerate(pending, start=1):
@@ -145,9 +147,9 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
                 break
             prompts = [BootstrapPrompt(**p) for p in batch.inputs]
             # Rows keep the plan's run id: ids stay unique and a resumed batch reads as part of its run.
-            raw_rows = generate_instruction_rows(model, tokenizer, prompts, params, source.model_id, plan.plan_id,
-                                                 step, settings["seed"] + batch.index, id_offset=batch.index * step)
-            decisions = decider.decide(raw_rows, context.run_id, model, tokenizer, source.model_id)
+            raw_rows = generate_instruction_rows(model, prompts, params, plan.plan_id, step,
+                                                 settings["seed"] + batch.index, id_offset=batch.index * step)
+            decisions = decider.decide(raw_rows, context.run_id, model)
             ledger.commit_batch(plan, batch, RAW, pl.DataFrame(raw_rows), context.run_id, also_append={DEDUP: decisions})
             rows_this_run += len(raw_rows)
             report(done, len(pending), time.monotonic() - started)

@@ -43,12 +43,12 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     # A bad ratings file fails the run before any generation.
     ratings = read_ratings(feedback_scorer.calibration_csv) if feedback_scorer.calibration_csv else None
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
-    model, tokenizer, source, device = language_model.load()
-    scorer = feedback_scorer.build(model, tokenizer, device, batch_size=language_model.scoring_batch_size,
-                                   judge_id=source.model_id)
+    model = language_model.open_models({"base": None})["base"]
+    device = language_model.resolved_device()
+    scorer = feedback_scorer.build(model, device, batch_size=language_model.scoring_batch_size)
     params = config.sampling_params()
     batch_size = language_model.generation_batch_size(context.op_def.name)
-    rows = generate_scored_instances(model, tokenizer, scorer, chosen["instruction"].to_list(), params, batch_size,
+    rows = generate_scored_instances(model, scorer, chosen["instruction"].to_list(), params, batch_size,
                                      config.seed, progress_logger(context, "reward_scores", batch_size * config.max_new_tokens))
     ids = chosen["instruction_id"].to_list()
     weights, bias, weights_source = scorer.weights, scorer.bias, "config"
@@ -62,10 +62,11 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
         calibration_metadata = {"calibration_instances": fit.n, "calibration_rmse": fit.rmse,
                                 "calibration_r2": fit.r2, "calibration_skipped": dg.MetadataValue.json(fit.skipped)}
     versions = scorer.versions()
-    df = scored_instance_frame([{"instruction_id": i} for i in ids], rows, source.model_id, versions, params,
+    df = scored_instance_frame([{"instruction_id": i} for i in ids], rows, model.provenance, versions, params,
                                context.run_id)
     passed = df.filter(pl.col("gate_reason").is_null())
-    standardisation = standardisation_frame(stats, weights, bias, weights_source, passed.height, source.model_id,
+    standardisation = standardisation_frame(stats, weights, bias, weights_source, passed.height,
+                                            model.provenance.served_model,
                                             context.run_id)
     with warehouse.transaction() as conn:
         insert_rows(conn, "reward_scores", df, mode="replace")

@@ -13,7 +13,8 @@ from refine_af_pipeline.evaluation.heldout import HeldoutCheckSettings, generate
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import metadata_table, peak_memory, table_metadata
-from .shared import base_component_stats, kept_instructions, split_held_out, upstream_adapter, upstream_metadata
+from .shared import (base_component_stats, kept_instructions, provenance_columns, split_held_out, upstream_adapter,
+                     upstream_metadata)
 
 CHECK_NAME = "policy_beats_base_on_heldout"
 PASS_RULE = "lower bound of the bootstrap 95% CI of the mean paired reward difference (policy - base) > 0"
@@ -59,25 +60,28 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
     adapter = upstream_adapter(context, "rl_refined_policy", policy)
     # One copy of the weights: the policy is the base model with its adapter on, the base model (also
     # the judge, exactly as in reward_scores and the RL reward) the same with it off.
-    models, tokenizer, source, device = language_model.load_variants({"base": None, "policy": adapter})
+    models = language_model.open_models({"base": None, "policy": adapter})
     base, policy = models["base"], models["policy"]
-    scorer = feedback_scorer.build(base, tokenizer, device, base_component_stats(warehouse),
-                                   language_model.scoring_batch_size, judge_id=source.model_id)
+    device = language_model.resolved_device()
+    scorer = feedback_scorer.build(base, device, base_component_stats(warehouse), language_model.scoring_batch_size)
     params = config.sampling_params()
     k = config.samples_per_instruction
 
     def progress(label, done, total):
         context.log.info(f"held-out comparison/{label}: batch {done}/{total}, {time.monotonic() - started:.0f} s elapsed")
 
-    context.log.info(f"held-out comparison on {heldout.height} instructions x {k} samples, {source.model_id} on {device}")
-    base_rows, policy_rows = generate_both(base, policy, tokenizer, scorer, heldout["instruction"].to_list(), params, k,
+    context.log.info(f"held-out comparison on {heldout.height} instructions x {k} samples, {base.provenance.served_model} "
+                     f"({base.provenance.backend}) on {device}")
+    base_rows, policy_rows = generate_both(base, policy, scorer, heldout["instruction"].to_list(), params, k,
                                            language_model.generation_batch_size(context.op_def.name), config.seed, progress)
     rows = per_instruction_rows(heldout["instruction_id"].to_list(), heldout["instruction"].to_list(),
                                 base_rows, policy_rows, k)
     summary = summarise(rows, config.bootstrap_resamples, config.seed)
     c = summary.comparison
     df = pl.DataFrame(rows, schema_overrides={f"{m}_{n}": pl.Float64 for m in ("base", "policy") for n in COMPONENTS})
-    df = df.with_columns(pl.lit(adapter).alias("policy_adapter"), pl.lit(source.model_id).alias("model_id"),
+    df = df.with_columns(pl.lit(adapter).alias("policy_adapter"),
+                         *(pl.lit(v).alias(k) for k, v in provenance_columns(base.provenance).items()),
+                         pl.lit(policy.provenance.served_model).alias("policy_served_model"),
                          pl.lit(json.dumps(params.as_dict())).alias("sampling_params"),
                          pl.lit(json.dumps(scorer.versions())).alias("scorers"), pl.lit(context.run_id).alias("run_id"))
     warehouse.write_table("rl_heldout_comparison", df)

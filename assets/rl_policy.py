@@ -38,10 +38,11 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
         raise dg.Failure("every kept instruction is held out; lower heldout_share or grow the pool")
     stats = base_component_stats(warehouse)
     policy, tokenizer, source, device = language_model.load()
-    # The judge is the base model: the policy's own weights with its LoRA adapter switched off.
+    # The judge is the base model: under transformers the policy's own weights with its LoRA
+    # adapter switched off (bound once the trainer has wrapped the policy), else the chosen engine's.
     judge = AdapterView()
-    scorer = feedback_scorer.build(judge, tokenizer, device, stats, language_model.scoring_batch_size,
-                                   judge_id=source.model_id)
+    scorer = feedback_scorer.build(language_model.judge_model(judge, tokenizer, source), device, stats,
+                                   language_model.scoring_batch_size)
     out_dir = artifact_store.run_dir("rl_refined_policy", context.run_id)
     started = time.monotonic()
 

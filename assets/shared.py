@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats
-from refine_af_pipeline.llm.generation import SamplingParams
+from refine_af_pipeline.llm.backend import Provenance, SamplingParams
 from refine_af_pipeline.training.splits import BUCKETS, hash_bucket, in_share
 from resources import Warehouse
 
@@ -75,17 +75,22 @@ def base_component_stats(warehouse: Warehouse) -> ComponentStats:
     return stats
 
 
-def scored_instance_frame(keys: list[dict], rows: list[dict], model_id: str, versions: dict[str, str],
+def scored_instance_frame(keys: list[dict], rows: list[dict], served: Provenance, versions: dict[str, str],
                           params: SamplingParams, run_id: str, **extra: str | None) -> pl.DataFrame:
     """One row per scored instance (reward_scores and both instance stages): its keys, what was
-    generated and how it scored, then the provenance: `extra` (e.g. the policy adapter), model,
-    each component's scorer, sampling, run."""
+    generated and how it scored, then the provenance: `extra` (e.g. the policy adapter), the model
+    as served (name, backend, engine version), each component's scorer, sampling, run."""
     return pl.DataFrame(
-        [dict(**key, **row, **extra, model_id=model_id, scorers=json.dumps(versions),
+        [dict(**key, **row, **extra, **provenance_columns(served), scorers=json.dumps(versions),
               **{f"{c}_scorer": versions[c] for c in COMPONENTS},
               sampling_params=json.dumps(params.as_dict()), run_id=run_id)
          for key, row in zip(keys, rows)],
         schema_overrides={c: pl.Float64 for c in COMPONENTS} | {"gate_reason": pl.Utf8} | {k: pl.Utf8 for k in extra})
+
+
+def provenance_columns(served: Provenance) -> dict[str, str]:
+    """model_id (the name the model was served as), backend, engine_version."""
+    return {"model_id": served.served_model, "backend": served.backend, "engine_version": served.engine_version}
 
 
 def upstream_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:

@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def chat_prompts(tokenizer, n: int) -> list[str]:
-    from refine_af_pipeline.llm.generation import render_prompt
+    from refine_af_pipeline.llm.backend import render_prompt
     from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
     from refine_af_pipeline.instructions.seeds import load_seed_tasks
 
@@ -59,7 +59,8 @@ def raw_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int
 
 
 def path_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, seed: int) -> int:
-    from refine_af_pipeline.llm.generation import SamplingParams, generate
+    from refine_af_pipeline.llm.backend import SamplingParams
+    from refine_af_pipeline.llm.generation import generate
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.95, do_sample=True)
     return sum(g.n_tokens for g in generate(model, tokenizer, prompts, params, batch_size, seed))

@@ -30,6 +30,6 @@ class SamplingSettings(BaseModel):
     seed: int = Field(0, description="seed of the sampling (and of the stage's random choices)")
 
     def sampling_params(self):
-        from .llm.generation import SamplingParams
+        from .llm.backend import SamplingParams
 
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, do_sample=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dagster as dg
 
 from refine_af_pipeline.feedback.scores import DEFAULT_WEIGHTS, ComponentStats, FeedbackScorer
-from refine_af_pipeline.feedback.components import model_name
 from refine_af_pipeline.feedback.setup import EMBEDDED_MINILM, build_components
 
 __all__ = ["EMBEDDED_MINILM", "FeedbackScorerResource"]
@@ -35,11 +34,11 @@ class FeedbackScorerResource(dg.ConfigurableResource):
         return {"preference": self.preference, "naturalness": self.naturalness, "coherence": self.coherence,
                 "understandability": self.understandability}
 
-    def build(self, model, tokenizer, device: str, stats: ComponentStats | None = None, batch_size: int = 8,
-              judge_id: str | None = None) -> FeedbackScorer:
-        """The scorer with `model`/`tokenizer` as the base-model judge. Calibrated weights carried by
-        `stats` (from reward_scores) take precedence over `weights`/`bias`."""
-        components = build_components(self.scorer_names(), model, tokenizer, judge_id or model_name(model), device,
-                                      self.embedding_model, self.allow_download, batch_size)
+    def build(self, judge, device: str, stats: ComponentStats | None = None, batch_size: int = 8) -> FeedbackScorer:
+        """The scorer with `judge` (a ServedModel: the base model on the chosen backend) as the
+        base-model judge. Calibrated weights carried by `stats` (from reward_scores) take precedence
+        over `weights`/`bias`."""
+        components = build_components(self.scorer_names(), judge, device, self.embedding_model, self.allow_download,
+                                      batch_size)
         return FeedbackScorer(weights=self.weights, stats=stats, bias=self.bias, batch_size=batch_size,
                               components=components)

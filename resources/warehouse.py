@@ -99,9 +99,23 @@ def insert_rows(conn: duckdb.DuckDBPyConnection, name: str, df: pl.DataFrame, mo
         if mode == "replace" or not table_exists_on(conn, name):
             conn.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT * FROM incoming')
         else:
+            _add_missing_columns(conn, name)
             conn.execute(f'INSERT INTO "{name}" BY NAME SELECT * FROM incoming')
     finally:
         conn.unregister("incoming")
+
+
+def _add_missing_columns(conn: duckdb.DuckDBPyConnection, name: str) -> None:
+    """Columns that `incoming` adds to every column of table `name` (a provenance column of a
+    later version) are added to the table; its older rows read NULL there. Rows that lack one of
+    the table's columns are not a newer version of it, and the insert fails on them."""
+    have = {row[0] for row in conn.execute(f'DESCRIBE "{name}"').fetchall()}
+    incoming = conn.execute("DESCRIBE SELECT * FROM incoming").fetchall()
+    if not have <= {row[0] for row in incoming}:
+        return
+    for column, column_type, *_ in incoming:
+        if column not in have:
+            conn.execute(f'ALTER TABLE "{name}" ADD COLUMN "{column}" {column_type}')
 
 
 def table_exists_on(conn: duckdb.DuckDBPyConnection, name: str) -> bool:

@@ -16,18 +16,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 def slow_down_generation(seconds: float) -> None:
-    from refine_af_pipeline.instructions import bootstrap, instances
+    from refine_af_pipeline.llm.transformers_backend import TransformersModel
 
-    for module in (bootstrap, instances):
-        real = module.generate
+    real = TransformersModel.generate
 
-        def slow(*args, _real=real, **kwargs):
-            started = time.monotonic()
-            out = _real(*args, **kwargs)
-            time.sleep(max(0.0, seconds - (time.monotonic() - started)))
-            return out
+    def slow(*args, **kwargs):
+        started = time.monotonic()
+        out = real(*args, **kwargs)
+        time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+        return out
 
-        module.generate = slow
+    TransformersModel.generate = slow
 
 
 def main() -> None:

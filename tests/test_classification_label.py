@@ -7,6 +7,7 @@ import torch
 from refine_af_pipeline.instructions.bootstrap import classify_instructions
 from refine_af_pipeline.llm.models import load_tokenizer, resolve_model_source
 from refine_af_pipeline.llm.prompts import is_classification_prompt
+from refine_af_pipeline.llm.transformers_backend import TransformersModel
 
 
 class _ScriptedModel(torch.nn.Module):
@@ -31,7 +32,7 @@ def test_label_follows_yes_no_probability(tiny_model_dir):
     no = tokenizer("No", add_special_tokens=False)["input_ids"][0]
     for gap, expected in ((3.0, True), (-3.0, False)):
         model = _ScriptedModel(len(tokenizer), yes, no, gap)
-        labels = classify_instructions(model, tokenizer, ["Label the review as positive or negative.",
+        labels = classify_instructions(TransformersModel(model, tokenizer, "scripted"), ["Label the review as positive or negative.",
                                                           "Write a poem about rain."])
         p_yes = torch.sigmoid(torch.tensor(gap)).item()  # softmax over two logits {gap, 0}
         assert [label for label, _ in labels] == [expected, expected]

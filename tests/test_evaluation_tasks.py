@@ -118,7 +118,8 @@ def test_items_and_per_task_means(tmp_path):
 
 
 def test_stopping_after_the_first_line_keeps_that_line(tiny_model_dir):
-    from refine_af_pipeline.llm.generation import SamplingParams, generate
+    from refine_af_pipeline.llm.backend import SamplingParams
+    from refine_af_pipeline.llm.generation import generate
     from resources import LanguageModelResource
 
     model, tokenizer, _, _ = LanguageModelResource(model=str(tiny_model_dir), device="cpu").load()

@@ -13,7 +13,8 @@ import torch
 import refine_af_pipeline.llm.retry as retry
 from pipeline_helpers import materialize
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
-from refine_af_pipeline.llm.generation import Generation
+from refine_af_pipeline.llm.backend import Generation
+from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from resources import DatabaseLocked, LanguageModelResource
 from resources import language_model as language_model_module
 
@@ -98,14 +99,12 @@ def test_zero_batch_size_is_refused():
 
 
 def test_model_output_that_does_not_parse_is_stored_with_its_status(seeded_dir, tiny_model_dir, monkeypatch):
-    from refine_af_pipeline.instructions import bootstrap
-
     junk = ["", "   \n\n", "!!! ??? ###", "\x00\x01 ∆∆∆ " * 20, "10. 11. 12.", "Sure! Here are some ideas."]
 
-    def junk_generate(model, tokenizer, prompts, *args, **kwargs):
+    def junk_generate(self, prompts, *args, **kwargs):
         return [Generation(junk[k % len(junk)], 5, True) for k in range(len(prompts))]
 
-    monkeypatch.setattr(bootstrap, "generate", junk_generate)
+    monkeypatch.setattr(TransformersModel, "generate", junk_generate)
     result = materialize(seeded_dir, str(tiny_model_dir), {"bootstrap_instructions": {"num_prompts": 6, "classification_prompts": 0}},
                          selection=BOOTSTRAP)
     assert result.success
@@ -122,10 +121,11 @@ def test_model_output_that_does_not_parse_is_stored_with_its_status(seeded_dir, 
 
 def test_a_flaky_backend_is_retried_inside_the_step(seeded_dir, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(retry, "DEFAULT_BACKOFF", retry.Backoff(attempts=3, first_delay_s=0.01))
-    real_load, failures = LanguageModelResource.load, []
+    real_load, failures = LanguageModelResource.load_variants, []
 
-    def load_flaky(self, adapter=None):
-        model, tokenizer, source, device = real_load(self, adapter)
+    def load_flaky(self, adapters):
+        models, tokenizer, source, device = real_load(self, adapters)
+        [model] = set(models.values())  # the base model only
         real_generate = model.generate
 
         def flaky_generate(**kwargs):
@@ -135,9 +135,9 @@ def test_a_flaky_backend_is_retried_inside_the_step(seeded_dir, tiny_model_dir, 
             return real_generate(**kwargs)
 
         model.generate = flaky_generate
-        return model, tokenizer, source, device
+        return models, tokenizer, source, device
 
-    monkeypatch.setattr(LanguageModelResource, "load", load_flaky)
+    monkeypatch.setattr(LanguageModelResource, "load_variants", load_flaky)
     result = materialize(seeded_dir, str(tiny_model_dir), {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
                          selection=BOOTSTRAP, batch_size=2)
     assert result.success and len(failures) == 2
@@ -147,18 +147,19 @@ def test_a_flaky_backend_is_retried_inside_the_step(seeded_dir, tiny_model_dir, 
 
 def test_a_backend_that_keeps_failing_fails_the_step_after_the_bound(seeded_dir, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(retry, "DEFAULT_BACKOFF", retry.Backoff(attempts=3, first_delay_s=0.01))
-    real_load = LanguageModelResource.load
+    real_load = LanguageModelResource.load_variants
 
-    def load_broken(self, adapter=None):
-        model, tokenizer, source, device = real_load(self, adapter)
+    def load_broken(self, adapters):
+        models, tokenizer, source, device = real_load(self, adapters)
 
         def broken(**kwargs):
             raise OSError("Input/output error (simulated)")
 
-        model.generate = broken
-        return model, tokenizer, source, device
+        for model in models.values():
+            model.generate = broken
+        return models, tokenizer, source, device
 
-    monkeypatch.setattr(LanguageModelResource, "load", load_broken)
+    monkeypatch.setattr(LanguageModelResource, "load_variants", load_broken)
     with pytest.raises(retry.RetriesExhausted, match=r"generation batch 1/1 failed 3 times; the last error: OSError"):
         materialize(seeded_dir, str(tiny_model_dir), {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
                     selection=BOOTSTRAP, batch_size=4)

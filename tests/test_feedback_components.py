@@ -15,6 +15,7 @@ from refine_af_pipeline.feedback.components import (
 )
 from refine_af_pipeline.feedback.setup import EMBEDDED_MINILM, EMBEDDED_MINILM_ID, load_embedder
 from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolve_model_source
+from refine_af_pipeline.llm.transformers_backend import TransformersModel
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_llm_judge_score_is_the_probability_weighted_mean_rating(tiny):
 
     def judge_score(logits):
         model = ScriptedCausalLM(len(tokenizer), logits)
-        judge = LLMJudgePreference(model, tokenizer, "scripted-judge")
+        judge = LLMJudgePreference(TransformersModel(model, tokenizer, "scripted-judge"))
         return judge, model, judge.score(["Add the numbers."], ["2 and 3"], ["5"])[0]
 
     judge, model, high = judge_score({nine: 3.0, two: 1.0})
@@ -47,7 +48,7 @@ def test_llm_judge_score_is_the_probability_weighted_mean_rating(tiny):
 
 def test_likelihood_prefers_text_the_model_knows_over_noise(tiny):
     model, tokenizer = tiny
-    naturalness = LikelihoodNaturalness(model, tokenizer, "tiny")
+    naturalness = LikelihoodNaturalness(TransformersModel(model, tokenizer, "tiny"))
     # The tiny model was trained on outputs made of its word list; noise is bytes it never saw.
     good = "Quiet river garden market bright"
     bad = "zx#qv@@ 9k!p ~~ Qj%% vv&x"

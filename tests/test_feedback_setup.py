@@ -7,6 +7,7 @@ from refine_af_pipeline.feedback.scores import COMPONENTS, FORMAT_GATE_REWARD, C
 from refine_af_pipeline.feedback.setup import build_components, parse_scorer
 from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolve_model_source
 from resources import FeedbackScorerResource
+from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from tiny_judges import build_llama_reward_model, build_t5_evaluator
 
 
@@ -41,7 +42,7 @@ def test_scorer_names_parse_with_clear_errors():
     with pytest.raises(ValueError, match="takes no model"):
         parse_scorer("naturalness", "likelihood:gpt2")
     with pytest.raises(ValueError, match=r"unknown feedback components \['fluency'\]"):
-        build_components({"fluency": "likelihood"}, None, None, "judge", "cpu")
+        build_components({"fluency": "likelihood"}, None, "cpu")
 
 
 def test_score_texts_gates_then_combines_standardised_components():
@@ -79,7 +80,7 @@ def test_built_components_record_the_versions_they_were_described_with(tiny, tin
     t5 = build_t5_evaluator(tiny_model_dir, tmp_path / "t5")
     names = {"preference": f"reward-model:{rm}", "naturalness": f"unieval:{t5}", "coherence": f"unieval:{t5}",
              "understandability": "flesch"}
-    components = build_components(names, model, tokenizer, "tiny-judge", "cpu")
+    components = build_components(names, TransformersModel(model, tokenizer, "tiny-judge"), "cpu")
     assert components[1].model is components[2].model  # one evaluator for both UniEval components
     scorer = FeedbackScorer(components=components)
     assert scorer.versions()["preference"] == f"reward-model-logit/v1:{rm.resolve()}"
@@ -93,7 +94,7 @@ def test_built_components_record_the_versions_they_were_described_with(tiny, tin
 def test_resource_builds_the_offline_defaults_and_reports_their_versions(tiny):
     model, tokenizer = tiny
     resource = FeedbackScorerResource()
-    scorer = resource.build(model, tokenizer, "cpu", judge_id="tiny-judge")
+    scorer = resource.build(TransformersModel(model, tokenizer, "tiny-judge"), "cpu")
     assert scorer.versions() == {
         "preference": "llm-judge-rating-1-10/v1:tiny-judge",
         "naturalness": "mean-token-likelihood/v1:tiny-judge",

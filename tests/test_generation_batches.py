@@ -7,7 +7,8 @@ import duckdb
 import pytest
 
 from pipeline_helpers import materialize, smallest_run_config
-from refine_af_pipeline.llm.generation import SamplingParams, generate, length_sorted_batches, render_prompt
+from refine_af_pipeline.llm.backend import SamplingParams, render_prompt
+from refine_af_pipeline.llm.generation import generate, length_sorted_batches
 from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
 from resources import LanguageModelResource
 

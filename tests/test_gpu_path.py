@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from refine_af_pipeline.llm.transformers_backend import TransformersModel
+
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
 
@@ -80,7 +82,7 @@ def scorer(base, tiny_model_dir, device):
     model, tokenizer = base
     embedder = SentenceTransformer(str(tiny_model_dir), device=device, local_files_only=True)
     assert embedder.device.type == "cuda"
-    return FeedbackScorer(model, tokenizer, embedder, batch_size=8)
+    return FeedbackScorer(TransformersModel(model, tokenizer, "tiny"), embedder, batch_size=8)
 
 
 def test_auto_resolves_to_cuda_and_its_dtype(device, dtype):
@@ -104,7 +106,8 @@ def test_loader_puts_the_model_on_cuda_in_the_resolved_dtype(base, dtype):
 
 def test_cuda_logprobs_match_cpu(source, device):
     """Same weights in float32 on cuda and on cpu: the scoring path gives the same log-probabilities."""
-    from refine_af_pipeline.llm.generation import continuation_logprobs, render_prompt
+    from refine_af_pipeline.llm.backend import render_prompt
+    from refine_af_pipeline.llm.generation import continuation_logprobs
 
     gpu_model, tokenizer = _load(source, device, torch.float32)
     cpu_model, _ = _load(source, "cpu", torch.float32)
@@ -121,7 +124,8 @@ def test_cuda_logprobs_match_cpu(source, device):
 
 def test_generation_on_cuda_writes_instructions(base):
     from refine_af_pipeline.instructions.bootstrap import PoolItem, generate_instruction_rows, sample_prompt
-    from refine_af_pipeline.llm.generation import SamplingParams, generate, render_prompt
+    from refine_af_pipeline.llm.backend import SamplingParams, render_prompt
+    from refine_af_pipeline.llm.generation import generate
     from refine_af_pipeline.instructions.seeds import load_seed_tasks
 
     model, tokenizer = base
@@ -129,7 +133,8 @@ def test_generation_on_cuda_writes_instructions(base):
     rng = random.Random(0)
     prompts = [sample_prompt(seeds, [], rng, classification=k == 0) for k in range(8)]
     params = SamplingParams(max_new_tokens=48)
-    rows = generate_instruction_rows(model, tokenizer, prompts, params, "tiny", "gpu-run-0000", batch_size=8, seed=0)
+    rows = generate_instruction_rows(TransformersModel(model, tokenizer, "tiny"), prompts, params, "gpu-run-0000",
+                                     batch_size=8, seed=0)
     assert {r["prompt_index"] for r in rows} == set(range(8))
     ok = [r for r in rows if r["parse_status"] == "ok" and r["instruction"].strip()]
     assert ok, [r["raw_response"] for r in rows]
@@ -153,12 +158,12 @@ def test_generation_on_cuda_writes_instructions(base):
 
 
 def test_scored_instances_on_cuda(base, scorer):
-    from refine_af_pipeline.llm.generation import SamplingParams
+    from refine_af_pipeline.llm.backend import SamplingParams
     from refine_af_pipeline.instructions.instances import generate_scored_instances
 
     model, tokenizer = base
     instructions = _synthetic_instructions(8)
-    rows = generate_scored_instances(model, tokenizer, scorer, instructions, SamplingParams(max_new_tokens=32),
+    rows = generate_scored_instances(TransformersModel(model, tokenizer, "tiny"), scorer, instructions, SamplingParams(max_new_tokens=32),
                                      batch_size=8, seed=0)
     assert [r["instruction"] for r in rows] == instructions
     passed = [r for r in rows if r["gate_reason"] is None]
@@ -216,7 +221,8 @@ def _lora_on_cuda(model) -> None:
 
 
 def test_grpo_steps_on_cuda(source, device, dtype, scorer, tmp_path):
-    from refine_af_pipeline.llm.generation import SamplingParams, generate, render_prompt
+    from refine_af_pipeline.llm.backend import SamplingParams, render_prompt
+    from refine_af_pipeline.llm.generation import generate
     from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
     from refine_af_pipeline.training.rl import RLSettings, train_policy
 

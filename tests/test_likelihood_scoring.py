@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from refine_af_pipeline.evaluation.tasks import reference_log_likelihood
-from refine_af_pipeline.llm.generation import continuation_logprobs, mean_logprob, next_token_distribution
+from refine_af_pipeline.llm.backend import mean_logprob
+from refine_af_pipeline.llm.generation import continuation_logprobs, next_token_distribution
 from resources import LanguageModelResource
+from refine_af_pipeline.llm.transformers_backend import TransformersModel
 
 CONTEXTS = ["Definition: Name the colour.\n\nInput: the sky on a clear day\nOutput:",
             "Explain",
@@ -54,7 +56,7 @@ def test_reference_log_likelihood_is_the_best_mean_over_references(tiny):
     prompt = CONTEXTS[0]
     refs = ("blue", "a bright and very clear blue colour")
     means = [mean_logprob(by_hand(model, tokenizer, prompt, " " + r)) for r in refs]
-    [got] = reference_log_likelihood(model, tokenizer, [prompt], [refs], batch_size=2)
+    [got] = reference_log_likelihood(TransformersModel(model, tokenizer, "tiny"), [prompt], [refs], batch_size=2)
     assert got == pytest.approx(max(means), abs=2e-4)
     assert means[0] != pytest.approx(means[1], abs=1e-3)  # the choice of reference matters here
     assert math.isnan(mean_logprob([]))
@@ -73,7 +75,8 @@ def test_next_token_distribution_matches_an_unpadded_forward(tiny):
 
 
 def test_one_prefill_gives_the_same_answers_and_continuation_scores_as_two_passes(tiny):
-    from refine_af_pipeline.llm.generation import SamplingParams, generate
+    from refine_af_pipeline.llm.backend import SamplingParams
+    from refine_af_pipeline.llm.generation import generate
     from refine_af_pipeline.llm.prefix_scoring import generate_and_score_continuations
 
     model, tokenizer = tiny
@@ -123,7 +126,8 @@ def test_views_of_one_shared_model_match_separately_loaded_models(tiny_model_dir
 
 
 def test_the_shared_prefill_stops_after_the_first_line_and_falls_back_for_a_one_token_prompt(tiny):
-    from refine_af_pipeline.llm.generation import SamplingParams, generate
+    from refine_af_pipeline.llm.backend import SamplingParams
+    from refine_af_pipeline.llm.generation import generate
     from refine_af_pipeline.llm.prefix_scoring import generate_and_score_continuations
 
     model, tokenizer = tiny

@@ -2,7 +2,8 @@
 
 import pytest
 
-from refine_af_pipeline.llm.generation import SamplingParams, generate
+from refine_af_pipeline.llm.backend import SamplingParams
+from refine_af_pipeline.llm.generation import generate
 from refine_af_pipeline.llm.retry import Backoff, RetriesExhausted, call_with_retry, is_transient
 
 

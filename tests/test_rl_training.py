@@ -4,9 +4,10 @@ import math
 
 import pytest
 
-from refine_af_pipeline.llm.generation import render_prompt
+from refine_af_pipeline.llm.backend import render_prompt
 from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
 from refine_af_pipeline.training.rl import RLSettings, rl_prompt, train_policy
+from refine_af_pipeline.llm.transformers_backend import TransformersModel
 
 INSTRUCTIONS = ["Describe a quiet river garden", "List three useful habits for every student",
                 "Compare two ancient bridges", "Suggest a simple recipe for a team"]
@@ -35,7 +36,7 @@ def test_one_rloo_step_trains_and_logs(loaded, tmp_path):
 
     source, tokenizer = loaded
     judge = load_causal_lm(source, "cpu", None)
-    scorer = FeedbackScorerResource().build(judge, tokenizer, "cpu", batch_size=8)
+    scorer = FeedbackScorerResource().build(TransformersModel(judge, tokenizer, "tiny"), "cpu", batch_size=8)
     policy = load_causal_lm(source, "cpu", None)
     settings = RLSettings(algorithm="rloo", max_steps=1, prompts_per_step=2, group_size=2, max_completion_length=16)
     result = train_policy(policy, tokenizer, INSTRUCTIONS, scorer, settings, tmp_path, "cpu")

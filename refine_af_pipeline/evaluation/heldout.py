@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from ..feedback.scores import COMPONENTS, FeedbackScorer
-from ..llm.generation import SamplingParams
+from ..llm.backend import SamplingParams, ServedModel
 from ..instructions.instances import generate_scored_instances
 from .paired_comparison import PairedComparison, mean_paired_difference, outcome, paired_bootstrap
 from ..training.rl_diagnostics import mean_repeat_share
@@ -37,7 +37,7 @@ class HeldoutSummary:
     component_differences: dict[str, float]  # policy - base, over instructions where both have a value
 
 
-def generate_both(base_model, policy_model, tokenizer, scorer: FeedbackScorer, instructions: Sequence[str],
+def generate_both(base_model: ServedModel, policy_model: ServedModel, scorer: FeedbackScorer, instructions: Sequence[str],
                   params: SamplingParams, samples_per_instruction: int, batch_size: int, seed: int,
                   progress=None) -> tuple[list[dict], list[dict]]:
     """Scored instance rows of the base model and of the policy, k consecutive rows per instruction."""
@@ -48,7 +48,7 @@ def generate_both(base_model, policy_model, tokenizer, scorer: FeedbackScorer, i
         # One seed per batch, so a batch that stops early in one model does not shift the random
         # stream of every later batch.
         for b, start in enumerate(range(0, len(repeated), batch_size)):
-            rows += generate_scored_instances(model, tokenizer, scorer, repeated[start:start + batch_size], params,
+            rows += generate_scored_instances(model, scorer, repeated[start:start + batch_size], params,
                                               batch_size, seed + b)
             if progress is not None:
                 progress(label, b + 1, -(-len(repeated) // batch_size))

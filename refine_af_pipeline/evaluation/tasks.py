@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..llm.generation import continuation_logprobs, mean_logprob
+from ..llm.backend import ServedModel, mean_logprob
 from ..instructions.rouge import rouge_l
 from ..settings_types import NonNegativeInt, PositiveInt
 from ..text_files import decode_utf8
@@ -123,7 +123,7 @@ def best_mean_logprob(logprobs_per_reference: Sequence[Sequence[float]]) -> floa
     return max(values) if values else math.nan
 
 
-def reference_log_likelihood(model, tokenizer, prompts: Sequence[str], references: Sequence[Sequence[str]],
+def reference_log_likelihood(model: ServedModel, prompts: Sequence[str], references: Sequence[Sequence[str]],
                              batch_size: int = 8) -> list[float]:
     """Per prompt, the mean per-token log-likelihood (nats) of its reference outputs after the
     prompt, teacher-forced; the best reference counts, as for ROUGE-L. Unlike the greedy answer,
@@ -136,7 +136,7 @@ def reference_log_likelihood(model, tokenizer, prompts: Sequence[str], reference
             continuations.append(cont)
             owner.append(k)
     per_prompt: list[list[list[float]]] = [[] for _ in prompts]
-    for k, logprobs in zip(owner, continuation_logprobs(model, tokenizer, contexts, continuations, batch_size)):
+    for k, logprobs in zip(owner, model.continuation_logprobs(contexts, continuations, batch_size)):
         per_prompt[k].append(logprobs)
     return [best_mean_logprob(lists) for lists in per_prompt]
 

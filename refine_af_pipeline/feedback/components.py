@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-from ..llm.generation import continuation_logprobs, next_token_distribution, render_prompt
+from ..llm.backend import ServedModel, render_prompt
 from ..llm.prompts import judge_prompt
 
 
@@ -29,12 +29,6 @@ def request_text(instruction: str, input_text: str, sep: str = "\n") -> str:
     return f"{instruction}{sep}{input_text}".strip()
 
 
-def model_name(model) -> str:
-    """The id or path a loaded Hugging Face model came from, for version strings."""
-    config = getattr(model, "config", None)
-    return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or type(model).__name__
-
-
 class LLMJudgePreference:
     """The base LLM rates the response 1..10; the score is the probability-weighted mean rating over
     the single-token ratings (not a parsed number, which a small model garbles), mapped to [0, 1]."""
@@ -42,11 +36,12 @@ class LLMJudgePreference:
     name = "preference"
     method = "llm-judge-rating-1-10/v1"
 
-    def __init__(self, model, tokenizer, model_id: str | None = None, batch_size: int = 8):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.version = self.version_for(model_id or model_name(model))
+    def __init__(self, judge: ServedModel, batch_size: int = 8):
+        judge.require("next_token_distribution", "the preference scorer llm-judge (the 1-10 rating)")
+        self.judge, self.tokenizer, self.batch_size = judge, judge.tokenizer, batch_size
+        self.version = self.version_for(judge.provenance.served_model)
         self.ratings = [r for r in map(str, range(1, 11))
-                        if len(tokenizer(r, add_special_tokens=False)["input_ids"]) == 1]
+                        if len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) == 1]
         if len(self.ratings) < 2:
             raise ValueError("the judge's tokenizer has fewer than two single-token ratings among 1..10")
 
@@ -56,7 +51,7 @@ class LLMJudgePreference:
 
     def score(self, instructions, inputs, outputs) -> list[float]:
         contexts = [render_prompt(self.tokenizer, judge_prompt(i, x, o)) for i, x, o in zip(instructions, inputs, outputs)]
-        dists = next_token_distribution(self.model, self.tokenizer, contexts, self.ratings, self.batch_size)
+        dists = self.judge.next_token_distribution(contexts, self.ratings, self.batch_size)
         values = [int(r) for r in self.ratings]
         lo, hi = min(values), max(values)
         return [(sum(p * v for p, v in zip(d, values)) - lo) / (hi - lo) for d in dists]
@@ -69,9 +64,10 @@ class LikelihoodNaturalness:
     name = "naturalness"
     method = "mean-token-likelihood/v1"
 
-    def __init__(self, model, tokenizer, model_id: str | None = None, batch_size: int = 8):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.version = self.version_for(model_id or model_name(model))
+    def __init__(self, judge: ServedModel, batch_size: int = 8):
+        judge.require("continuation_logprobs", "the naturalness scorer likelihood")
+        self.judge, self.tokenizer, self.batch_size = judge, judge.tokenizer, batch_size
+        self.version = self.version_for(judge.provenance.served_model)
 
     @classmethod
     def version_for(cls, model_id: str) -> str:
@@ -79,7 +75,7 @@ class LikelihoodNaturalness:
 
     def score(self, instructions, inputs, outputs) -> list[float]:
         requests = [render_prompt(self.tokenizer, request_text(i, x)) for i, x in zip(instructions, inputs)]
-        logprobs = continuation_logprobs(self.model, self.tokenizer, requests, list(outputs), self.batch_size)
+        logprobs = self.judge.continuation_logprobs(requests, list(outputs), self.batch_size)
         return [math.exp(sum(lp) / len(lp)) if lp else 0.0 for lp in logprobs]
 
 

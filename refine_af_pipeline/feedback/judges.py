@@ -8,7 +8,8 @@ import hashlib
 from collections.abc import Sequence
 
 from .components import request_text
-from ..llm.generation import next_token_distribution, render_prompt
+from ..llm.backend import render_prompt
+from ..llm.generation import next_token_distribution
 from ..llm.models import load_tokenizer, model_unavailable, resolve_model_source
 from ..llm.prompts import UNIEVAL_QUESTIONS, unieval_chat_question, unieval_seq2seq_input
 

@@ -120,18 +120,18 @@ def format_gate(parse_status: str, input_text: str, output: str) -> str | None:
 class FeedbackScorer:
     """One scorer per component, the standardisation and the weights; scores instances in batches.
 
-    Either pass `components` (one per name in COMPONENTS), or the base model, its tokenizer and a
-    sentence embedder for the offline defaults.
+    Either pass `components` (one per name in COMPONENTS), or the base model as a judge (a
+    ServedModel) and a sentence embedder for the offline defaults.
     """
 
-    def __init__(self, model=None, tokenizer=None, embedder=None, weights: Mapping[str, float] | None = None,
+    def __init__(self, judge=None, embedder=None, weights: Mapping[str, float] | None = None,
                  stats: ComponentStats | None = None, bias: float = 0.0, batch_size: int = 8,
                  components: Sequence[FeedbackComponent] | None = None):
         if components is None:
-            if model is None or tokenizer is None or embedder is None:
-                raise ValueError("FeedbackScorer needs either components or a model, tokenizer and embedder")
-            components = [LLMJudgePreference(model, tokenizer, batch_size=batch_size),
-                          LikelihoodNaturalness(model, tokenizer, batch_size=batch_size),
+            if judge is None or embedder is None:
+                raise ValueError("FeedbackScorer needs either components or a judge model and an embedder")
+            components = [LLMJudgePreference(judge, batch_size=batch_size),
+                          LikelihoodNaturalness(judge, batch_size=batch_size),
                           EmbeddingCoherence(embedder, type(embedder).__name__),
                           ReadabilityUnderstandability()]
         names = [c.name for c in components]

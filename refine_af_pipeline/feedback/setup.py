@@ -85,17 +85,17 @@ def load_embedder(model: str, device: str, allow_download: bool = False):
         raise ModelUnavailable(f"cannot load sentence embedder '{model}' for the coherence score: {exc}") from None
 
 
-def build_components(scorers: Mapping[str, str], judge_model, judge_tokenizer, judge_id: str, device: str,
-                     embedding_model: str = EMBEDDED_MINILM, allow_download: bool = False,
-                     batch_size: int = 8) -> list[FeedbackComponent]:
-    """Load each configured scorer. One evaluator serves every UniEval component that names it."""
+def build_components(scorers: Mapping[str, str], judge, device: str, embedding_model: str = EMBEDDED_MINILM,
+                     allow_download: bool = False, batch_size: int = 8) -> list[FeedbackComponent]:
+    """Load each configured scorer; `judge` is the base model (a ServedModel) for the llm-judge
+    and likelihood scorers. One evaluator serves every UniEval component that names it."""
     evaluators: dict[str, tuple] = {}
     components: list[FeedbackComponent] = []
     for name, (kind, ref) in _specs(scorers).items():
         if kind == "llm-judge":
-            components.append(LLMJudgePreference(judge_model, judge_tokenizer, judge_id, batch_size))
+            components.append(LLMJudgePreference(judge, batch_size))
         elif kind == "likelihood":
-            components.append(LikelihoodNaturalness(judge_model, judge_tokenizer, judge_id, batch_size))
+            components.append(LikelihoodNaturalness(judge, batch_size))
         elif kind == "embedding":
             ref = ref or embedding_model
             components.append(EmbeddingCoherence(load_embedder(ref, device, allow_download), _embedding_id(ref)))

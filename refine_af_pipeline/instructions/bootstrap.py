@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pydantic import Field, model_validator
 
-from ..llm.generation import Generation, SamplingParams, generate, next_token_distribution, render_prompt
+from ..llm.backend import Generation, SamplingParams, ServedModel, render_prompt
 from .filters import rejection_reason
 from .parsing import parse_numbered_continuation
 from ..llm.prompts import bootstrap_continuation_prefix, bootstrap_prompt, is_classification_prompt
@@ -54,13 +54,13 @@ def sample_prompt(seeds: Sequence[PoolItem], machine: Sequence[PoolItem], rng: r
                            [e.id for e in examples], classification)
 
 
-def generate_instruction_rows(model, tokenizer, prompts: Sequence[BootstrapPrompt], params: SamplingParams,
-                              model_id: str, run_id: str, batch_size: int, seed: int,
-                              progress=None, id_offset: int = 0) -> list[dict]:
+def generate_instruction_rows(model: ServedModel, prompts: Sequence[BootstrapPrompt], params: SamplingParams,
+                              run_id: str, batch_size: int, seed: int, progress=None, id_offset: int = 0) -> list[dict]:
     """One row per parsed instruction, or one row with an empty instruction for a response that
     did not parse, so nothing the model wrote is dropped silently."""
-    rendered = [render_prompt(tokenizer, p.text, bootstrap_continuation_prefix(len(p.example_ids))) for p in prompts]
-    generations: list[Generation] = generate(model, tokenizer, rendered, params, batch_size, seed, progress)
+    rendered = [render_prompt(model.tokenizer, p.text, bootstrap_continuation_prefix(len(p.example_ids)))
+                for p in prompts]
+    generations: list[Generation] = model.generate(rendered, params, batch_size, seed, progress)
     rows = []
     for k, (prompt, gen) in enumerate(zip(prompts, generations)):
         parsed = parse_numbered_continuation(gen.text, len(prompt.example_ids) + 1, gen.hit_token_limit)
@@ -69,7 +69,9 @@ def generate_instruction_rows(model, tokenizer, prompts: Sequence[BootstrapPromp
             prompt_index=id_offset + k,
             prompt_example_ids=json.dumps(prompt.example_ids),
             prompt_type="classification" if prompt.classification else "general",
-            model_id=model_id,
+            model_id=model.provenance.served_model,
+            backend=model.provenance.backend,
+            engine_version=model.provenance.engine_version,
             sampling_params=json.dumps(params.as_dict()),
             raw_response=gen.text,
             response_tokens=gen.n_tokens,
@@ -109,12 +111,12 @@ def deduplication_rows(raw_rows: Sequence[dict], dedup: RougeDeduplicator, run_i
     return rows
 
 
-def classify_instructions(model, tokenizer, instructions: Sequence[str], batch_size: int = 8) -> list[tuple[bool, float]]:
+def classify_instructions(model: ServedModel, instructions: Sequence[str], batch_size: int = 8) -> list[tuple[bool, float]]:
     """Few-shot "Is it classification?": (label, P(Yes) renormalised over Yes/No)."""
     if not instructions:
         return []
-    contexts = [render_prompt(tokenizer, is_classification_prompt(i)) for i in instructions]
-    probs = next_token_distribution(model, tokenizer, contexts, ["Yes", "No"], batch_size)
+    contexts = [render_prompt(model.tokenizer, is_classification_prompt(i)) for i in instructions]
+    probs = model.next_token_distribution(contexts, ["Yes", "No"], batch_size)
     return [(p[0] > 0.5, p[0]) for p in probs]
 
 

@@ -8,22 +8,19 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..llm.adapters import merged
 from ..feedback.scores import COMPONENTS, ComponentStats, FeedbackScorer, combine
-from ..llm.generation import SamplingParams, generate, render_prompt
+from ..llm.backend import SamplingParams, ServedModel, render_prompt
 from ..llm.prompts import INSTANCE_PREFIX, instance_prompt
 from ..settings_types import NonNegativeInt, PositiveInt, SamplingSettings, Share
 
 
 
 
-def generate_scored_instances(model, tokenizer, scorer: FeedbackScorer, instructions: Sequence[str],
+def generate_scored_instances(model: ServedModel, scorer: FeedbackScorer, instructions: Sequence[str],
                               params: SamplingParams, batch_size: int, seed: int, progress=None) -> list[dict]:
-    prompts = [render_prompt(tokenizer, instance_prompt(i), INSTANCE_PREFIX) for i in instructions]
-    # An adapter is merged for the generation only: the scorer's judge may be the same weights
-    # with the adapter off.
-    with merged(model) as policy:
-        generations = generate(policy, tokenizer, prompts, params, batch_size, seed, progress)
+    prompts = [render_prompt(model.tokenizer, instance_prompt(i), INSTANCE_PREFIX) for i in instructions]
+    with model.for_generation() as policy:
+        generations = policy.generate(prompts, params, batch_size, seed, progress)
     scored = scorer.score_texts(list(instructions), [INSTANCE_PREFIX + g.text for g in generations])
     rows = []
     for instruction, gen, s in zip(instructions, generations, scored):

@@ -4,42 +4,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 
+from .backend import Generation, ProgressFn, SamplingParams
 from .retry import Backoff, call_with_retry
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
-    do_sample: bool = True
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    n_tokens: int
-    hit_token_limit: bool
-
-
-def render_prompt(tokenizer, user_text: str, assistant_prefix: str = "") -> str:
-    """The user message in the model's chat template (if it has one), then the assistant prefix."""
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
-        )
-    else:
-        rendered = user_text + "\n"
-    return rendered + assistant_prefix
-
-
-ProgressFn = Callable[[int, int, float], None]
 
 
 def generate(
@@ -200,11 +168,6 @@ def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuatio
                 values = lp[keep - 1 - len(b):].tolist() if len(b) < keep else [math.nan] + lp.tolist()
                 out[rows[k]] = values if a else values[1:]
     return out
-
-
-def mean_logprob(logprobs: Sequence[float]) -> float:
-    """Mean per-token log-likelihood; NaN for a continuation with no scored token."""
-    return sum(logprobs) / len(logprobs) if logprobs else math.nan
 
 
 def next_token_distribution(model, tokenizer, contexts: Sequence[str], candidate_tokens: Sequence[str],

@@ -18,8 +18,9 @@ import copy
 import time
 from collections.abc import Sequence
 
-from .generation import (Generation, SamplingParams, continuation_logprobs, decode_new_tokens, eos_ids_of, generate,
-                         generation_kwargs, length_sorted_batches, position_ids)
+from .backend import Generation, SamplingParams
+from .generation import (continuation_logprobs, decode_new_tokens, eos_ids_of, generate, generation_kwargs,
+                         length_sorted_batches, position_ids)
 from .retry import Backoff, call_with_retry
 
 

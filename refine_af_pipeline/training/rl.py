@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..llm.adapters import AdapterView
 from ..feedback.scores import COMPONENTS, FeedbackScorer
-from ..llm.generation import render_prompt
+from ..llm.backend import render_prompt
 from ..llm.prompts import INSTANCE_PREFIX, instance_prompt
 from .rl_diagnostics import mean_repeat_share
 from ..settings_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Share

@@ -1,0 +1,265 @@
+"""The openai backend: any OpenAI-compatible completions server (vLLM `serve`, SGLang, llama.cpp
+server), one URL or a fleet of them shared round-robin.
+
+Prompts are rendered and tokenized here and sent as token ids, so the server scores exactly the
+tokens the transformers backend would (no second BOS, no different split of the chat template).
+Log-probabilities come from the legacy completions API: `echo` with `logprobs` returns each prompt
+token's log-probability, which gives both the continuation scores and, with the candidate token
+appended, the next-token distribution. A server that does not return them is configured with
+`logprobs=False`, and the judges that need them fail at step start.
+
+One request per prompt, at most `concurrency` in flight: the server batches them itself
+(continuous batching), and a fleet's load balancing sees single requests. httpx is the client (the
+OpenAI SDK retries 408 and 409 too and cannot reach vLLM's adapter-loading endpoint); retries go
+through retry.call_with_retry, for connection errors, timeouts, 429 and 5xx only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backend import (ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, ServedModel,
+                      first_token_ids, renormalised, scoring_sequences)
+from .retry import Backoff, RetriesExhausted, call_with_retry
+
+_RETRIED_STATUS = {429} | set(range(500, 600))
+
+
+class ServerError(RuntimeError):
+    """A server answered with an error, or could not be reached (the message names the URL)."""
+
+
+class _TransientServerError(ServerError, ConnectionError):
+    """Worth another try: a ConnectionError, so retry.is_transient retries it."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    base_urls: tuple[str, ...]
+    api_key: str | None = None
+    concurrency: int = 8
+    timeout_s: float = 300.0  # one request; a long generation on a loaded server takes a while
+    connect_timeout_s: float = 3.0
+    attempts: int = 4  # tries per request, the first included
+    logprobs: bool = True
+
+    def __repr__(self) -> str:  # the key never reaches a log line
+        return (f"ServerSettings(base_urls={self.base_urls}, api_key={'set' if self.api_key else None}, "
+                f"concurrency={self.concurrency})")
+
+
+class ServerPool:
+    """The fleet: one HTTP client, URLs taken in turn per request (a retry goes to the next)."""
+
+    def __init__(self, settings: ServerSettings):
+        import httpx
+
+        if not settings.base_urls:
+            raise ValueError("the openai backend needs at least one base URL (e.g. http://127.0.0.1:8000/v1)")
+        self.settings = settings
+        self.urls = [u.rstrip("/") for u in settings.base_urls]
+        self._next = itertools.cycle(range(len(self.urls)))
+        self._lock = threading.Lock()
+        headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        self.client = httpx.Client(
+            headers=headers, timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+            limits=httpx.Limits(max_connections=settings.concurrency * len(self.urls) + 4))
+        self.backoff = Backoff(attempts=settings.attempts, first_delay_s=0.5, factor=2.0, max_delay_s=8.0)
+
+    def _pick(self) -> str:
+        with self._lock:
+            return self.urls[next(self._next)]
+
+    def request(self, method: str, path: str, body: dict | None = None, url: str | None = None,
+                backoff: Backoff | None = None) -> dict:
+        """JSON of `method path` on the next URL (or on `url`), retried on transient failures."""
+        tried: list[str] = []
+
+        def once():
+            target = url or self._pick()
+            tried.append(target)
+            return self._send(method, target + path, body)
+
+        try:
+            return call_with_retry(once, f"{method} {path}", backoff or self.backoff)
+        except RetriesExhausted as exc:
+            urls = ", ".join(dict.fromkeys(tried))
+            raise ServerError(f"{method} {path} failed on {urls} after {len(tried)} tries; the last error: "
+                              f"{exc.__cause__}") from None
+
+    def _send(self, method: str, url: str, body: dict | None) -> dict:
+        import httpx
+
+        try:
+            response = self.client.request(method, url, json=body)
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            raise _TransientServerError(f"cannot reach {url}: {type(exc).__name__}: {exc or 'no answer'}") from None
+        if response.status_code in _RETRIED_STATUS:
+            raise _TransientServerError(f"{url} answered {response.status_code}: {_error_text(response)}")
+        if response.status_code >= 400:
+            raise ServerError(f"{url} answered {response.status_code}: {_error_text(response)}")
+        return response.json()
+
+    def served_models(self) -> dict[str, list[dict]]:
+        """URL -> the models it serves (GET /models), each URL asked once with a short budget: an
+        unreachable server is named within seconds, not after the generation timeouts."""
+        quick = Backoff(attempts=2, first_delay_s=1.0, factor=1.0, max_delay_s=1.0)
+        return {url: self.request("GET", "/models", url=url, backoff=quick).get("data", []) for url in self.urls}
+
+    def engine_version(self, models: list[dict]) -> str:
+        """The server's engine and version where it says (vLLM: GET /version beside /v1)."""
+        owner = next((m.get("owned_by") for m in models if m.get("owned_by")), None) or "openai-compatible server"
+        root = self.urls[0].removesuffix("/v1")
+        try:
+            version = self._send("GET", root + "/version", None).get("version")
+        except Exception:
+            version = None
+        return f"{owner} {version}" if version else f"{owner} (version not reported)"
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _error_text(response) -> str:
+    try:
+        payload = response.json()
+        message = payload.get("error", payload)
+        if isinstance(message, dict):
+            message = message.get("message", message)
+        return str(message)[:300]
+    except ValueError:
+        return response.text[:300]
+
+
+def adapter_served_name(adapter_path: str) -> str:
+    """The name an adapter folder is served under: stable for the folder, distinct per folder."""
+    digest = hashlib.sha256(str(Path(adapter_path).resolve()).encode()).hexdigest()[:12]
+    return f"refine-af-{Path(adapter_path).parent.parent.name or 'adapter'}-{digest}"
+
+
+class OpenAIServedModel(ServedModel):
+    """One served model name on the fleet (the base model, or a LoRA adapter served by name)."""
+
+    def __init__(self, pool: ServerPool, served_model: str, tokenizer, engine_version: str):
+        self.pool, self.tokenizer = pool, tokenizer
+        self.provenance = Provenance("openai", engine_version, served_model)
+        self.capabilities = ALL_CAPABILITIES if pool.settings.logprobs else frozenset({"generate"})
+
+    def _map(self, fn, items: Sequence, progress: ProgressFn | None = None, batch_size: int = 8) -> list:
+        """fn over items with `concurrency` requests in flight, results in item order; progress per
+        `batch_size` items done."""
+        started, total = time.monotonic(), -(-len(items) // batch_size) if items else 0
+        out = []
+        with ThreadPoolExecutor(max_workers=self.pool.settings.concurrency) as pool:
+            for k, result in enumerate(pool.map(fn, items), start=1):
+                out.append(result)
+                if progress is not None and (k % batch_size == 0 or k == len(items)):
+                    progress(-(-k // batch_size), total, time.monotonic() - started)
+        return out
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, batch_size: int = 8, seed: int | None = None,
+                 progress: ProgressFn | None = None, stop_after_first_line: bool = False) -> list[Generation]:
+        def one(k_prompt):
+            k, prompt = k_prompt
+            body = dict(model=self.provenance.served_model, max_tokens=params.max_new_tokens,
+                        prompt=self.tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                        temperature=params.temperature if params.do_sample else 0.0,
+                        top_p=params.top_p if params.do_sample else 1.0)
+            if seed is not None:
+                body["seed"] = seed + k  # one stream per row: a row's text does not depend on the others
+            choice = self.pool.request("POST", "/completions", body)["choices"][0]
+            text = choice.get("text", "")
+            n_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return Generation(text, n_tokens, choice.get("finish_reason") == "length")
+
+        return self._map(one, list(enumerate(prompts)), progress, batch_size)
+
+    def _sequence_logprobs(self, sequences: Sequence[tuple[list[int], int]], batch_size: int) -> list[list[float]]:
+        def one(seq):
+            ids, n = seq
+            if n == 0:
+                return []
+            body = dict(model=self.provenance.served_model, prompt=ids, max_tokens=1, temperature=0.0, echo=True,
+                        logprobs=0)
+            choice = self.pool.request("POST", "/completions", body)["choices"][0]
+            values = (choice.get("logprobs") or {}).get("token_logprobs")
+            if not values or len(values) < len(ids):
+                raise ServerError(f"{self.pool.urls} returned no prompt log-probabilities for {self.provenance.served_model} "
+                                  "(echo with logprobs); set the resource's server_logprobs to false for this server")
+            return [math.nan if v is None else float(v) for v in values[len(ids) - n:len(ids)]]
+
+        return self._map(one, list(sequences), None, batch_size)
+
+    def continuation_logprobs(self, contexts, continuations, batch_size: int = 8) -> list[list[float]]:
+        self.require("continuation_logprobs", "continuation_logprobs")
+        return self._sequence_logprobs(scoring_sequences(self.tokenizer, contexts, continuations), batch_size)
+
+    def next_token_distribution(self, contexts, candidate_tokens, batch_size: int = 8) -> list[list[float]]:
+        self.require("next_token_distribution", "next_token_distribution")
+        candidates = first_token_ids(self.tokenizer, candidate_tokens)
+        sequences = []
+        for context in contexts:
+            ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+            sequences += [(ids + [c], 1) for c in candidates]
+        flat = self._sequence_logprobs(sequences, batch_size)
+        k = len(candidates)
+        return [renormalised([v[0] for v in flat[j * k:(j + 1) * k]]) for j in range(len(contexts))]
+
+    def close(self) -> None:
+        pass  # the pool is shared by every model of the fleet; OpenAIFleet closes it
+
+
+class OpenAIFleet:
+    """Opens served models on the fleet: checks that every URL answers and serves the model,
+    loads pipeline-trained adapters onto servers that allow it."""
+
+    def __init__(self, settings: ServerSettings, tokenizer, served_model: str | None = None, load_adapters: bool = True):
+        self.pool = ServerPool(settings)
+        self.tokenizer, self.load_adapters = tokenizer, load_adapters
+        try:
+            self.models = self.pool.served_models()
+        except ServerError as exc:
+            self.pool.close()
+            raise ServerError(f"the openai backend cannot reach its server: {exc}") from None
+        names = {url: [m.get("id") for m in models] for url, models in self.models.items()}
+        first_url = self.pool.urls[0]
+        self.base_name = served_model or (names[first_url][0] if names[first_url] else None)
+        for url, served in names.items():
+            if self.base_name not in served:
+                self.pool.close()
+                raise ServerError(f"the server at {url} does not serve the model {self.base_name!r} (it serves "
+                                  f"{', '.join(map(repr, served)) or 'nothing'}); set served_model_name")
+        self.engine_version = self.pool.engine_version(self.models[first_url])
+
+    def model(self, adapter_path: str | None = None) -> OpenAIServedModel:
+        name = self.base_name if adapter_path is None else self._adapter(adapter_path)
+        return OpenAIServedModel(self.pool, name, self.tokenizer, self.engine_version)
+
+    def _adapter(self, adapter_path: str) -> str:
+        name = adapter_served_name(adapter_path)
+        for url in self.pool.urls:
+            if name in [m.get("id") for m in self.models[url]]:
+                continue
+            if not self.load_adapters:
+                raise ServerError(f"the server at {url} does not serve the adapter {adapter_path} as {name!r}; serve "
+                                  f"it under that name (vllm serve ... --enable-lora --lora-modules {name}={adapter_path})")
+            try:
+                self.pool.request("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter_path)},
+                                  url=url.removesuffix("/v1") + "/v1")
+            except ServerError as exc:
+                raise ServerError(
+                    f"the server at {url} does not serve the adapter {adapter_path} as {name!r} and did not load it "
+                    f"({exc}); start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True on a machine "
+                    f"that sees that folder, or serve it with --lora-modules {name}={adapter_path}") from None
+        return name
+
+    def close(self) -> None:
+        self.pool.close()
