@@ -74,6 +74,8 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
     adapters = {label: upstream_adapter(context, asset) if asset else None for label, asset in EVALUATED_MODELS.items()}
     # One copy of the base weights; the tuned models are its two LoRA adapters.
     models = language_model.open_models(adapters)
+    for model in models.values():
+        model.require("continuation_logprobs", "evaluation (the reference log-likelihood)")
     task_rows, prediction_rows = [], []
     by_metric: dict[str, dict[str, dict[str, float]]] = {m: {} for m in METRICS}
     for label, model in models.items():

@@ -50,7 +50,7 @@ class _Decider:
         kept = [row for row in rows if row["decision"] == "kept"]
         if kept:
             if model is None:
-                model = self.language_model.open_models({"base": None})["base"]
+                model = _labeller(self.language_model)
             labels = classify_instructions(model, [row["instruction"] for row in kept],
                                            self.language_model.scoring_batch_size)
             for row, (label, p) in zip(kept, labels):
@@ -64,6 +64,13 @@ class _Decider:
     @property
     def kept_total(self) -> int:
         return len(self.kept)
+
+
+def _labeller(language_model: LanguageModelResource) -> ServedModel:
+    """The base model, which writes the instructions and labels the kept ones."""
+    model = language_model.open_models({"base": None})["base"]
+    model.require("next_token_distribution", "bootstrap_instructions (the is-classification label of kept instructions)")
+    return model
 
 
 def _decision_frame(rows: list[dict]) -> pl.DataFrame:
@@ -133,7 +140,7 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
     pending = plan.pending()
     rows_this_run, stopped_early = 0, False
     if pending:
-        model = language_model.open_models({"base": None})["base"]
+        model = _labeller(language_model)
         served = model.provenance
         context.log.info(f"generating {len(pending)} batches of up to {step} prompts with {served.served_model} "
                          f"({served.backend}, {served.engine_version})")

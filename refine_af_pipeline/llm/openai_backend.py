@@ -46,6 +46,7 @@ class ServerSettings:
     base_urls: tuple[str, ...]
     api_key: str | None = None
     concurrency: int = 8
+    scoring_concurrency: int | None = None  # log-probability requests in flight (None: concurrency)
     timeout_s: float = 300.0  # one request; a long generation on a loaded server takes a while
     connect_timeout_s: float = 3.0
     attempts: int = 4  # tries per request, the first included
@@ -106,7 +107,10 @@ class ServerPool:
             raise _TransientServerError(f"{url} answered {response.status_code}: {_error_text(response)}")
         if response.status_code >= 400:
             raise ServerError(f"{url} answered {response.status_code}: {_error_text(response)}")
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:  # vLLM's adapter loading answers in plain text
+            return {"text": response.text}
 
     def served_models(self) -> dict[str, list[dict]]:
         """URL -> the models it serves (GET /models), each URL asked once with a short budget: an
@@ -140,9 +144,15 @@ def _error_text(response) -> str:
 
 
 def adapter_served_name(adapter_path: str) -> str:
-    """The name an adapter folder is served under: stable for the folder, distinct per folder."""
-    digest = hashlib.sha256(str(Path(adapter_path).resolve()).encode()).hexdigest()[:12]
-    return f"refine-af-{Path(adapter_path).parent.parent.name or 'adapter'}-{digest}"
+    """The name an adapter folder is served under: the stage that wrote it and a digest of its
+    weights, so a folder rewritten with other weights is never answered from the server's copy of
+    the old ones."""
+    folder = Path(adapter_path)
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            digest.update((folder / name).read_bytes())
+    return f"refine-af-{folder.parent.parent.name or 'adapter'}-{digest.hexdigest()[:12]}"
 
 
 class OpenAIServedModel(ServedModel):
@@ -153,12 +163,13 @@ class OpenAIServedModel(ServedModel):
         self.provenance = Provenance("openai", engine_version, served_model)
         self.capabilities = ALL_CAPABILITIES if pool.settings.logprobs else frozenset({"generate"})
 
-    def _map(self, fn, items: Sequence, progress: ProgressFn | None = None, batch_size: int = 8) -> list:
-        """fn over items with `concurrency` requests in flight, results in item order; progress per
-        `batch_size` items done."""
+    def _map(self, fn, items: Sequence, progress: ProgressFn | None = None, batch_size: int = 8,
+             workers: int | None = None) -> list:
+        """fn over items with `workers` (default: concurrency) requests in flight, results in item
+        order; progress per `batch_size` items done."""
         started, total = time.monotonic(), -(-len(items) // batch_size) if items else 0
         out = []
-        with ThreadPoolExecutor(max_workers=self.pool.settings.concurrency) as pool:
+        with ThreadPoolExecutor(max_workers=workers or self.pool.settings.concurrency) as pool:
             for k, result in enumerate(pool.map(fn, items), start=1):
                 out.append(result)
                 if progress is not None and (k % batch_size == 0 or k == len(items)):
@@ -196,7 +207,8 @@ class OpenAIServedModel(ServedModel):
                                   "(echo with logprobs); set the resource's server_logprobs to false for this server")
             return [math.nan if v is None else float(v) for v in values[len(ids) - n:len(ids)]]
 
-        return self._map(one, list(sequences), None, batch_size)
+        settings = self.pool.settings
+        return self._map(one, list(sequences), None, batch_size, settings.scoring_concurrency or settings.concurrency)
 
     def continuation_logprobs(self, contexts, continuations, batch_size: int = 8) -> list[list[float]]:
         self.require("continuation_logprobs", "continuation_logprobs")

