@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 ALPACA_FIELDS = ("instruction", "input", "output")
 # Which run, model, adapter, sampling and judges made each row (policy_adapter is null for the
 # Self-Instruct baseline, whose instances the base model wrote).
-PROVENANCE_FIELDS = ("dataset", "instance_id", "instruction_id", "reward", "policy_adapter", "model_id",
-                     "sampling_params", "scorers", "run_id")
+PROVENANCE_FIELDS = ("dataset", "instance_id", "instruction_id", "reward", "policy_adapter", "model_id", "backend",
+                     "engine_version", "sampling_params", "scorers", "run_id")
 EXPORT_FIELDS = ALPACA_FIELDS + PROVENANCE_FIELDS
 _TEXT_FIELDS = [f for f in EXPORT_FIELDS if f != "reward"]
 
@@ -33,8 +33,9 @@ def export_rows(pairs: pl.DataFrame, dataset: str) -> pl.DataFrame:
     """The kept instances of an instance-pairs table in the export layout, with fixed column types
     (an all-null column such as the baseline's policy_adapter would otherwise have no type)."""
     kept = pairs.filter(pl.col("keep")).with_columns(pl.lit(dataset).alias("dataset"))
+    # A table written before the backend columns existed exports them as null.
     return kept.select(
-        *[pl.col(f).cast(pl.Utf8) for f in _TEXT_FIELDS],
+        *[(pl.col(f) if f in kept.columns else pl.lit(None)).cast(pl.Utf8).alias(f) for f in _TEXT_FIELDS],
         pl.col("reward").cast(pl.Float64),
     ).select(EXPORT_FIELDS).sort("instance_id")
 

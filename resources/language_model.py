@@ -142,7 +142,7 @@ class LanguageModelResource(dg.ConfigurableResource):
             return {label: fleet.model(path) for label, path in adapters.items()}
         if backend == "vllm":
             models, engine = open_vllm_models(source.path, source.model_id, adapters,
-                                              dtype=self.dtype if self.dtype != "auto" else "auto",
+                                              dtype=self.dtype,
                                               gpu_memory_utilization=self.vllm_gpu_memory_utilization,
                                               max_model_len=self.vllm_max_model_len)
             self._opened.append(engine)

