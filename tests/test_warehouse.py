@@ -42,3 +42,14 @@ def test_locked_database_gives_a_clear_error_quickly(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_append_with_a_new_column_adds_it_and_the_old_rows_read_null(tmp_path):
+    wh = Warehouse(database=str(tmp_path / "w.duckdb"))
+    wh.write_table("t", pl.DataFrame({"a": [1], "model_id": ["m"]}))
+    wh.write_table("t", pl.DataFrame({"a": [2], "model_id": ["m"], "backend": ["openai"]}), mode="append")
+    assert wh.read_table("t", order_by="a").to_dicts() == [{"a": 1, "model_id": "m", "backend": None},
+                                                            {"a": 2, "model_id": "m", "backend": "openai"}]
+    with pytest.raises(Exception):  # rows without the table's columns are not a newer version of it
+        wh.write_table("t", pl.DataFrame({"other": [1]}), mode="append")
+    assert wh.read_table("t").columns == ["a", "model_id", "backend"]
