@@ -131,6 +131,31 @@ class ServedModel:
         """Release what the model holds (engine, connections); the model is unusable afterwards."""
 
 
+class TokenScoringModel(ServedModel):
+    """A backend that scores token sequences (`_sequence_logprobs`): continuations are scored on
+    the joined token ids, and the next-token distribution on the context with each candidate
+    appended. The engine backends (vllm, openai) are of this kind."""
+
+    def _sequence_logprobs(self, sequences: Sequence[tuple[list[int], int]], batch_size: int) -> list[list[float]]:
+        """Per (token ids, n): the log-probabilities of the last n tokens, each given those before it."""
+        raise NotImplementedError
+
+    def continuation_logprobs(self, contexts, continuations, batch_size: int = 8) -> list[list[float]]:
+        self.require("continuation_logprobs", "continuation_logprobs")
+        return self._sequence_logprobs(scoring_sequences(self.tokenizer, contexts, continuations), batch_size)
+
+    def next_token_distribution(self, contexts, candidate_tokens, batch_size: int = 8) -> list[list[float]]:
+        self.require("next_token_distribution", "next_token_distribution")
+        candidates = first_token_ids(self.tokenizer, candidate_tokens)
+        sequences = []
+        for context in contexts:
+            ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+            sequences += [(ids + [c], 1) for c in candidates]
+        flat = self._sequence_logprobs(sequences, batch_size)
+        k = len(candidates)
+        return [renormalised([v[0] for v in flat[j * k:(j + 1) * k]]) for j in range(len(contexts))]
+
+
 def mean_logprob(logprobs: Sequence[float]) -> float:
     """Mean per-token log-likelihood; NaN for a continuation with no scored token."""
     return sum(logprobs) / len(logprobs) if logprobs else math.nan

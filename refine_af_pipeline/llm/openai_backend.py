@@ -26,8 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backend import (ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, ServedModel,
-                      first_token_ids, renormalised, scoring_sequences)
+from .backend import ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel
 from .retry import Backoff, RetriesExhausted, call_with_retry
 
 _RETRIED_STATUS = {429} | set(range(500, 600))
@@ -155,7 +154,7 @@ def adapter_served_name(adapter_path: str) -> str:
     return f"refine-af-{folder.parent.parent.name or 'adapter'}-{digest.hexdigest()[:12]}"
 
 
-class OpenAIServedModel(ServedModel):
+class OpenAIServedModel(TokenScoringModel):
     """One served model name on the fleet (the base model, or a LoRA adapter served by name)."""
 
     def __init__(self, pool: ServerPool, served_model: str, tokenizer, engine_version: str):
@@ -213,21 +212,6 @@ class OpenAIServedModel(ServedModel):
 
         settings = self.pool.settings
         return self._map(one, list(sequences), None, batch_size, settings.scoring_concurrency or settings.concurrency)
-
-    def continuation_logprobs(self, contexts, continuations, batch_size: int = 8) -> list[list[float]]:
-        self.require("continuation_logprobs", "continuation_logprobs")
-        return self._sequence_logprobs(scoring_sequences(self.tokenizer, contexts, continuations), batch_size)
-
-    def next_token_distribution(self, contexts, candidate_tokens, batch_size: int = 8) -> list[list[float]]:
-        self.require("next_token_distribution", "next_token_distribution")
-        candidates = first_token_ids(self.tokenizer, candidate_tokens)
-        sequences = []
-        for context in contexts:
-            ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
-            sequences += [(ids + [c], 1) for c in candidates]
-        flat = self._sequence_logprobs(sequences, batch_size)
-        k = len(candidates)
-        return [renormalised([v[0] for v in flat[j * k:(j + 1) * k]]) for j in range(len(contexts))]
 
     def close(self) -> None:
         pass  # the pool is shared by every model of the fleet; OpenAIFleet closes it

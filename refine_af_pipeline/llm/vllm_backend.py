@@ -13,8 +13,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
-from .backend import (ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, ServedModel,
-                      first_token_ids, renormalised, scoring_sequences)
+from .backend import ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel
 
 
 def vllm_available() -> bool:
@@ -92,7 +91,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-class VLLMServedModel(ServedModel):
+class VLLMServedModel(TokenScoringModel):
     capabilities = ALL_CAPABILITIES
 
     def __init__(self, engine: VLLMEngine, lora_request=None):
@@ -134,7 +133,7 @@ class VLLMServedModel(ServedModel):
             out.append(Generation(completion.text, len(completion.token_ids), completion.finish_reason == "length"))
         return out
 
-    def _sequence_logprobs(self, sequences: Sequence[tuple[list[int], int]]) -> list[list[float]]:
+    def _sequence_logprobs(self, sequences: Sequence[tuple[list[int], int]], batch_size: int = 8) -> list[list[float]]:
         import vllm
 
         scored = [(k, s) for k, s in enumerate(sequences) if s[1] > 0]
@@ -152,19 +151,6 @@ class VLLMServedModel(ServedModel):
                 values.append(math.nan if entry is None else float(entry[ids[position]].logprob))
             out[k] = values
         return out
-
-    def continuation_logprobs(self, contexts, continuations, batch_size: int = 8) -> list[list[float]]:
-        return self._sequence_logprobs(scoring_sequences(self.tokenizer, contexts, continuations))
-
-    def next_token_distribution(self, contexts, candidate_tokens, batch_size: int = 8) -> list[list[float]]:
-        candidates = first_token_ids(self.tokenizer, candidate_tokens)
-        sequences = []
-        for context in contexts:
-            ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
-            sequences += [(ids + [c], 1) for c in candidates]
-        flat = self._sequence_logprobs(sequences)
-        k = len(candidates)
-        return [renormalised([v[0] for v in flat[j * k:(j + 1) * k]]) for j in range(len(contexts))]
 
 
 def open_vllm_models(model_path: str, served_model: str, adapters: Mapping[str, str | None], **engine_kwargs):
