@@ -77,16 +77,15 @@ def path_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: in
     return sum(g.n_tokens for g in generate(model, tokenizer, prompts, params, batch_size, seed))
 
 
-def backend_rates(model, prompts, batch_sizes, max_new_tokens: int, seed: int, concurrency_is_batch: bool = False):
-    """{batch size: tokens/s} of a ServedModel on the prompts."""
+def backend_rates(model_for, prompts, batch_sizes, max_new_tokens: int, seed: int):
+    """{batch size: (tokens, seconds)} of `model_for(batch size)`, a ServedModel, on the prompts."""
     from refine_af_pipeline.llm.backend import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.95, do_sample=True)
-    model.generate(prompts[:2], SamplingParams(max_new_tokens=8), 2, seed)  # warm-up
     rates = {}
     for batch_size in batch_sizes:
-        if concurrency_is_batch:
-            model.pool.settings = type(model.pool.settings)(**{**model.pool.settings.__dict__, "concurrency": batch_size})
+        model = model_for(batch_size)
+        model.generate(prompts[:2], SamplingParams(max_new_tokens=8), 2, seed)  # warm-up
         started = time.perf_counter()
         tokens = sum(g.n_tokens for g in model.generate(prompts, params, batch_size, seed))
         rates[batch_size] = (tokens, time.perf_counter() - started)
@@ -102,7 +101,7 @@ def vllm_offline(args) -> None:
     models, engine = open_vllm_models(source.path, source.model_id, {"base": None})
     try:
         prompts = chat_prompts(models["base"].tokenizer, args.prompts)
-        rates = backend_rates(models["base"], prompts, args.batch_sizes, args.max_new_tokens, args.seed)
+        rates = backend_rates(lambda _: models["base"], prompts, args.batch_sizes, args.max_new_tokens, args.seed)
     finally:
         engine.close()
     print("RATES " + json.dumps({str(b): v for b, v in rates.items()}), flush=True)
@@ -129,10 +128,10 @@ def run_openai(python: Path, model_dir: str, tokenizer, args) -> dict[int, tuple
     with tempfile.TemporaryDirectory() as tmp:
         server = VLLMServer(python, Path(model_dir), Path(tmp) / "server.log", lora=False)
         try:
-            fleet = OpenAIFleet(ServerSettings((server.url,)), tokenizer)
             prompts = chat_prompts(tokenizer, args.prompts)
-            return backend_rates(fleet.model(), prompts, args.batch_sizes, args.max_new_tokens, args.seed,
-                                 concurrency_is_batch=True)
+            # A client per batch size: its connection pool is sized by its concurrency.
+            return backend_rates(lambda n: OpenAIFleet(ServerSettings((server.url,), concurrency=n), tokenizer).model(),
+                                 prompts, args.batch_sizes, args.max_new_tokens, args.seed)
         finally:
             server.stop()
 
