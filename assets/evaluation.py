@@ -1,4 +1,4 @@
-"""Stage 5: the paper's comparison. Base, Self-Instruct-tuned and REFINE-AF-tuned models answer
+"""Stage 5: the paper's comparison. Base, Self-Instruct-, REFINE-AF- and TeaMs-RL-tuned models answer
 held-out tasks in the Super-NaturalInstructions format zero-shot; ROUGE-L and the reference
 log-likelihood per task and model, and for each pair of models and each metric the share of tasks
 one beats the other with a bootstrap CI."""
@@ -16,6 +16,7 @@ from refine_af_pipeline.llm.backend import SamplingParams
 from refine_af_pipeline.plots import bar_panels_png
 from refine_af_pipeline.llm.prompts import evaluation_prompt
 from refine_af_pipeline.evaluation.task_comparison import mean_per_model, summary_rows, tasks_differing
+from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
@@ -23,10 +24,13 @@ from .metadata import metadata_table, peak_memory, png_markdown, progress_logger
 from .shared import provenance_columns, upstream_adapter
 
 # Model label in the tables -> the fine-tuning asset whose adapter it is (None: the base model).
-EVALUATED_MODELS = {"base": None, "self_instruct": "selfinstruct_finetuned_model", "refine_af": "finetuned_model"}
-# (candidate, reference): the paper's comparison first, then each tuned model against the base.
+EVALUATED_MODELS = {"base": None, "self_instruct": "selfinstruct_finetuned_model", "refine_af": "finetuned_model",
+                    "teams_rl": "teams_finetuned_model"}
+# (candidate, reference), every pair: the paper's comparison first, then each tuned model against
+# the base, then TeaMs-RL against the other two methods.
 TUNED = [a for a in EVALUATED_MODELS.values() if a]
-COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "base"), ("self_instruct", "base")]
+COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "base"), ("self_instruct", "base"), ("teams_rl", "base"),
+               ("teams_rl", "self_instruct"), ("teams_rl", "refine_af")]
 CHECK_NAME = "refine_af_beats_self_instruct"
 
 
@@ -46,7 +50,7 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
     specs=[
         dg.AssetSpec("evaluation", deps=TUNED, kinds={"duckdb", "pytorch"}, description=(
             "One row per (held-out task, model): the task's mean ROUGE-L of the first answer line and mean "
-            "reference log-likelihood, for the base, Self-Instruct-tuned and REFINE-AF-tuned models.")),
+            "reference log-likelihood, for the base, Self-Instruct-, REFINE-AF- and TeaMs-RL-tuned models.")),
         dg.AssetSpec("evaluation_predictions", deps=TUNED, kinds={"duckdb"}, description=(
             "One row per (evaluation instance, model): the greedy answer's first line, its ROUGE-L against "
             "the best reference, the best reference's mean per-token log-likelihood, the references.")),
@@ -72,8 +76,9 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
     params = SamplingParams(max_new_tokens=config.max_new_tokens, do_sample=False)
     counts = Counter(t.name for t, _ in items)
     adapters = {label: upstream_adapter(context, asset) if asset else None for label, asset in EVALUATED_MODELS.items()}
-    # One copy of the base weights; the tuned models are its two LoRA adapters.
-    models = language_model.open_models(adapters)
+    # One copy of the base weights; the tuned models are its LoRA adapters.
+    queries = QueryCounter()
+    models = {label: queries.wrap(m, "evaluated") for label, m in language_model.open_models(adapters).items()}
     for model in models.values():
         model.require("continuation_logprobs", "evaluation (the reference log-likelihood)")
     task_rows, prediction_rows = [], []
@@ -132,6 +137,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
             "summary": metadata_table(_summary_view(summary)),
             "per_task": metadata_table(_per_task_view(by_metric)),
             "chart": png_markdown(_chart(by_metric, means), "ROUGE-L and reference log-likelihood per task"),
+            "llm_queries": queries.as_json(),
             **peak_memory(language_model.resolved_device()),
         })
     yield dg.AssetCheckResult(
@@ -180,4 +186,4 @@ def _chart(by_metric: dict[str, dict[str, dict[str, float]]], means: dict[str, d
     panels = {metric: {m: [*(by_metric[metric][m][t] for t in tasks), means[metric][m]] for m in EVALUATED_MODELS}
               for metric in METRICS}
     return bar_panels_png([*short, "MEAN"], panels,
-                          "Per held-out task: ROUGE-L and reference log-likelihood (nats/token); base, Self-Instruct, REFINE-AF")
+                          "Per held-out task: ROUGE-L and reference log-likelihood (nats/token); base, Self-Instruct, REFINE-AF, TeaMs-RL")

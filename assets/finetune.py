@@ -105,3 +105,8 @@ selfinstruct_finetuned_model = build_finetuned_model_asset(
     "selfinstruct_finetuned_model", "selfinstruct_instance_pairs",
     description="The Self-Instruct baseline: the same SFT of the base model on the kept triples the base model "
                 "wrote (selfinstruct_instance_pairs), with the same settings as finetuned_model.")
+
+teams_finetuned_model = build_finetuned_model_asset(
+    "teams_finetuned_model", "teams_instruction_pairs",
+    description="TeaMs-RL: the same SFT of the base model on the kept (evolved instruction, expert answer) pairs "
+                "(teams_instruction_pairs), with the same settings as finetuned_model.")

@@ -10,6 +10,7 @@ import polars as pl
 
 from refine_af_pipeline.llm.backend import SamplingParams
 from refine_af_pipeline.instructions.instances import InstancePairsSettings, filter_reason, generate_scored_instances
+from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
 
@@ -60,13 +61,14 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
         params = SamplingParams(settings["max_new_tokens"], settings["temperature"], settings["top_p"],
                                 settings["do_sample"])
         pending = plan.pending()
+        queries = QueryCounter()
         device = language_model.resolved_device()
         if pending:
             stats = base_component_stats(warehouse)
             # The judge is always the plain base model; one copy of the weights serves both (the RL
             # policy is that copy with its adapter on).
             models = language_model.open_models({"policy": adapter, "judge": None})
-            policy, judge = models["policy"], models["judge"]
+            policy, judge = queries.wrap(models["policy"], "generator"), queries.wrap(models["judge"], "judge")
             scorer = feedback_scorer.build(judge, device, stats, language_model.scoring_batch_size)
             versions = scorer.versions()
             report = progress_logger(context, name, settings["batch_size"] * params.max_new_tokens)
@@ -98,6 +100,7 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
             "batches_planned": len(plan.batches),
             "batches_committed_before_this_run": len(plan.batches) - len(pending),
             "batches_generated": len(pending),
+            "llm_queries": queries.as_json(),
             **peak_memory(device),
         })
 

@@ -15,6 +15,7 @@ from refine_af_pipeline.instructions.bootstrap import (BootstrapPrompt, Bootstra
                                                        deduplication_rows, generate_instruction_rows, sample_prompt)
 from refine_af_pipeline.llm.backend import SamplingParams, ServedModel
 from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
+from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger
 
@@ -35,14 +36,15 @@ class BootstrapConfig(dg.Config, BootstrapSettings):
 class _Decider:
     """Decides raw rows in order against the seeds and the kept pool, labels the kept ones."""
 
-    def __init__(self, warehouse: Warehouse, language_model: LanguageModelResource, seeds: list[str]):
+    def __init__(self, warehouse: Warehouse, language_model: LanguageModelResource, seeds: list[str],
+                 queries: QueryCounter):
         done = warehouse.read_table(DEDUP)
         self.decided = set() if done is None else set(done["instruction_id"].to_list())
         kept = [] if done is None else done.filter(pl.col("decision") == "kept").to_dicts()
         # The kept pool (earlier runs' and this run's): the machine examples and the target.
         self.kept = [PoolItem(r["instruction_id"], r["instruction"], bool(r["is_classification"])) for r in kept]
         self.dedup = RougeDeduplicator(seeds + [k.instruction for k in self.kept], DEFAULT_THRESHOLD)
-        self.language_model = language_model
+        self.language_model, self.queries = language_model, queries
         self.rows: list[dict] = []  # decided by this run
 
     def decide(self, raw_rows: list[dict], run_id: str, model: ServedModel | None = None) -> pl.DataFrame:
@@ -50,7 +52,7 @@ class _Decider:
         kept = [row for row in rows if row["decision"] == "kept"]
         if kept:
             if model is None:
-                model = _labeller(self.language_model)
+                model = _labeller(self.language_model, self.queries)
             labels = classify_instructions(model, [row["instruction"] for row in kept],
                                            self.language_model.scoring_batch_size)
             for row, (label, p) in zip(kept, labels):
@@ -66,9 +68,9 @@ class _Decider:
         return len(self.kept)
 
 
-def _labeller(language_model: LanguageModelResource) -> ServedModel:
-    """The base model, which writes the instructions and labels the kept ones."""
-    model = language_model.open_models({"base": None})["base"]
+def _labeller(language_model: LanguageModelResource, queries: QueryCounter) -> ServedModel:
+    """The base model, which writes the instructions (generator) and labels the kept ones (judge)."""
+    model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
     model.require("next_token_distribution", "bootstrap_instructions (the is-classification label of kept instructions)")
     return model
 
@@ -114,7 +116,8 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
         "resume_unfinished is off; its committed rows and their decisions stay"))
     seeds_df = warehouse.read_table("seed_pool")
     seeds = [PoolItem(r["id"], r["instruction"], r["is_classification"]) for r in seeds_df.iter_rows(named=True)]
-    decider = _Decider(warehouse, language_model, seeds_df["instruction"].to_list())
+    queries = QueryCounter()
+    decider = _Decider(warehouse, language_model, seeds_df["instruction"].to_list(), queries)
     # Raw rows without a decision (a database from before both were committed together): decided
     # first, in generation order, so the pool below is complete.
     if warehouse.table_exists(RAW):
@@ -129,7 +132,7 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
                          "nothing generated")
         yield dg.MaterializeResult(asset_key=RAW, metadata={
             **stored_table_metadata(warehouse, RAW, RAW_PREVIEW), "rows_this_run": 0,
-            "skipped": "target pool size reached"})
+            "skipped": "target pool size reached", "llm_queries": queries.as_json()})
         yield _dedup_result(warehouse, decider, language_model)
         return
     if plan is None:
@@ -140,7 +143,7 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
     pending = plan.pending()
     rows_this_run, stopped_early = 0, False
     if pending:
-        model = _labeller(language_model)
+        model = _labeller(language_model, queries)
         served = model.provenance
         context.log.info(f"generating {len(pending)} batches of up to {step} prompts with {served.served_model} "
                          f"({served.backend}, {served.engine_version})")
@@ -176,6 +179,7 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
         "parsed_instructions": df.filter(pl.col("parse_status") == "ok").height,
         "unparseable_responses": df.filter(pl.col("parse_status") != "ok").height,
         "model_id": df["model_id"][0] if df.height else "",
+        "llm_queries": queries.as_json(),
         **peak_memory(language_model.resolved_device()),
     })
     yield _dedup_result(warehouse, decider, language_model)

@@ -9,6 +9,7 @@ import polars as pl
 from refine_af_pipeline.feedback.calibration import calibrate, read_ratings
 from refine_af_pipeline.feedback.scores import COMPONENTS
 from refine_af_pipeline.instructions.instances import RewardScoresSettings, generate_scored_instances, restandardise
+from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
@@ -43,7 +44,8 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     # A bad ratings file fails the run before any generation.
     ratings = read_ratings(feedback_scorer.calibration_csv) if feedback_scorer.calibration_csv else None
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
-    model = language_model.open_models({"base": None})["base"]
+    queries = QueryCounter()
+    model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
     device = language_model.resolved_device()
     scorer = feedback_scorer.build(model, device, batch_size=language_model.scoring_batch_size)
     params = config.sampling_params()
@@ -76,6 +78,7 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
         "mean_reward": float(df["reward"].mean()),
         "format_gate_pass_rate": passed.height / max(df.height, 1),
         "scorers": dg.MetadataValue.json(versions),
+        "llm_queries": queries.as_json(),
         **peak_memory(device),
     })
     yield dg.MaterializeResult(asset_key=STANDARDISATION, metadata={

@@ -10,6 +10,7 @@ import polars as pl
 
 from refine_af_pipeline.feedback.scores import COMPONENTS
 from refine_af_pipeline.evaluation.heldout import HeldoutCheckSettings, generate_both, per_instruction_rows, summarise
+from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import metadata_table, peak_memory, table_metadata
@@ -54,14 +55,16 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
         warehouse.write_table("rl_heldout_comparison", pl.DataFrame(schema=_EMPTY_SCHEMA))
         reason = f"no held-out instructions (heldout_share {heldout_share}); grow the pool or raise it"
         context.log.warning(reason)
-        return dg.MaterializeResult(metadata={"heldout_instructions": 0, "reason": reason}, check_results=[
+        return dg.MaterializeResult(metadata={"heldout_instructions": 0, "reason": reason, "llm_queries": "{}"}, check_results=[
             dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, severity=dg.AssetCheckSeverity.WARN,
                                 metadata={"reason": reason, "pass_rule": PASS_RULE})])
     adapter = upstream_adapter(context, "rl_refined_policy", policy)
     # One copy of the weights: the policy is the base model with its adapter on, the base model (also
     # the judge, exactly as in reward_scores and the RL reward) the same with it off.
     models = language_model.open_models({"base": None, "policy": adapter})
-    base, policy = models["base"], models["policy"]
+    queries = QueryCounter()
+    base = queries.wrap(models["base"], "generator", scoring_role="judge")
+    policy = queries.wrap(models["policy"], "generator")
     device = language_model.resolved_device()
     scorer = feedback_scorer.build(base, device, base_component_stats(warehouse), language_model.scoring_batch_size)
     params = config.sampling_params()
@@ -110,6 +113,7 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
     return dg.MaterializeResult(
         metadata={**table_metadata(df, ["instruction", "base_reward", "policy_reward", "outcome"]), **figures,
                   "policy_adapter": dg.MetadataValue.path(adapter),
-                  "comparison_seconds": round(time.monotonic() - started, 1), **peak_memory(device)},
+                  "comparison_seconds": round(time.monotonic() - started, 1), "llm_queries": queries.as_json(),
+                  **peak_memory(device)},
         check_results=[dg.AssetCheckResult(check_name=CHECK_NAME, passed=bool(passed),
                                            severity=dg.AssetCheckSeverity.WARN, metadata=figures)])

@@ -12,6 +12,7 @@ from refine_af_pipeline.llm.adapters import AdapterView
 from refine_af_pipeline.feedback.scores import COMPONENTS
 from refine_af_pipeline.training.rl_diagnostics import reward_hacking_warnings
 from refine_af_pipeline.training.rl import RLSettings, train_policy
+from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import peak_memory, png_markdown, table_metadata
@@ -41,7 +42,8 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
     # The judge is the base model: under transformers the policy's own weights with its LoRA
     # adapter switched off (bound once the trainer has wrapped the policy), else the chosen engine's.
     judge = AdapterView()
-    scorer = feedback_scorer.build(language_model.judge_model(judge, tokenizer, source), device, stats,
+    queries = QueryCounter()
+    scorer = feedback_scorer.build(queries.wrap(language_model.judge_model(judge, tokenizer, source), "judge"), device, stats,
                                    language_model.scoring_batch_size)
     out_dir = artifact_store.run_dir("rl_refined_policy", context.run_id)
     started = time.monotonic()
@@ -56,6 +58,8 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
     result = train_policy(policy, tokenizer, train["instruction"].to_list(), scorer, config, out_dir, device, on_log,
                           base_view=judge)
     seconds = time.monotonic() - started
+    # TRL generates the completions itself: one generator query per completion of every logged step.
+    queries.add("generator", len(result.log) * config.prompts_per_step * config.group_size)
     df = pl.DataFrame(result.log).with_columns(
         pl.lit(context.run_id).alias("run_id"), pl.lit(str(result.adapter_dir)).alias("adapter_path"),
         pl.lit(source.model_id).alias("base_model_id"), pl.lit(json.dumps(config.model_dump())).alias("settings"),
@@ -77,6 +81,7 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
         "heldout_instructions": kept.height - train.height,
         "heldout_share": share,
         "train_seconds": round(seconds, 1),
+        "llm_queries": queries.as_json(),
         **peak_memory(device),
     })
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import (checks, evaluation, exports, finetune, instance_pairs, instructions, rewards, rl_heldout, rl_policy,
-                    seed_pool)
+from assets import (checks, evaluation, exports, finetune, instance_pairs, instructions, query_ledger, rewards, rl_heldout,
+                    rl_policy, seed_pool, teams)
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
-STAGE_MODULES = [seed_pool, instructions, rewards, rl_policy, rl_heldout, instance_pairs, finetune, evaluation, exports]
+STAGE_MODULES = [seed_pool, instructions, rewards, rl_policy, rl_heldout, instance_pairs, teams, finetune, evaluation,
+                 query_ledger, exports]
 
 
 def data_dir() -> Path:
@@ -24,21 +25,38 @@ def data_dir() -> Path:
     return Path("data")
 
 
+def model_resource(prefix: str = "REFINE_AF", fallback: str | None = None) -> LanguageModelResource:
+    """A language model from the environment: {prefix}_MODEL, _DEVICE, _DTYPE, _BACKEND, _BASE_URLS,
+    _SERVED_MODEL, _API_KEY; an unset variable falls back to `fallback`'s (the expert model reads
+    REFINE_AF_EXPERT_*, else the base model's settings)."""
+    def env(name: str, default=None):
+        value = os.environ.get(f"{prefix}_{name}")
+        if value is None and fallback:
+            value = os.environ.get(f"{fallback}_{name}")
+        return value if value is not None else default
+
+    key_var = next((f"{p}_API_KEY" for p in (prefix, fallback) if p and os.environ.get(f"{p}_API_KEY")), None)
+    return LanguageModelResource(
+        model=env("MODEL", "embedded"),
+        device=env("DEVICE", "auto"),
+        dtype=env("DTYPE", "auto"),
+        backend=env("BACKEND", "auto"),
+        base_urls=[u.strip() for u in env("BASE_URLS", "").split(",") if u.strip()],
+        served_model_name=env("SERVED_MODEL") or None,
+        # Read when a step starts; Dagster shows the variable's name, never its value.
+        api_key=dg.EnvVar(key_var) if key_var else None,
+    )
+
+
 def default_resources(root: Path | None = None) -> dict:
     root = Path(root or data_dir()).resolve()
     return {
         "warehouse": Warehouse(database=str(root / "refine_af.duckdb")),
         "artifact_store": ArtifactStore(root=str(root / "artifacts")),
-        "language_model": LanguageModelResource(
-            model=os.environ.get("REFINE_AF_MODEL", "embedded"),
-            device=os.environ.get("REFINE_AF_DEVICE", "auto"),
-            dtype=os.environ.get("REFINE_AF_DTYPE", "auto"),
-            backend=os.environ.get("REFINE_AF_BACKEND", "auto"),
-            base_urls=[u.strip() for u in os.environ.get("REFINE_AF_BASE_URLS", "").split(",") if u.strip()],
-            served_model_name=os.environ.get("REFINE_AF_SERVED_MODEL") or None,
-            # Read when a step starts; Dagster shows the variable's name, never its value.
-            api_key=dg.EnvVar("REFINE_AF_API_KEY") if os.environ.get("REFINE_AF_API_KEY") else None,
-        ),
+        "language_model": model_resource(),
+        # TeaMs-RL's expert (executes the learned chains, answers them): the base model unless
+        # REFINE_AF_EXPERT_* (or the resource's config) points it at a larger or served model.
+        "expert_model": model_resource("REFINE_AF_EXPERT", fallback="REFINE_AF"),
         "feedback_scorer": FeedbackScorerResource(),
     }
 
@@ -49,8 +67,8 @@ all_checks = dg.load_asset_checks_from_modules([checks])
 refine_af_job = dg.define_asset_job(
     "refine_af_job",
     selection=dg.AssetSelection.all(),
-    description="Materialize the whole REFINE-AF graph: seeds, both branches (REFINE-AF and the Self-Instruct "
-                "baseline), their evaluation and the dataset exports.",
+    description="Materialize the whole REFINE-AF graph: seeds, the three branches (REFINE-AF, the Self-Instruct "
+                "baseline, TeaMs-RL), their evaluation, the query ledger and the dataset exports.",
 )
 
 
@@ -71,7 +89,7 @@ def regeneration_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunReques
 
 
 # Steps preloaded by the forkserver: a spawned step spent ~6 s importing torch, transformers and
-# TRL before its first line, and a run has 15 steps. Importing does not start torch's thread pools
+# TRL before its first line, and a run has 21 steps. Importing does not start torch's thread pools
 # or touch CUDA, so forking after it is safe.
 FORKSERVER_PRELOAD = ["refine_af_pipeline.definitions", "torch", "transformers", "peft", "trl", "sentence_transformers"]
 

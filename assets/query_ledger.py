@@ -1,0 +1,85 @@
+"""The query ledger: every model query of every stage, by role, from each stage's latest
+materialization (each records its own counts as `llm_queries`), so the branches' costs can be
+compared as TeaMs-RL compares its expert queries with WizardLM's."""
+
+
+import json
+
+import dagster as dg
+import polars as pl
+
+from refine_af_pipeline.llm.query_count import ROLES
+from resources import Warehouse
+
+from .metadata import metadata_table, table_metadata
+from .shared import upstream_metadata
+
+# asset -> (branch, purpose). The bootstrap's pool feeds both the Self-Instruct and REFINE-AF
+# branches; held-out checks and comparisons are diagnostics, not data the branch needs.
+LEDGER_STAGES = {
+    "raw_instructions": ("self_instruct+refine_af", "data"),
+    "reward_scores": ("refine_af", "data"),
+    "rl_refined_policy": ("refine_af", "data"),
+    "rl_heldout_comparison": ("refine_af", "diagnostic"),
+    "instance_output_pairs": ("refine_af", "data"),
+    "selfinstruct_instance_pairs": ("self_instruct", "data"),
+    "teams_operation_policy": ("teams_rl", "data"),
+    "teams_policy_comparison": ("teams_rl", "diagnostic"),
+    "teams_evolved_instructions": ("teams_rl", "data"),
+    "teams_instruction_pairs": ("teams_rl", "data"),
+    "evaluation": ("evaluation", "evaluation"),
+}
+BRANCHES = ("self_instruct", "refine_af", "teams_rl")
+
+
+def ledger_rows(counts_by_asset: dict[str, tuple[dict, str]]) -> list[dict]:
+    rows = []
+    for asset, (counts, run_id) in counts_by_asset.items():
+        branch, purpose = LEDGER_STAGES[asset]
+        rows += [dict(asset=asset, branch=branch, purpose=purpose, role=role, queries=int(n), source_run_id=run_id)
+                 for role, n in counts.items()]
+    return rows
+
+
+def branch_totals(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Per branch, the data queries by role (the shared bootstrap counted in both branches it feeds)."""
+    totals = {b: {r: 0 for r in ROLES} for b in BRANCHES}
+    for row in rows:
+        if row["purpose"] != "data":
+            continue
+        for branch in BRANCHES:
+            if branch in row["branch"].split("+"):
+                totals[branch][row["role"]] += row["queries"]
+    return totals
+
+
+@dg.asset(group_name="evaluation", kinds={"duckdb"}, deps=list(LEDGER_STAGES), description=(
+    "One row per (stage, role): the model queries (prompts generated from, texts scored) of each stage's latest "
+    "materialization, with its branch and purpose (data, diagnostic, evaluation); the metadata compares the "
+    "branches, and TeaMs-RL's expert queries with the others' totals."))
+def llm_query_ledger(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+    counts = {}
+    for asset in LEDGER_STAGES:
+        metadata = upstream_metadata(context, asset)
+        if "llm_queries" not in metadata:
+            raise dg.Failure(f"the latest materialization of {asset} (run {metadata['run_id']}) records no llm_queries; "
+                             "materialize it again with this version of the pipeline")
+        counts[asset] = (json.loads(metadata["llm_queries"]), metadata["run_id"])
+    rows = ledger_rows(counts)
+    df = pl.DataFrame(rows).with_columns(pl.lit(context.run_id).alias("run_id"))
+    warehouse.write_table("llm_query_ledger", df)
+    totals = branch_totals(rows)
+    total = {b: sum(t.values()) for b, t in totals.items()}
+    expert = totals["teams_rl"]["expert"]
+    figures = {
+        **{f"data_queries_{b}": n for b, n in total.items()},
+        "teams_rl_expert_queries": expert,
+        "teams_rl_expert_share_of_its_queries": expert / total["teams_rl"] if total["teams_rl"] else 0.0,
+        "teams_rl_expert_queries_per_refine_af_query": expert / total["refine_af"] if total["refine_af"] else 0.0,
+        "teams_rl_expert_queries_per_self_instruct_query": expert / total["self_instruct"] if total["self_instruct"] else 0.0,
+    }
+    by_branch = pl.DataFrame([{"branch": b, **t, "total": total[b]} for b, t in totals.items()])
+    return dg.MaterializeResult(metadata={
+        **table_metadata(df, ["asset", "role", "queries"]), **figures,
+        "data_queries_by_branch_and_role": metadata_table(by_branch),
+    })

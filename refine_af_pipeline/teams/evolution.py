@@ -1,0 +1,107 @@
+"""One evolution step for many instructions at once: rewrite each with its operation (one batched
+generate call for what the cache does not hold), then review each rewrite. Chains of steps on
+seed instructions, for any way of choosing the next operation (a policy, uniform, fixed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..llm.backend import SamplingParams, ServedModel, render_prompt
+from ..training.splits import hash_bucket
+from .call_cache import CallCache
+from .operations import OPERATION_NAMES, clean_rewrite, rewrite_request
+from .reviewer import InformationGainReviewer
+
+
+@dataclass(frozen=True)
+class StepResult:
+    operation: str
+    before: str
+    after: str
+    reward: float
+    p_differs: float | None
+    rule: str | None
+    rewrite_cached: bool
+    review_cached: bool
+    generation_tokens: int
+    hit_token_limit: bool
+
+
+class EvolutionStepper:
+    """Applies operations with `rewriter` and judges them with `reviewer`. Sampling, when on, is
+    seeded per step (`seed` + step): the arms of a comparison see the same decoding seeds."""
+
+    def __init__(self, rewriter: ServedModel, reviewer: InformationGainReviewer, params: SamplingParams,
+                 batch_size: int, seed: int, cache: CallCache | None = None):
+        self.rewriter, self.reviewer, self.params = rewriter, reviewer, params
+        self.batch_size, self.seed, self.cache = batch_size, seed, cache
+        self.model_calls = 0  # rewrites generated (cache hits excluded)
+
+    def __call__(self, befores: Sequence[str], operations: Sequence[str], step: int) -> list[StepResult]:
+        prompts = [render_prompt(self.rewriter.tokenizer, rewrite_request(op, b)) for b, op in
+                   zip(befores, operations, strict=True)]
+        seed = self.seed + step if self.params.do_sample else None
+        keys = [CallCache.key("rewrite", self.rewriter.provenance.columns(), p, self.params.as_dict(), seed)
+                for p in prompts]
+        known = self.cache.get_many(keys) if self.cache else {}
+        todo = list(dict.fromkeys(k for k in keys if k not in known))
+        if todo:
+            by_key = dict(zip(keys, prompts))
+            with self.rewriter.for_generation() as model:
+                gens = model.generate([by_key[k] for k in todo], self.params, self.batch_size, seed)
+            self.model_calls += len(todo)
+            fresh = {k: [g.text, g.n_tokens, g.hit_token_limit] for k, g in zip(todo, gens)}
+            if self.cache:
+                self.cache.put_many(fresh)
+            known = {**known, **fresh}
+        new = set(todo)
+        afters = [clean_rewrite(known[k][0]) for k in keys]
+        reviews = self.reviewer.review(list(befores), afters)
+        return [StepResult(op, b, a, r.reward, r.p_differs, r.rule, k not in new, r.cached, known[k][1], known[k][2])
+                for b, op, a, r, k in zip(befores, operations, afters, reviews, keys)]
+
+
+# (previous operation index or None, the chain's random generator) -> next operation index
+Chooser = Callable[[int | None, np.random.Generator], int]
+
+
+def chain_rng(seed: int, seed_id: str) -> np.random.Generator:
+    """The action generator of one chain: the same for every arm run on the same seed instruction."""
+    return np.random.default_rng([seed, hash_bucket(seed_id, "teams-chain")])
+
+
+def run_chains(stepper: EvolutionStepper, seeds: Sequence[tuple[str, str]], choose: Chooser, horizon: int,
+               seed: int, operations: Sequence[str] = OPERATION_NAMES, progress=None) -> list[dict]:
+    """`horizon` operations from each (seed id, instruction), in lockstep (one batched step for
+    all chains); one row per step with the chain's operation, texts and reward."""
+    rngs = [chain_rng(seed, sid) for sid, _ in seeds]
+    current = [text for _, text in seeds]
+    previous: list[int | None] = [None] * len(seeds)
+    rows = []
+    for step in range(horizon):
+        actions = [choose(p, rng) for p, rng in zip(previous, rngs)]
+        results = stepper(current, [operations[a] for a in actions], step)
+        for (sid, seed_text), result in zip(seeds, results):
+            rows.append(dict(seed_id=sid, seed_instruction=seed_text, step=step + 1, **asdict(result)))
+        current = [r.after if r.reward > 0 else r.before for r in results]
+        previous = actions
+        if progress:
+            progress(step + 1, horizon)
+    return rows
+
+
+def uniform_chooser(n_operations: int) -> Chooser:
+    return lambda previous, rng: int(rng.integers(n_operations))
+
+
+def fixed_chooser(index: int) -> Chooser:
+    return lambda previous, rng: index
+
+
+def policy_chooser(probabilities: np.ndarray) -> Chooser:
+    """Samples from the policy's action distribution per state: row 0 is the start (no previous
+    operation), row 1 + k follows operation k."""
+    return lambda previous, rng: int(rng.choice(probabilities.shape[1], p=probabilities[0 if previous is None else previous + 1]))

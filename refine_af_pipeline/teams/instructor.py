@@ -1,0 +1,141 @@
+"""Training the instructor policy with sb3-contrib's TRPO (the algorithm of the published code)
+on the batched evolution environment, one rollout of `episodes_per_update` episodes per update,
+and reading the policy back as a table of action probabilities per state."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..llm.backend import SamplingParams
+from ..settings_types import PositiveFloat, PositiveInt, Probability, Share
+from .environment import BatchedEvolutionVecEnv
+from .operations import OPERATION_NAMES
+from .reviewer import NEAR_COPY_ROUGE_L
+
+
+class InstructorSettings(BaseModel):
+    """Settings of `teams_operation_policy`. The comparison and the evolved instructions run with
+    the operations, horizon, sampling and reviewer rules the policy was trained with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    operations: list[str] = Field(list(OPERATION_NAMES), description=(
+        f"the actions, in order (any of: {', '.join(OPERATION_NAMES)})"))
+    horizon: PositiveInt = Field(6, description="operations per episode (the paper: 6)")
+    episodes_per_update: PositiveInt = Field(16, description="episodes per TRPO rollout (one update each)")
+    updates: PositiveInt = Field(10, description="TRPO updates")
+    heldout_share: Share = Field(0.3, description=(
+        "share of seed tasks (by a stable id hash) held out of training for teams_policy_comparison"))
+    target_kl: PositiveFloat = Field(0.05, description="TRPO's KL trust region per update")
+    hidden_units: PositiveInt = Field(32, description="units of the policy and value MLPs' one hidden layer")
+    gamma: Probability = Field(0.99, description="discount")
+    critic_learning_rate: PositiveFloat = Field(1e-3, description="learning rate of the value function")
+    max_new_tokens: PositiveInt = Field(80, description="tokens per rewrite at most")
+    do_sample: bool = Field(False, description=(
+        "sample rewrites (seeded per step) instead of greedy decoding; greedy makes every rewrite a pure "
+        "function of (instruction, operation), so the cache serves every repeat"))
+    temperature: PositiveFloat = Field(0.7, description="rewrite sampling temperature (do_sample)")
+    top_p: Probability = Field(0.95, description="rewrite nucleus sampling (do_sample)")
+    near_copy_rouge_l: Probability = Field(NEAR_COPY_ROUGE_L, description=(
+        "reviewer rule: a rewrite at least this ROUGE-L-similar to the instruction it rewrote scores 0"))
+    seed: int = Field(0, description="seed of the episode draws, the policy's initialisation and the sampling")
+
+    @field_validator("operations")
+    @classmethod
+    def _known_operations(cls, ops: list[str]) -> list[str]:
+        unknown = [o for o in ops if o not in OPERATION_NAMES]
+        if unknown:
+            raise ValueError(f"unknown operation(s) {unknown}; the operations are {', '.join(OPERATION_NAMES)}")
+        if len(ops) < 2 or len(set(ops)) != len(ops):
+            raise ValueError(f"operations must name at least two different operations, each once; got {ops}")
+        return ops
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.do_sample)
+
+
+@dataclass
+class InstructorResult:
+    model: object  # the sb3-contrib TRPO model
+    log: list[dict] = field(default_factory=list)
+
+
+def action_probabilities(model, n_operations: int) -> np.ndarray:
+    """(1 + n) x n: row 0 the start state, row 1 + k the state after operation k."""
+    import torch
+
+    obs = np.vstack([np.zeros((1, n_operations)), np.eye(n_operations)]).astype(np.float32)
+    with torch.no_grad():
+        dist = model.policy.get_distribution(torch.as_tensor(obs, device=model.policy.device))
+        return dist.distribution.probs.cpu().numpy().astype(np.float64)
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+
+
+def _entropy(p: np.ndarray) -> float:
+    return float(np.mean(-np.sum(p * np.log(p + 1e-12), axis=1)))
+
+
+def build_trpo(env: BatchedEvolutionVecEnv, settings: InstructorSettings):
+    from sb3_contrib import TRPO
+
+    rollout = env.num_envs * settings.horizon
+    # The critic fits on the whole rollout at once (a rollout is small: episodes x horizon).
+    return TRPO("MlpPolicy", env, n_steps=settings.horizon, batch_size=rollout, gamma=settings.gamma,
+                target_kl=settings.target_kl, learning_rate=settings.critic_learning_rate,
+                policy_kwargs=dict(net_arch=dict(pi=[settings.hidden_units], vf=[settings.hidden_units])),
+                seed=settings.seed, device="cpu", verbose=0)
+
+
+def train_instructor(env: BatchedEvolutionVecEnv, settings: InstructorSettings,
+                     on_update: Callable[[dict], None] | None = None) -> InstructorResult:
+    """`settings.updates` TRPO updates; a log row per update: the rollout's mean reward and action
+    shares, then the policy's mean entropy over states and its mean KL from before the update."""
+    model = build_trpo(env, settings)
+    ops: Sequence[str] = settings.operations
+    result = InstructorResult(model)
+    for update in range(1, settings.updates + 1):
+        before = action_probabilities(model, len(ops))
+        start = len(env.transitions)
+        model.learn(total_timesteps=env.num_envs * settings.horizon, reset_num_timesteps=update == 1)
+        after = action_probabilities(model, len(ops))
+        rollout = env.transitions[start:]
+        counts = Counter(t["operation"] for t in rollout)
+        row = {
+            "update": update,
+            "episodes": env.num_envs,
+            "transitions": len(rollout),
+            "mean_reward": float(np.mean([t["reward"] for t in rollout])),
+            "rule_zero_share": float(np.mean([t["rule"] is not None for t in rollout])),
+            "entropy": _entropy(after),
+            "kl": _kl(before, after),
+            **{f"share_{op}": counts[op] / len(rollout) for op in ops},
+            **{f"start_probability_{op}": float(after[0, k]) for k, op in enumerate(ops)},
+        }
+        result.log.append(row)
+        if on_update:
+            on_update(row)
+    return result
+
+
+def save_policy(model, path: Path) -> Path:
+    model.save(str(path))
+    return Path(str(path) if str(path).endswith(".zip") else f"{path}.zip")
+
+
+def load_policy_probabilities(path: str | Path, n_operations: int) -> np.ndarray:
+    from sb3_contrib import TRPO
+
+    model = TRPO.load(str(path), device="cpu")
+    if model.action_space.n != n_operations:
+        raise ValueError(f"the policy at {path} has {model.action_space.n} actions, expected {n_operations}")
+    return action_probabilities(model, n_operations)
+
