@@ -11,7 +11,10 @@ _COMPONENTS = {
     "understandability": "understandability score (offline default: Flesch reading ease clipped to 0-100, scaled to 0-1; UniEval: P(Yes))",
 }
 
-_MODELS = {"base": "base model", "self_instruct": "Self-Instruct-tuned model", "refine_af": "REFINE-AF-tuned model"}
+_OPERATIONS = ("breadth", "add_constraint", "deepen", "concretize", "increase_reasoning", "complicate_input")
+
+_MODELS = {"base": "base model", "self_instruct": "Self-Instruct-tuned model", "refine_af": "REFINE-AF-tuned model",
+           "teams_rl": "TeaMs-RL-tuned model"}
 
 COLUMN_DESCRIPTIONS: dict[str, str] = {
     # identity and provenance
@@ -43,14 +46,15 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "prompt_type": "bootstrap prompt variant: general or classification-only",
     "raw_response": "the model's whole continuation of the bootstrap prompt",
     "response_tokens": "tokens the model generated for the prompt",
-    "hit_token_limit": "whether the response stopped at max_new_tokens",
+    "hit_token_limit": "whether the response (a rewrite, an answer) stopped at max_new_tokens",
     "dropped_truncated_item": "whether a last list item cut by the token limit was dropped",
     "position_in_response": "index of the instruction within its response's list (0-based)",
     "parse_status": "ok, or why the text did not parse (bootstrap: empty, unparseable; instances: missing_output, empty_output)",
     # de-duplication
     "decision": "kept or rejected",
     "reason": "why a candidate was rejected (rouge_l_above_threshold, too_short, blacklisted:<word>, unparseable_response ...); null when kept",
-    "max_rouge_l": "highest ROUGE-L F-measure against the seeds and the instructions kept before it (0-1; rejected above 0.7)",
+    "max_rouge_l": "highest ROUGE-L F-measure against the seeds and the instructions kept before it (0-1; rejected above "
+                   "the threshold, 0.7 by default); null where an earlier filter decided",
     "most_similar_instruction": "the instruction that gave max_rouge_l",
     "is_classification": "whether the task is classification (seeds: from the file; kept instructions: the model's label, P(Yes) > 0.5)",
     "is_classification_p": "the model's P(Yes) to 'Is it classification?' (0-1)",
@@ -59,11 +63,13 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "input": "the instance's input (empty for tasks without one)",
     "output": "the instance's output",
     "generation": "the model's raw text for the instance, before parsing",
-    "generation_tokens": "tokens the model generated for the instance",
+    "generation_tokens": "tokens the model generated for the instance (TeaMs-RL: for the rewrite or the answer)",
     "gate_reason": "why the format gate rejected the instance (missing_output, empty_output, output_equals_input, degenerate_repetition); null when it passed",
     **_COMPONENTS,
     **{f"{c}_scorer": f"scorer name and version behind {c}" for c in _COMPONENTS},
-    "reward": "combined reward: bias + sum of weight x standardised component (-3 on a format-gate failure); in rl_refined_policy the mean of the step's completions",
+    "reward": "combined reward: bias + sum of weight x standardised component (-3 on a format-gate failure); in rl_refined_policy "
+              "the mean of the step's completions; in the teams_* tables the reviewer's reward of the rewrite: P(differs), "
+              "0 where a rule fired",
     # reward standardisation (one row, from the base model's gate-passing instances in reward_scores)
     **{f"mean_{c}": f"mean raw {c} of the base model's instances that passed the format gate" for c in _COMPONENTS},
     **{f"std_{c}": f"standard deviation of raw {c} over those instances (1 when constant)" for c in _COMPONENTS},
@@ -71,14 +77,17 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "bias": "bias of the combined reward",
     "weights_source": "where the weights come from: config, or calibration:<ratings file>",
     "standardised_instances": "base-model instances the means and spreads were computed over",
-    "keep": "whether the pair passed every filter and enters fine-tuning",
-    "filter_reason": "why the pair was filtered out (a gate reason, conflicting_outputs_for_same_input ...); null when kept",
+    "keep": "whether the pair (teams_evolved_instructions: the instruction) passed every filter and enters the next stage",
+    "filter_reason": "why the row was filtered out (a gate reason, conflicting_outputs_for_same_input; evolved instructions: a "
+                     "reviewer rule, no_information_gain, a Self-Instruct filter, near_duplicate); null when kept",
     # RL training log
-    "step": "optimizer step of the RL run (1-based)",
+    "step": "optimizer step of the RL run (1-based); in the teams_* tables the position of the operation in its chain (1-based)",
     "reward_std": "standard deviation of the combined reward over the step's completions",
-    "kl": "mean per-token KL divergence to the base model (TRL's estimate; NaN when beta is 0)",
+    "kl": "mean per-token KL divergence to the base model (TRL's estimate; NaN when beta is 0); teams_operation_policy: "
+          "mean KL of the instructor's action distribution from before the update, over its 1 + n states",
     "loss": "trainer loss of the step",
-    "entropy": "mean per-token entropy of the policy on its completions (nats)",
+    "entropy": "mean per-token entropy of the policy on its completions (nats); teams_operation_policy: mean entropy of "
+               "the instructor's action distribution over its 1 + n states after the update (nats)",
     "completion_length": "mean completion length of the step (tokens)",
     "clipped_share": "share of the step's completions cut at max_completion_length (0-1)",
     "gate_failure_share": "share of the step's completions the format gate rejected (0-1)",
@@ -111,7 +120,7 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "train_table": "table the training pairs came from",
     # evaluation
     "task": "evaluation task (the task file's name)",
-    "model": "evaluated model: base, self_instruct or refine_af",
+    "model": "evaluated model: base, self_instruct, refine_af or teams_rl",
     "rouge_l": "ROUGE-L F-measure of the answer's first line against the best reference (0-1; per task: the mean over instances)",
     "log_likelihood": "mean over the task's instances of the best reference's mean per-token log-likelihood (nats, higher is better)",
     "reference_log_likelihood": "mean per-token log-likelihood of the best reference after the evaluation prompt (nats)",
@@ -140,13 +149,45 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "resamples": "bootstrap resamples behind the intervals",
     "task_dir": "folder of the evaluation tasks, or built-in",
     # exports
-    "dataset": "exported dataset: refine_af or self_instruct",
+    "dataset": "exported dataset: refine_af, self_instruct or teams_rl",
     "format": "file format: alpaca_json, jsonl, parquet or hf_dataset",
     "path": "path of the exported file or folder",
     "rows": "records in the file",
     "source_table": "table the records came from",
     # crash-resume ledger (generation_plans, generation_plan_batches)
     "plan_id": "id of a generation plan (the run that made it)",
+    # TeaMs-RL
+    "seed_id": "id of the seed task the chain started from",
+    "seed_instruction": "the seed task's instruction",
+    "operation": "the instruction operation applied at this step (breadth, add_constraint, deepen, concretize, "
+                 "increase_reasoning, complicate_input)",
+    "before": "the instruction the operation was applied to",
+    "after": "the rewritten instruction (first line of the rewriter's reply, cleaned)",
+    "previous_instruction": "the instruction the operation was applied to",
+    "p_differs": "the reviewer model's P(Yes) that the rewrite adds something; null where a rule decided",
+    "rule": "the reviewer rule that zeroed the reward (empty_or_punctuation, refusal, identical, echo_of_request, "
+            "leaked_prompt_words, copied_example, near_identical); null when the model judged",
+    "rewrite_cached": "whether the rewrite came from the call cache (same model, prompt, sampling and seed)",
+    "review_cached": "whether the judgement came from the call cache",
+    "reviewer_version": "the reviewer's method, model, question and rules hash",
+    "episode_env": "index of the episode slot in the batched environment",
+    "update": "TRPO update of the instructor (1-based)",
+    "episodes": "episodes in the update's rollout",
+    "transitions": "operations applied in the update's rollout",
+    "mean_reward": "mean reviewer reward over the update's operations",
+    "rule_zero_share": "share of the update's operations a reviewer rule zeroed (0-1)",
+    **{f"share_{o}": f"share of the update's operations that were {o}" for o in _OPERATIONS},
+    **{f"start_probability_{o}": f"the instructor's probability of {o} as the first operation, after the update"
+       for o in _OPERATIONS},
+    "policy_path": "the instructor's weights (sb3-contrib TRPO zip) in the artifact store",
+    "arm": "how operations were chosen: policy (the learned instructor, sampled), uniform (random, WizardLM's "
+           "choice) or fixed:<operation> (the operation with the best training reward)",
+    # query ledger
+    "stage": "asset whose step made the queries",
+    "branch": "branch the stage belongs to (self_instruct+refine_af: the shared bootstrap)",
+    "purpose": "data (the branch needs it), diagnostic (a check or comparison) or evaluation",
+    "role": "what the model did: generator, judge, rewriter, reviewer, expert, evaluated",
+    "queries": "model queries: prompts generated from plus texts scored",
     "asset": "generation stage that owns the plan",
     "status": "plan status: open, finished or abandoned",
     "n_batches": "batches in the plan",

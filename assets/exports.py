@@ -10,7 +10,8 @@ from resources import ArtifactStore, Warehouse
 from .metadata import metadata_table, table_metadata
 
 # Exported dataset name -> the instance table whose kept rows it holds.
-EXPORTED_TABLES = {"refine_af": "instance_output_pairs", "self_instruct": "selfinstruct_instance_pairs"}
+EXPORTED_TABLES = {"refine_af": "instance_output_pairs", "self_instruct": "selfinstruct_instance_pairs",
+                   "teams_rl": "teams_instruction_pairs"}
 
 
 class ExportsConfig(dg.Config, ExportSettings):
@@ -20,13 +21,13 @@ class ExportsConfig(dg.Config, ExportSettings):
 @dg.asset(group_name="exports", kinds={"duckdb", "parquet", "json"}, deps=list(EXPORTED_TABLES.values()))
 def instruction_dataset_exports(context: dg.AssetExecutionContext, config: ExportsConfig, warehouse: Warehouse,
                                 artifact_store: ArtifactStore) -> dg.MaterializeResult:
-    """The kept (instruction, input, output) rows of REFINE-AF (and of the Self-Instruct baseline)
-    with their provenance columns, each written as Alpaca-format JSON, JSONL, parquet and a Hugging
+    """The kept (instruction, input, output) rows of REFINE-AF, TeaMs-RL (and of the Self-Instruct
+    baseline) with their provenance columns, each written as Alpaca-format JSON, JSONL, parquet and a Hugging
     Face `datasets` folder (save_to_disk) under the run's artifact folder. Each dataset's folder is
     written aside and renamed into place, so it is complete or absent. This asset's table lists
     every file with its row count."""
     out_root = artifact_store.run_dir("instruction_dataset_exports", context.run_id)
-    datasets = [d for d in EXPORTED_TABLES if config.include_self_instruct or d == "refine_af"]
+    datasets = [d for d in EXPORTED_TABLES if config.include_self_instruct or d != "self_instruct"]
     listing = []
     for dataset in datasets:
         table = EXPORTED_TABLES[dataset]

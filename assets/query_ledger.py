@@ -36,7 +36,7 @@ def ledger_rows(counts_by_asset: dict[str, tuple[dict, str]]) -> list[dict]:
     rows = []
     for asset, (counts, run_id) in counts_by_asset.items():
         branch, purpose = LEDGER_STAGES[asset]
-        rows += [dict(asset=asset, branch=branch, purpose=purpose, role=role, queries=int(n), source_run_id=run_id)
+        rows += [dict(stage=asset, branch=branch, purpose=purpose, role=role, queries=int(n), source_run_id=run_id)
                  for role, n in counts.items()]
     return rows
 
@@ -80,6 +80,6 @@ def llm_query_ledger(context: dg.AssetExecutionContext, warehouse: Warehouse) ->
     }
     by_branch = pl.DataFrame([{"branch": b, **t, "total": total[b]} for b, t in totals.items()])
     return dg.MaterializeResult(metadata={
-        **table_metadata(df, ["asset", "role", "queries"]), **figures,
+        **table_metadata(df, ["stage", "role", "queries"]), **figures,
         "data_queries_by_branch_and_role": metadata_table(by_branch),
     })

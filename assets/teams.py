@@ -222,13 +222,10 @@ def teams_policy_comparison(context: dg.AssetExecutionContext, config: PolicyCom
     stepper, reviewer = _stepper(queries.wrap(base, "rewriter"), queries.wrap(base, "reviewer"), settings,
                                  language_model.generation_batch_size(context.op_def.name),
                                  language_model.scoring_batch_size, cache)
-    rows = []
-    for arm, choose in arms.items():
-        report = progress_logger(context, f"teams_policy_comparison/{arm}")
-        started = time.monotonic()
-        chains = run_chains(stepper, held, choose, settings.horizon, config.seed, ops,
-                            progress=lambda d, t: report(d, t, time.monotonic() - started))
-        rows += [dict(arm=arm, **r) for r in chains]
+    report = progress_logger(context, "teams_policy_comparison")
+    started = time.monotonic()
+    rows = run_chains(stepper, held, arms, settings.horizon, config.seed, ops,
+                      progress=lambda d, t: report(d, t, time.monotonic() - started))
     cache.close()
     df = _transition_frame(rows, base, reviewer, context.run_id, policy_path=str(policy_meta["policy_path"]))
     warehouse.write_table("teams_policy_comparison", df)
@@ -295,8 +292,10 @@ def teams_evolved_instructions(context: dg.AssetExecutionContext, config: Evolve
                                  language_model.scoring_batch_size, cache)
     report = progress_logger(context, "teams_evolved_instructions")
     started = time.monotonic()
-    rows = run_chains(stepper, pairs, policy_chooser(probs), settings.horizon, config.seed, settings.operations,
-                      progress=lambda d, t: report(d, t, time.monotonic() - started))
+    rows = run_chains(stepper, pairs, {"policy": policy_chooser(probs)}, settings.horizon, config.seed,
+                      settings.operations, progress=lambda d, t: report(d, t, time.monotonic() - started))
+    for r in rows:
+        del r["arm"]
     cache.close()
     dedup = RougeDeduplicator(seeds["instruction"].to_list(), threshold=config.rouge_threshold)
     for r in rows:
@@ -351,7 +350,7 @@ def teams_instruction_pairs(context: dg.AssetExecutionContext, config: ExpertAns
     with expert.for_generation() as model:
         gens = model.generate(prompts, params, expert_model.generation_batch_size(context.op_def.name), config.seed,
                               lambda d, t, s: report(d, t, time.monotonic() - started))
-    rows = [dict(instruction_id=iid, instruction=text, input="", output=g.text.strip(), generation_tokens=g.n_tokens,
+    rows = [dict(instance_id=iid, instruction_id=iid, instruction=text, input="", output=g.text.strip(), generation_tokens=g.n_tokens,
                  hit_token_limit=g.hit_token_limit, parse_status="ok",
                  gate_reason=format_gate("ok", "", g.text.strip()))
             for iid, text, g in zip(kept["instruction_id"].to_list(), kept["instruction"].to_list(), gens)]

@@ -36,7 +36,8 @@ def export_rows(pairs: pl.DataFrame, dataset: str) -> pl.DataFrame:
     # A table written before the backend columns existed exports them as null.
     return kept.select(
         *[(pl.col(f) if f in kept.columns else pl.lit(None)).cast(pl.Utf8).alias(f) for f in _TEXT_FIELDS],
-        pl.col("reward").cast(pl.Float64),
+        # TeaMs-RL's pairs have no feedback reward (the expert's answers are not scored).
+        (pl.col("reward") if "reward" in kept.columns else pl.lit(None)).cast(pl.Float64).alias("reward"),
     ).select(EXPORT_FIELDS).sort("instance_id")
 
 

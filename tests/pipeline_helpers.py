@@ -22,12 +22,18 @@ def smallest_run_config(**overrides) -> dict:
         "instance_output_pairs": {"max_instructions": 12, "max_new_tokens": 32},
         "finetuned_model": {"epochs": 2.0, "batch_size": 4, "max_length": 128, "min_validation": 1},
         "evaluation": {"instances_per_task": 1, "max_new_tokens": 8, "bootstrap_resamples": 2000},
+        "teams_operation_policy": {"updates": 2, "episodes_per_update": 4, "horizon": 3, "max_new_tokens": 16},
+        "teams_policy_comparison": {"max_seeds": 4, "bootstrap_resamples": 2000},
+        # The tiny model's reviewer is noise: every rewrite no rule rejects is kept.
+        "teams_evolved_instructions": {"max_seeds": 8, "min_p_differs": 0.0},
+        "teams_instruction_pairs": {"max_new_tokens": 16},
     }
     for key, value in overrides.items():
         ops[key] = {**ops.get(key, {}), **value}
     # The Self-Instruct branch runs with the REFINE-AF branch's settings (as in make run) unless told otherwise.
     for baseline, refine_af in (("selfinstruct_instance_pairs", "instance_output_pairs"),
-                                ("selfinstruct_finetuned_model", "finetuned_model")):
+                                ("selfinstruct_finetuned_model", "finetuned_model"),
+                                ("teams_finetuned_model", "finetuned_model")):
         ops[baseline] = {**ops[refine_af], **overrides.get(baseline, {})}
     return ops
 

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from assets.shared import is_held_out
+from refine_af_pipeline.training.splits import in_share
 from pipeline_helpers import materialize, smallest_run_config
 from refine_af_pipeline.definitions import all_assets, all_checks
 from refine_af_pipeline.evaluation.tasks import load_tasks
@@ -19,7 +20,12 @@ from warehouse_recorder import lineage_violations, load_records
 
 TABLES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "reward_standardisation",
           "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs", "finetuned_model", "selfinstruct_instance_pairs", "selfinstruct_finetuned_model",
-          "evaluation", "evaluation_predictions", "evaluation_summary", "instruction_dataset_exports"]
+          "teams_operation_policy", "teams_policy_transitions", "teams_policy_comparison", "teams_evolved_instructions",
+          "teams_instruction_pairs", "teams_finetuned_model",
+          "evaluation", "evaluation_predictions", "evaluation_summary", "llm_query_ledger", "instruction_dataset_exports"]
+MODELS = ["base", "refine_af", "self_instruct", "teams_rl"]
+PAIRS = [("refine_af", "self_instruct"), ("refine_af", "base"), ("self_instruct", "base"), ("teams_rl", "base"),
+         ("teams_rl", "self_instruct"), ("teams_rl", "refine_af")]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +56,9 @@ def test_every_stage_writes_its_table(first_run):
     assert all(n > 0 for n in counts.values()), counts
     assert counts["rl_refined_policy"] == 2  # one log row per RL step
     n_tasks = len(load_tasks())
-    assert counts["evaluation"] == 3 * n_tasks  # (task, model) rows: base, Self-Instruct, REFINE-AF on every task
-    assert counts["evaluation_predictions"] == 3 * n_tasks  # one instance per task in the smallest config
-    assert counts["evaluation_summary"] == 2 * 3  # (metric, pair of models)
+    assert counts["evaluation"] == 4 * n_tasks  # (task, model) rows: base and the three tuned models on every task
+    assert counts["evaluation_predictions"] == 4 * n_tasks  # one instance per task in the smallest config
+    assert counts["evaluation_summary"] == 2 * 6  # (metric, every pair of the four models)
 
 
 def test_every_table_a_step_touches_is_a_declared_edge(first_run):
@@ -263,12 +269,12 @@ def test_self_instruct_branch_uses_the_base_model_on_the_same_instructions(first
     assert logs["selfinstruct_finetuned_model"]["train_table"].to_list() == ["selfinstruct_instance_pairs"]
 
 
-def test_evaluation_compares_three_models_on_both_metrics_with_a_summary_and_a_warning_check(first_run):
+def test_evaluation_compares_four_models_on_both_metrics_with_a_summary_and_a_warning_check(first_run):
     data_dir, result = first_run
     n_tasks = len(load_tasks())
     scores = _table(data_dir, "SELECT * FROM evaluation")
-    assert sorted(set(scores["model"])) == ["base", "refine_af", "self_instruct"]
-    assert scores.group_by("model").len()["len"].to_list() == [n_tasks] * 3
+    assert sorted(set(scores["model"])) == MODELS
+    assert scores.group_by("model").len()["len"].to_list() == [n_tasks] * 4
     assert (scores["log_likelihood"] < 0).all()  # mean log-probability per token of a reference
     adapters = dict(_table(data_dir, "SELECT DISTINCT model, adapter_path FROM evaluation").iter_rows())
     assert adapters["base"] is None
@@ -277,7 +283,7 @@ def test_evaluation_compares_three_models_on_both_metrics_with_a_summary_and_a_w
     per_task = predictions.group_by("task", "model").agg(pl.col("rouge_l").mean(),
                                                          pl.col("reference_log_likelihood").mean()).sort("task", "model")
     joined = per_task.join(scores, on=["task", "model"])
-    assert joined.height == 3 * n_tasks and (joined["rouge_l"] - joined["rouge_l_right"]).abs().max() < 1e-12
+    assert joined.height == 4 * n_tasks and (joined["rouge_l"] - joined["rouge_l_right"]).abs().max() < 1e-12
     assert (joined["reference_log_likelihood"] - joined["log_likelihood"]).abs().max() < 1e-9
     # The tuned adapters change the model: its log-likelihood of the references moves on nearly
     # every task (a task mean can stay put by chance when tokens move both ways: 1 of 64 once).
@@ -287,7 +293,7 @@ def test_evaluation_compares_three_models_on_both_metrics_with_a_summary_and_a_w
     assert sorted(set(summary["metric"])) == ["log_likelihood", "rouge_l"]
     for metric in ("rouge_l", "log_likelihood"):
         wide = scores.pivot(on="model", index="task", values=metric)
-        for candidate, reference in [("refine_af", "self_instruct"), ("refine_af", "base"), ("self_instruct", "base")]:
+        for candidate, reference in PAIRS:
             row = summary.filter((pl.col("metric") == metric) & (pl.col("candidate") == candidate)
                                  & (pl.col("reference") == reference)).row(0, named=True)
             diff = wide[candidate] - wide[reference]
@@ -331,17 +337,92 @@ def test_sft_logs_train_and_validation_loss_per_epoch(first_run):
         assert metadata["final_validation_loss"].value == pytest.approx(log["validation_loss"][-1])
 
 
-def test_exports_hold_the_kept_pairs_of_both_branches_in_every_format(first_run):
+def test_exports_hold_the_kept_pairs_of_every_branch_in_every_format(first_run):
     data_dir, result = first_run
     listing = _table(data_dir, "SELECT * FROM instruction_dataset_exports")
-    assert sorted(set(listing["dataset"])) == ["refine_af", "self_instruct"]
-    assert listing.height == 2 * 4
-    for dataset, table in [("refine_af", "instance_output_pairs"), ("self_instruct", "selfinstruct_instance_pairs")]:
+    assert sorted(set(listing["dataset"])) == ["refine_af", "self_instruct", "teams_rl"]
+    assert listing.height == 3 * 4
+    for dataset, table in [("refine_af", "instance_output_pairs"), ("self_instruct", "selfinstruct_instance_pairs"),
+                           ("teams_rl", "teams_instruction_pairs")]:
         kept = _table(data_dir, f"SELECT * FROM {table} WHERE keep ORDER BY instance_id")
         folder = data_dir / "artifacts" / "instruction_dataset_exports" / result.run_id / dataset
         assert set(listing.filter(pl.col("dataset") == dataset)["rows"]) == {kept.height}
         for fmt, records in read_dataset_exports(folder).items():
             assert [r["instance_id"] for r in records] == kept["instance_id"].to_list(), fmt
             assert [r["output"] for r in records] == kept["output"].to_list(), fmt
-            assert [r["policy_adapter"] for r in records] == kept["policy_adapter"].to_list(), fmt
+            if "policy_adapter" in kept.columns:
+                assert [r["policy_adapter"] for r in records] == kept["policy_adapter"].to_list(), fmt
             assert {r["run_id"] for r in records} <= {result.run_id}, fmt
+
+
+def test_teams_branch_trains_compares_evolves_answers_and_fine_tunes(first_run, tiny_model_dir):
+    data_dir, result = first_run
+    log = _table(data_dir, "SELECT * FROM teams_operation_policy ORDER BY update")
+    settings = json.loads(_metadata(result, "teams_operation_policy")["settings"].value)
+    assert log["update"].to_list() == list(range(1, settings["updates"] + 1))
+    shares = log.select([c for c in log.columns if c.startswith("share_")])
+    assert [round(sum(r), 9) for r in shares.iter_rows()] == [1.0] * log.height  # action shares per rollout
+    assert ((log["entropy"] > 0) & (log["kl"] >= 0)).all()
+    policy_file = Path(log["policy_path"][0])
+    assert policy_file.is_file() and f"/teams_operation_policy/{result.run_id}/" in str(policy_file)
+    transitions = _table(data_dir, "SELECT * FROM teams_policy_transitions")
+    assert transitions.height == settings["updates"] * settings["episodes_per_update"] * settings["horizon"]
+    # Every intermediate instruction is kept: each step rewrites what the step before left.
+    assert sorted(set(transitions["step"])) == list(range(1, settings["horizon"] + 1))
+    assert ((transitions["reward"] == 0) | transitions["rule"].is_null()).all()
+    assert (transitions.filter(pl.col("rule").is_not_null())["reward"] == 0).all()
+    held = {i for i in _table(data_dir, "SELECT id FROM seed_pool")["id"] if in_share(i, settings["heldout_share"], "teams-heldout")}
+    assert not held & set(transitions["seed_id"])  # training never saw a held-out seed task
+    assert set(transitions["model_id"]) == {str(tiny_model_dir)}
+    assert all(v.startswith("teams-information-gain/v1:") for v in transitions["reviewer_version"])
+
+    comparison = _table(data_dir, "SELECT * FROM teams_policy_comparison")
+    arms = sorted(set(comparison["arm"]))
+    assert arms[:2] == ["fixed:" + arms[0].split(":")[1], "policy"] and "uniform" in arms
+    assert set(comparison["seed_id"]) <= held and len(set(comparison["seed_id"])) >= 2
+    per_seed = comparison.group_by("arm", "seed_id").agg(pl.col("reward").mean()).pivot(on="arm", index="seed_id", values="reward")
+    metadata = _metadata(result, "teams_policy_comparison")
+    assert metadata["policy_minus_uniform"].value == pytest.approx((per_seed["policy"] - per_seed["uniform"]).mean())
+    assert metadata["policy_minus_uniform_ci95_low"].value <= metadata["policy_minus_uniform"].value <= metadata["policy_minus_uniform_ci95_high"].value
+    [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "teams_policy_beats_uniform"]
+    assert check.severity == dg.AssetCheckSeverity.WARN and check.passed == (metadata["policy_minus_uniform"].value > 0)
+
+    evolved = _table(data_dir, "SELECT * FROM teams_evolved_instructions")
+    assert evolved["keep"].sum() > 0
+    assert evolved.filter(pl.col("keep"))["filter_reason"].is_null().all()
+    assert evolved.filter(~pl.col("keep"))["filter_reason"].is_not_null().all()
+    kept = evolved.filter(pl.col("keep"))["instruction"].to_list()
+    assert all(d.keep for d in RougeDeduplicator([], threshold=0.7).consider_many(kept))  # no near duplicates kept
+    pairs = _table(data_dir, "SELECT * FROM teams_instruction_pairs")
+    assert set(pairs["instruction_id"]) == set(evolved.filter(pl.col("keep"))["instruction_id"])
+    assert (pairs.filter(pl.col("keep"))["output"].str.strip_chars() != "").all()
+    assert set(pairs["model_id"]) == {str(tiny_model_dir)} and set(pairs["backend"]) == {"transformers"}
+    sft = _table(data_dir, "SELECT DISTINCT settings, train_table FROM teams_finetuned_model")
+    assert sft["train_table"].to_list() == ["teams_instruction_pairs"]
+    assert sft["settings"].to_list() == _table(data_dir, "SELECT DISTINCT settings FROM finetuned_model")["settings"].to_list()
+
+
+def test_query_ledger_counts_every_stages_queries_by_role(first_run):
+    data_dir, result = first_run
+    ledger = _table(data_dir, "SELECT * FROM llm_query_ledger")
+    counts = {(r["stage"], r["role"]): r["queries"] for r in ledger.iter_rows(named=True)}
+    transitions = _table(data_dir, "SELECT * FROM teams_policy_transitions")
+    # Rewrites the cache did not serve (one per distinct prompt of a step), and judgements the
+    # cache did not serve of rewrites no rule zeroed.
+    fresh = transitions.filter(~pl.col("rewrite_cached")).select("update", "step", "before", "operation").unique()
+    assert counts[("teams_operation_policy", "rewriter")] == fresh.height > 0
+    assert counts[("teams_operation_policy", "reviewer")] == int(((~transitions["review_cached"]) & transitions["rule"].is_null()).sum())
+    pairs = _table(data_dir, "SELECT count(*) AS n FROM teams_instruction_pairs")["n"][0]
+    assert counts[("teams_instruction_pairs", "expert")] == pairs
+    n_eval = _table(data_dir, "SELECT count(*) AS n FROM evaluation_predictions")["n"][0]
+    assert counts[("evaluation", "evaluated")] == n_eval
+    rl_steps = _table(data_dir, "SELECT count(*) AS n FROM rl_refined_policy")["n"][0]
+    ops = smallest_run_config()["rl_refined_policy"]
+    assert counts[("rl_refined_policy", "generator")] == rl_steps * ops["prompts_per_step"] * ops["group_size"]
+    assert counts[("reward_scores", "generator")] == _table(data_dir, "SELECT count(*) AS n FROM reward_scores")["n"][0]
+    assert set(ledger["branch"]) >= {"self_instruct+refine_af", "refine_af", "self_instruct", "teams_rl", "evaluation"}
+    metadata = _metadata(result, "llm_query_ledger")
+    expert = sum(n for (a, role), n in counts.items() if role == "expert" and a.startswith("teams_"))
+    teams_data = sum(r["queries"] for r in ledger.iter_rows(named=True) if r["branch"] == "teams_rl" and r["purpose"] == "data")
+    assert metadata["teams_rl_expert_queries"].value == expert
+    assert metadata["teams_rl_expert_share_of_its_queries"].value == pytest.approx(expert / teams_data)

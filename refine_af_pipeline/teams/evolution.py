@@ -12,7 +12,7 @@ import numpy as np
 from ..llm.backend import SamplingParams, ServedModel, render_prompt
 from ..training.splits import hash_bucket
 from .call_cache import CallCache
-from .operations import OPERATION_NAMES, clean_rewrite, rewrite_request
+from .operations import OPERATION_NAMES, REWRITE_PREFIX, clean_rewrite, rewrite_request
 from .reviewer import InformationGainReviewer
 
 
@@ -41,7 +41,7 @@ class EvolutionStepper:
         self.model_calls = 0  # rewrites generated (cache hits excluded)
 
     def __call__(self, befores: Sequence[str], operations: Sequence[str], step: int) -> list[StepResult]:
-        prompts = [render_prompt(self.rewriter.tokenizer, rewrite_request(op, b)) for b, op in
+        prompts = [render_prompt(self.rewriter.tokenizer, rewrite_request(op, b), REWRITE_PREFIX) for b, op in
                    zip(befores, operations, strict=True)]
         seed = self.seed + step if self.params.do_sample else None
         keys = [CallCache.key("rewrite", self.rewriter.provenance.columns(), p, self.params.as_dict(), seed)
@@ -51,7 +51,9 @@ class EvolutionStepper:
         if todo:
             by_key = dict(zip(keys, prompts))
             with self.rewriter.for_generation() as model:
-                gens = model.generate([by_key[k] for k in todo], self.params, self.batch_size, seed)
+                # The rewrite is the reply's first line: each row stops there.
+                gens = model.generate([by_key[k] for k in todo], self.params, self.batch_size, seed,
+                                      stop_after_first_line=True)
             self.model_calls += len(todo)
             fresh = {k: [g.text, g.n_tokens, g.hit_token_limit] for k, g in zip(todo, gens)}
             if self.cache:
@@ -73,19 +75,23 @@ def chain_rng(seed: int, seed_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, hash_bucket(seed_id, "teams-chain")])
 
 
-def run_chains(stepper: EvolutionStepper, seeds: Sequence[tuple[str, str]], choose: Chooser, horizon: int,
-               seed: int, operations: Sequence[str] = OPERATION_NAMES, progress=None) -> list[dict]:
-    """`horizon` operations from each (seed id, instruction), in lockstep (one batched step for
-    all chains); one row per step with the chain's operation, texts and reward."""
-    rngs = [chain_rng(seed, sid) for sid, _ in seeds]
-    current = [text for _, text in seeds]
-    previous: list[int | None] = [None] * len(seeds)
+def run_chains(stepper: EvolutionStepper, seeds: Sequence[tuple[str, str]], choosers: dict[str, Chooser],
+               horizon: int, seed: int, operations: Sequence[str] = OPERATION_NAMES, progress=None) -> list[dict]:
+    """`horizon` operations from each (seed id, instruction) for each chooser ("arm"), all chains
+    in lockstep (one batched step for every arm and seed); one row per step with the arm, the
+    operation, the texts and the reward. Every arm's chain on a seed draws from the same
+    generator, so the arms differ only in how they choose."""
+    chains = [(arm, sid, text, choose) for arm, choose in choosers.items() for sid, text in seeds]
+    rngs = [chain_rng(seed, sid) for _, sid, _, _ in chains]
+    current = [text for _, _, text, _ in chains]
+    previous: list[int | None] = [None] * len(chains)
     rows = []
     for step in range(horizon):
-        actions = [choose(p, rng) for p, rng in zip(previous, rngs)]
+        actions = [c[3](p, rng) for c, p, rng in zip(chains, previous, rngs)]
         results = stepper(current, [operations[a] for a in actions], step)
-        for (sid, seed_text), result in zip(seeds, results):
-            rows.append(dict(seed_id=sid, seed_instruction=seed_text, step=step + 1, **asdict(result)))
+        for (arm, sid, seed_text, _), result in zip(chains, results):
+            rows.append(dict(arm=arm, seed_id=sid, seed_instruction=seed_text, step=step + 1, **asdict(result)))
+        # A rewrite the rules rejected leaves the instruction as it was (as in the environment).
         current = [r.after if r.reward > 0 else r.before for r in results]
         previous = actions
         if progress:
@@ -104,4 +110,6 @@ def fixed_chooser(index: int) -> Chooser:
 def policy_chooser(probabilities: np.ndarray) -> Chooser:
     """Samples from the policy's action distribution per state: row 0 is the start (no previous
     operation), row 1 + k follows operation k."""
-    return lambda previous, rng: int(rng.choice(probabilities.shape[1], p=probabilities[0 if previous is None else previous + 1]))
+    table = np.asarray(probabilities, dtype=np.float64)
+    table = table / table.sum(axis=1, keepdims=True)  # the network's float32 rows sum to 1 only nearly
+    return lambda previous, rng: int(rng.choice(table.shape[1], p=table[0 if previous is None else previous + 1]))

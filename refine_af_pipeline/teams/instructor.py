@@ -36,7 +36,7 @@ class InstructorSettings(BaseModel):
     hidden_units: PositiveInt = Field(32, description="units of the policy and value MLPs' one hidden layer")
     gamma: Probability = Field(0.99, description="discount")
     critic_learning_rate: PositiveFloat = Field(1e-3, description="learning rate of the value function")
-    max_new_tokens: PositiveInt = Field(80, description="tokens per rewrite at most")
+    max_new_tokens: PositiveInt = Field(64, description="tokens per rewrite at most (a rewrite is one line)")
     do_sample: bool = Field(False, description=(
         "sample rewrites (seeded per step) instead of greedy decoding; greedy makes every rewrite a pure "
         "function of (instruction, operation), so the cache serves every repeat"))
