@@ -15,9 +15,12 @@ ROOT = Path(__file__).parent.parent
 SHARED = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "reward_standardisation"]
 REFINE_AF = ["rl_refined_policy", "instance_output_pairs", "finetuned_model"]
 SELF_INSTRUCT = ["selfinstruct_instance_pairs", "selfinstruct_finetuned_model"]
+TEAMS = ["teams_operation_policy", "teams_policy_transitions", "teams_policy_comparison", "teams_evolved_instructions",
+         "teams_instruction_pairs", "teams_finetuned_model"]
 EVALUATION = ["evaluation", "evaluation_predictions", "evaluation_summary"]
-STAGES = SHARED + REFINE_AF + ["rl_heldout_comparison"] + SELF_INSTRUCT + EVALUATION + ["instruction_dataset_exports"]
-MODEL_STAGES = [s for s in STAGES if s not in ("seed_pool", "instruction_dataset_exports")]
+STAGES = (SHARED + REFINE_AF + ["rl_heldout_comparison"] + SELF_INSTRUCT + TEAMS + EVALUATION
+          + ["llm_query_ledger", "instruction_dataset_exports"])
+MODEL_STAGES = [s for s in STAGES if s not in ("seed_pool", "instruction_dataset_exports", "llm_query_ledger")]
 
 
 def _parents(graph, name: str) -> set[str]:
@@ -43,11 +46,24 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
                                                         "deduplicated_instructions"}
     assert _parents(graph, "finetuned_model") == {"instance_output_pairs"}
     for table in EVALUATION:
-        assert _parents(graph, table) == {"finetuned_model", "selfinstruct_finetuned_model"}
-    assert _parents(graph, "instruction_dataset_exports") == {"instance_output_pairs", "selfinstruct_instance_pairs"}
+        assert _parents(graph, table) == {"finetuned_model", "selfinstruct_finetuned_model", "teams_finetuned_model"}
+    assert _parents(graph, "instruction_dataset_exports") == {"instance_output_pairs", "selfinstruct_instance_pairs",
+                                                              "teams_instruction_pairs"}
+    # TeaMs-RL starts from the seed tasks alone; each of its tables reads only what it declares.
+    for table in ("teams_operation_policy", "teams_policy_transitions"):
+        assert _parents(graph, table) == {"seed_pool"}
+    assert _parents(graph, "teams_policy_comparison") == {"teams_operation_policy", "teams_policy_transitions", "seed_pool"}
+    assert _parents(graph, "teams_evolved_instructions") == {"teams_operation_policy", "seed_pool"}
+    assert _parents(graph, "teams_instruction_pairs") == {"teams_evolved_instructions"}
+    assert _parents(graph, "teams_finetuned_model") == {"teams_instruction_pairs"}
+    assert _parents(graph, "llm_query_ledger") == {
+        "raw_instructions", "reward_scores", "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs",
+        "selfinstruct_instance_pairs", "teams_operation_policy", "teams_policy_comparison",
+        "teams_evolved_instructions", "teams_instruction_pairs", "evaluation"}
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
     assert {("evaluation_summary", "refine_af_beats_self_instruct"),
-            ("rl_heldout_comparison", "policy_beats_base_on_heldout")} <= checks
+            ("rl_heldout_comparison", "policy_beats_base_on_heldout"),
+            ("teams_policy_comparison", "teams_policy_beats_uniform")} <= checks
 
 
 def test_every_step_named_by_stage_batch_sizes_is_a_step_of_the_job():
@@ -86,7 +102,8 @@ def test_cli_validates_the_code_location():
 # (op, field): the sizes whose defaults are the method's full-data scale (0 = all).
 SCALE = [("bootstrap_instructions", "num_prompts"), ("reward_scores", "max_instructions"),
          ("rl_refined_policy", "max_steps"), ("instance_output_pairs", "max_instructions"),
-         ("selfinstruct_instance_pairs", "max_instructions"), ("evaluation", "instances_per_task")]
+         ("selfinstruct_instance_pairs", "max_instructions"), ("evaluation", "instances_per_task"),
+         ("teams_operation_policy", "updates"), ("teams_evolved_instructions", "max_seeds")]
 
 
 @pytest.mark.parametrize("profile", ["demo", "experiment"])
@@ -103,7 +120,7 @@ def test_the_profiles_are_run_configs_that_make_every_full_data_size_small(profi
     # Both branches are sized and trained alike, or the comparison is not like for like.
     ops = config["ops"]
     assert ops["instance_output_pairs"] == ops["selfinstruct_instance_pairs"]
-    assert ops["finetuned_model"] == ops["selfinstruct_finetuned_model"]
+    assert ops["finetuned_model"] == ops["selfinstruct_finetuned_model"] == ops["teams_finetuned_model"]
 
 
 def test_make_run_passes_the_demo_profile_and_make_experiment_its_own():

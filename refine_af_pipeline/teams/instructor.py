@@ -37,10 +37,11 @@ class InstructorSettings(BaseModel):
     gamma: Probability = Field(0.99, description="discount")
     critic_learning_rate: PositiveFloat = Field(1e-3, description="learning rate of the value function")
     max_new_tokens: PositiveInt = Field(64, description="tokens per rewrite at most (a rewrite is one line)")
-    do_sample: bool = Field(False, description=(
-        "sample rewrites (seeded per step) instead of greedy decoding; greedy makes every rewrite a pure "
-        "function of (instruction, operation), so the cache serves every repeat"))
-    temperature: PositiveFloat = Field(0.7, description="rewrite sampling temperature (do_sample)")
+    do_sample: bool = Field(True, description=(
+        "sample rewrites, seeded per step (false: greedy, which with the embedded model hands back the task "
+        "unchanged or the example far more often: 25 of 48 rewrites passed the reviewer's rules against 35 of 48 "
+        "sampled at 0.8, and a chain stuck on a rejected rewrite repeats it)"))
+    temperature: PositiveFloat = Field(0.8, description="rewrite sampling temperature (do_sample)")
     top_p: Probability = Field(0.95, description="rewrite nucleus sampling (do_sample)")
     near_copy_rouge_l: Probability = Field(NEAR_COPY_ROUGE_L, description=(
         "reviewer rule: a rewrite at least this ROUGE-L-similar to the instruction it rewrote scores 0"))
