@@ -18,6 +18,7 @@ CONSTRAINED = "Write a poem about the sea in exactly four lines, without using t
     ("Rewritten task: Write a poem about the sea", "leaked_prompt_words"),
     ("Please write a poem about the sea.", "near_identical"),
     ("Describe a sunset in exactly three sentences without using the word orange.", "copied_example"),
+    ("Write a poem about the sea and the three spiders in the box.", "copied_example"),
     (CONSTRAINED, None),
 ])
 def test_code_rules(after, rule):

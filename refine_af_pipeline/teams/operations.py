@@ -42,6 +42,9 @@ _OPERATIONS: dict[str, tuple[str, str, str]] = {
 OPERATION_NAMES: tuple[str, ...] = tuple(_OPERATIONS)
 OPERATIONS: dict[str, str] = {name: how for name, (how, _, _) in _OPERATIONS.items()}
 EXAMPLE_REWRITES: dict[str, str] = {name: rewritten for name, (_, _, rewritten) in _OPERATIONS.items()}
+# Words only the worked examples bring: a rewrite with one its instruction lacks took it from an example.
+EXAMPLE_WORDS = ("typewriter", "deciduous", "evergreen", "priya", "room 4b", "spider", "beetle", "apples 2.10",
+                 "bread 1.75", "cheese 4.20", "milk 0.99")
 
 # The assistant turn starts with this; the model continues it with the rewritten task.
 REWRITE_PREFIX = "Rewritten task:"

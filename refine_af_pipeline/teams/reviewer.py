@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..instructions.rouge import rouge_l
 from ..llm.backend import ServedModel, render_prompt
 from .call_cache import CallCache
-from .operations import EXAMPLE_REWRITES, LEAK_MARKERS, OPERATIONS
+from .operations import EXAMPLE_REWRITES, EXAMPLE_WORDS, LEAK_MARKERS, OPERATIONS
 
 REVIEW_QUESTION = (
     "Task A: {before}\n\nTask B: {after}\n\n"
@@ -53,7 +53,8 @@ def rule_zero(before: str, after: str, near_copy: float = NEAR_COPY_ROUGE_L) -> 
         return "echo_of_request"
     if any(marker in low for marker in LEAK_MARKERS):
         return "leaked_prompt_words"
-    if any(rouge_l(example, after) >= EXAMPLE_COPY_ROUGE_L for example in EXAMPLE_REWRITES.values()):
+    if any(w in low and w not in before.lower() for w in EXAMPLE_WORDS) or any(
+            rouge_l(example, after) >= EXAMPLE_COPY_ROUGE_L for example in EXAMPLE_REWRITES.values()):
         return "copied_example"
     if rouge_l(before, after) >= near_copy:
         return "near_identical"
@@ -76,8 +77,8 @@ class InformationGainReviewer:
                  cache: CallCache | None = None):
         model.require("next_token_distribution", "the TeaMs-RL reviewer (P(Yes) after its question)")
         self.model, self.batch_size, self.near_copy, self.cache = model, batch_size, near_copy, cache
-        digest = hashlib.sha256(json.dumps([REVIEW_QUESTION, REFUSALS, LEAK_MARKERS, EXAMPLE_REWRITES, EXAMPLE_COPY_ROUGE_L,
-                                         near_copy]).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(json.dumps([REVIEW_QUESTION, REFUSALS, LEAK_MARKERS, EXAMPLE_REWRITES, EXAMPLE_WORDS,
+                                         EXAMPLE_COPY_ROUGE_L, near_copy]).encode()).hexdigest()[:8]
         self.version = f"teams-information-gain/v1:{model.provenance.served_model}:q-{digest}"
         self.model_calls = 0  # judgements the model made (cache hits and rule zeros excluded)
 
