@@ -30,7 +30,7 @@ def test_embedded_model_runs_the_whole_graph(tmp_path):
         evaluated = conn.execute("SELECT count(DISTINCT model) FROM evaluation").fetchone()[0]
     assert model_ids == {"HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF Q4_1)"}
     assert kept > 0
-    assert evaluated == 3  # base, Self-Instruct-tuned, REFINE-AF-tuned
+    assert evaluated == 4  # base, Self-Instruct-, REFINE-AF- and TeaMs-RL-tuned
 
 
 def test_missing_hub_model_fails_fast_with_its_name():
