@@ -21,6 +21,9 @@ def test_embedded_model_runs_the_whole_graph(tmp_path):
         # Self-Instruct SFT step failed with "no kept pairs" (the prompts differ per run id).
         instance_output_pairs={"max_instructions": 8, "max_new_tokens": 48},
         evaluation={"instances_per_task": 1, "max_new_tokens": 8},
+        # More seed tasks than the tiny-model default: the embedded rewriter often copies the worked
+        # example or the task, and the branch needs at least one kept instruction.
+        teams_evolved_instructions={"max_seeds": 24},
     )
     result = materialize(tmp_path, "embedded", config, batch_size=4)
     assert result.success
