@@ -89,6 +89,26 @@ def _stepper(rewriter: ServedModel, reviewer_model: ServedModel, settings: Instr
     return EvolutionStepper(rewriter, reviewer, settings.sampling_params(), batch_size, settings.seed, cache), reviewer
 
 
+def _base_model_stepper(context: dg.AssetExecutionContext, language_model: LanguageModelResource,
+                        artifact_store: ArtifactStore, settings: InstructorSettings, queries: QueryCounter):
+    """(base model, stepper, reviewer, cache): the base model rewrites and reviews (instructor
+    training and the comparison), each role counted apart."""
+    base = language_model.open_models({"base": None})["base"]
+    cache = _cache(artifact_store)
+    stepper, reviewer = _stepper(queries.wrap(base, "rewriter"), queries.wrap(base, "reviewer"), settings,
+                                 language_model.generation_batch_size(context.op_def.name),
+                                 language_model.scoring_batch_size, cache)
+    return base, stepper, reviewer, cache
+
+
+def _sample(pairs: list[tuple[str, str]], limit: int, seed: int) -> list[tuple[str, str]]:
+    """A reproducible sample of at most `limit` seed tasks, in their original order (0 = all)."""
+    if not limit or len(pairs) <= limit:
+        return pairs
+    chosen = np.random.default_rng(seed).choice(len(pairs), limit, replace=False)
+    return [pairs[k] for k in sorted(chosen)]
+
+
 def _transition_frame(rows: list[dict], rewriter: ServedModel, reviewer: InformationGainReviewer, run_id: str,
                       **extra) -> pl.DataFrame:
     return pl.DataFrame(
@@ -118,11 +138,7 @@ def teams_operation_policy(context: dg.AssetExecutionContext, config: Instructor
     if not train:
         raise dg.Failure(f"heldout_share {config.heldout_share} holds out every seed task; lower it")
     queries = QueryCounter()
-    base = language_model.open_models({"base": None})["base"]
-    cache = _cache(artifact_store)
-    stepper, reviewer = _stepper(queries.wrap(base, "rewriter"), queries.wrap(base, "reviewer"), config,
-                                 language_model.generation_batch_size(context.op_def.name),
-                                 language_model.scoring_batch_size, cache)
+    base, stepper, reviewer, cache = _base_model_stepper(context, language_model, artifact_store, config, queries)
     env = BatchedEvolutionVecEnv(train, config.operations, config.horizon, stepper, config.episodes_per_update,
                                  seed=config.seed)
     started = time.monotonic()
@@ -205,9 +221,7 @@ def teams_policy_comparison(context: dg.AssetExecutionContext, config: PolicyCom
     (arm, seed task, step); the paired bootstrap CI of the per-seed mean reward in the metadata."""
     settings, policy_meta = _policy_settings(context)
     _, held = _seed_tasks(warehouse, settings.heldout_share)
-    if config.max_seeds and len(held) > config.max_seeds:
-        rng = np.random.default_rng(config.seed)
-        held = [held[k] for k in sorted(rng.choice(len(held), config.max_seeds, replace=False))]
+    held = _sample(held, config.max_seeds, config.seed)
     if len(held) < 2:
         raise dg.Failure(f"only {len(held)} held-out seed task(s) at heldout_share {settings.heldout_share}; "
                          f"raise it in {POLICY}'s config")
@@ -217,11 +231,7 @@ def teams_policy_comparison(context: dg.AssetExecutionContext, config: PolicyCom
     arms = {"policy": policy_chooser(probs), "uniform": uniform_chooser(len(ops)),
             f"fixed:{best}": fixed_chooser(ops.index(best))}
     queries = QueryCounter()
-    base = language_model.open_models({"base": None})["base"]
-    cache = _cache(artifact_store)
-    stepper, reviewer = _stepper(queries.wrap(base, "rewriter"), queries.wrap(base, "reviewer"), settings,
-                                 language_model.generation_batch_size(context.op_def.name),
-                                 language_model.scoring_batch_size, cache)
+    base, stepper, reviewer, cache = _base_model_stepper(context, language_model, artifact_store, settings, queries)
     report = progress_logger(context, "teams_policy_comparison")
     started = time.monotonic()
     rows = run_chains(stepper, held, arms, settings.horizon, config.seed, ops,
@@ -281,9 +291,7 @@ def teams_evolved_instructions(context: dg.AssetExecutionContext, config: Evolve
     settings, policy_meta = _policy_settings(context)
     seeds = warehouse.read_table("seed_pool")
     pairs = list(zip(seeds["id"].to_list(), seeds["instruction"].to_list()))
-    if config.max_seeds and len(pairs) > config.max_seeds:
-        rng = np.random.default_rng(config.seed)
-        pairs = [pairs[k] for k in sorted(rng.choice(len(pairs), config.max_seeds, replace=False))]
+    pairs = _sample(pairs, config.max_seeds, config.seed)
     probs = load_policy_probabilities(policy_meta["policy_path"], len(settings.operations))
     queries = QueryCounter()
     expert, reviewer_model = _expert_and_reviewer(language_model, expert_model, queries)

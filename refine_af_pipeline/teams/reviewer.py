@@ -35,9 +35,8 @@ def _normal(text: str) -> str:
     return " ".join(text.lower().split()).strip(" .!?")
 
 
-def _request_openings() -> tuple[str, ...]:
-    # The first five words of each rewrite request: a reply that contains one echoed the request.
-    return tuple(" ".join(how.lower().split()[:5]) for how in OPERATIONS.values())
+# The first five words of each rewrite request: a reply that contains one echoed the request.
+_REQUEST_OPENINGS = tuple(" ".join(how.lower().split()[:5]) for how in OPERATIONS.values())
 
 
 def rule_zero(before: str, after: str, near_copy: float = NEAR_COPY_ROUGE_L) -> str | None:
@@ -49,7 +48,7 @@ def rule_zero(before: str, after: str, near_copy: float = NEAR_COPY_ROUGE_L) -> 
         return "refusal"
     if low == _normal(before):
         return "identical"
-    if any(opening in low for opening in _request_openings()):
+    if any(opening in low for opening in _REQUEST_OPENINGS):
         return "echo_of_request"
     if any(marker in low for marker in LEAK_MARKERS):
         return "leaked_prompt_words"
@@ -97,7 +96,8 @@ class InformationGainReviewer:
             if self.cache:
                 self.cache.put_many(fresh)
             known = {**known, **fresh}
-        p_by_k = {k: (float(known[keys[j]]), j not in set(missing)) for j, k in enumerate(ask)}
+        asked = set(missing)
+        p_by_k = {k: (float(known[keys[j]]), j not in asked) for j, k in enumerate(ask)}
         out = []
         for k, rule in enumerate(rules):
             if rule is not None:
