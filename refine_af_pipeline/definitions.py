@@ -94,14 +94,24 @@ def regeneration_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunReques
 FORKSERVER_PRELOAD = ["refine_af_pipeline.definitions", "torch", "transformers", "peft", "trl", "sentence_transformers"]
 
 
+# One step at a time unless the run config says otherwise: every model step is in the one-slot
+# "gpu" pool anyway, and a step that is ready while that slot is taken polls for it with a backoff
+# of up to 15 s (Dagster's InstanceConcurrencyContext), so it started 3-13 s after the slot freed;
+# with max_concurrent 1 the next step claims the slot as the last one ends. The light steps lose
+# their overlap (well under a second each). Several GPUs: raise the pool limit and max_concurrent.
+DEFAULT_MAX_CONCURRENT = 1
+
+
 def _forkserver_by_default(config: dict) -> dict:
-    """Dagster's default executor config, with forkserver as the multiprocess start method unless
-    the run config chooses one (or in_process)."""
+    """Dagster's default executor config, with forkserver as the multiprocess start method and one
+    step at a time unless the run config chooses otherwise (or in_process)."""
     if "in_process" in config:
         return {"in_process": config["in_process"]}
     multiprocess = dict(config.get("multiprocess") or {})
     if multiprocess.get("start_method") is None:
         multiprocess["start_method"] = {"forkserver": {"preload_modules": FORKSERVER_PRELOAD}}
+    if multiprocess.get("max_concurrent") is None:
+        multiprocess["max_concurrent"] = DEFAULT_MAX_CONCURRENT
     return {"multiprocess": multiprocess}
 
 

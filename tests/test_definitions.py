@@ -129,7 +129,7 @@ def test_make_run_passes_the_demo_profile_and_make_experiment_its_own():
     assert "--select '*' -c configs/experiment.yaml" in makefile
 
 
-def test_steps_fork_from_a_preloaded_server_unless_the_run_config_says_otherwise():
+def test_steps_fork_from_a_preloaded_server_one_at_a_time_unless_the_run_config_says_otherwise():
     job = defs.resolve_implicit_global_asset_job_def()
 
     def executor_config(run_config):
@@ -137,6 +137,9 @@ def test_steps_fork_from_a_preloaded_server_unless_the_run_config_says_otherwise
 
     default = executor_config({})["multiprocess"]
     assert "torch" in default["start_method"]["forkserver"]["preload_modules"]
+    assert default["max_concurrent"] == 1  # no polling for the "gpu" slot between steps
+    wider = executor_config({"execution": {"config": {"multiprocess": {"max_concurrent": 3}}}})["multiprocess"]
+    assert wider["max_concurrent"] == 3 and "forkserver" in wider["start_method"]
     assert executor_config({"execution": {"config": {"in_process": {}}}}) == {"in_process": {"retries": {"enabled": {}}}}
     spawned = executor_config({"execution": {"config": {"multiprocess": {"start_method": {"spawn": {}},
                                                                           "max_concurrent": 1}}}})["multiprocess"]
