@@ -98,7 +98,8 @@ FORKSERVER_PRELOAD = ["refine_af_pipeline.definitions", "torch", "transformers",
 # "gpu" pool anyway, and a step that is ready while that slot is taken polls for it with a backoff
 # of up to 15 s (Dagster's InstanceConcurrencyContext), so it started 3-13 s after the slot freed;
 # with max_concurrent 1 the next step claims the slot as the last one ends. The light steps lose
-# their overlap (well under a second each). Several GPUs: raise the pool limit and max_concurrent.
+# their overlap (under a second of work and ~3 s of start-up each). Several GPUs: raise the pool
+# limit and max_concurrent together.
 DEFAULT_MAX_CONCURRENT = 1
 
 
