@@ -52,16 +52,16 @@ def main() -> None:
 
     instance = dg.DagsterInstance.get()
     if args.run_id:
-        run = instance.get_run_by_id(args.run_id)
-        if run is None:
+        record = instance.get_run_record_by_id(args.run_id)
+        if record is None:
             raise SystemExit(f"no run {args.run_id} in {instance.root_directory}")
     else:
-        runs = instance.get_runs(limit=1)
-        if not runs:
+        records = instance.get_run_records(limit=1)
+        if not records:
             raise SystemExit(f"no runs in {instance.root_directory}")
-        run = runs[0]
+        record = records[0]
+    run = record.dagster_run
     starts, ends, peaks, metadata = _step_events(instance, run.run_id)
-    record = instance.get_run_record_by_id(run.run_id)
     print(f"run {run.run_id} ({run.status.value}) in {instance.root_directory}")
     print(f"{'step':62s} {'start':>8s} {'seconds':>8s} {'gap':>6s} {'peak MiB':>9s}")
     previous_end = record.start_time
