@@ -29,14 +29,19 @@ def is_held_out(instruction_id: str, share: float) -> bool:
 
 
 def effective_heldout_share(instruction_ids: list[str], share: float, min_heldout: int) -> float:
-    """`share`, or, when that holds out fewer than min(min_heldout, half the pool) of these ids (a
-    small pool: the hash share is only a share on average), the smallest share that holds out
-    exactly that many. The caller records it: re-checking with the recorded share after the pool
-    has grown adds only new instructions, never one the policy trained on."""
-    wanted = min(min_heldout, len(instruction_ids) // 2)
-    if sum(is_held_out(i, share) for i in instruction_ids) >= wanted:
+    """`share`, unless on these ids it holds out fewer than min(min_heldout, half the pool) or more
+    than half the pool (a small pool: the hash share is only a share on average); then the
+    smallest share that holds out exactly that bound, so a small pool keeps instructions to train
+    on. The caller records it: re-checking with the recorded share after the pool has grown adds
+    only new instructions, never one the policy trained on."""
+    half = len(instruction_ids) // 2
+    held = sum(is_held_out(i, share) for i in instruction_ids)
+    wanted = min(min_heldout, half)
+    if wanted <= held <= half:
         return share
-    return (sorted(hash_bucket(i) for i in instruction_ids)[wanted - 1] + 1) / BUCKETS
+    buckets = sorted(hash_bucket(i) for i in instruction_ids)
+    target = wanted if held < wanted else half
+    return (buckets[target - 1] + 1) / BUCKETS if target else buckets[0] / BUCKETS
 
 
 def split_held_out(kept: pl.DataFrame, share: float) -> tuple[pl.DataFrame, pl.DataFrame]:

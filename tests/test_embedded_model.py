@@ -14,11 +14,13 @@ def test_embedded_model_runs_the_whole_graph(tmp_path):
     path = ensure_embedded_model()
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     config = smallest_run_config(
-        bootstrap_instructions={"num_prompts": 4, "classification_prompts": 0, "max_new_tokens": 96},
+        # 12 prompts: the embedded model copies most prompt examples (ROUGE-L 1.0), and 4 prompts once
+        # kept only 2 instructions (the prompts differ per run id).
+        bootstrap_instructions={"num_prompts": 12, "classification_prompts": 0, "max_new_tokens": 96},
         reward_scores={"max_instructions": 4, "max_new_tokens": 48},
         rl_refined_policy={"max_steps": 1, "prompts_per_step": 2, "group_size": 2, "max_completion_length": 24},
-        # 8 instructions, not 4: with 4 the base model's instances were once all filtered out and the
-        # Self-Instruct SFT step failed with "no kept pairs" (the prompts differ per run id).
+        # 8 instructions, not 4: with 4 a branch's instances were once all filtered out and its SFT
+        # step failed with "no kept pairs".
         instance_output_pairs={"max_instructions": 8, "max_new_tokens": 48},
         evaluation={"instances_per_task": 1, "max_new_tokens": 8},
         # More seed tasks than the tiny-model default: the embedded rewriter often copies the worked

@@ -29,3 +29,16 @@ def test_a_recorded_share_rechecked_on_a_grown_pool_holds_out_only_new_ids():
 def test_empty_and_tiny_pools():
     assert effective_heldout_share([], 0.2, 6) == 0.2
     assert effective_heldout_share(["only-one"], 0.2, 6) == 0.2  # half of one is zero: nothing forced
+
+
+def test_a_small_pool_is_never_wholly_held_out():
+    # Two ids whose hashes both fall under 0.2: the configured share would leave RL nothing to train on.
+    ids = [i for i in (f"run-{k:05d}" for k in range(500)) if is_held_out(i, 0.2)][:2]
+    assert all(is_held_out(i, 0.2) for i in ids)
+    share = effective_heldout_share(ids, 0.2, 6)
+    assert sum(is_held_out(i, share) for i in ids) == 1
+    lone = ids[:1]
+    assert sum(is_held_out(i, effective_heldout_share(lone, 0.2, 6)) for i in lone) == 0
+    # Seven ids all under the share: capped at half the pool.
+    many = [i for i in (f"run-{k:05d}" for k in range(500)) if is_held_out(i, 0.2)][:7]
+    assert sum(is_held_out(i, effective_heldout_share(many, 0.2, 6)) for i in many) == 3

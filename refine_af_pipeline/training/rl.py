@@ -58,7 +58,8 @@ class RLSettings(BaseModel):
     vllm_gpu_memory_utilization: Share = Field(0.3, description="with use_vllm: GPU memory share of the rollout engine")
     heldout_share: Share = Field(0.2, description="share of kept instructions (stable hash split) RL never trains on")
     min_heldout: NonNegativeInt = Field(6, description=(
-        "hold out at least this many instructions (at most half the pool), so the held-out check has some"))
+        "hold out at least this many instructions, so the held-out check has some; a small pool never has more "
+        "than half held out, so RL has some to train on"))
 
     @model_validator(mode="after")
     def _slices_fill_a_step(self):
