@@ -36,12 +36,10 @@ def effective_heldout_share(instruction_ids: list[str], share: float, min_heldou
     only new instructions, never one the policy trained on."""
     half = len(instruction_ids) // 2
     held = sum(is_held_out(i, share) for i in instruction_ids)
-    wanted = min(min_heldout, half)
-    if wanted <= held <= half:
+    target = min(max(held, min(min_heldout, half)), half)
+    if target == held:
         return share
-    buckets = sorted(hash_bucket(i) for i in instruction_ids)
-    target = wanted if held < wanted else half
-    return (buckets[target - 1] + 1) / BUCKETS if target else buckets[0] / BUCKETS
+    return (sorted(hash_bucket(i) for i in instruction_ids)[target - 1] + 1) / BUCKETS if target else 0.0
 
 
 def split_held_out(kept: pl.DataFrame, share: float) -> tuple[pl.DataFrame, pl.DataFrame]:

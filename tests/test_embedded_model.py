@@ -14,8 +14,8 @@ def test_embedded_model_runs_the_whole_graph(tmp_path):
     path = ensure_embedded_model()
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     config = smallest_run_config(
-        # 16 prompts: the embedded model copies many prompt examples (ROUGE-L 1.0), 0.5-1 instruction is
-        # kept per prompt, and 4 prompts once kept only 2 (the prompts differ per run id).
+        # 16 prompts: the embedded model copies many prompt examples (ROUGE-L 1.0), 0.56-1.1 instructions
+        # were kept per prompt over 7 runs, and 4 prompts once kept only 2 (the prompts differ per run id).
         bootstrap_instructions={"num_prompts": 16, "classification_prompts": 0, "max_new_tokens": 96},
         reward_scores={"max_instructions": 4, "max_new_tokens": 48},
         rl_refined_policy={"max_steps": 1, "prompts_per_step": 2, "group_size": 2, "max_completion_length": 24},

@@ -32,13 +32,13 @@ def test_empty_and_tiny_pools():
 
 
 def test_a_small_pool_is_never_wholly_held_out():
+    under = [i for i in (f"run-{k:05d}" for k in range(500)) if is_held_out(i, 0.2)][:7]
     # Two ids whose hashes both fall under 0.2: the configured share would leave RL nothing to train on.
-    ids = [i for i in (f"run-{k:05d}" for k in range(500)) if is_held_out(i, 0.2)][:2]
-    assert all(is_held_out(i, 0.2) for i in ids)
+    ids = under[:2]
+    assert len(ids) == 2
     share = effective_heldout_share(ids, 0.2, 6)
     assert sum(is_held_out(i, share) for i in ids) == 1
     lone = ids[:1]
     assert sum(is_held_out(i, effective_heldout_share(lone, 0.2, 6)) for i in lone) == 0
     # Seven ids all under the share: capped at half the pool.
-    many = [i for i in (f"run-{k:05d}" for k in range(500)) if is_held_out(i, 0.2)][:7]
-    assert sum(is_held_out(i, effective_heldout_share(many, 0.2, 6)) for i in many) == 3
+    assert sum(is_held_out(i, effective_heldout_share(under, 0.2, 6)) for i in under) == 3
