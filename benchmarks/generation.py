@@ -1,11 +1,18 @@
-"""Generation throughput of every backend against raw `model.generate`, side by side in one run.
+"""Generation throughput of every backend against raw `model.generate` and against the model's
+own ceiling, side by side in one run.
 
 The same chat prompts (instance-generation prompts for seed instructions, in the model's chat
 template), the same sampling settings and the same seed go through
-- raw: tokenizer + `model.generate` on the batch, nothing else;
-- path: the transformers backend (prompt batching, padding, the retry wrapper, cutting at
-  end-of-sequence, decoding), alternating with raw at each batch size so that a change in machine
-  load hits both;
+- raw: tokenizer + `model.generate` on the batch, nothing else (unchanged transformers: its
+  top-p warper sorts the vocabulary, and ended rows run on as padding);
+- path: the transformers backend (decoding.py's loop: rows leave as they end, waiting prompts take
+  their place, sort-free nucleus sampling; cutting at end-of-sequence, decoding), alternating with
+  raw at each batch size so that a change in machine load hits both;
+- path-bf16: the same path with the model loaded in bfloat16 (`dtype: bfloat16` of the language
+  model resource), where the CPU has bf16 matrix units (AMX or AVX512-BF16);
+- ceiling: the model's decode step alone, timed in a loop (one new token per row over a 96-token
+  key/value cache, no sampling): batch / step time, the rate no decoding loop can beat at that
+  batch, in the model's dtype (ceiling-bf16 for the bf16 model);
 - vllm: the vllm backend (vLLM's offline engine), in the vLLM venv (a subprocess), batch_size
   prompts per engine call;
 - openai: the openai backend against a vLLM server started from the vLLM venv, with concurrency
@@ -16,10 +23,10 @@ engines' start-up is not counted.
     .venv/bin/python benchmarks/generation.py                 # 64 prompts, batch 8 and 64, 128 new tokens
     .venv/bin/python benchmarks/generation.py --model /path --batch-sizes 8 32 64 --backends transformers
 
-The last line is `generation: path_vs_raw_b64=<ratio> b64_vs_b8=<ratio>` followed by
-`<backend>_vs_raw_b<N>=<ratio>` for each engine backend and batch size (tokens/s over raw at the
-same batch size); the first two are the path at the largest batch over raw, and over the path at
-the smallest batch.
+The last line is `generation: path_vs_raw_b<N>=<r> path_vs_ceiling_b<N>=<r> path_vs_vllm_b<N>=<r>
+...` at the largest batch N (tokens/s over tokens/s), then the bf16 path over raw and over its own
+ceiling, the largest batch over the smallest, and `<backend>_vs_raw_b<N>` for each engine backend
+and batch size.
 """
 
 from __future__ import annotations
@@ -67,6 +74,34 @@ def raw_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int
         for row in out[:, enc["input_ids"].shape[1]:].tolist():
             total += next((i for i, t in enumerate(row) if t in eos), len(row))
     return total
+
+
+def decode_step_rate(model, batch_size: int, cache_tokens: int = 96, steps: int = 8) -> float:
+    """Tokens/s of the model's decode step alone: one token per row over a cache of cache_tokens
+    positions, the cache cut back after each step so every step sees the same length."""
+    import torch
+
+    vocabulary = model.config.vocab_size
+    ids = torch.randint(100, vocabulary - 1, (batch_size, cache_tokens))
+    new = torch.randint(100, vocabulary - 1, (batch_size, 1))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        times = []
+        for _ in range(steps + 1):
+            started = time.perf_counter()
+            model(input_ids=new, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - started)
+            cache.crop(-1)
+    return batch_size / (sum(times[1:]) / steps)  # the first step warms up
+
+
+def bf16_matrix_units() -> bool:
+    """Whether this CPU has bf16 matrix instructions (otherwise bf16 runs slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def path_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, seed: int) -> int:
@@ -145,6 +180,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backends", nargs="+", default=["transformers", "vllm", "openai"],
                         choices=["transformers", "vllm", "openai"], help="transformers is always measured")
+    parser.add_argument("--variants", nargs="*", default=["bf16"], choices=["bf16"],
+                        help="extra path rows: bf16 (the model in bfloat16, where the CPU has bf16 matrix units)")
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                         help="interpreter of the vLLM venv (make vllm-setup)")
     parser.add_argument("--engine", help=argparse.SUPPRESS)
@@ -159,19 +196,34 @@ def main() -> None:
     from resources import LanguageModelResource
 
     model, tokenizer, source, device = LanguageModelResource(model=args.model).load()
+    bf16 = None
+    if "bf16" in args.variants and bf16_matrix_units():
+        bf16 = LanguageModelResource(model=args.model, dtype="bfloat16").load()[0]
     prompts = chat_prompts(tokenizer, args.prompts)
     print(f"model {source.model_id} on {device}, {torch.get_num_threads()} threads, {len(prompts)} prompts, "
           f"{args.max_new_tokens} new tokens, sampling at temperature 0.7, top_p 0.95")
     raw_generate(model, tokenizer, prompts[:2], 2, 8, args.seed)  # warm-up: first-call allocations
     rates: dict[tuple[str, int], float] = {}
-    print(f"{'batch':>5} {'method':>6} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
+    print(f"{'batch':>5} {'method':>10} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
+
+    def show(batch_size, method, tokens, seconds):
+        rates[method, batch_size] = tokens / seconds
+        print(f"{batch_size:>5} {method:>10} {tokens:>7} {seconds:>8.1f} {tokens / seconds:>9.1f}", flush=True)
+
     for batch_size in args.batch_sizes:
-        for method, fn in (("raw", raw_generate), ("path", path_generate)):
+        methods = [("raw", model, raw_generate), ("path", model, path_generate)]
+        if bf16 is not None:
+            path_generate(bf16, tokenizer, prompts[:2], 2, 8, args.seed)  # warm-up
+            methods.append(("path-bf16", bf16, path_generate))
+        for method, m, fn in methods:
             started = time.perf_counter()
-            tokens = fn(model, tokenizer, prompts, batch_size, args.max_new_tokens, args.seed)
-            seconds = time.perf_counter() - started
-            rates[method, batch_size] = tokens / seconds
-            print(f"{batch_size:>5} {method:>6} {tokens:>7} {seconds:>8.1f} {tokens / seconds:>9.1f}", flush=True)
+            tokens = fn(m, tokenizer, prompts, batch_size, args.max_new_tokens, args.seed)
+            show(batch_size, method, tokens, time.perf_counter() - started)
+        for method, m in (("ceiling", model), ("ceiling-bf16", bf16)):
+            if m is not None:
+                rate = decode_step_rate(m, batch_size)
+                rates[method, batch_size] = rate
+                print(f"{batch_size:>5} {method:>10} {'':>7} {'':>8} {rate:>9.1f}", flush=True)
     engines = {}
     if "vllm" in args.backends:
         engines["vllm"] = run_vllm_offline(Path(args.vllm_python), source.path, args)
@@ -179,12 +231,21 @@ def main() -> None:
         engines["openai"] = run_openai(Path(args.vllm_python), source.path, tokenizer, args)
     for name, figures in engines.items():
         for batch_size, (tokens, seconds) in figures.items():
-            rates[name, batch_size] = tokens / seconds
-            print(f"{batch_size:>5} {name:>6} {tokens:>7} {seconds:>8.1f} {tokens / seconds:>9.1f}", flush=True)
+            show(batch_size, name, tokens, seconds)
     small, large = min(args.batch_sizes), max(args.batch_sizes)
-    ratios = [f"{name}_vs_raw_b{b}={rates[name, b] / rates['raw', b]:.2f}" for name in engines for b in args.batch_sizes]
-    print(f"generation: path_vs_raw_b{large}={rates['path', large] / rates['raw', large]:.2f} "
-          f"b{large}_vs_b{small}={rates['path', large] / rates['path', small]:.2f}", *ratios)
+    figures = [f"path_vs_raw_b{large}={rates['path', large] / rates['raw', large]:.2f}",
+               f"path_vs_ceiling_b{large}={rates['path', large] / rates['ceiling', large]:.2f}"]
+    if "vllm" in engines:
+        figures.append(f"path_vs_vllm_b{large}={rates['path', large] / rates['vllm', large]:.2f}")
+    if bf16 is not None:
+        figures += [f"bf16_vs_raw_b{large}={rates['path-bf16', large] / rates['raw', large]:.2f}",
+                    f"bf16_vs_ceiling_bf16_b{large}={rates['path-bf16', large] / rates['ceiling-bf16', large]:.2f}"]
+        if "vllm" in engines:
+            figures.append(f"bf16_vs_vllm_b{large}={rates['path-bf16', large] / rates['vllm', large]:.2f}")
+    if small != large:
+        figures.append(f"b{large}_vs_b{small}={rates['path', large] / rates['path', small]:.2f}")
+    figures += [f"{name}_vs_raw_b{b}={rates[name, b] / rates['raw', b]:.2f}" for name in engines for b in args.batch_sizes]
+    print("generation:", *figures)
 
 
 if __name__ == "__main__":

@@ -126,15 +126,15 @@ def test_a_flaky_backend_is_retried_inside_the_step(seeded_dir, tiny_model_dir, 
     def load_flaky(self, adapters):
         models, tokenizer, source, device = real_load(self, adapters)
         [model] = set(models.values())  # the base model only
-        real_generate = model.generate
+        real_forward = model.forward
 
-        def flaky_generate(**kwargs):
+        def flaky_forward(*args, **kwargs):
             if len(failures) < 2:
                 failures.append(1)
                 raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated)")
-            return real_generate(**kwargs)
+            return real_forward(*args, **kwargs)
 
-        model.generate = flaky_generate
+        model.forward = flaky_forward
         return models, tokenizer, source, device
 
     monkeypatch.setattr(LanguageModelResource, "load_variants", load_flaky)
@@ -152,15 +152,15 @@ def test_a_backend_that_keeps_failing_fails_the_step_after_the_bound(seeded_dir,
     def load_broken(self, adapters):
         models, tokenizer, source, device = real_load(self, adapters)
 
-        def broken(**kwargs):
+        def broken(*args, **kwargs):
             raise OSError("Input/output error (simulated)")
 
         for model in models.values():
-            model.generate = broken
+            model.forward = broken
         return models, tokenizer, source, device
 
     monkeypatch.setattr(LanguageModelResource, "load_variants", load_broken)
-    with pytest.raises(retry.RetriesExhausted, match=r"generation batch 1/1 failed 3 times; the last error: OSError"):
+    with pytest.raises(retry.RetriesExhausted, match=r"prefill of 4 prompts failed 3 times; the last error: OSError"):
         materialize(seeded_dir, str(tiny_model_dir), {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
                     selection=BOOTSTRAP, batch_size=4)
 

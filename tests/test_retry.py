@@ -80,7 +80,7 @@ def test_a_custom_rule_replaces_the_default():
                            lambda s: None) == "done"
 
 
-def test_generate_retries_a_failing_batch_and_gives_the_same_text(tiny_model_dir):
+def test_generate_retries_a_failing_forward_pass_and_gives_the_same_text(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -89,18 +89,18 @@ def test_generate_retries_a_failing_batch_and_gives_the_same_text(tiny_model_dir
     prompts = ["<|im_start|>user\nList tasks<|im_end|>\n<|im_start|>assistant\n"] * 3
     params = SamplingParams(max_new_tokens=8, do_sample=False)
     expected = generate(model, tokenizer, prompts, params, batch_size=2)
-    real, calls = model.generate, []
+    real, calls = model.forward, []
 
-    def fails_twice(**kwargs):
+    def fails_twice(*args, **kwargs):
         calls.append(1)
         if len(calls) <= 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(**kwargs)
+        return real(*args, **kwargs)
 
-    model.generate = fails_twice
+    model.forward = fails_twice
     got = generate(model, tokenizer, prompts, params, batch_size=2, backoff=Backoff(attempts=3, first_delay_s=0))
     assert got == expected
-    assert len(calls) == 4  # batch 1: two failures and a success; batch 2: one call
-    model.generate = Flaky(5, TimeoutError("model server did not answer"))
-    with pytest.raises(RetriesExhausted, match="generation batch 1/2 failed 3 times"):
+    assert len(calls) > 3  # the prefill: two failures and a success; then the decode steps
+    model.forward = Flaky(5, TimeoutError("model server did not answer"))
+    with pytest.raises(RetriesExhausted, match="prefill of 2 prompts failed 3 times"):
         generate(model, tokenizer, prompts, params, batch_size=2, backoff=Backoff(attempts=3, first_delay_s=0))

@@ -58,3 +58,43 @@ def test_unknown_algorithm_is_refused():
 def test_vllm_rollouts_are_refused_off_cuda(tmp_path):
     with pytest.raises(ValueError, match="use_vllm needs a CUDA device .* on cpu"):
         train_policy(None, None, ["Describe a garden"], None, RLSettings(use_vllm=True), tmp_path, "cpu")
+
+
+def test_rollouts_sample_the_nucleus_without_transformers_top_p(loaded):
+    """sort_free_rollouts sets the trainer's top_p to 1.0 and adds the sort-free processor to its
+    generate calls: every sampled token is inside the step's 0.5-nucleus, and transformers' own
+    top-p warper no longer runs."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import GenerationConfig, TopPLogitsWarper
+
+    from refine_af_pipeline.llm.models import load_causal_lm
+    from refine_af_pipeline.training.rl import sort_free_rollouts
+
+    source, tokenizer = loaded
+    model = load_causal_lm(source, "cpu", None)
+    config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=0.5,
+                              pad_token_id=tokenizer.pad_token_id)
+    trainer = SimpleNamespace(generation_config=config, generation_kwargs={"top_p": 0.5}, model=model)
+    warper_calls = []
+    real_warper = TopPLogitsWarper.__call__
+    TopPLogitsWarper.__call__ = lambda self, *a: warper_calls.append(1) or real_warper(self, *a)
+    try:
+        assert sort_free_rollouts(trainer, 0.5)
+        assert config.top_p == 1.0 and trainer.generation_kwargs["top_p"] == 1.0
+        enc = tokenizer([rl_prompt(tokenizer, i) for i in INSTRUCTIONS], return_tensors="pt", padding=True,
+                        padding_side="left")
+        torch.manual_seed(0)
+        out = model.generate(**enc, generation_config=config, output_scores=True, return_dict_in_generate=True)
+    finally:
+        TopPLogitsWarper.__call__ = real_warper
+    assert not warper_calls
+    new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
+    ended = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    for step, scores in enumerate(out.scores):
+        allowed = torch.isfinite(scores)
+        assert (allowed.sum(dim=-1) < scores.shape[-1]).all()  # tokens outside the nucleus were masked
+        running = [r for r in range(len(new_tokens)) if not ended & set(new_tokens[r, :step].tolist())]
+        assert running and all(allowed[r, new_tokens[r, step]] for r in running)
+    assert not sort_free_rollouts(SimpleNamespace(model=model), 0.5)  # vLLM rollouts: no generation_config

@@ -19,7 +19,8 @@ import time
 from collections.abc import Sequence
 
 from .backend import Generation, SamplingParams
-from .generation import (continuation_logprobs, decode_new_tokens, eos_ids_of, generate, generation_kwargs,
+from .decoding import decode
+from .generation import (MAX_BATCH_TOKENS, _pad_id, continuation_logprobs, eos_ids_of, first_line_ended, generate,
                          length_sorted_batches, position_ids)
 from .retry import Backoff, call_with_retry
 
@@ -28,31 +29,34 @@ def generate_and_score_continuations(model, tokenizer, prompts: Sequence[str], c
                                      params: SamplingParams, batch_size: int = 8, seed: int | None = None,
                                      progress=None, stop_after_first_line: bool = False,
                                      backoff: Backoff | None = None, score_batch_size: int = 16,
+                                     max_batch_tokens: int = MAX_BATCH_TOKENS,
                                      ) -> tuple[list[Generation], list[list[list[float]]]]:
     """(one generation per prompt, per prompt the token log-probabilities of each of its
     continuations), both in input order; the same results as `generate` and
-    `continuation_logprobs` up to float rounding. `score_batch_size` continuations are scored per
-    forward pass (each holds logits over the vocabulary for all its tokens)."""
+    `continuation_logprobs` up to float rounding. Prompts of similar length share a batch of at
+    most batch_size rows and max_batch_tokens positions (prompt and new tokens), so a long prompt
+    runs in a small batch. `score_batch_size` continuations are scored per forward pass (each
+    holds logits over the vocabulary for all its tokens)."""
     import torch
 
-    if seed is not None:
-        torch.manual_seed(seed)
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()))
     device = next(model.parameters()).device
     eos_ids = eos_ids_of(model, tokenizer)
     generations: list[Generation | None] = [None] * len(prompts)
     scores: list[list[list[float]] | None] = [None] * len(prompts)
-    batches = length_sorted_batches(tokenizer, prompts, batch_size)
+    batches = length_sorted_batches(tokenizer, prompts, batch_size, max_batch_tokens, params.max_new_tokens)
     started = time.monotonic()
     for b, rows in enumerate(batches):
         def run_batch(rows=rows):
             return _generate_and_score_batch(model, tokenizer, [prompts[i] for i in rows],
                                              [continuations[i] for i in rows], params, device, eos_ids,
-                                             stop_after_first_line, score_batch_size)
+                                             stop_after_first_line, score_batch_size, [seed + i for i in rows])
 
         result = call_with_retry(run_batch, f"generation batch {b + 1}/{len(batches)}", backoff)
         if result is None:  # no shareable cache: the two passes apart
             batch_prompts = [prompts[i] for i in rows]
-            result = (generate(model, tokenizer, batch_prompts, params, len(rows), None, None, backoff,
+            result = (generate(model, tokenizer, batch_prompts, params, len(rows), seed + rows[0], None, backoff,
                                stop_after_first_line),
                       _score_separately(model, tokenizer, batch_prompts, [continuations[i] for i in rows], score_batch_size))
         for i, g, s in zip(rows, *result):
@@ -72,31 +76,36 @@ def _score_separately(model, tokenizer, prompts, continuations, batch_size) -> l
     return out
 
 
-def _generate_and_score_batch(model, tokenizer, prompts, continuations, params, device, eos_ids, stop_after_first_line, score_batch_size):
+def _generate_and_score_batch(model, tokenizer, prompts, continuations, params, device, eos_ids, stop_after_first_line,
+                              score_batch_size, seeds):
     import torch
     from transformers import DynamicCache
+
+    from .generation import _forward_model, supports_decode_loop
 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     width = ids.shape[1]
     if width < 2 or int(mask.sum(dim=1).min()) < 2:
         return None  # a one-token prompt has no prefix to share
-    with torch.no_grad():
-        # The cache holds every prompt token but the last: generation must feed at least one token,
-        # and the last prompt token's logits predict each continuation's first token.
-        try:
-            prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                           position_ids=position_ids(mask[:, :-1]), use_cache=True, logits_to_keep=1).past_key_values
-        except TypeError as exc:  # a model class without these keywords: the two passes apart
-            if "position_ids" in str(exc) or "logits_to_keep" in str(exc):
-                return None
-            raise
+    with torch.no_grad(), _forward_model(model) as forward_model:
+        if not supports_decode_loop(forward_model):
+            return None
+        # The cache holds every prompt token but the last: generation feeds the last one, and its
+        # logits predict each continuation's first token.
+        prefix = forward_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                               position_ids=position_ids(mask[:, :-1]), use_cache=True, logits_to_keep=1).past_key_values
         if not isinstance(prefix, DynamicCache):
             return None
-        scored = _score_on_prefix(model, tokenizer, prefix, ids, mask, continuations, device, score_batch_size)
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=prefix,
-                             **generation_kwargs(tokenizer, params, width, stop_after_first_line))
-    return decode_new_tokens(tokenizer, out[:, width:], eos_ids), scored
+        scored = _score_on_prefix(forward_model, tokenizer, prefix, ids, mask, continuations, device, score_batch_size)
+        prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        # The batch was sized by its token budget already: all of it decodes together.
+        decoded = decode(forward_model, prompt_ids, params, eos_ids=eos_ids, pad_id=_pad_id(tokenizer),
+                         max_rows=len(prompts), max_batch_tokens=len(prompts) * (width + params.max_new_tokens),
+                         seeds=seeds, stops_row=first_line_ended(tokenizer) if stop_after_first_line else None,
+                         prefilled=(prefix, mask[:, :-1]))
+    return [Generation(tokenizer.decode(d.tokens, skip_special_tokens=True), len(d.tokens), d.hit_token_limit)
+            for d in decoded], scored
 
 
 def _rows_of(cache, rows):

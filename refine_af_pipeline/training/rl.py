@@ -162,8 +162,36 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     )
     if base_view is not None:
         base_view.bind(trainer.model)
+    sort_free_rollouts(trainer, settings.top_p)
     trainer.train()
     return RLResult(save_adapter(trainer, tokenizer, output_dir), _training_log(trainer.state.log_history, recorder.calls))
+
+
+def sort_free_rollouts(trainer, top_p: float) -> bool:
+    """TRL samples rollouts with model.generate and transformers' top-p warper, which sorts the
+    vocabulary at every step. Here the trainer's top_p becomes 1.0 and the sort-free nucleus
+    processor (llm/sampling.py) is added to its generate calls: the same distribution, without
+    the sort. False where the trainer does not generate with model.generate (vLLM rollouts)."""
+    from transformers import LogitsProcessorList
+
+    from refine_af_pipeline.llm.sampling import nucleus_logits_processor
+
+    config = getattr(trainer, "generation_config", None)
+    if config is None or top_p >= 1.0:
+        return False
+    config.top_p = 1.0
+    if isinstance(getattr(trainer, "generation_kwargs", None), dict):
+        trainer.generation_kwargs["top_p"] = 1.0
+    model, processor = trainer.model, nucleus_logits_processor(top_p)
+    original = model.generate
+
+    def generate(*args, **kwargs):
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(processor)
+        return original(*args, logits_processor=processors, **kwargs)
+
+    model.generate = generate
+    return True
 
 
 def rl_prompt(tokenizer, instruction: str) -> str:
