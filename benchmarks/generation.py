@@ -25,8 +25,10 @@ engines' start-up is not counted.
 
 The last line is `generation: path_vs_raw_b<N>=<r> path_vs_ceiling_b<N>=<r> path_vs_vllm_b<N>=<r>
 ...` at the largest batch N (tokens/s over tokens/s), then the bf16 path over raw and over its own
-ceiling, the largest batch over the smallest, and `<backend>_vs_raw_b<N>` for each engine backend
-and batch size.
+ceiling, how close the bf16 model stays to the fp32 one (`bf16_greedy_same`: share of prompts with
+the same 32-token greedy text; `bf16_logprob_mae`: mean absolute difference of per-token
+log-probabilities of the fp32 greedy texts), the largest batch over the smallest, and
+`<backend>_vs_raw_b<N>` for each engine backend and batch size.
 """
 
 from __future__ import annotations
@@ -93,6 +95,23 @@ def decode_step_rate(model, batch_size: int, cache_tokens: int = 96, steps: int 
             times.append(time.perf_counter() - started)
             cache.crop(-1)
     return batch_size / (sum(times[1:]) / steps)  # the first step warms up
+
+
+def bf16_agreement(model, bf16, tokenizer, prompts, max_new_tokens: int = 32) -> tuple[float, float]:
+    """(share of prompts whose greedy continuation is the same text in bf16 as in fp32, mean
+    absolute difference of the per-token log-probabilities the two models give the fp32
+    continuations): how far the bf16 model is from the fp32 one."""
+    from refine_af_pipeline.llm.backend import SamplingParams
+    from refine_af_pipeline.llm.generation import continuation_logprobs, generate
+
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
+    ours = generate(model, tokenizer, prompts, greedy, 64)
+    theirs = generate(bf16, tokenizer, prompts, greedy, 64)
+    texts = [g.text for g in ours]
+    a = continuation_logprobs(model, tokenizer, prompts, texts, 16)
+    b = continuation_logprobs(bf16, tokenizer, prompts, texts, 16)
+    diffs = [abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v)]
+    return sum(x.text == y.text for x, y in zip(ours, theirs)) / len(prompts), sum(diffs) / len(diffs)
 
 
 def bf16_matrix_units() -> bool:
@@ -242,6 +261,9 @@ def main() -> None:
                     f"bf16_vs_ceiling_bf16_b{large}={rates['path-bf16', large] / rates['ceiling-bf16', large]:.2f}"]
         if "vllm" in engines:
             figures.append(f"bf16_vs_vllm_b{large}={rates['path-bf16', large] / rates['vllm', large]:.2f}")
+    if bf16 is not None:
+        same, mae = bf16_agreement(model, bf16, tokenizer, prompts)
+        figures += [f"bf16_greedy_same={same:.2f}", f"bf16_logprob_mae={mae:.3f}"]
     if small != large:
         figures.append(f"b{large}_vs_b{small}={rates['path', large] / rates['path', small]:.2f}")
     figures += [f"{name}_vs_raw_b{b}={rates[name, b] / rates['raw', b]:.2f}" for name in engines for b in args.batch_sizes]

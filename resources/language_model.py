@@ -12,6 +12,7 @@ from pydantic import Field, PrivateAttr, field_validator
 from refine_af_pipeline.llm.adapters import AdapterView, attach_adapters
 from refine_af_pipeline.llm.backend import ServedModel
 from refine_af_pipeline.llm.openai_backend import OpenAIFleet, ServerSettings
+from refine_af_pipeline.llm.generation import MAX_BATCH_TOKENS
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from refine_af_pipeline.llm.vllm_backend import open_vllm_models, vllm_available
 from refine_af_pipeline.llm.models import (
@@ -57,6 +58,9 @@ class LanguageModelResource(dg.ConfigurableResource):
     stage_batch_sizes: dict[str, int] = Field(
         default={}, description="per-step generation batch by step name, e.g. {evaluation: 32}")
     scoring_batch_size: int = Field(default=16, gt=0, description="texts per forward-only scoring pass")
+    max_batch_tokens: int = Field(default=MAX_BATCH_TOKENS, gt=0, description=(
+        "transformers backend: key/value cache positions (rows x width) a generation batch may reach; long prompts "
+        "then run in fewer rows (the embedded model in fp32 holds 46 KB per position: 1.5 GB at the default)"))
     trust_remote_code: bool = False
     allow_download: bool = False
     cache_dir: str | None = None
@@ -149,14 +153,15 @@ class LanguageModelResource(dg.ConfigurableResource):
             self._opened.append(engine)
             return models
         variants, tokenizer, source, _ = self.load_variants(adapters)
-        return {label: TransformersModel(model, tokenizer, source.model_id) for label, model in variants.items()}
+        return {label: TransformersModel(model, tokenizer, source.model_id, max_batch_tokens=self.max_batch_tokens)
+                for label, model in variants.items()}
 
     def judge_model(self, policy_base: AdapterView, tokenizer, source: ModelSource) -> ServedModel:
         """The base-model judge of a step that trains `policy_base`'s model in process: the
         trained weights with the adapter off under transformers (no second copy), the base model
         on the chosen engine otherwise."""
         if self.resolved_backend() == "transformers":
-            return TransformersModel(policy_base, tokenizer, source.model_id)
+            return TransformersModel(policy_base, tokenizer, source.model_id, max_batch_tokens=self.max_batch_tokens)
         return self.open_models({"judge": None})["judge"]
 
     def close(self) -> None:
