@@ -7,7 +7,9 @@ references, read on one prefill of the prompt, for one model.
   prefill, then `model.generate` from it until the batch's last row has ended its line;
 - after: `generate_and_score_continuations` as the evaluation asset calls it now: batches cut by
   rows and by positions (a long prompt runs in a small batch), and the decode loop (rows leave as
-  they end).
+  they end);
+- after-bf16: the same with the model in bfloat16 (`dtype: bfloat16`), where the CPU has bf16
+  matrix units: long prompts make this work prefill-bound, compute rather than memory.
 
 The task set has long definitions, as Super-NaturalInstructions' do (up to about 3,000
 characters): each built-in task's definition is extended with the definitions of the tasks after
@@ -19,7 +21,9 @@ model reads or writes (prompt, references, answer) over wall time, model loading
     .venv/bin/python benchmarks/evaluation_scoring.py --prompts 128 --longest 3000
 
 The last line is `evaluation_scoring: after_vs_before_speed=<r> before_peak_mib=<m>
-after_peak_mib=<m> same_answers=<share> max_loglik_difference=<d>`.
+after_peak_mib=<m> same_answers=<share> max_loglik_difference=<d>` (answers and log-likelihoods of
+after against before), then `bf16_vs_before_speed`, `bf16_peak_mib`, `bf16_same_answers` and
+`bf16_max_loglik_difference` when the bf16 row ran.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -96,11 +101,12 @@ def run_one(args) -> None:
     from refine_af_pipeline.llm.backend import SamplingParams
     from resources import LanguageModelResource
 
-    model, tokenizer, _, _ = LanguageModelResource(model=args.model).load()
+    dtype = "bfloat16" if args.method == "after-bf16" else "auto"
+    model, tokenizer, _, _ = LanguageModelResource(model=args.model, dtype=dtype).load()
     items = long_definition_items(args.prompts, args.longest)
     prompts, continuations = [p for p, _ in items], [c for _, c in items]
     params = SamplingParams(max_new_tokens=16, do_sample=False)
-    method = {"before": before, "after": after}[args.method]
+    method = {"before": before, "after": after, "after-bf16": after}[args.method]
     started = time.perf_counter()
     answers, scores = method(model, tokenizer, prompts, continuations, params, args.batch_size, args.score_batch_size)
     seconds = time.perf_counter() - started
@@ -126,8 +132,10 @@ def main() -> None:
         return
     figures = {}
     print(f"{args.prompts} prompts, definitions up to {args.longest} characters, batch {args.batch_size}, model {args.model}")
-    print(f"{'method':>7} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'peak MiB':>9}")
-    for method in ("before", "after"):
+    print(f"{'method':>10} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'peak MiB':>9}")
+    from generation import bf16_matrix_units
+
+    for method in ("before", "after") + (("after-bf16",) if bf16_matrix_units() else ()):
         command = [sys.executable, __file__, "--method", method, "--model", args.model, "--prompts", str(args.prompts),
                    "--longest", str(args.longest), "--batch-size", str(args.batch_size),
                    "--score-batch-size", str(args.score_batch_size)]
@@ -136,16 +144,24 @@ def main() -> None:
         if line is None:
             raise RuntimeError(f"{method} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         f = figures[method] = json.loads(line[8:])
-        print(f"{method:>7} {f['seconds']:>8.1f} {f['tokens']:>7} {f['tokens'] / f['seconds']:>9.1f} {f['peak_mib']:>9.0f}",
+        print(f"{method:>10} {f['seconds']:>8.1f} {f['tokens']:>7} {f['tokens'] / f['seconds']:>9.1f} {f['peak_mib']:>9.0f}",
               flush=True)
-    b, a = figures["before"], figures["after"]
-    same = sum(x == y for x, y in zip(b["answers"], a["answers"])) / len(a["answers"])
-    diff = max((abs(u - v) for sb, sa in zip(b["scores"], a["scores"]) for lb, la in zip(sb, sa) for u, v in zip(lb, la)),
-               default=0.0)
-    print(f"evaluation_scoring: after_vs_before_speed={(a['tokens'] / a['seconds']) / (b['tokens'] / b['seconds']):.2f} "
-          f"before_peak_mib={b['peak_mib']:.0f} after_peak_mib={a['peak_mib']:.0f} same_answers={same:.3f} "
-          f"max_loglik_difference={diff:.2e}")
+    b = figures["before"]
 
+    def against_before(f) -> tuple[float, float, float]:
+        same = sum(x == y for x, y in zip(b["answers"], f["answers"])) / len(f["answers"])
+        diff = max((abs(u - v) for sb, sa in zip(b["scores"], f["scores"]) for lb, la in zip(sb, sa)
+                    for u, v in zip(lb, la)), default=0.0)
+        return (f["tokens"] / f["seconds"]) / (b["tokens"] / b["seconds"]), same, diff
+
+    speed, same, diff = against_before(figures["after"])
+    line = (f"evaluation_scoring: after_vs_before_speed={speed:.2f} before_peak_mib={b['peak_mib']:.0f} "
+            f"after_peak_mib={figures['after']['peak_mib']:.0f} same_answers={same:.3f} max_loglik_difference={diff:.2e}")
+    if "after-bf16" in figures:
+        speed, same, diff = against_before(figures["after-bf16"])
+        line += (f" bf16_vs_before_speed={speed:.2f} bf16_peak_mib={figures['after-bf16']['peak_mib']:.0f} "
+                 f"bf16_same_answers={same:.3f} bf16_max_loglik_difference={diff:.2e}")
+    print(line)
 
 if __name__ == "__main__":
     main()
