@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,20 +40,20 @@ def one_arm(sort_free: bool, steps: int, instructions: list[str]) -> tuple[float
     inside = [0.0]
     real_install = rl.sort_free_rollouts
 
-    def install(trainer, top_p):
-        if sort_free:
-            real_install(trainer, top_p)
-        real_generate = trainer.model.generate
+    @contextmanager
+    def install(trainer, top_p, temperature):
+        with real_install(trainer, top_p, temperature) if sort_free else nullcontext():
+            real_generate = trainer.model.generate
 
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return real_generate(*args, **kwargs)
-            finally:
-                inside[0] += time.perf_counter() - started
+            def timed(*args, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return real_generate(*args, **kwargs)
+                finally:
+                    inside[0] += time.perf_counter() - started
 
-        trainer.model.generate = timed
-        return sort_free
+            trainer.model.generate = timed
+            yield sort_free
 
     rl.sort_free_rollouts = install
     try:

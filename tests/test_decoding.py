@@ -3,7 +3,7 @@ prompt gets the text it gets alone (greedy, or sampled with its own seed), in pr
 
 import pytest
 
-from refine_af_pipeline.llm.backend import SamplingParams, render_prompt
+from refine_af_pipeline.llm.backend import SamplingParams, render_prompt, row_seed
 from refine_af_pipeline.llm.generation import _generate_with_transformers, budget_batches, generate
 from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
 from refine_af_pipeline.llm.retry import Backoff
@@ -56,7 +56,8 @@ def test_greedy_text_is_the_text_each_prompt_gets_alone_and_from_model_generate(
 def test_a_sampled_row_depends_on_its_own_seed_only(tiny):
     model, tokenizer, prompts = tiny
     together = generate(model, tokenizer, prompts, SAMPLED, batch_size=3, seed=11)
-    alone = [generate(model, tokenizer, [p], SAMPLED, batch_size=1, seed=11 + k)[0] for k, p in enumerate(prompts)]
+    alone = [generate(model, tokenizer, [p], SAMPLED, batch_size=1, row_seeds=[row_seed(11, k)])[0]
+             for k, p in enumerate(prompts)]
     assert together == alone
     assert generate(model, tokenizer, prompts, SAMPLED, batch_size=8, seed=11) == together
     assert generate(model, tokenizer, prompts, SAMPLED, batch_size=8, seed=12) != together
@@ -116,6 +117,12 @@ def test_a_transient_error_in_a_decode_step_is_retried_on_the_cache_as_it_was(ti
     finally:
         del model.forward
     assert got == expected
+
+
+def test_row_seeds_of_successive_calls_do_not_collide():
+    # Stages seed batch b with seed + b; rows of neighbouring batches must not share a stream.
+    seeds = [row_seed(seed, k) for seed in range(100, 140) for k in range(512)]
+    assert len(set(seeds)) == len(seeds)
 
 
 def test_budget_batches_cut_by_rows_and_by_positions():

@@ -60,41 +60,54 @@ def test_vllm_rollouts_are_refused_off_cuda(tmp_path):
         train_policy(None, None, ["Describe a garden"], None, RLSettings(use_vllm=True), tmp_path, "cpu")
 
 
-def test_rollouts_sample_the_nucleus_without_transformers_top_p(loaded):
-    """sort_free_rollouts sets the trainer's top_p to 1.0 and adds the sort-free processor to its
-    generate calls: every sampled token is inside the step's 0.5-nucleus, and transformers' own
-    top-p warper no longer runs."""
+def test_rollouts_sample_the_nucleus_without_transformers_warpers(loaded):
+    """Inside sort_free_rollouts the trainer's generate samples from the temperature-scaled top-p
+    nucleus of each step's raw logits, computed by the sort-free processor, with transformers' own
+    temperature and top-p warpers off; on exit the policy's generate is its own again."""
     from types import SimpleNamespace
 
     import torch
-    from transformers import GenerationConfig, TopPLogitsWarper
+    from transformers import GenerationConfig, TemperatureLogitsWarper, TopPLogitsWarper
 
     from refine_af_pipeline.llm.models import load_causal_lm
     from refine_af_pipeline.training.rl import sort_free_rollouts
 
     source, tokenizer = loaded
     model = load_causal_lm(source, "cpu", None)
-    config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=0.5,
-                              pad_token_id=tokenizer.pad_token_id)
-    trainer = SimpleNamespace(generation_config=config, generation_kwargs={"top_p": 0.5}, model=model)
+    config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.7, top_p=0.9,
+                              pad_token_id=tokenizer.pad_token_id, output_scores=True, output_logits=True,
+                              return_dict_in_generate=True)
+    trainer = SimpleNamespace(generation_config=config, generation_kwargs={"top_p": 0.9, "temperature": 0.7},
+                              model=model)
     warper_calls = []
-    real_warper = TopPLogitsWarper.__call__
-    TopPLogitsWarper.__call__ = lambda self, *a: warper_calls.append(1) or real_warper(self, *a)
+    real = {cls: cls.__call__ for cls in (TopPLogitsWarper, TemperatureLogitsWarper)}
+    for cls in real:
+        cls.__call__ = lambda self, *a, _cls=cls: warper_calls.append(_cls) or real[_cls](self, *a)
     try:
-        assert sort_free_rollouts(trainer, 0.5)
-        assert config.top_p == 1.0 and trainer.generation_kwargs["top_p"] == 1.0
-        enc = tokenizer([rl_prompt(tokenizer, i) for i in INSTRUCTIONS], return_tensors="pt", padding=True,
-                        padding_side="left")
-        torch.manual_seed(0)
-        out = model.generate(**enc, generation_config=config, output_scores=True, return_dict_in_generate=True)
+        with sort_free_rollouts(trainer, 0.9, 0.7) as installed:
+            assert installed and (config.top_p, config.temperature) == (1.0, 1.0)
+            assert trainer.generation_kwargs == {"top_p": 1.0, "temperature": 1.0}
+            enc = tokenizer([rl_prompt(tokenizer, i) for i in INSTRUCTIONS], return_tensors="pt", padding=True,
+                            padding_side="left")
+            torch.manual_seed(0)
+            out = model.generate(**enc, generation_config=config)
     finally:
-        TopPLogitsWarper.__call__ = real_warper
+        for cls, call in real.items():
+            cls.__call__ = call
     assert not warper_calls
+    assert "generate" not in model.__dict__  # restored
     new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
     ended = {tokenizer.pad_token_id, tokenizer.eos_token_id}
-    for step, scores in enumerate(out.scores):
+    masked_somewhere = False
+    for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
         allowed = torch.isfinite(scores)
-        assert (allowed.sum(dim=-1) < scores.shape[-1]).all()  # tokens outside the nucleus were masked
+        # The nucleus transformers' warpers keep: temperature, then top-p, over the raw logits.
+        nucleus = TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(0.7)(None, logits.clone())) > float("-inf")
         running = [r for r in range(len(new_tokens)) if not ended & set(new_tokens[r, :step].tolist())]
-        assert running and all(allowed[r, new_tokens[r, step]] for r in running)
-    assert not sort_free_rollouts(SimpleNamespace(model=model), 0.5)  # vLLM rollouts: no generation_config
+        for r in running:
+            assert torch.equal(allowed[r], nucleus[r]), (step, r)
+            assert allowed[r, new_tokens[r, step]]
+        masked_somewhere |= bool((~allowed[running]).any())
+    assert masked_somewhere
+    with sort_free_rollouts(SimpleNamespace(model=model), 0.9, 0.7) as installed:  # vLLM rollouts
+        assert not installed

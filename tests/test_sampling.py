@@ -48,9 +48,10 @@ def test_the_nucleus_is_the_set_transformers_keeps(tiny_logits):
 
 
 def test_the_logits_processor_gives_the_transformers_distribution(tiny_logits):
+    # The processor takes the raw logits: transformers runs a caller's processors before its own
+    # temperature warper, so the processor applies the temperature itself.
     for logits in (tiny_logits, flat_logits()):
-        scaled = TemperatureLogitsWarper(TEMPERATURE)(None, logits.clone())
-        ours = torch.softmax(nucleus_logits_processor(TOP_P)(None, scaled), dim=-1)
+        ours = torch.softmax(nucleus_logits_processor(TOP_P, TEMPERATURE)(None, logits.clone()), dim=-1)
         assert torch.allclose(ours, transformers_probs(logits), atol=1e-6)
 
 
@@ -87,10 +88,13 @@ def test_draws_follow_the_transformers_distribution(tiny_logits):
 
 
 def test_top_p_one_samples_the_whole_vocabulary_and_uniforms_pick_by_cumulative_share():
+    # With top_p 0.6 the nucleus is {0, 1} (0.5 is below 0.6, 0.8 reaches it): renormalised 0.625 / 0.375.
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     pick = [sample_next_tokens(logits, 1.0, 1.0, torch.tensor([u])).item() for u in (0.0, 0.49, 0.51, 0.79, 0.81, 0.999)]
     assert pick == [0, 0, 1, 1, 2, 2]
-    # With top_p 0.6 the nucleus is {0, 1} (0.5 is below 0.6, 0.8 reaches it): renormalised 0.625 / 0.375.
     pick = [sample_next_tokens(logits, 1.0, 0.6, torch.tensor([u])).item() for u in (0.6, 0.63, 0.999)]
     assert pick == [0, 1, 1]
-    assert math.isclose(0.5 / 0.8, 0.625)
+    # A token of probability 0 is never drawn, also where it sits last in vocabulary order.
+    gapped = torch.log(torch.tensor([[0.0, 0.5, 0.5, 0.0]]))
+    pick = [sample_next_tokens(gapped, 1.0, 1.0, torch.tensor([u])).item() for u in (0.0, 0.6, 0.99999994)]
+    assert pick == [1, 2, 2]

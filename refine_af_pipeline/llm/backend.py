@@ -156,6 +156,17 @@ class TokenScoringModel(ServedModel):
         return [renormalised([v[0] for v in flat[j * k:(j + 1) * k]]) for j in range(len(contexts))]
 
 
+# Row k of a call seeded s samples from stream s * ROW_SEED_STRIDE + k: callers seed successive
+# calls (batches) with s, s + 1, ..., and with s + k their rows would share streams across calls.
+ROW_SEED_STRIDE = 1_000_003
+
+
+def row_seed(seed: int, k: int) -> int:
+    """The seed of row k of a generate call seeded `seed`, the same on every backend (kept below
+    2**31 for engines that take 32-bit seeds)."""
+    return (seed * ROW_SEED_STRIDE + k) % (2**31 - 1)
+
+
 def mean_logprob(logprobs: Sequence[float]) -> float:
     """Mean per-token log-likelihood; NaN for a continuation with no scored token."""
     return sum(logprobs) / len(logprobs) if logprobs else math.nan

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 
-from .backend import Generation, ProgressFn, SamplingParams
+from .backend import Generation, ProgressFn, SamplingParams, row_seed
 from .retry import Backoff, call_with_retry
 
 
@@ -30,15 +30,16 @@ def generate(
     backoff: Backoff | None = None,
     stop_after_first_line: bool = False,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[Generation]:
     """Generate one continuation per already-rendered prompt, in prompt order, with decoding.py's
     loop: at most `batch_size` rows (and `max_batch_tokens` cache positions) in flight, a row
     leaving as it ends and a waiting prompt taking its place. Prompt k samples from its own stream
-    seeded with seed + k, so its text does not depend on the other prompts. A forward pass that
+    seeded with row_seed(seed, k), so its text does not depend on the other prompts. A forward pass that
     raises a transient backend error is tried again (retry.py). `stop_after_first_line`: a row
     stops once its first non-empty line has ended (for callers that keep only that line; the line
     itself is the same as without stopping). `progress(done, total, seconds)` counts finished
-    prompts in units of batch_size."""
+    prompts in units of batch_size. `row_seeds` replaces the per-prompt seeds."""
     import torch
 
     from .decoding import decode
@@ -60,7 +61,8 @@ def generate(
 
         decoded = decode(forward_model, prompt_ids, params, eos_ids=eos_ids_of(model, tokenizer),
                          pad_id=_pad_id(tokenizer), max_rows=batch_size, max_batch_tokens=max_batch_tokens,
-                         seeds=[seed + k for k in range(len(prompts))], stops_row=first_line_ended(tokenizer) if stop_after_first_line else None,
+                         seeds=row_seeds or [row_seed(seed, k) for k in range(len(prompts))],
+                         stops_row=first_line_ended(tokenizer) if stop_after_first_line else None,
                          on_finished=finished, backoff=backoff)
     return [Generation(tokenizer.decode(d.tokens, skip_special_tokens=True), len(d.tokens), d.hit_token_limit)
             for d in decoded]
@@ -135,16 +137,16 @@ def _generate_with_transformers(model, tokenizer, prompts, params, batch_size, s
 
 
 def generation_kwargs(tokenizer, params: SamplingParams, prompt_width: int, stop_after_first_line: bool) -> dict:
-    """model.generate's arguments for `params`; top-p goes through the sort-free nucleus processor."""
+    """model.generate's arguments for `params`; temperature and top-p go through the sort-free
+    nucleus processor (transformers' own warpers off: it runs a caller's processors before them)."""
     from transformers import LogitsProcessorList
 
     from .sampling import nucleus_logits_processor
 
     kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     if params.do_sample:
-        kwargs.update(do_sample=True, temperature=params.temperature, top_p=1.0, top_k=None)
-        if params.top_p < 1.0:
-            kwargs.update(logits_processor=LogitsProcessorList([nucleus_logits_processor(params.top_p)]))
+        kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=None, logits_processor=LogitsProcessorList(
+            [nucleus_logits_processor(params.top_p, params.temperature)]))
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if stop_after_first_line:

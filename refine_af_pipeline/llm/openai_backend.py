@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backend import ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel
+from .backend import (ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel,
+                      row_seed)
 from .retry import Backoff, RetriesExhausted, call_with_retry
 
 _RETRIED_STATUS = {429} | set(range(500, 600))
@@ -184,7 +185,7 @@ class OpenAIServedModel(TokenScoringModel):
                         temperature=params.temperature if params.do_sample else 0.0,
                         top_p=params.top_p if params.do_sample else 1.0)
             if seed is not None:
-                body["seed"] = seed + k  # one stream per row: a row's text does not depend on the others
+                body["seed"] = row_seed(seed, k)  # one stream per row: a row's text does not depend on the others
             answer = self.pool.request("POST", "/completions", body)
             choice = answer["choices"][0]
             text = choice.get("text", "")

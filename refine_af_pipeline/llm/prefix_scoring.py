@@ -18,7 +18,7 @@ import copy
 import time
 from collections.abc import Sequence
 
-from .backend import Generation, SamplingParams
+from .backend import Generation, SamplingParams, row_seed
 from .decoding import decode
 from .generation import (MAX_BATCH_TOKENS, _pad_id, continuation_logprobs, eos_ids_of, first_line_ended, generate,
                          length_sorted_batches, position_ids)
@@ -51,13 +51,14 @@ def generate_and_score_continuations(model, tokenizer, prompts: Sequence[str], c
         def run_batch(rows=rows):
             return _generate_and_score_batch(model, tokenizer, [prompts[i] for i in rows],
                                              [continuations[i] for i in rows], params, device, eos_ids,
-                                             stop_after_first_line, score_batch_size, [seed + i for i in rows])
+                                             stop_after_first_line, score_batch_size, [row_seed(seed, i) for i in rows],
+                                             backoff)
 
         result = call_with_retry(run_batch, f"generation batch {b + 1}/{len(batches)}", backoff)
         if result is None:  # no shareable cache: the two passes apart
             batch_prompts = [prompts[i] for i in rows]
-            result = (generate(model, tokenizer, batch_prompts, params, len(rows), seed + rows[0], None, backoff,
-                               stop_after_first_line),
+            result = (generate(model, tokenizer, batch_prompts, params, len(rows), seed, None, backoff,
+                               stop_after_first_line, row_seeds=[row_seed(seed, i) for i in rows]),
                       _score_separately(model, tokenizer, batch_prompts, [continuations[i] for i in rows], score_batch_size))
         for i, g, s in zip(rows, *result):
             generations[i], scores[i] = g, s
@@ -77,7 +78,7 @@ def _score_separately(model, tokenizer, prompts, continuations, batch_size) -> l
 
 
 def _generate_and_score_batch(model, tokenizer, prompts, continuations, params, device, eos_ids, stop_after_first_line,
-                              score_batch_size, seeds):
+                              score_batch_size, seeds, backoff=None):
     import torch
     from transformers import DynamicCache
 
@@ -103,7 +104,7 @@ def _generate_and_score_batch(model, tokenizer, prompts, continuations, params, 
         decoded = decode(forward_model, prompt_ids, params, eos_ids=eos_ids, pad_id=_pad_id(tokenizer),
                          max_rows=len(prompts), max_batch_tokens=len(prompts) * (width + params.max_new_tokens),
                          seeds=seeds, stops_row=first_line_ended(tokenizer) if stop_after_first_line else None,
-                         prefilled=(prefix, mask[:, :-1]))
+                         prefilled=(prefix, mask[:, :-1]), backoff=backoff)
     return [Generation(tokenizer.decode(d.tokens, skip_special_tokens=True), len(d.tokens), d.hit_token_limit)
             for d in decoded], scored
 

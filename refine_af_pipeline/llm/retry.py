@@ -53,6 +53,8 @@ _PERMANENT_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, er
 def is_transient(exc: BaseException) -> bool:
     """Whether `exc` may go away on its own: accelerator out-of-memory, an I/O error, a lost
     connection or a timeout."""
+    if isinstance(exc, RetriesExhausted):  # already retried inside: a second loop would square the tries
+        return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, OSError):

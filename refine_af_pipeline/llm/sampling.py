@@ -43,10 +43,12 @@ def pick_by_uniform(probs, ids, uniforms):
     import torch
 
     cumulative = torch.cumsum(probs, dim=-1)
-    targets = uniforms.to(cumulative.dtype).unsqueeze(-1) * cumulative[:, -1:]
+    # The uniforms come from per-row CPU generators; the probabilities may be on an accelerator.
+    targets = uniforms.to(device=cumulative.device, dtype=cumulative.dtype).unsqueeze(-1) * cumulative[:, -1:]
     position = (cumulative <= targets).sum(dim=-1, keepdim=True)
-    # Rounding can put the target on the last kept token's cumulative value: stay on a kept token.
-    position = torch.minimum(position, (probs > 0).sum(dim=-1, keepdim=True) - 1)
+    # Rounding can put the target at or past the total: take the last token that has probability.
+    last_allowed = probs.shape[-1] - 1 - torch.flip(probs > 0, dims=[-1]).int().argmax(dim=-1, keepdim=True)
+    position = torch.minimum(position, last_allowed)
     return ids.gather(-1, position).squeeze(-1)
 
 
@@ -65,18 +67,21 @@ def sample_next_tokens(logits, temperature: float, top_p: float, uniforms):
     return pick_by_uniform(probs, ids, uniforms)
 
 
-def nucleus_logits_processor(top_p: float):
-    """A transformers LogitsProcessor that sets every logit outside the top-p nucleus to -inf,
-    found with `nucleus_candidates` instead of a sort. For generate() calls we do not own (TRL's
-    rollouts): with the caller's top_p set to 1.0 and this processor added, transformers samples
-    the same distribution as with its own top-p warper."""
+def nucleus_logits_processor(top_p: float, temperature: float = 1.0):
+    """A transformers LogitsProcessor that divides the logits by `temperature` and sets every
+    logit outside the top-p nucleus to -inf, found with `nucleus_candidates` instead of a sort. For
+    generate() calls we do not own (TRL's rollouts): transformers applies a caller's processors
+    before its own temperature and top-p warpers, so the caller's temperature and top_p must be set
+    to 1.0 (`sampling_settings_for`); then transformers samples the same distribution as with its
+    own warpers."""
     import torch
     from transformers import LogitsProcessor
 
     class NucleusLogitsProcessor(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            probs, ids = nucleus_candidates(scores.float(), top_p)
-            kept = torch.full_like(scores, float("-inf"))
-            return kept.scatter(-1, ids, scores.gather(-1, ids).masked_fill(probs == 0, float("-inf")))
+            scaled = scores.float() / temperature if temperature != 1.0 else scores.float()
+            probs, ids = nucleus_candidates(scaled, top_p)
+            kept = torch.full_like(scaled, float("-inf"))
+            return kept.scatter(-1, ids, scaled.gather(-1, ids).masked_fill(probs == 0, float("-inf"))).to(scores.dtype)
 
     return NucleusLogitsProcessor()

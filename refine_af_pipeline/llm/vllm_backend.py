@@ -13,7 +13,8 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
-from .backend import ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel
+from .backend import (ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel,
+                      row_seed)
 
 
 def vllm_available() -> bool:
@@ -124,7 +125,7 @@ class VLLMServedModel(TokenScoringModel):
         per_row = [vllm.SamplingParams(max_tokens=params.max_new_tokens,
                                        temperature=params.temperature if params.do_sample else 0.0,
                                        top_p=params.top_p if params.do_sample else 1.0,
-                                       seed=None if seed is None else seed + k)
+                                       seed=None if seed is None else row_seed(seed, k))
                    for k in range(len(prompts))]
         results = self._run(ids, per_row, progress, batch_size)
         out = []

@@ -8,7 +8,8 @@ PEFT the reference is the base model with the adapter switched off, so no second
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -162,28 +163,33 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     )
     if base_view is not None:
         base_view.bind(trainer.model)
-    sort_free_rollouts(trainer, settings.top_p)
-    trainer.train()
+    with sort_free_rollouts(trainer, settings.top_p, settings.temperature):
+        trainer.train()
     return RLResult(save_adapter(trainer, tokenizer, output_dir), _training_log(trainer.state.log_history, recorder.calls))
 
 
-def sort_free_rollouts(trainer, top_p: float) -> bool:
-    """TRL samples rollouts with model.generate and transformers' top-p warper, which sorts the
-    vocabulary at every step. Here the trainer's top_p becomes 1.0 and the sort-free nucleus
-    processor (llm/sampling.py) is added to its generate calls: the same distribution, without
-    the sort. False where the trainer does not generate with model.generate (vLLM rollouts)."""
+@contextmanager
+def sort_free_rollouts(trainer, top_p: float, temperature: float) -> Iterator[bool]:
+    """Inside, TRL samples rollouts with the sort-free nucleus processor (llm/sampling.py) in
+    place of transformers' temperature and top-p warpers, which sort the vocabulary at every step:
+    the trainer's generation temperature and top_p become 1.0 and the processor, which applies
+    both, is added to the policy's generate calls (transformers runs a caller's processors before
+    its own warpers). The trainer's own temperature, which scales the logits it trains on, is left
+    alone. Yields False, changing nothing, where the trainer does not sample with model.generate
+    (vLLM rollouts). The policy's generate is restored on exit."""
     from transformers import LogitsProcessorList
 
     from refine_af_pipeline.llm.sampling import nucleus_logits_processor
 
     config = getattr(trainer, "generation_config", None)
-    if config is None or top_p >= 1.0:
-        return False
-    config.top_p = 1.0
+    if config is None or (top_p >= 1.0 and temperature == 1.0):
+        yield False
+        return
+    config.top_p, config.temperature = 1.0, 1.0
     if isinstance(getattr(trainer, "generation_kwargs", None), dict):
-        trainer.generation_kwargs["top_p"] = 1.0
-    model, processor = trainer.model, nucleus_logits_processor(top_p)
-    original = model.generate
+        trainer.generation_kwargs.update(top_p=1.0, temperature=1.0)
+    model, processor = trainer.model, nucleus_logits_processor(top_p, temperature)
+    original, own = model.generate, model.__dict__.get("generate")
 
     def generate(*args, **kwargs):
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
@@ -191,7 +197,13 @@ def sort_free_rollouts(trainer, top_p: float) -> bool:
         return original(*args, logits_processor=processors, **kwargs)
 
     model.generate = generate
-    return True
+    try:
+        yield True
+    finally:
+        if own is None:
+            del model.generate
+        else:
+            model.generate = own
 
 
 def rl_prompt(tokenizer, instruction: str) -> str:
