@@ -9,9 +9,9 @@ row's end and the sort took longer than the forward pass (docs/measurements.md).
   prefilled apart and its cache left-padded into the batch's, so the batch stays full;
 - rows in flight are bounded by `max_rows` and by `max_batch_tokens`, the cache positions of the
   batch (rows x width), so long prompts run in smaller batches instead of taking more memory;
-- sampling is sampling.py's exact nucleus draw, each row with its own random stream (seed + its
-  prompt index, as the vllm and openai backends seed rows), so a row's text does not depend on
-  which rows share its batch.
+- sampling is sampling.py's exact nucleus draw, each row with its own random stream (the caller
+  passes one seed per prompt: `row_seed` in backend.py, as the vllm and openai backends seed rows),
+  so a row's text does not depend on which rows share its batch.
 
 transformers' own continuous batching (`generate_batch`) took twice as long as `generate` here
 (docs/measurements.md), so this loop is ours. It uses the public cache API (DynamicCache,
@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .backend import SamplingParams
+from .generation import position_ids
 from .retry import Backoff, call_with_retry
 
 # Prefill at most this many prompt positions per forward pass (rows x width): the attention of a
@@ -186,7 +187,7 @@ def _join(forward, batch: _Batch, rows: list[int], prompt_ids, pad_id: int, devi
         ids = torch.tensor([[pad_id] * (w - len(p)) + p for p in prefixes], device=device)
         mask = torch.tensor([[0] * (w - len(p)) + [1] * len(p) for p in prefixes], device=device)
         cache = forward(f"prefill of {len(group)} prompts", input_ids=ids, attention_mask=mask,
-                        position_ids=_positions(mask), use_cache=True, logits_to_keep=1).past_key_values
+                        position_ids=position_ids(mask), use_cache=True, logits_to_keep=1).past_key_values
         part = _Batch(cache, mask, torch.tensor([prompt_ids[i][-1] for i in group], device=device),
                       torch.tensor([len(p) for p in prefixes], device=device), list(group))
         _merge(batch, part)
@@ -259,7 +260,3 @@ def _keep_rows(batch: _Batch, keep: list[int], device) -> None:
             layer.keys, layer.values = layer.keys[:, :, unread:], layer.values[:, :, unread:]
         batch.mask = batch.mask[:, unread:]
 
-
-def _positions(mask):
-    # Left padding: each row's positions start at 0 with its first real token, as in generate().
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -48,7 +48,7 @@ def generate(
         return []
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
-    with _forward_model(model) as forward_model:
+    with forward_module(model) as forward_model:
         prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         if min(len(ids) for ids in prompt_ids) < 2 or not supports_decode_loop(forward_model):
             return _generate_with_transformers(forward_model, tokenizer, prompts, params, batch_size, seed, progress,
@@ -60,7 +60,7 @@ def generate(
                 progress(-(-n // batch_size), total, time.monotonic() - started)
 
         decoded = decode(forward_model, prompt_ids, params, eos_ids=eos_ids_of(model, tokenizer),
-                         pad_id=_pad_id(tokenizer), max_rows=batch_size, max_batch_tokens=max_batch_tokens,
+                         pad_id=pad_id_of(tokenizer), max_rows=batch_size, max_batch_tokens=max_batch_tokens,
                          seeds=row_seeds or [row_seed(seed, k) for k in range(len(prompts))],
                          stops_row=first_line_ended(tokenizer) if stop_after_first_line else None,
                          on_finished=finished, backoff=backoff)
@@ -69,7 +69,7 @@ def generate(
 
 
 @contextmanager
-def _forward_model(model):
+def forward_module(model):
     """The module to call: a PEFT AdapterView selects its adapter once for the whole loop instead
     of once per forward pass."""
     selected = getattr(type(model), "selected", None)
@@ -81,8 +81,9 @@ def _forward_model(model):
 
 
 def supports_decode_loop(model) -> bool:
-    """decoding.py needs a forward that takes position_ids and logits_to_keep and a DynamicCache;
-    other models (a custom judge class) go through model.generate."""
+    """Whether the model's forward can take decoding.py's keywords (position_ids, logits_to_keep,
+    past_key_values): named in its signature, or accepted through **kwargs as transformers and PEFT
+    models do. A custom class without them (a judge) goes through model.generate."""
     import inspect
 
     try:
@@ -103,7 +104,8 @@ def first_line_ended(tokenizer):
     return stops
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
+    """The id that left-pads prompts (masked out, so any id serves when the tokenizer has none)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return 0 if pad is None else pad
 

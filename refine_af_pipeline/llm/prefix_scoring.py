@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 from .backend import Generation, SamplingParams, row_seed
 from .decoding import decode
-from .generation import (MAX_BATCH_TOKENS, _pad_id, continuation_logprobs, eos_ids_of, first_line_ended, generate,
-                         length_sorted_batches, position_ids)
+from .generation import (MAX_BATCH_TOKENS, continuation_logprobs, eos_ids_of, first_line_ended, generate,
+                         forward_module, length_sorted_batches, pad_id_of, position_ids, supports_decode_loop)
 from .retry import Backoff, call_with_retry
 
 
@@ -82,14 +82,12 @@ def _generate_and_score_batch(model, tokenizer, prompts, continuations, params, 
     import torch
     from transformers import DynamicCache
 
-    from .generation import _forward_model, supports_decode_loop
-
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     width = ids.shape[1]
     if width < 2 or int(mask.sum(dim=1).min()) < 2:
         return None  # a one-token prompt has no prefix to share
-    with torch.no_grad(), _forward_model(model) as forward_model:
+    with torch.no_grad(), forward_module(model) as forward_model:
         if not supports_decode_loop(forward_model):
             return None
         # The cache holds every prompt token but the last: generation feeds the last one, and its
@@ -101,7 +99,7 @@ def _generate_and_score_batch(model, tokenizer, prompts, continuations, params, 
         scored = _score_on_prefix(forward_model, tokenizer, prefix, ids, mask, continuations, device, score_batch_size)
         prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         # The batch was sized by its token budget already: all of it decodes together.
-        decoded = decode(forward_model, prompt_ids, params, eos_ids=eos_ids, pad_id=_pad_id(tokenizer),
+        decoded = decode(forward_model, prompt_ids, params, eos_ids=eos_ids, pad_id=pad_id_of(tokenizer),
                          max_rows=len(prompts), max_batch_tokens=len(prompts) * (width + params.max_new_tokens),
                          seeds=seeds, stops_row=first_line_ended(tokenizer) if stop_after_first_line else None,
                          prefilled=(prefix, mask[:, :-1]), backoff=backoff)
