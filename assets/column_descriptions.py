@@ -64,14 +64,16 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "output": "the instance's output",
     "generation": "the model's raw text for the instance, before parsing",
     "generation_tokens": "tokens the model generated for the instance (TeaMs-RL: for the rewrite or the answer)",
-    "gate_reason": "why the format gate rejected the instance (missing_output, empty_output, output_equals_input, degenerate_repetition); null when it passed",
+    "gate_reason": "why the instance gate rejected the instance (missing_output, empty_output, output_cut_at_token_limit, "
+                   "degenerate_repetition, output_copies_input, output_copies_instruction, output_not_a_named_label; "
+                   "refine_af_pipeline/feedback/gates.py); null when it passed",
     **_COMPONENTS,
     **{f"{c}_scorer": f"scorer name and version behind {c}" for c in _COMPONENTS},
-    "reward": "combined reward: bias + sum of weight x standardised component (-3 on a format-gate failure); in rl_refined_policy "
+    "reward": "combined reward: bias + sum of weight x standardised component (the gate_reward, -3 by default, when the instance gate rejected it); in rl_refined_policy "
               "the mean of the step's completions; in the teams_* tables the reviewer's reward of the rewrite: P(differs), "
               "0 where a rule fired",
     # reward standardisation (one row, from the base model's gate-passing instances in reward_scores)
-    **{f"mean_{c}": f"mean raw {c} of the base model's instances that passed the format gate" for c in _COMPONENTS},
+    **{f"mean_{c}": f"mean raw {c} of the base model's instances that passed the instance gate" for c in _COMPONENTS},
     **{f"std_{c}": f"standard deviation of raw {c} over those instances (1 when constant)" for c in _COMPONENTS},
     **{f"weight_{c}": f"weight of the standardised {c} in the combined reward" for c in _COMPONENTS},
     "bias": "bias of the combined reward",
@@ -90,9 +92,9 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
                "the instructor's action distribution over its 1 + n states after the update (nats)",
     "completion_length": "mean completion length of the step (tokens)",
     "clipped_share": "share of the step's completions cut at max_completion_length (0-1)",
-    "gate_failure_share": "share of the step's completions the format gate rejected (0-1)",
+    "gate_failure_share": "share of the step's completions the instance gate rejected (0-1)",
     "repeat_share": "mean share of repeated word 3-grams within a completion (0 = none, near 1 = a looped phrase)",
-    **{f"{c}_mean": f"mean raw {c} over the step's completions that passed the format gate" for c in _COMPONENTS},
+    **{f"{c}_mean": f"mean raw {c} over the step's completions that passed the instance gate" for c in _COMPONENTS},
     "heldout_share": "share of kept instructions held out from RL (the share actually used, after min_heldout)",
     # held-out comparison
     "samples": "instances each model wrote for the held-out instruction",
@@ -100,8 +102,12 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "policy_reward": "mean combined reward of the RL policy's instances for the instruction",
     "reward_difference": "policy_reward - base_reward",
     "outcome": "win, tie (within 1e-3) or loss of the policy on this instruction",
-    "base_gate_failures": "base model instances the format gate rejected",
-    "policy_gate_failures": "policy instances the format gate rejected",
+    "base_gate_failures": "base model instances the instance gate rejected",
+    "base_passed": "base model instances that passed the instance gate",
+    "policy_passed": "RL policy instances that passed the instance gate",
+    "base_passed_reward_sum": "sum of the combined reward over the base model's instances that passed the gate",
+    "policy_passed_reward_sum": "sum of the combined reward over the RL policy's instances that passed the gate",
+    "policy_gate_failures": "policy instances the instance gate rejected",
     "base_repeat_share": "mean repeated-3-gram share of the base model's instances (0-1)",
     "policy_repeat_share": "mean repeated-3-gram share of the policy's instances (0-1)",
     **{f"base_{c}": f"mean raw {c} of the base model's instances" for c in _COMPONENTS},

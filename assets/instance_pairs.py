@@ -32,8 +32,9 @@ def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsCon
         return plan
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
     n = config.instances_per_instruction
-    items = [dict(instance_id=f"{iid}-{j}", instruction_id=iid, instruction=text)
-             for iid, text in zip(chosen["instruction_id"].to_list(), chosen["instruction"].to_list()) for j in range(n)]
+    items = [dict(instance_id=f"{iid}-{j}", instruction_id=iid, instruction=text, is_classification=bool(cls))
+             for iid, text, cls in zip(chosen["instruction_id"].to_list(), chosen["instruction"].to_list(),
+                                       chosen["is_classification"].to_list()) for j in range(n)]
     settings = dict(config.sampling_params().as_dict(),
                     seed=config.seed, adapter=adapter, batch_size=batch_size)
     return ledger.start_plan(context.run_id, settings, [items[s:s + batch_size] for s in range(0, len(items), batch_size)])
@@ -75,7 +76,9 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
             started = time.monotonic()
             for done, batch in enumerate(pending, start=1):
                 rows = generate_scored_instances(policy, scorer, [i["instruction"] for i in batch.inputs],
-                                                 params, settings["batch_size"], settings["seed"] + batch.index)
+                                                 params, settings["batch_size"], settings["seed"] + batch.index,
+                                                 is_classification=[i.get("is_classification", False)
+                                                                    for i in batch.inputs])
                 keys = [{"instance_id": i["instance_id"], "instruction_id": i["instruction_id"]} for i in batch.inputs]
                 staged = scored_instance_frame(keys, rows, policy.provenance, versions, params, plan.plan_id,
                                                policy_adapter=adapter)

@@ -27,11 +27,11 @@ class RewardScoresConfig(dg.Config, RewardScoresSettings):
         dg.AssetSpec("reward_scores", deps=["deduplicated_instructions"], kinds={"duckdb", "pytorch"}, description=(
             "The base model writes one input/output instance per kept instruction and the automated feedback "
             "scores it: one column per component (preference, naturalness, coherence, understandability) with "
-            "the judge that produced it (`<component>_scorer`), the format gate's reason, and the combined "
+            "the judge that produced it (`<component>_scorer`), the instance gate's reason, and the combined "
             "reward.")),
         dg.AssetSpec(STANDARDISATION, deps=["reward_scores"], kinds={"duckdb"}, description=(
             "One row: the mean and standard deviation of each feedback component over the base model's "
-            "format-gate-passing instances in reward_scores, the weights and bias that combine the "
+            "gate-passing instances in reward_scores, the weights and bias that combine the "
             "standardised components, and where the weights come from (the feedback_scorer config, or "
             "calibration:<ratings file> when `calibration_csv` fitted them to human ratings). The RL stage, "
             "both instance stages and the held-out comparison standardise every reward with it.")),
@@ -42,7 +42,8 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     with `calibration_csv` on the feedback_scorer resource, fits the weights and bias to those
     human ratings), then writes both tables in one transaction."""
     # A bad ratings file fails the run before any generation.
-    ratings = read_ratings(feedback_scorer.calibration_csv) if feedback_scorer.calibration_csv else None
+    ratings = (read_ratings(feedback_scorer.calibration_csv, feedback_scorer.gate_reward)
+               if feedback_scorer.calibration_csv else None)
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
     queries = QueryCounter()
     model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
@@ -51,7 +52,8 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     params = config.sampling_params()
     batch_size = language_model.generation_batch_size(context.op_def.name)
     rows = generate_scored_instances(model, scorer, chosen["instruction"].to_list(), params, batch_size,
-                                     config.seed, progress_logger(context, "reward_scores", batch_size * config.max_new_tokens))
+                                     config.seed, progress_logger(context, "reward_scores", batch_size * config.max_new_tokens),
+                                     chosen["is_classification"].to_list())
     ids = chosen["instruction_id"].to_list()
     weights, bias, weights_source = scorer.weights, scorer.bias, "config"
     stats = restandardise(rows, weights, bias)
@@ -76,7 +78,7 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     yield dg.MaterializeResult(asset_key="reward_scores", metadata={
         **table_metadata(df, ["instruction", "output", "reward", *COMPONENTS]),
         "mean_reward": float(df["reward"].mean()),
-        "format_gate_pass_rate": passed.height / max(df.height, 1),
+        "gate_pass_rate": passed.height / max(df.height, 1),
         "scorers": dg.MetadataValue.json(versions),
         "llm_queries": queries.as_json(),
         **peak_memory(device),

@@ -76,10 +76,12 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
     context.log.info(f"held-out comparison on {heldout.height} instructions x {k} samples, {base.provenance.served_model} "
                      f"({base.provenance.backend}) on {device}")
     base_rows, policy_rows = generate_both(base, policy, scorer, heldout["instruction"].to_list(), params, k,
-                                           language_model.generation_batch_size(context.op_def.name), config.seed, progress)
+                                           language_model.generation_batch_size(context.op_def.name), config.seed, progress,
+                                           heldout["is_classification"].to_list())
     rows = per_instruction_rows(heldout["instruction_id"].to_list(), heldout["instruction"].to_list(),
                                 base_rows, policy_rows, k)
-    summary = summarise(rows, config.bootstrap_resamples, config.seed)
+    summary = summarise(rows, scorer.gate.reward, config.bootstrap_resamples, config.seed)
+    split = summary.gain_split
     c = summary.comparison
     df = pl.DataFrame(rows, schema_overrides={f"{m}_{n}": pl.Float64 for m in ("base", "policy") for n in COMPONENTS})
     df = df.with_columns(pl.lit(adapter).alias("policy_adapter"),
@@ -106,6 +108,15 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
         "gate_failure_share_policy": summary.gate_failure_share_policy,
         "repeat_share_base": summary.repeat_share_base,
         "repeat_share_policy": summary.repeat_share_policy,
+        # The difference = gate part + score part (GainSplit, refine_af_pipeline/evaluation/heldout.py):
+        # only the score part can reach a fine-tuned model, since gated instances never reach SFT.
+        "gain_from_fewer_gated": split.gate_part,
+        "gain_from_fewer_gated_ci95": f"[{split.gate_part_ci[0]:+.3f}, {split.gate_part_ci[1]:+.3f}]",
+        "gain_from_better_passing_scores": split.score_part,
+        "gain_from_better_passing_scores_ci95": f"[{split.score_part_ci[0]:+.3f}, {split.score_part_ci[1]:+.3f}]",
+        "passing_reward_base": split.passing_reward_base,
+        "passing_reward_policy": split.passing_reward_policy,
+        "gate_reward": scorer.gate.reward,
         "pass_rule": PASS_RULE + (f"; and at least {config.min_instructions} instructions" if config.min_instructions else ""),
         "per_instruction": metadata_table(df.select(
             "instruction", "base_reward", "policy_reward", "reward_difference", "outcome")),

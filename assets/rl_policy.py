@@ -30,7 +30,7 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
     """A LoRA adapter trained with TRL's GRPO (or RLOO) to write input/output instances that the
     automated feedback rewards, KL-regularised towards the base model. The adapter goes to the
     artifact store; the per-step log (reward, component means, KL, loss, completion length, share
-    cut at the token limit, format-gate failures, repeated 3-gram share) is this asset's table, and
+    cut at the token limit, instance-gate failures, repeated 3-gram share) is this asset's table, and
     the metadata warns when length or repetition trends suggest reward hacking."""
     kept = kept_instructions(warehouse)
     share = effective_heldout_share(kept["instruction_id"].to_list(), config.heldout_share, config.min_heldout)
@@ -56,7 +56,7 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
     context.log.info(f"RL ({config.algorithm}) on {train.height} instructions ({kept.height - train.height} held out), "
                      f"{source.model_id} on {device}")
     result = train_policy(policy, tokenizer, train["instruction"].to_list(), scorer, config, out_dir, device, on_log,
-                          base_view=judge)
+                          base_view=judge, is_classification=train["is_classification"].to_list())
     seconds = time.monotonic() - started
     # TRL generates the completions itself: one generator query per completion of every logged step.
     queries.add("generator", len(result.log) * config.prompts_per_step * config.group_size)

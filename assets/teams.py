@@ -15,7 +15,6 @@ import numpy as np
 import polars as pl
 
 from refine_af_pipeline.evaluation.paired_comparison import paired_bootstrap
-from refine_af_pipeline.feedback.scores import format_gate
 from refine_af_pipeline.instructions.filters import rejection_reason
 from refine_af_pipeline.instructions.instances import filter_reason
 from refine_af_pipeline.instructions.rouge import RougeDeduplicator
@@ -31,7 +30,7 @@ from refine_af_pipeline.teams.instructor import (InstructorSettings, action_prob
 from refine_af_pipeline.teams.reviewer import InformationGainReviewer
 from refine_af_pipeline.teams.settings import EvolvedInstructionsSettings, ExpertAnswerSettings, PolicyComparisonSettings
 from refine_af_pipeline.training.splits import in_share
-from resources import ArtifactStore, LanguageModelResource, Warehouse
+from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
@@ -338,9 +337,11 @@ def teams_evolved_instructions(context: dg.AssetExecutionContext, config: Evolve
 
 @dg.asset(group_name="teams", kinds={"duckdb", "pytorch"}, deps=["teams_evolved_instructions"], pool="gpu")
 def teams_instruction_pairs(context: dg.AssetExecutionContext, config: ExpertAnswerConfig, warehouse: Warehouse,
-                            expert_model: LanguageModelResource) -> dg.MaterializeResult:
+                            expert_model: LanguageModelResource,
+                            feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
     """The expert model answers each kept evolved instruction (its input, if any, is inside the
-    instruction); the format gate and the instance filters mark the pairs SFT uses (`keep`)."""
+    instruction); the instance gate (the feedback_scorer's, as in the other branches) and the
+    instance filters mark the pairs SFT uses (`keep`)."""
     evolved = warehouse.read_table("teams_evolved_instructions")
     if evolved is None or evolved.filter(pl.col("keep")).height == 0:
         raise dg.Failure("teams_evolved_instructions has no kept instructions to answer; materialize it again with more "
@@ -358,9 +359,10 @@ def teams_instruction_pairs(context: dg.AssetExecutionContext, config: ExpertAns
     with expert.for_generation() as model:
         gens = model.generate(prompts, params, expert_model.generation_batch_size(context.op_def.name), config.seed,
                               lambda d, t, s: report(d, t, time.monotonic() - started))
+    gate = feedback_scorer.gate()
     rows = [dict(instance_id=iid, instruction_id=iid, instruction=text, input="", output=g.text.strip(), generation_tokens=g.n_tokens,
                  hit_token_limit=g.hit_token_limit, parse_status="ok",
-                 gate_reason=format_gate("ok", "", g.text.strip()))
+                 gate_reason=gate.reason("ok", text, "", g.text.strip(), cut=g.hit_token_limit))
             for iid, text, g in zip(kept["instruction_id"].to_list(), kept["instruction"].to_list(), gens)]
     reasons = filter_reason(rows)
     df = pl.DataFrame(rows, schema_overrides={"gate_reason": pl.Utf8}).with_columns(

@@ -96,7 +96,7 @@ def test_ratings_file_is_read_with_optional_output_and_extra_columns(tmp_path):
     ("instruction_id,rating\na,4\n,3\n", r"ratings.csv:3: column 'instruction_id' is empty"),
     ("instruction_id,rating\na,4\nb,nan\n", r"ratings.csv:3: column 'rating': 'nan' is not a finite number"),
     ("instruction_id,rating\na,4\nb,3\na,2\n", r"ratings.csv:4: duplicate instruction_id 'a' \(first on line 2\)"),
-    ("instruction_id,rating\na,4\nb,-5\n", r"ratings.csv:3: column 'rating': -5 is at or below the format gate"),
+    ("instruction_id,rating\na,4\nb,-5\n", r"ratings.csv:3: column 'rating': -5 is at or below the instance gate"),
     ("instruction_id,rating\n", r"ratings.csv: no ratings below the header line"),
     ("", r"ratings.csv: empty file"),
 ])

@@ -193,7 +193,8 @@ class _RecordingComponent:
 
 
 def test_instances_that_do_not_parse_are_kept_with_their_status_and_never_scored():
-    from refine_af_pipeline.feedback.scores import COMPONENTS, FORMAT_GATE_REWARD, FeedbackScorer
+    from refine_af_pipeline.feedback.gates import DEFAULT_GATE_REWARD
+    from refine_af_pipeline.feedback.scores import COMPONENTS, FeedbackScorer
     from refine_af_pipeline.instructions.instances import filter_reason
 
     components = [_RecordingComponent(name) for name in COMPONENTS]
@@ -203,9 +204,9 @@ def test_instances_that_do_not_parse_are_kept_with_their_status_and_never_scored
     scored = scorer.score_texts(["Answer it"] * len(generations), generations)
     statuses = [(s.parse_status, s.gate_reason) for s in scored]
     assert statuses == [("missing_output", "missing_output"), ("missing_output", "missing_output"),
-                        ("empty_output", "empty_output"), ("ok", "output_equals_input"),
+                        ("empty_output", "empty_output"), ("ok", "output_copies_input"),
                         ("missing_output", "missing_output"), ("ok", "degenerate_repetition"), ("ok", None)]
-    assert [s.reward for s in scored[:6]] == [FORMAT_GATE_REWARD] * 6
+    assert [s.reward for s in scored[:6]] == [DEFAULT_GATE_REWARD] * 6
     assert all(c.seen == ["a real answer"] for c in components)  # judges see only the parseable one
     rows = [dict(instruction="Answer it", input=s.input, output=s.output, gate_reason=s.gate_reason) for s in scored]
     assert filter_reason(rows)[:6] == [g for _, g in statuses[:6]] and filter_reason(rows)[6] is None

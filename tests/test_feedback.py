@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from refine_af_pipeline.feedback.scores import FORMAT_GATE_REWARD, ComponentStats, combine, flesch_score, format_gate
+from refine_af_pipeline.feedback.gates import DEFAULT_GATE_REWARD
+from refine_af_pipeline.feedback.scores import ComponentStats, combine, flesch_score
 from refine_af_pipeline.instructions.instances import filter_reason
 
 
@@ -24,19 +25,7 @@ def test_better_components_give_higher_reward():
     good = combine({"preference": 0.8, "coherence": 0.7}, stats, w)
     bad = combine({"preference": 0.3, "coherence": 0.4}, stats, w)
     assert good > bad
-    assert bad > FORMAT_GATE_REWARD
-
-
-def test_format_gate_reasons():
-    assert format_gate("missing_output", "", "") == "missing_output"
-    assert format_gate("ok", "", "  ") == "empty_output"
-    assert format_gate("ok", "The Cat sat", "the  cat sat") == "output_equals_input"
-    assert format_gate("ok", "", "fine answer") is None
-    loop = "the answer is yes " * 6
-    assert format_gate("ok", "Is it?", loop) == "degenerate_repetition"
-    # A list with a shared frame but different items is not a loop.
-    listing = "1. Buy apples. 2. Buy bread. 3. Buy milk. 4. Walk the dog. 5. Call mom."
-    assert format_gate("ok", "", listing) is None
+    assert bad > DEFAULT_GATE_REWARD
 
 
 def test_readability_prefers_plain_text():

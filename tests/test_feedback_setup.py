@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from refine_af_pipeline.feedback.scores import COMPONENTS, FORMAT_GATE_REWARD, ComponentStats, FeedbackScorer
+from refine_af_pipeline.feedback.gates import DEFAULT_GATE_REWARD
+from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats, FeedbackScorer
 from refine_af_pipeline.feedback.setup import build_components, parse_scorer
 from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolve_model_source
 from resources import FeedbackScorerResource
@@ -53,8 +54,8 @@ def test_score_texts_gates_then_combines_standardised_components():
                                              "no layout at all", "Input: x\nOutput:"])
     assert rows[0].gate_reason is None and rows[0].components["preference"] == 1.0
     assert rows[0].reward == pytest.approx(0.5 + 1.0 * 2.0 + 2.0 * (-1.0))
-    assert [r.gate_reason for r in rows[1:]] == ["output_equals_input", "missing_output", "empty_output"]
-    assert all(r.reward == FORMAT_GATE_REWARD and r.components == {c: None for c in COMPONENTS} for r in rows[1:])
+    assert [r.gate_reason for r in rows[1:]] == ["output_copies_input", "missing_output", "empty_output"]
+    assert all(r.reward == DEFAULT_GATE_REWARD and r.components == {c: None for c in COMPONENTS} for r in rows[1:])
     assert scorer.scorers["preference"].calls == 1  # gated instances are not scored; one batch
 
 

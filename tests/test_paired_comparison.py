@@ -84,10 +84,25 @@ def test_per_instruction_rows_average_the_samples_and_pair_them():
     assert rows[0]["base_reward"] == -1.5 and rows[0]["policy_reward"] == 0.5
     assert rows[0]["base_gate_failures"] == 1 and rows[0]["policy_gate_failures"] == 0
     assert rows[0]["base_preference"] == 0.5 and rows[0]["policy_preference"] == pytest.approx(0.7)
-    summary = summarise(rows, resamples=1_000)
+    summary = summarise(rows, gate_reward=-3.0, resamples=1_000)
     assert summary.comparison.win_share == 0.5 and summary.comparison.tie_share == 0.5
     assert summary.gate_failure_share_base == 0.25 and summary.gate_failure_share_policy == 0.0
     assert summary.component_differences["preference"] == pytest.approx(0.1)
     assert rows[0]["base_repeat_share"] == 0.0 and summary.repeat_share_policy == 0.0
     with pytest.raises(ValueError, match="samples_per_instruction"):
         per_instruction_rows(["a"], ["Task a"], base, policy, samples_per_instruction=2)
+
+
+def test_gain_split_into_gate_and_score_parts_by_hand():
+    """Base: a = [0, gated], b = [1, 1]; policy: a = [1, 0], b = [1, 1]; gate reward -3. Pass shares
+    3/4 and 1, passing means 2/3 and 3/4: gate part (1 - 3/4) x (2/3 + 3) = 11/12, score part
+    1 x (3/4 - 2/3) = 1/12, together the mean difference, 1."""
+    base = [_scored(0.0), _scored(-3.0, "missing_output"), _scored(1.0), _scored(1.0)]
+    policy = [_scored(1.0), _scored(0.0), _scored(1.0), _scored(1.0)]
+    rows = per_instruction_rows(["a", "b"], ["Task a", "Task b"], base, policy, samples_per_instruction=2)
+    summary = summarise(rows, gate_reward=-3.0, resamples=500)
+    split = summary.gain_split
+    assert split.gate_part == pytest.approx(11 / 12) and split.score_part == pytest.approx(1 / 12)
+    assert split.gate_part + split.score_part == pytest.approx(summary.comparison.mean_difference)
+    assert (split.pass_share_base, split.pass_share_policy) == (0.75, 1.0)
+    assert split.gate_part_ci[0] <= split.gate_part <= split.gate_part_ci[1]

@@ -25,6 +25,57 @@ from ..settings_types import NonNegativeInt, PositiveInt, SamplingSettings
 
 
 @dataclass(frozen=True)
+class GainSplit:
+    """The mean reward difference (policy - base) split in two exact parts, with bootstrap CIs over
+    instructions. With p the share of instances that pass the gate, m the mean reward of those that
+    pass and g the gate's fixed reward, the mean reward is p*m + (1-p)*g, and
+
+        difference = (p1 - p0) * (m0 - g)   the gate part: more instances pass, valued at the base's m
+                   + p1 * (m1 - m0)         the score part: passing instances score better
+
+    Only the score part can reach a fine-tuned model: both branches drop gated instances before SFT."""
+
+    gate_part: float
+    gate_part_ci: tuple[float, float]
+    score_part: float
+    score_part_ci: tuple[float, float]
+    pass_share_base: float
+    pass_share_policy: float
+    passing_reward_base: float
+    passing_reward_policy: float
+
+
+def gain_split(rows: Sequence[dict], gate_reward: float, resamples: int = 10_000, seed: int = 0,
+               confidence: float = 0.95) -> GainSplit:
+    """GainSplit of per-instruction rows (per_instruction_rows: samples, *_passed, *_passed_reward_sum)."""
+    import numpy as np
+
+    samples = np.array([r["samples"] for r in rows], dtype=float)
+    passed = {m: np.array([r[f"{m}_passed"] for r in rows], dtype=float) for m in ("base", "policy")}
+    sums = {m: np.array([r[f"{m}_passed_reward_sum"] for r in rows], dtype=float) for m in ("base", "policy")}
+
+    def parts(index):
+        total = samples[index].sum()
+        p0, p1 = passed["base"][index].sum() / total, passed["policy"][index].sum() / total
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m0 = sums["base"][index].sum() / passed["base"][index].sum()
+            m1 = sums["policy"][index].sum() / passed["policy"][index].sum()
+        return (p1 - p0) * (m0 - gate_reward), p1 * (m1 - m0), p0, p1, m0, m1
+
+    everything = np.arange(len(rows))
+    gate, score, p0, p1, m0, m1 = parts(everything)
+    rng = np.random.default_rng(seed)
+    draws = np.array([parts(rng.integers(0, len(rows), len(rows)))[:2] for _ in range(resamples)])
+    alpha = (1 - confidence) / 2
+
+    def ci(column):
+        values = draws[:, column][np.isfinite(draws[:, column])]
+        return tuple(float(q) for q in np.quantile(values, [alpha, 1 - alpha])) if values.size else (math.nan, math.nan)
+
+    return GainSplit(float(gate), ci(0), float(score), ci(1), float(p0), float(p1), float(m0), float(m1))
+
+
+@dataclass(frozen=True)
 class HeldoutSummary:
     comparison: PairedComparison
     mean_reward_base: float
@@ -35,13 +86,16 @@ class HeldoutSummary:
     repeat_share_base: float
     repeat_share_policy: float
     component_differences: dict[str, float]  # policy - base, over instructions where both have a value
+    gain_split: GainSplit
 
 
 def generate_both(base_model: ServedModel, policy_model: ServedModel, scorer: FeedbackScorer, instructions: Sequence[str],
                   params: SamplingParams, samples_per_instruction: int, batch_size: int, seed: int,
-                  progress=None) -> tuple[list[dict], list[dict]]:
+                  progress=None, is_classification: Sequence[bool] | None = None) -> tuple[list[dict], list[dict]]:
     """Scored instance rows of the base model and of the policy, k consecutive rows per instruction."""
     repeated = [i for i in instructions for _ in range(samples_per_instruction)]
+    classification = [bool(c) for c in (is_classification or [False] * len(instructions))
+                      for _ in range(samples_per_instruction)]
     results = []
     for label, model in (("base", base_model), ("policy", policy_model)):
         rows = []
@@ -49,7 +103,8 @@ def generate_both(base_model: ServedModel, policy_model: ServedModel, scorer: Fe
         # stream of every later batch.
         for b, start in enumerate(range(0, len(repeated), batch_size)):
             rows += generate_scored_instances(model, scorer, repeated[start:start + batch_size], params,
-                                              batch_size, seed + b)
+                                              batch_size, seed + b,
+                                              is_classification=classification[start:start + batch_size])
             if progress is not None:
                 progress(label, b + 1, -(-len(repeated) // batch_size))
         results.append(rows)
@@ -78,6 +133,10 @@ def per_instruction_rows(instruction_ids: Sequence[str], instructions: Sequence[
                    outcome=outcome(policy_reward - base_reward),
                    base_gate_failures=sum(r["gate_reason"] is not None for r in base),
                    policy_gate_failures=sum(r["gate_reason"] is not None for r in policy),
+                   base_passed=sum(r["gate_reason"] is None for r in base),
+                   policy_passed=sum(r["gate_reason"] is None for r in policy),
+                   base_passed_reward_sum=sum(r["reward"] for r in base if r["gate_reason"] is None),
+                   policy_passed_reward_sum=sum(r["reward"] for r in policy if r["gate_reason"] is None),
                    base_repeat_share=mean_repeat_share([r["generation"] for r in base]),
                    policy_repeat_share=mean_repeat_share([r["generation"] for r in policy]))
         for c in COMPONENTS:
@@ -89,7 +148,8 @@ def per_instruction_rows(instruction_ids: Sequence[str], instructions: Sequence[
     return out
 
 
-def summarise(rows: Sequence[dict], resamples: int = 10_000, seed: int = 0, confidence: float = 0.95) -> HeldoutSummary:
+def summarise(rows: Sequence[dict], gate_reward: float, resamples: int = 10_000, seed: int = 0,
+              confidence: float = 0.95) -> HeldoutSummary:
     comparison = paired_bootstrap([r["policy_reward"] for r in rows], [r["base_reward"] for r in rows],
                                   resamples=resamples, confidence=confidence, seed=seed)
     samples = sum(r["samples"] for r in rows)
@@ -103,6 +163,7 @@ def summarise(rows: Sequence[dict], resamples: int = 10_000, seed: int = 0, conf
         repeat_share_policy=sum(r["policy_repeat_share"] for r in rows) / len(rows),
         component_differences={c: mean_paired_difference([r[f"policy_{c}"] for r in rows],
                                                          [r[f"base_{c}"] for r in rows])[0] for c in COMPONENTS},
+        gain_split=gain_split(rows, gate_reward, resamples, seed, confidence),
     )
 
 

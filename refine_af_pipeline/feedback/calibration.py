@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..text_files import decode_utf8
-from .scores import FORMAT_GATE_REWARD, ComponentStats, standardise
+from .gates import DEFAULT_GATE_REWARD
+from .scores import ComponentStats, standardise
 
 REQUIRED_COLUMNS = ("instruction_id", "rating")
 
@@ -55,8 +56,9 @@ class Calibration:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rated rows not used
 
 
-def read_ratings(path: str | Path) -> list[Rating]:
-    """Every rating in the file, or a CalibrationFileError naming the file, line and column."""
+def read_ratings(path: str | Path, gate_reward: float = DEFAULT_GATE_REWARD) -> list[Rating]:
+    """Every rating in the file, or a CalibrationFileError naming the file, line and column. Every
+    rating must lie above `gate_reward`, the reward of a gated instance."""
     path = Path(path)
     if not path.exists():
         raise CalibrationFileError(f"{path}: ratings file not found")
@@ -94,10 +96,10 @@ def read_ratings(path: str | Path) -> list[Rating]:
     if not ratings:
         raise CalibrationFileError(f"{path}: no ratings below the header line")
     low = min(r.rating for r in ratings)
-    if low <= FORMAT_GATE_REWARD:
+    if low <= gate_reward:
         where = next(r.line for r in ratings if r.rating == low)
-        raise CalibrationFileError(f"{path}:{where}: column 'rating': {low:g} is at or below the format gate's fixed "
-                                   f"reward ({FORMAT_GATE_REWARD:g}); shift the scale so that any rated instance "
+        raise CalibrationFileError(f"{path}:{where}: column 'rating': {low:g} is at or below the instance gate's fixed "
+                                   f"reward ({gate_reward:g}); shift the scale so that any rated instance "
                                    "beats an unparseable one")
     return ratings
 

@@ -10,7 +10,8 @@ them from a name like "reward-model:<id>". Offline defaults (no network, run on 
 - naturalness: exp(mean token log-likelihood) of the output given the request, under the base model.
 - coherence: cosine similarity of (instruction + input) and output, all-MiniLM-L6-v2 embeddings.
 - understandability: Flesch reading ease (textstat), clipped to [0, 100] and mapped to [0, 1].
-A format gate gives unparseable, empty, input-repeating or looping instances a fixed low reward.
+The instance gate (gates.py) gives unparseable, empty, cut, looping, copied or off-label instances
+a fixed low reward.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from .components import (
     ReadabilityUnderstandability,
     flesch_score,
 )
+from .gates import GateSettings, InstanceGate
 from ..instructions.parsing import parse_instance
-from ..training.rl_diagnostics import repeated_ngram_share
 
-__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "FORMAT_GATE_REWARD", "ComponentStats", "FeedbackScorer",
-           "ScoredInstance", "combine", "flesch_score", "format_gate"]
+__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "ComponentStats", "FeedbackScorer", "ScoredInstance", "combine",
+           "flesch_score"]
 
 COMPONENTS = ("preference", "naturalness", "coherence", "understandability")
 
@@ -46,15 +47,6 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
     "coherence": 0.5,
     "understandability": 0.25,
 }
-FORMAT_GATE_REWARD = -3.0  # well below what standardised components reach for parseable output
-# An output whose word 3-grams are at least this share repeats of earlier ones is a loop, not an
-# answer. Measured in the demo RL runs: the likelihood-based naturalness rewards loops (a repeated
-# phrase is very likely under the model), and the policy's repeat share rose 0.02 -> 0.08 while its
-# naturalness rose; gating loops removes that incentive. Ordinary outputs (lists included) stay
-# well below a half.
-DEGENERATE_REPEAT_SHARE = 0.5
-
-
 @dataclass(frozen=True)
 class ScoredInstance:
     input: str
@@ -105,18 +97,6 @@ def combine(components: Mapping[str, float], stats: ComponentStats, weights: Map
     return bias + sum(weight * z[name] for name, weight in weights.items())
 
 
-def format_gate(parse_status: str, input_text: str, output: str) -> str | None:
-    if parse_status != "ok":
-        return parse_status
-    if not output.strip():
-        return "empty_output"
-    if input_text.strip() and " ".join(output.split()).lower() == " ".join(input_text.split()).lower():
-        return "output_equals_input"
-    if repeated_ngram_share(output) >= DEGENERATE_REPEAT_SHARE:
-        return "degenerate_repetition"
-    return None
-
-
 class FeedbackScorer:
     """One scorer per component, the standardisation and the weights; scores instances in batches.
 
@@ -126,7 +106,7 @@ class FeedbackScorer:
 
     def __init__(self, judge=None, embedder=None, weights: Mapping[str, float] | None = None,
                  stats: ComponentStats | None = None, bias: float = 0.0, batch_size: int = 8,
-                 components: Sequence[FeedbackComponent] | None = None):
+                 components: Sequence[FeedbackComponent] | None = None, gate: InstanceGate | None = None):
         if components is None:
             if judge is None or embedder is None:
                 raise ValueError("FeedbackScorer needs either components or a judge model and an embedder")
@@ -146,6 +126,7 @@ class FeedbackScorer:
         if unknown:
             raise ValueError(f"unknown feedback components in weights: {sorted(unknown)}")
         self.batch_size = batch_size
+        self.gate = gate or InstanceGate(GateSettings())
 
     def versions(self) -> dict[str, str]:
         """Which judge produced each component's numbers (recorded with every scored row)."""
@@ -158,10 +139,17 @@ class FeedbackScorer:
         columns = {name: self.scorers[name].score(instructions, inputs, outputs) for name in COMPONENTS}
         return [{name: float(columns[name][k]) for name in COMPONENTS} for k in range(len(instructions))]
 
-    def score_texts(self, instructions: Sequence[str], generations: Sequence[str]) -> list[ScoredInstance]:
-        """Parse each generated text into an instance, gate it, score it, combine the reward."""
+    def score_texts(self, instructions: Sequence[str], generations: Sequence[str],
+                    hit_token_limit: Sequence[bool] | None = None,
+                    is_classification: Sequence[bool] | None = None) -> list[ScoredInstance]:
+        """Parse each generated text into an instance, gate it, score it, combine the reward.
+        `hit_token_limit`: which generations stopped at their token limit; `is_classification`:
+        which instructions are classification tasks (their outputs must be a label they name)."""
         parsed = [parse_instance(g) for g in generations]
-        gates = [format_gate(p.status, p.input, p.output) for p in parsed]
+        cut = [bool(h) and p.output_runs_to_end for h, p in zip(hit_token_limit or [False] * len(parsed), parsed)]
+        classification = is_classification or [False] * len(parsed)
+        gates = [self.gate.reason(p.status, i, p.input, p.output, c, bool(k))
+                 for p, i, c, k in zip(parsed, instructions, cut, classification, strict=True)]
         passing = [k for k, g in enumerate(gates) if g is None]
         comps = self.components(
             [instructions[k] for k in passing], [parsed[k].input for k in passing], [parsed[k].output for k in passing]
@@ -170,7 +158,8 @@ class FeedbackScorer:
         results = []
         for k, (p, gate) in enumerate(zip(parsed, gates)):
             if gate is not None:
-                results.append(ScoredInstance(p.input, p.output, p.status, gate, {c: None for c in COMPONENTS}, FORMAT_GATE_REWARD))
+                results.append(ScoredInstance(p.input, p.output, p.status, gate, {c: None for c in COMPONENTS},
+                                              self.gate.reward))
                 continue
             c = by_index[k]
             results.append(ScoredInstance(p.input, p.output, p.status, None, c, combine(c, self.stats, self.weights, self.bias)))

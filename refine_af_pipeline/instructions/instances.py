@@ -17,16 +17,20 @@ from ..settings_types import NonNegativeInt, PositiveInt, SamplingSettings, Shar
 
 
 def generate_scored_instances(model: ServedModel, scorer: FeedbackScorer, instructions: Sequence[str],
-                              params: SamplingParams, batch_size: int, seed: int, progress=None) -> list[dict]:
+                              params: SamplingParams, batch_size: int, seed: int, progress=None,
+                              is_classification: Sequence[bool] | None = None) -> list[dict]:
+    """One scored row per instruction: the generation, the parsed instance, the gate's reason (the
+    label gate applies where `is_classification`), each component and the reward."""
     prompts = [render_prompt(model.tokenizer, instance_prompt(i), INSTANCE_PREFIX) for i in instructions]
     with model.for_generation() as policy:
         generations = policy.generate(prompts, params, batch_size, seed, progress)
-    scored = scorer.score_texts(list(instructions), [INSTANCE_PREFIX + g.text for g in generations])
+    scored = scorer.score_texts(list(instructions), [INSTANCE_PREFIX + g.text for g in generations],
+                                [g.hit_token_limit for g in generations], is_classification)
     rows = []
     for instruction, gen, s in zip(instructions, generations, scored):
         rows.append(dict(instruction=instruction, generation=INSTANCE_PREFIX + gen.text, generation_tokens=gen.n_tokens,
-                         input=s.input, output=s.output, parse_status=s.parse_status, gate_reason=s.gate_reason,
-                         **s.components, reward=s.reward))
+                         hit_token_limit=gen.hit_token_limit, input=s.input, output=s.output,
+                         parse_status=s.parse_status, gate_reason=s.gate_reason, **s.components, reward=s.reward))
     return rows
 
 
@@ -40,7 +44,7 @@ def restandardise(rows: list[dict], weights, bias: float) -> ComponentStats:
 
 
 def filter_reason(rows: list[dict]) -> list[str | None]:
-    """Why each instance is dropped: the format gate's reason, or the same input answered with
+    """Why each instance is dropped: the instance gate's reason, or the same input answered with
     different outputs for one instruction (both are dropped: which one is right is unknown)."""
     outputs_by_input: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in rows:

@@ -57,6 +57,9 @@ class ParsedInstance:
     input: str
     output: str
     status: str  # ok | missing_output | empty_output
+    # The output runs to the end of the text (no second "Input:" ended it): if the generation hit
+    # its token limit, the output was cut.
+    output_runs_to_end: bool = True
 
 
 _INPUT = re.compile(r"^\s*\**\s*input\s*\**\s*:\s*", re.IGNORECASE | re.MULTILINE)
@@ -75,9 +78,10 @@ def parse_instance(text: str) -> ParsedInstance:
     next_input = _INPUT.search(output)
     if next_input:
         output = output[: next_input.start()]
+    runs_to_end = next_input is None
     output = output.strip()
     if input_text.lower().strip("<> .") in {"noinput", "no input", "none", ""}:
         input_text = ""
     if not output:
-        return ParsedInstance(input_text, "", "empty_output")
-    return ParsedInstance(input_text, output, "ok")
+        return ParsedInstance(input_text, "", "empty_output", runs_to_end)
+    return ParsedInstance(input_text, output, "ok", runs_to_end)

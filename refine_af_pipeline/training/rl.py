@@ -83,14 +83,22 @@ class _RewardRecorder:
 
     __name__ = "automated_feedback"
 
-    def __init__(self, scorer: FeedbackScorer):
+    def __init__(self, scorer: FeedbackScorer, max_completion_length: int, end_ids: set[int]):
         self.scorer = scorer
+        self.max_completion_length = max_completion_length
+        self.end_ids = end_ids
         self.calls: list[dict] = []
 
-    def __call__(self, prompts, completions, instruction, **_) -> list[float]:
+    def __call__(self, prompts, completions, instruction, is_classification=None, completion_ids=None,
+                 **_) -> list[float]:
         # The prompt ends inside the assistant turn with INSTANCE_PREFIX; completions continue it.
         completions = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        scored = self.scorer.score_texts(list(instruction), [INSTANCE_PREFIX + c for c in completions])
+        # A completion that filled its token budget without an end token was cut: the same gate as
+        # the instance stages' hit_token_limit.
+        cut = [len(ids) >= self.max_completion_length and (not ids or int(ids[-1]) not in self.end_ids)
+               for ids in completion_ids] if completion_ids is not None else None
+        scored = self.scorer.score_texts(list(instruction), [INSTANCE_PREFIX + c for c in completions], cut,
+                                         is_classification)
         record = {"gate_failure_share": sum(s.gate_reason is not None for s in scored) / max(len(scored), 1),
                   "repeat_share": mean_repeat_share(completions)}
         for name in COMPONENTS:
@@ -101,10 +109,12 @@ class _RewardRecorder:
 
 
 def train_policy(model, tokenizer, instructions: Sequence[str], scorer: FeedbackScorer, settings: RLSettings,
-                 output_dir: Path, device: str, on_log=None, base_view: AdapterView | None = None) -> RLResult:
+                 output_dir: Path, device: str, on_log=None, base_view: AdapterView | None = None,
+                 is_classification: Sequence[bool] | None = None) -> RLResult:
     """Train a LoRA adapter on `model`. `base_view`, if given (the scorer's judge), is bound to the
     trainer's PEFT model, so the judge reads the base weights with the adapter off: one copy of the
-    weights serves policy, reference and judge."""
+    weights serves policy, reference and judge. `is_classification` (per instruction) turns on the
+    gate's label check for those instructions."""
     from datasets import Dataset
 
     if not instructions:
@@ -115,11 +125,16 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     # GRPO/RLOO draw prompts_per_step prompts per step and drop an incomplete step: with fewer
     # instructions than that, TRL would train zero steps without an error. Cycle them up to one step.
     instructions = list(instructions)
+    classification = [bool(c) for c in is_classification] if is_classification is not None else [False] * len(instructions)
+    if len(classification) != len(instructions):
+        raise ValueError(f"is_classification has {len(classification)} flags for {len(instructions)} instructions")
     while len(instructions) < settings.prompts_per_step:
-        instructions += instructions[: settings.prompts_per_step - len(instructions)]
+        missing = settings.prompts_per_step - len(instructions)
+        instructions, classification = instructions + instructions[:missing], classification + classification[:missing]
     dataset = Dataset.from_dict({
         "prompt": [rl_prompt(tokenizer, i) for i in instructions],
         "instruction": instructions,
+        "is_classification": classification,
     })
     args = dict(
         common_training_args(output_dir, settings.seed, device),
@@ -151,7 +166,7 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
         from trl import RLOOConfig as Config, RLOOTrainer as Trainer
 
         args["normalize_advantages"] = True  # the same scale, over the step's completions
-    recorder = _RewardRecorder(scorer)
+    recorder = _RewardRecorder(scorer, settings.max_completion_length, _end_token_ids(model, tokenizer))
     trainer = Trainer(
         model=model,
         reward_funcs=[recorder],
@@ -204,6 +219,15 @@ def sort_free_rollouts(trainer, top_p: float, temperature: float) -> Iterator[bo
             del model.generate
         else:
             model.generate = own
+
+
+def _end_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a completion: the generation config's eos ids and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
 
 
 def rl_prompt(tokenizer, instruction: str) -> str:
