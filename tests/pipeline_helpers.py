@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
-from resources import LanguageModelResource
+from resources import FeedbackScorerResource, LanguageModelResource
 from warehouse_recorder import RecordingWarehouse
 
 
@@ -20,7 +20,8 @@ def smallest_run_config(**overrides) -> dict:
                               "max_completion_length": 24},
         "rl_heldout_comparison": {"samples_per_instruction": 2, "max_new_tokens": 32, "bootstrap_resamples": 2000},
         "instance_output_pairs": {"max_instructions": 12, "max_new_tokens": 32},
-        "finetuned_model": {"epochs": 2.0, "batch_size": 4, "max_length": 128, "min_validation": 1},
+        "sft_training_pairs": {"min_validation": 1},
+        "finetuned_model": {"epochs": 2.0, "batch_size": 4, "max_length": 128},
         "evaluation": {"instances_per_task": 1, "max_new_tokens": 8, "bootstrap_resamples": 2000},
         "teams_operation_policy": {"updates": 2, "episodes_per_update": 4, "horizon": 3, "max_new_tokens": 16},
         "teams_policy_comparison": {"max_seeds": 4, "bootstrap_resamples": 2000},
@@ -59,10 +60,16 @@ def instance_for(data_dir: Path) -> dg.DagsterInstance:
 
 def materialize(data_dir: Path, model: str, run_config: dict, selection=None, batch_size: int = 8,
                 raise_on_error: bool = True, stage_batch_sizes: dict | None = None,
-                record_file: Path | None = None, model_settings: dict | None = None) -> dg.ExecuteInProcessResult:
+                record_file: Path | None = None, model_settings: dict | None = None,
+                gate_settings: dict | None = None) -> dg.ExecuteInProcessResult:
     """`record_file`: record every table each step reads and writes there (warehouse_recorder);
-    `model_settings`: more fields of the language_model resource (a backend, its URLs ...)."""
+    `model_settings`: more fields of the language_model resource (a backend, its URLs ...);
+    `gate_settings`: fields of the feedback_scorer's instance gate. The tiny random model rarely
+    ends a generation, so unless a test says otherwise cut outputs pass: with the gate on, no
+    instance would be left to train on."""
     resources = default_resources(data_dir)
+    resources["feedback_scorer"] = FeedbackScorerResource(**({"gate_cut_outputs": model != "embedded"}
+                                                             | (gate_settings or {})))
     if record_file is not None:
         resources["warehouse"] = RecordingWarehouse(database=resources["warehouse"].database,
                                                     record_file=str(record_file))

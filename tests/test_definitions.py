@@ -18,9 +18,10 @@ SELF_INSTRUCT = ["selfinstruct_instance_pairs", "selfinstruct_finetuned_model"]
 TEAMS = ["teams_operation_policy", "teams_policy_transitions", "teams_policy_comparison", "teams_evolved_instructions",
          "teams_instruction_pairs", "teams_finetuned_model"]
 EVALUATION = ["evaluation", "evaluation_predictions", "evaluation_summary"]
-STAGES = (SHARED + REFINE_AF + ["rl_heldout_comparison"] + SELF_INSTRUCT + TEAMS + EVALUATION
-          + ["llm_query_ledger", "instruction_dataset_exports"])
-MODEL_STAGES = [s for s in STAGES if s not in ("seed_pool", "instruction_dataset_exports", "llm_query_ledger")]
+STAGES = (SHARED + REFINE_AF + ["rl_heldout_comparison"] + SELF_INSTRUCT + TEAMS + ["sft_training_pairs"]
+          + EVALUATION + ["llm_query_ledger", "instruction_dataset_exports"])
+MODEL_STAGES = [s for s in STAGES if s not in ("seed_pool", "instruction_dataset_exports", "llm_query_ledger",
+                                               "sft_training_pairs")]
 
 
 def _parents(graph, name: str) -> set[str]:
@@ -44,7 +45,11 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
                                                         "deduplicated_instructions"}
     assert _parents(graph, "rl_heldout_comparison") == {"rl_refined_policy", "reward_standardisation",
                                                         "deduplicated_instructions"}
-    assert _parents(graph, "finetuned_model") == {"instance_output_pairs"}
+    # Every arm's SFT reads its equal-sized draw; the draw reads every arm's kept pairs.
+    assert _parents(graph, "sft_training_pairs") == {"instance_output_pairs", "selfinstruct_instance_pairs",
+                                                     "teams_instruction_pairs"}
+    for model in ("finetuned_model", "selfinstruct_finetuned_model", "teams_finetuned_model"):
+        assert _parents(graph, model) == {"sft_training_pairs"}
     for table in EVALUATION:
         assert _parents(graph, table) == {"finetuned_model", "selfinstruct_finetuned_model", "teams_finetuned_model"}
     assert _parents(graph, "instruction_dataset_exports") == {"instance_output_pairs", "selfinstruct_instance_pairs",
@@ -55,7 +60,6 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     assert _parents(graph, "teams_policy_comparison") == {"teams_operation_policy", "teams_policy_transitions", "seed_pool"}
     assert _parents(graph, "teams_evolved_instructions") == {"teams_operation_policy", "seed_pool"}
     assert _parents(graph, "teams_instruction_pairs") == {"teams_evolved_instructions"}
-    assert _parents(graph, "teams_finetuned_model") == {"teams_instruction_pairs"}
     assert _parents(graph, "llm_query_ledger") == {
         "raw_instructions", "reward_scores", "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs",
         "selfinstruct_instance_pairs", "teams_operation_policy", "teams_policy_comparison",
@@ -63,7 +67,8 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
     assert {("evaluation_summary", "refine_af_beats_self_instruct"),
             ("rl_heldout_comparison", "policy_beats_base_on_heldout"),
-            ("teams_policy_comparison", "teams_policy_beats_uniform")} <= checks
+            ("teams_policy_comparison", "teams_policy_beats_uniform"),
+            ("sft_training_pairs", "every_arm_has_its_pairs")} <= checks
 
 
 def test_every_step_named_by_stage_batch_sizes_is_a_step_of_the_job():

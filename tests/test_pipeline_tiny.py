@@ -21,7 +21,7 @@ from warehouse_recorder import lineage_violations, load_records
 TABLES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "reward_standardisation",
           "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs", "finetuned_model", "selfinstruct_instance_pairs", "selfinstruct_finetuned_model",
           "teams_operation_policy", "teams_policy_transitions", "teams_policy_comparison", "teams_evolved_instructions",
-          "teams_instruction_pairs", "teams_finetuned_model",
+          "teams_instruction_pairs", "sft_training_pairs", "teams_finetuned_model",
           "evaluation", "evaluation_predictions", "evaluation_summary", "llm_query_ledger", "instruction_dataset_exports"]
 MODELS = ["base", "refine_af", "self_instruct", "teams_rl"]
 PAIRS = [("refine_af", "self_instruct"), ("refine_af", "base"), ("self_instruct", "base"), ("teams_rl", "base"),
@@ -319,6 +319,24 @@ def test_evaluation_compares_four_models_on_both_metrics_with_a_summary_and_a_wa
     assert check.passed == (headline["wins"] > headline["losses"])
 
 
+def test_every_arm_fine_tunes_on_an_equal_draw(first_run):
+    data_dir, result = first_run
+    drawn = _table(data_dir, "SELECT arm, role, count(*) AS n FROM sft_training_pairs GROUP BY arm, role")
+    for role in ("train", "validation"):
+        counts = drawn.filter(pl.col("role") == role)["n"].to_list()
+        [target] = {m.metadata[f"{role}_pairs_per_arm"].value for m in result.asset_materializations_for_node(
+            "sft_training_pairs")}
+        [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "every_arm_has_its_pairs"]
+        # Equal sizes, or the check says which arm fell short.
+        assert all(n == target for n in counts) or not check.passed
+    train = _table(data_dir, "SELECT arm, instruction_id FROM sft_training_pairs WHERE role = 'train'")
+    by_arm = {a: set(train.filter(pl.col("arm") == a)["instruction_id"]) for a in ("refine_af", "self_instruct")}
+    kept = [set(_table(data_dir, f"SELECT instruction_id FROM {t} WHERE keep")["instruction_id"])
+            for t in ("instance_output_pairs", "selfinstruct_instance_pairs")]
+    # Instructions both branches kept come first: the overlap is as large as the draw allows.
+    assert len(by_arm["refine_af"] & by_arm["self_instruct"]) >= min(len(by_arm["refine_af"]), len(kept[0] & kept[1]) - 4)
+
+
 def test_sft_logs_train_and_validation_loss_per_epoch(first_run):
     data_dir, result = first_run
     for table, pairs_table in [("finetuned_model", "instance_output_pairs"),
@@ -328,7 +346,11 @@ def test_sft_logs_train_and_validation_loss_per_epoch(first_run):
         assert log["steps"][0] == 0 and log["steps"].is_sorted() and log["steps"][-1] > 0
         assert log["validation_loss"].is_not_nan().all() and log["train_loss"].is_not_nan().all()
         kept = _table(data_dir, f"SELECT count(*) AS n FROM {pairs_table} WHERE keep")["n"][0]
-        assert log["train_examples"][0] + log["validation_examples"][0] == kept
+        drawn = _table(data_dir, f"SELECT role, count(*) AS n FROM sft_training_pairs WHERE source_table = '{pairs_table}' "
+                                 "GROUP BY role ORDER BY role")
+        assert drawn["role"].to_list() == ["train", "validation"]
+        assert (log["train_examples"][0], log["validation_examples"][0]) == tuple(drawn["n"].to_list())
+        assert log["train_examples"][0] + log["validation_examples"][0] <= kept
         assert log["validation_examples"][0] >= 1
         metadata = result.asset_materializations_for_node(table)[0].metadata
         for key in ["loss_curve", "final_train_loss", "final_validation_loss", "first_validation_loss",

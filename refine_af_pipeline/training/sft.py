@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..llm.prompts import sft_prompt
-from ..settings_types import NonNegativeInt, PositiveFloat, PositiveInt, Share
+from ..settings_types import PositiveFloat, PositiveInt
 from .splits import hash_bucket, in_share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
@@ -46,9 +46,6 @@ class SFTSettings(BaseModel):
     gradient_checkpointing: bool = Field(False, description=(
         "recompute activations in the backward pass: off, unlike TRL's default, since a 135M model does not "
         "need it (30% slower on 2 CPU cores); turn it on for 7B+"))
-    validation_share: Share = Field(0.15, description=(
-        "share of instructions (salted hash of the id) whose pairs are held out and scored after every epoch"))
-    min_validation: NonNegativeInt = Field(4, description="hold out at least this many instructions when a quarter of the pool allows")
 
     @model_validator(mode="after")
     def _slices_fill_a_batch(self):

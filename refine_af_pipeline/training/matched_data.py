@@ -1,0 +1,111 @@
+"""Equal training data for every arm of the comparison.
+
+Each branch keeps a different number of pairs (the RL policy's instances pass the gate more often
+than the base model's, TeaMs-RL evolves fewer instructions), so fine-tuning each on all it kept
+would mix data quality with data quantity. Here every arm gets the same number of training pairs
+and the same number of validation pairs, drawn by a stable hash: the same ids in every run, and
+where arms share an instruction pool (REFINE-AF, Self-Instruct, best-of-N all write instances for
+the kept instructions), the instructions every sharing arm kept come first, so those arms train
+on the same instructions and differ only in the instances.
+
+The draw, per arm and slice (validation, train): instructions ordered by (kept by every sharing
+arm first, then a salted hash of the id); pairs taken round-robin, one per instruction per round,
+each instruction's pairs in hash order of their instance ids; the first `pairs` of that order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..settings_types import NonNegativeInt, Share
+from .splits import hash_bucket
+from .sft import validation_split
+
+DRAW_SALT = "sft-draw"
+
+
+class MatchedDataSettings(BaseModel):
+    """Settings of `sft_training_pairs`: how many pairs every arm's SFT trains and validates on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sft_pairs: NonNegativeInt = Field(0, description=(
+        "training pairs per arm (0 = as many as the smallest arm has); an arm with fewer trains on all it has, "
+        "and the metadata and the check say so"))
+    validation_share: Share = Field(0.15, description=(
+        "share of instructions (salted hash of the id) whose pairs are held out for validation, the same "
+        "instructions in every arm that shares the pool"))
+    min_validation: NonNegativeInt = Field(4, description=(
+        "hold out at least this many instructions when a quarter of the pool allows"))
+
+
+@dataclass(frozen=True)
+class ArmDraw:
+    arm: str
+    kept_pairs: int
+    train: list[dict]
+    validation: list[dict]
+    target_train: int
+    target_validation: int
+    shared_train_instructions: int  # train instructions every other sharing arm also trains on
+
+    @property
+    def short(self) -> bool:
+        return len(self.train) < self.target_train or len(self.validation) < self.target_validation
+
+
+def _ordered(rows: Sequence[dict], preferred: set[str]) -> list[dict]:
+    """Round-robin over instructions (preferred ones first, then by hash), pairs in hash order."""
+    by_instruction: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_instruction[r["instruction_id"]].append(r)
+    order = sorted(by_instruction, key=lambda i: (i not in preferred, hash_bucket(i, DRAW_SALT), i))
+    for pairs in by_instruction.values():
+        pairs.sort(key=lambda r: (hash_bucket(r["instance_id"], DRAW_SALT), r["instance_id"]))
+    rounds = max((len(p) for p in by_instruction.values()), default=0)
+    return [by_instruction[i][k] for k in range(rounds) for i in order if k < len(by_instruction[i])]
+
+
+def draw_matched(arms: Mapping[str, Sequence[dict]], sharing: set[str], settings: MatchedDataSettings) -> dict[str, ArmDraw]:
+    """Each arm's training and validation pairs. `arms`: the kept pairs of each arm (dicts with
+    instance_id and instruction_id); `sharing`: the arms that write instances for one instruction
+    pool. Arms outside it keep their own validation instructions."""
+    if not arms:
+        raise ValueError("no arm has kept pairs to draw from")
+    empty = [a for a, rows in arms.items() if not rows]
+    if empty:
+        raise ValueError(f"arms with no kept pairs: {empty}")
+    sharing = sharing & set(arms)
+    shared_ids = sorted({r["instruction_id"] for a in sharing for r in arms[a]})
+    held_shared = validation_split(shared_ids, settings.validation_share, settings.min_validation)
+    slices: dict[str, dict[str, list[dict]]] = {}
+    for arm, rows in arms.items():
+        held = held_shared if arm in sharing else validation_split(
+            [r["instruction_id"] for r in rows], settings.validation_share, settings.min_validation)
+        slices[arm] = {"validation": [r for r in rows if r["instruction_id"] in held],
+                       "train": [r for r in rows if r["instruction_id"] not in held]}
+    # Instructions every sharing arm kept, per slice: those come first in each sharing arm's order.
+    common = {}
+    for part in ("validation", "train"):
+        sets = [{r["instruction_id"] for r in slices[a][part]} for a in sharing]
+        common[part] = set.intersection(*sets) if sets else set()
+    target_train = settings.sft_pairs or min(len(s["train"]) for s in slices.values())
+    target_validation = min(len(s["validation"]) for s in slices.values())
+    draws = {}
+    for arm, parts in slices.items():
+        preferred = common if arm in sharing else {"validation": set(), "train": set()}
+        train = _ordered(parts["train"], preferred["train"])[:target_train]
+        validation = _ordered(parts["validation"], preferred["validation"])[:target_validation]
+        draws[arm] = ArmDraw(arm, len(arms[arm]), train, validation, target_train, target_validation, 0)
+    # How far the sharing arms really train on the same instructions.
+    train_sets = {a: {r["instruction_id"] for r in draws[a].train} for a in sharing}
+    for arm in sharing:
+        others = [train_sets[o] for o in sharing if o != arm]
+        shared = set.intersection(train_sets[arm], *others) if others else train_sets[arm]
+        d = draws[arm]
+        draws[arm] = ArmDraw(arm, d.kept_pairs, d.train, d.validation, d.target_train, d.target_validation, len(shared))
+    return draws
