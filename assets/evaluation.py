@@ -1,4 +1,4 @@
-"""Stage 5: the paper's comparison. Base, Self-Instruct-, REFINE-AF- and TeaMs-RL-tuned models answer
+"""Stage 5: the paper's comparison. Base, Self-Instruct-, REFINE-AF-, best-of-N- and TeaMs-RL-tuned models answer
 held-out tasks in the Super-NaturalInstructions format zero-shot; ROUGE-L and the reference
 log-likelihood per task and model, and for each pair of models and each metric the share of tasks
 one beats the other with a bootstrap CI."""
@@ -25,11 +25,12 @@ from .shared import provenance_columns, upstream_adapter
 
 # Model label in the tables -> the fine-tuning asset whose adapter it is (None: the base model).
 EVALUATED_MODELS = {"base": None, "self_instruct": "selfinstruct_finetuned_model", "refine_af": "finetuned_model",
-                    "teams_rl": "teams_finetuned_model"}
-# (candidate, reference), every pair: the paper's comparison first, then each tuned model against
-# the base, then TeaMs-RL against the other two methods.
+                    "best_of_n": "bestofn_finetuned_model", "teams_rl": "teams_finetuned_model"}
+# (candidate, reference): the paper's comparison first, then REFINE-AF against the best-of-N control,
+# each tuned model against the base, best-of-N against Self-Instruct, TeaMs-RL against the others.
 TUNED = [a for a in EVALUATED_MODELS.values() if a]
-COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "base"), ("self_instruct", "base"), ("teams_rl", "base"),
+COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "best_of_n"), ("refine_af", "base"),
+               ("self_instruct", "base"), ("best_of_n", "base"), ("best_of_n", "self_instruct"), ("teams_rl", "base"),
                ("teams_rl", "self_instruct"), ("teams_rl", "refine_af")]
 CHECK_NAME = "refine_af_beats_self_instruct"
 
@@ -50,7 +51,7 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
     specs=[
         dg.AssetSpec("evaluation", deps=TUNED, kinds={"duckdb", "pytorch"}, description=(
             "One row per (held-out task, model): the task's mean ROUGE-L of the first answer line and mean "
-            "reference log-likelihood, for the base, Self-Instruct-, REFINE-AF- and TeaMs-RL-tuned models.")),
+            "reference log-likelihood, for the base, Self-Instruct-, REFINE-AF-, best-of-N- and TeaMs-RL-tuned models.")),
         dg.AssetSpec("evaluation_predictions", deps=TUNED, kinds={"duckdb"}, description=(
             "One row per (evaluation instance, model): the greedy answer's first line, its ROUGE-L against "
             "the best reference, the best reference's mean per-token log-likelihood, the references.")),

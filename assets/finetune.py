@@ -21,7 +21,7 @@ from .metadata import metadata_table, peak_memory, png_markdown, table_metadata
 SFT_DATA = "sft_training_pairs"
 # arm -> (its kept pairs, whether it writes instances for the shared pool of kept instructions)
 ARM_PAIRS = {"refine_af": ("instance_output_pairs", True), "self_instruct": ("selfinstruct_instance_pairs", True),
-             "teams_rl": ("teams_instruction_pairs", False)}
+             "best_of_n": ("bestofn_instance_pairs", True), "teams_rl": ("teams_instruction_pairs", False)}
 _PAIR_COLUMNS = ("instance_id", "instruction_id", "instruction", "input", "output")
 CHECK_NAME = "every_arm_has_its_pairs"
 
@@ -176,3 +176,9 @@ teams_finetuned_model = build_finetuned_model_asset(
     description="TeaMs-RL: the same SFT of the base model on its equal-sized draw of the kept "
                 "(evolved instruction, expert answer) pairs (sft_training_pairs, arm teams_rl), with the same settings as "
                 "finetuned_model.")
+
+bestofn_finetuned_model = build_finetuned_model_asset(
+    "bestofn_finetuned_model", "best_of_n",
+    description="The best-of-N control: the same SFT of the base model on its equal-sized draw of the kept triples "
+                "chosen by the training reward from the base model's candidates (sft_training_pairs, arm best_of_n), "
+                "with the same settings as finetuned_model.")

@@ -1,6 +1,7 @@
-"""Stage 3: instances for every kept instruction, written by the RL-refined policy (REFINE-AF) or,
-in the Self-Instruct baseline branch, by the base model. One factory builds both assets, so the two
-branches differ only in which policy writes the instances."""
+"""Stage 3: instances for every kept instruction, written by the RL-refined policy (REFINE-AF), by
+the base model (the Self-Instruct baseline), or by the base model N times keeping the candidate the
+training reward likes best (the best-of-N control: what the reward buys without RL). One factory
+builds the three assets, so the arms differ only in the policy and the number of candidates."""
 
 
 import time
@@ -9,7 +10,8 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.llm.backend import SamplingParams
-from refine_af_pipeline.instructions.instances import InstancePairsSettings, filter_reason, generate_scored_instances
+from refine_af_pipeline.instructions.instances import (BestOfNSettings, InstancePairsSettings, choose_best,
+                                                      filter_reason, generate_scored_instances)
 from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
@@ -19,10 +21,15 @@ from .shared import base_component_stats, kept_instructions, scored_instance_fra
 
 
 class InstancePairsConfig(dg.Config, InstancePairsSettings):
-    """Run config of both instance stages: the fields of InstancePairsSettings (refine_af_pipeline/instructions/instances.py)."""
+    """Run config of the REFINE-AF and Self-Instruct instance stages: the fields of InstancePairsSettings
+    (refine_af_pipeline/instructions/instances.py)."""
 
 
-def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsConfig, warehouse: Warehouse,
+class BestOfNConfig(dg.Config, BestOfNSettings):
+    """Run config of `bestofn_instance_pairs`: the fields of BestOfNSettings (refine_af_pipeline/instructions/instances.py)."""
+
+
+def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsSettings, warehouse: Warehouse,
           ledger: BatchLedger, adapter: str | None, batch_size: int) -> GenerationPlan:
     """The plan a crashed run left for this policy, or a new one: the chosen instructions in batches."""
     # A plan made with another RL policy is abandoned: mixing two policies' instances would mislead.
@@ -31,12 +38,12 @@ def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsCon
     if plan is not None:
         return plan
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
-    n = config.instances_per_instruction
-    items = [dict(instance_id=f"{iid}-{j}", instruction_id=iid, instruction=text, is_classification=bool(cls))
+    n, candidates = config.instances_per_instruction, getattr(config, "candidates_per_instance", 1)
+    items = [dict(instance_id=f"{iid}-{j}", candidate=c, instruction_id=iid, instruction=text, is_classification=bool(cls))
              for iid, text, cls in zip(chosen["instruction_id"].to_list(), chosen["instruction"].to_list(),
-                                       chosen["is_classification"].to_list()) for j in range(n)]
+                                       chosen["is_classification"].to_list()) for j in range(n) for c in range(candidates)]
     settings = dict(config.sampling_params().as_dict(),
-                    seed=config.seed, adapter=adapter, batch_size=batch_size)
+                    seed=config.seed, adapter=adapter, batch_size=batch_size, candidates_per_instance=candidates)
     return ledger.start_plan(context.run_id, settings, [items[s:s + batch_size] for s in range(0, len(items), batch_size)])
 
 
@@ -46,13 +53,15 @@ def _staging(name: str) -> str:
     return f"{name}_batches"
 
 
-def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str) -> dg.AssetsDefinition:
-    """The asset `name`: the RL-refined policy's instances (`use_rl_policy`) or the base model's."""
+def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
+                               config_class: type[dg.Config] = InstancePairsConfig) -> dg.AssetsDefinition:
+    """The asset `name`: the RL-refined policy's instances (`use_rl_policy`) or the base model's;
+    with BestOfNConfig, the best of several candidates per instance by the training reward."""
     deps = ["reward_standardisation", "deduplicated_instructions"] + (["rl_refined_policy"] if use_rl_policy else [])
 
     @dg.asset(name=name, group_name="instances", kinds={"duckdb", "pytorch"}, deps=deps, pool="gpu",
               description=description)
-    def _instance_pairs(context: dg.AssetExecutionContext, config: InstancePairsConfig, warehouse: Warehouse,
+    def _instance_pairs(context: dg.AssetExecutionContext, config: config_class, warehouse: Warehouse,
                         language_model: LanguageModelResource,
                         feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
         ledger = BatchLedger(warehouse, name)
@@ -79,24 +88,32 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str)
                                                  params, settings["batch_size"], settings["seed"] + batch.index,
                                                  is_classification=[i.get("is_classification", False)
                                                                     for i in batch.inputs])
-                keys = [{"instance_id": i["instance_id"], "instruction_id": i["instruction_id"]} for i in batch.inputs]
+                keys = [{"instance_id": i["instance_id"], "candidate": i.get("candidate", 0),
+                         "instruction_id": i["instruction_id"]} for i in batch.inputs]
                 staged = scored_instance_frame(keys, rows, policy.provenance, versions, params, plan.plan_id,
                                                policy_adapter=adapter)
                 ledger.commit_batch(plan, batch, _staging(name), staged, context.run_id)
                 report(done, len(pending), time.monotonic() - started)
-        order = {item["instance_id"]: k for k, item in enumerate(i for b in plan.batches for i in b.inputs)}
+        order = {f"{item['instance_id']}/{item.get('candidate', 0)}": k
+                 for k, item in enumerate(i for b in plan.batches for i in b.inputs)}
         staged = warehouse.query(f'SELECT * FROM "{_staging(name)}" WHERE run_id = ?', [plan.plan_id])
-        staged = staged.sort(pl.col("instance_id").replace_strict(order, return_dtype=pl.Int64))
+        staged = staged.sort((pl.col("instance_id") + "/" + pl.col("candidate").fill_null(0).cast(pl.Utf8)).replace_strict(
+            order, return_dtype=pl.Int64))
+        rows = staged.to_dicts()
+        chosen = choose_best(rows)
         # Conflicting outputs are judged across the whole plan, so the filter runs once all batches are in.
-        reasons = filter_reason(staged.to_dicts())
-        df = staged.with_columns(pl.Series("keep", [r is None for r in reasons]),
+        reasons = iter(filter_reason([r for r, c in zip(rows, chosen) if c]))
+        reasons = [next(reasons) if c else "not_best_of_n" for c in chosen]
+        df = staged.with_columns(pl.Series("chosen", chosen), pl.Series("keep", [r is None for r in reasons]),
                                  pl.Series("filter_reason", reasons, dtype=pl.Utf8))
         ledger.finish(plan, context.run_id, replace={name: df}, clear_rows_of=_staging(name))
         return dg.MaterializeResult(metadata={
             **table_metadata(df, ["instruction", "input", "output", "reward", "keep"]),
             "parse_rate": float((df["parse_status"] == "ok").mean()),
             "kept_pairs": int(df["keep"].sum()),
-            "mean_reward": float(df["reward"].mean()),
+            "mean_reward": float(df.filter(pl.col("chosen"))["reward"].mean()),
+            "candidates_per_instance": settings.get("candidates_per_instance", 1),
+            "generations": df.height,
             "policy": dg.MetadataValue.path(adapter) if adapter else "base model (no RL adapter)",
             "plan_run_id": plan.plan_id,
             "resumed_plan": plan.resumed,
@@ -121,3 +138,11 @@ selfinstruct_instance_pairs = build_instance_pairs_asset(
     description="The Self-Instruct baseline (no RL): the base model writes the instances for the same kept "
                 "instructions, with the same prompts, sampling, scoring and filters as instance_output_pairs; "
                 "policy_adapter is null.")
+
+bestofn_instance_pairs = build_instance_pairs_asset(
+    "bestofn_instance_pairs", use_rl_policy=False, config_class=BestOfNConfig,
+    description="The best-of-N control (no RL): the base model writes `candidates_per_instance` candidates for each "
+                "instance of the same kept instructions, with the same prompts, sampling and scoring as the other "
+                "instance stages; the candidate with the highest training reward is `chosen` (the others are kept "
+                "with filter_reason not_best_of_n), then the same filters. What the reward buys by selection alone, "
+                "at a generation budget the query ledger shows beside RL's.")

@@ -14,22 +14,24 @@ from resources import Warehouse
 from .metadata import metadata_table, table_metadata
 from .shared import upstream_metadata
 
-# asset -> (branch, purpose). The bootstrap's pool feeds both the Self-Instruct and REFINE-AF
-# branches; held-out checks and comparisons are diagnostics, not data the branch needs.
+# asset -> (branch, purpose). The bootstrap's pool feeds the Self-Instruct, REFINE-AF and best-of-N
+# branches, the reward scores the two that select by reward; held-out checks and comparisons are
+# diagnostics, not data the branch needs.
 LEDGER_STAGES = {
-    "raw_instructions": ("self_instruct+refine_af", "data"),
-    "reward_scores": ("refine_af", "data"),
+    "raw_instructions": ("self_instruct+refine_af+best_of_n", "data"),
+    "reward_scores": ("refine_af+best_of_n", "data"),
     "rl_refined_policy": ("refine_af", "data"),
     "rl_heldout_comparison": ("refine_af", "diagnostic"),
     "instance_output_pairs": ("refine_af", "data"),
     "selfinstruct_instance_pairs": ("self_instruct", "data"),
+    "bestofn_instance_pairs": ("best_of_n", "data"),
     "teams_operation_policy": ("teams_rl", "data"),
     "teams_policy_comparison": ("teams_rl", "diagnostic"),
     "teams_evolved_instructions": ("teams_rl", "data"),
     "teams_instruction_pairs": ("teams_rl", "data"),
     "evaluation": ("evaluation", "evaluation"),
 }
-BRANCHES = ("self_instruct", "refine_af", "teams_rl")
+BRANCHES = ("self_instruct", "refine_af", "best_of_n", "teams_rl")
 
 
 def ledger_rows(counts_by_asset: dict[str, tuple[dict, str]]) -> list[dict]:
@@ -73,6 +75,8 @@ def llm_query_ledger(context: dg.AssetExecutionContext, warehouse: Warehouse) ->
     expert = totals["teams_rl"]["expert"]
     figures = {
         **{f"data_queries_{b}": n for b, n in total.items()},
+        # The generation budget of each arm: RL's rollouts and instances against best-of-N's candidates.
+        **{f"generator_queries_{b}": t["generator"] for b, t in totals.items()},
         "teams_rl_expert_queries": expert,
         "teams_rl_expert_share_of_its_queries": expert / total["teams_rl"] if total["teams_rl"] else 0.0,
         "teams_rl_expert_queries_per_refine_af_query": expert / total["refine_af"] if total["refine_af"] else 0.0,

@@ -33,9 +33,12 @@ def smallest_run_config(**overrides) -> dict:
         ops[key] = {**ops.get(key, {}), **value}
     # The Self-Instruct branch runs with the REFINE-AF branch's settings (as in make run) unless told otherwise.
     for baseline, refine_af in (("selfinstruct_instance_pairs", "instance_output_pairs"),
+                                ("bestofn_instance_pairs", "instance_output_pairs"),
                                 ("selfinstruct_finetuned_model", "finetuned_model"),
+                                ("bestofn_finetuned_model", "finetuned_model"),
                                 ("teams_finetuned_model", "finetuned_model")):
         ops[baseline] = {**ops[refine_af], **overrides.get(baseline, {})}
+    ops["bestofn_instance_pairs"].setdefault("candidates_per_instance", 2)
     return ops
 
 

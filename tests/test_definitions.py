@@ -15,10 +15,11 @@ ROOT = Path(__file__).parent.parent
 SHARED = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "reward_standardisation"]
 REFINE_AF = ["rl_refined_policy", "instance_output_pairs", "finetuned_model"]
 SELF_INSTRUCT = ["selfinstruct_instance_pairs", "selfinstruct_finetuned_model"]
+BEST_OF_N = ["bestofn_instance_pairs", "bestofn_finetuned_model"]
 TEAMS = ["teams_operation_policy", "teams_policy_transitions", "teams_policy_comparison", "teams_evolved_instructions",
          "teams_instruction_pairs", "teams_finetuned_model"]
 EVALUATION = ["evaluation", "evaluation_predictions", "evaluation_summary"]
-STAGES = (SHARED + REFINE_AF + ["rl_heldout_comparison"] + SELF_INSTRUCT + TEAMS + ["sft_training_pairs"]
+STAGES = (SHARED + REFINE_AF + ["rl_heldout_comparison"] + SELF_INSTRUCT + BEST_OF_N + TEAMS + ["sft_training_pairs"]
           + EVALUATION + ["llm_query_ledger", "instruction_dataset_exports"])
 MODEL_STAGES = [s for s in STAGES if s not in ("seed_pool", "instruction_dataset_exports", "llm_query_ledger",
                                                "sft_training_pairs")]
@@ -38,7 +39,7 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     assert _parents(graph, "deduplicated_instructions") == {"seed_pool", "raw_instructions"}
     assert _parents(graph, "reward_scores") == {"deduplicated_instructions"}
     assert _parents(graph, "reward_standardisation") == {"reward_scores"}
-    for stage in ("rl_refined_policy", "selfinstruct_instance_pairs"):
+    for stage in ("rl_refined_policy", "selfinstruct_instance_pairs", "bestofn_instance_pairs"):
         assert _parents(graph, stage) == {"reward_standardisation", "deduplicated_instructions"}
     # The branches differ only in the policy: the baseline never reads the RL adapter.
     assert _parents(graph, "instance_output_pairs") == {"rl_refined_policy", "reward_standardisation",
@@ -47,11 +48,12 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
                                                         "deduplicated_instructions"}
     # Every arm's SFT reads its equal-sized draw; the draw reads every arm's kept pairs.
     assert _parents(graph, "sft_training_pairs") == {"instance_output_pairs", "selfinstruct_instance_pairs",
-                                                     "teams_instruction_pairs"}
-    for model in ("finetuned_model", "selfinstruct_finetuned_model", "teams_finetuned_model"):
+                                                     "bestofn_instance_pairs", "teams_instruction_pairs"}
+    for model in ("finetuned_model", "selfinstruct_finetuned_model", "bestofn_finetuned_model", "teams_finetuned_model"):
         assert _parents(graph, model) == {"sft_training_pairs"}
     for table in EVALUATION:
-        assert _parents(graph, table) == {"finetuned_model", "selfinstruct_finetuned_model", "teams_finetuned_model"}
+        assert _parents(graph, table) == {"finetuned_model", "selfinstruct_finetuned_model", "bestofn_finetuned_model",
+                                          "teams_finetuned_model"}
     assert _parents(graph, "instruction_dataset_exports") == {"instance_output_pairs", "selfinstruct_instance_pairs",
                                                               "teams_instruction_pairs"}
     # TeaMs-RL starts from the seed tasks alone; each of its tables reads only what it declares.
@@ -62,7 +64,7 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     assert _parents(graph, "teams_instruction_pairs") == {"teams_evolved_instructions"}
     assert _parents(graph, "llm_query_ledger") == {
         "raw_instructions", "reward_scores", "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs",
-        "selfinstruct_instance_pairs", "teams_operation_policy", "teams_policy_comparison",
+        "selfinstruct_instance_pairs", "bestofn_instance_pairs", "teams_operation_policy", "teams_policy_comparison",
         "teams_evolved_instructions", "teams_instruction_pairs", "evaluation"}
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
     assert {("evaluation_summary", "refine_af_beats_self_instruct"),
@@ -125,7 +127,10 @@ def test_the_profiles_are_run_configs_that_make_every_full_data_size_small(profi
     # Both branches are sized and trained alike, or the comparison is not like for like.
     ops = config["ops"]
     assert ops["instance_output_pairs"] == ops["selfinstruct_instance_pairs"]
-    assert ops["finetuned_model"] == ops["selfinstruct_finetuned_model"] == ops["teams_finetuned_model"]
+    bestofn = dict(ops["bestofn_instance_pairs"]["config"])
+    assert bestofn.pop("candidates_per_instance") > 1 and bestofn == ops["instance_output_pairs"]["config"]
+    assert (ops["finetuned_model"] == ops["selfinstruct_finetuned_model"] == ops["bestofn_finetuned_model"]
+            == ops["teams_finetuned_model"])
 
 
 def test_make_run_passes_the_demo_profile_and_make_experiment_its_own():

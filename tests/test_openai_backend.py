@@ -169,13 +169,14 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
         assert row["naturalness"] == pytest.approx(expected["naturalness"], abs=LOGPROB_TOLERANCE)
         assert row["preference"] == pytest.approx(expected["preference"], abs=1e-4)
 
-    # Evaluation of four models (base and three adapters) through the server, then in process.
+    # Evaluation of five models (base and four adapters) through the server, then in process.
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     builtin = Path(__file__).resolve().parent.parent / "refine_af_pipeline" / "data" / "eval_tasks"
     for name in sorted(p.name for p in builtin.glob("*.json"))[:3]:
         shutil.copy(builtin / name, tasks / name)
-    for k, asset in enumerate(("finetuned_model", "selfinstruct_finetuned_model", "teams_finetuned_model")):
+    for k, asset in enumerate(("finetuned_model", "selfinstruct_finetuned_model", "bestofn_finetuned_model",
+                               "teams_finetuned_model")):
         _report_adapter(data, asset, _adapter(data / "artifacts" / asset / "run-1" / "adapter", seed=10 + k))
     evaluation = {"evaluation": {"task_dir": str(tasks), "instances_per_task": 2, "max_new_tokens": 12,
                                  "bootstrap_resamples": 500}}
@@ -186,7 +187,7 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
                            model_settings=extra).success
         outputs[backend] = _table(data, "SELECT * FROM evaluation_predictions ORDER BY model, instance_id")
     served, local = outputs["openai"], outputs["transformers"]
-    assert served.height == local.height == 4 * 3 * 2
+    assert served.height == local.height == 5 * 3 * 2  # models x tasks x instances
     assert set(served["backend"]) == {"openai"} and set(local["backend"]) == {"transformers"}
     assert served["prediction"].to_list() == local["prediction"].to_list()
     difference = (served["reference_log_likelihood"] - local["reference_log_likelihood"]).abs().max()

@@ -20,12 +20,14 @@ from warehouse_recorder import lineage_violations, load_records
 
 TABLES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "reward_standardisation",
           "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs", "finetuned_model", "selfinstruct_instance_pairs", "selfinstruct_finetuned_model",
+          "bestofn_instance_pairs", "bestofn_finetuned_model",
           "teams_operation_policy", "teams_policy_transitions", "teams_policy_comparison", "teams_evolved_instructions",
           "teams_instruction_pairs", "sft_training_pairs", "teams_finetuned_model",
           "evaluation", "evaluation_predictions", "evaluation_summary", "llm_query_ledger", "instruction_dataset_exports"]
-MODELS = ["base", "refine_af", "self_instruct", "teams_rl"]
-PAIRS = [("refine_af", "self_instruct"), ("refine_af", "base"), ("self_instruct", "base"), ("teams_rl", "base"),
-         ("teams_rl", "self_instruct"), ("teams_rl", "refine_af")]
+MODELS = ["base", "best_of_n", "refine_af", "self_instruct", "teams_rl"]
+PAIRS = [("refine_af", "self_instruct"), ("refine_af", "best_of_n"), ("refine_af", "base"), ("self_instruct", "base"),
+         ("best_of_n", "base"), ("best_of_n", "self_instruct"), ("teams_rl", "base"), ("teams_rl", "self_instruct"),
+         ("teams_rl", "refine_af")]
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +58,9 @@ def test_every_stage_writes_its_table(first_run):
     assert all(n > 0 for n in counts.values()), counts
     assert counts["rl_refined_policy"] == 2  # one log row per RL step
     n_tasks = len(load_tasks())
-    assert counts["evaluation"] == 4 * n_tasks  # (task, model) rows: base and the three tuned models on every task
-    assert counts["evaluation_predictions"] == 4 * n_tasks  # one instance per task in the smallest config
-    assert counts["evaluation_summary"] == 2 * 6  # (metric, every pair of the four models)
+    assert counts["evaluation"] == len(MODELS) * n_tasks  # (task, model) rows: base and the four tuned models on every task
+    assert counts["evaluation_predictions"] == len(MODELS) * n_tasks  # one instance per task in the smallest config
+    assert counts["evaluation_summary"] == 2 * len(PAIRS)  # (metric, every compared pair of the five models)
 
 
 def test_every_table_a_step_touches_is_a_declared_edge(first_run):
@@ -269,12 +271,12 @@ def test_self_instruct_branch_uses_the_base_model_on_the_same_instructions(first
     assert logs["selfinstruct_finetuned_model"]["train_table"].to_list() == ["selfinstruct_instance_pairs"]
 
 
-def test_evaluation_compares_four_models_on_both_metrics_with_a_summary_and_a_warning_check(first_run):
+def test_evaluation_compares_five_models_on_both_metrics_with_a_summary_and_a_warning_check(first_run):
     data_dir, result = first_run
     n_tasks = len(load_tasks())
     scores = _table(data_dir, "SELECT * FROM evaluation")
     assert sorted(set(scores["model"])) == MODELS
-    assert scores.group_by("model").len()["len"].to_list() == [n_tasks] * 4
+    assert scores.group_by("model").len()["len"].to_list() == [n_tasks] * len(MODELS)
     assert (scores["log_likelihood"] < 0).all()  # mean log-probability per token of a reference
     adapters = dict(_table(data_dir, "SELECT DISTINCT model, adapter_path FROM evaluation").iter_rows())
     assert adapters["base"] is None

@@ -80,6 +80,28 @@ class InstancePairsSettings(SamplingSettings):
     instances_per_instruction: PositiveInt = Field(2, description="instances written per instruction")
 
 
+class BestOfNSettings(InstancePairsSettings):
+    """Settings of `bestofn_instance_pairs`: InstancePairsSettings and the number of candidates."""
+
+    candidates_per_instance: PositiveInt = Field(4, description=(
+        "candidates the base model writes per instance; the one with the highest training reward is kept. The RL "
+        "arm's generations are its rollouts (max_steps x prompts_per_step x group_size) plus one per instance: "
+        "choose N so that N x instances is about that, for a comparison at equal budget"))
+
+
+def choose_best(rows: Sequence[dict]) -> list[bool]:
+    """Per row, whether it is its instance's chosen candidate: the highest reward among the rows
+    sharing its instance_id (the first on a tie; a gated candidate has the gate's low reward, so it
+    is chosen only when every candidate was gated). Rows without candidates are all chosen."""
+    best: dict[str, int] = {}
+    for k, r in enumerate(rows):
+        j = best.get(r["instance_id"])
+        if j is None or r["reward"] > rows[j]["reward"]:
+            best[r["instance_id"]] = k
+    chosen = set(best.values())
+    return [k in chosen for k in range(len(rows))]
+
+
 class ParseRateSettings(BaseModel):
     """Settings of the parse-rate check on the policy's instances."""
 
