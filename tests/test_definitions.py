@@ -20,9 +20,9 @@ TEAMS = ["teams_operation_policy", "teams_policy_transitions", "teams_policy_com
          "teams_instruction_pairs", "teams_finetuned_model"]
 EVALUATION = ["evaluation", "evaluation_predictions", "evaluation_summary"]
 STAGES = (SHARED + REFINE_AF + ["rl_heldout_comparison"] + SELF_INSTRUCT + BEST_OF_N + TEAMS + ["sft_training_pairs"]
-          + EVALUATION + ["llm_query_ledger", "instruction_dataset_exports"])
+          + EVALUATION + ["llm_query_ledger", "rl_verdict", "instruction_dataset_exports"])
 MODEL_STAGES = [s for s in STAGES if s not in ("seed_pool", "instruction_dataset_exports", "llm_query_ledger",
-                                               "sft_training_pairs")]
+                                               "sft_training_pairs", "rl_verdict")]
 
 
 def _parents(graph, name: str) -> set[str]:
@@ -70,7 +70,9 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     assert {("evaluation_summary", "refine_af_beats_self_instruct"),
             ("rl_heldout_comparison", "policy_beats_base_on_heldout"),
             ("teams_policy_comparison", "teams_policy_beats_uniform"),
-            ("sft_training_pairs", "every_arm_has_its_pairs")} <= checks
+            ("sft_training_pairs", "every_arm_has_its_pairs"), ("rl_verdict", "every_question_answered")} <= checks
+    assert _parents(graph, "rl_verdict") == {"rl_heldout_comparison", "evaluation", "teams_policy_comparison",
+                                             "sft_training_pairs", "llm_query_ledger"}
 
 
 def test_every_step_named_by_stage_batch_sizes_is_a_step_of_the_job():

@@ -23,7 +23,8 @@ TABLES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_
           "bestofn_instance_pairs", "bestofn_finetuned_model",
           "teams_operation_policy", "teams_policy_transitions", "teams_policy_comparison", "teams_evolved_instructions",
           "teams_instruction_pairs", "sft_training_pairs", "teams_finetuned_model",
-          "evaluation", "evaluation_predictions", "evaluation_summary", "llm_query_ledger", "instruction_dataset_exports"]
+          "evaluation", "evaluation_predictions", "evaluation_summary", "llm_query_ledger", "rl_verdict",
+          "instruction_dataset_exports"]
 MODELS = ["base", "best_of_n", "refine_af", "self_instruct", "teams_rl"]
 PAIRS = [("refine_af", "self_instruct"), ("refine_af", "best_of_n"), ("refine_af", "base"), ("self_instruct", "base"),
          ("best_of_n", "base"), ("best_of_n", "self_instruct"), ("teams_rl", "base"), ("teams_rl", "self_instruct"),
@@ -452,3 +453,20 @@ def test_query_ledger_counts_every_stages_queries_by_role(first_run):
     teams_data = sum(r["queries"] for r in ledger.iter_rows(named=True) if r["branch"] == "teams_rl" and r["purpose"] == "data")
     assert metadata["teams_rl_expert_queries"].value == expert
     assert metadata["teams_rl_expert_share_of_its_queries"].value == pytest.approx(expert / teams_data)
+
+
+def test_verdict_answers_every_question_from_the_graphs_comparisons(first_run):
+    data_dir, result = first_run
+    verdict = _table(data_dir, "SELECT * FROM rl_verdict")
+    assert verdict.height == 7  # a; b and c on two metrics; d against uniform and the best fixed operation
+    assert set(verdict["answer"]) <= {"yes", "no", "cannot tell"}
+    assert (verdict["ci95_low"] <= verdict["effect"]).all() and (verdict["effect"] <= verdict["ci95_high"]).all()
+    # Row b on ROUGE-L is the mean over tasks of REFINE-AF minus Self-Instruct in the evaluation table.
+    scores = _table(data_dir, "SELECT task, model, rouge_l FROM evaluation WHERE model IN ('refine_af', 'self_instruct')")
+    wide = scores.pivot(on="model", index="task", values="rouge_l")
+    row = verdict.filter(pl.col("question").str.starts_with("b.") & (pl.col("metric") == "rouge_l")).row(0, named=True)
+    assert row["effect"] == pytest.approx((wide["refine_af"] - wide["self_instruct"]).mean())
+    assert row["n_items"] == wide.height and row["n_seeds"] == 1
+    heldout = _table(data_dir, "SELECT reward_difference FROM rl_heldout_comparison")
+    row_a = verdict.filter(pl.col("question").str.starts_with("a.")).row(0, named=True)
+    assert row_a["effect"] == pytest.approx(heldout["reward_difference"].mean())

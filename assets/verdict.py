@@ -1,0 +1,91 @@
+"""The verdict: did RL help? One row per question, from the comparisons the graph already made."""
+
+
+import json
+
+import dagster as dg
+import polars as pl
+
+from refine_af_pipeline.evaluation.verdict import RULE, VerdictSettings, difference_table, verdict_markdown, verdict_row
+from resources import Warehouse
+
+from .metadata import metadata_table, table_metadata
+
+VERDICT = "rl_verdict"
+SOURCES = ["rl_heldout_comparison", "evaluation", "teams_policy_comparison", "sft_training_pairs", "llm_query_ledger"]
+
+
+class VerdictConfig(dg.Config, VerdictSettings):
+    """Run config of `rl_verdict`: the fields of VerdictSettings (refine_af_pipeline/evaluation/verdict.py)."""
+
+
+def _required(warehouse: Warehouse, table: str) -> pl.DataFrame:
+    df = warehouse.read_table(table)
+    if df is None or df.height == 0:
+        raise dg.Failure(f"{table} is missing or empty: materialize it before {VERDICT}")
+    return df
+
+
+def _budgets(ledger: pl.DataFrame) -> dict[str, int]:
+    """Generator queries per arm (data stages only; the shared bootstrap counted in every arm it feeds)."""
+    totals: dict[str, int] = {}
+    for row in ledger.filter((pl.col("purpose") == "data") & (pl.col("role") == "generator")).iter_rows(named=True):
+        for arm in row["branch"].split("+"):
+            totals[arm] = totals.get(arm, 0) + int(row["queries"])
+    return totals
+
+
+DESCRIPTION = (
+    "Did RL help? (a) the RL policy against the base model on held-out instructions; (b) REFINE-AF data against "
+    "Self-Instruct data after the same SFT; (c) against best-of-N data; (d) the TeaMs-RL instructor against uniform "
+    "operations and the best fixed operation. One row per question and metric: the effect with its 95% CI "
+    "bootstrapped over seeds and items together, n, seeds, the margin, the minimum detectable difference (80% "
+    "power) and the answer by the rule: " + RULE + ".")
+
+
+@dg.asset(name=VERDICT, group_name="evaluation", kinds={"duckdb"}, deps=SOURCES, description=DESCRIPTION,
+          check_specs=[dg.AssetCheckSpec("every_question_answered", asset=VERDICT, description=(
+              "Warns when a question's answer is 'cannot tell': the run was too small to say."))])
+def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehouse: Warehouse) -> dg.MaterializeResult:
+    heldout = _required(warehouse, "rl_heldout_comparison")
+    evaluation = _required(warehouse, "evaluation")
+    teams = _required(warehouse, "teams_policy_comparison")
+    drawn = _required(warehouse, "sft_training_pairs")
+    budgets = _budgets(_required(warehouse, "llm_query_ledger"))
+    boot = dict(resamples=config.bootstrap_resamples, seed=config.seed)
+    scorers = heldout["scorers"][0] if "scorers" in heldout.columns else "unknown"
+    rows = [verdict_row(
+        "a. RL policy beats the base model on held-out instructions", "rl_policy", "base", "reward",
+        f"training reward ({', '.join(json.loads(scorers).values()) if scorers != 'unknown' else scorers})",
+        heldout["reward_difference"].to_numpy()[None, :], config.margin_reward, **boot,
+        note="the judge is the reward RL trained on, not an independent one")]
+    pairs = {a: drawn.filter((pl.col("arm") == a) & (pl.col("role") == "train")).height
+             for a in drawn["arm"].unique().to_list()}
+    task_rows = evaluation.to_dicts()
+    for question, reference in (("b. REFINE-AF data beats Self-Instruct data after SFT", "self_instruct"),
+                                ("c. REFINE-AF data beats best-of-N data after SFT", "best_of_n")):
+        note = (f"train pairs {pairs.get('refine_af', 0)} vs {pairs.get(reference, 0)}; generator queries "
+                f"{budgets.get('refine_af', 0)} vs {budgets.get(reference, 0)}")
+        for metric, margin in (("rouge_l", config.margin_rouge_l), ("log_likelihood", config.margin_log_likelihood)):
+            rows.append(verdict_row(question, "refine_af", reference, metric, "evaluation tasks (references)",
+                                    difference_table(task_rows, "refine_af", reference, metric), margin, **boot,
+                                    note=note))
+    per_seed = teams.group_by("arm", "seed_id").agg(pl.col("reward").mean()).to_dicts()
+    fixed = next(a for a in teams["arm"].unique().to_list() if a.startswith("fixed:"))
+    for question, reference in (("d. TeaMs-RL instructor beats uniform operations", "uniform"),
+                                ("d. TeaMs-RL instructor beats the best fixed operation", fixed)):
+        rows.append(verdict_row(question, "teams_policy", reference, "reviewer reward per step", "frozen reviewer",
+                                difference_table(per_seed, "policy", reference, "reward", model_key="arm",
+                                                 item_key="seed_id"), config.margin_teams_reward, **boot))
+    df = pl.DataFrame([r.as_dict() for r in rows]).with_columns(pl.lit(context.run_id).alias("run_id"))
+    warehouse.write_table(VERDICT, df)
+    unanswered = [r.question + f" ({r.metric})" for r in rows if r.answer == "cannot tell"]
+    figures = {"answers": json.dumps({f"{r.question} ({r.metric})": r.answer for r in rows}),
+               "verdict": dg.MetadataValue.md(verdict_markdown([r.as_dict() for r in rows])),
+               "rule": RULE, "bootstrap_resamples": config.bootstrap_resamples}
+    return dg.MaterializeResult(
+        metadata={**table_metadata(df, ["question", "metric", "effect", "answer"]), **figures,
+                  "table": metadata_table(df.drop("run_id", "rule"))},
+        check_results=[dg.AssetCheckResult(check_name="every_question_answered", passed=not unanswered,
+                                           severity=dg.AssetCheckSeverity.WARN,
+                                           metadata={"cannot_tell": "; ".join(unanswered) or "none"})])
