@@ -9,7 +9,7 @@ export REFINE_AF_DATA_DIR ?= $(CURDIR)/data
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup vllm-setup run experiment test ui validate screenshot clean
+.PHONY: setup vllm-setup run experiment verdict test ui validate screenshot clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,11 @@ experiment: setup
 		-m refine_af_pipeline.definitions --select '*' -c configs/experiment.yaml
 	@echo "DuckDB tables: $(EXPERIMENT_DATA_DIR)/refine_af.duckdb"
 	@echo "Dagster runs:  $(EXPERIMENT_DAGSTER_HOME)  (browse: DAGSTER_HOME=$(EXPERIMENT_DAGSTER_HOME) REFINE_AF_DATA_DIR=$(EXPERIMENT_DATA_DIR) make ui)"
+	@echo "Verdict:       make verdict  (writes it into the README's \"Did RL help?\")"
+
+# The experiment's rl_verdict into the README's "Did RL help?" block (between its markers).
+verdict: setup
+	$(BIN)/python -m refine_af_pipeline.evaluation.readme_verdict --database $(EXPERIMENT_DATA_DIR)/refine_af.duckdb --readme README.md
 
 # The main suite (the openai backend tests start one vLLM server from .venv-vllm for the session),
 # then the offline vLLM engine tests inside .venv-vllm.
