@@ -17,7 +17,8 @@ from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
 
 from .metadata import peak_memory, progress_logger, table_metadata
-from .shared import base_component_stats, kept_instructions, scored_instance_frame, subset, upstream_adapter
+from .shared import (base_component_stats, kept_instructions, learned_reward_dir, scored_instance_frame, subset,
+                     upstream_adapter)
 
 
 class InstancePairsConfig(dg.Config, InstancePairsSettings):
@@ -57,7 +58,8 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
                                config_class: type[dg.Config] = InstancePairsConfig) -> dg.AssetsDefinition:
     """The asset `name`: the RL-refined policy's instances (`use_rl_policy`) or the base model's;
     with BestOfNConfig, the best of several candidates per instance by the training reward."""
-    deps = ["reward_standardisation", "deduplicated_instructions"] + (["rl_refined_policy"] if use_rl_policy else [])
+    deps = ["reward_standardisation", "deduplicated_instructions", "reward_model"] + (
+        ["rl_refined_policy"] if use_rl_policy else [])
 
     @dg.asset(name=name, group_name="instances", kinds={"duckdb", "pytorch"}, deps=deps, pool="gpu",
               description=description)
@@ -79,7 +81,8 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
             # policy is that copy with its adapter on).
             models = language_model.open_models({"policy": adapter, "judge": None})
             policy, judge = queries.wrap(models["policy"], "generator"), queries.wrap(models["judge"], "judge")
-            scorer = feedback_scorer.build(judge, device, stats, language_model.scoring_batch_size)
+            scorer = feedback_scorer.build(judge, device, stats, language_model.scoring_batch_size,
+                                           learned_reward_dir(warehouse))
             versions = scorer.versions()
             report = progress_logger(context, name, settings["batch_size"] * params.max_new_tokens)
             started = time.monotonic()

@@ -19,6 +19,7 @@ from .shared import upstream_metadata
 # diagnostics, not data the branch needs.
 LEDGER_STAGES = {
     "raw_instructions": ("self_instruct+refine_af+best_of_n", "data"),
+    "reward_model": ("refine_af+best_of_n", "data"),
     "reward_scores": ("refine_af+best_of_n", "data"),
     "rl_refined_policy": ("refine_af", "data"),
     "rl_heldout_comparison": ("refine_af", "diagnostic"),

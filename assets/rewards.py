@@ -14,7 +14,7 @@ from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
 from .metadata import peak_memory, progress_logger, table_metadata
-from .shared import STANDARDISATION, kept_instructions, scored_instance_frame, standardisation_frame, subset
+from .shared import STANDARDISATION, kept_instructions, learned_reward_dir, scored_instance_frame, standardisation_frame, subset
 
 
 class RewardScoresConfig(dg.Config, RewardScoresSettings):
@@ -24,7 +24,7 @@ class RewardScoresConfig(dg.Config, RewardScoresSettings):
 @dg.multi_asset(
     name="reward_scores", group_name="feedback", pool="gpu", can_subset=False,
     specs=[
-        dg.AssetSpec("reward_scores", deps=["deduplicated_instructions"], kinds={"duckdb", "pytorch"}, description=(
+        dg.AssetSpec("reward_scores", deps=["deduplicated_instructions", "reward_model"], kinds={"duckdb", "pytorch"}, description=(
             "The base model writes one input/output instance per kept instruction and the automated feedback "
             "scores it: one column per component (preference, naturalness, coherence, understandability) with "
             "the judge that produced it (`<component>_scorer`), the instance gate's reason, and the combined "
@@ -48,7 +48,8 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     queries = QueryCounter()
     model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
     device = language_model.resolved_device()
-    scorer = feedback_scorer.build(model, device, batch_size=language_model.scoring_batch_size)
+    scorer = feedback_scorer.build(model, device, batch_size=language_model.scoring_batch_size,
+                                   learned_reward_dir=learned_reward_dir(warehouse))
     params = config.sampling_params()
     batch_size = language_model.generation_batch_size(context.op_def.name)
     rows = generate_scored_instances(model, scorer, chosen["instruction"].to_list(), params, batch_size,

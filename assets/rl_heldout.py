@@ -14,7 +14,7 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import metadata_table, peak_memory, table_metadata
-from .shared import (base_component_stats, kept_instructions, provenance_columns, split_held_out, upstream_adapter,
+from .shared import (base_component_stats, kept_instructions, learned_reward_dir, provenance_columns, split_held_out, upstream_adapter,
                      upstream_metadata)
 
 CHECK_NAME = "policy_beats_base_on_heldout"
@@ -28,7 +28,7 @@ class HeldoutComparisonConfig(dg.Config, HeldoutCheckSettings):
 
 
 @dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, pool="gpu",
-          deps=["rl_refined_policy", "reward_standardisation", "deduplicated_instructions"],
+          deps=["rl_refined_policy", "reward_standardisation", "deduplicated_instructions", "reward_model"],
           check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="rl_heldout_comparison", description=(
               "Warns (never fails the run: a short demo run may not improve and its data is still usable) "
               "unless the " + PASS_RULE + "."))])
@@ -66,7 +66,8 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
     base = queries.wrap(models["base"], "generator", scoring_role="judge")
     policy = queries.wrap(models["policy"], "generator")
     device = language_model.resolved_device()
-    scorer = feedback_scorer.build(base, device, base_component_stats(warehouse), language_model.scoring_batch_size)
+    scorer = feedback_scorer.build(base, device, base_component_stats(warehouse), language_model.scoring_batch_size,
+                                   learned_reward_dir(warehouse))
     params = config.sampling_params()
     k = config.samples_per_instruction
 

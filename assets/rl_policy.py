@@ -16,14 +16,14 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import peak_memory, png_markdown, table_metadata
-from .shared import base_component_stats, effective_heldout_share, kept_instructions, split_held_out
+from .shared import base_component_stats, effective_heldout_share, kept_instructions, learned_reward_dir, split_held_out
 
 
 class RLConfig(dg.Config, RLSettings):
     """Run config of `rl_refined_policy`: the fields of RLSettings (refine_af_pipeline/training/rl.py)."""
 
 
-@dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_standardisation", "deduplicated_instructions"], pool="gpu")
+@dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_standardisation", "deduplicated_instructions", "reward_model"], pool="gpu")
 def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, warehouse: Warehouse,
                       language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource,
                       artifact_store: ArtifactStore) -> dg.MaterializeResult:
@@ -44,7 +44,7 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
     judge = AdapterView()
     queries = QueryCounter()
     scorer = feedback_scorer.build(queries.wrap(language_model.judge_model(judge, tokenizer, source), "judge"), device, stats,
-                                   language_model.scoring_batch_size)
+                                   language_model.scoring_batch_size, learned_reward_dir(warehouse))
     out_dir = artifact_store.run_dir("rl_refined_policy", context.run_id)
     started = time.monotonic()
 

@@ -96,6 +96,20 @@ def provenance_columns(served: Provenance) -> dict[str, str]:
     return {"model_id": served.served_model, "backend": served.backend, "engine_version": served.engine_version}
 
 
+def learned_reward_dir(warehouse: Warehouse) -> str:
+    """The folder of the reward model the reward_model asset fitted last (the learned_reward
+    component loads it)."""
+    df = warehouse.read_table("reward_model")
+    if df is None or df.height == 0:
+        raise dg.Failure("reward_model is missing: materialize reward_model first (it fits the learned_reward "
+                         "component of every reward)")
+    folder = df["model_dir"][0]
+    if not Path(folder).is_dir():
+        raise dg.Failure(f"the reward model folder {folder} (reward_model, run {df['run_id'][0]}) is gone; "
+                         "materialize reward_model again")
+    return folder
+
+
 def upstream_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:
     """The metadata of `asset`'s latest materialization: how a declared upstream hands its
     artifacts (an adapter's path, the share it held out) to the assets that depend on it."""

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import (checks, evaluation, exports, finetune, instance_pairs, instructions, query_ledger, rewards, rl_heldout,
-                    rl_policy, seed_pool, teams, verdict)
+from assets import (checks, evaluation, exports, finetune, instance_pairs, instructions, query_ledger, reward_model,
+                    rewards, rl_heldout, rl_policy, seed_pool, teams, verdict)
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
-STAGE_MODULES = [seed_pool, instructions, rewards, rl_policy, rl_heldout, instance_pairs, teams, finetune, evaluation,
+STAGE_MODULES = [seed_pool, instructions, reward_model, rewards, rl_policy, rl_heldout, instance_pairs, teams, finetune, evaluation,
                  query_ledger, verdict, exports]
 
 

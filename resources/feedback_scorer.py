@@ -27,6 +27,7 @@ class FeedbackScorerResource(dg.ConfigurableResource, GateSettings):
     naturalness: str = "likelihood"
     coherence: str = "embedding"
     understandability: str = "flesch"
+    learned_reward: str = "bradley-terry"
     embedding_model: str = EMBEDDED_MINILM
     weights: dict[str, float] = dict(DEFAULT_WEIGHTS)
     bias: float = 0.0
@@ -35,14 +36,15 @@ class FeedbackScorerResource(dg.ConfigurableResource, GateSettings):
 
     def scorer_names(self) -> dict[str, str]:
         return {"preference": self.preference, "naturalness": self.naturalness, "coherence": self.coherence,
-                "understandability": self.understandability}
+                "understandability": self.understandability, "learned_reward": self.learned_reward}
 
-    def build(self, judge, device: str, stats: ComponentStats | None = None, batch_size: int = 8) -> FeedbackScorer:
+    def build(self, judge, device: str, stats: ComponentStats | None = None, batch_size: int = 8,
+              learned_reward_dir: str | None = None) -> FeedbackScorer:
         """The scorer with `judge` (a ServedModel: the base model on the chosen backend) as the
         base-model judge. Calibrated weights carried by `stats` (from reward_scores) take precedence
         over `weights`/`bias`."""
         components = build_components(self.scorer_names(), judge, device, self.embedding_model, self.allow_download,
-                                      batch_size)
+                                      batch_size, learned_reward_dir)
         return FeedbackScorer(weights=self.weights, stats=stats, bias=self.bias, batch_size=batch_size,
                               components=components, gate=self.gate())
 

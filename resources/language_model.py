@@ -29,7 +29,7 @@ from refine_af_pipeline.llm.models import (
 
 
 # The steps that call generate, by step (op) name: the keys stage_batch_sizes accepts.
-GENERATION_STEPS = ("bootstrap_instructions", "reward_scores", "rl_heldout_comparison", "instance_output_pairs",
+GENERATION_STEPS = ("bootstrap_instructions", "reward_model", "reward_scores", "rl_heldout_comparison", "instance_output_pairs",
                     "selfinstruct_instance_pairs", "bestofn_instance_pairs", "teams_operation_policy", "teams_policy_comparison",
                     "teams_evolved_instructions", "teams_instruction_pairs", "evaluation")
 

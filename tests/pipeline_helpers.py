@@ -15,6 +15,7 @@ def smallest_run_config(**overrides) -> dict:
         "bootstrap_instructions": {"num_prompts": 8, "classification_prompts": 1, "max_new_tokens": 64},
         # The tiny model's instances pass the format gate about one time in three: 16 and 12
         # instructions leave enough for the spread of each component and an SFT validation slice.
+        "reward_model": {"max_new_tokens": 32, "max_seed_tasks": 60},
         "reward_scores": {"max_instructions": 16, "max_new_tokens": 32},
         "rl_refined_policy": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "train_batch_size": 2,
                               "max_completion_length": 24},

@@ -12,7 +12,8 @@ ROOT = Path(__file__).parent.parent
 
 # Shared stages, then the REFINE-AF branch (RL policy writes the instances) beside the Self-Instruct
 # baseline branch (the base model writes them), joined again by the evaluation and the exports.
-SHARED = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "reward_standardisation"]
+SHARED = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_model", "reward_scores",
+          "reward_standardisation"]
 REFINE_AF = ["rl_refined_policy", "instance_output_pairs", "finetuned_model"]
 SELF_INSTRUCT = ["selfinstruct_instance_pairs", "selfinstruct_finetuned_model"]
 BEST_OF_N = ["bestofn_instance_pairs", "bestofn_finetuned_model"]
@@ -37,15 +38,16 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     # scores and their standardisation, one the three evaluation tables.
     assert _parents(graph, "raw_instructions") == {"seed_pool"}
     assert _parents(graph, "deduplicated_instructions") == {"seed_pool", "raw_instructions"}
-    assert _parents(graph, "reward_scores") == {"deduplicated_instructions"}
+    assert _parents(graph, "reward_model") == {"seed_pool"}
+    assert _parents(graph, "reward_scores") == {"deduplicated_instructions", "reward_model"}
     assert _parents(graph, "reward_standardisation") == {"reward_scores"}
     for stage in ("rl_refined_policy", "selfinstruct_instance_pairs", "bestofn_instance_pairs"):
-        assert _parents(graph, stage) == {"reward_standardisation", "deduplicated_instructions"}
+        assert _parents(graph, stage) == {"reward_standardisation", "deduplicated_instructions", "reward_model"}
     # The branches differ only in the policy: the baseline never reads the RL adapter.
     assert _parents(graph, "instance_output_pairs") == {"rl_refined_policy", "reward_standardisation",
-                                                        "deduplicated_instructions"}
+                                                        "deduplicated_instructions", "reward_model"}
     assert _parents(graph, "rl_heldout_comparison") == {"rl_refined_policy", "reward_standardisation",
-                                                        "deduplicated_instructions"}
+                                                        "deduplicated_instructions", "reward_model"}
     # Every arm's SFT reads its equal-sized draw; the draw reads every arm's kept pairs.
     assert _parents(graph, "sft_training_pairs") == {"instance_output_pairs", "selfinstruct_instance_pairs",
                                                      "bestofn_instance_pairs", "teams_instruction_pairs"}
@@ -63,7 +65,7 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     assert _parents(graph, "teams_evolved_instructions") == {"teams_operation_policy", "seed_pool"}
     assert _parents(graph, "teams_instruction_pairs") == {"teams_evolved_instructions"}
     assert _parents(graph, "llm_query_ledger") == {
-        "raw_instructions", "reward_scores", "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs",
+        "raw_instructions", "reward_model", "reward_scores", "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs",
         "selfinstruct_instance_pairs", "bestofn_instance_pairs", "teams_operation_policy", "teams_policy_comparison",
         "teams_evolved_instructions", "teams_instruction_pairs", "evaluation"}
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}

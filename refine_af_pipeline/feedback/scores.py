@@ -10,6 +10,9 @@ them from a name like "reward-model:<id>". Offline defaults (no network, run on 
 - naturalness: exp(mean token log-likelihood) of the output given the request, under the base model.
 - coherence: cosine similarity of (instruction + input) and output, all-MiniLM-L6-v2 embeddings.
 - understandability: Flesch reading ease (textstat), clipped to [0, 100] and mapped to [0, 1].
+- learned_reward: a Bradley-Terry reward on MiniLM embeddings fitted to prefer the human seed
+  instances (reward_model.py; the `reward_model` asset fits it): a judge whose weights are not
+  the policy's.
 The instance gate (gates.py) gives unparseable, empty, cut, looping, copied or off-label instances
 a fixed low reward.
 """
@@ -34,11 +37,13 @@ from ..instructions.parsing import parse_instance
 __all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "ComponentStats", "FeedbackScorer", "ScoredInstance", "combine",
            "flesch_score"]
 
-COMPONENTS = ("preference", "naturalness", "coherence", "understandability")
+COMPONENTS = ("preference", "naturalness", "coherence", "understandability", "learned_reward")
 
-# Preference carries most weight: it is the only component that judges whether the output does
-# the task. Naturalness and coherence guard fluency and topicality; readability is a weak signal
-# that long, simple outputs could game, so it weighs least. The weights act on standardised
+# Preference and the learned reward carry most weight: they judge whether the output does the
+# task, one with the base model's own weights, one with weights fitted to human instances (so the
+# policy is not judged only by the weights it starts from). Naturalness and coherence guard
+# fluency and topicality; readability is a weak signal that long, simple outputs could game, so
+# it weighs least. The weights act on standardised
 # components, so they compare like with like (one standard deviation of each over the base
 # model's instances); calibration.py can fit them to human ratings instead.
 DEFAULT_WEIGHTS: Mapping[str, float] = {
@@ -46,6 +51,7 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
     "naturalness": 0.5,
     "coherence": 0.5,
     "understandability": 0.25,
+    "learned_reward": 1.0,
 }
 @dataclass(frozen=True)
 class ScoredInstance:
@@ -106,14 +112,16 @@ class FeedbackScorer:
 
     def __init__(self, judge=None, embedder=None, weights: Mapping[str, float] | None = None,
                  stats: ComponentStats | None = None, bias: float = 0.0, batch_size: int = 8,
-                 components: Sequence[FeedbackComponent] | None = None, gate: InstanceGate | None = None):
+                 components: Sequence[FeedbackComponent] | None = None, gate: InstanceGate | None = None,
+                 learned_reward: FeedbackComponent | None = None):
         if components is None:
-            if judge is None or embedder is None:
-                raise ValueError("FeedbackScorer needs either components or a judge model and an embedder")
+            if judge is None or embedder is None or learned_reward is None:
+                raise ValueError("FeedbackScorer needs either components or a judge model, an embedder and a "
+                                 "learned reward")
             components = [LLMJudgePreference(judge, batch_size=batch_size),
                           LikelihoodNaturalness(judge, batch_size=batch_size),
                           EmbeddingCoherence(embedder, type(embedder).__name__),
-                          ReadabilityUnderstandability()]
+                          ReadabilityUnderstandability(), learned_reward]
         names = [c.name for c in components]
         if sorted(names) != sorted(COMPONENTS):
             raise ValueError(f"need exactly one scorer for each of {list(COMPONENTS)}, got {names}")

