@@ -47,14 +47,17 @@ def sft_training_pairs(context: dg.AssetExecutionContext, config: MatchedDataCon
         if kept is None or kept.height == 0:
             missing.append(arm)
             continue
-        arms[arm] = kept.select(_PAIR_COLUMNS).to_dicts()
+        # The training reward goes along (TeaMs-RL's answers have none), for the audit to set beside it.
+        reward = pl.col("reward").cast(pl.Float64) if "reward" in kept.columns else pl.lit(None, pl.Float64)
+        arms[arm] = kept.select(*_PAIR_COLUMNS, reward.alias("reward")).to_dicts()
     if not arms:
         raise dg.Failure(f"no arm has kept pairs: materialize {', '.join(t for t, _ in ARM_PAIRS.values())} first")
     draws = draw_matched(arms, {a for a, (_, shares) in ARM_PAIRS.items() if shares}, config)
     rows = [dict(arm=arm, role=role, **pair, source_table=ARM_PAIRS[arm][0], draw_rank=k)
             for arm, d in draws.items() for role, pairs in (("train", d.train), ("validation", d.validation))
             for k, pair in enumerate(pairs)]
-    df = pl.DataFrame(rows).with_columns(pl.lit(json.dumps(config.model_dump())).alias("settings"),
+    df = pl.DataFrame(rows, schema_overrides={"reward": pl.Float64}).with_columns(
+        pl.lit(json.dumps(config.model_dump())).alias("settings"),
                                          pl.lit(context.run_id).alias("run_id"))
     warehouse.write_table(SFT_DATA, df)
     per_arm = pl.DataFrame([dict(arm=d.arm, kept_pairs=d.kept_pairs, train_pairs=len(d.train),

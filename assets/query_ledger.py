@@ -30,6 +30,7 @@ LEDGER_STAGES = {
     "teams_policy_comparison": ("teams_rl", "diagnostic"),
     "teams_evolved_instructions": ("teams_rl", "data"),
     "teams_instruction_pairs": ("teams_rl", "data"),
+    "training_data_audit": ("refine_af+self_instruct+best_of_n+teams_rl", "diagnostic"),
     "evaluation": ("evaluation", "evaluation"),
 }
 BRANCHES = ("self_instruct", "refine_af", "best_of_n", "teams_rl")

@@ -7,6 +7,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from refine_af_pipeline.feedback.audit import InstructionPMIAudit
 from refine_af_pipeline.feedback.components import LLMJudgePreference
 from refine_af_pipeline.feedback.reward_model import (KINDS, EmbeddingRewardModel, RewardModelSettings, features,
                                                       fit_bradley_terry, length_baseline, pairwise_accuracy,
@@ -31,13 +32,14 @@ class RewardModelConfig(dg.Config, RewardModelSettings):
 @dg.asset(group_name="feedback", kinds={"duckdb", "pytorch"}, deps=["seed_pool"], pool="gpu")
 def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, warehouse: Warehouse,
                  language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource,
-                 artifact_store: ArtifactStore) -> dg.MaterializeResult:
+                 audit_model: LanguageModelResource, artifact_store: ArtifactStore) -> dg.MaterializeResult:
     """A Bradley-Terry reward on frozen sentence embeddings, fitted on the seed tasks to prefer the
     human-written instance over the base model's instance for the same instruction, over the input
     echoed, over another task's output and over the output cut in half. One row per preference
     pair (train or held out by a hash of the seed task), with both outputs' learned rewards; on the
     held-out pairs also a length-only baseline and the base model's 1-10 self-rating (the
-    preference component), so the metadata says which orders the pairs best. The fitted weights go
+    preference component) and the audit judge (audit.py), so the metadata says which orders the
+    pairs best: the audit judge is validated here on pairs whose answer is known. The fitted weights go
     to the artifact store (`model_dir`); the learned_reward component of every later reward loads them."""
     seeds = warehouse.read_table("seed_pool")
     if seeds is None or seeds.height == 0:
@@ -83,19 +85,26 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
     rated = rating.score([pairs[k].instruction for k in tested] * 2, [pairs[k].input for k in tested] * 2,
                          [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested])
     self_rating = dict(zip(tested, zip(rated[:len(tested)], rated[len(tested):])))
+    audit = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"),
+                                language_model.scoring_batch_size)
+    audited = audit.score([pairs[k].instruction for k in tested] * 2, [pairs[k].input for k in tested] * 2,
+                          [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested])
+    audit_scores = dict(zip(tested, zip(audited[:len(tested)], audited[len(tested):])))
     rows = [dict(instruction_id=p.instruction_id, kind=p.kind, split="heldout" if h else "train",
                  instruction=p.instruction, input=p.input, preferred=p.preferred, rejected=p.rejected,
                  preferred_reward=float(a), rejected_reward=float(b), correct=bool(a > b),
                  length_correct=bool(sign * len(p.preferred.split()) > sign * len(p.rejected.split())),
-                 self_rating_correct=(self_rating[k][0] > self_rating[k][1]) if k in self_rating else None)
+                 self_rating_correct=(self_rating[k][0] > self_rating[k][1]) if k in self_rating else None,
+                 audit_correct=_ordered(audit_scores.get(k)))
             for k, (p, h, a, b) in enumerate(zip(pairs, held, preferred, rejected))]
-    df = pl.DataFrame(rows, schema_overrides={"self_rating_correct": pl.Boolean}).with_columns(
+    df = pl.DataFrame(rows, schema_overrides={"self_rating_correct": pl.Boolean, "audit_correct": pl.Boolean}).with_columns(
         pl.lit(str(model_dir)).alias("model_dir"), pl.lit(fitted.version).alias("reward_model_version"),
         pl.lit(base.provenance.served_model).alias("model_id"), pl.lit(context.run_id).alias("run_id"))
     warehouse.write_table("reward_model", df)
     accuracy = _accuracy_by_kind(df.filter(pl.col("split") == "heldout"), preferred[tested], rejected[tested],
                                  [sign * len(pairs[k].preferred.split()) for k in tested],
-                                 [sign * len(pairs[k].rejected.split()) for k in tested], self_rating, tested)
+                                 [sign * len(pairs[k].rejected.split()) for k in tested], self_rating, audit_scores,
+                                 tested)
     overall = accuracy.filter(pl.col("kind") == "all").row(0, named=True)
     context.log.info(f"reward_model: held-out pairwise accuracy {overall['learned_reward']:.3f} "
                      f"(length baseline {overall['length_baseline']:.3f}, self-rating {overall['self_rating']:.3f})")
@@ -106,6 +115,8 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
         "heldout_accuracy": overall["learned_reward"],
         "heldout_accuracy_length_baseline": overall["length_baseline"],
         "heldout_accuracy_self_rating": overall["self_rating"],
+        "heldout_accuracy_audit_judge": overall["audit_judge"],
+        "audit_judge": audit.version,
         "length_baseline_prefers": "longer" if sign > 0 else "shorter",
         "accuracy_by_kind": metadata_table(accuracy),
         "base_outputs_usable": len(base_outputs),
@@ -114,8 +125,15 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
     })
 
 
+def _ordered(scores: tuple | None) -> bool | None:
+    """Whether the preferred output scored higher (None: a score is missing)."""
+    if scores is None or scores[0] is None or scores[1] is None:
+        return None
+    return scores[0] > scores[1]
+
+
 def _accuracy_by_kind(heldout: pl.DataFrame, preferred: np.ndarray, rejected: np.ndarray, length_a, length_b,
-                      self_rating: dict, tested: list[int]) -> pl.DataFrame:
+                      self_rating: dict, audit_scores: dict, tested: list[int]) -> pl.DataFrame:
     kinds = heldout["kind"].to_list()
     rows = []
     for kind in ("all", *KINDS):
@@ -125,5 +143,7 @@ def _accuracy_by_kind(heldout: pl.DataFrame, preferred: np.ndarray, rejected: np
             learned_reward=pairwise_accuracy(preferred[idx], rejected[idx]),
             length_baseline=pairwise_accuracy([length_a[j] for j in idx], [length_b[j] for j in idx]),
             self_rating=pairwise_accuracy([self_rating[tested[j]][0] for j in idx],
-                                          [self_rating[tested[j]][1] for j in idx])))
+                                          [self_rating[tested[j]][1] for j in idx]),
+            # A missing audit score (an empty output) counts as a wrong order.
+            audit_judge=float(np.mean([bool(_ordered(audit_scores[tested[j]])) for j in idx])) if idx else float("nan")))
     return pl.DataFrame(rows)

@@ -9,7 +9,9 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.feedback.scores import COMPONENTS
-from refine_af_pipeline.evaluation.heldout import HeldoutCheckSettings, generate_both, per_instruction_rows, summarise
+from refine_af_pipeline.feedback.audit import InstructionPMIAudit
+from refine_af_pipeline.evaluation.heldout import (HeldoutCheckSettings, add_audit, generate_both, per_instruction_rows,
+                                                 summarise)
 from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
@@ -33,8 +35,8 @@ class HeldoutComparisonConfig(dg.Config, HeldoutCheckSettings):
               "Warns (never fails the run: a short demo run may not improve and its data is still usable) "
               "unless the " + PASS_RULE + "."))])
 def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComparisonConfig, warehouse: Warehouse,
-                          language_model: LanguageModelResource,
-                          feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
+                          language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource,
+                          audit_model: LanguageModelResource) -> dg.MaterializeResult:
     """On the kept instructions RL never trained on (the hash split rl_refined_policy recorded),
     the base model and the RL-refined policy each write `samples_per_instruction` instances with the
     same prompts, sampling parameters and seeds; the feedback scorer (the base model, standardised
@@ -79,12 +81,18 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
     base_rows, policy_rows = generate_both(base, policy, scorer, heldout["instruction"].to_list(), params, k,
                                            language_model.generation_batch_size(context.op_def.name), config.seed, progress,
                                            heldout["is_classification"].to_list())
+    # The audit judge reads both models' gate-passing outputs: weights the policy never trained against.
+    audit = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"),
+                                language_model.scoring_batch_size)
+    for scored in (base_rows, policy_rows):
+        add_audit(scored, audit)
     rows = per_instruction_rows(heldout["instruction_id"].to_list(), heldout["instruction"].to_list(),
                                 base_rows, policy_rows, k)
     summary = summarise(rows, scorer.gate.reward, config.bootstrap_resamples, config.seed)
     split = summary.gain_split
     c = summary.comparison
-    df = pl.DataFrame(rows, schema_overrides={f"{m}_{n}": pl.Float64 for m in ("base", "policy") for n in COMPONENTS})
+    df = pl.DataFrame(rows, schema_overrides={f"{m}_{n}": pl.Float64 for m in ("base", "policy") for n in (*COMPONENTS, "audit")}
+                      | {"audit_difference": pl.Float64})
     df = df.with_columns(pl.lit(adapter).alias("policy_adapter"),
                          *(pl.lit(v).alias(k) for k, v in provenance_columns(base.provenance).items()),
                          pl.lit(policy.provenance.served_model).alias("policy_served_model"),
@@ -92,6 +100,8 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
                          pl.lit(json.dumps(scorer.versions())).alias("scorers"), pl.lit(context.run_id).alias("run_id"))
     warehouse.write_table("rl_heldout_comparison", df)
     passed = c.ci_low > 0 and c.n >= config.min_instructions
+    audited = df.filter(pl.col("audit_difference").is_not_null())
+    audit_figure = float(audited["audit_difference"].mean()) if audited.height else float("nan")
     figures = {
         "heldout_instructions": c.n,
         "samples_per_instruction": k,
@@ -118,6 +128,9 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
         "passing_reward_base": split.passing_reward_base,
         "passing_reward_policy": split.passing_reward_policy,
         "gate_reward": scorer.gate.reward,
+        "audit_judge": audit.version,
+        "audit_difference": audit_figure,
+        "audit_instructions": int(audited.height),
         "pass_rule": PASS_RULE + (f"; and at least {config.min_instructions} instructions" if config.min_instructions else ""),
         "per_instruction": metadata_table(df.select(
             "instruction", "base_reward", "policy_reward", "reward_difference", "outcome")),

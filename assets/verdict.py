@@ -4,6 +4,7 @@
 import json
 
 import dagster as dg
+import numpy as np
 import polars as pl
 
 from refine_af_pipeline.evaluation.verdict import RULE, VerdictSettings, difference_table, verdict_markdown, verdict_row
@@ -12,7 +13,8 @@ from resources import Warehouse
 from .metadata import metadata_table, table_metadata
 
 VERDICT = "rl_verdict"
-SOURCES = ["rl_heldout_comparison", "evaluation", "teams_policy_comparison", "sft_training_pairs", "llm_query_ledger"]
+SOURCES = ["rl_heldout_comparison", "training_data_audit", "evaluation", "teams_policy_comparison", "sft_training_pairs",
+           "llm_query_ledger"]
 
 
 class VerdictConfig(dg.Config, VerdictSettings):
@@ -48,17 +50,28 @@ DESCRIPTION = (
               "Warns when a question's answer is 'cannot tell': the run was too small to say."))])
 def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehouse: Warehouse) -> dg.MaterializeResult:
     heldout = _required(warehouse, "rl_heldout_comparison")
+    audited = _required(warehouse, "training_data_audit")
     evaluation = _required(warehouse, "evaluation")
     teams = _required(warehouse, "teams_policy_comparison")
     drawn = _required(warehouse, "sft_training_pairs")
     budgets = _budgets(_required(warehouse, "llm_query_ledger"))
     boot = dict(resamples=config.bootstrap_resamples, seed=config.seed)
     scorers = heldout["scorers"][0] if "scorers" in heldout.columns else "unknown"
-    rows = [verdict_row(
-        "a. RL policy beats the base model on held-out instructions", "rl_policy", "base", "reward",
+    audit_judge = audited["audit_judge"][0]
+    audit_by_instruction = audited.group_by("arm", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
+    question_a = "a. RL policy beats the base model on held-out instructions"
+    both_audited = heldout.filter(pl.col("audit_difference").is_not_null())
+    rows = []
+    if both_audited.height:
+        rows.append(verdict_row(
+            question_a, "rl_policy", "base", "audit (PMI, nats/token)", audit_judge,
+            both_audited["audit_difference"].to_numpy()[None, :], config.margin_audit, **boot,
+            note=f"gate-passing instances; {heldout.height - both_audited.height} instructions without one on a side"))
+    rows.append(verdict_row(
+        question_a, "rl_policy", "base", "training reward",
         f"training reward ({', '.join(json.loads(scorers).values()) if scorers != 'unknown' else scorers})",
         heldout["reward_difference"].to_numpy()[None, :], config.margin_reward, **boot,
-        note="the judge is the reward RL trained on, not an independent one")]
+        note="the reward RL trained on: not an independent judge"))
     pairs = {a: drawn.filter((pl.col("arm") == a) & (pl.col("role") == "train")).height
              for a in drawn["arm"].unique().to_list()}
     task_rows = evaluation.to_dicts()
@@ -70,6 +83,13 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
             rows.append(verdict_row(question, "refine_af", reference, metric, "evaluation tasks (references)",
                                     difference_table(task_rows, "refine_af", reference, metric), margin, **boot,
                                     note=note))
+        # The data itself, instruction by instruction, before any SFT.
+        table = difference_table(audit_by_instruction, "refine_af", reference, "audit", model_key="arm",
+                                 item_key="instruction_id")
+        if not np.isnan(table).all():
+            rows.append(verdict_row(question.replace("after SFT", "(the training pairs)"), "refine_af", reference,
+                                    "audit (PMI, nats/token)", audit_judge, table, config.margin_audit, **boot,
+                                    note="instructions both arms trained on"))
     per_seed = teams.group_by("arm", "seed_id").agg(pl.col("reward").mean()).to_dicts()
     fixed = next(a for a in teams["arm"].unique().to_list() if a.startswith("fixed:"))
     for question, reference in (("d. TeaMs-RL instructor beats uniform operations", "uniform"),

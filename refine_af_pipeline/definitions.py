@@ -8,12 +8,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import (checks, evaluation, exports, finetune, instance_pairs, instructions, query_ledger, reward_model,
-                    rewards, rl_heldout, rl_policy, seed_pool, teams, verdict)
+from assets import (checks, data_audit, evaluation, exports, finetune, instance_pairs, instructions, query_ledger,
+                    reward_model, rewards, rl_heldout, rl_policy, seed_pool, teams, verdict)
+from refine_af_pipeline.llm.models import EMBEDDED_GEMMA
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
-STAGE_MODULES = [seed_pool, instructions, reward_model, rewards, rl_policy, rl_heldout, instance_pairs, teams, finetune, evaluation,
-                 query_ledger, verdict, exports]
+STAGE_MODULES = [seed_pool, instructions, reward_model, rewards, rl_policy, rl_heldout, instance_pairs, teams, finetune, data_audit,
+                 evaluation, query_ledger, verdict, exports]
 
 
 def data_dir() -> Path:
@@ -25,10 +26,11 @@ def data_dir() -> Path:
     return Path("data")
 
 
-def model_resource(prefix: str = "REFINE_AF", fallback: str | None = None) -> LanguageModelResource:
+def model_resource(prefix: str = "REFINE_AF", fallback: str | None = None,
+                   default_model: str = "embedded") -> LanguageModelResource:
     """A language model from the environment: {prefix}_MODEL, _DEVICE, _DTYPE, _BACKEND, _BASE_URLS,
     _SERVED_MODEL, _API_KEY; an unset variable falls back to `fallback`'s (the expert model reads
-    REFINE_AF_EXPERT_*, else the base model's settings)."""
+    REFINE_AF_EXPERT_*, else the base model's settings), then to the defaults."""
     def env(name: str, default=None):
         value = os.environ.get(f"{prefix}_{name}")
         if value is None and fallback:
@@ -37,7 +39,7 @@ def model_resource(prefix: str = "REFINE_AF", fallback: str | None = None) -> La
 
     key_var = next((f"{p}_API_KEY" for p in (prefix, fallback) if p and os.environ.get(f"{p}_API_KEY")), None)
     return LanguageModelResource(
-        model=env("MODEL", "embedded"),
+        model=env("MODEL", default_model),
         device=env("DEVICE", "auto"),
         dtype=env("DTYPE", "auto"),
         backend=env("BACKEND", "auto"),
@@ -58,6 +60,8 @@ def default_resources(root: Path | None = None) -> dict:
         # REFINE_AF_EXPERT_* (or the resource's config) points it at a larger or served model.
         "expert_model": model_resource("REFINE_AF_EXPERT", fallback="REFINE_AF"),
         "feedback_scorer": FeedbackScorerResource(),
+        # The audit judge: weights the policy never trained against (REFINE_AF_AUDIT_* to change).
+        "audit_model": model_resource("REFINE_AF_AUDIT", default_model=EMBEDDED_GEMMA),
     }
 
 

@@ -80,8 +80,9 @@ def materialize(data_dir: Path, model: str, run_config: dict, selection=None, ba
     resources["language_model"] = LanguageModelResource(model=model, device="cpu", batch_size=batch_size,
                                                         stage_batch_sizes=stage_batch_sizes or {},
                                                         **(model_settings or {}))
-    # TeaMs-RL's expert is the base model unless a test says otherwise.
+    # TeaMs-RL's expert and the audit judge are the base model unless a test says otherwise.
     resources["expert_model"] = resources["language_model"]
+    resources["audit_model"] = resources["language_model"]
     ops = ops_for(run_config, selection)
     with instance_for(data_dir) as instance:
         return dg.materialize([*all_assets, *all_checks], resources=resources, run_config=dg.RunConfig(ops=ops),

@@ -20,7 +20,8 @@ BEST_OF_N = ["bestofn_instance_pairs", "bestofn_finetuned_model"]
 TEAMS = ["teams_operation_policy", "teams_policy_transitions", "teams_policy_comparison", "teams_evolved_instructions",
          "teams_instruction_pairs", "teams_finetuned_model"]
 EVALUATION = ["evaluation", "evaluation_predictions", "evaluation_summary"]
-STAGES = (SHARED + REFINE_AF + ["rl_heldout_comparison"] + SELF_INSTRUCT + BEST_OF_N + TEAMS + ["sft_training_pairs"]
+STAGES = (SHARED + REFINE_AF + ["rl_heldout_comparison"] + SELF_INSTRUCT + BEST_OF_N + TEAMS
+          + ["sft_training_pairs", "training_data_audit"]
           + EVALUATION + ["llm_query_ledger", "rl_verdict", "instruction_dataset_exports"])
 MODEL_STAGES = [s for s in STAGES if s not in ("seed_pool", "instruction_dataset_exports", "llm_query_ledger",
                                                "sft_training_pairs", "rl_verdict")]
@@ -67,14 +68,15 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     assert _parents(graph, "llm_query_ledger") == {
         "raw_instructions", "reward_model", "reward_scores", "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs",
         "selfinstruct_instance_pairs", "bestofn_instance_pairs", "teams_operation_policy", "teams_policy_comparison",
-        "teams_evolved_instructions", "teams_instruction_pairs", "evaluation"}
+        "teams_evolved_instructions", "teams_instruction_pairs", "training_data_audit", "evaluation"}
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
     assert {("evaluation_summary", "refine_af_beats_self_instruct"),
             ("rl_heldout_comparison", "policy_beats_base_on_heldout"),
             ("teams_policy_comparison", "teams_policy_beats_uniform"),
             ("sft_training_pairs", "every_arm_has_its_pairs"), ("rl_verdict", "every_question_answered")} <= checks
-    assert _parents(graph, "rl_verdict") == {"rl_heldout_comparison", "evaluation", "teams_policy_comparison",
-                                             "sft_training_pairs", "llm_query_ledger"}
+    assert _parents(graph, "rl_verdict") == {"rl_heldout_comparison", "training_data_audit", "evaluation",
+                                             "teams_policy_comparison", "sft_training_pairs", "llm_query_ledger"}
+    assert _parents(graph, "training_data_audit") == {"sft_training_pairs"}
 
 
 def test_every_step_named_by_stage_batch_sizes_is_a_step_of_the_job():

@@ -22,7 +22,7 @@ TABLES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_
           "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs", "finetuned_model", "selfinstruct_instance_pairs", "selfinstruct_finetuned_model",
           "bestofn_instance_pairs", "bestofn_finetuned_model",
           "teams_operation_policy", "teams_policy_transitions", "teams_policy_comparison", "teams_evolved_instructions",
-          "teams_instruction_pairs", "sft_training_pairs", "teams_finetuned_model",
+          "teams_instruction_pairs", "sft_training_pairs", "training_data_audit", "teams_finetuned_model",
           "evaluation", "evaluation_predictions", "evaluation_summary", "llm_query_ledger", "rl_verdict",
           "instruction_dataset_exports"]
 MODELS = ["base", "best_of_n", "refine_af", "self_instruct", "teams_rl"]
@@ -458,7 +458,9 @@ def test_query_ledger_counts_every_stages_queries_by_role(first_run):
 def test_verdict_answers_every_question_from_the_graphs_comparisons(first_run):
     data_dir, result = first_run
     verdict = _table(data_dir, "SELECT * FROM rl_verdict")
-    assert verdict.height == 7  # a; b and c on two metrics; d against uniform and the best fixed operation
+    # a by the audit and by the training reward; b and c on two evaluation metrics and the audit of
+    # their training pairs; d against uniform and the best fixed operation.
+    assert verdict["metric"].to_list().count("training reward") == 1 and verdict.height >= 7
     assert set(verdict["answer"]) <= {"yes", "no", "cannot tell"}
     assert (verdict["ci95_low"] <= verdict["effect"]).all() and (verdict["effect"] <= verdict["ci95_high"]).all()
     # Row b on ROUGE-L is the mean over tasks of REFINE-AF minus Self-Instruct in the evaluation table.
@@ -468,5 +470,11 @@ def test_verdict_answers_every_question_from_the_graphs_comparisons(first_run):
     assert row["effect"] == pytest.approx((wide["refine_af"] - wide["self_instruct"]).mean())
     assert row["n_items"] == wide.height and row["n_seeds"] == 1
     heldout = _table(data_dir, "SELECT reward_difference FROM rl_heldout_comparison")
-    row_a = verdict.filter(pl.col("question").str.starts_with("a.")).row(0, named=True)
+    row_a = verdict.filter(pl.col("question").str.starts_with("a.") & (pl.col("metric") == "training reward")).row(
+        0, named=True)
     assert row_a["effect"] == pytest.approx(heldout["reward_difference"].mean())
+    audit = _table(data_dir, "SELECT audit_difference FROM rl_heldout_comparison WHERE audit_difference IS NOT NULL")
+    audit_rows = verdict.filter(pl.col("question").str.starts_with("a.") & pl.col("metric").str.starts_with("audit"))
+    assert audit_rows.height == (1 if audit.height else 0)
+    if audit.height:
+        assert audit_rows["effect"][0] == pytest.approx(audit["audit_difference"].mean())

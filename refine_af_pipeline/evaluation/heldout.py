@@ -89,6 +89,17 @@ class HeldoutSummary:
     gain_split: GainSplit
 
 
+def add_audit(rows: list[dict], audit) -> None:
+    """Each row's `audit` score (None where the gate rejected the instance)."""
+    passing = [r for r in rows if r["gate_reason"] is None]
+    scores = audit.score([r["instruction"] for r in passing], [r["input"] for r in passing],
+                         [r["output"] for r in passing]) if passing else []
+    for r in rows:
+        r["audit"] = None
+    for r, s in zip(passing, scores):
+        r["audit"] = s
+
+
 def generate_both(base_model: ServedModel, policy_model: ServedModel, scorer: FeedbackScorer, instructions: Sequence[str],
                   params: SamplingParams, samples_per_instruction: int, batch_size: int, seed: int,
                   progress=None, is_classification: Sequence[bool] | None = None) -> tuple[list[dict], list[dict]]:
@@ -142,6 +153,11 @@ def per_instruction_rows(instruction_ids: Sequence[str], instructions: Sequence[
         for c in COMPONENTS:
             row[f"base_{c}"] = _mean([r[c] for r in base])
             row[f"policy_{c}"] = _mean([r[c] for r in policy])
+        # The audit judge's mean over the samples that passed the gate (None: none passed, or no audit).
+        row["base_audit"] = _mean([r.get("audit") for r in base if r["gate_reason"] is None])
+        row["policy_audit"] = _mean([r.get("audit") for r in policy if r["gate_reason"] is None])
+        row["audit_difference"] = (row["policy_audit"] - row["base_audit"]
+                                   if row["base_audit"] is not None and row["policy_audit"] is not None else None)
         row["base_example"] = base[0]["generation"]
         row["policy_example"] = policy[0]["generation"]
         out.append(row)

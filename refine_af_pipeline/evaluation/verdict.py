@@ -42,6 +42,8 @@ class VerdictSettings(BaseModel):
     margin_rouge_l: NonNegativeFloat = Field(0.01, description="smallest ROUGE-L difference that matters (0-1 scale)")
     margin_log_likelihood: NonNegativeFloat = Field(0.01, description=(
         "smallest difference of the references' mean log-likelihood that matters (nats per token)"))
+    margin_audit: NonNegativeFloat = Field(0.05, description=(
+        "smallest difference of the audit judge's pointwise mutual information that matters (nats per token)"))
     margin_teams_reward: NonNegativeFloat = Field(0.01, description=(
         "smallest difference of TeaMs-RL's reward per step that matters (a probability)"))
     bootstrap_resamples: PositiveInt = Field(10_000, description="resamples of seeds and items behind each CI")

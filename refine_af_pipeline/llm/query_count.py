@@ -1,4 +1,4 @@
-"""Counting model queries by role (generator, judge, rewriter, reviewer, expert, evaluated), for
+"""Counting model queries by role (generator, judge, rewriter, reviewer, expert, evaluated, audit), for
 the query ledger: one query is one prompt generated from or one text scored."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from .backend import ServedModel
 
-ROLES = ("generator", "judge", "rewriter", "reviewer", "expert", "evaluated")
+ROLES = ("generator", "judge", "rewriter", "reviewer", "expert", "evaluated", "audit")
 
 
 class QueryCounter:
