@@ -45,7 +45,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 run: setup $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/python -c "from refine_af_pipeline.llm.embedded_model import ensure_embedded_model as e; print('embedded model:', e())"
+	$(BIN)/python -c "from refine_af_pipeline.llm.embedded_model import ensure_embedded_model as e, ensure_embedded_gemma as g; print('embedded model:', e()); print('audit judge:', g())"
 	# Default multiprocess executor: one subprocess per step. In one process (in_process executor) the
 	# same run took 12 min instead of 9.5 (RL and generation steps slower, 9.3 GB peak), so not that.
 	$(BIN)/dagster asset materialize -m refine_af_pipeline.definitions --select '*' -c configs/demo.yaml
@@ -62,7 +62,7 @@ EXPERIMENT_DAGSTER_HOME ?= $(EXPERIMENT_DATA_DIR)/dagster_home
 experiment: setup
 	mkdir -p $(EXPERIMENT_DAGSTER_HOME)
 	cp dagster.yaml $(EXPERIMENT_DAGSTER_HOME)/dagster.yaml
-	$(BIN)/python -c "from refine_af_pipeline.llm.embedded_model import ensure_embedded_model as e; print('embedded model:', e())"
+	$(BIN)/python -c "from refine_af_pipeline.llm.embedded_model import ensure_embedded_model as e, ensure_embedded_gemma as g; print('embedded model:', e()); print('audit judge:', g())"
 	REFINE_AF_DATA_DIR=$(EXPERIMENT_DATA_DIR) DAGSTER_HOME=$(EXPERIMENT_DAGSTER_HOME) $(BIN)/dagster asset materialize \
 		-m refine_af_pipeline.definitions --select '*' -c configs/experiment.yaml
 	@echo "DuckDB tables: $(EXPERIMENT_DATA_DIR)/refine_af.duckdb"
