@@ -9,12 +9,14 @@ _COMPONENTS = {
     "naturalness": "naturalness score (offline default: exp of the mean token log-likelihood of the output, 0-1; UniEval: P(Yes))",
     "coherence": "coherence score (offline default: cosine similarity of request and output embeddings, -1 to 1; UniEval: P(Yes))",
     "understandability": "understandability score (offline default: Flesch reading ease clipped to 0-100, scaled to 0-1; UniEval: P(Yes))",
+    "learned_reward": "the learned reward: a Bradley-Terry score on MiniLM embeddings fitted to prefer human seed instances "
+                      "(reward_model; unbounded, higher = better)",
 }
 
 _OPERATIONS = ("breadth", "add_constraint", "deepen", "concretize", "increase_reasoning", "complicate_input")
 
 _MODELS = {"base": "base model", "self_instruct": "Self-Instruct-tuned model", "refine_af": "REFINE-AF-tuned model",
-           "teams_rl": "TeaMs-RL-tuned model"}
+           "best_of_n": "best-of-N-tuned model", "teams_rl": "TeaMs-RL-tuned model"}
 
 COLUMN_DESCRIPTIONS: dict[str, str] = {
     # identity and provenance
@@ -136,7 +138,6 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
        for m, name in _MODELS.items()},
     "prediction": "the model's greedy answer",
     "references": "the task instance's reference outputs, as a JSON list",
-    "metric": "rouge_l or log_likelihood",
     "candidate": "model compared (the first of the pair)",
     "reference": "model it is compared with",
     "n_tasks": "tasks compared",
@@ -190,9 +191,9 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
            "choice) or fixed:<operation> (the operation with the best training reward)",
     # query ledger
     "stage": "asset whose step made the queries",
-    "branch": "branch the stage belongs to (self_instruct+refine_af: the shared bootstrap)",
+    "branch": "the arm of the comparison: self_instruct, refine_af, best_of_n, teams_rl (ledger: a+b marks a stage several arms share)",
     "purpose": "data (the branch needs it), diagnostic (a check or comparison) or evaluation",
-    "role": "what the model did: generator, judge, rewriter, reviewer, expert, evaluated",
+    "role": "what the model did: generator, judge, rewriter, reviewer, expert, evaluated, audit",
     "queries": "model queries: prompts generated from plus texts scored",
     "asset": "generation stage that owns the plan",
     "status": "plan status: open, finished or abandoned",
@@ -205,6 +206,64 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "committed_at": "when the batch's rows were committed (UTC)",
     "committed_by_run_id": "run that committed the batch",
     "rows_written": "rows the batch wrote",
+    # best-of-N, the equal SFT draws, the audit
+    "candidate_index": "which of the instance's best-of-N candidates the row is (0 in the other branches: one candidate)",
+    "chosen": "whether the row is its instance's chosen candidate (the highest training reward; always true with one candidate)",
+    "slice": "which part of a split the row is in: train, validation (SFT draws) or heldout (reward model pairs)",
+    "draw_rank": "position of the pair in its branch's stable-hash draw order (0-based)",
+    "kept_pairs": "kept pairs the branch had to draw from",
+    "train_pairs": "training pairs of the branch",
+    "validation_pairs": "validation pairs of the branch",
+    "target_train": "training pairs every branch should get (sft_pairs, or the smallest branch's count)",
+    "target_validation": "validation pairs every branch should get (the smallest branch's count)",
+    "shared_train_instructions": "training instructions every other branch on the shared pool trains on too",
+    "audit": "the audit judge's score: mean per-token log-probability gain of the output from the instruction, given "
+             "the input (PMI, nats/token; higher = the output answers this instruction)",
+    "audit_judge": "the audit judge: method and model",
+    "mean_audit": "mean audit score over the branch's training pairs",
+    "mean_training_reward": "mean training reward of the branch's training pairs (null for TeaMs-RL: its answers are not scored)",
+    "paired_instructions": "instructions both branches trained on (the comparison's items)",
+    "mean_audit_difference": "mean over paired instructions of candidate minus reference audit score",
+    "base_audit": "mean audit score of the base model's gate-passing instances for the instruction",
+    "policy_audit": "mean audit score of the RL policy's gate-passing instances for the instruction",
+    "audit_difference": "policy_audit - base_audit (null when a side has no gate-passing instance)",
+    # the learned reward
+    "negative_kind": "what the human output is preferred over: base_model (its answer), echo (the input or instruction), "
+                     "other_task (another seed task's output), cut (the output's first half); all: every kind",
+    "preferred": "the preferred output (the human-written one)",
+    "rejected": "the output it is preferred over",
+    "preferred_reward": "learned reward of the preferred output",
+    "rejected_reward": "learned reward of the rejected output",
+    "correct": "the learned reward ranks the preferred output higher",
+    "length_correct": "the length-only baseline ranks the preferred output higher",
+    "self_rating_correct": "the base model's 1-10 self-rating ranks the preferred output higher (held-out pairs only)",
+    "audit_correct": "the audit judge ranks the preferred output higher (held-out pairs only; null: an empty output)",
+    "model_dir": "folder of the fitted reward model in the artifact store",
+    "reward_model_version": "the learned reward's method, embedder and fitting run",
+    "heldout_pairs": "held-out preference pairs",
+    "length_baseline": "pairwise accuracy of the length-only baseline on held-out pairs (0-1)",
+    "self_rating": "pairwise accuracy of the base model's self-rating on held-out pairs (0-1)",
+    # the verdict
+    "question": "the question the row answers",
+    "metric": "what is compared (evaluation: rouge_l, log_likelihood; the verdict: also reward, audit, reviewer reward)",
+    "judge": "what produced the numbers compared",
+    "effect": "mean of candidate minus reference over the items and seeds",
+    "ci95_low": "lower end of the 95% bootstrap CI of the effect (seeds and items resampled together)",
+    "ci95_high": "upper end of the 95% bootstrap CI of the effect",
+    "n_items": "items compared (tasks, instructions or seed tasks)",
+    "n_seeds": "replicates (seeds) compared",
+    "margin": "smallest effect that matters for this metric",
+    "min_detectable_difference": "effect the comparison finds 80% of the time at 5% (2.8 standard errors)",
+    "answer": "yes / no / cannot tell, by the rule",
+    "note": "what else to know to read the row",
+    "answer_rule": "how the answer follows from the CI and the margin",
+    # TeaMs-RL state and headroom
+    "state": "the instructor's state, coarsely: start, or after <operation> (rejected when that rewrite was)",
+    "observation": "the full state vector the instructor read (teams/state.py)",
+    "state_transitions": "training transitions in the state",
+    "best_operation": "operation with the best mean reward in the state (at least 3 transitions)",
+    "best_mean_reward": "its mean reward",
+    **{f"mean_reward_{o}": f"mean reward of {o} in the state (null: fewer than 3 transitions)" for o in _OPERATIONS},
 }
 
 

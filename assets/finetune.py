@@ -39,7 +39,7 @@ def sft_training_pairs(context: dg.AssetExecutionContext, config: MatchedDataCon
     """The pairs each arm's SFT trains and validates on: the same number for every arm (`sft_pairs`,
     or the smallest arm's count), drawn by a stable hash; REFINE-AF, Self-Instruct (and any arm on
     the same instruction pool) train on the same instructions as far as they all kept them. One row
-    per drawn pair: arm, role (train / validation), the pair, and the table it came from."""
+    per drawn pair: branch, slice (train / validation), the pair, and the table it came from."""
     arms, missing = {}, []
     for arm, (table, _) in ARM_PAIRS.items():
         df = warehouse.read_table(table)
@@ -53,14 +53,14 @@ def sft_training_pairs(context: dg.AssetExecutionContext, config: MatchedDataCon
     if not arms:
         raise dg.Failure(f"no arm has kept pairs: materialize {', '.join(t for t, _ in ARM_PAIRS.values())} first")
     draws = draw_matched(arms, {a for a, (_, shares) in ARM_PAIRS.items() if shares}, config)
-    rows = [dict(arm=arm, role=role, **pair, source_table=ARM_PAIRS[arm][0], draw_rank=k)
-            for arm, d in draws.items() for role, pairs in (("train", d.train), ("validation", d.validation))
+    rows = [dict(branch=arm, slice=part, **pair, source_table=ARM_PAIRS[arm][0], draw_rank=k)
+            for arm, d in draws.items() for part, pairs in (("train", d.train), ("validation", d.validation))
             for k, pair in enumerate(pairs)]
     df = pl.DataFrame(rows, schema_overrides={"reward": pl.Float64}).with_columns(
         pl.lit(json.dumps(config.model_dump())).alias("settings"),
                                          pl.lit(context.run_id).alias("run_id"))
     warehouse.write_table(SFT_DATA, df)
-    per_arm = pl.DataFrame([dict(arm=d.arm, kept_pairs=d.kept_pairs, train_pairs=len(d.train),
+    per_arm = pl.DataFrame([dict(branch=d.arm, kept_pairs=d.kept_pairs, train_pairs=len(d.train),
                                  validation_pairs=len(d.validation), target_train=d.target_train,
                                  target_validation=d.target_validation,
                                  shared_train_instructions=d.shared_train_instructions) for d in draws.values()])
@@ -75,7 +75,7 @@ def sft_training_pairs(context: dg.AssetExecutionContext, config: MatchedDataCon
                "train_pairs_per_arm": int(next(iter(draws.values())).target_train),
                "validation_pairs_per_arm": int(next(iter(draws.values())).target_validation)}
     return dg.MaterializeResult(
-        metadata={**table_metadata(df, ["arm", "role", "instruction", "output"]), **figures},
+        metadata={**table_metadata(df, ["branch", "slice", "instruction", "output"]), **figures},
         check_results=[dg.AssetCheckResult(check_name=CHECK_NAME, passed=not problems,
                                            severity=dg.AssetCheckSeverity.WARN,
                                            metadata={**figures, "problems": "; ".join(problems) or "none"})])
@@ -94,12 +94,12 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
     def _finetuned_model(context: dg.AssetExecutionContext, config: FinetuneConfig, warehouse: Warehouse,
                          language_model: LanguageModelResource, artifact_store: ArtifactStore) -> dg.MaterializeResult:
         drawn = warehouse.read_table(SFT_DATA)
-        drawn = drawn.filter(pl.col("arm") == arm) if drawn is not None else None
-        if drawn is None or drawn.filter(pl.col("role") == "train").height == 0:
+        drawn = drawn.filter(pl.col("branch") == arm) if drawn is not None else None
+        if drawn is None or drawn.filter(pl.col("slice") == "train").height == 0:
             raise dg.Failure(f"{SFT_DATA} has no training pairs for {arm}: materialize {pairs_table} and "
                              f"{SFT_DATA} first")
-        train = drawn.filter(pl.col("role") == "train").sort("draw_rank")
-        val = drawn.filter(pl.col("role") == "validation").sort("draw_rank")
+        train = drawn.filter(pl.col("slice") == "train").sort("draw_rank")
+        val = drawn.filter(pl.col("slice") == "validation").sort("draw_rank")
         held = set(val["instruction_id"].to_list())
         triples = _triples(train)
         model, tokenizer, source, device = language_model.load()
@@ -120,7 +120,7 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
             pl.lit(context.run_id).alias("run_id"), pl.lit(str(result.adapter_dir)).alias("adapter_path"),
             pl.lit(source.model_id).alias("base_model_id"), pl.lit(train.height).alias("train_examples"),
             pl.lit(val.height).alias("validation_examples"), pl.lit(pairs_table).alias("train_table"),
-            pl.lit(arm).alias("arm"),
+            pl.lit(arm).alias("branch"),
             pl.lit(json.dumps(config.model_dump())).alias("settings"),
             pl.lit(json.dumps(sorted(held))).alias("validation_instruction_ids"),
         )

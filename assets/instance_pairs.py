@@ -40,7 +40,7 @@ def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsSet
         return plan
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
     n, candidates = config.instances_per_instruction, getattr(config, "candidates_per_instance", 1)
-    items = [dict(instance_id=f"{iid}-{j}", candidate=c, instruction_id=iid, instruction=text, is_classification=bool(cls))
+    items = [dict(instance_id=f"{iid}-{j}", candidate_index=c, instruction_id=iid, instruction=text, is_classification=bool(cls))
              for iid, text, cls in zip(chosen["instruction_id"].to_list(), chosen["instruction"].to_list(),
                                        chosen["is_classification"].to_list()) for j in range(n) for c in range(candidates)]
     settings = dict(config.sampling_params().as_dict(),
@@ -91,16 +91,16 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
                                                  params, settings["batch_size"], settings["seed"] + batch.index,
                                                  is_classification=[i.get("is_classification", False)
                                                                     for i in batch.inputs])
-                keys = [{"instance_id": i["instance_id"], "candidate": i.get("candidate", 0),
+                keys = [{"instance_id": i["instance_id"], "candidate_index": i.get("candidate_index", 0),
                          "instruction_id": i["instruction_id"]} for i in batch.inputs]
                 staged = scored_instance_frame(keys, rows, policy.provenance, versions, params, plan.plan_id,
                                                policy_adapter=adapter)
                 ledger.commit_batch(plan, batch, _staging(name), staged, context.run_id)
                 report(done, len(pending), time.monotonic() - started)
-        order = {f"{item['instance_id']}/{item.get('candidate', 0)}": k
+        order = {f"{item['instance_id']}/{item.get('candidate_index', 0)}": k
                  for k, item in enumerate(i for b in plan.batches for i in b.inputs)}
         staged = warehouse.query(f'SELECT * FROM "{_staging(name)}" WHERE run_id = ?', [plan.plan_id])
-        staged = staged.sort((pl.col("instance_id") + "/" + pl.col("candidate").fill_null(0).cast(pl.Utf8)).replace_strict(
+        staged = staged.sort((pl.col("instance_id") + "/" + pl.col("candidate_index").fill_null(0).cast(pl.Utf8)).replace_strict(
             order, return_dtype=pl.Int64))
         rows = staged.to_dicts()
         chosen = choose_best(rows)

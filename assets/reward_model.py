@@ -90,7 +90,7 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
     audited = audit.score([pairs[k].instruction for k in tested] * 2, [pairs[k].input for k in tested] * 2,
                           [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested])
     audit_scores = dict(zip(tested, zip(audited[:len(tested)], audited[len(tested):])))
-    rows = [dict(instruction_id=p.instruction_id, kind=p.kind, split="heldout" if h else "train",
+    rows = [dict(instruction_id=p.instruction_id, negative_kind=p.kind, slice="heldout" if h else "train",
                  instruction=p.instruction, input=p.input, preferred=p.preferred, rejected=p.rejected,
                  preferred_reward=float(a), rejected_reward=float(b), correct=bool(a > b),
                  length_correct=bool(sign * len(p.preferred.split()) > sign * len(p.rejected.split())),
@@ -101,15 +101,15 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
         pl.lit(str(model_dir)).alias("model_dir"), pl.lit(fitted.version).alias("reward_model_version"),
         pl.lit(base.provenance.served_model).alias("model_id"), pl.lit(context.run_id).alias("run_id"))
     warehouse.write_table("reward_model", df)
-    accuracy = _accuracy_by_kind(df.filter(pl.col("split") == "heldout"), preferred[tested], rejected[tested],
+    accuracy = _accuracy_by_kind(df.filter(pl.col("slice") == "heldout"), preferred[tested], rejected[tested],
                                  [sign * len(pairs[k].preferred.split()) for k in tested],
                                  [sign * len(pairs[k].rejected.split()) for k in tested], self_rating, audit_scores,
                                  tested)
-    overall = accuracy.filter(pl.col("kind") == "all").row(0, named=True)
+    overall = accuracy.filter(pl.col("negative_kind") == "all").row(0, named=True)
     context.log.info(f"reward_model: held-out pairwise accuracy {overall['learned_reward']:.3f} "
                      f"(length baseline {overall['length_baseline']:.3f}, self-rating {overall['self_rating']:.3f})")
     return dg.MaterializeResult(metadata={
-        **table_metadata(df, ["kind", "split", "preferred_reward", "rejected_reward", "correct"]),
+        **table_metadata(df, ["negative_kind", "slice", "preferred_reward", "rejected_reward", "correct"]),
         "model_dir": dg.MetadataValue.path(str(model_dir)),
         "train_pairs": len(train), "heldout_pairs": len(tested),
         "heldout_accuracy": overall["learned_reward"],
@@ -134,12 +134,12 @@ def _ordered(scores: tuple | None) -> bool | None:
 
 def _accuracy_by_kind(heldout: pl.DataFrame, preferred: np.ndarray, rejected: np.ndarray, length_a, length_b,
                       self_rating: dict, audit_scores: dict, tested: list[int]) -> pl.DataFrame:
-    kinds = heldout["kind"].to_list()
+    kinds = heldout["negative_kind"].to_list()
     rows = []
     for kind in ("all", *KINDS):
         idx = [j for j, k in enumerate(kinds) if kind in ("all", k)]
         rows.append(dict(
-            kind=kind, pairs=len(idx),
+            negative_kind=kind, heldout_pairs=len(idx),
             learned_reward=pairwise_accuracy(preferred[idx], rejected[idx]),
             length_baseline=pairwise_accuracy([length_a[j] for j in idx], [length_b[j] for j in idx]),
             self_rating=pairwise_accuracy([self_rating[tested[j]][0] for j in idx],

@@ -25,7 +25,8 @@ from refine_af_pipeline.teams.call_cache import CallCache
 from refine_af_pipeline.teams.environment import BatchedEvolutionVecEnv
 from refine_af_pipeline.teams.evolution import (EvolutionStepper, fixed_chooser, policy_chooser, run_chains,
                                                 uniform_chooser)
-from refine_af_pipeline.teams.instructor import (InstructorSettings, action_probabilities, load_policy_probabilities,
+from refine_af_pipeline.teams.headroom import headroom
+from refine_af_pipeline.teams.instructor import (InstructorSettings, load_policy,
                                                  save_policy, train_instructor)
 from refine_af_pipeline.teams.reviewer import InformationGainReviewer
 from refine_af_pipeline.teams.settings import EvolvedInstructionsSettings, ExpertAnswerSettings, PolicyComparisonSettings
@@ -120,7 +121,8 @@ def _transition_frame(rows: list[dict], rewriter: ServedModel, reviewer: Informa
     name=POLICY, group_name="teams", pool="gpu", can_subset=False,
     specs=[
         dg.AssetSpec(POLICY, deps=["seed_pool"], kinds={"duckdb", "pytorch"}, description=(
-            "TeaMs-RL's instructor: a TRPO policy (sb3-contrib, an MLP over the one-hot previous operation) "
+            "TeaMs-RL's instructor: a TRPO policy (sb3-contrib, an MLP over the chain's state: previous operation, "
+            "step, whether the last rewrite was rejected, features of the instruction; teams/state.py) "
             "that picks the next of six rewrite operations; the reward is the reviewer's P(the rewrite adds "
             "something). Weights in the artifact store; the table is the log per update (mean reward, entropy, "
             "KL, action shares).")),
@@ -152,7 +154,6 @@ def teams_operation_policy(context: dg.AssetExecutionContext, config: Instructor
     result = train_instructor(env, config, on_update)
     out_dir = artifact_store.run_dir(POLICY, context.run_id)
     policy_path = save_policy(result.model, out_dir / "instructor_trpo")
-    probs = action_probabilities(result.model, len(config.operations))
     log = pl.DataFrame(result.log).with_columns(pl.lit(str(policy_path)).alias("policy_path"),
                                                 pl.lit(reviewer.version).alias("reviewer_version"),
                                                 pl.lit(context.run_id).alias("run_id"))
@@ -164,8 +165,9 @@ def teams_operation_policy(context: dg.AssetExecutionContext, config: Instructor
         insert_rows(conn, TRANSITIONS, transitions, mode="replace")
     cache.close()
     by_op = transitions.group_by("operation").agg(pl.col("reward").mean().alias("mean_reward"), pl.len().alias("n"))
-    probability_table = pl.DataFrame({"state": ["start", *(f"after {o}" for o in config.operations)],
-                                      **{o: probs[:, k].round(4).tolist() for k, o in enumerate(config.operations)}})
+    # What the policy chose in each coarse state during its last update.
+    last = transitions.filter(pl.col("update") == pl.col("update").max())
+    choice_table = last.group_by("state", "operation").len().pivot(on="operation", index="state", values="len").fill_null(0)
     final = result.log[-1]
     yield dg.MaterializeResult(asset_key=TRANSITIONS, metadata={
         **table_metadata(transitions, ["update", "step", "operation", "after", "reward", "rule"]),
@@ -184,7 +186,7 @@ def teams_operation_policy(context: dg.AssetExecutionContext, config: Instructor
         "action_share_curves": png_markdown(line_chart_png(
             log["update"].to_list(), {o: log[f"share_{o}"].to_list() for o in config.operations},
             "operation shares per rollout", xlabel="update"), "action shares"),
-        "action_probabilities": metadata_table(probability_table),
+        "last_update_choices_by_state": metadata_table(choice_table.sort("state")),
         **{f"final_share_{o}": float(final[f"share_{o}"]) for o in config.operations},
         "first_mean_reward": float(result.log[0]["mean_reward"]),
         "final_mean_reward": float(final["mean_reward"]),
@@ -225,9 +227,9 @@ def teams_policy_comparison(context: dg.AssetExecutionContext, config: PolicyCom
         raise dg.Failure(f"only {len(held)} held-out seed task(s) at heldout_share {settings.heldout_share}; "
                          f"raise it in {POLICY}'s config")
     ops = settings.operations
-    probs = load_policy_probabilities(policy_meta["policy_path"], len(ops))
+    policy = load_policy(policy_meta["policy_path"], len(ops))
     best = _best_fixed_operation(warehouse, ops)
-    arms = {"policy": policy_chooser(probs), "uniform": uniform_chooser(len(ops)),
+    arms = {"policy": policy_chooser(policy, len(ops), settings.horizon), "uniform": uniform_chooser(len(ops)),
             f"fixed:{best}": fixed_chooser(ops.index(best))}
     queries = QueryCounter()
     base, stepper, reviewer, cache = _base_model_stepper(context, language_model, artifact_store, settings, queries)
@@ -256,10 +258,16 @@ def teams_policy_comparison(context: dg.AssetExecutionContext, config: PolicyCom
         "reviewer_version": reviewer.version,
     }
     shares = df.filter(pl.col("arm") == "policy")["operation"].value_counts(normalize=True).sort("operation")
+    # The headroom any choice of operations has, from the policy's training transitions.
+    room = headroom(warehouse.read_table(TRANSITIONS).select("state", "operation", "reward").to_dicts(), ops)
+    figures.update({"headroom_uniform": room.uniform, "headroom_best_fixed": room.best_fixed,
+                    "headroom_best_fixed_operation": room.best_fixed_operation,
+                    "headroom_best_per_state": room.best_per_state, "headroom": room.headroom})
     passed = vs_uniform.mean_difference > 0 and len(held) >= config.min_seeds
     return dg.MaterializeResult(
         metadata={**table_metadata(df, ["arm", "seed_id", "step", "operation", "reward"]), **figures,
                   "policy_operation_shares": metadata_table(shares),
+                  "headroom_by_state": metadata_table(pl.DataFrame(room.per_state)) if room.per_state else "none",
                   "per_arm_mean_reward_by_step": metadata_table(
                       df.group_by("arm", "step").agg(pl.col("reward").mean()).sort("arm", "step")),
                   "llm_queries": queries.as_json(), "cache_hits": cache.hits, "cache_misses": cache.misses,
@@ -291,7 +299,7 @@ def teams_evolved_instructions(context: dg.AssetExecutionContext, config: Evolve
     seeds = warehouse.read_table("seed_pool")
     pairs = list(zip(seeds["id"].to_list(), seeds["instruction"].to_list()))
     pairs = _sample(pairs, config.max_seeds, config.seed)
-    probs = load_policy_probabilities(policy_meta["policy_path"], len(settings.operations))
+    policy = load_policy(policy_meta["policy_path"], len(settings.operations))
     queries = QueryCounter()
     expert, reviewer_model = _expert_and_reviewer(language_model, expert_model, queries)
     cache = _cache(artifact_store)
@@ -299,8 +307,9 @@ def teams_evolved_instructions(context: dg.AssetExecutionContext, config: Evolve
                                  language_model.scoring_batch_size, cache)
     report = progress_logger(context, "teams_evolved_instructions")
     started = time.monotonic()
-    rows = run_chains(stepper, pairs, {"policy": policy_chooser(probs)}, settings.horizon, config.seed,
-                      settings.operations, progress=lambda d, t: report(d, t, time.monotonic() - started))
+    chooser = policy_chooser(policy, len(settings.operations), settings.horizon)
+    rows = run_chains(stepper, pairs, {"policy": chooser}, settings.horizon, config.seed, settings.operations,
+                      progress=lambda d, t: report(d, t, time.monotonic() - started))
     for r in rows:
         del r["arm"]
     cache.close()

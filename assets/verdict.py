@@ -58,7 +58,7 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
     boot = dict(resamples=config.bootstrap_resamples, seed=config.seed)
     scorers = heldout["scorers"][0] if "scorers" in heldout.columns else "unknown"
     audit_judge = audited["audit_judge"][0]
-    audit_by_instruction = audited.group_by("arm", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
+    audit_by_instruction = audited.group_by("branch", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
     question_a = "a. RL policy beats the base model on held-out instructions"
     both_audited = heldout.filter(pl.col("audit_difference").is_not_null())
     rows = []
@@ -72,8 +72,8 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
         f"training reward ({', '.join(json.loads(scorers).values()) if scorers != 'unknown' else scorers})",
         heldout["reward_difference"].to_numpy()[None, :], config.margin_reward, **boot,
         note="the reward RL trained on: not an independent judge"))
-    pairs = {a: drawn.filter((pl.col("arm") == a) & (pl.col("role") == "train")).height
-             for a in drawn["arm"].unique().to_list()}
+    pairs = {a: drawn.filter((pl.col("branch") == a) & (pl.col("slice") == "train")).height
+             for a in drawn["branch"].unique().to_list()}
     task_rows = evaluation.to_dicts()
     for question, reference in (("b. REFINE-AF data beats Self-Instruct data after SFT", "self_instruct"),
                                 ("c. REFINE-AF data beats best-of-N data after SFT", "best_of_n")):
@@ -84,7 +84,7 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
                                     difference_table(task_rows, "refine_af", reference, metric), margin, **boot,
                                     note=note))
         # The data itself, instruction by instruction, before any SFT.
-        table = difference_table(audit_by_instruction, "refine_af", reference, "audit", model_key="arm",
+        table = difference_table(audit_by_instruction, "refine_af", reference, "audit", model_key="branch",
                                  item_key="instruction_id")
         if not np.isnan(table).all():
             rows.append(verdict_row(question.replace("after SFT", "(the training pairs)"), "refine_af", reference,
@@ -105,7 +105,7 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
                "rule": RULE, "bootstrap_resamples": config.bootstrap_resamples}
     return dg.MaterializeResult(
         metadata={**table_metadata(df, ["question", "metric", "effect", "answer"]), **figures,
-                  "table": metadata_table(df.drop("run_id", "rule"))},
+                  "table": metadata_table(df.drop("run_id", "answer_rule"))},
         check_results=[dg.AssetCheckResult(check_name="every_question_answered", passed=not unanswered,
                                            severity=dg.AssetCheckSeverity.WARN,
                                            metadata={"cannot_tell": "; ".join(unanswered) or "none"})])

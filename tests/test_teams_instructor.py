@@ -6,9 +6,10 @@ from pydantic import ValidationError
 
 from refine_af_pipeline.teams.environment import BatchedEvolutionVecEnv, InstructionEvolutionEnv
 from refine_af_pipeline.teams.evolution import StepResult
-from refine_af_pipeline.teams.instructor import (InstructorSettings, action_probabilities, load_policy_probabilities,
-                                                 save_policy, train_instructor)
+from refine_af_pipeline.teams.instructor import (InstructorSettings, action_probabilities, load_policy, save_policy,
+                                                 train_instructor)
 from refine_af_pipeline.teams.operations import OPERATION_NAMES
+from refine_af_pipeline.teams.state import ChainState, encode, observation_size
 
 SEEDS = [(f"s{k}", f"Write a short note about topic number {k}.") for k in range(12)]
 
@@ -31,9 +32,12 @@ def test_training_on_a_stub_reviewer_learns_the_rewarded_operation(tmp_path):
     step = stub_step("concretize")
     env = BatchedEvolutionVecEnv(SEEDS, settings.operations, settings.horizon, step, settings.episodes_per_update, seed=3)
     result = train_instructor(env, settings)
-    probs = action_probabilities(result.model, len(OPERATION_NAMES))
+    visited = np.array([t["observation"] for t in env.transitions[-16 * settings.horizon:]], dtype=np.float32)
+    probs = action_probabilities(result.model, visited)
     k = OPERATION_NAMES.index("concretize")
-    assert probs[:, k].min() > 0.8, probs[:, k]  # in every state, within 25 updates
+    # Within 25 updates: on average over the states the last rollout visited, and a majority in every one
+    # (late-chain states, with long instructions, are learned last).
+    assert probs[:, k].mean() > 0.8 and probs[:, k].min() > 0.5, probs[:, k]
     # One batched call per step of the rollout, all episodes together.
     assert step.calls == [16] * (25 * settings.horizon)
     log = result.log
@@ -43,19 +47,24 @@ def test_training_on_a_stub_reviewer_learns_the_rewarded_operation(tmp_path):
     assert all(row["kl"] > 1e-6 for row in log), [row["kl"] for row in log]
     # The saved weights give the same policy back.
     path = save_policy(result.model, tmp_path / "policy")
-    assert np.allclose(load_policy_probabilities(path, len(OPERATION_NAMES)), probs, atol=1e-6)
+    assert np.allclose(load_policy(path, len(OPERATION_NAMES))(visited), probs, atol=1e-6)
 
 
 def test_episodes_draw_seed_instructions_and_keep_every_intermediate_step():
     step = stub_step("deepen")
     env = BatchedEvolutionVecEnv(SEEDS, OPERATION_NAMES, 6, step, n_envs=4, seed=0)
+    n = len(OPERATION_NAMES)
+    deepen = OPERATION_NAMES.index("deepen")
     obs = env.reset()
-    assert obs.shape == (4, len(OPERATION_NAMES)) and not obs.any()  # zeros at the start
+    assert obs.shape == (4, observation_size(n)) and not obs[:, :n + 2].any()  # no previous operation, step 0
     for t in range(6):
-        obs, rewards, dones, infos = env.step(np.full(4, OPERATION_NAMES.index("deepen")))
+        obs, rewards, dones, infos = env.step(np.full(4, deepen))
         assert dones.all() == (t == 5)
-    assert (infos[0]["terminal_observation"] == np.eye(len(OPERATION_NAMES))[OPERATION_NAMES.index("deepen")]).all()
-    assert not obs.any()  # auto-reset: the next episode starts from zeros
+    terminal = infos[0]["terminal_observation"]
+    # After the last step: deepen was the previous operation, the chain is at its end, the rewrite accepted.
+    assert terminal[:n].tolist() == np.eye(n)[deepen].tolist() and terminal[n] == 1.0 and terminal[n + 1] == 0.0
+    assert not obs[:, :n + 2].any()  # auto-reset: the next episode starts again
+    assert [t["state"] for t in env.transitions if t["episode_env"] == 0][:2] == ["start", "after deepen"]
     chain = [t for t in env.transitions if t["episode_env"] == 0]
     assert [t["step"] for t in chain] == [1, 2, 3, 4, 5, 6]
     assert all(a["after"] == b["before"] for a, b in zip(chain, chain[1:]))  # each step rewrites the last
@@ -63,6 +72,20 @@ def test_episodes_draw_seed_instructions_and_keep_every_intermediate_step():
     env.step(np.zeros(4, dtype=int))
     started = {t["seed_id"] for t in env.transitions if t["step"] == 1}
     assert len(started) > 1
+
+
+def test_the_state_says_step_rejection_and_what_the_instruction_looks_like():
+    n = len(OPERATION_NAMES)
+    obs = encode(ChainState(2, 3, True, "How many apples must I buy for 12 people?"), n, 6)
+    assert obs[2] == 1.0 and obs[:n].sum() == 1.0
+    assert obs[n] == pytest.approx(0.5) and obs[n + 1] == 1.0
+    assert obs[n + 2:].tolist() == pytest.approx([9 / 50, 1.0, 1.0, 1.0])  # length, question, digit, constraint
+    rejected = stub_step("nothing")  # every rewrite rejected: the state says so, the instruction stays
+    env = BatchedEvolutionVecEnv(SEEDS, OPERATION_NAMES, 3, rejected, n_envs=2, seed=0)
+    env.reset()
+    obs, *_ = env.step(np.zeros(2, dtype=int))
+    assert (obs[:, n + 1] == 1.0).all()
+    assert env.transitions[-1]["after"] != env.envs[1].state.text
 
 
 def test_the_gymnasium_environment_passes_the_checker():

@@ -68,7 +68,7 @@ class VerdictRow:
     note: str = ""
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "rule": RULE}
+        return {**asdict(self), "answer_rule": RULE}
 
 
 def crossed_bootstrap(differences: np.ndarray, resamples: int = 10_000, seed: int = 0,

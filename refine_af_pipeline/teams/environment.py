@@ -1,6 +1,7 @@
-"""The instructor's environment: observation = the previous operation (one-hot, zeros at the
-start), action = the next operation, reward = the reviewer's judgement of the rewrite; an episode
-is `horizon` operations from one seed instruction drawn from the training seeds.
+"""The instructor's environment: observation = the chain's state (state.py: the previous
+operation, the step, whether the last rewrite was rejected, features of the current instruction),
+action = the next operation, reward = the reviewer's judgement of the rewrite; an episode is
+`horizon` operations from one seed instruction drawn from the training seeds.
 
 `InstructionEvolutionEnv` is a plain gymnasium environment. `BatchedEvolutionVecEnv` runs many
 of them as a stable-baselines3 VecEnv that steps all episodes with one batched call of the step
@@ -16,6 +17,7 @@ import numpy as np
 from stable_baselines3.common.vec_env import VecEnv
 
 from .evolution import StepResult
+from .state import ChainState, encode, observation_size, state_key
 
 # (instructions, operation names, step index) -> one StepResult each
 StepFn = Callable[[Sequence[str], Sequence[str], int], list[StepResult]]
@@ -30,29 +32,32 @@ class InstructionEvolutionEnv(gym.Env):
         if horizon <= 0:
             raise ValueError(f"horizon must be positive, got {horizon}")
         self.seeds, self.operations, self.horizon, self.step_fn = list(seeds), list(operations), horizon, step_fn
-        self.observation_space = gym.spaces.Box(0.0, 1.0, (len(operations),), dtype=np.float32)
+        self.observation_space = gym.spaces.Box(0.0, 2.0, (observation_size(len(operations)),), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(len(operations))
-        self._seed_id, self._seed_text, self._current, self._t = "", "", "", 0
+        self._seed_id, self._seed_text = "", ""
+        self.state = ChainState(None, 0, False, "")
+
+    def observation(self) -> np.ndarray:
+        return encode(self.state, len(self.operations), self.horizon)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self._seed_id, self._seed_text = self.seeds[int(self.np_random.integers(len(self.seeds)))]
-        self._current, self._t = self._seed_text, 0
-        return np.zeros(len(self.operations), dtype=np.float32), {"seed_id": self._seed_id}
+        self.state = ChainState(None, 0, False, self._seed_text)
+        return self.observation(), {"seed_id": self._seed_id}
 
     # The step in two halves, so a vector of environments can batch the model calls in between.
     def pending(self, action: int) -> tuple[str, str, int]:
-        return self._current, self.operations[int(action)], self._t
+        return self.state.text, self.operations[int(action)], self.state.step
 
     def complete(self, action: int, result: StepResult):
+        before = self.state
         # A rewrite the rules rejected leaves the instruction as it was (Evol-Instruct drops failed evolutions).
-        if result.reward > 0:
-            self._current = result.after
-        self._t += 1
-        obs = np.zeros(len(self.operations), dtype=np.float32)
-        obs[int(action)] = 1.0
-        info = dict(seed_id=self._seed_id, seed_instruction=self._seed_text, step=self._t, **asdict(result))
-        return obs, float(result.reward), self._t >= self.horizon, False, info
+        accepted = result.reward > 0
+        self.state = ChainState(int(action), before.step + 1, not accepted, result.after if accepted else before.text)
+        info = dict(seed_id=self._seed_id, seed_instruction=self._seed_text, step=self.state.step,
+                    state=state_key(before, self.operations), **asdict(result))
+        return self.observation(), float(result.reward), self.state.step >= self.horizon, False, info
 
     def step(self, action):
         before, operation, t = self.pending(action)
@@ -91,8 +96,9 @@ class BatchedEvolutionVecEnv(VecEnv):
         results = self.step_fn([p[0] for p in pending], [p[1] for p in pending], pending[0][2])
         obs, rewards, dones, infos = [], [], [], []
         for k, (env, action, result) in enumerate(zip(self.envs, self._actions, results)):
+            observed = env.observation().tolist()
             o, r, terminated, truncated, info = env.complete(action, result)
-            self.transitions.append(dict(episode_env=k, **info))
+            self.transitions.append(dict(episode_env=k, observation=observed, **info))
             if terminated or truncated:
                 info = {**info, "terminal_observation": o, "TimeLimit.truncated": False}
                 o = self._reset_one(k)

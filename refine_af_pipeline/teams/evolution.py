@@ -14,6 +14,7 @@ from ..training.splits import hash_bucket
 from .call_cache import CallCache
 from .operations import OPERATION_NAMES, REWRITE_PREFIX, clean_rewrite, rewrite_request
 from .reviewer import InformationGainReviewer
+from .state import ChainState, encode, state_key
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,8 @@ class EvolutionStepper:
                 for b, op, a, r, k in zip(befores, operations, afters, reviews, keys)]
 
 
-# (previous operation index or None, the chain's random generator) -> next operation index
-Chooser = Callable[[int | None, np.random.Generator], int]
+# (the chain's state, the chain's random generator) -> next operation index
+Chooser = Callable[[ChainState, np.random.Generator], int]
 
 
 def chain_rng(seed: int, seed_id: str) -> np.random.Generator:
@@ -83,33 +84,36 @@ def run_chains(stepper: EvolutionStepper, seeds: Sequence[tuple[str, str]], choo
     generator, so the arms differ only in how they choose."""
     chains = [(arm, sid, text, choose) for arm, choose in choosers.items() for sid, text in seeds]
     rngs = [chain_rng(seed, sid) for _, sid, _, _ in chains]
-    current = [text for _, _, text, _ in chains]
-    previous: list[int | None] = [None] * len(chains)
+    states = [ChainState(None, 0, False, text) for _, _, text, _ in chains]
     rows = []
     for step in range(horizon):
-        actions = [c[3](p, rng) for c, p, rng in zip(chains, previous, rngs)]
-        results = stepper(current, [operations[a] for a in actions], step)
-        for (arm, sid, seed_text, _), result in zip(chains, results):
-            rows.append(dict(arm=arm, seed_id=sid, seed_instruction=seed_text, step=step + 1, **asdict(result)))
+        actions = [c[3](state, rng) for c, state, rng in zip(chains, states, rngs)]
+        results = stepper([s.text for s in states], [operations[a] for a in actions], step)
+        for (arm, sid, seed_text, _), state, result in zip(chains, states, results):
+            rows.append(dict(arm=arm, seed_id=sid, seed_instruction=seed_text, step=step + 1,
+                             state=state_key(state, list(operations)), **asdict(result)))
         # A rewrite the rules rejected leaves the instruction as it was (as in the environment).
-        current = [r.after if r.reward > 0 else r.before for r in results]
-        previous = actions
+        states = [ChainState(a, step + 1, r.reward <= 0, r.after if r.reward > 0 else r.before)
+                  for a, r in zip(actions, results)]
         if progress:
             progress(step + 1, horizon)
     return rows
 
 
 def uniform_chooser(n_operations: int) -> Chooser:
-    return lambda previous, rng: int(rng.integers(n_operations))
+    return lambda state, rng: int(rng.integers(n_operations))
 
 
 def fixed_chooser(index: int) -> Chooser:
-    return lambda previous, rng: index
+    return lambda state, rng: index
 
 
-def policy_chooser(probabilities: np.ndarray) -> Chooser:
-    """Samples from the policy's action distribution per state: row 0 is the start (no previous
-    operation), row 1 + k follows operation k."""
-    table = np.asarray(probabilities, dtype=np.float64)
-    table = table / table.sum(axis=1, keepdims=True)  # the network's float32 rows sum to 1 only nearly
-    return lambda previous, rng: int(rng.choice(table.shape[1], p=table[0 if previous is None else previous + 1]))
+def policy_chooser(probabilities: Callable[[np.ndarray], np.ndarray], n_operations: int, horizon: int) -> Chooser:
+    """Samples from the policy's action distribution in the chain's state; `probabilities` maps a
+    batch of observations (state.encode) to a batch of distributions."""
+
+    def choose(state: ChainState, rng: np.random.Generator) -> int:
+        p = np.asarray(probabilities(encode(state, n_operations, horizon)[None, :])[0], dtype=np.float64)
+        return int(rng.choice(n_operations, p=p / p.sum()))  # float32 rows sum to 1 only nearly
+
+    return choose

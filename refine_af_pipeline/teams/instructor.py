@@ -67,11 +67,11 @@ class InstructorResult:
     log: list[dict] = field(default_factory=list)
 
 
-def action_probabilities(model, n_operations: int) -> np.ndarray:
-    """(1 + n) x n: row 0 the start state, row 1 + k the state after operation k."""
+def action_probabilities(model, observations: np.ndarray) -> np.ndarray:
+    """The policy's action distribution in each observed state (rows of state.encode)."""
     import torch
 
-    obs = np.vstack([np.zeros((1, n_operations)), np.eye(n_operations)]).astype(np.float32)
+    obs = np.asarray(observations, dtype=np.float32)
     with torch.no_grad():
         dist = model.policy.get_distribution(torch.as_tensor(obs, device=model.policy.device))
         return dist.distribution.probs.cpu().numpy().astype(np.float64)
@@ -104,11 +104,19 @@ def train_instructor(env: BatchedEvolutionVecEnv, settings: InstructorSettings,
     ops: Sequence[str] = settings.operations
     result = InstructorResult(model)
     for update in range(1, settings.updates + 1):
-        before = action_probabilities(model, len(ops))
         start = len(env.transitions)
+        params = {k: v.clone() for k, v in model.policy.state_dict().items()}
         model.learn(total_timesteps=env.num_envs * settings.horizon, reset_num_timesteps=update == 1)
-        after = action_probabilities(model, len(ops))
         rollout = env.transitions[start:]
+        # Entropy and KL over the states this rollout visited: the policy before and after the update.
+        observed = np.array([t["observation"] for t in rollout], dtype=np.float32)
+        after = action_probabilities(model, observed)
+        updated = {k: v.clone() for k, v in model.policy.state_dict().items()}
+        model.policy.load_state_dict(params)
+        before = action_probabilities(model, observed)
+        model.policy.load_state_dict(updated)
+        starts = observed[[t["step"] == 1 for t in rollout]]
+        start_probs = after[[t["step"] == 1 for t in rollout]].mean(axis=0) if len(starts) else np.full(len(ops), np.nan)
         counts = Counter(t["operation"] for t in rollout)
         row = {
             "update": update,
@@ -119,7 +127,7 @@ def train_instructor(env: BatchedEvolutionVecEnv, settings: InstructorSettings,
             "entropy": _entropy(after),
             "kl": _kl(before, after),
             **{f"share_{op}": counts[op] / len(rollout) for op in ops},
-            **{f"start_probability_{op}": float(after[0, k]) for k, op in enumerate(ops)},
+            **{f"start_probability_{op}": float(start_probs[k]) for k, op in enumerate(ops)},
         }
         result.log.append(row)
         if on_update:
@@ -132,11 +140,17 @@ def save_policy(model, path: Path) -> Path:
     return Path(str(path) if str(path).endswith(".zip") else f"{path}.zip")
 
 
-def load_policy_probabilities(path: str | Path, n_operations: int) -> np.ndarray:
+def load_policy(path: str | Path, n_operations: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The saved policy as a function from observations (state.encode rows) to action distributions."""
     from sb3_contrib import TRPO
+
+    from .state import observation_size
 
     model = TRPO.load(str(path), device="cpu")
     if model.action_space.n != n_operations:
         raise ValueError(f"the policy at {path} has {model.action_space.n} actions, expected {n_operations}")
-    return action_probabilities(model, n_operations)
+    if model.observation_space.shape != (observation_size(n_operations),):
+        raise ValueError(f"the policy at {path} reads states of shape {model.observation_space.shape}, this version "
+                         f"{(observation_size(n_operations),)}: materialize teams_operation_policy again")
+    return lambda observations: action_probabilities(model, observations)
 

@@ -39,5 +39,6 @@ class EvolvedInstructionsSettings(BaseModel):
 class ExpertAnswerSettings(SamplingSettings):
     """Settings of `teams_instruction_pairs`: the expert model answers the kept evolved instructions."""
 
-    max_new_tokens: PositiveInt = Field(128, description="tokens per answer at most")
+    max_new_tokens: PositiveInt = Field(256, description=(
+        "tokens per answer at most: at 128, 58% of the embedded expert's answers were cut (and a cut answer is gated)"))
     max_instructions: NonNegativeInt = Field(0, description="kept evolved instructions to answer (0 = all)")
