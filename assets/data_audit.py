@@ -33,13 +33,13 @@ def training_data_audit(context: dg.AssetExecutionContext, warehouse: Warehouse,
     queries = QueryCounter()
     judge = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"))
     scores = judge.score(train["instruction"].to_list(), train["input"].to_list(), train["output"].to_list())
-    df = train.select("branch", "instance_id", "instruction_id", "instruction", "input", "output", "reward").with_columns(
+    df = train.select("branch", "replicate", "instance_id", "instruction_id", "instruction", "input", "output", "reward").with_columns(
         pl.Series("audit", scores, dtype=pl.Float64), pl.lit(judge.version).alias("audit_judge"),
         pl.lit(context.run_id).alias("run_id"))
     warehouse.write_table(AUDIT, df)
     per_arm = df.group_by("branch").agg(pl.len().alias("train_pairs"), pl.col("audit").mean().alias("mean_audit"),
                                         pl.col("reward").mean().alias("mean_training_reward")).sort("branch")
-    per_instruction = df.group_by("branch", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
+    per_instruction = df.group_by("branch", "replicate", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
     comparisons = []
     for candidate, reference in AUDIT_COMPARISONS:
         table = difference_table(per_instruction, candidate, reference, "audit", model_key="branch",

@@ -21,7 +21,7 @@ from resources import LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
-from .shared import provenance_columns, upstream_adapter
+from .shared import provenance_columns, upstream_adapters
 
 # Model label in the tables -> the fine-tuning asset whose adapter it is (None: the base model).
 EVALUATED_MODELS = {"base": None, "self_instruct": "selfinstruct_finetuned_model", "refine_af": "finetuned_model",
@@ -76,37 +76,48 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
     references = [inst.references for _, inst in items]
     params = SamplingParams(max_new_tokens=config.max_new_tokens, do_sample=False)
     counts = Counter(t.name for t, _ in items)
-    adapters = {label: upstream_adapter(context, asset) if asset else None for label, asset in EVALUATED_MODELS.items()}
+    # Every replicate's adapter of every tuned model: "<label>_r<replicate>" -> adapter (None: the base model);
+    # the key names a PEFT adapter, which may not hold a dot.
+    adapters = {"base_r0": None}
+    for label, asset in EVALUATED_MODELS.items():
+        if asset:
+            adapters.update({f"{label}_r{rep}": path for rep, path in upstream_adapters(context, asset).items()})
     # One copy of the base weights; the tuned models are its LoRA adapters.
     queries = QueryCounter()
-    models = {label: queries.wrap(m, "evaluated") for label, m in language_model.open_models(adapters).items()}
+    models = {key: queries.wrap(m, "evaluated") for key, m in language_model.open_models(adapters).items()}
     for model in models.values():
         model.require("continuation_logprobs", "evaluation (the reference log-likelihood)")
     task_rows, prediction_rows = [], []
-    by_metric: dict[str, dict[str, dict[str, float]]] = {m: {} for m in METRICS}
-    for label, model in models.items():
+    by_replicate: dict[str, dict[str, list[dict[str, float]]]] = {m: {} for m in METRICS}
+    for key, model in models.items():
+        label, rep = key.rsplit("_r", 1)
+        rep = int(rep)
         # Only the first line is scored, so a row may stop there (same answers, fewer tokens). The
         # references are read on the same prefill of the prompt as the answer.
         with model.for_generation() as view:
             gens, reference_logprobs = view.generate_and_score(
                 prompts, [reference_continuations(r) for r in references], params,
-                language_model.generation_batch_size(context.op_def.name), 0, progress_logger(context, f"evaluation/{label}"),
+                language_model.generation_batch_size(context.op_def.name), 0, progress_logger(context, f"evaluation/{key}"),
                 stop_after_first_line=True, score_batch_size=language_model.scoring_batch_size)
         answers = [first_line(g.text) for g in gens]
         scores = [best_rouge_l(a, inst.references) for a, (_, inst) in zip(answers, items)]
         likelihoods = [best_mean_logprob(lists) for lists in reference_logprobs]
-        by_metric["rouge_l"][label] = mean_by_task(items, scores)
-        by_metric["log_likelihood"][label] = mean_by_task(items, likelihoods)
-        task_rows += [dict(task=name, model=label, **provenance_columns(model.provenance), adapter_path=adapters[label],
-                           rouge_l=score, log_likelihood=by_metric["log_likelihood"][label][name],
+        rouge_by_task, ll_by_task = mean_by_task(items, scores), mean_by_task(items, likelihoods)
+        by_replicate["rouge_l"].setdefault(label, []).append(rouge_by_task)
+        by_replicate["log_likelihood"].setdefault(label, []).append(ll_by_task)
+        task_rows += [dict(task=name, model=label, replicate=rep, **provenance_columns(model.provenance),
+                           adapter_path=adapters[key], rouge_l=score, log_likelihood=ll_by_task[name],
                            n_instances=counts[name], run_id=context.run_id)
-                      for name, score in by_metric["rouge_l"][label].items()]
-        prediction_rows += [dict(task=t.name, instance_id=inst.id, model=label, prediction=a, rouge_l=s,
+                      for name, score in rouge_by_task.items()]
+        prediction_rows += [dict(task=t.name, instance_id=inst.id, model=label, replicate=rep, prediction=a, rouge_l=s,
                                  reference_log_likelihood=ll, references=json.dumps(list(inst.references)),
                                  **provenance_columns(model.provenance), run_id=context.run_id)
                             for (t, inst), a, s, ll in zip(items, answers, scores, likelihoods)]
-        context.log.info(f"evaluation/{label}: mean ROUGE-L {mean_per_model(by_metric['rouge_l'])[label]:.4f}, "
-                         f"mean reference log-likelihood {mean_per_model(by_metric['log_likelihood'])[label]:.4f}")
+        context.log.info(f"evaluation/{key}: mean ROUGE-L {sum(scores) / len(scores):.4f}, "
+                         f"mean reference log-likelihood {sum(likelihoods) / len(likelihoods):.4f}")
+    # The pairwise summary reads each model's task means averaged over its replicates.
+    by_metric = {m: {label: {task: sum(r[task] for r in reps) / len(reps) for task in reps[0]}
+                     for label, reps in by_label.items()} for m, by_label in by_replicate.items()}
     del models
     rows = summary_rows(by_metric, COMPARISONS, config.bootstrap_resamples, config.seed)
     df = pl.DataFrame(task_rows, schema_overrides={"adapter_path": pl.Utf8})

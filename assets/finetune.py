@@ -49,33 +49,43 @@ def sft_training_pairs(context: dg.AssetExecutionContext, config: MatchedDataCon
             continue
         # The training reward goes along (TeaMs-RL's answers have none), for the audit to set beside it.
         reward = pl.col("reward").cast(pl.Float64) if "reward" in kept.columns else pl.lit(None, pl.Float64)
-        arms[arm] = kept.select(*_PAIR_COLUMNS, reward.alias("reward")).to_dicts()
+        replicate = pl.col("replicate").fill_null(0) if "replicate" in kept.columns else pl.lit(None, pl.Int64)
+        arms[arm] = kept.select(*_PAIR_COLUMNS, reward.alias("reward"), replicate.alias("replicate")).to_dicts()
     if not arms:
         raise dg.Failure(f"no arm has kept pairs: materialize {', '.join(t for t, _ in ARM_PAIRS.values())} first")
-    draws = draw_matched(arms, {a for a, (_, shares) in ARM_PAIRS.items() if shares}, config)
-    rows = [dict(branch=arm, slice=part, **pair, source_table=ARM_PAIRS[arm][0], draw_rank=k)
-            for arm, d in draws.items() for part, pairs in (("train", d.train), ("validation", d.validation))
-            for k, pair in enumerate(pairs)]
-    df = pl.DataFrame(rows, schema_overrides={"reward": pl.Float64}).with_columns(
-        pl.lit(json.dumps(config.model_dump())).alias("settings"),
-                                         pl.lit(context.run_id).alias("run_id"))
-    warehouse.write_table(SFT_DATA, df)
-    per_arm = pl.DataFrame([dict(branch=d.arm, kept_pairs=d.kept_pairs, train_pairs=len(d.train),
-                                 validation_pairs=len(d.validation), target_train=d.target_train,
-                                 target_validation=d.target_validation,
-                                 shared_train_instructions=d.shared_train_instructions) for d in draws.values()])
-    short = [d.arm for d in draws.values() if d.short]
-    problems = [f"{d.arm} has {len(d.train)} train / {len(d.validation)} validation pairs of "
-                f"{d.target_train} / {d.target_validation}" for d in draws.values() if d.short]
+    # One draw per replicate; an arm without replicates (TeaMs-RL) brings the same pairs to each.
+    replicates = sorted({r["replicate"] for rows in arms.values() for r in rows if r["replicate"] is not None}) or [0]
+    sharing = {a for a, (_, shares) in ARM_PAIRS.items() if shares}
+    rows, per_arm, problems, short = [], [], [], []
+    for rep in replicates:
+        present = {a: [r for r in rs if r["replicate"] in (rep, None)] for a, rs in arms.items()}
+        lacking = [a for a, rs in present.items() if not rs]
+        problems += [f"{a} has no kept pairs in replicate {rep}" for a in lacking]
+        draws = draw_matched({a: rs for a, rs in present.items() if rs}, sharing, config)
+        rows += [dict(branch=arm, replicate=rep, slice=part, **{k: v for k, v in pair.items() if k != "replicate"},
+                      source_table=ARM_PAIRS[arm][0], draw_rank=k)
+                 for arm, d in draws.items() for part, pairs in (("train", d.train), ("validation", d.validation))
+                 for k, pair in enumerate(pairs)]
+        per_arm += [dict(branch=d.arm, replicate=rep, kept_pairs=d.kept_pairs, train_pairs=len(d.train),
+                         validation_pairs=len(d.validation), target_train=d.target_train,
+                         target_validation=d.target_validation, shared_train_instructions=d.shared_train_instructions)
+                    for d in draws.values()]
+        short += [d.arm for d in draws.values() if d.short]
+        problems += [f"{d.arm} has {len(d.train)} train / {len(d.validation)} validation pairs of "
+                     f"{d.target_train} / {d.target_validation} in replicate {rep}" for d in draws.values() if d.short]
     problems += [f"{arm} has no kept pairs in {ARM_PAIRS[arm][0]}" for arm in missing]
+    df = pl.DataFrame(rows, schema_overrides={"reward": pl.Float64}).with_columns(
+        pl.lit(json.dumps(config.model_dump())).alias("settings"), pl.lit(context.run_id).alias("run_id"))
+    warehouse.write_table(SFT_DATA, df)
     for line in problems:
         context.log.warning(f"{SFT_DATA}: {line}: its model is compared on less data")
-    figures = {"per_arm": metadata_table(per_arm), "arms_short": ", ".join(short) or "none",
-               "arms_missing": ", ".join(missing) or "none",
-               "train_pairs_per_arm": int(next(iter(draws.values())).target_train),
-               "validation_pairs_per_arm": int(next(iter(draws.values())).target_validation)}
+    first = [r for r in per_arm if r["replicate"] == replicates[0]]
+    figures = {"per_arm": metadata_table(pl.DataFrame(per_arm)), "arms_short": ", ".join(sorted(set(short))) or "none",
+               "arms_missing": ", ".join(missing) or "none", "replicates": len(replicates),
+               "train_pairs_per_arm": int(first[0]["target_train"]),
+               "validation_pairs_per_arm": int(first[0]["target_validation"])}
     return dg.MaterializeResult(
-        metadata={**table_metadata(df, ["branch", "slice", "instruction", "output"]), **figures},
+        metadata={**table_metadata(df, ["branch", "replicate", "slice", "instruction", "output"]), **figures},
         check_results=[dg.AssetCheckResult(check_name=CHECK_NAME, passed=not problems,
                                            severity=dg.AssetCheckSeverity.WARN,
                                            metadata={**figures, "problems": "; ".join(problems) or "none"})])
@@ -98,63 +108,85 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
         if drawn is None or drawn.filter(pl.col("slice") == "train").height == 0:
             raise dg.Failure(f"{SFT_DATA} has no training pairs for {arm}: materialize {pairs_table} and "
                              f"{SFT_DATA} first")
-        train = drawn.filter(pl.col("slice") == "train").sort("draw_rank")
-        val = drawn.filter(pl.col("slice") == "validation").sort("draw_rank")
-        held = set(val["instruction_id"].to_list())
-        triples = _triples(train)
-        model, tokenizer, source, device = language_model.load()
-        out_dir = artifact_store.run_dir(name, context.run_id)
+        replicates = sorted(drawn["replicate"].unique().to_list()) if "replicate" in drawn.columns else [0]
         started = time.monotonic()
-
-        def on_log(step, total, logs):
-            if "loss" in logs:
-                context.log.info(f"{name} SFT step {step}/{total}: loss {logs['loss']:.3f}")
-            elif "eval_loss" in logs:
-                context.log.info(f"{name} epoch {logs.get('epoch', 0):.1f}: validation loss {logs['eval_loss']:.3f}")
-
-        context.log.info(f"{name}: SFT on {train.height} pairs, {val.height} pairs of {len(held)} instructions "
-                         f"held out for validation ({SFT_DATA}, arm {arm})")
-        result = finetune(model, tokenizer, triples, config, out_dir, device, on_log, validation=_triples(val))
+        frames, adapters, warnings = [], {}, []
+        for rep in replicates:
+            part = drawn.filter(pl.col("replicate") == rep) if "replicate" in drawn.columns else drawn
+            frame, adapter, warning = _train_replicate(context, name, arm, rep, part, config, language_model,
+                                                       artifact_store)
+            frames.append(frame)
+            adapters[str(rep)] = adapter
+            if warning:
+                warnings.append(f"replicate {rep}: {warning}")
+                context.log.warning(f"{name} replicate {rep}: {warning}")
         seconds = time.monotonic() - started
-        df = pl.DataFrame(result.epochs, schema_overrides={"step_losses": pl.List(pl.Float64)}).with_columns(
-            pl.lit(context.run_id).alias("run_id"), pl.lit(str(result.adapter_dir)).alias("adapter_path"),
-            pl.lit(source.model_id).alias("base_model_id"), pl.lit(train.height).alias("train_examples"),
-            pl.lit(val.height).alias("validation_examples"), pl.lit(pairs_table).alias("train_table"),
-            pl.lit(arm).alias("branch"),
-            pl.lit(json.dumps(config.model_dump())).alias("settings"),
-            pl.lit(json.dumps(sorted(held))).alias("validation_instruction_ids"),
-        )
+        df = pl.concat(frames, how="diagonal_relaxed")
         warehouse.write_table(name, df)
-        first, last = df.row(0, named=True), df.row(-1, named=True)
-        warning = None
-        if val.height == 0:
-            warning = "no validation pairs (too few kept pairs): the curve shows the training loss only"
-        elif validation_never_improved(result.epochs):
-            warning = (f"the validation loss never fell below its value before training ({first['validation_loss']:.3f}): "
-                       "the adapter did not learn anything that carries over; check the pairs or the settings")
-        if warning:
-            context.log.warning(f"{name}: {warning}")
+        first = df.filter(pl.col("replicate") == replicates[0])
+        head, last = first.row(0, named=True), first.row(-1, named=True)
         return dg.MaterializeResult(metadata={
-            **table_metadata(df, ["epoch", "steps", "train_loss", "validation_loss"]),
-            "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
+            **table_metadata(df, ["replicate", "epoch", "steps", "train_loss", "validation_loss"]),
+            # The first replicate's adapter, and every replicate's (the evaluation reads them all).
+            "adapter_path": dg.MetadataValue.path(adapters[str(replicates[0])]),
+            "adapter_paths": dg.MetadataValue.json(adapters),
+            "replicates": len(replicates),
             "loss_curve": png_markdown(line_chart_png(
-                df["epoch"].to_list(), {"train_loss": df["train_loss"].to_list(),
-                                        "validation_loss": df["validation_loss"].to_list()},
-                f"SFT loss per epoch ({name})", xlabel="epoch"), "SFT loss"),
-            "train_examples": train.height,
-            "validation_examples": val.height,
+                first["epoch"].to_list(), {"train_loss": first["train_loss"].to_list(),
+                                           "validation_loss": first["validation_loss"].to_list()},
+                f"SFT loss per epoch ({name}, replicate {replicates[0]})", xlabel="epoch"), "SFT loss"),
+            "train_examples": int(head["train_examples"]),
+            "validation_examples": int(head["validation_examples"]),
             "optimizer_steps": int(last["steps"]),
-            "first_train_loss": first["train_loss"],
+            "first_train_loss": head["train_loss"],
             "final_train_loss": last["train_loss"],
-            "first_validation_loss": first["validation_loss"],
+            "first_validation_loss": head["validation_loss"],
             "final_validation_loss": last["validation_loss"],
-            "best_validation_loss": float(df["validation_loss"].min()) if val.height else float("nan"),
-            "validation_warning": warning or "none",
+            "best_validation_loss": float(first["validation_loss"].min()) if head["validation_examples"] else float("nan"),
+            "validation_warning": "; ".join(warnings) or "none",
             "train_seconds": round(seconds, 1),
-            **peak_memory(device),
+            **peak_memory(language_model.resolved_device()),
         })
 
     return _finetuned_model
+
+
+def _train_replicate(context: dg.AssetExecutionContext, name: str, arm: str, rep: int, drawn: pl.DataFrame,
+                     config: FinetuneConfig, language_model: LanguageModelResource,
+                     artifact_store: ArtifactStore) -> tuple[pl.DataFrame, str, str | None]:
+    """SFT of a fresh copy of the base model on one replicate's draw (its own trainer seed): the
+    epoch log, the adapter folder and a warning when the validation loss never improved."""
+    train = drawn.filter(pl.col("slice") == "train").sort("draw_rank")
+    val = drawn.filter(pl.col("slice") == "validation").sort("draw_rank")
+    held = set(val["instruction_id"].to_list())
+    settings = SFTSettings(**{**config.model_dump(), "seed": config.seed + rep})
+    model, tokenizer, source, device = language_model.load()
+    out_dir = artifact_store.run_dir(name, context.run_id) / (f"replicate-{rep}" if rep else "")
+
+    def on_log(step, total, logs):
+        if "loss" in logs:
+            context.log.info(f"{name} SFT step {step}/{total}: loss {logs['loss']:.3f}")
+        elif "eval_loss" in logs:
+            context.log.info(f"{name} epoch {logs.get('epoch', 0):.1f}: validation loss {logs['eval_loss']:.3f}")
+
+    context.log.info(f"{name} replicate {rep}: SFT on {train.height} pairs, {val.height} pairs of {len(held)} "
+                     f"instructions held out for validation ({SFT_DATA}, branch {arm})")
+    result = finetune(model, tokenizer, _triples(train), settings, out_dir, device, on_log, validation=_triples(val))
+    del model
+    df = pl.DataFrame(result.epochs, schema_overrides={"step_losses": pl.List(pl.Float64)}).with_columns(
+        pl.lit(rep).alias("replicate"), pl.lit(context.run_id).alias("run_id"),
+        pl.lit(str(result.adapter_dir)).alias("adapter_path"), pl.lit(source.model_id).alias("base_model_id"),
+        pl.lit(train.height).alias("train_examples"), pl.lit(val.height).alias("validation_examples"),
+        pl.lit(ARM_PAIRS[arm][0]).alias("train_table"), pl.lit(arm).alias("branch"),
+        pl.lit(json.dumps(settings.model_dump())).alias("settings"),
+        pl.lit(json.dumps(sorted(held))).alias("validation_instruction_ids"))
+    warning = None
+    if val.height == 0:
+        warning = "no validation pairs (too few kept pairs): the curve shows the training loss only"
+    elif validation_never_improved(result.epochs):
+        warning = (f"the validation loss never fell below its value before training ({result.epochs[0]['validation_loss']:.3f}): "
+                   "the adapter did not learn anything that carries over; check the pairs or the settings")
+    return df, str(result.adapter_dir), warning
 
 
 def _triples(pairs: pl.DataFrame) -> list[tuple[str, str, str]]:

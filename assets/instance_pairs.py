@@ -40,12 +40,19 @@ def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsSet
         return plan
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
     n, candidates = config.instances_per_instruction, getattr(config, "candidates_per_instance", 1)
-    items = [dict(instance_id=f"{iid}-{j}", candidate_index=c, instruction_id=iid, instruction=text, is_classification=bool(cls))
+    items = [dict(instance_id=instance_id(iid, j, r), replicate=r, candidate_index=c, instruction_id=iid,
+                  instruction=text, is_classification=bool(cls))
+             for r in range(config.replicates)
              for iid, text, cls in zip(chosen["instruction_id"].to_list(), chosen["instruction"].to_list(),
                                        chosen["is_classification"].to_list()) for j in range(n) for c in range(candidates)]
-    settings = dict(config.sampling_params().as_dict(),
-                    seed=config.seed, adapter=adapter, batch_size=batch_size, candidates_per_instance=candidates)
+    settings = dict(config.sampling_params().as_dict(), seed=config.seed, adapter=adapter, batch_size=batch_size,
+                    candidates_per_instance=candidates, replicates=config.replicates)
     return ledger.start_plan(context.run_id, settings, [items[s:s + batch_size] for s in range(0, len(items), batch_size)])
+
+
+def instance_id(instruction_id: str, sample: int, replicate: int) -> str:
+    """<instruction id>-<sample>, and -r<replicate> after it from the second replicate on."""
+    return f"{instruction_id}-{sample}" + (f"-r{replicate}" if replicate else "")
 
 
 def _staging(name: str) -> str:
@@ -91,8 +98,9 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
                                                  params, settings["batch_size"], settings["seed"] + batch.index,
                                                  is_classification=[i.get("is_classification", False)
                                                                     for i in batch.inputs])
-                keys = [{"instance_id": i["instance_id"], "candidate_index": i.get("candidate_index", 0),
-                         "instruction_id": i["instruction_id"]} for i in batch.inputs]
+                keys = [{"instance_id": i["instance_id"], "replicate": i.get("replicate", 0),
+                         "candidate_index": i.get("candidate_index", 0), "instruction_id": i["instruction_id"]}
+                        for i in batch.inputs]
                 staged = scored_instance_frame(keys, rows, policy.provenance, versions, params, plan.plan_id,
                                                policy_adapter=adapter)
                 ledger.commit_batch(plan, batch, _staging(name), staged, context.run_id)
@@ -104,9 +112,13 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
             order, return_dtype=pl.Int64))
         rows = staged.to_dicts()
         chosen = choose_best(rows)
-        # Conflicting outputs are judged across the whole plan, so the filter runs once all batches are in.
-        reasons = iter(filter_reason([r for r, c in zip(rows, chosen) if c]))
-        reasons = [next(reasons) if c else "not_best_of_n" for c in chosen]
+        # Conflicting outputs are judged across the whole plan (within each replicate), so the filter
+        # runs once all batches are in.
+        reasons: list[str | None] = ["not_best_of_n"] * len(rows)
+        for r in sorted({row.get("replicate") or 0 for row in rows}):
+            picked = [k for k, (row, c) in enumerate(zip(rows, chosen)) if c and (row.get("replicate") or 0) == r]
+            for k, reason in zip(picked, filter_reason([rows[k] for k in picked])):
+                reasons[k] = reason
         df = staged.with_columns(pl.Series("chosen", chosen), pl.Series("keep", [r is None for r in reasons]),
                                  pl.Series("filter_reason", reasons, dtype=pl.Utf8))
         ledger.finish(plan, context.run_id, replace={name: df}, clear_rows_of=_staging(name))
@@ -116,6 +128,7 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
             "kept_pairs": int(df["keep"].sum()),
             "mean_reward": float(df.filter(pl.col("chosen"))["reward"].mean()),
             "candidates_per_instance": settings.get("candidates_per_instance", 1),
+            "replicates": settings.get("replicates", 1),
             "generations": df.height,
             "policy": dg.MetadataValue.path(adapter) if adapter else "base model (no RL adapter)",
             "plan_run_id": plan.plan_id,

@@ -135,6 +135,18 @@ def upstream_adapter(context: dg.AssetExecutionContext, asset: str, metadata: di
     return str(path)
 
 
+def upstream_adapters(context: dg.AssetExecutionContext, asset: str) -> dict[int, str]:
+    """Replicate -> adapter folder of `asset`'s latest materialization (a fine-tuned model trains one
+    adapter per replicate; older materializations record only `adapter_path`, replicate 0)."""
+    metadata = upstream_metadata(context, asset)
+    paths = metadata.get("adapter_paths") or {"0": upstream_adapter(context, asset, metadata)}
+    missing = [p for p in paths.values() if not Path(p).is_dir()]
+    if missing:
+        raise dg.Failure(f"adapters of {asset}'s latest materialization (run {metadata['run_id']}) are gone: "
+                         f"{', '.join(missing)}; materialize {asset} again")
+    return {int(rep): str(path) for rep, path in sorted(paths.items(), key=lambda kv: int(kv[0]))}
+
+
 def subset(df: pl.DataFrame, limit: int, seed: int) -> pl.DataFrame:
     """A reproducible sample of at most `limit` rows (0 = all)."""
     if limit <= 0 or df.height <= limit:

@@ -58,7 +58,7 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
     boot = dict(resamples=config.bootstrap_resamples, seed=config.seed)
     scorers = heldout["scorers"][0] if "scorers" in heldout.columns else "unknown"
     audit_judge = audited["audit_judge"][0]
-    audit_by_instruction = audited.group_by("branch", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
+    audit_by_instruction = audited.group_by("branch", "replicate", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
     question_a = "a. RL policy beats the base model on held-out instructions"
     both_audited = heldout.filter(pl.col("audit_difference").is_not_null())
     rows = []
@@ -72,8 +72,9 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
         f"training reward ({', '.join(json.loads(scorers).values()) if scorers != 'unknown' else scorers})",
         heldout["reward_difference"].to_numpy()[None, :], config.margin_reward, **boot,
         note="the reward RL trained on: not an independent judge"))
-    pairs = {a: drawn.filter((pl.col("branch") == a) & (pl.col("slice") == "train")).height
-             for a in drawn["branch"].unique().to_list()}
+    first = drawn.filter(pl.col("replicate") == drawn["replicate"].min())
+    pairs = {a: first.filter((pl.col("branch") == a) & (pl.col("slice") == "train")).height
+             for a in first["branch"].unique().to_list()}
     task_rows = evaluation.to_dicts()
     for question, reference in (("b. REFINE-AF data beats Self-Instruct data after SFT", "self_instruct"),
                                 ("c. REFINE-AF data beats best-of-N data after SFT", "best_of_n")):

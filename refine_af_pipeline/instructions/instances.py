@@ -78,6 +78,9 @@ class InstancePairsSettings(SamplingSettings):
         "kept instructions to write instances for (0 = all, the method); the same seed picks the same ones in "
         "both branches"))
     instances_per_instruction: PositiveInt = Field(2, description="instances written per instruction")
+    replicates: PositiveInt = Field(1, description=(
+        "independent draws of the whole instance set (each its own sampling seeds), each fine-tuned apart: the "
+        "spread between them is in every comparison's CI"))
 
 
 class BestOfNSettings(InstancePairsSettings):
