@@ -20,7 +20,8 @@ def smallest_run_config(**overrides) -> dict:
         "rl_refined_policy": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "train_batch_size": 2,
                               "max_completion_length": 24},
         "rl_heldout_comparison": {"samples_per_instruction": 2, "max_new_tokens": 32, "bootstrap_resamples": 2000},
-        "instance_output_pairs": {"max_instructions": 12, "max_new_tokens": 32},
+        # Two replicates: every arm's SFT and evaluation run twice, and the verdict bootstraps over them.
+        "instance_output_pairs": {"max_instructions": 12, "max_new_tokens": 32, "replicates": 2},
         "sft_training_pairs": {"min_validation": 1},
         "finetuned_model": {"epochs": 2.0, "batch_size": 4, "max_length": 128},
         "evaluation": {"instances_per_task": 1, "max_new_tokens": 8, "bootstrap_resamples": 2000},

@@ -59,8 +59,9 @@ def test_every_stage_writes_its_table(first_run):
     assert all(n > 0 for n in counts.values()), counts
     assert counts["rl_refined_policy"] == 2  # one log row per RL step
     n_tasks = len(load_tasks())
-    assert counts["evaluation"] == len(MODELS) * n_tasks  # (task, model) rows: base and the four tuned models on every task
-    assert counts["evaluation_predictions"] == len(MODELS) * n_tasks  # one instance per task in the smallest config
+    # (task, model, replicate) rows: the base model once, the four tuned models in both replicates
+    assert counts["evaluation"] == (1 + 2 * (len(MODELS) - 1)) * n_tasks
+    assert counts["evaluation_predictions"] == counts["evaluation"]  # one instance per task in the smallest config
     assert counts["evaluation_summary"] == 2 * len(PAIRS)  # (metric, every compared pair of the five models)
 
 
@@ -277,17 +278,22 @@ def test_evaluation_compares_five_models_on_both_metrics_with_a_summary_and_a_wa
     n_tasks = len(load_tasks())
     scores = _table(data_dir, "SELECT * FROM evaluation")
     assert sorted(set(scores["model"])) == MODELS
-    assert scores.group_by("model").len()["len"].to_list() == [n_tasks] * len(MODELS)
+    assert scores.group_by("model").len().sort("model")["len"].to_list() == [n_tasks if m == "base" else 2 * n_tasks
+                                                                            for m in MODELS]
     assert (scores["log_likelihood"] < 0).all()  # mean log-probability per token of a reference
-    adapters = dict(_table(data_dir, "SELECT DISTINCT model, adapter_path FROM evaluation").iter_rows())
-    assert adapters["base"] is None
-    assert "/selfinstruct_finetuned_model/" in adapters["self_instruct"] and "/finetuned_model/" in adapters["refine_af"]
+    adapters = {(m, r): a for m, r, a in _table(data_dir, "SELECT DISTINCT model, replicate, adapter_path "
+                                                           "FROM evaluation").iter_rows()}
+    assert adapters[("base", 0)] is None
+    assert "/selfinstruct_finetuned_model/" in adapters[("self_instruct", 0)]
+    assert "/finetuned_model/" in adapters[("refine_af", 0)] and "/replicate-1/" in adapters[("refine_af", 1)]
     predictions = _table(data_dir, "SELECT * FROM evaluation_predictions")
-    per_task = predictions.group_by("task", "model").agg(pl.col("rouge_l").mean(),
-                                                         pl.col("reference_log_likelihood").mean()).sort("task", "model")
-    joined = per_task.join(scores, on=["task", "model"])
-    assert joined.height == 4 * n_tasks and (joined["rouge_l"] - joined["rouge_l_right"]).abs().max() < 1e-12
+    per_task = predictions.group_by("task", "model", "replicate").agg(
+        pl.col("rouge_l").mean(), pl.col("reference_log_likelihood").mean())
+    joined = per_task.join(scores, on=["task", "model", "replicate"])
+    assert joined.height == scores.height and (joined["rouge_l"] - joined["rouge_l_right"]).abs().max() < 1e-12
     assert (joined["reference_log_likelihood"] - joined["log_likelihood"]).abs().max() < 1e-9
+    # The summary compares each model's task means averaged over its replicates.
+    scores = scores.group_by("task", "model").agg(pl.col("rouge_l").mean(), pl.col("log_likelihood").mean())
     # The tuned adapters change the model: its log-likelihood of the references moves on nearly
     # every task (a task mean can stay put by chance when tokens move both ways: 1 of 64 once).
     wide_ll = scores.pivot(on="model", index="task", values="log_likelihood")
@@ -464,11 +470,13 @@ def test_verdict_answers_every_question_from_the_graphs_comparisons(first_run):
     assert set(verdict["answer"]) <= {"yes", "no", "cannot tell"}
     assert (verdict["ci95_low"] <= verdict["effect"]).all() and (verdict["effect"] <= verdict["ci95_high"]).all()
     # Row b on ROUGE-L is the mean over tasks of REFINE-AF minus Self-Instruct in the evaluation table.
-    scores = _table(data_dir, "SELECT task, model, rouge_l FROM evaluation WHERE model IN ('refine_af', 'self_instruct')")
-    wide = scores.pivot(on="model", index="task", values="rouge_l")
+    scores = _table(data_dir, "SELECT task, model, replicate, rouge_l FROM evaluation "
+                              "WHERE model IN ('refine_af', 'self_instruct')")
+    wide = scores.pivot(on="model", index=["task", "replicate"], values="rouge_l")
     row = verdict.filter(pl.col("question").str.starts_with("b.") & (pl.col("metric") == "rouge_l")).row(0, named=True)
+    # The mean over (replicate, task) cells of REFINE-AF minus Self-Instruct; both replicates count.
     assert row["effect"] == pytest.approx((wide["refine_af"] - wide["self_instruct"]).mean())
-    assert row["n_items"] == wide.height and row["n_seeds"] == 1
+    assert row["n_items"] == wide["task"].n_unique() and row["n_seeds"] == 2
     heldout = _table(data_dir, "SELECT reward_difference FROM rl_heldout_comparison")
     row_a = verdict.filter(pl.col("question").str.starts_with("a.") & (pl.col("metric") == "training reward")).row(
         0, named=True)
