@@ -31,8 +31,11 @@ FORMAT_FILES = {"alpaca_json": "alpaca.json", "jsonl": "data.jsonl", "parquet": 
 
 def export_rows(pairs: pl.DataFrame, dataset: str) -> pl.DataFrame:
     """The kept instances of an instance-pairs table in the export layout, with fixed column types
-    (an all-null column such as the baseline's policy_adapter would otherwise have no type)."""
+    (an all-null column such as the baseline's policy_adapter would otherwise have no type). Of a
+    table with replicates, the first replicate: one dataset, not several draws of it."""
     kept = pairs.filter(pl.col("keep")).with_columns(pl.lit(dataset).alias("dataset"))
+    if "replicate" in kept.columns:
+        kept = kept.filter(pl.col("replicate").fill_null(0) == 0)
     # A table written before the backend columns existed exports them as null.
     return kept.select(
         *[(pl.col(f) if f in kept.columns else pl.lit(None)).cast(pl.Utf8).alias(f) for f in _TEXT_FIELDS],
