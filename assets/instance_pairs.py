@@ -10,8 +10,8 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.llm.backend import SamplingParams
-from refine_af_pipeline.instructions.instances import (BestOfNSettings, InstancePairsSettings, choose_best,
-                                                      filter_reason, generate_scored_instances)
+from refine_af_pipeline.instructions.instances import (BestOfNSettings, InstancePairsSettings, choose_and_filter,
+                                                      generate_scored_instances)
 from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
@@ -33,9 +33,17 @@ class BestOfNConfig(dg.Config, BestOfNSettings):
 def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsSettings, warehouse: Warehouse,
           ledger: BatchLedger, adapter: str | None, batch_size: int) -> GenerationPlan:
     """The plan a crashed run left for this policy, or a new one: the chosen instructions in batches."""
-    # A plan made with another RL policy is abandoned: mixing two policies' instances would mislead.
-    plan = ledger.take_unfinished(context.run_id, context.log, lambda p: None if p.settings["adapter"] == adapter else (
-        f"made with policy {p.settings['adapter']}, the latest is {adapter}"), clear_rows_of=_staging(name))
+    # A plan made with another RL policy, or another number of candidates or replicates, is
+    # abandoned: mixing them would mislead.
+    wanted = {"adapter": adapter, "candidates_per_instance": getattr(config, "candidates_per_instance", 1),
+              "replicates": config.replicates}
+
+    def stale(p) -> str | None:
+        differing = [k for k, v in wanted.items() if p.settings.get(k, 1 if k != "adapter" else None) != v]
+        return f"made with other {', '.join(differing)} ({', '.join(str(p.settings.get(k)) for k in differing)})" \
+            if differing else None
+
+    plan = ledger.take_unfinished(context.run_id, context.log, stale, clear_rows_of=_staging(name))
     if plan is not None:
         return plan
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
@@ -110,15 +118,8 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
         staged = warehouse.query(f'SELECT * FROM "{_staging(name)}" WHERE run_id = ?', [plan.plan_id])
         staged = staged.sort((pl.col("instance_id") + "/" + pl.col("candidate_index").fill_null(0).cast(pl.Utf8)).replace_strict(
             order, return_dtype=pl.Int64))
-        rows = staged.to_dicts()
-        chosen = choose_best(rows)
-        # Conflicting outputs are judged across the whole plan (within each replicate), so the filter
-        # runs once all batches are in.
-        reasons: list[str | None] = ["not_best_of_n"] * len(rows)
-        for r in sorted({row.get("replicate") or 0 for row in rows}):
-            picked = [k for k, (row, c) in enumerate(zip(rows, chosen)) if c and (row.get("replicate") or 0) == r]
-            for k, reason in zip(picked, filter_reason([rows[k] for k in picked])):
-                reasons[k] = reason
+        # Conflicting outputs are judged across the whole plan, so the filter runs once all batches are in.
+        chosen, reasons = choose_and_filter(staged.to_dicts())
         df = staged.with_columns(pl.Series("chosen", chosen), pl.Series("keep", [r is None for r in reasons]),
                                  pl.Series("filter_reason", reasons, dtype=pl.Utf8))
         ledger.finish(plan, context.run_id, replace={name: df}, clear_rows_of=_staging(name))

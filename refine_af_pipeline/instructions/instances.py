@@ -105,6 +105,19 @@ def choose_best(rows: Sequence[dict]) -> list[bool]:
     return [k in chosen for k in range(len(rows))]
 
 
+def choose_and_filter(rows: Sequence[dict]) -> tuple[list[bool], list[str | None]]:
+    """(chosen, filter reason) per row: each instance's best candidate (choose_best), then the
+    filters over the chosen rows of each replicate apart (a conflict needs two outputs of one
+    draw); a candidate that was not chosen has the reason not_best_of_n."""
+    chosen = choose_best(rows)
+    reasons: list[str | None] = ["not_best_of_n"] * len(rows)
+    for replicate in sorted({r.get("replicate") or 0 for r in rows}):
+        picked = [k for k, (r, c) in enumerate(zip(rows, chosen)) if c and (r.get("replicate") or 0) == replicate]
+        for k, reason in zip(picked, filter_reason([rows[k] for k in picked])):
+            reasons[k] = reason
+    return chosen, reasons
+
+
 class ParseRateSettings(BaseModel):
     """Settings of the parse-rate check on the policy's instances."""
 
