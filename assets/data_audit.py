@@ -14,6 +14,7 @@ from .metadata import metadata_table, peak_memory, table_metadata
 
 AUDIT = "training_data_audit"
 # Arms on the shared instruction pool, compared instruction by instruction.
+BOOTSTRAP_RESAMPLES = 10_000  # over replicates and instructions, fixed seed 0
 AUDIT_COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "best_of_n"), ("best_of_n", "self_instruct")]
 
 
@@ -31,7 +32,8 @@ def training_data_audit(context: dg.AssetExecutionContext, warehouse: Warehouse,
         raise dg.Failure("sft_training_pairs has no training pairs: materialize it first")
     train = drawn.filter(pl.col("slice") == "train")
     queries = QueryCounter()
-    judge = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"))
+    judge = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"),
+                                audit_model.scoring_batch_size)
     scores = judge.score(train["instruction"].to_list(), train["input"].to_list(), train["output"].to_list())
     df = train.select("branch", "replicate", "instance_id", "instruction_id", "instruction", "input", "output", "reward").with_columns(
         pl.Series("audit", scores, dtype=pl.Float64), pl.lit(judge.version).alias("audit_judge"),
@@ -46,8 +48,8 @@ def training_data_audit(context: dg.AssetExecutionContext, warehouse: Warehouse,
                                  item_key="instruction_id")
         if np.isnan(table).all():  # no instruction both arms trained on
             continue
-        mean, low, high, _ = crossed_bootstrap(table, 5_000)
-        comparisons.append(dict(candidate=candidate, reference=reference, paired_instructions=int((~np.isnan(table)).sum()),
+        mean, low, high, _ = crossed_bootstrap(table, BOOTSTRAP_RESAMPLES)
+        comparisons.append(dict(candidate=candidate, reference=reference, paired_instructions=int((~np.isnan(table)).any(axis=0).sum()),
                                 mean_audit_difference=mean, ci95_low=low, ci95_high=high))
     return dg.MaterializeResult(metadata={
         **table_metadata(df, ["branch", "instruction", "output", "reward", "audit"]),

@@ -92,7 +92,7 @@ def sft_training_pairs(context: dg.AssetExecutionContext, config: MatchedDataCon
 
 
 class FinetuneConfig(dg.Config, SFTSettings):
-    """Run config of both fine-tuning assets: the fields of SFTSettings (refine_af_pipeline/training/sft.py)."""
+    """Run config of every fine-tuning asset: the fields of SFTSettings (refine_af_pipeline/training/sft.py)."""
 
 
 def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.AssetsDefinition:

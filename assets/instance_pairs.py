@@ -97,7 +97,7 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
             models = language_model.open_models({"policy": adapter, "judge": None})
             policy, judge = queries.wrap(models["policy"], "generator"), queries.wrap(models["judge"], "judge")
             scorer = feedback_scorer.build(judge, device, stats, language_model.scoring_batch_size,
-                                           learned_reward_dir(warehouse))
+                                           learned_reward_dir(warehouse, feedback_scorer))
             versions = scorer.versions()
             report = progress_logger(context, name, settings["batch_size"] * params.max_new_tokens)
             started = time.monotonic()
@@ -147,8 +147,8 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
 instance_output_pairs = build_instance_pairs_asset(
     "instance_output_pairs", use_rl_policy=True,
     description="REFINE-AF: the RL-refined policy writes input/output instances for the kept instructions; each "
-                "is parsed, scored by the same automated feedback, and filtered (unparseable, empty output, output "
-                "equal to input, one input with conflicting outputs). `keep` marks the rows used for SFT.")
+                "is parsed, scored by the same automated feedback, and filtered (the instance gate: unparseable, empty, "
+                "cut, looping, copied or off-label outputs; one input with conflicting outputs). `keep` marks the rows used for SFT.")
 
 selfinstruct_instance_pairs = build_instance_pairs_asset(
     "selfinstruct_instance_pairs", use_rl_policy=False,

@@ -46,7 +46,7 @@ def ledger_rows(counts_by_asset: dict[str, tuple[dict, str]]) -> list[dict]:
 
 
 def branch_totals(rows: list[dict]) -> dict[str, dict[str, int]]:
-    """Per branch, the data queries by role (the shared bootstrap counted in both branches it feeds)."""
+    """Per branch, the data queries by role (a shared stage counted in every branch it feeds)."""
     totals = {b: {r: 0 for r in ROLES} for b in BRANCHES}
     for row in rows:
         if row["purpose"] != "data":

@@ -50,6 +50,9 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
              for r in seeds.iter_rows(named=True)]
     queries = QueryCounter()
     base = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
+    # Opened before the generation, so a backend that cannot score fails the step at once.
+    audit = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"),
+                                audit_model.scoring_batch_size)
     batch_size = language_model.generation_batch_size(context.op_def.name)
     prompts = [render_prompt(base.tokenizer, instance_prompt(t["instruction"]), INSTANCE_PREFIX) for t in tasks]
     report = progress_logger(context, "reward_model", batch_size * config.max_new_tokens)
@@ -85,8 +88,6 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
     rated = rating.score([pairs[k].instruction for k in tested] * 2, [pairs[k].input for k in tested] * 2,
                          [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested])
     self_rating = dict(zip(tested, zip(rated[:len(tested)], rated[len(tested):])))
-    audit = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"),
-                                language_model.scoring_batch_size)
     audited = audit.score([pairs[k].instruction for k in tested] * 2, [pairs[k].input for k in tested] * 2,
                           [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested])
     audit_scores = dict(zip(tested, zip(audited[:len(tested)], audited[len(tested):])))
@@ -125,6 +126,10 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
     })
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def _ordered(scores: tuple | None) -> bool | None:
     """Whether the preferred output scored higher (None: a score is missing)."""
     if scores is None or scores[0] is None or scores[1] is None:
@@ -144,6 +149,7 @@ def _accuracy_by_kind(heldout: pl.DataFrame, preferred: np.ndarray, rejected: np
             length_baseline=pairwise_accuracy([length_a[j] for j in idx], [length_b[j] for j in idx]),
             self_rating=pairwise_accuracy([self_rating[tested[j]][0] for j in idx],
                                           [self_rating[tested[j]][1] for j in idx]),
-            # A missing audit score (an empty output) counts as a wrong order.
-            audit_judge=float(np.mean([bool(_ordered(audit_scores[tested[j]])) for j in idx])) if idx else float("nan")))
+            # A missing audit score (an empty output) counts as a wrong order, a tie as one half.
+            audit_judge=pairwise_accuracy([_or(audit_scores[tested[j]][0], -np.inf) for j in idx],
+                                          [_or(audit_scores[tested[j]][1], np.inf) for j in idx])))
     return pl.DataFrame(rows)

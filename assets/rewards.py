@@ -26,7 +26,8 @@ class RewardScoresConfig(dg.Config, RewardScoresSettings):
     specs=[
         dg.AssetSpec("reward_scores", deps=["deduplicated_instructions", "reward_model"], kinds={"duckdb", "pytorch"}, description=(
             "The base model writes one input/output instance per kept instruction and the automated feedback "
-            "scores it: one column per component (preference, naturalness, coherence, understandability) with "
+            "scores it: one column per component (preference, naturalness, coherence, understandability, "
+            "learned_reward) with "
             "the judge that produced it (`<component>_scorer`), the instance gate's reason, and the combined "
             "reward.")),
         dg.AssetSpec(STANDARDISATION, deps=["reward_scores"], kinds={"duckdb"}, description=(
@@ -49,7 +50,7 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
     model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
     device = language_model.resolved_device()
     scorer = feedback_scorer.build(model, device, batch_size=language_model.scoring_batch_size,
-                                   learned_reward_dir=learned_reward_dir(warehouse))
+                                   learned_reward_dir=learned_reward_dir(warehouse, feedback_scorer))
     params = config.sampling_params()
     batch_size = language_model.generation_batch_size(context.op_def.name)
     rows = generate_scored_instances(model, scorer, chosen["instruction"].to_list(), params, batch_size,

@@ -69,7 +69,11 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
     policy = queries.wrap(models["policy"], "generator")
     device = language_model.resolved_device()
     scorer = feedback_scorer.build(base, device, base_component_stats(warehouse), language_model.scoring_batch_size,
-                                   learned_reward_dir(warehouse))
+                                   learned_reward_dir(warehouse, feedback_scorer))
+    # The audit judge reads both models' gate-passing outputs: weights the policy never trained
+    # against. Opened before the generation, so a backend that cannot score fails at once.
+    audit = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"),
+                                audit_model.scoring_batch_size)
     params = config.sampling_params()
     k = config.samples_per_instruction
 
@@ -81,9 +85,6 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
     base_rows, policy_rows = generate_both(base, policy, scorer, heldout["instruction"].to_list(), params, k,
                                            language_model.generation_batch_size(context.op_def.name), config.seed, progress,
                                            heldout["is_classification"].to_list())
-    # The audit judge reads both models' gate-passing outputs: weights the policy never trained against.
-    audit = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"),
-                                language_model.scoring_batch_size)
     for scored in (base_rows, policy_rows):
         add_audit(scored, audit)
     rows = per_instruction_rows(heldout["instruction_id"].to_list(), heldout["instruction"].to_list(),

@@ -44,7 +44,7 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
     judge = AdapterView()
     queries = QueryCounter()
     scorer = feedback_scorer.build(queries.wrap(language_model.judge_model(judge, tokenizer, source), "judge"), device, stats,
-                                   language_model.scoring_batch_size, learned_reward_dir(warehouse))
+                                   language_model.scoring_batch_size, learned_reward_dir(warehouse, feedback_scorer))
     out_dir = artifact_store.run_dir("rl_refined_policy", context.run_id)
     started = time.monotonic()
 

@@ -96,9 +96,11 @@ def provenance_columns(served: Provenance) -> dict[str, str]:
     return {"model_id": served.served_model, "backend": served.backend, "engine_version": served.engine_version}
 
 
-def learned_reward_dir(warehouse: Warehouse) -> str:
-    """The folder of the reward model the reward_model asset fitted last (the learned_reward
-    component loads it)."""
+def learned_reward_dir(warehouse: Warehouse, feedback_scorer=None) -> str | None:
+    """The folder of the reward model the reward_model asset fitted last, which the default
+    learned_reward scorer loads; None when the feedback_scorer names its own folder."""
+    if feedback_scorer is not None and feedback_scorer.learned_reward.strip() != "bradley-terry":
+        return None
     df = warehouse.read_table("reward_model")
     if df is None or df.height == 0:
         raise dg.Failure("reward_model is missing: materialize reward_model first (it fits the learned_reward "

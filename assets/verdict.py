@@ -92,7 +92,9 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
                                     "audit (PMI, nats/token)", audit_judge, table, config.margin_audit, **boot,
                                     note="instructions both arms trained on"))
     per_seed = teams.group_by("arm", "seed_id").agg(pl.col("reward").mean()).to_dicts()
-    fixed = next(a for a in teams["arm"].unique().to_list() if a.startswith("fixed:"))
+    fixed = next((a for a in teams["arm"].unique().to_list() if a.startswith("fixed:")), None)
+    if fixed is None:
+        raise dg.Failure("teams_policy_comparison has no fixed:<operation> arm: materialize it again")
     for question, reference in (("d. TeaMs-RL instructor beats uniform operations", "uniform"),
                                 ("d. TeaMs-RL instructor beats the best fixed operation", fixed)):
         rows.append(verdict_row(question, "teams_policy", reference, "reviewer reward per step", "frozen reviewer",

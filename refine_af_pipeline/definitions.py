@@ -71,8 +71,9 @@ all_checks = dg.load_asset_checks_from_modules([checks])
 refine_af_job = dg.define_asset_job(
     "refine_af_job",
     selection=dg.AssetSelection.all(),
-    description="Materialize the whole REFINE-AF graph: seeds, the three branches (REFINE-AF, the Self-Instruct "
-                "baseline, TeaMs-RL), their evaluation, the query ledger and the dataset exports.",
+    description="Materialize the whole REFINE-AF graph: seeds, the learned reward, the four arms (REFINE-AF, the "
+                "Self-Instruct baseline, the best-of-N control, TeaMs-RL), their equal SFT draws, the audit, the "
+                "evaluation, the verdict, the query ledger and the dataset exports.",
 )
 
 
@@ -93,7 +94,7 @@ def regeneration_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunReques
 
 
 # Steps preloaded by the forkserver: a spawned step spent ~6 s importing torch, transformers and
-# TRL before its first line, and a run has 21 steps. Importing does not start torch's thread pools
+# TRL before its first line, and a run has about 30 steps. Importing does not start torch's thread pools
 # or touch CUDA, so forking after it is safe.
 FORKSERVER_PRELOAD = ["refine_af_pipeline.definitions", "torch", "transformers", "peft", "trl", "sentence_transformers"]
 

@@ -13,7 +13,7 @@ def smallest_run_config(**overrides) -> dict:
     """Per-asset config at the smallest sizes; `materialize` keeps the entries it selects."""
     ops = {
         "bootstrap_instructions": {"num_prompts": 8, "classification_prompts": 1, "max_new_tokens": 64},
-        # The tiny model's instances pass the format gate about one time in three: 16 and 12
+        # The tiny model's instances pass the instance gate about one time in three: 16 and 12
         # instructions leave enough for the spread of each component and an SFT validation slice.
         "reward_model": {"max_new_tokens": 32, "max_seed_tasks": 60},
         "reward_scores": {"max_instructions": 16, "max_new_tokens": 32},

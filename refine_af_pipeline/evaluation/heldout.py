@@ -33,7 +33,7 @@ class GainSplit:
         difference = (p1 - p0) * (m0 - g)   the gate part: more instances pass, valued at the base's m
                    + p1 * (m1 - m0)         the score part: passing instances score better
 
-    Only the score part can reach a fine-tuned model: both branches drop gated instances before SFT."""
+    Only the score part can reach a fine-tuned model: every branch drops gated instances before SFT."""
 
     gate_part: float
     gate_part_ci: tuple[float, float]

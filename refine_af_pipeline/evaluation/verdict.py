@@ -38,7 +38,8 @@ class VerdictSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     margin_reward: NonNegativeFloat = Field(0.1, description=(
-        "smallest reward difference that matters (standardised units: a tenth of the base model's spread)"))
+        "smallest training-reward difference that matters, in the reward's units (a component's weight times "
+        "its standardised value: 0.1 is a tenth of one base-model standard deviation of the preference score)"))
     margin_rouge_l: NonNegativeFloat = Field(0.01, description="smallest ROUGE-L difference that matters (0-1 scale)")
     margin_log_likelihood: NonNegativeFloat = Field(0.01, description=(
         "smallest difference of the references' mean log-likelihood that matters (nats per token)"))
@@ -104,7 +105,8 @@ def verdict_row(question: str, candidate: str, reference: str, metric: str, judg
     """The row for one question from its seeds x items table of (candidate - reference)."""
     table = np.atleast_2d(np.asarray(differences, dtype=float))
     mean, low, high, se = crossed_bootstrap(table, resamples, seed)
-    return VerdictRow(question, candidate, reference, metric, judge, mean, low, high, int(table.shape[1]),
+    items = int((~np.isnan(table)).any(axis=0).sum())  # items with a difference in some seed
+    return VerdictRow(question, candidate, reference, metric, judge, mean, low, high, items,
                       int(table.shape[0]), margin, MDD_Z * se, answer(low, high, margin), note)
 
 

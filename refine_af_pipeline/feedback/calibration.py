@@ -12,7 +12,7 @@ The ratings file is CSV (UTF-8, comma-separated, header line first):
 - output (optional): the output text that was rated. When reward_scores has been regenerated since,
   a row whose output no longer matches is skipped instead of being fitted against other text.
 Other columns are ignored. The fit is rating ~ bias + sum_i w_i z_i over the rated instances that
-passed the format gate, with z_i the component standardised by the base model's mean and spread.
+passed the instance gate, with z_i the component standardised by the base model's mean and spread.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def fit_weights(z_rows: Sequence[Mapping[str, float]], ratings: Sequence[float],
 
     n, p = len(ratings), len(components) + 1
     if n < p + 1:
-        raise CalibrationError(f"calibration needs at least {p + 1} rated instances that passed the format gate "
+        raise CalibrationError(f"calibration needs at least {p + 1} rated instances that passed the instance gate "
                                f"to fit {p} numbers ({len(components)} weights and a bias); it has {n}")
     design = np.array([[row[c] for c in components] + [1.0] for row in z_rows], dtype=float)
     target = np.asarray(ratings, dtype=float)

@@ -141,7 +141,7 @@ class FeedbackScorer:
         return {name: self.scorers[name].version for name in COMPONENTS}
 
     def components(self, instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str]) -> list[dict[str, float]]:
-        """Raw component scores for instances that passed the format gate."""
+        """Raw component scores for instances that passed the instance gate."""
         if not instructions:
             return []
         columns = {name: self.scorers[name].score(instructions, inputs, outputs) for name in COMPONENTS}

@@ -111,7 +111,12 @@ def build_components(scorers: Mapping[str, str], judge, device: str, embedding_m
             if folder is None:
                 raise ModelUnavailable("the learned_reward scorer bradley-terry needs a fitted reward model: "
                                        "materialize reward_model first (or name a folder: bradley-terry:<folder>)")
-            components.append(EmbeddingRewardModel.load(folder, embedder(embedding_model)))
+            fitted = EmbeddingRewardModel.load(folder, embedder(embedding_model))
+            if fitted.embedder_id != embedding_id(embedding_model):
+                raise ModelUnavailable(f"the reward model in {folder} was fitted on {fitted.embedder_id} embeddings, "
+                                       f"the feedback scorer's embedding_model is {embedding_id(embedding_model)}: "
+                                       "materialize reward_model again")
+            components.append(fitted)
         elif kind == "llm-judge":
             components.append(LLMJudgePreference(judge, batch_size))
         elif kind == "likelihood":

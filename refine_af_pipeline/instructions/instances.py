@@ -71,12 +71,12 @@ class RewardScoresSettings(SamplingSettings):
 
 
 class InstancePairsSettings(SamplingSettings):
-    """Settings of the instance stages (`instance_output_pairs`, `selfinstruct_instance_pairs`: both
-    read their own copy; keep them equal for a fair comparison)."""
+    """Settings of the instance stages (`instance_output_pairs`, `selfinstruct_instance_pairs`,
+    `bestofn_instance_pairs`: each reads its own copy; keep them equal for a fair comparison)."""
 
     max_instructions: NonNegativeInt = Field(0, description=(
         "kept instructions to write instances for (0 = all, the method); the same seed picks the same ones in "
-        "both branches"))
+        "every branch"))
     instances_per_instruction: PositiveInt = Field(2, description="instances written per instruction")
     replicates: PositiveInt = Field(1, description=(
         "independent draws of the whole instance set (each its own sampling seeds), each fine-tuned apart: the "

@@ -1,6 +1,6 @@
 """Training the instructor policy with sb3-contrib's TRPO (the algorithm of the published code)
 on the batched evolution environment, one rollout of `episodes_per_update` episodes per update,
-and reading the policy back as a table of action probabilities per state."""
+and reading the policy back as a function from states (state.py) to action probabilities."""
 
 from __future__ import annotations
 

@@ -24,8 +24,9 @@ VALIDATION_SALT = "sft-validation"
 
 
 class SFTSettings(BaseModel):
-    """Settings of supervised fine-tuning (`finetuned_model`, `selfinstruct_finetuned_model`: both
-    branches read their own copy; keep them equal for a fair comparison). A LoRA adapter on a few
+    """Settings of supervised fine-tuning (`finetuned_model`, `selfinstruct_finetuned_model`,
+    `bestofn_finetuned_model`, `teams_finetuned_model`: each reads its own copy; keep them equal
+    for a fair comparison). A LoRA adapter on a few
     dozen pairs needs tens of optimizer steps at a high learning rate to move the model at all;
     small batches give more steps for the same compute, and the validation loss shows when more
     epochs start to overfit."""
