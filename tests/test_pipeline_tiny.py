@@ -330,7 +330,8 @@ def test_evaluation_compares_five_models_on_both_metrics_with_a_summary_and_a_wa
 
 def test_every_arm_fine_tunes_on_an_equal_draw(first_run):
     data_dir, result = first_run
-    drawn = _table(data_dir, "SELECT branch, slice, count(*) AS n FROM sft_training_pairs GROUP BY branch, slice")
+    drawn = _table(data_dir, "SELECT branch, slice, count(*) AS n FROM sft_training_pairs WHERE replicate = 0 "
+                             "GROUP BY branch, slice")
     for part in ("train", "validation"):
         counts = drawn.filter(pl.col("slice") == part)["n"].to_list()
         [target] = {m.metadata[f"{part}_pairs_per_arm"].value for m in result.asset_materializations_for_node(
@@ -338,11 +339,12 @@ def test_every_arm_fine_tunes_on_an_equal_draw(first_run):
         [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "every_arm_has_its_pairs"]
         # Equal sizes, or the check says which arm fell short.
         assert all(n == target for n in counts) or not check.passed
-    train = _table(data_dir, "SELECT branch, instruction_id FROM sft_training_pairs WHERE slice = 'train'")
+    train = _table(data_dir, "SELECT branch, instruction_id FROM sft_training_pairs WHERE slice = 'train' AND replicate = 0")
     by_arm = {a: set(train.filter(pl.col("branch") == a)["instruction_id"]) for a in ("refine_af", "self_instruct")}
-    kept = [set(_table(data_dir, f"SELECT instruction_id FROM {t} WHERE keep")["instruction_id"])
+    kept = [set(_table(data_dir, f"SELECT instruction_id FROM {t} WHERE keep AND replicate = 0")["instruction_id"])
             for t in ("instance_output_pairs", "selfinstruct_instance_pairs")]
-    held = set(_table(data_dir, "SELECT instruction_id FROM sft_training_pairs WHERE slice = 'validation'")["instruction_id"])
+    held = set(_table(data_dir, "SELECT instruction_id FROM sft_training_pairs WHERE slice = 'validation' "
+                                "AND replicate = 0")["instruction_id"])
     # Instructions both branches kept (outside validation) come first: the overlap is as large as the draw allows.
     common = (kept[0] & kept[1]) - held
     assert len(by_arm["refine_af"] & by_arm["self_instruct"]) >= min(len(by_arm["refine_af"]), len(common))
@@ -352,13 +354,14 @@ def test_sft_logs_train_and_validation_loss_per_epoch(first_run):
     data_dir, result = first_run
     for table, pairs_table in [("finetuned_model", "instance_output_pairs"),
                                ("selfinstruct_finetuned_model", "selfinstruct_instance_pairs")]:
-        log = _table(data_dir, f"SELECT * FROM {table} ORDER BY epoch")
+        log = _table(data_dir, f"SELECT * FROM {table} WHERE replicate = 0 ORDER BY epoch")
+        assert _table(data_dir, f"SELECT DISTINCT replicate FROM {table} ORDER BY 1")["replicate"].to_list() == [0, 1]
         assert log["epoch"].to_list() == [0, 1, 2]
         assert log["steps"][0] == 0 and log["steps"].is_sorted() and log["steps"][-1] > 0
         assert log["validation_loss"].is_not_nan().all() and log["train_loss"].is_not_nan().all()
-        kept = _table(data_dir, f"SELECT count(*) AS n FROM {pairs_table} WHERE keep")["n"][0]
+        kept = _table(data_dir, f"SELECT count(*) AS n FROM {pairs_table} WHERE keep AND replicate = 0")["n"][0]
         drawn = _table(data_dir, f"SELECT slice, count(*) AS n FROM sft_training_pairs WHERE source_table = '{pairs_table}' "
-                                 "GROUP BY slice ORDER BY slice")
+                                 "AND replicate = 0 GROUP BY slice ORDER BY slice")
         assert drawn["slice"].to_list() == ["train", "validation"]
         assert (log["train_examples"][0], log["validation_examples"][0]) == tuple(drawn["n"].to_list())
         assert log["train_examples"][0] + log["validation_examples"][0] <= kept
