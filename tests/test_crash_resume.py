@@ -132,7 +132,7 @@ def upstream_of_instances(tiny_model_dir, tmp_path_factory):
     """A data directory with everything instance generation reads (kept pool, base scores, RL adapter)."""
     data_dir = tmp_path_factory.mktemp("instances")
     result = materialize(data_dir, str(tiny_model_dir), smallest_run_config(),
-                         selection=["seed_pool", *BOOTSTRAP, "reward_scores", "reward_standardisation",
+                         selection=["seed_pool", *BOOTSTRAP, "reward_model", "reward_scores", "reward_standardisation",
                                     "rl_refined_policy"])
     assert result.success
     return data_dir

@@ -21,7 +21,7 @@ def test_embedded_model_runs_the_whole_graph(tmp_path):
         rl_refined_policy={"max_steps": 1, "prompts_per_step": 2, "group_size": 2, "max_completion_length": 24},
         # 8 instructions, not 4: with 4 a branch's instances were once all filtered out and its SFT
         # step failed with "no kept pairs".
-        instance_output_pairs={"max_instructions": 8, "max_new_tokens": 48},
+        instance_output_pairs={"max_instructions": 8, "max_new_tokens": 48, "replicates": 1},
         evaluation={"instances_per_task": 1, "max_new_tokens": 8},
         # More seed tasks than the tiny-model default: the embedded rewriter often copies the worked
         # example or the task, and the branch needs at least one kept instruction.
@@ -35,7 +35,7 @@ def test_embedded_model_runs_the_whole_graph(tmp_path):
         evaluated = conn.execute("SELECT count(DISTINCT model) FROM evaluation").fetchone()[0]
     assert model_ids == {"HuggingFaceTB/SmolLM2-135M-Instruct (embedded GGUF Q4_1)"}
     assert kept > 0
-    assert evaluated == 4  # base, Self-Instruct-, REFINE-AF- and TeaMs-RL-tuned
+    assert evaluated == 5  # base, Self-Instruct-, REFINE-AF-, best-of-N- and TeaMs-RL-tuned
 
 
 def test_missing_hub_model_fails_fast_with_its_name():

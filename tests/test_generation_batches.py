@@ -51,7 +51,7 @@ def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(
                                  instance_output_pairs={"max_instructions": 5, "instances_per_instruction": 2})
     sizes = {"bootstrap_instructions": 3, "selfinstruct_instance_pairs": 4}
     result = materialize(tmp_path, str(tiny_model_dir), config, batch_size=2, stage_batch_sizes=sizes,
-                         selection=["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores",
+                         selection=["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_model", "reward_scores",
                                     "reward_standardisation", "selfinstruct_instance_pairs"])
     assert result.success
     with duckdb.connect(str(tmp_path / "refine_af.duckdb"), read_only=True) as conn:

@@ -139,6 +139,7 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
     assert materialize(data, "unused", {}, selection=["seed_pool"]).success
     settings = {**SERVER, "base_urls": [vllm_server.url]}
     config = {"bootstrap_instructions": {"num_prompts": 12, "classification_prompts": 2, "max_new_tokens": 96},
+              "reward_model": {"max_seed_tasks": 40, "max_new_tokens": 48},
               "reward_scores": {"max_instructions": 8, "max_new_tokens": 48},
               "instance_output_pairs": {"max_instructions": 4, "instances_per_instruction": 2, "max_new_tokens": 48}}
     assert materialize(data, "embedded", config, selection=["raw_instructions", "deduplicated_instructions"],
@@ -150,7 +151,7 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
     assert kept.height >= 4 and set(kept["classification_model_id"]) == {SERVED_NAME}
     assert kept["is_classification_p"].is_between(0, 1).all()
 
-    assert materialize(data, "embedded", config, selection=["reward_scores", "reward_standardisation"],
+    assert materialize(data, "embedded", config, selection=["reward_model", "reward_scores", "reward_standardisation"],
                        batch_size=4, model_settings=settings).success
     adapter = _adapter(data / "artifacts" / "rl_refined_policy" / "run-1" / "adapter", seed=4)
     _report_adapter(data, "rl_refined_policy", adapter, heldout_share=0.0)

@@ -18,7 +18,7 @@ from refine_af_pipeline.instructions.rouge import RougeDeduplicator
 from refine_af_pipeline.instructions.seeds import SeedFileError
 from warehouse_recorder import lineage_violations, load_records
 
-TABLES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_scores", "reward_standardisation",
+TABLES = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_model", "reward_scores", "reward_standardisation",
           "rl_refined_policy", "rl_heldout_comparison", "instance_output_pairs", "finetuned_model", "selfinstruct_instance_pairs", "selfinstruct_finetuned_model",
           "bestofn_instance_pairs", "bestofn_finetuned_model",
           "teams_operation_policy", "teams_policy_transitions", "teams_policy_comparison", "teams_evolved_instructions",
@@ -463,7 +463,8 @@ def test_query_ledger_counts_every_stages_queries_by_role(first_run):
     ops = smallest_run_config()["rl_refined_policy"]
     assert counts[("rl_refined_policy", "generator")] == rl_steps * ops["prompts_per_step"] * ops["group_size"]
     assert counts[("reward_scores", "generator")] == _table(data_dir, "SELECT count(*) AS n FROM reward_scores")["n"][0]
-    assert set(ledger["branch"]) >= {"self_instruct+refine_af", "refine_af", "self_instruct", "teams_rl", "evaluation"}
+    assert set(ledger["branch"]) >= {"self_instruct+refine_af+best_of_n", "refine_af", "self_instruct", "best_of_n",
+                                     "teams_rl", "evaluation"}
     metadata = _metadata(result, "llm_query_ledger")
     expert = sum(n for (a, role), n in counts.items() if role == "expert" and a.startswith("teams_"))
     teams_data = sum(r["queries"] for r in ledger.iter_rows(named=True) if r["branch"] == "teams_rl" and r["purpose"] == "data")
