@@ -158,6 +158,9 @@ def _train_replicate(context: dg.AssetExecutionContext, name: str, arm: str, rep
     epoch log, the adapter folder and a warning when the validation loss never improved."""
     train = drawn.filter(pl.col("slice") == "train").sort("draw_rank")
     val = drawn.filter(pl.col("slice") == "validation").sort("draw_rank")
+    if train.height == 0:
+        raise dg.Failure(f"{SFT_DATA} has no training pairs for {arm} in replicate {rep}: its kept pairs are all in "
+                         "the validation slice or missing; generate more instances or lower validation_share")
     held = set(val["instruction_id"].to_list())
     settings = SFTSettings(**{**config.model_dump(), "seed": config.seed + rep})
     model, tokenizer, source, device = language_model.load()

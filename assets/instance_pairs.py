@@ -4,11 +4,13 @@ training reward likes best (the best-of-N control: what the reward buys without 
 builds the three assets, so the arms differ only in the policy and the number of candidates."""
 
 
+import json
 import time
 
 import dagster as dg
 import polars as pl
 
+from refine_af_pipeline.feedback.gates import GateSettings
 from refine_af_pipeline.llm.backend import SamplingParams
 from refine_af_pipeline.instructions.instances import (BestOfNSettings, InstancePairsSettings, choose_and_filter,
                                                       generate_scored_instances)
@@ -31,15 +33,18 @@ class BestOfNConfig(dg.Config, BestOfNSettings):
 
 
 def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsSettings, warehouse: Warehouse,
-          ledger: BatchLedger, adapter: str | None, batch_size: int) -> GenerationPlan:
+          ledger: BatchLedger, adapter: str | None, batch_size: int, feedback_scorer: FeedbackScorerResource,
+          reward_dir: str | None) -> GenerationPlan:
     """The plan a crashed run left for this policy, or a new one: the chosen instructions in batches."""
-    # A plan made with another RL policy, or another number of candidates or replicates, is
-    # abandoned: mixing them would mislead.
+    # A plan made with another RL policy, number of candidates or replicates, learned reward or gate
+    # is abandoned: rows generated or scored under different ones would not compare.
     wanted = {"adapter": adapter, "candidates_per_instance": getattr(config, "candidates_per_instance", 1),
-              "replicates": config.replicates}
+              "replicates": config.replicates, "learned_reward": reward_dir,
+              "gate": json.dumps({k: getattr(feedback_scorer, k) for k in GateSettings.model_fields}, sort_keys=True)}
 
     def stale(p) -> str | None:
-        differing = [k for k, v in wanted.items() if p.settings.get(k, 1 if k != "adapter" else None) != v]
+        defaults = {"candidates_per_instance": 1, "replicates": 1}  # a plan from before these settings
+        differing = [k for k, v in wanted.items() if p.settings.get(k, defaults.get(k)) != v]
         return f"made with other {', '.join(differing)} ({', '.join(str(p.settings.get(k)) for k in differing)})" \
             if differing else None
 
@@ -53,8 +58,7 @@ def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsSet
              for r in range(config.replicates)
              for iid, text, cls in zip(chosen["instruction_id"].to_list(), chosen["instruction"].to_list(),
                                        chosen["is_classification"].to_list()) for j in range(n) for c in range(candidates)]
-    settings = dict(config.sampling_params().as_dict(), seed=config.seed, adapter=adapter, batch_size=batch_size,
-                    candidates_per_instance=candidates, replicates=config.replicates)
+    settings = dict(config.sampling_params().as_dict(), seed=config.seed, batch_size=batch_size, **wanted)
     return ledger.start_plan(context.run_id, settings, [items[s:s + batch_size] for s in range(0, len(items), batch_size)])
 
 
@@ -83,7 +87,9 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
                         feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
         ledger = BatchLedger(warehouse, name)
         adapter = upstream_adapter(context, "rl_refined_policy") if use_rl_policy else None
-        plan = _plan(context, name, config, warehouse, ledger, adapter, language_model.generation_batch_size(context.op_def.name))
+        reward_dir = learned_reward_dir(warehouse, feedback_scorer)
+        plan = _plan(context, name, config, warehouse, ledger, adapter,
+                     language_model.generation_batch_size(context.op_def.name), feedback_scorer, reward_dir)
         settings = plan.settings
         params = SamplingParams(settings["max_new_tokens"], settings["temperature"], settings["top_p"],
                                 settings["do_sample"])
@@ -96,8 +102,7 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
             # policy is that copy with its adapter on).
             models = language_model.open_models({"policy": adapter, "judge": None})
             policy, judge = queries.wrap(models["policy"], "generator"), queries.wrap(models["judge"], "judge")
-            scorer = feedback_scorer.build(judge, device, stats, language_model.scoring_batch_size,
-                                           learned_reward_dir(warehouse, feedback_scorer))
+            scorer = feedback_scorer.build(judge, device, stats, language_model.scoring_batch_size, reward_dir)
             versions = scorer.versions()
             report = progress_logger(context, name, settings["batch_size"] * params.max_new_tokens)
             started = time.monotonic()
@@ -116,6 +121,9 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
         order = {f"{item['instance_id']}/{item.get('candidate_index', 0)}": k
                  for k, item in enumerate(i for b in plan.batches for i in b.inputs)}
         staged = warehouse.query(f'SELECT * FROM "{_staging(name)}" WHERE run_id = ?', [plan.plan_id])
+        # Rows staged by a version without candidates or replicates are candidate 0 of replicate 0.
+        staged = staged.with_columns(*(pl.lit(0, pl.Int64).alias(c) for c in ("candidate_index", "replicate")
+                                       if c not in staged.columns))
         staged = staged.sort((pl.col("instance_id") + "/" + pl.col("candidate_index").fill_null(0).cast(pl.Utf8)).replace_strict(
             order, return_dtype=pl.Int64))
         # Conflicting outputs are judged across the whole plan, so the filter runs once all batches are in.

@@ -58,12 +58,12 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
                                      chosen["is_classification"].to_list())
     ids = chosen["instruction_id"].to_list()
     weights, bias, weights_source = scorer.weights, scorer.bias, "config"
-    stats = restandardise(rows, weights, bias)
+    stats = restandardise(rows, weights, bias, scorer.gate.reward)
     calibration_metadata = {}
     if ratings is not None:
         fit = calibrate(ids, rows, stats, ratings, list(weights))
         weights, bias, weights_source = fit.weights, fit.bias, f"calibration:{feedback_scorer.calibration_csv}"
-        restandardise(rows, weights, bias)  # same stats, fitted weights
+        restandardise(rows, weights, bias, scorer.gate.reward)  # same stats, fitted weights
         context.log.info(f"calibrated weights on {fit.n} rated instances: {weights}, bias {bias:.3f}, R2 {fit.r2:.2f}")
         calibration_metadata = {"calibration_instances": fit.n, "calibration_rmse": fit.rmse,
                                 "calibration_r2": fit.r2, "calibration_skipped": dg.MetadataValue.json(fit.skipped)}

@@ -34,9 +34,22 @@ def one_arm(sort_free: bool, steps: int, instructions: list[str]) -> tuple[float
     from refine_af_pipeline.llm.transformers_backend import TransformersModel
     from resources import FeedbackScorerResource, LanguageModelResource
 
+    import tempfile
+
+    import numpy as np
+
+    from refine_af_pipeline.feedback.reward_model import EmbeddingRewardModel
+    from refine_af_pipeline.feedback.setup import EMBEDDED_MINILM, embedding_id
+
     model, tokenizer, _, _ = LanguageModelResource(model="embedded").load()
     judge, _, _, _ = LanguageModelResource(model="embedded").load()
-    scorer = FeedbackScorerResource().build(TransformersModel(judge, tokenizer, "embedded"), "cpu", batch_size=16)
+    # A learned reward of the pipeline's shape (its cosine feature only): the reward's cost, not its fit.
+    weights = np.zeros(2 * 384 + 1)
+    weights[-1] = 1.0
+    folder = EmbeddingRewardModel(None, weights, embedding_id(EMBEDDED_MINILM), "benchmark").save(
+        Path(tempfile.mkdtemp(prefix="grpo-step-")) / "learned_reward")
+    scorer = FeedbackScorerResource().build(TransformersModel(judge, tokenizer, "embedded"), "cpu", batch_size=16,
+                                            learned_reward_dir=str(folder))
     inside = [0.0]
     real_install = rl.sort_free_rollouts
 

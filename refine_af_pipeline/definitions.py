@@ -26,8 +26,8 @@ def data_dir() -> Path:
     return Path("data")
 
 
-def model_resource(prefix: str = "REFINE_AF", fallback: str | None = None,
-                   default_model: str = "embedded") -> LanguageModelResource:
+def model_resource(prefix: str = "REFINE_AF", fallback: str | None = None, default_model: str = "embedded",
+                   default_backend: str = "auto") -> LanguageModelResource:
     """A language model from the environment: {prefix}_MODEL, _DEVICE, _DTYPE, _BACKEND, _BASE_URLS,
     _SERVED_MODEL, _API_KEY; an unset variable falls back to `fallback`'s (the expert model reads
     REFINE_AF_EXPERT_*, else the base model's settings), then to the defaults."""
@@ -42,7 +42,7 @@ def model_resource(prefix: str = "REFINE_AF", fallback: str | None = None,
         model=env("MODEL", default_model),
         device=env("DEVICE", "auto"),
         dtype=env("DTYPE", "auto"),
-        backend=env("BACKEND", "auto"),
+        backend=env("BACKEND", default_backend),
         base_urls=[u.strip() for u in env("BASE_URLS", "").split(",") if u.strip()],
         served_model_name=env("SERVED_MODEL") or None,
         # Read when a step starts; Dagster shows the variable's name, never its value.
@@ -61,7 +61,8 @@ def default_resources(root: Path | None = None) -> dict:
         "expert_model": model_resource("REFINE_AF_EXPERT", fallback="REFINE_AF"),
         "feedback_scorer": FeedbackScorerResource(),
         # The audit judge: weights the policy never trained against (REFINE_AF_AUDIT_* to change).
-        "audit_model": model_resource("REFINE_AF_AUDIT", default_model=EMBEDDED_GEMMA),
+        # In process by default: a 270M scorer beside a vLLM engine would ask vLLM for a second share of the GPU.
+        "audit_model": model_resource("REFINE_AF_AUDIT", default_model=EMBEDDED_GEMMA, default_backend="transformers"),
     }
 
 

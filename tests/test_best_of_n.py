@@ -32,3 +32,9 @@ def test_filters_run_on_chosen_rows_within_each_replicate():
     assert chosen == [True, False, True, True, True]
     assert reasons == ["conflicting_outputs_for_same_input", "not_best_of_n", "conflicting_outputs_for_same_input",
                        None, "empty_output"]  # replicate 1's "5" conflicts with nothing in its own draw
+
+
+def test_a_passing_candidate_is_chosen_over_a_gated_one_whatever_the_rewards():
+    rows = [dict(instance_id="a-0", candidate_index=0, reward=-3.0, gate_reason="output_cut_at_token_limit"),
+            dict(instance_id="a-0", candidate_index=1, reward=-3.7, gate_reason=None)]
+    assert choose_best(rows) == [False, True]

@@ -26,6 +26,7 @@ def _materialize(data_dir: Path, model_dir: Path, feedback: dict, selection: lis
     """Feedback-scorer settings go in as run config, the way a user's YAML gives them."""
     resources = default_resources(data_dir)
     resources["language_model"] = LanguageModelResource(model=str(model_dir), device="cpu")
+    resources["audit_model"] = resources["language_model"]  # the tiny model: no Gemma in this test
     # Enough kept instructions that at least 8 instances pass the gate (the tiny model's parse rate
     # is about one in three), so calibration has more ratings than numbers to fit.
     ops = smallest_run_config(bootstrap_instructions={"num_prompts": 32}, reward_scores={"max_instructions": 0})

@@ -99,3 +99,14 @@ def test_scorer_gates_cut_and_off_label_outputs_with_the_configured_penalty():
     assert scored[0].reward == scored[2].reward == -5.0
     # Unstandardised constant components: the reward is 0.5 x the sum of the weights.
     assert scored[1].reward == scored[3].reward == pytest.approx(0.5 * sum(DEFAULT_WEIGHTS.values()))
+
+
+def test_a_passing_instance_always_earns_more_than_a_gated_one():
+    from refine_af_pipeline.feedback.scores import PASSING_MARGIN, ComponentStats
+
+    # Components far below the base model's means: the combined score would be about -16.
+    stats = ComponentStats(mean={c: 5.0 for c in COMPONENTS}, std={c: 1.0 for c in COMPONENTS})
+    scorer = FeedbackScorer(components=[_Constant(c) for c in COMPONENTS], stats=stats)
+    [passing, gated] = scorer.score_texts(["Do it.", "Do it."], ["Input: x\nOutput: a fine answer", "Output:"])
+    assert gated.gate_reason == "empty_output" and passing.gate_reason is None
+    assert passing.reward == pytest.approx(gated.reward + PASSING_MARGIN)

@@ -341,12 +341,13 @@ def test_every_arm_fine_tunes_on_an_equal_draw(first_run):
         assert all(n == target for n in counts) or not check.passed
     train = _table(data_dir, "SELECT branch, instruction_id FROM sft_training_pairs WHERE slice = 'train' AND replicate = 0")
     by_arm = {a: set(train.filter(pl.col("branch") == a)["instruction_id"]) for a in ("refine_af", "self_instruct")}
+    # Every arm on the shared pool: the draw puts first the instructions all of them kept.
     kept = [set(_table(data_dir, f"SELECT instruction_id FROM {t} WHERE keep AND replicate = 0")["instruction_id"])
-            for t in ("instance_output_pairs", "selfinstruct_instance_pairs")]
+            for t in ("instance_output_pairs", "selfinstruct_instance_pairs", "bestofn_instance_pairs")]
     held = set(_table(data_dir, "SELECT instruction_id FROM sft_training_pairs WHERE slice = 'validation' "
                                 "AND replicate = 0")["instruction_id"])
     # Instructions both branches kept (outside validation) come first: the overlap is as large as the draw allows.
-    common = (kept[0] & kept[1]) - held
+    common = (kept[0] & kept[1] & kept[2]) - held
     assert len(by_arm["refine_af"] & by_arm["self_instruct"]) >= min(len(by_arm["refine_af"]), len(common))
 
 
@@ -441,8 +442,9 @@ def test_teams_branch_trains_compares_evolves_answers_and_fine_tunes(first_run, 
     assert sorted(sft["settings"]) == sorted(_table(data_dir, "SELECT DISTINCT settings FROM finetuned_model")["settings"])
     for key in ("headroom", "headroom_uniform", "headroom_best_fixed", "headroom_best_per_state", "headroom_by_state"):
         assert key in metadata, key
+    # NaN when no (state, operation) cell had 3 transitions, as can happen at the tiny sizes.
     assert metadata["headroom"].value == pytest.approx(metadata["headroom_best_per_state"].value
-                                                       - metadata["headroom_uniform"].value)
+                                                       - metadata["headroom_uniform"].value, nan_ok=True)
 
 
 def test_query_ledger_counts_every_stages_queries_by_role(first_run):

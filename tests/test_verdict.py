@@ -58,3 +58,12 @@ def test_difference_table_pairs_models_per_seed_and_item():
     assert table.shape == (2, 2)
     assert table[0].tolist() == pytest.approx([0.3, -0.3])
     assert table[1, 0] == pytest.approx(0.6) and math.isnan(table[1, 1])
+
+
+def test_a_question_without_paired_items_cannot_be_told():
+    row = verdict_row("q", "a", "b", "m", "judge", np.full((2, 3), np.nan), margin=0.01, resamples=100)
+    assert row.answer == "cannot tell" and row.n_items == 0 and "no item" in row.note
+    # A seed without any difference does not count as a seed.
+    partial = verdict_row("q", "a", "b", "m", "judge", np.array([[0.3, 0.4, 0.5], [np.nan] * 3]), 0.01,
+                          resamples=500)
+    assert partial.n_seeds == 1 and partial.n_items == 3

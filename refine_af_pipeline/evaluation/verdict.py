@@ -104,10 +104,16 @@ def verdict_row(question: str, candidate: str, reference: str, metric: str, judg
                 margin: float, resamples: int = 10_000, seed: int = 0, note: str = "") -> VerdictRow:
     """The row for one question from its seeds x items table of (candidate - reference)."""
     table = np.atleast_2d(np.asarray(differences, dtype=float))
+    finite = ~np.isnan(table)
+    items, seeds = int(finite.any(axis=0).sum()), int(finite.any(axis=1).sum())  # with a difference somewhere
+    if not finite.any():
+        nan = float("nan")
+        return VerdictRow(question, candidate, reference, metric, judge, nan, nan, nan, 0, 0, margin, nan,
+                          "cannot tell", "; ".join(filter(None, [note, "no item both sides have"])))
+    table = table[finite.any(axis=1)][:, finite.any(axis=0)]
     mean, low, high, se = crossed_bootstrap(table, resamples, seed)
-    items = int((~np.isnan(table)).any(axis=0).sum())  # items with a difference in some seed
-    return VerdictRow(question, candidate, reference, metric, judge, mean, low, high, items,
-                      int(table.shape[0]), margin, MDD_Z * se, answer(low, high, margin), note)
+    return VerdictRow(question, candidate, reference, metric, judge, mean, low, high, items, seeds, margin,
+                      MDD_Z * se, answer(low, high, margin), note)
 
 
 def difference_table(rows: Sequence[dict], candidate: str, reference: str, value: str,

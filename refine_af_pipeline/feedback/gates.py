@@ -40,8 +40,8 @@ class GateSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     gate_reward: float = Field(DEFAULT_GATE_REWARD, description=(
-        "reward of a gated instance, in standardised reward units: well below what a scored instance reaches "
-        "(about -2.5 at worst), so passing the gate always pays"))
+        "reward of a gated instance, in standardised reward units; a passing instance earns at least 0.1 more "
+        "(its combined score is floored there), so passing the gate always pays"))
     copy_threshold: Probability = Field(0.7, description=(
         "ROUGE-L F of the output with its input or its instruction at or above which it counts as a copy "
         "(the de-duplication threshold; 4 of the 175 human seed instances, edits such as grammar fixes, reach it)"))

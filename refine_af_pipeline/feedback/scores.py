@@ -34,7 +34,7 @@ from .components import (
 from .gates import GateSettings, InstanceGate
 from ..instructions.parsing import parse_instance
 
-__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "ComponentStats", "FeedbackScorer", "ScoredInstance", "combine",
+__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "PASSING_MARGIN", "ComponentStats", "FeedbackScorer", "ScoredInstance", "combine",
            "flesch_score"]
 
 COMPONENTS = ("preference", "naturalness", "coherence", "understandability", "learned_reward")
@@ -53,6 +53,10 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
     "understandability": 0.25,
     "learned_reward": 1.0,
 }
+# The least a gate-passing instance earns above the gate's reward.
+PASSING_MARGIN = 0.1
+
+
 @dataclass(frozen=True)
 class ScoredInstance:
     input: str
@@ -170,5 +174,8 @@ class FeedbackScorer:
                                               self.gate.reward))
                 continue
             c = by_index[k]
-            results.append(ScoredInstance(p.input, p.output, p.status, None, c, combine(c, self.stats, self.weights, self.bias)))
+            # A passing instance always earns more than a gated one, however poorly it scores:
+            # otherwise RL could gain by getting gated.
+            reward = max(combine(c, self.stats, self.weights, self.bias), self.gate.reward + PASSING_MARGIN)
+            results.append(ScoredInstance(p.input, p.output, p.status, None, c, reward))
         return results

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..feedback.scores import COMPONENTS, ComponentStats, FeedbackScorer, combine
+from ..feedback.scores import COMPONENTS, PASSING_MARGIN, ComponentStats, FeedbackScorer, combine
 from ..llm.backend import SamplingParams, ServedModel, render_prompt
 from ..llm.prompts import INSTANCE_PREFIX, instance_prompt
 from ..settings_types import NonNegativeInt, PositiveInt, SamplingSettings, Share
@@ -34,12 +34,13 @@ def generate_scored_instances(model: ServedModel, scorer: FeedbackScorer, instru
     return rows
 
 
-def restandardise(rows: list[dict], weights, bias: float) -> ComponentStats:
-    """Compute component stats from these rows (the base model's) and recombine their rewards."""
+def restandardise(rows: list[dict], weights, bias: float, gate_reward: float) -> ComponentStats:
+    """Compute component stats from these rows (the base model's) and recombine their rewards
+    (floored above the gate's reward, as FeedbackScorer does)."""
     stats = ComponentStats.from_rows([r for r in rows if r["gate_reason"] is None])
     for r in rows:
         if r["gate_reason"] is None:
-            r["reward"] = combine({c: r[c] for c in COMPONENTS}, stats, weights, bias)
+            r["reward"] = max(combine({c: r[c] for c in COMPONENTS}, stats, weights, bias), gate_reward + PASSING_MARGIN)
     return stats
 
 
@@ -93,13 +94,17 @@ class BestOfNSettings(InstancePairsSettings):
 
 
 def choose_best(rows: Sequence[dict]) -> list[bool]:
-    """Per row, whether it is its instance's chosen candidate: the highest reward among the rows
-    sharing its instance_id (the first on a tie; a gated candidate has the gate's low reward, so it
-    is chosen only when every candidate was gated). Rows without candidates are all chosen."""
+    """Per row, whether it is its instance's chosen candidate: among the rows sharing its
+    instance_id, a candidate that passed the gate before any that did not, then the highest reward
+    (the first on a tie). Rows without candidates are all chosen."""
+
+    def rank(r: dict) -> tuple[bool, float]:
+        return r.get("gate_reason") is None, r["reward"]
+
     best: dict[str, int] = {}
     for k, r in enumerate(rows):
         j = best.get(r["instance_id"])
-        if j is None or r["reward"] > rows[j]["reward"]:
+        if j is None or rank(r) > rank(rows[j]):
             best[r["instance_id"]] = k
     chosen = set(best.values())
     return [k in chosen for k in range(len(rows))]

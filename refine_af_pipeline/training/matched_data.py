@@ -6,7 +6,9 @@ would mix data quality with data quantity. Here every arm gets the same number o
 and the same number of validation pairs, drawn by a stable hash: the same ids in every run, and
 where arms share an instruction pool (REFINE-AF, Self-Instruct, best-of-N all write instances for
 the kept instructions), the instructions every sharing arm kept come first, so those arms train
-on the same instructions and differ only in the instances.
+on the same instructions and differ only in the instances. The sizes are set by the sharing arms
+(`sft_pairs`, or the smallest of them); an arm outside the pool (TeaMs-RL) gets as many as it
+has up to that size, and is named short when it has fewer.
 
 The draw, per arm and slice (validation, train): instructions ordered by (kept by every sharing
 arm first, then a salted hash of the id); pairs taken round-robin, one per instruction per round,
@@ -80,7 +82,11 @@ def draw_matched(arms: Mapping[str, Sequence[dict]], sharing: set[str], settings
     if empty:
         raise ValueError(f"arms with no kept pairs: {empty}")
     sharing = sharing & set(arms)
-    shared_ids = sorted({r["instruction_id"] for a in sharing for r in arms[a]})
+    # Validation instructions of the shared pool: a split of those every sharing arm kept (so no
+    # arm's validation slice is empty because another arm kept other instructions), else of all.
+    kept_by = [{r["instruction_id"] for r in arms[a]} for a in sharing]
+    common_ids = set.intersection(*kept_by) if kept_by else set()
+    shared_ids = sorted(common_ids or set().union(*kept_by))
     held_shared = validation_split(shared_ids, settings.validation_share, settings.min_validation)
     slices: dict[str, dict[str, list[dict]]] = {}
     for arm, rows in arms.items():
@@ -93,8 +99,10 @@ def draw_matched(arms: Mapping[str, Sequence[dict]], sharing: set[str], settings
     for part in ("validation", "train"):
         sets = [{r["instruction_id"] for r in slices[a][part]} for a in sharing]
         common[part] = set.intersection(*sets) if sets else set()
-    target_train = settings.sft_pairs or min(len(s["train"]) for s in slices.values())
-    target_validation = min(len(s["validation"]) for s in slices.values())
+    # The sizes come from the sharing arms (all arms when none shares), each over arms that have any.
+    sizing = [slices[a] for a in (sharing or set(arms))]
+    target_train = settings.sft_pairs or min((len(s["train"]) for s in sizing if s["train"]), default=0)
+    target_validation = min((len(s["validation"]) for s in sizing if s["validation"]), default=0)
     draws = {}
     for arm, parts in slices.items():
         preferred = common if arm in sharing else {"validation": set(), "train": set()}
