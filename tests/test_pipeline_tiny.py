@@ -13,6 +13,8 @@ from refine_af_pipeline.training.splits import in_share
 from pipeline_helpers import materialize, smallest_run_config
 from refine_af_pipeline.definitions import all_assets, all_checks
 from refine_af_pipeline.evaluation.tasks import load_tasks
+from refine_af_pipeline.feedback.gates import DEFAULT_GATE_REWARD
+from refine_af_pipeline.feedback.scores import COMPONENTS, PASSING_MARGIN
 from refine_af_pipeline.exports import read_dataset_exports
 from refine_af_pipeline.instructions.rouge import RougeDeduplicator
 from refine_af_pipeline.instructions.seeds import SeedFileError
@@ -135,13 +137,14 @@ def test_reward_standardisation_is_the_base_models_spread(first_run):
     [row] = _table(data_dir, "SELECT * FROM reward_standardisation").to_dicts()
     passed = _table(data_dir, "SELECT * FROM reward_scores WHERE gate_reason IS NULL")
     assert row["standardised_instances"] == passed.height > 0 and row["weights_source"] == "config"
-    for c in ["preference", "naturalness", "coherence", "understandability"]:
+    for c in COMPONENTS:
         assert row[f"mean_{c}"] == pytest.approx(passed[c].mean())
         spread = passed[c].std() if passed.height > 1 else 0.0
         assert row[f"std_{c}"] == pytest.approx(spread if spread > 1e-6 else 1.0)  # a constant adds nothing
-    # The reward column is that standardisation applied: bias + sum of weight x z-score.
-    expected = row["bias"] + sum(row[f"weight_{c}"] * (passed[c] - row[f"mean_{c}"]) / row[f"std_{c}"]
-                                 for c in ["preference", "naturalness", "coherence", "understandability"])
+    # The reward column is that standardisation applied: bias + sum of weight x z-score, floored just
+    # above the gate's reward.
+    expected = row["bias"] + sum(row[f"weight_{c}"] * (passed[c] - row[f"mean_{c}"]) / row[f"std_{c}"] for c in COMPONENTS)
+    expected = expected.clip(lower_bound=DEFAULT_GATE_REWARD + PASSING_MARGIN)
     assert (expected - passed["reward"]).abs().max() < 1e-9
     metadata = result.asset_materializations_for_node("reward_scores")
     assert {m.asset_key.to_user_string() for m in metadata} == {"reward_scores", "reward_standardisation"}
