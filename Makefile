@@ -55,7 +55,8 @@ run: setup $(DAGSTER_HOME)/dagster.yaml
 
 # The demo sizes are configs/demo.yaml; the config defaults are the method's full-data settings.
 # The experiment profile (configs/experiment.yaml): the whole graph sized for a comparison with
-# statistical power, about 2 hours on 2 CPU cores (2:06:30 measured with the TeaMs-RL branch); its
+# statistical power and 3 replicates per arm (1:13:07 measured on 2 cores before the replicates and
+# the new arms; about 2:10 expected with them, not yet measured); its
 # own data folder and Dagster home, so the demo's pool, tables and run history stay apart.
 EXPERIMENT_DATA_DIR ?= $(CURDIR)/data/experiment
 EXPERIMENT_DAGSTER_HOME ?= $(EXPERIMENT_DATA_DIR)/dagster_home
