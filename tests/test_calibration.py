@@ -12,7 +12,8 @@ from refine_af_pipeline.feedback.calibration import (
 )
 from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats, standardise
 
-TRUE_WEIGHTS = {"preference": 1.2, "naturalness": 0.4, "coherence": -0.3, "understandability": 0.1}
+TRUE_WEIGHTS = {"preference": 1.2, "naturalness": 0.4, "coherence": -0.3, "understandability": 0.1,
+                "learned_reward": 0.1}
 TRUE_BIAS = 5.0
 
 
@@ -62,20 +63,20 @@ def test_calibration_skips_rows_it_cannot_use_and_says_why():
     ratings.append(Rating("id-from-an-older-run", 4.0, None, 14))
     fit = calibrate([f"id-{k}" for k in range(12)], rows, stats, ratings, COMPONENTS)
     assert fit.n == 10
-    assert fit.skipped == {"failed_format_gate": 1, "output_changed": 1, "not_in_reward_scores": 1}
+    assert fit.skipped == {"failed_instance_gate": 1, "output_changed": 1, "not_in_reward_scores": 1}
     assert fit.weights["preference"] == pytest.approx(1.2, abs=1e-6)  # noise-free: exact
 
 
 def test_too_few_or_too_uniform_ratings_are_clear_errors():
     rows = _scored_rows(5)
     stats = ComponentStats.from_rows(rows)
-    with pytest.raises(CalibrationError, match="at least 6 rated instances .* it has 5"):
+    with pytest.raises(CalibrationError, match="at least 7 rated instances .* it has 5"):
         calibrate([f"id-{k}" for k in range(5)], rows, stats, _synthetic_ratings(rows, stats, 0.1), COMPONENTS)
     rows = _scored_rows(20)
     for row in rows:
         row["coherence"] = 0.5  # constant: its weight cannot be told from the bias
     stats = ComponentStats.from_rows(rows)
-    with pytest.raises(CalibrationError, match="rank 4 of 5"):
+    with pytest.raises(CalibrationError, match="rank 5 of 6"):
         calibrate([f"id-{k}" for k in range(20)], rows, stats, _synthetic_ratings(rows, stats, 0.1), COMPONENTS)
 
 

@@ -48,7 +48,8 @@ def test_any_batch_size_returns_the_outputs_in_prompt_order(tiny):
 
 def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(tiny_model_dir, tmp_path):
     config = smallest_run_config(bootstrap_instructions={"num_prompts": 8, "classification_prompts": 1},
-                                 instance_output_pairs={"max_instructions": 5, "instances_per_instruction": 2})
+                                 instance_output_pairs={"max_instructions": 5, "instances_per_instruction": 2,
+                                                        "replicates": 1})
     sizes = {"bootstrap_instructions": 3, "selfinstruct_instance_pairs": 4}
     result = materialize(tmp_path, str(tiny_model_dir), config, batch_size=2, stage_batch_sizes=sizes,
                          selection=["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_model", "reward_scores",
@@ -81,7 +82,7 @@ def test_bad_batch_settings_are_refused_with_the_setting_named(tmp_path):
         LanguageModelResource(stage_batch_sizes={"evaluation": 0})
     # A step name that generates nothing (a typo, or an asset of a step) would be ignored silently.
     with pytest.raises(ValueError, match=r"stage_batch_sizes names \['raw_instructions'\], which generate nothing; "
-                                         r"the generation steps are bootstrap_instructions, reward_scores"):
+                                         r"the generation steps are bootstrap_instructions, reward_model, reward_scores"):
         LanguageModelResource(stage_batch_sizes={"raw_instructions": 64})
     with pytest.raises(ValueError, match=r"train_batch_size \(5\) must divide prompts_per_step x group_size \(12\)"):
         train_policy(None, None, ["an instruction"], None, RLSettings(prompts_per_step=3, group_size=4,

@@ -164,7 +164,11 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
     scored = pairs.filter(pl.col("gate_reason").is_null())
     assert scored.height > 0
     judge = LanguageModelResource(model="embedded", device="cpu").open_models({"judge": None})["judge"]
-    scorer = FeedbackScorerResource().build(judge, "cpu")
+    from assets.shared import learned_reward_dir
+    from resources import Warehouse
+
+    reward_dir = learned_reward_dir(Warehouse(database=str(data / "refine_af.duckdb")))
+    scorer = FeedbackScorerResource().build(judge, "cpu", learned_reward_dir=reward_dir)
     local = scorer.components(scored["instruction"].to_list(), scored["input"].to_list(), scored["output"].to_list())
     for row, expected in zip(scored.iter_rows(named=True), local):
         assert row["naturalness"] == pytest.approx(expected["naturalness"], abs=LOGPROB_TOLERANCE)

@@ -4,6 +4,7 @@ import random
 import pytest
 
 from refine_af_pipeline.evaluation.heldout import per_instruction_rows, summarise
+from refine_af_pipeline.feedback.scores import COMPONENTS
 from refine_af_pipeline.evaluation.paired_comparison import mean_paired_difference, outcome, paired_bootstrap
 
 
@@ -72,7 +73,7 @@ def test_component_differences_skip_missing_values():
 
 
 def _scored(reward, gate=None, preference=0.5):
-    comps = {c: (None if gate else preference) for c in ("preference", "naturalness", "coherence", "understandability")}
+    comps = {c: (None if gate else preference) for c in COMPONENTS}
     return dict(reward=reward, gate_reason=gate, generation="Input: x\nOutput: y", **comps)
 
 

@@ -36,7 +36,10 @@ def test_one_rloo_step_trains_and_logs(loaded, tmp_path):
 
     source, tokenizer = loaded
     judge = load_causal_lm(source, "cpu", None)
-    scorer = FeedbackScorerResource().build(TransformersModel(judge, tokenizer, "tiny"), "cpu", batch_size=8)
+    from learned_reward_fixture import write_learned_reward
+
+    scorer = FeedbackScorerResource().build(TransformersModel(judge, tokenizer, "tiny"), "cpu", batch_size=8,
+                                            learned_reward_dir=str(write_learned_reward(tmp_path / "learned_reward")))
     policy = load_causal_lm(source, "cpu", None)
     settings = RLSettings(algorithm="rloo", max_steps=1, prompts_per_step=2, group_size=2, max_completion_length=16)
     result = train_policy(policy, tokenizer, INSTRUCTIONS, scorer, settings, tmp_path, "cpu")

@@ -130,14 +130,14 @@ def calibrate(instruction_ids: Sequence[str], rows: Sequence[Mapping], stats: Co
               ratings: Sequence[Rating], components: Sequence[str]) -> Calibration:
     """Join the ratings to the scored rows (reward_scores) by instruction_id and fit the weights."""
     by_id = dict(zip(instruction_ids, rows))
-    skipped = {"not_in_reward_scores": 0, "failed_format_gate": 0, "output_changed": 0}
+    skipped = {"not_in_reward_scores": 0, "failed_instance_gate": 0, "output_changed": 0}
     z_rows, targets = [], []
     for r in ratings:
         row = by_id.get(r.instruction_id)
         if row is None:
             skipped["not_in_reward_scores"] += 1
         elif row["gate_reason"] is not None:
-            skipped["failed_format_gate"] += 1
+            skipped["failed_instance_gate"] += 1
         elif r.output is not None and " ".join(r.output.split()) != " ".join(row["output"].split()):
             skipped["output_changed"] += 1
         else:
