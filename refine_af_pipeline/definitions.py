@@ -62,9 +62,7 @@ def default_resources(root: Path | None = None) -> dict:
         "feedback_scorer": FeedbackScorerResource(),
         # The audit judge: weights the policy never trained against (REFINE_AF_AUDIT_* to change).
         # In process by default: a 270M scorer beside a vLLM engine would ask vLLM for a second share of the GPU.
-        # 4 texts per scoring pass: its 262k-token vocabulary made 16 texts' logits peak at 7.6 GiB.
-        "audit_model": model_resource("REFINE_AF_AUDIT", default_model=EMBEDDED_GEMMA,
-                                      default_backend="transformers").model_copy(update={"scoring_batch_size": 4}),
+        "audit_model": model_resource("REFINE_AF_AUDIT", default_model=EMBEDDED_GEMMA, default_backend="transformers"),
     }
 
 
