@@ -35,3 +35,17 @@ def test_missing_markers_or_table_are_named(tmp_path):
         pass
     with pytest.raises(LookupError, match="no rl_verdict table"):
         main(["--database", str(tmp_path / "empty.duckdb")])
+
+
+def test_a_database_inside_the_clone_is_named_relative_to_it(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    database = _database(tmp_path / "data" / "db.duckdb")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n")
+    monkeypatch.chdir(tmp_path)
+    main(["--database", str(database), "--readme", str(readme)])
+    assert "From `data/db.duckdb`, run `r1`" in readme.read_text()
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.duckdb"
+    _database(outside)
+    main(["--database", str(outside), "--readme", str(readme)])
+    assert f"From `{outside}`" in readme.read_text()

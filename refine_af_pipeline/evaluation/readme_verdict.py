@@ -43,12 +43,18 @@ def replace_block(text: str, block: str, where: str) -> str:
     return text[:text.index(START)] + block + text[text.index(END) + len(END):]
 
 
+def _shown_path(database: str) -> str:
+    # The README names the file as a reader of the clone would: relative to it when it lies inside.
+    path = Path(database).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else database
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database", required=True, help="the data folder's refine_af.duckdb")
     parser.add_argument("--readme", help="the file whose marked block is replaced (printed when left out)")
     args = parser.parse_args(argv)
-    block = verdict_block(read_verdict(args.database), args.database)
+    block = verdict_block(read_verdict(args.database), _shown_path(args.database))
     if args.readme is None:
         print(block)
         return 0
