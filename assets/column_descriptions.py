@@ -255,6 +255,7 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "n_seeds": "replicates (seeds) compared",
     "margin": "smallest effect that matters for this metric",
     "min_detectable_difference": "effect the comparison finds 80% of the time at 5% (2.8 standard errors)",
+    "per_seed_effects": "the effect within each seed (replicate) alone, in seed order, separated by ' / ' (the pooled effect is their item-weighted mean)",
     "answer": "yes / no / cannot tell, by the rule",
     "note": "what else to know to read the row",
     "answer_rule": "how the answer follows from the CI and the margin",

@@ -67,3 +67,11 @@ def test_a_question_without_paired_items_cannot_be_told():
     partial = verdict_row("q", "a", "b", "m", "judge", np.array([[0.3, 0.4, 0.5], [np.nan] * 3]), 0.01,
                           resamples=500)
     assert partial.n_seeds == 1 and partial.n_items == 3
+
+
+def test_each_seed_reports_its_own_effect_beside_the_pooled_one():
+    # Seed 0 gains 0.2 on both items, seed 1 loses 0.1 on its only item (the other is missing).
+    table = np.array([[0.2, 0.2], [-0.1, np.nan]])
+    row = verdict_row("q", "a", "b", "m", "judge", table, margin=0.01, resamples=200)
+    assert row.per_seed_effects == "+0.200 / -0.100"
+    assert row.effect == pytest.approx(0.1)  # the pooled mean is over the three cells

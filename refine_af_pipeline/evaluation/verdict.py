@@ -67,6 +67,7 @@ class VerdictRow:
     min_detectable_difference: float
     answer: str
     note: str = ""
+    per_seed_effects: str = ""
 
     def as_dict(self) -> dict:
         return {**asdict(self), "answer_rule": RULE}
@@ -112,8 +113,9 @@ def verdict_row(question: str, candidate: str, reference: str, metric: str, judg
                           "cannot tell", "; ".join(filter(None, [note, "no item both sides have"])))
     table = table[finite.any(axis=1)][:, finite.any(axis=0)]
     mean, low, high, se = crossed_bootstrap(table, resamples, seed)
+    per_seed = " / ".join(f"{v:+.3f}" for v in np.nanmean(table, axis=1))  # every kept seed has a finite cell
     return VerdictRow(question, candidate, reference, metric, judge, mean, low, high, items, seeds, margin,
-                      MDD_Z * se, answer(low, high, margin), note)
+                      MDD_Z * se, answer(low, high, margin), note, per_seed)
 
 
 def difference_table(rows: Sequence[dict], candidate: str, reference: str, value: str,
