@@ -7,7 +7,7 @@ const { chromium } = require('playwright-core');
   const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
                                           args: ['--no-sandbox', '--disable-gpu'] });
   try {
-    const page = await browser.newPage({ viewport: { width: 2200, height: 1150 }, deviceScaleFactor: 1.2 });
+    const page = await browser.newPage({ viewport: { width: 2200, height: Number(process.env.SHOT_HEIGHT || 2400) }, deviceScaleFactor: 1.2 });
     // The UI's first-visit "join the community" dialog would cover the graph.
     await page.addInitScript(() => localStorage.setItem('communityNux', '1'));
     await page.goto(`${url}/asset-groups`, { waitUntil: 'networkidle', timeout: 120000 });
@@ -18,15 +18,15 @@ const { chromium } = require('playwright-core');
     // Alt+E is the graph's "Expand all groups"; it needs the focus on the graph.
     await page.mouse.click(1100, 1100);
     await page.keyboard.press('Alt+KeyE');
-    await page.getByText('raw_instructions').first().waitFor({ timeout: 60000 });
     await page.waitForLoadState('networkidle');
     await page.waitForTimeout(1500);  // the graph animates its layout after expanding
-    // Zoomed to fit, nodes show only truncated names; a little closer they show their cards
-    // (latest materialization, checks, kinds) and the whole graph still fits.
-    await page.mouse.move(1150, 620);
-    for (let i = 0; i < 3; i++) {
-      await page.mouse.wheel(0, -40);
-      await page.waitForTimeout(300);
+    // The expanded graph keeps the collapsed graph's zoom, at which it does not fit: zoom out
+    // with the graph's own control (the wheel pans). A tall page holds the 28 assets' layout;
+    // SHOT_HEIGHT and ZOOM_OUT_STEPS adjust it when the graph grows.
+    const zoomOut = page.getByRole('img', { name: 'zoom_out' }).first();
+    for (let i = 0; i < Number(process.env.ZOOM_OUT_STEPS || 3); i++) {
+      await zoomOut.click();
+      await page.waitForTimeout(400);
     }
     await page.waitForTimeout(1500);
     await page.screenshot({ path: out });
