@@ -1,12 +1,11 @@
 """Asset checks that guard the data between stages (the RL held-out check is in rl_heldout.py, the
 evaluation's in evaluation.py: each is computed by its asset)."""
 
-
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.instructions.instances import ParseRateSettings
 from refine_af_pipeline.instructions.filters import blacklisted_word
+from refine_af_pipeline.instructions.instances import ParseRateSettings
 from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import Warehouse
 
@@ -25,8 +24,9 @@ def no_kept_pair_above_rouge_threshold(warehouse: Warehouse) -> dg.AssetCheckRes
         if score > worst:
             worst, pair = score, (instruction, similar)
         pool.add(instruction)
-    return dg.AssetCheckResult(passed=worst <= DEFAULT_THRESHOLD, metadata={
-        "max_rouge_l": worst, "kept": len(kept), "closest_pair": str(pair)})
+    return dg.AssetCheckResult(
+        passed=worst <= DEFAULT_THRESHOLD, metadata={"max_rouge_l": worst, "kept": len(kept), "closest_pair": str(pair)}
+    )
 
 
 @dg.asset_check(asset="deduplicated_instructions", blocking=True)
@@ -51,5 +51,8 @@ def instance_parse_rate(config: ParseRateConfig, warehouse: Warehouse) -> dg.Ass
     """Share of generated instances that parse as Input/Output; a low rate means a prompt problem."""
     df = warehouse.read_table("instance_output_pairs")
     rate = float((df["parse_status"] == "ok").mean()) if df.height else 0.0
-    return dg.AssetCheckResult(passed=rate >= config.min_parse_rate, severity=dg.AssetCheckSeverity.WARN,
-                               metadata={"parse_rate": rate, "threshold": config.min_parse_rate, "instances": df.height})
+    return dg.AssetCheckResult(
+        passed=rate >= config.min_parse_rate,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"parse_rate": rate, "threshold": config.min_parse_rate, "instances": df.height},
+    )

@@ -10,13 +10,18 @@ _COMPONENTS = {
     "coherence": "coherence score (offline default: cosine similarity of request and output embeddings, -1 to 1; UniEval: P(Yes))",
     "understandability": "understandability score (offline default: Flesch reading ease clipped to 0-100, scaled to 0-1; UniEval: P(Yes))",
     "learned_reward": "the learned reward: a Bradley-Terry score on MiniLM embeddings fitted to prefer human seed instances "
-                      "(reward_model; unbounded, higher = better)",
+    "(reward_model; unbounded, higher = better)",
 }
 
 _OPERATIONS = ("breadth", "add_constraint", "deepen", "concretize", "increase_reasoning", "complicate_input")
 
-_MODELS = {"base": "base model", "self_instruct": "Self-Instruct-tuned model", "refine_af": "REFINE-AF-tuned model",
-           "best_of_n": "best-of-N-tuned model", "teams_rl": "TeaMs-RL-tuned model"}
+_MODELS = {
+    "base": "base model",
+    "self_instruct": "Self-Instruct-tuned model",
+    "refine_af": "REFINE-AF-tuned model",
+    "best_of_n": "best-of-N-tuned model",
+    "teams_rl": "TeaMs-RL-tuned model",
+}
 
 COLUMN_DESCRIPTIONS: dict[str, str] = {
     # identity and provenance
@@ -32,7 +37,7 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "run_id": "Dagster run that wrote the row",
     "source_run_id": "run of raw_instructions that generated the candidate",
     "model_id": "model that generated or answered, by the name it was served as (in process: Hugging Face id or "
-                "directory, the embedded model marked as such; vllm: plus the adapter; openai: the served model name)",
+    "directory, the embedded model marked as such; vllm: plus the adapter; openai: the served model name)",
     "backend": "generation engine that produced the row: transformers, vllm or openai",
     "engine_version": "version of that engine (transformers x.y, vllm x.y, or what the server reports)",
     "policy_served_model": "the RL policy as it was served (model_id of the policy's rows)",
@@ -56,7 +61,7 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "decision": "kept or rejected",
     "reason": "why a candidate was rejected (rouge_l_above_threshold, too_short, blacklisted:<word>, unparseable_response ...); null when kept",
     "max_rouge_l": "highest ROUGE-L F-measure against the seeds and the instructions kept before it (0-1; rejected above "
-                   "the threshold, 0.7 by default); null where an earlier filter decided",
+    "the threshold, 0.7 by default); null where an earlier filter decided",
     "most_similar_instruction": "the instruction that gave max_rouge_l",
     "is_classification": "whether the task is classification (seeds: from the file; kept instructions: the model's label, P(Yes) > 0.5)",
     "is_classification_p": "the model's P(Yes) to 'Is it classification?' (0-1)",
@@ -67,13 +72,13 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "generation": "the model's raw text for the instance, before parsing",
     "generation_tokens": "tokens the model generated for the instance (TeaMs-RL: for the rewrite or the answer)",
     "gate_reason": "why the instance gate rejected the instance (missing_output, empty_output, output_cut_at_token_limit, "
-                   "degenerate_repetition, output_copies_input, output_copies_instruction, output_not_a_named_label; "
-                   "refine_af_pipeline/feedback/gates.py); null when it passed",
+    "degenerate_repetition, output_copies_input, output_copies_instruction, output_not_a_named_label; "
+    "refine_af_pipeline/feedback/gates.py); null when it passed",
     **_COMPONENTS,
     **{f"{c}_scorer": f"scorer name and version behind {c}" for c in _COMPONENTS},
     "reward": "combined reward: bias + sum of weight x standardised component (the gate_reward, -3 by default, when the instance gate rejected it); in rl_refined_policy "
-              "the mean of the step's completions; in the teams_* tables the reviewer's reward of the rewrite: P(differs), "
-              "0 where a rule fired",
+    "the mean of the step's completions; in the teams_* tables the reviewer's reward of the rewrite: P(differs), "
+    "0 where a rule fired",
     # reward standardisation (one row, from the base model's gate-passing instances in reward_scores)
     **{f"mean_{c}": f"mean raw {c} of the base model's instances that passed the instance gate" for c in _COMPONENTS},
     **{f"std_{c}": f"standard deviation of raw {c} over those instances (1 when constant)" for c in _COMPONENTS},
@@ -83,15 +88,15 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "standardised_instances": "base-model instances the means and spreads were computed over",
     "keep": "whether the pair (teams_evolved_instructions: the instruction) passed every filter and enters the next stage",
     "filter_reason": "why the row was filtered out (a gate reason, conflicting_outputs_for_same_input; evolved instructions: a "
-                     "reviewer rule, no_information_gain, a Self-Instruct filter, near_duplicate); null when kept",
+    "reviewer rule, no_information_gain, a Self-Instruct filter, near_duplicate); null when kept",
     # RL training log
     "step": "optimizer step of the RL run (1-based); in the teams_* tables the position of the operation in its chain (1-based)",
     "reward_std": "standard deviation of the combined reward over the step's completions",
     "kl": "mean per-token KL divergence to the base model (TRL's estimate; NaN when beta is 0); teams_operation_policy: "
-          "mean KL of the instructor's action distribution from before the update, over the states its rollout visited",
+    "mean KL of the instructor's action distribution from before the update, over the states its rollout visited",
     "loss": "trainer loss of the step",
     "entropy": "mean per-token entropy of the policy on its completions (nats); teams_operation_policy: mean entropy of "
-               "the instructor's action distribution over the states its rollout visited, after the update (nats)",
+    "the instructor's action distribution over the states its rollout visited, after the update (nats)",
     "completion_length": "mean completion length of the step (tokens)",
     "clipped_share": "share of the step's completions cut at max_completion_length (0-1)",
     "gate_failure_share": "share of the step's completions the instance gate rejected (0-1)",
@@ -135,8 +140,10 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "reference_log_likelihood": "mean per-token log-likelihood of the best reference after the evaluation prompt (nats)",
     "n_instances": "instances evaluated for the task",
     **{f"rouge_l_{m}": f"mean ROUGE-L of the {name} on the task (0-1)" for m, name in _MODELS.items()},
-    **{f"log_likelihood_{m}": f"mean reference log-likelihood of the {name} on the task (nats per token)"
-       for m, name in _MODELS.items()},
+    **{
+        f"log_likelihood_{m}": f"mean reference log-likelihood of the {name} on the task (nats per token)"
+        for m, name in _MODELS.items()
+    },
     "prediction": "the model's greedy answer",
     "references": "the task instance's reference outputs, as a JSON list",
     "candidate": "model compared (the first of the pair)",
@@ -168,13 +175,13 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "seed_id": "id of the seed task the chain started from",
     "seed_instruction": "the seed task's instruction",
     "operation": "the instruction operation applied at this step (breadth, add_constraint, deepen, concretize, "
-                 "increase_reasoning, complicate_input)",
+    "increase_reasoning, complicate_input)",
     "before": "the instruction the operation was applied to",
     "after": "the rewritten instruction (first line of the rewriter's reply, cleaned)",
     "previous_instruction": "the instruction the operation was applied to",
     "p_differs": "the reviewer model's P(Yes) that the rewrite adds something; null where a rule decided",
     "rule": "the reviewer rule that zeroed the reward (empty_or_punctuation, refusal, identical, echo_of_request, "
-            "leaked_prompt_words, copied_example, near_identical); null when the model judged",
+    "leaked_prompt_words, copied_example, near_identical); null when the model judged",
     "rewrite_cached": "whether the rewrite came from the call cache (same model, prompt, sampling and seed)",
     "review_cached": "whether the judgement came from the call cache",
     "reviewer_version": "the reviewer's method, model, question and rules hash",
@@ -185,11 +192,13 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "mean_reward": "mean reviewer reward over the update's operations",
     "rule_zero_share": "share of the update's operations a reviewer rule zeroed (0-1)",
     **{f"share_{o}": f"share of the update's operations that were {o}" for o in _OPERATIONS},
-    **{f"start_probability_{o}": f"the instructor's probability of {o} as the first operation, after the update"
-       for o in _OPERATIONS},
+    **{
+        f"start_probability_{o}": f"the instructor's probability of {o} as the first operation, after the update"
+        for o in _OPERATIONS
+    },
     "policy_path": "the instructor's weights (sb3-contrib TRPO zip) in the artifact store",
     "arm": "how operations were chosen: policy (the learned instructor, sampled), uniform (random, WizardLM's "
-           "choice) or fixed:<operation> (the operation with the best training reward)",
+    "choice) or fixed:<operation> (the operation with the best training reward)",
     # query ledger
     "stage": "asset whose step made the queries",
     "branch": "the arm of the comparison: self_instruct, refine_af, best_of_n, teams_rl (ledger: a+b marks a stage several arms share)",
@@ -219,7 +228,7 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "target_validation": "validation pairs every branch should get (the smallest branch's count)",
     "shared_train_instructions": "training instructions every other branch on the shared pool trains on too",
     "audit": "the audit judge's score: mean per-token log-probability gain of the output from the instruction, given "
-             "the input (PMI, nats/token; higher = the output answers this instruction)",
+    "the input (PMI, nats/token; higher = the output answers this instruction)",
     "audit_judge": "the audit judge: method and model",
     "mean_audit": "mean audit score over the branch's training pairs",
     "mean_training_reward": "mean training reward of the branch's training pairs (null for TeaMs-RL: its answers are not scored)",
@@ -230,7 +239,7 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "audit_difference": "policy_audit - base_audit (null when a side has no gate-passing instance)",
     # the learned reward
     "negative_kind": "what the human output is preferred over: base_model (its answer), echo (the input or instruction), "
-                     "other_task (another seed task's output), cut (the output's first half); all: every kind",
+    "other_task (another seed task's output), cut (the output's first half); all: every kind",
     "preferred": "the preferred output (the human-written one)",
     "rejected": "the output it is preferred over",
     "preferred_reward": "learned reward of the preferred output",

@@ -3,20 +3,27 @@ held-out tasks in the Super-NaturalInstructions format zero-shot; ROUGE-L and th
 log-likelihood per task and model, and for each pair of models and each metric the share of tasks
 one beats the other with a bootstrap CI."""
 
-
 import json
 from collections import Counter
 
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.evaluation.tasks import (EvaluationSettings, best_mean_logprob, best_rouge_l, evaluation_items,
-                                                 first_line, load_tasks, mean_by_task, reference_continuations)
-from refine_af_pipeline.llm.backend import SamplingParams
-from refine_af_pipeline.plots import bar_panels_png
-from refine_af_pipeline.llm.prompts import evaluation_prompt
 from refine_af_pipeline.evaluation.task_comparison import mean_per_model, summary_rows, tasks_differing
+from refine_af_pipeline.evaluation.tasks import (
+    EvaluationSettings,
+    best_mean_logprob,
+    best_rouge_l,
+    evaluation_items,
+    first_line,
+    load_tasks,
+    mean_by_task,
+    reference_continuations,
+)
+from refine_af_pipeline.llm.backend import SamplingParams
+from refine_af_pipeline.llm.prompts import evaluation_prompt
 from refine_af_pipeline.llm.query_count import QueryCounter
+from refine_af_pipeline.plots import bar_panels_png
 from resources import LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
@@ -24,14 +31,27 @@ from .metadata import metadata_table, peak_memory, png_markdown, progress_logger
 from .shared import provenance_columns, upstream_adapters
 
 # Model label in the tables -> the fine-tuning asset whose adapter it is (None: the base model).
-EVALUATED_MODELS = {"base": None, "self_instruct": "selfinstruct_finetuned_model", "refine_af": "finetuned_model",
-                    "best_of_n": "bestofn_finetuned_model", "teams_rl": "teams_finetuned_model"}
+EVALUATED_MODELS = {
+    "base": None,
+    "self_instruct": "selfinstruct_finetuned_model",
+    "refine_af": "finetuned_model",
+    "best_of_n": "bestofn_finetuned_model",
+    "teams_rl": "teams_finetuned_model",
+}
 # (candidate, reference): the paper's comparison first, then REFINE-AF against the best-of-N control,
 # each tuned model against the base, best-of-N against Self-Instruct, TeaMs-RL against the others.
 TUNED = [a for a in EVALUATED_MODELS.values() if a]
-COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "best_of_n"), ("refine_af", "base"),
-               ("self_instruct", "base"), ("best_of_n", "base"), ("best_of_n", "self_instruct"), ("teams_rl", "base"),
-               ("teams_rl", "self_instruct"), ("teams_rl", "refine_af")]
+COMPARISONS = [
+    ("refine_af", "self_instruct"),
+    ("refine_af", "best_of_n"),
+    ("refine_af", "base"),
+    ("self_instruct", "base"),
+    ("best_of_n", "base"),
+    ("best_of_n", "self_instruct"),
+    ("teams_rl", "base"),
+    ("teams_rl", "self_instruct"),
+    ("teams_rl", "refine_af"),
+]
 CHECK_NAME = "refine_af_beats_self_instruct"
 
 
@@ -47,23 +67,56 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
 
 
 @dg.multi_asset(
-    name="evaluation", group_name="evaluation", pool="gpu", can_subset=False,
+    name="evaluation",
+    group_name="evaluation",
+    pool="gpu",
+    can_subset=False,
     specs=[
-        dg.AssetSpec("evaluation", deps=TUNED, kinds={"duckdb", "pytorch"}, description=(
-            "One row per (held-out task, model): the task's mean ROUGE-L of the first answer line and mean "
-            "reference log-likelihood, for the base, Self-Instruct-, REFINE-AF-, best-of-N- and TeaMs-RL-tuned models.")),
-        dg.AssetSpec("evaluation_predictions", deps=TUNED, kinds={"duckdb"}, description=(
-            "One row per (evaluation instance, model): the greedy answer's first line, its ROUGE-L against "
-            "the best reference, the best reference's mean per-token log-likelihood, the references.")),
-        dg.AssetSpec("evaluation_summary", deps=TUNED, kinds={"duckdb"}, description=(
-            "For each pair of models and each metric (ROUGE-L, log-likelihood): wins/ties/losses over tasks, "
-            "the win share with its bootstrap 95% CI, the mean paired difference with its CI.")),
+        dg.AssetSpec(
+            "evaluation",
+            deps=TUNED,
+            kinds={"duckdb", "pytorch"},
+            description=(
+                "One row per (held-out task, model): the task's mean ROUGE-L of the first answer line and mean "
+                "reference log-likelihood, for the base, Self-Instruct-, REFINE-AF-, best-of-N- and TeaMs-RL-tuned models."
+            ),
+        ),
+        dg.AssetSpec(
+            "evaluation_predictions",
+            deps=TUNED,
+            kinds={"duckdb"},
+            description=(
+                "One row per (evaluation instance, model): the greedy answer's first line, its ROUGE-L against "
+                "the best reference, the best reference's mean per-token log-likelihood, the references."
+            ),
+        ),
+        dg.AssetSpec(
+            "evaluation_summary",
+            deps=TUNED,
+            kinds={"duckdb"},
+            description=(
+                "For each pair of models and each metric (ROUGE-L, log-likelihood): wins/ties/losses over tasks, "
+                "the win share with its bootstrap 95% CI, the mean paired difference with its CI."
+            ),
+        ),
     ],
-    check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="evaluation_summary", description=(
-        "Warns (never fails) unless the REFINE-AF model wins more held-out tasks than it loses "
-        "against the Self-Instruct model by ROUGE-L."))])
-def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, warehouse: Warehouse,
-               language_model: LanguageModelResource):
+    check_specs=[
+        dg.AssetCheckSpec(
+            CHECK_NAME,
+            asset="evaluation_summary",
+            description=(
+                "Warns (never fails) unless the REFINE-AF model wins more held-out tasks than it loses "
+                "against the Self-Instruct model by ROUGE-L."
+            ),
+        )
+    ],
+)
+def evaluation(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    warehouse: Warehouse,
+    language_model: LanguageModelResource,
+):
     """Each model answers every evaluation instance zero-shot in the SuperNI layout (definition,
     input, "Output:"), greedy; the first line of the answer is scored by ROUGE-L against each
     reference, best one counts. Each model also reads every reference after the same prompt: the
@@ -96,46 +149,93 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
         # references are read on the same prefill of the prompt as the answer.
         with model.for_generation() as view:
             gens, reference_logprobs = view.generate_and_score(
-                prompts, [reference_continuations(r) for r in references], params,
-                language_model.generation_batch_size(context.op_def.name), 0, progress_logger(context, f"evaluation/{key}"),
-                stop_after_first_line=True, score_batch_size=language_model.scoring_batch_size)
+                prompts,
+                [reference_continuations(r) for r in references],
+                params,
+                language_model.generation_batch_size(context.op_def.name),
+                0,
+                progress_logger(context, f"evaluation/{key}"),
+                stop_after_first_line=True,
+                score_batch_size=language_model.scoring_batch_size,
+            )
         answers = [first_line(g.text) for g in gens]
         scores = [best_rouge_l(a, inst.references) for a, (_, inst) in zip(answers, items)]
         likelihoods = [best_mean_logprob(lists) for lists in reference_logprobs]
         rouge_by_task, ll_by_task = mean_by_task(items, scores), mean_by_task(items, likelihoods)
         by_replicate["rouge_l"].setdefault(label, []).append(rouge_by_task)
         by_replicate["log_likelihood"].setdefault(label, []).append(ll_by_task)
-        task_rows += [dict(task=name, model=label, replicate=rep, **provenance_columns(model.provenance),
-                           adapter_path=adapters[key], rouge_l=score, log_likelihood=ll_by_task[name],
-                           n_instances=counts[name], run_id=context.run_id)
-                      for name, score in rouge_by_task.items()]
-        prediction_rows += [dict(task=t.name, instance_id=inst.id, model=label, replicate=rep, prediction=a, rouge_l=s,
-                                 reference_log_likelihood=ll, references=json.dumps(list(inst.references)),
-                                 **provenance_columns(model.provenance), run_id=context.run_id)
-                            for (t, inst), a, s, ll in zip(items, answers, scores, likelihoods)]
-        context.log.info(f"evaluation/{key}: mean ROUGE-L {sum(scores) / len(scores):.4f}, "
-                         f"mean reference log-likelihood {sum(likelihoods) / len(likelihoods):.4f}")
+        task_rows += [
+            dict(
+                task=name,
+                model=label,
+                replicate=rep,
+                **provenance_columns(model.provenance),
+                adapter_path=adapters[key],
+                rouge_l=score,
+                log_likelihood=ll_by_task[name],
+                n_instances=counts[name],
+                run_id=context.run_id,
+            )
+            for name, score in rouge_by_task.items()
+        ]
+        prediction_rows += [
+            dict(
+                task=t.name,
+                instance_id=inst.id,
+                model=label,
+                replicate=rep,
+                prediction=a,
+                rouge_l=s,
+                reference_log_likelihood=ll,
+                references=json.dumps(list(inst.references)),
+                **provenance_columns(model.provenance),
+                run_id=context.run_id,
+            )
+            for (t, inst), a, s, ll in zip(items, answers, scores, likelihoods)
+        ]
+        context.log.info(
+            f"evaluation/{key}: mean ROUGE-L {sum(scores) / len(scores):.4f}, "
+            f"mean reference log-likelihood {sum(likelihoods) / len(likelihoods):.4f}"
+        )
     # The pairwise summary reads each model's task means averaged over its replicates.
-    by_metric = {m: {label: {task: sum(r[task] for r in reps) / len(reps) for task in reps[0]}
-                     for label, reps in by_label.items()} for m, by_label in by_replicate.items()}
+    by_metric = {
+        m: {
+            label: {task: sum(r[task] for r in reps) / len(reps) for task in reps[0]}
+            for label, reps in by_label.items()
+        }
+        for m, by_label in by_replicate.items()
+    }
     del models
     rows = summary_rows(by_metric, COMPARISONS, config.bootstrap_resamples, config.seed)
     df = pl.DataFrame(task_rows, schema_overrides={"adapter_path": pl.Utf8})
     summary = pl.DataFrame([{**r, "task_dir": config.task_dir or "built-in", "run_id": context.run_id} for r in rows])
     predictions = pl.DataFrame(prediction_rows)
     with warehouse.transaction() as conn:
-        for table, frame in (("evaluation", df), ("evaluation_predictions", predictions), ("evaluation_summary", summary)):
+        for table, frame in (
+            ("evaluation", df),
+            ("evaluation_predictions", predictions),
+            ("evaluation_summary", summary),
+        ):
             insert_rows(conn, table, frame, mode="replace")
     headline = _comparison(rows, "rouge_l", *COMPARISONS[0])
     means = {m: mean_per_model(by_metric[m]) for m in METRICS}
     ll = by_metric["log_likelihood"]
-    differing = {f"tasks_log_likelihood_differs_from_base_{m}": tasks_differing(ll[m], ll["base"], LOG_LIKELIHOOD_MARGIN)
-                 for m in EVALUATED_MODELS if m != "base"}
-    yield dg.MaterializeResult(asset_key="evaluation_predictions", metadata=table_metadata(
-        predictions, ["task", "model", "prediction", "rouge_l", "reference_log_likelihood"]))
-    yield dg.MaterializeResult(asset_key="evaluation_summary", metadata={
-        **table_metadata(summary, ["metric", "candidate", "reference", "wins", "ties", "losses"]),
-        "summary": metadata_table(_summary_view(summary))})
+    differing = {
+        f"tasks_log_likelihood_differs_from_base_{m}": tasks_differing(ll[m], ll["base"], LOG_LIKELIHOOD_MARGIN)
+        for m in EVALUATED_MODELS
+        if m != "base"
+    }
+    yield dg.MaterializeResult(
+        asset_key="evaluation_predictions",
+        metadata=table_metadata(predictions, ["task", "model", "prediction", "rouge_l", "reference_log_likelihood"]),
+    )
+    yield dg.MaterializeResult(
+        asset_key="evaluation_summary",
+        metadata={
+            **table_metadata(summary, ["metric", "candidate", "reference", "wins", "ties", "losses"]),
+            "summary": metadata_table(_summary_view(summary)),
+        },
+    )
     yield dg.MaterializeResult(
         asset_key="evaluation",
         metadata={
@@ -151,13 +251,19 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, ware
             "chart": png_markdown(_chart(by_metric, means), "ROUGE-L and reference log-likelihood per task"),
             "llm_queries": queries.as_json(),
             **peak_memory(language_model.resolved_device()),
-        })
+        },
+    )
     yield dg.AssetCheckResult(
-        asset_key="evaluation_summary", check_name=CHECK_NAME, passed=headline["wins"] > headline["losses"],
+        asset_key="evaluation_summary",
+        check_name=CHECK_NAME,
+        passed=headline["wins"] > headline["losses"],
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={**_headline_metadata(headline),
-                  "log_likelihood_wins_ties_losses": _wtl(_comparison(rows, "log_likelihood", *COMPARISONS[0])),
-                  "rule": "passes when REFINE-AF wins more tasks than it loses by ROUGE-L (ties count for neither)"})
+        metadata={
+            **_headline_metadata(headline),
+            "log_likelihood_wins_ties_losses": _wtl(_comparison(rows, "log_likelihood", *COMPARISONS[0])),
+            "rule": "passes when REFINE-AF wins more tasks than it loses by ROUGE-L (ties count for neither)",
+        },
+    )
 
 
 def _comparison(rows: list[dict], metric: str, candidate: str, reference: str) -> dict:
@@ -181,21 +287,46 @@ def _headline_metadata(c: dict) -> dict:
 
 
 def _summary_view(summary: pl.DataFrame) -> pl.DataFrame:
-    return summary.select("metric", "candidate", "reference", "n_tasks", "wins", "ties", "losses", "win_share",
-                          "win_share_ci_low", "win_share_ci_high", "mean_difference", "mean_difference_ci_low",
-                          "mean_difference_ci_high")
+    return summary.select(
+        "metric",
+        "candidate",
+        "reference",
+        "n_tasks",
+        "wins",
+        "ties",
+        "losses",
+        "win_share",
+        "win_share_ci_low",
+        "win_share_ci_high",
+        "mean_difference",
+        "mean_difference_ci_low",
+        "mean_difference_ci_high",
+    )
 
 
 def _per_task_view(by_metric: dict[str, dict[str, dict[str, float]]]) -> pl.DataFrame:
     tasks = sorted(by_metric["rouge_l"]["base"])
-    return pl.DataFrame({"task": tasks, **{f"{metric}_{m}": [by_metric[metric][m][t] for t in tasks]
-                                            for metric in METRICS for m in EVALUATED_MODELS}})
+    return pl.DataFrame(
+        {
+            "task": tasks,
+            **{
+                f"{metric}_{m}": [by_metric[metric][m][t] for t in tasks]
+                for metric in METRICS
+                for m in EVALUATED_MODELS
+            },
+        }
+    )
 
 
 def _chart(by_metric: dict[str, dict[str, dict[str, float]]], means: dict[str, dict[str, float]]) -> bytes:
     tasks = sorted(by_metric["rouge_l"]["base"])
     short = [t.split("_")[1] if t.count("_") >= 1 else t for t in tasks]
-    panels = {metric: {m: [*(by_metric[metric][m][t] for t in tasks), means[metric][m]] for m in EVALUATED_MODELS}
-              for metric in METRICS}
-    return bar_panels_png([*short, "MEAN"], panels,
-                          "Per held-out task: ROUGE-L and reference log-likelihood (nats/token); base, Self-Instruct, REFINE-AF, TeaMs-RL")
+    panels = {
+        metric: {m: [*(by_metric[metric][m][t] for t in tasks), means[metric][m]] for m in EVALUATED_MODELS}
+        for metric in METRICS
+    }
+    return bar_panels_png(
+        [*short, "MEAN"],
+        panels,
+        "Per held-out task: ROUGE-L and reference log-likelihood (nats/token); base, Self-Instruct, REFINE-AF, TeaMs-RL",
+    )

@@ -1,6 +1,5 @@
 """The final instruction data as files other tools read: Alpaca JSON, JSONL, parquet, HF datasets."""
 
-
 import dagster as dg
 import polars as pl
 
@@ -10,8 +9,11 @@ from resources import ArtifactStore, Warehouse
 from .metadata import metadata_table, table_metadata
 
 # Exported dataset name -> the instance table whose kept rows it holds.
-EXPORTED_TABLES = {"refine_af": "instance_output_pairs", "self_instruct": "selfinstruct_instance_pairs",
-                   "teams_rl": "teams_instruction_pairs"}
+EXPORTED_TABLES = {
+    "refine_af": "instance_output_pairs",
+    "self_instruct": "selfinstruct_instance_pairs",
+    "teams_rl": "teams_instruction_pairs",
+}
 
 
 class ExportsConfig(dg.Config, ExportSettings):
@@ -19,8 +21,9 @@ class ExportsConfig(dg.Config, ExportSettings):
 
 
 @dg.asset(group_name="exports", kinds={"duckdb", "parquet", "json"}, deps=list(EXPORTED_TABLES.values()))
-def instruction_dataset_exports(context: dg.AssetExecutionContext, config: ExportsConfig, warehouse: Warehouse,
-                                artifact_store: ArtifactStore) -> dg.MaterializeResult:
+def instruction_dataset_exports(
+    context: dg.AssetExecutionContext, config: ExportsConfig, warehouse: Warehouse, artifact_store: ArtifactStore
+) -> dg.MaterializeResult:
     """The kept (instruction, input, output) rows of REFINE-AF, TeaMs-RL (and of the Self-Instruct
     baseline) with their provenance columns, each written as Alpaca-format JSON, JSONL, parquet and a Hugging
     Face `datasets` folder (save_to_disk) under the run's artifact folder. Each dataset's folder is
@@ -36,14 +39,20 @@ def instruction_dataset_exports(context: dg.AssetExecutionContext, config: Expor
             raise dg.Failure(f"{table} is missing: materialize it before exporting")
         rows = export_rows(pairs, dataset)
         paths = write_dataset_exports(rows, out_root / dataset)
-        listing += [dict(dataset=dataset, format=fmt, path=str(path), rows=rows.height, source_table=table,
-                         run_id=context.run_id) for fmt, path in paths.items()]
+        listing += [
+            dict(
+                dataset=dataset, format=fmt, path=str(path), rows=rows.height, source_table=table, run_id=context.run_id
+            )
+            for fmt, path in paths.items()
+        ]
         context.log.info(f"exported {rows.height} {dataset} rows to {out_root / dataset}")
     df = pl.DataFrame(listing)
     warehouse.write_table("instruction_dataset_exports", df)
-    return dg.MaterializeResult(metadata={
-        **table_metadata(df, ["dataset", "format", "rows"]),
-        "export_dir": dg.MetadataValue.path(str(out_root)),
-        **{f"rows_{d}": int(df.filter(pl.col("dataset") == d)["rows"][0]) for d in datasets},
-        "files": metadata_table(df.select("dataset", "format", "rows", "path")),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            **table_metadata(df, ["dataset", "format", "rows"]),
+            "export_dir": dg.MetadataValue.path(str(out_root)),
+            **{f"rows_{d}": int(df.filter(pl.col("dataset") == d)["rows"][0]) for d in datasets},
+            "files": metadata_table(df.select("dataset", "format", "rows", "path")),
+        }
+    )

@@ -4,7 +4,6 @@
 pairs (refine_af_pipeline/training/matched_data.py); one factory builds each arm's fine-tuned model
 on its draw, with the same config class and defaults."""
 
-
 import json
 import time
 
@@ -20,8 +19,12 @@ from .metadata import metadata_table, peak_memory, png_markdown, table_metadata
 
 SFT_DATA = "sft_training_pairs"
 # arm -> (its kept pairs, whether it writes instances for the shared pool of kept instructions)
-ARM_PAIRS = {"refine_af": ("instance_output_pairs", True), "self_instruct": ("selfinstruct_instance_pairs", True),
-             "best_of_n": ("bestofn_instance_pairs", True), "teams_rl": ("teams_instruction_pairs", False)}
+ARM_PAIRS = {
+    "refine_af": ("instance_output_pairs", True),
+    "self_instruct": ("selfinstruct_instance_pairs", True),
+    "best_of_n": ("bestofn_instance_pairs", True),
+    "teams_rl": ("teams_instruction_pairs", False),
+}
 _PAIR_COLUMNS = ("instance_id", "instruction_id", "instruction", "input", "output")
 CHECK_NAME = "every_arm_has_its_pairs"
 
@@ -30,12 +33,25 @@ class MatchedDataConfig(dg.Config, MatchedDataSettings):
     """Run config of `sft_training_pairs`: the fields of MatchedDataSettings (refine_af_pipeline/training/matched_data.py)."""
 
 
-@dg.asset(name=SFT_DATA, group_name="finetune", kinds={"duckdb"}, deps=[t for t, _ in ARM_PAIRS.values()],
-          check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset=SFT_DATA, description=(
-              "Warns when an arm has fewer training or validation pairs than the others get, or is missing: "
-              "its fine-tuned model is then compared on less data."))])
-def sft_training_pairs(context: dg.AssetExecutionContext, config: MatchedDataConfig,
-                       warehouse: Warehouse) -> dg.MaterializeResult:
+@dg.asset(
+    name=SFT_DATA,
+    group_name="finetune",
+    kinds={"duckdb"},
+    deps=[t for t, _ in ARM_PAIRS.values()],
+    check_specs=[
+        dg.AssetCheckSpec(
+            CHECK_NAME,
+            asset=SFT_DATA,
+            description=(
+                "Warns when an arm has fewer training or validation pairs than the others get, or is missing: "
+                "its fine-tuned model is then compared on less data."
+            ),
+        )
+    ],
+)
+def sft_training_pairs(
+    context: dg.AssetExecutionContext, config: MatchedDataConfig, warehouse: Warehouse
+) -> dg.MaterializeResult:
     """The pairs each arm's SFT trains and validates on: the same number for every arm (`sft_pairs`,
     or the smallest arm's count), drawn by a stable hash; REFINE-AF, Self-Instruct (and any arm on
     the same instruction pool) train on the same instructions as far as they all kept them. One row
@@ -62,33 +78,66 @@ def sft_training_pairs(context: dg.AssetExecutionContext, config: MatchedDataCon
         lacking = [a for a, rs in present.items() if not rs]
         problems += [f"{a} has no kept pairs in replicate {rep}" for a in lacking]
         draws = draw_matched({a: rs for a, rs in present.items() if rs}, sharing, config)
-        rows += [dict(branch=arm, replicate=rep, slice=part, **{k: v for k, v in pair.items() if k != "replicate"},
-                      source_table=ARM_PAIRS[arm][0], draw_rank=k)
-                 for arm, d in draws.items() for part, pairs in (("train", d.train), ("validation", d.validation))
-                 for k, pair in enumerate(pairs)]
-        per_arm += [dict(branch=d.arm, replicate=rep, kept_pairs=d.kept_pairs, train_pairs=len(d.train),
-                         validation_pairs=len(d.validation), target_train=d.target_train,
-                         target_validation=d.target_validation, shared_train_instructions=d.shared_train_instructions)
-                    for d in draws.values()]
+        rows += [
+            dict(
+                branch=arm,
+                replicate=rep,
+                slice=part,
+                **{k: v for k, v in pair.items() if k != "replicate"},
+                source_table=ARM_PAIRS[arm][0],
+                draw_rank=k,
+            )
+            for arm, d in draws.items()
+            for part, pairs in (("train", d.train), ("validation", d.validation))
+            for k, pair in enumerate(pairs)
+        ]
+        per_arm += [
+            dict(
+                branch=d.arm,
+                replicate=rep,
+                kept_pairs=d.kept_pairs,
+                train_pairs=len(d.train),
+                validation_pairs=len(d.validation),
+                target_train=d.target_train,
+                target_validation=d.target_validation,
+                shared_train_instructions=d.shared_train_instructions,
+            )
+            for d in draws.values()
+        ]
         short += [d.arm for d in draws.values() if d.short]
-        problems += [f"{d.arm} has {len(d.train)} train / {len(d.validation)} validation pairs of "
-                     f"{d.target_train} / {d.target_validation} in replicate {rep}" for d in draws.values() if d.short]
+        problems += [
+            f"{d.arm} has {len(d.train)} train / {len(d.validation)} validation pairs of "
+            f"{d.target_train} / {d.target_validation} in replicate {rep}"
+            for d in draws.values()
+            if d.short
+        ]
     problems += [f"{arm} has no kept pairs in {ARM_PAIRS[arm][0]}" for arm in missing]
     df = pl.DataFrame(rows, schema_overrides={"reward": pl.Float64}).with_columns(
-        pl.lit(json.dumps(config.model_dump())).alias("settings"), pl.lit(context.run_id).alias("run_id"))
+        pl.lit(json.dumps(config.model_dump())).alias("settings"), pl.lit(context.run_id).alias("run_id")
+    )
     warehouse.write_table(SFT_DATA, df)
     for line in problems:
         context.log.warning(f"{SFT_DATA}: {line}: its model is compared on less data")
     first = [r for r in per_arm if r["replicate"] == replicates[0]]
-    figures = {"per_arm": metadata_table(pl.DataFrame(per_arm)), "arms_short": ", ".join(sorted(set(short))) or "none",
-               "arms_missing": ", ".join(missing) or "none", "replicates": len(replicates),
-               "train_pairs_per_arm": int(first[0]["target_train"]),
-               "validation_pairs_per_arm": int(first[0]["target_validation"])}
+    figures = {
+        "per_arm": metadata_table(pl.DataFrame(per_arm)),
+        "arms_short": ", ".join(sorted(set(short))) or "none",
+        "arms_missing": ", ".join(missing) or "none",
+        "replicates": len(replicates),
+        "train_pairs_per_arm": int(first[0]["target_train"]),
+        "validation_pairs_per_arm": int(first[0]["target_validation"]),
+    }
     return dg.MaterializeResult(
         metadata={**table_metadata(df, ["branch", "replicate", "slice", "instruction", "output"]), **figures},
-        check_results=[dg.AssetCheckResult(check_name=CHECK_NAME, passed=not problems,
-                                           severity=dg.AssetCheckSeverity.WARN,
-                                           metadata={**figures, "problems": "; ".join(problems) or "none"})])
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=CHECK_NAME,
+                passed=not problems,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={**figures, "problems": "; ".join(problems) or "none"},
+            )
+        ],
+    )
 
 
 class FinetuneConfig(dg.Config, SFTSettings):
@@ -99,22 +148,35 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
     """The asset `name`: LoRA SFT of the base model on `arm`'s draw in sft_training_pairs."""
     pairs_table = ARM_PAIRS[arm][0]
 
-    @dg.asset(name=name, group_name="finetune", kinds={"duckdb", "pytorch"}, deps=[SFT_DATA], pool="gpu",
-              description=description)
-    def _finetuned_model(context: dg.AssetExecutionContext, config: FinetuneConfig, warehouse: Warehouse,
-                         language_model: LanguageModelResource, artifact_store: ArtifactStore) -> dg.MaterializeResult:
+    @dg.asset(
+        name=name,
+        group_name="finetune",
+        kinds={"duckdb", "pytorch"},
+        deps=[SFT_DATA],
+        pool="gpu",
+        description=description,
+    )
+    def _finetuned_model(
+        context: dg.AssetExecutionContext,
+        config: FinetuneConfig,
+        warehouse: Warehouse,
+        language_model: LanguageModelResource,
+        artifact_store: ArtifactStore,
+    ) -> dg.MaterializeResult:
         drawn = warehouse.read_table(SFT_DATA)
         drawn = drawn.filter(pl.col("branch") == arm) if drawn is not None else None
         if drawn is None or drawn.filter(pl.col("slice") == "train").height == 0:
-            raise dg.Failure(f"{SFT_DATA} has no training pairs for {arm}: materialize {pairs_table} and "
-                             f"{SFT_DATA} first")
+            raise dg.Failure(
+                f"{SFT_DATA} has no training pairs for {arm}: materialize {pairs_table} and {SFT_DATA} first"
+            )
         replicates = sorted(drawn["replicate"].unique().to_list()) if "replicate" in drawn.columns else [0]
         started = time.monotonic()
         frames, adapters, warnings = [], {}, []
         for rep in replicates:
             part = drawn.filter(pl.col("replicate") == rep) if "replicate" in drawn.columns else drawn
-            frame, adapter, warning = _train_replicate(context, name, arm, rep, part, config, language_model,
-                                                       artifact_store)
+            frame, adapter, warning = _train_replicate(
+                context, name, arm, rep, part, config, language_model, artifact_store
+            )
             frames.append(frame)
             adapters[str(rep)] = adapter
             if warning:
@@ -125,42 +187,63 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
         warehouse.write_table(name, df)
         first = df.filter(pl.col("replicate") == replicates[0])
         head, last = first.row(0, named=True), first.row(-1, named=True)
-        return dg.MaterializeResult(metadata={
-            **table_metadata(df, ["replicate", "epoch", "steps", "train_loss", "validation_loss"]),
-            # The first replicate's adapter, and every replicate's (the evaluation reads them all).
-            "adapter_path": dg.MetadataValue.path(adapters[str(replicates[0])]),
-            "adapter_paths": dg.MetadataValue.json(adapters),
-            "replicates": len(replicates),
-            "loss_curve": png_markdown(line_chart_png(
-                first["epoch"].to_list(), {"train_loss": first["train_loss"].to_list(),
-                                           "validation_loss": first["validation_loss"].to_list()},
-                f"SFT loss per epoch ({name}, replicate {replicates[0]})", xlabel="epoch"), "SFT loss"),
-            "train_examples": int(head["train_examples"]),
-            "validation_examples": int(head["validation_examples"]),
-            "optimizer_steps": int(last["steps"]),
-            "first_train_loss": head["train_loss"],
-            "final_train_loss": last["train_loss"],
-            "first_validation_loss": head["validation_loss"],
-            "final_validation_loss": last["validation_loss"],
-            "best_validation_loss": float(first["validation_loss"].min()) if head["validation_examples"] else float("nan"),
-            "validation_warning": "; ".join(warnings) or "none",
-            "train_seconds": round(seconds, 1),
-            **peak_memory(language_model.resolved_device()),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                **table_metadata(df, ["replicate", "epoch", "steps", "train_loss", "validation_loss"]),
+                # The first replicate's adapter, and every replicate's (the evaluation reads them all).
+                "adapter_path": dg.MetadataValue.path(adapters[str(replicates[0])]),
+                "adapter_paths": dg.MetadataValue.json(adapters),
+                "replicates": len(replicates),
+                "loss_curve": png_markdown(
+                    line_chart_png(
+                        first["epoch"].to_list(),
+                        {
+                            "train_loss": first["train_loss"].to_list(),
+                            "validation_loss": first["validation_loss"].to_list(),
+                        },
+                        f"SFT loss per epoch ({name}, replicate {replicates[0]})",
+                        xlabel="epoch",
+                    ),
+                    "SFT loss",
+                ),
+                "train_examples": int(head["train_examples"]),
+                "validation_examples": int(head["validation_examples"]),
+                "optimizer_steps": int(last["steps"]),
+                "first_train_loss": head["train_loss"],
+                "final_train_loss": last["train_loss"],
+                "first_validation_loss": head["validation_loss"],
+                "final_validation_loss": last["validation_loss"],
+                "best_validation_loss": float(first["validation_loss"].min())
+                if head["validation_examples"]
+                else float("nan"),
+                "validation_warning": "; ".join(warnings) or "none",
+                "train_seconds": round(seconds, 1),
+                **peak_memory(language_model.resolved_device()),
+            }
+        )
 
     return _finetuned_model
 
 
-def _train_replicate(context: dg.AssetExecutionContext, name: str, arm: str, rep: int, drawn: pl.DataFrame,
-                     config: FinetuneConfig, language_model: LanguageModelResource,
-                     artifact_store: ArtifactStore) -> tuple[pl.DataFrame, str, str | None]:
+def _train_replicate(
+    context: dg.AssetExecutionContext,
+    name: str,
+    arm: str,
+    rep: int,
+    drawn: pl.DataFrame,
+    config: FinetuneConfig,
+    language_model: LanguageModelResource,
+    artifact_store: ArtifactStore,
+) -> tuple[pl.DataFrame, str, str | None]:
     """SFT of a fresh copy of the base model on one replicate's draw (its own trainer seed): the
     epoch log, the adapter folder and a warning when the validation loss never improved."""
     train = drawn.filter(pl.col("slice") == "train").sort("draw_rank")
     val = drawn.filter(pl.col("slice") == "validation").sort("draw_rank")
     if train.height == 0:
-        raise dg.Failure(f"{SFT_DATA} has no training pairs for {arm} in replicate {rep}: its kept pairs are all in "
-                         "the validation slice or missing; generate more instances or lower validation_share")
+        raise dg.Failure(
+            f"{SFT_DATA} has no training pairs for {arm} in replicate {rep}: its kept pairs are all in "
+            "the validation slice or missing; generate more instances or lower validation_share"
+        )
     held = set(val["instruction_id"].to_list())
     settings = SFTSettings(**{**config.model_dump(), "seed": config.seed + rep})
     model, tokenizer, source, device = language_model.load()
@@ -172,23 +255,32 @@ def _train_replicate(context: dg.AssetExecutionContext, name: str, arm: str, rep
         elif "eval_loss" in logs:
             context.log.info(f"{name} epoch {logs.get('epoch', 0):.1f}: validation loss {logs['eval_loss']:.3f}")
 
-    context.log.info(f"{name} replicate {rep}: SFT on {train.height} pairs, {val.height} pairs of {len(held)} "
-                     f"instructions held out for validation ({SFT_DATA}, branch {arm})")
+    context.log.info(
+        f"{name} replicate {rep}: SFT on {train.height} pairs, {val.height} pairs of {len(held)} "
+        f"instructions held out for validation ({SFT_DATA}, branch {arm})"
+    )
     result = finetune(model, tokenizer, _triples(train), settings, out_dir, device, on_log, validation=_triples(val))
     del model
     df = pl.DataFrame(result.epochs, schema_overrides={"step_losses": pl.List(pl.Float64)}).with_columns(
-        pl.lit(rep).alias("replicate"), pl.lit(context.run_id).alias("run_id"),
-        pl.lit(str(result.adapter_dir)).alias("adapter_path"), pl.lit(source.model_id).alias("base_model_id"),
-        pl.lit(train.height).alias("train_examples"), pl.lit(val.height).alias("validation_examples"),
-        pl.lit(ARM_PAIRS[arm][0]).alias("train_table"), pl.lit(arm).alias("branch"),
+        pl.lit(rep).alias("replicate"),
+        pl.lit(context.run_id).alias("run_id"),
+        pl.lit(str(result.adapter_dir)).alias("adapter_path"),
+        pl.lit(source.model_id).alias("base_model_id"),
+        pl.lit(train.height).alias("train_examples"),
+        pl.lit(val.height).alias("validation_examples"),
+        pl.lit(ARM_PAIRS[arm][0]).alias("train_table"),
+        pl.lit(arm).alias("branch"),
         pl.lit(json.dumps(settings.model_dump())).alias("settings"),
-        pl.lit(json.dumps(sorted(held))).alias("validation_instruction_ids"))
+        pl.lit(json.dumps(sorted(held))).alias("validation_instruction_ids"),
+    )
     warning = None
     if val.height == 0:
         warning = "no validation pairs (too few kept pairs): the curve shows the training loss only"
     elif validation_never_improved(result.epochs):
-        warning = (f"the validation loss never fell below its value before training ({result.epochs[0]['validation_loss']:.3f}): "
-                   "the adapter did not learn anything that carries over; check the pairs or the settings")
+        warning = (
+            f"the validation loss never fell below its value before training ({result.epochs[0]['validation_loss']:.3f}): "
+            "the adapter did not learn anything that carries over; check the pairs or the settings"
+        )
     return df, str(result.adapter_dir), warning
 
 
@@ -197,26 +289,34 @@ def _triples(pairs: pl.DataFrame) -> list[tuple[str, str, str]]:
 
 
 finetuned_model = build_finetuned_model_asset(
-    "finetuned_model", "refine_af",
+    "finetuned_model",
+    "refine_af",
     description="REFINE-AF: the base model fine-tuned with TRL's SFTTrainer and LoRA on its draw of the kept "
-                "(instruction, input, output) triples the RL-refined policy wrote (sft_training_pairs, arm refine_af), in "
-                "an Alpaca-style layout. The adapter goes to "
-                "the artifact store; the loss log is this asset's table.")
+    "(instruction, input, output) triples the RL-refined policy wrote (sft_training_pairs, arm refine_af), in "
+    "an Alpaca-style layout. The adapter goes to "
+    "the artifact store; the loss log is this asset's table.",
+)
 
 selfinstruct_finetuned_model = build_finetuned_model_asset(
-    "selfinstruct_finetuned_model", "self_instruct",
+    "selfinstruct_finetuned_model",
+    "self_instruct",
     description="The Self-Instruct baseline: the same SFT of the base model on its equal-sized draw of the "
-                "kept triples the base model wrote (sft_training_pairs, arm self_instruct), with the same settings as "
-                "finetuned_model.")
+    "kept triples the base model wrote (sft_training_pairs, arm self_instruct), with the same settings as "
+    "finetuned_model.",
+)
 
 teams_finetuned_model = build_finetuned_model_asset(
-    "teams_finetuned_model", "teams_rl",
+    "teams_finetuned_model",
+    "teams_rl",
     description="TeaMs-RL: the same SFT of the base model on its equal-sized draw of the kept "
-                "(evolved instruction, expert answer) pairs (sft_training_pairs, arm teams_rl), with the same settings as "
-                "finetuned_model.")
+    "(evolved instruction, expert answer) pairs (sft_training_pairs, arm teams_rl), with the same settings as "
+    "finetuned_model.",
+)
 
 bestofn_finetuned_model = build_finetuned_model_asset(
-    "bestofn_finetuned_model", "best_of_n",
+    "bestofn_finetuned_model",
+    "best_of_n",
     description="The best-of-N control: the same SFT of the base model on its equal-sized draw of the kept triples "
-                "chosen by the training reward from the base model's candidates (sft_training_pairs, arm best_of_n), "
-                "with the same settings as finetuned_model.")
+    "chosen by the training reward from the base model's candidates (sft_training_pairs, arm best_of_n), "
+    "with the same settings as finetuned_model.",
+)

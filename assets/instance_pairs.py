@@ -3,7 +3,6 @@ the base model (the Self-Instruct baseline), or by the base model N times keepin
 training reward likes best (the best-of-N control: what the reward buys without RL). One factory
 builds the three assets, so the arms differ only in the policy and the number of candidates."""
 
-
 import json
 import time
 
@@ -11,16 +10,26 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.feedback.gates import GateSettings
+from refine_af_pipeline.instructions.instances import (
+    BestOfNSettings,
+    InstancePairsSettings,
+    choose_and_filter,
+    generate_scored_instances,
+)
 from refine_af_pipeline.llm.backend import SamplingParams
-from refine_af_pipeline.instructions.instances import (BestOfNSettings, InstancePairsSettings, choose_and_filter,
-                                                      generate_scored_instances)
 from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
 
 from .metadata import peak_memory, progress_logger, table_metadata
-from .shared import (base_component_stats, kept_instructions, learned_reward_dir, scored_instance_frame, subset,
-                     upstream_adapter)
+from .shared import (
+    base_component_stats,
+    kept_instructions,
+    learned_reward_dir,
+    scored_instance_frame,
+    subset,
+    upstream_adapter,
+)
 
 
 class InstancePairsConfig(dg.Config, InstancePairsSettings):
@@ -32,34 +41,62 @@ class BestOfNConfig(dg.Config, BestOfNSettings):
     """Run config of `bestofn_instance_pairs`: the fields of BestOfNSettings (refine_af_pipeline/instructions/instances.py)."""
 
 
-def _plan(context: dg.AssetExecutionContext, name: str, config: InstancePairsSettings, warehouse: Warehouse,
-          ledger: BatchLedger, adapter: str | None, batch_size: int, feedback_scorer: FeedbackScorerResource,
-          reward_dir: str | None) -> GenerationPlan:
+def _plan(
+    context: dg.AssetExecutionContext,
+    name: str,
+    config: InstancePairsSettings,
+    warehouse: Warehouse,
+    ledger: BatchLedger,
+    adapter: str | None,
+    batch_size: int,
+    feedback_scorer: FeedbackScorerResource,
+    reward_dir: str | None,
+) -> GenerationPlan:
     """The plan a crashed run left for this policy, or a new one: the chosen instructions in batches."""
     # A plan made with another RL policy, number of candidates or replicates, learned reward or gate
     # is abandoned: rows generated or scored under different ones would not compare.
-    wanted = {"adapter": adapter, "candidates_per_instance": getattr(config, "candidates_per_instance", 1),
-              "replicates": config.replicates, "learned_reward": reward_dir,
-              "gate": json.dumps({k: getattr(feedback_scorer, k) for k in GateSettings.model_fields}, sort_keys=True)}
+    wanted = {
+        "adapter": adapter,
+        "candidates_per_instance": getattr(config, "candidates_per_instance", 1),
+        "replicates": config.replicates,
+        "learned_reward": reward_dir,
+        "gate": json.dumps({k: getattr(feedback_scorer, k) for k in GateSettings.model_fields}, sort_keys=True),
+    }
 
     def stale(p) -> str | None:
         defaults = {"candidates_per_instance": 1, "replicates": 1}  # a plan from before these settings
         differing = [k for k, v in wanted.items() if p.settings.get(k, defaults.get(k)) != v]
-        return f"made with other {', '.join(differing)} ({', '.join(str(p.settings.get(k)) for k in differing)})" \
-            if differing else None
+        return (
+            f"made with other {', '.join(differing)} ({', '.join(str(p.settings.get(k)) for k in differing)})"
+            if differing
+            else None
+        )
 
     plan = ledger.take_unfinished(context.run_id, context.log, stale, clear_rows_of=_staging(name))
     if plan is not None:
         return plan
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
     n, candidates = config.instances_per_instruction, getattr(config, "candidates_per_instance", 1)
-    items = [dict(instance_id=instance_id(iid, j, r), replicate=r, candidate_index=c, instruction_id=iid,
-                  instruction=text, is_classification=bool(cls))
-             for r in range(config.replicates)
-             for iid, text, cls in zip(chosen["instruction_id"].to_list(), chosen["instruction"].to_list(),
-                                       chosen["is_classification"].to_list()) for j in range(n) for c in range(candidates)]
+    items = [
+        dict(
+            instance_id=instance_id(iid, j, r),
+            replicate=r,
+            candidate_index=c,
+            instruction_id=iid,
+            instruction=text,
+            is_classification=bool(cls),
+        )
+        for r in range(config.replicates)
+        for iid, text, cls in zip(
+            chosen["instruction_id"].to_list(), chosen["instruction"].to_list(), chosen["is_classification"].to_list()
+        )
+        for j in range(n)
+        for c in range(candidates)
+    ]
     settings = dict(config.sampling_params().as_dict(), seed=config.seed, batch_size=batch_size, **wanted)
-    return ledger.start_plan(context.run_id, settings, [items[s:s + batch_size] for s in range(0, len(items), batch_size)])
+    return ledger.start_plan(
+        context.run_id, settings, [items[s : s + batch_size] for s in range(0, len(items), batch_size)]
+    )
 
 
 def instance_id(instruction_id: str, sample: int, replicate: int) -> str:
@@ -73,26 +110,43 @@ def _staging(name: str) -> str:
     return f"{name}_batches"
 
 
-def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
-                               config_class: type[dg.Config] = InstancePairsConfig) -> dg.AssetsDefinition:
+def build_instance_pairs_asset(
+    name: str, use_rl_policy: bool, description: str, config_class: type[dg.Config] = InstancePairsConfig
+) -> dg.AssetsDefinition:
     """The asset `name`: the RL-refined policy's instances (`use_rl_policy`) or the base model's;
     with BestOfNConfig, the best of several candidates per instance by the training reward."""
     deps = ["reward_standardisation", "deduplicated_instructions", "reward_model"] + (
-        ["rl_refined_policy"] if use_rl_policy else [])
+        ["rl_refined_policy"] if use_rl_policy else []
+    )
 
-    @dg.asset(name=name, group_name="instances", kinds={"duckdb", "pytorch"}, deps=deps, pool="gpu",
-              description=description)
-    def _instance_pairs(context: dg.AssetExecutionContext, config: config_class, warehouse: Warehouse,
-                        language_model: LanguageModelResource,
-                        feedback_scorer: FeedbackScorerResource) -> dg.MaterializeResult:
+    @dg.asset(
+        name=name, group_name="instances", kinds={"duckdb", "pytorch"}, deps=deps, pool="gpu", description=description
+    )
+    def _instance_pairs(
+        context: dg.AssetExecutionContext,
+        config: config_class,
+        warehouse: Warehouse,
+        language_model: LanguageModelResource,
+        feedback_scorer: FeedbackScorerResource,
+    ) -> dg.MaterializeResult:
         ledger = BatchLedger(warehouse, name)
         adapter = upstream_adapter(context, "rl_refined_policy") if use_rl_policy else None
         reward_dir = learned_reward_dir(warehouse, feedback_scorer)
-        plan = _plan(context, name, config, warehouse, ledger, adapter,
-                     language_model.generation_batch_size(context.op_def.name), feedback_scorer, reward_dir)
+        plan = _plan(
+            context,
+            name,
+            config,
+            warehouse,
+            ledger,
+            adapter,
+            language_model.generation_batch_size(context.op_def.name),
+            feedback_scorer,
+            reward_dir,
+        )
         settings = plan.settings
-        params = SamplingParams(settings["max_new_tokens"], settings["temperature"], settings["top_p"],
-                                settings["do_sample"])
+        params = SamplingParams(
+            settings["max_new_tokens"], settings["temperature"], settings["top_p"], settings["do_sample"]
+        )
         pending = plan.pending()
         queries = QueryCounter()
         device = language_model.resolved_device()
@@ -107,67 +161,97 @@ def build_instance_pairs_asset(name: str, use_rl_policy: bool, description: str,
             report = progress_logger(context, name, settings["batch_size"] * params.max_new_tokens)
             started = time.monotonic()
             for done, batch in enumerate(pending, start=1):
-                rows = generate_scored_instances(policy, scorer, [i["instruction"] for i in batch.inputs],
-                                                 params, settings["batch_size"], settings["seed"] + batch.index,
-                                                 is_classification=[i.get("is_classification", False)
-                                                                    for i in batch.inputs])
-                keys = [{"instance_id": i["instance_id"], "replicate": i.get("replicate", 0),
-                         "candidate_index": i.get("candidate_index", 0), "instruction_id": i["instruction_id"]}
-                        for i in batch.inputs]
-                staged = scored_instance_frame(keys, rows, policy.provenance, versions, params, plan.plan_id,
-                                               policy_adapter=adapter)
+                rows = generate_scored_instances(
+                    policy,
+                    scorer,
+                    [i["instruction"] for i in batch.inputs],
+                    params,
+                    settings["batch_size"],
+                    settings["seed"] + batch.index,
+                    is_classification=[i.get("is_classification", False) for i in batch.inputs],
+                )
+                keys = [
+                    {
+                        "instance_id": i["instance_id"],
+                        "replicate": i.get("replicate", 0),
+                        "candidate_index": i.get("candidate_index", 0),
+                        "instruction_id": i["instruction_id"],
+                    }
+                    for i in batch.inputs
+                ]
+                staged = scored_instance_frame(
+                    keys, rows, policy.provenance, versions, params, plan.plan_id, policy_adapter=adapter
+                )
                 ledger.commit_batch(plan, batch, _staging(name), staged, context.run_id)
                 report(done, len(pending), time.monotonic() - started)
-        order = {f"{item['instance_id']}/{item.get('candidate_index', 0)}": k
-                 for k, item in enumerate(i for b in plan.batches for i in b.inputs)}
+        order = {
+            f"{item['instance_id']}/{item.get('candidate_index', 0)}": k
+            for k, item in enumerate(i for b in plan.batches for i in b.inputs)
+        }
         staged = warehouse.query(f'SELECT * FROM "{_staging(name)}" WHERE run_id = ?', [plan.plan_id])
         # Rows staged by a version without candidates or replicates are candidate 0 of replicate 0.
-        staged = staged.with_columns(*(pl.lit(0, pl.Int64).alias(c) for c in ("candidate_index", "replicate")
-                                       if c not in staged.columns))
-        staged = staged.sort((pl.col("instance_id") + "/" + pl.col("candidate_index").fill_null(0).cast(pl.Utf8)).replace_strict(
-            order, return_dtype=pl.Int64))
+        staged = staged.with_columns(
+            *(pl.lit(0, pl.Int64).alias(c) for c in ("candidate_index", "replicate") if c not in staged.columns)
+        )
+        staged = staged.sort(
+            (pl.col("instance_id") + "/" + pl.col("candidate_index").fill_null(0).cast(pl.Utf8)).replace_strict(
+                order, return_dtype=pl.Int64
+            )
+        )
         # Conflicting outputs are judged across the whole plan, so the filter runs once all batches are in.
         chosen, reasons = choose_and_filter(staged.to_dicts())
-        df = staged.with_columns(pl.Series("chosen", chosen), pl.Series("keep", [r is None for r in reasons]),
-                                 pl.Series("filter_reason", reasons, dtype=pl.Utf8))
+        df = staged.with_columns(
+            pl.Series("chosen", chosen),
+            pl.Series("keep", [r is None for r in reasons]),
+            pl.Series("filter_reason", reasons, dtype=pl.Utf8),
+        )
         ledger.finish(plan, context.run_id, replace={name: df}, clear_rows_of=_staging(name))
-        return dg.MaterializeResult(metadata={
-            **table_metadata(df, ["instruction", "input", "output", "reward", "keep"]),
-            "parse_rate": float((df["parse_status"] == "ok").mean()),
-            "kept_pairs": int(df["keep"].sum()),
-            "mean_reward": float(df.filter(pl.col("chosen"))["reward"].mean()),
-            "candidates_per_instance": settings.get("candidates_per_instance", 1),
-            "replicates": settings.get("replicates", 1),
-            "generations": df.height,
-            "policy": dg.MetadataValue.path(adapter) if adapter else "base model (no RL adapter)",
-            "plan_run_id": plan.plan_id,
-            "resumed_plan": plan.resumed,
-            "batches_planned": len(plan.batches),
-            "batches_committed_before_this_run": len(plan.batches) - len(pending),
-            "batches_generated": len(pending),
-            "llm_queries": queries.as_json(),
-            **peak_memory(device),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                **table_metadata(df, ["instruction", "input", "output", "reward", "keep"]),
+                "parse_rate": float((df["parse_status"] == "ok").mean()),
+                "kept_pairs": int(df["keep"].sum()),
+                "mean_reward": float(df.filter(pl.col("chosen"))["reward"].mean()),
+                "candidates_per_instance": settings.get("candidates_per_instance", 1),
+                "replicates": settings.get("replicates", 1),
+                "generations": df.height,
+                "policy": dg.MetadataValue.path(adapter) if adapter else "base model (no RL adapter)",
+                "plan_run_id": plan.plan_id,
+                "resumed_plan": plan.resumed,
+                "batches_planned": len(plan.batches),
+                "batches_committed_before_this_run": len(plan.batches) - len(pending),
+                "batches_generated": len(pending),
+                "llm_queries": queries.as_json(),
+                **peak_memory(device),
+            }
+        )
 
     return _instance_pairs
 
 
 instance_output_pairs = build_instance_pairs_asset(
-    "instance_output_pairs", use_rl_policy=True,
+    "instance_output_pairs",
+    use_rl_policy=True,
     description="REFINE-AF: the RL-refined policy writes input/output instances for the kept instructions; each "
-                "is parsed, scored by the same automated feedback, and filtered (the instance gate: unparseable, empty, "
-                "cut, looping, copied or off-label outputs; one input with conflicting outputs). `keep` marks the rows used for SFT.")
+    "is parsed, scored by the same automated feedback, and filtered (the instance gate: unparseable, empty, "
+    "cut, looping, copied or off-label outputs; one input with conflicting outputs). `keep` marks the rows used for SFT.",
+)
 
 selfinstruct_instance_pairs = build_instance_pairs_asset(
-    "selfinstruct_instance_pairs", use_rl_policy=False,
+    "selfinstruct_instance_pairs",
+    use_rl_policy=False,
     description="The Self-Instruct baseline (no RL): the base model writes the instances for the same kept "
-                "instructions, with the same prompts, sampling, scoring and filters as instance_output_pairs; "
-                "policy_adapter is null.")
+    "instructions, with the same prompts, sampling, scoring and filters as instance_output_pairs; "
+    "policy_adapter is null.",
+)
 
 bestofn_instance_pairs = build_instance_pairs_asset(
-    "bestofn_instance_pairs", use_rl_policy=False, config_class=BestOfNConfig,
+    "bestofn_instance_pairs",
+    use_rl_policy=False,
+    config_class=BestOfNConfig,
     description="The best-of-N control (no RL): the base model writes `candidates_per_instance` candidates for each "
-                "instance of the same kept instructions, with the same prompts, sampling and scoring as the other "
-                "instance stages; the candidate with the highest training reward is `chosen` (the others are kept "
-                "with filter_reason not_best_of_n), then the same filters. What the reward buys by selection alone, "
-                "at a generation budget the query ledger shows beside RL's.")
+    "instance of the same kept instructions, with the same prompts, sampling and scoring as the other "
+    "instance stages; the candidate with the highest training reward is `chosen` (the others are kept "
+    "with filter_reason not_best_of_n), then the same filters. What the reward buys by selection alone, "
+    "at a generation budget the query ledger shows beside RL's.",
+)

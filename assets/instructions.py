@@ -3,7 +3,6 @@ decides each batch at once (filters, ROUGE-L de-duplication against the seeds an
 so far, a model-made classification label), the way Self-Instruct iterates the two: the pool that
 de-duplicates a batch is the one the earlier batches grew. Both tables grow run after run."""
 
-
 import random
 import time
 from dataclasses import asdict
@@ -11,10 +10,17 @@ from dataclasses import asdict
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.instructions.bootstrap import (BootstrapPrompt, BootstrapSettings, PoolItem, classify_instructions,
-                                                       deduplication_rows, generate_instruction_rows, sample_prompt)
-from refine_af_pipeline.llm.backend import SamplingParams, ServedModel
+from refine_af_pipeline.instructions.bootstrap import (
+    BootstrapPrompt,
+    BootstrapSettings,
+    PoolItem,
+    classify_instructions,
+    deduplication_rows,
+    generate_instruction_rows,
+    sample_prompt,
+)
 from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
+from refine_af_pipeline.llm.backend import SamplingParams, ServedModel
 from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger
@@ -24,9 +30,14 @@ from .metadata import peak_memory, progress_logger, stored_table_metadata, table
 RAW, DEDUP = "raw_instructions", "deduplicated_instructions"
 RAW_PREVIEW = ["instruction_id", "instruction", "parse_status"]
 DEDUP_PREVIEW = ["instruction", "decision", "reason", "max_rouge_l"]
-_DECISION_SCHEMA = {"max_rouge_l": pl.Float64, "most_similar_instruction": pl.Utf8, "reason": pl.Utf8,
-                    "is_classification": pl.Boolean, "is_classification_p": pl.Float64,
-                    "classification_model_id": pl.Utf8}
+_DECISION_SCHEMA = {
+    "max_rouge_l": pl.Float64,
+    "most_similar_instruction": pl.Utf8,
+    "reason": pl.Utf8,
+    "is_classification": pl.Boolean,
+    "is_classification_p": pl.Float64,
+    "classification_model_id": pl.Utf8,
+}
 
 
 class BootstrapConfig(dg.Config, BootstrapSettings):
@@ -36,8 +47,9 @@ class BootstrapConfig(dg.Config, BootstrapSettings):
 class _Decider:
     """Decides raw rows in order against the seeds and the kept pool, labels the kept ones."""
 
-    def __init__(self, warehouse: Warehouse, language_model: LanguageModelResource, seeds: list[str],
-                 queries: QueryCounter):
+    def __init__(
+        self, warehouse: Warehouse, language_model: LanguageModelResource, seeds: list[str], queries: QueryCounter
+    ):
         done = warehouse.read_table(DEDUP)
         self.decided = set() if done is None else set(done["instruction_id"].to_list())
         kept = [] if done is None else done.filter(pl.col("decision") == "kept").to_dicts()
@@ -53,11 +65,15 @@ class _Decider:
         if kept:
             if model is None:
                 model = _labeller(self.language_model, self.queries)
-            labels = classify_instructions(model, [row["instruction"] for row in kept],
-                                           self.language_model.scoring_batch_size)
+            labels = classify_instructions(
+                model, [row["instruction"] for row in kept], self.language_model.scoring_batch_size
+            )
             for row, (label, p) in zip(kept, labels):
-                row.update(is_classification=label, is_classification_p=p,
-                           classification_model_id=model.provenance.served_model)
+                row.update(
+                    is_classification=label,
+                    is_classification_p=p,
+                    classification_model_id=model.provenance.served_model,
+                )
         self.decided.update(row["instruction_id"] for row in rows)
         self.rows += rows
         self.kept += [PoolItem(r["instruction_id"], r["instruction"], bool(r["is_classification"])) for r in kept]
@@ -71,49 +87,99 @@ class _Decider:
 def _labeller(language_model: LanguageModelResource, queries: QueryCounter) -> ServedModel:
     """The base model, which writes the instructions (generator) and labels the kept ones (judge)."""
     model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
-    model.require("next_token_distribution", "bootstrap_instructions (the is-classification label of kept instructions)")
+    model.require(
+        "next_token_distribution", "bootstrap_instructions (the is-classification label of kept instructions)"
+    )
     return model
 
 
 def _decision_frame(rows: list[dict]) -> pl.DataFrame:
     if rows:
         return pl.DataFrame(rows, schema_overrides=_DECISION_SCHEMA, infer_schema_length=None)
-    return pl.DataFrame(schema={"instruction_id": pl.Utf8, "instruction": pl.Utf8, "source_run_id": pl.Utf8,
-                                "run_id": pl.Utf8, "decision": pl.Utf8, **_DECISION_SCHEMA})
+    return pl.DataFrame(
+        schema={
+            "instruction_id": pl.Utf8,
+            "instruction": pl.Utf8,
+            "source_run_id": pl.Utf8,
+            "run_id": pl.Utf8,
+            "decision": pl.Utf8,
+            **_DECISION_SCHEMA,
+        }
+    )
 
 
-def _new_plan(context: dg.AssetExecutionContext, config: BootstrapConfig, ledger: BatchLedger,
-              seeds: list[PoolItem], machine: list[PoolItem], batch_size: int):
+def _new_plan(
+    context: dg.AssetExecutionContext,
+    config: BootstrapConfig,
+    ledger: BatchLedger,
+    seeds: list[PoolItem],
+    machine: list[PoolItem],
+    batch_size: int,
+):
     rng = random.Random(f"{config.seed}-{context.run_id}")
-    prompts = [asdict(sample_prompt(seeds, machine, rng, classification=k < config.classification_prompts))
-               for k in range(config.num_prompts)]
-    settings = dict(config.sampling_params().as_dict(),
-                    seed=config.seed, batch_size=batch_size, target_pool_size=config.target_pool_size)
-    return ledger.start_plan(context.run_id, settings,
-                             [prompts[s:s + batch_size] for s in range(0, len(prompts), batch_size)])
+    prompts = [
+        asdict(sample_prompt(seeds, machine, rng, classification=k < config.classification_prompts))
+        for k in range(config.num_prompts)
+    ]
+    settings = dict(
+        config.sampling_params().as_dict(),
+        seed=config.seed,
+        batch_size=batch_size,
+        target_pool_size=config.target_pool_size,
+    )
+    return ledger.start_plan(
+        context.run_id, settings, [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)]
+    )
 
 
 @dg.multi_asset(
-    name="bootstrap_instructions", group_name="instructions", pool="gpu", can_subset=False,
+    name="bootstrap_instructions",
+    group_name="instructions",
+    pool="gpu",
+    can_subset=False,
     specs=[
-        dg.AssetSpec(RAW, deps=["seed_pool"], kinds={"duckdb", "pytorch"}, description=(
-            "Instructions the model generated from Self-Instruct prompts (8 numbered examples, up to 2 "
-            "machine-generated, the model continues the list). Every row keeps its provenance: prompt "
-            "example ids, model, sampling parameters, run id, raw response and parse status.")),
-        dg.AssetSpec(DEDUP, deps=["seed_pool", RAW], kinds={"duckdb"}, description=(
-            "The decision on every raw instruction: filtered (length, keyword blacklist, punctuation, "
-            "non-ASCII, \"Write a program\") and de-duplicated (rejected when its ROUGE-L F-measure "
-            "against any seed or already-kept instruction is above 0.7), with the max score, the most "
-            "similar instruction and the reason; kept rows get a model-made is_classification label.")),
-    ])
-def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapConfig, warehouse: Warehouse,
-                           language_model: LanguageModelResource):
+        dg.AssetSpec(
+            RAW,
+            deps=["seed_pool"],
+            kinds={"duckdb", "pytorch"},
+            description=(
+                "Instructions the model generated from Self-Instruct prompts (8 numbered examples, up to 2 "
+                "machine-generated, the model continues the list). Every row keeps its provenance: prompt "
+                "example ids, model, sampling parameters, run id, raw response and parse status."
+            ),
+        ),
+        dg.AssetSpec(
+            DEDUP,
+            deps=["seed_pool", RAW],
+            kinds={"duckdb"},
+            description=(
+                "The decision on every raw instruction: filtered (length, keyword blacklist, punctuation, "
+                'non-ASCII, "Write a program") and de-duplicated (rejected when its ROUGE-L F-measure '
+                "against any seed or already-kept instruction is above 0.7), with the max score, the most "
+                "similar instruction and the reason; kept rows get a model-made is_classification label."
+            ),
+        ),
+    ],
+)
+def bootstrap_instructions(
+    context: dg.AssetExecutionContext,
+    config: BootstrapConfig,
+    warehouse: Warehouse,
+    language_model: LanguageModelResource,
+):
     """Generates prompt batch by batch following a plan recorded first (generation_plans); each
     batch's raw rows and their decisions are committed in one transaction, so a run killed midway
     is finished by the next materialization with nothing regenerated, lost or decided twice."""
     ledger = BatchLedger(warehouse, RAW)
-    plan = ledger.take_unfinished(context.run_id, context.log, lambda _: None if config.resume_unfinished else (
-        "resume_unfinished is off; its committed rows and their decisions stay"))
+    plan = ledger.take_unfinished(
+        context.run_id,
+        context.log,
+        lambda _: (
+            None
+            if config.resume_unfinished
+            else ("resume_unfinished is off; its committed rows and their decisions stay")
+        ),
+    )
     seeds_df = warehouse.read_table("seed_pool")
     seeds = [PoolItem(r["id"], r["instruction"], r["is_classification"]) for r in seeds_df.iter_rows(named=True)]
     queries = QueryCounter()
@@ -128,72 +194,105 @@ def bootstrap_instructions(context: dg.AssetExecutionContext, config: BootstrapC
             warehouse.write_table(DEDUP, decider.decide(undecided.to_dicts(), context.run_id), mode="append")
     machine = list(decider.kept)
     if plan is None and len(machine) >= config.target_pool_size:
-        context.log.info(f"pool already has {len(machine)} kept instructions (target {config.target_pool_size}); "
-                         "nothing generated")
-        yield dg.MaterializeResult(asset_key=RAW, metadata={
-            **stored_table_metadata(warehouse, RAW, RAW_PREVIEW), "rows_this_run": 0,
-            "skipped": "target pool size reached", "llm_queries": queries.as_json()})
+        context.log.info(
+            f"pool already has {len(machine)} kept instructions (target {config.target_pool_size}); nothing generated"
+        )
+        yield dg.MaterializeResult(
+            asset_key=RAW,
+            metadata={
+                **stored_table_metadata(warehouse, RAW, RAW_PREVIEW),
+                "rows_this_run": 0,
+                "skipped": "target pool size reached",
+                "llm_queries": queries.as_json(),
+            },
+        )
         yield _dedup_result(warehouse, decider, language_model)
         return
     if plan is None:
-        plan = _new_plan(context, config, ledger, seeds, machine, language_model.generation_batch_size(context.op_def.name))
+        plan = _new_plan(
+            context, config, ledger, seeds, machine, language_model.generation_batch_size(context.op_def.name)
+        )
     settings = plan.settings
-    params = SamplingParams(settings["max_new_tokens"], settings["temperature"], settings["top_p"], settings["do_sample"])
+    params = SamplingParams(
+        settings["max_new_tokens"], settings["temperature"], settings["top_p"], settings["do_sample"]
+    )
     step, target = settings["batch_size"], settings["target_pool_size"]
     pending = plan.pending()
     rows_this_run, stopped_early = 0, False
     if pending:
         model = _labeller(language_model, queries)
         served = model.provenance
-        context.log.info(f"generating {len(pending)} batches of up to {step} prompts with {served.served_model} "
-                         f"({served.backend}, {served.engine_version})")
+        context.log.info(
+            f"generating {len(pending)} batches of up to {step} prompts with {served.served_model} "
+            f"({served.backend}, {served.engine_version})"
+        )
         report = progress_logger(context, RAW, step * params.max_new_tokens)
         started = time.monotonic()
         for done, batch in enumerate(pending, start=1):
             if decider.kept_total >= target:
-                context.log.info(f"target pool size {target} reached ({decider.kept_total} kept); stopped "
-                                 f"before batch {batch.index + 1} of {len(plan.batches)}")
+                context.log.info(
+                    f"target pool size {target} reached ({decider.kept_total} kept); stopped "
+                    f"before batch {batch.index + 1} of {len(plan.batches)}"
+                )
                 stopped_early = True
                 break
             prompts = [BootstrapPrompt(**p) for p in batch.inputs]
             # Rows keep the plan's run id: ids stay unique and a resumed batch reads as part of its run.
-            raw_rows = generate_instruction_rows(model, prompts, params, plan.plan_id, step,
-                                                 settings["seed"] + batch.index, id_offset=batch.index * step)
+            raw_rows = generate_instruction_rows(
+                model, prompts, params, plan.plan_id, step, settings["seed"] + batch.index, id_offset=batch.index * step
+            )
             decisions = decider.decide(raw_rows, context.run_id, model)
-            ledger.commit_batch(plan, batch, RAW, pl.DataFrame(raw_rows), context.run_id, also_append={DEDUP: decisions})
+            ledger.commit_batch(
+                plan, batch, RAW, pl.DataFrame(raw_rows), context.run_id, also_append={DEDUP: decisions}
+            )
             rows_this_run += len(raw_rows)
             report(done, len(pending), time.monotonic() - started)
     ledger.finish(plan, context.run_id, status="stopped_at_target" if stopped_early else "finished")
-    df = warehouse.query(f"SELECT * FROM {RAW} WHERE run_id = ? ORDER BY prompt_index, position_in_response",
-                         [plan.plan_id]) if warehouse.table_exists(RAW) else pl.DataFrame(
-        schema={c: pl.Utf8 for c in [*RAW_PREVIEW, "model_id"]} | {"prompt_index": pl.Int64})
-    yield dg.MaterializeResult(asset_key=RAW, metadata={
-        **table_metadata(df, RAW_PREVIEW, total_rows=warehouse.row_count(RAW)),
-        "rows_this_run": rows_this_run,
-        "plan_run_id": plan.plan_id,
-        "resumed_plan": plan.resumed,
-        "batches_planned": len(plan.batches),
-        "batches_committed_before_this_run": len(plan.batches) - len(pending),
-        "batches_generated": len(pending) - len(plan.pending()),
-        "prompts_used": df["prompt_index"].n_unique(),
-        "parsed_instructions": df.filter(pl.col("parse_status") == "ok").height,
-        "unparseable_responses": df.filter(pl.col("parse_status") != "ok").height,
-        "model_id": df["model_id"][0] if df.height else "",
-        "llm_queries": queries.as_json(),
-        **peak_memory(language_model.resolved_device()),
-    })
+    df = (
+        warehouse.query(
+            f"SELECT * FROM {RAW} WHERE run_id = ? ORDER BY prompt_index, position_in_response", [plan.plan_id]
+        )
+        if warehouse.table_exists(RAW)
+        else pl.DataFrame(schema={c: pl.Utf8 for c in [*RAW_PREVIEW, "model_id"]} | {"prompt_index": pl.Int64})
+    )
+    yield dg.MaterializeResult(
+        asset_key=RAW,
+        metadata={
+            **table_metadata(df, RAW_PREVIEW, total_rows=warehouse.row_count(RAW)),
+            "rows_this_run": rows_this_run,
+            "plan_run_id": plan.plan_id,
+            "resumed_plan": plan.resumed,
+            "batches_planned": len(plan.batches),
+            "batches_committed_before_this_run": len(plan.batches) - len(pending),
+            "batches_generated": len(pending) - len(plan.pending()),
+            "prompts_used": df["prompt_index"].n_unique(),
+            "parsed_instructions": df.filter(pl.col("parse_status") == "ok").height,
+            "unparseable_responses": df.filter(pl.col("parse_status") != "ok").height,
+            "model_id": df["model_id"][0] if df.height else "",
+            "llm_queries": queries.as_json(),
+            **peak_memory(language_model.resolved_device()),
+        },
+    )
     yield _dedup_result(warehouse, decider, language_model)
 
 
-def _dedup_result(warehouse: Warehouse, decider: _Decider, language_model: LanguageModelResource) -> dg.MaterializeResult:
+def _dedup_result(
+    warehouse: Warehouse, decider: _Decider, language_model: LanguageModelResource
+) -> dg.MaterializeResult:
     df = _decision_frame(decider.rows)
     reasons = df.group_by("reason").len().sort("len", descending=True) if df.height else df
-    return dg.MaterializeResult(asset_key=DEDUP, metadata={
-        **table_metadata(df, DEDUP_PREVIEW, total_rows=warehouse.row_count(DEDUP)),
-        "rows_this_run": df.height,
-        "kept_this_run": int((df["decision"] == "kept").sum()) if df.height else 0,
-        "kept_total": decider.kept_total,
-        "rejection_reasons": dg.MetadataValue.md(
-            "\n".join(f"- {r['reason']}: {r['len']}" for r in reasons.iter_rows(named=True)) if df.height else "_none_"),
-        **peak_memory(language_model.resolved_device()),
-    })
+    return dg.MaterializeResult(
+        asset_key=DEDUP,
+        metadata={
+            **table_metadata(df, DEDUP_PREVIEW, total_rows=warehouse.row_count(DEDUP)),
+            "rows_this_run": df.height,
+            "kept_this_run": int((df["decision"] == "kept").sum()) if df.height else 0,
+            "kept_total": decider.kept_total,
+            "rejection_reasons": dg.MetadataValue.md(
+                "\n".join(f"- {r['reason']}: {r['len']}" for r in reasons.iter_rows(named=True))
+                if df.height
+                else "_none_"
+            ),
+            **peak_memory(language_model.resolved_device()),
+        },
+    )

@@ -1,6 +1,5 @@
 """Metadata every asset reports: row count, column schema, a preview, and charts."""
 
-
 import base64
 import math
 
@@ -12,8 +11,9 @@ from .column_descriptions import column_description
 _DTYPE_NAMES = {pl.Utf8: "string", pl.Boolean: "bool", pl.Float64: "float", pl.Int64: "int"}
 
 
-def table_metadata(df: pl.DataFrame, preview_columns: list[str] | None = None, preview_rows: int = 5,
-                   total_rows: int | None = None) -> dict:
+def table_metadata(
+    df: pl.DataFrame, preview_columns: list[str] | None = None, preview_rows: int = 5, total_rows: int | None = None
+) -> dict:
     """`total_rows`: the table's size when `df` is only the rows this run appended."""
     schema = _described_schema(df)
     preview = df.select(preview_columns) if preview_columns else df
@@ -33,10 +33,12 @@ def stored_table_metadata(warehouse, table: str, preview_columns: list[str] | No
 
 
 def _described_schema(df: pl.DataFrame) -> dg.TableSchema:
-    return dg.TableSchema(columns=[
-        dg.TableColumn(name, _DTYPE_NAMES.get(dtype, str(dtype)), description=column_description(name))
-        for name, dtype in df.schema.items()
-    ])
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(name, _DTYPE_NAMES.get(dtype, str(dtype)), description=column_description(name))
+            for name, dtype in df.schema.items()
+        ]
+    )
 
 
 def metadata_table(df: pl.DataFrame) -> dg.MetadataValue:

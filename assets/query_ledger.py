@@ -2,7 +2,6 @@
 materialization (each records its own counts as `llm_queries`), so the branches' costs can be
 compared as TeaMs-RL compares its expert queries with WizardLM's."""
 
-
 import json
 
 import dagster as dg
@@ -40,8 +39,10 @@ def ledger_rows(counts_by_asset: dict[str, tuple[dict, str]]) -> list[dict]:
     rows = []
     for asset, (counts, run_id) in counts_by_asset.items():
         branch, purpose = LEDGER_STAGES[asset]
-        rows += [dict(stage=asset, branch=branch, purpose=purpose, role=role, queries=int(n), source_run_id=run_id)
-                 for role, n in counts.items()]
+        rows += [
+            dict(stage=asset, branch=branch, purpose=purpose, role=role, queries=int(n), source_run_id=run_id)
+            for role, n in counts.items()
+        ]
     return rows
 
 
@@ -57,17 +58,25 @@ def branch_totals(rows: list[dict]) -> dict[str, dict[str, int]]:
     return totals
 
 
-@dg.asset(group_name="evaluation", kinds={"duckdb"}, deps=list(LEDGER_STAGES), description=(
-    "One row per (stage, role): the model queries (prompts generated from, texts scored) of each stage's latest "
-    "materialization, with its branch and purpose (data, diagnostic, evaluation); the metadata compares the "
-    "branches, and TeaMs-RL's expert queries with the others' totals."))
+@dg.asset(
+    group_name="evaluation",
+    kinds={"duckdb"},
+    deps=list(LEDGER_STAGES),
+    description=(
+        "One row per (stage, role): the model queries (prompts generated from, texts scored) of each stage's latest "
+        "materialization, with its branch and purpose (data, diagnostic, evaluation); the metadata compares the "
+        "branches, and TeaMs-RL's expert queries with the others' totals."
+    ),
+)
 def llm_query_ledger(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
     counts = {}
     for asset in LEDGER_STAGES:
         metadata = upstream_metadata(context, asset)
         if "llm_queries" not in metadata:
-            raise dg.Failure(f"the latest materialization of {asset} (run {metadata['run_id']}) records no llm_queries; "
-                             "materialize it again with this version of the pipeline")
+            raise dg.Failure(
+                f"the latest materialization of {asset} (run {metadata['run_id']}) records no llm_queries; "
+                "materialize it again with this version of the pipeline"
+            )
         counts[asset] = (json.loads(metadata["llm_queries"]), metadata["run_id"])
     rows = ledger_rows(counts)
     df = pl.DataFrame(rows).with_columns(pl.lit(context.run_id).alias("run_id"))
@@ -82,10 +91,15 @@ def llm_query_ledger(context: dg.AssetExecutionContext, warehouse: Warehouse) ->
         "teams_rl_expert_queries": expert,
         "teams_rl_expert_share_of_its_queries": expert / total["teams_rl"] if total["teams_rl"] else 0.0,
         "teams_rl_expert_queries_per_refine_af_query": expert / total["refine_af"] if total["refine_af"] else 0.0,
-        "teams_rl_expert_queries_per_self_instruct_query": expert / total["self_instruct"] if total["self_instruct"] else 0.0,
+        "teams_rl_expert_queries_per_self_instruct_query": expert / total["self_instruct"]
+        if total["self_instruct"]
+        else 0.0,
     }
     by_branch = pl.DataFrame([{"branch": b, **t, "total": total[b]} for b, t in totals.items()])
-    return dg.MaterializeResult(metadata={
-        **table_metadata(df, ["stage", "role", "queries"]), **figures,
-        "data_queries_by_branch_and_role": metadata_table(by_branch),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            **table_metadata(df, ["stage", "role", "queries"]),
+            **figures,
+            "data_queries_by_branch_and_role": metadata_table(by_branch),
+        }
+    )

@@ -1,6 +1,5 @@
 """Stage 2a: the learned reward component, fitted to prefer the human seed instances."""
 
-
 import time
 
 import dagster as dg
@@ -9,9 +8,16 @@ import polars as pl
 
 from refine_af_pipeline.feedback.audit import InstructionPMIAudit
 from refine_af_pipeline.feedback.components import LLMJudgePreference
-from refine_af_pipeline.feedback.reward_model import (KINDS, EmbeddingRewardModel, RewardModelSettings, features,
-                                                      fit_bradley_terry, length_baseline, pairwise_accuracy,
-                                                      preference_pairs)
+from refine_af_pipeline.feedback.reward_model import (
+    KINDS,
+    EmbeddingRewardModel,
+    RewardModelSettings,
+    features,
+    fit_bradley_terry,
+    length_baseline,
+    pairwise_accuracy,
+    preference_pairs,
+)
 from refine_af_pipeline.feedback.setup import embedding_id, load_embedder
 from refine_af_pipeline.instructions.parsing import parse_instance
 from refine_af_pipeline.llm.backend import render_prompt
@@ -30,9 +36,15 @@ class RewardModelConfig(dg.Config, RewardModelSettings):
 
 
 @dg.asset(group_name="feedback", kinds={"duckdb", "pytorch"}, deps=["seed_pool"], pool="gpu")
-def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, warehouse: Warehouse,
-                 language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource,
-                 audit_model: LanguageModelResource, artifact_store: ArtifactStore) -> dg.MaterializeResult:
+def reward_model(
+    context: dg.AssetExecutionContext,
+    config: RewardModelConfig,
+    warehouse: Warehouse,
+    language_model: LanguageModelResource,
+    feedback_scorer: FeedbackScorerResource,
+    audit_model: LanguageModelResource,
+    artifact_store: ArtifactStore,
+) -> dg.MaterializeResult:
     """A Bradley-Terry reward on frozen sentence embeddings, fitted on the seed tasks to prefer the
     human-written instance over the base model's instance for the same instruction, over the input
     echoed, over another task's output and over the output cut in half. One row per preference
@@ -46,20 +58,28 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
         raise dg.Failure("seed_pool is empty: materialize seed_pool first")
     if config.max_seed_tasks and seeds.height > config.max_seed_tasks:
         seeds = seeds.sample(n=config.max_seed_tasks, seed=config.seed).sort("id")
-    tasks = [dict(instruction_id=r["id"], instruction=r["instruction"], input=r["first_input"], output=r["first_output"])
-             for r in seeds.iter_rows(named=True)]
+    tasks = [
+        dict(instruction_id=r["id"], instruction=r["instruction"], input=r["first_input"], output=r["first_output"])
+        for r in seeds.iter_rows(named=True)
+    ]
     queries = QueryCounter()
     base = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
     # Opened before the generation, so a backend that cannot score fails the step at once.
-    audit = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"),
-                                audit_model.scoring_batch_size)
+    audit = InstructionPMIAudit(
+        queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"), audit_model.scoring_batch_size
+    )
     batch_size = language_model.generation_batch_size(context.op_def.name)
     prompts = [render_prompt(base.tokenizer, instance_prompt(t["instruction"]), INSTANCE_PREFIX) for t in tasks]
     report = progress_logger(context, "reward_model", batch_size * config.max_new_tokens)
     started = time.monotonic()
     with base.for_generation() as model:
-        gens = model.generate(prompts, config.sampling_params(), batch_size, config.seed,
-                              lambda d, t, s: report(d, t, time.monotonic() - started))
+        gens = model.generate(
+            prompts,
+            config.sampling_params(),
+            batch_size,
+            config.seed,
+            lambda d, t, s: report(d, t, time.monotonic() - started),
+        )
     # The base model's answer, where it wrote a complete one in the instance format.
     base_outputs = {}
     for t, g in zip(tasks, gens):
@@ -73,8 +93,9 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
     embedder = load_embedder(feedback_scorer.embedding_model, device, feedback_scorer.allow_download)
 
     def phi(which: str, subset):
-        return features(embedder, [p.instruction for p in subset], [p.input for p in subset],
-                        [getattr(p, which) for p in subset])
+        return features(
+            embedder, [p.instruction for p in subset], [p.input for p in subset], [getattr(p, which) for p in subset]
+        )
 
     weights = fit_bradley_terry(phi("preferred", train), phi("rejected", train), config.seed)
     model_dir = artifact_store.run_dir("reward_model", context.run_id) / "model"
@@ -85,45 +106,78 @@ def reward_model(context: dg.AssetExecutionContext, config: RewardModelConfig, w
     tested = [k for k, h in enumerate(held) if h]
     # The base model's self-rating (the preference component) on the held-out pairs, for comparison.
     rating = LLMJudgePreference(base, language_model.scoring_batch_size)
-    rated = rating.score([pairs[k].instruction for k in tested] * 2, [pairs[k].input for k in tested] * 2,
-                         [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested])
-    self_rating = dict(zip(tested, zip(rated[:len(tested)], rated[len(tested):])))
-    audited = audit.score([pairs[k].instruction for k in tested] * 2, [pairs[k].input for k in tested] * 2,
-                          [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested])
-    audit_scores = dict(zip(tested, zip(audited[:len(tested)], audited[len(tested):])))
-    rows = [dict(instruction_id=p.instruction_id, negative_kind=p.kind, slice="heldout" if h else "train",
-                 instruction=p.instruction, input=p.input, preferred=p.preferred, rejected=p.rejected,
-                 preferred_reward=float(a), rejected_reward=float(b), correct=bool(a > b),
-                 length_correct=bool(sign * len(p.preferred.split()) > sign * len(p.rejected.split())),
-                 self_rating_correct=(self_rating[k][0] > self_rating[k][1]) if k in self_rating else None,
-                 audit_correct=_ordered(audit_scores.get(k)))
-            for k, (p, h, a, b) in enumerate(zip(pairs, held, preferred, rejected))]
-    df = pl.DataFrame(rows, schema_overrides={"self_rating_correct": pl.Boolean, "audit_correct": pl.Boolean}).with_columns(
-        pl.lit(str(model_dir)).alias("model_dir"), pl.lit(fitted.version).alias("reward_model_version"),
-        pl.lit(base.provenance.served_model).alias("model_id"), pl.lit(context.run_id).alias("run_id"))
+    rated = rating.score(
+        [pairs[k].instruction for k in tested] * 2,
+        [pairs[k].input for k in tested] * 2,
+        [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested],
+    )
+    self_rating = dict(zip(tested, zip(rated[: len(tested)], rated[len(tested) :])))
+    audited = audit.score(
+        [pairs[k].instruction for k in tested] * 2,
+        [pairs[k].input for k in tested] * 2,
+        [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested],
+    )
+    audit_scores = dict(zip(tested, zip(audited[: len(tested)], audited[len(tested) :])))
+    rows = [
+        dict(
+            instruction_id=p.instruction_id,
+            negative_kind=p.kind,
+            slice="heldout" if h else "train",
+            instruction=p.instruction,
+            input=p.input,
+            preferred=p.preferred,
+            rejected=p.rejected,
+            preferred_reward=float(a),
+            rejected_reward=float(b),
+            correct=bool(a > b),
+            length_correct=bool(sign * len(p.preferred.split()) > sign * len(p.rejected.split())),
+            self_rating_correct=(self_rating[k][0] > self_rating[k][1]) if k in self_rating else None,
+            audit_correct=_ordered(audit_scores.get(k)),
+        )
+        for k, (p, h, a, b) in enumerate(zip(pairs, held, preferred, rejected))
+    ]
+    df = pl.DataFrame(
+        rows, schema_overrides={"self_rating_correct": pl.Boolean, "audit_correct": pl.Boolean}
+    ).with_columns(
+        pl.lit(str(model_dir)).alias("model_dir"),
+        pl.lit(fitted.version).alias("reward_model_version"),
+        pl.lit(base.provenance.served_model).alias("model_id"),
+        pl.lit(context.run_id).alias("run_id"),
+    )
     warehouse.write_table("reward_model", df)
-    accuracy = _accuracy_by_kind(df.filter(pl.col("slice") == "heldout"), preferred[tested], rejected[tested],
-                                 [sign * len(pairs[k].preferred.split()) for k in tested],
-                                 [sign * len(pairs[k].rejected.split()) for k in tested], self_rating, audit_scores,
-                                 tested)
+    accuracy = _accuracy_by_kind(
+        df.filter(pl.col("slice") == "heldout"),
+        preferred[tested],
+        rejected[tested],
+        [sign * len(pairs[k].preferred.split()) for k in tested],
+        [sign * len(pairs[k].rejected.split()) for k in tested],
+        self_rating,
+        audit_scores,
+        tested,
+    )
     overall = accuracy.filter(pl.col("negative_kind") == "all").row(0, named=True)
-    context.log.info(f"reward_model: held-out pairwise accuracy {overall['learned_reward']:.3f} "
-                     f"(length baseline {overall['length_baseline']:.3f}, self-rating {overall['self_rating']:.3f})")
-    return dg.MaterializeResult(metadata={
-        **table_metadata(df, ["negative_kind", "slice", "preferred_reward", "rejected_reward", "correct"]),
-        "model_dir": dg.MetadataValue.path(str(model_dir)),
-        "train_pairs": len(train), "heldout_pairs": len(tested),
-        "heldout_accuracy": overall["learned_reward"],
-        "heldout_accuracy_length_baseline": overall["length_baseline"],
-        "heldout_accuracy_self_rating": overall["self_rating"],
-        "heldout_accuracy_audit_judge": overall["audit_judge"],
-        "audit_judge": audit.version,
-        "length_baseline_prefers": "longer" if sign > 0 else "shorter",
-        "accuracy_by_kind": metadata_table(accuracy),
-        "base_outputs_usable": len(base_outputs),
-        "llm_queries": queries.as_json(),
-        **peak_memory(device),
-    })
+    context.log.info(
+        f"reward_model: held-out pairwise accuracy {overall['learned_reward']:.3f} "
+        f"(length baseline {overall['length_baseline']:.3f}, self-rating {overall['self_rating']:.3f})"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            **table_metadata(df, ["negative_kind", "slice", "preferred_reward", "rejected_reward", "correct"]),
+            "model_dir": dg.MetadataValue.path(str(model_dir)),
+            "train_pairs": len(train),
+            "heldout_pairs": len(tested),
+            "heldout_accuracy": overall["learned_reward"],
+            "heldout_accuracy_length_baseline": overall["length_baseline"],
+            "heldout_accuracy_self_rating": overall["self_rating"],
+            "heldout_accuracy_audit_judge": overall["audit_judge"],
+            "audit_judge": audit.version,
+            "length_baseline_prefers": "longer" if sign > 0 else "shorter",
+            "accuracy_by_kind": metadata_table(accuracy),
+            "base_outputs_usable": len(base_outputs),
+            "llm_queries": queries.as_json(),
+            **peak_memory(device),
+        }
+    )
 
 
 def _or(value, default):
@@ -137,19 +191,34 @@ def _ordered(scores: tuple | None) -> bool | None:
     return scores[0] > scores[1]
 
 
-def _accuracy_by_kind(heldout: pl.DataFrame, preferred: np.ndarray, rejected: np.ndarray, length_a, length_b,
-                      self_rating: dict, audit_scores: dict, tested: list[int]) -> pl.DataFrame:
+def _accuracy_by_kind(
+    heldout: pl.DataFrame,
+    preferred: np.ndarray,
+    rejected: np.ndarray,
+    length_a,
+    length_b,
+    self_rating: dict,
+    audit_scores: dict,
+    tested: list[int],
+) -> pl.DataFrame:
     kinds = heldout["negative_kind"].to_list()
     rows = []
     for kind in ("all", *KINDS):
         idx = [j for j, k in enumerate(kinds) if kind in ("all", k)]
-        rows.append(dict(
-            negative_kind=kind, heldout_pairs=len(idx),
-            learned_reward=pairwise_accuracy(preferred[idx], rejected[idx]),
-            length_baseline=pairwise_accuracy([length_a[j] for j in idx], [length_b[j] for j in idx]),
-            self_rating=pairwise_accuracy([self_rating[tested[j]][0] for j in idx],
-                                          [self_rating[tested[j]][1] for j in idx]),
-            # A missing audit score (an empty output) counts as a wrong order, a tie as one half.
-            audit_judge=pairwise_accuracy([_or(audit_scores[tested[j]][0], -np.inf) for j in idx],
-                                          [_or(audit_scores[tested[j]][1], np.inf) for j in idx])))
+        rows.append(
+            dict(
+                negative_kind=kind,
+                heldout_pairs=len(idx),
+                learned_reward=pairwise_accuracy(preferred[idx], rejected[idx]),
+                length_baseline=pairwise_accuracy([length_a[j] for j in idx], [length_b[j] for j in idx]),
+                self_rating=pairwise_accuracy(
+                    [self_rating[tested[j]][0] for j in idx], [self_rating[tested[j]][1] for j in idx]
+                ),
+                # A missing audit score (an empty output) counts as a wrong order, a tie as one half.
+                audit_judge=pairwise_accuracy(
+                    [_or(audit_scores[tested[j]][0], -np.inf) for j in idx],
+                    [_or(audit_scores[tested[j]][1], np.inf) for j in idx],
+                ),
+            )
+        )
     return pl.DataFrame(rows)

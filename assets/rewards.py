@@ -1,8 +1,6 @@
 """Stage 2a: automated-feedback scores of the base model's instances, and the standardisation
 (component means and spreads, weights, bias) that every later reward uses."""
 
-
-
 import dagster as dg
 import polars as pl
 
@@ -14,7 +12,14 @@ from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
 from .metadata import peak_memory, progress_logger, table_metadata
-from .shared import STANDARDISATION, kept_instructions, learned_reward_dir, scored_instance_frame, standardisation_frame, subset
+from .shared import (
+    STANDARDISATION,
+    kept_instructions,
+    learned_reward_dir,
+    scored_instance_frame,
+    standardisation_frame,
+    subset,
+)
 
 
 class RewardScoresConfig(dg.Config, RewardScoresSettings):
@@ -22,40 +27,75 @@ class RewardScoresConfig(dg.Config, RewardScoresSettings):
 
 
 @dg.multi_asset(
-    name="reward_scores", group_name="feedback", pool="gpu", can_subset=False,
+    name="reward_scores",
+    group_name="feedback",
+    pool="gpu",
+    can_subset=False,
     specs=[
-        dg.AssetSpec("reward_scores", deps=["deduplicated_instructions", "reward_model"], kinds={"duckdb", "pytorch"}, description=(
-            "The base model writes one input/output instance per kept instruction and the automated feedback "
-            "scores it: one column per component (preference, naturalness, coherence, understandability, "
-            "learned_reward) with "
-            "the judge that produced it (`<component>_scorer`), the instance gate's reason, and the combined "
-            "reward.")),
-        dg.AssetSpec(STANDARDISATION, deps=["reward_scores"], kinds={"duckdb"}, description=(
-            "One row: the mean and standard deviation of each feedback component over the base model's "
-            "gate-passing instances in reward_scores, the weights and bias that combine the "
-            "standardised components, and where the weights come from (the feedback_scorer config, or "
-            "calibration:<ratings file> when `calibration_csv` fitted them to human ratings). The RL stage, "
-            "both instance stages and the held-out comparison standardise every reward with it.")),
-    ])
-def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig, warehouse: Warehouse,
-                  language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource):
+        dg.AssetSpec(
+            "reward_scores",
+            deps=["deduplicated_instructions", "reward_model"],
+            kinds={"duckdb", "pytorch"},
+            description=(
+                "The base model writes one input/output instance per kept instruction and the automated feedback "
+                "scores it: one column per component (preference, naturalness, coherence, understandability, "
+                "learned_reward) with "
+                "the judge that produced it (`<component>_scorer`), the instance gate's reason, and the combined "
+                "reward."
+            ),
+        ),
+        dg.AssetSpec(
+            STANDARDISATION,
+            deps=["reward_scores"],
+            kinds={"duckdb"},
+            description=(
+                "One row: the mean and standard deviation of each feedback component over the base model's "
+                "gate-passing instances in reward_scores, the weights and bias that combine the "
+                "standardised components, and where the weights come from (the feedback_scorer config, or "
+                "calibration:<ratings file> when `calibration_csv` fitted them to human ratings). The RL stage, "
+                "both instance stages and the held-out comparison standardise every reward with it."
+            ),
+        ),
+    ],
+)
+def reward_scores(
+    context: dg.AssetExecutionContext,
+    config: RewardScoresConfig,
+    warehouse: Warehouse,
+    language_model: LanguageModelResource,
+    feedback_scorer: FeedbackScorerResource,
+):
     """Generates and scores the base model's instances, fixes the standardisation from them (and,
     with `calibration_csv` on the feedback_scorer resource, fits the weights and bias to those
     human ratings), then writes both tables in one transaction."""
     # A bad ratings file fails the run before any generation.
-    ratings = (read_ratings(feedback_scorer.calibration_csv, feedback_scorer.gate_reward)
-               if feedback_scorer.calibration_csv else None)
+    ratings = (
+        read_ratings(feedback_scorer.calibration_csv, feedback_scorer.gate_reward)
+        if feedback_scorer.calibration_csv
+        else None
+    )
     chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
     queries = QueryCounter()
     model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
     device = language_model.resolved_device()
-    scorer = feedback_scorer.build(model, device, batch_size=language_model.scoring_batch_size,
-                                   learned_reward_dir=learned_reward_dir(warehouse, feedback_scorer))
+    scorer = feedback_scorer.build(
+        model,
+        device,
+        batch_size=language_model.scoring_batch_size,
+        learned_reward_dir=learned_reward_dir(warehouse, feedback_scorer),
+    )
     params = config.sampling_params()
     batch_size = language_model.generation_batch_size(context.op_def.name)
-    rows = generate_scored_instances(model, scorer, chosen["instruction"].to_list(), params, batch_size,
-                                     config.seed, progress_logger(context, "reward_scores", batch_size * config.max_new_tokens),
-                                     chosen["is_classification"].to_list())
+    rows = generate_scored_instances(
+        model,
+        scorer,
+        chosen["instruction"].to_list(),
+        params,
+        batch_size,
+        config.seed,
+        progress_logger(context, "reward_scores", batch_size * config.max_new_tokens),
+        chosen["is_classification"].to_list(),
+    )
     ids = chosen["instruction_id"].to_list()
     weights, bias, weights_source = scorer.weights, scorer.bias, "config"
     stats = restandardise(rows, weights, bias, scorer.gate.reward)
@@ -65,32 +105,43 @@ def reward_scores(context: dg.AssetExecutionContext, config: RewardScoresConfig,
         weights, bias, weights_source = fit.weights, fit.bias, f"calibration:{feedback_scorer.calibration_csv}"
         restandardise(rows, weights, bias, scorer.gate.reward)  # same stats, fitted weights
         context.log.info(f"calibrated weights on {fit.n} rated instances: {weights}, bias {bias:.3f}, R2 {fit.r2:.2f}")
-        calibration_metadata = {"calibration_instances": fit.n, "calibration_rmse": fit.rmse,
-                                "calibration_r2": fit.r2, "calibration_skipped": dg.MetadataValue.json(fit.skipped)}
+        calibration_metadata = {
+            "calibration_instances": fit.n,
+            "calibration_rmse": fit.rmse,
+            "calibration_r2": fit.r2,
+            "calibration_skipped": dg.MetadataValue.json(fit.skipped),
+        }
     versions = scorer.versions()
-    df = scored_instance_frame([{"instruction_id": i} for i in ids], rows, model.provenance, versions, params,
-                               context.run_id)
+    df = scored_instance_frame(
+        [{"instruction_id": i} for i in ids], rows, model.provenance, versions, params, context.run_id
+    )
     passed = df.filter(pl.col("gate_reason").is_null())
-    standardisation = standardisation_frame(stats, weights, bias, weights_source, passed.height,
-                                            model.provenance.served_model,
-                                            context.run_id)
+    standardisation = standardisation_frame(
+        stats, weights, bias, weights_source, passed.height, model.provenance.served_model, context.run_id
+    )
     with warehouse.transaction() as conn:
         insert_rows(conn, "reward_scores", df, mode="replace")
         insert_rows(conn, STANDARDISATION, standardisation, mode="replace")
-    yield dg.MaterializeResult(asset_key="reward_scores", metadata={
-        **table_metadata(df, ["instruction", "output", "reward", *COMPONENTS]),
-        "mean_reward": float(df["reward"].mean()),
-        "gate_pass_rate": passed.height / max(df.height, 1),
-        "scorers": dg.MetadataValue.json(versions),
-        "llm_queries": queries.as_json(),
-        **peak_memory(device),
-    })
-    yield dg.MaterializeResult(asset_key=STANDARDISATION, metadata={
-        **table_metadata(standardisation),
-        **{f"mean_{c}": float(stats.mean[c]) for c in COMPONENTS},
-        **{f"std_{c}": float(stats.std[c]) for c in COMPONENTS},
-        "weights": dg.MetadataValue.json({**weights, "bias": bias}),
-        "weights_source": weights_source,
-        "instances": passed.height,
-        **calibration_metadata,
-    })
+    yield dg.MaterializeResult(
+        asset_key="reward_scores",
+        metadata={
+            **table_metadata(df, ["instruction", "output", "reward", *COMPONENTS]),
+            "mean_reward": float(df["reward"].mean()),
+            "gate_pass_rate": passed.height / max(df.height, 1),
+            "scorers": dg.MetadataValue.json(versions),
+            "llm_queries": queries.as_json(),
+            **peak_memory(device),
+        },
+    )
+    yield dg.MaterializeResult(
+        asset_key=STANDARDISATION,
+        metadata={
+            **table_metadata(standardisation),
+            **{f"mean_{c}": float(stats.mean[c]) for c in COMPONENTS},
+            **{f"std_{c}": float(stats.std[c]) for c in COMPONENTS},
+            "weights": dg.MetadataValue.json({**weights, "bias": bias}),
+            "weights_source": weights_source,
+            "instances": passed.height,
+            **calibration_metadata,
+        },
+    )

@@ -1,42 +1,76 @@
 """The RL stage's measured effect: base model vs RL-refined policy on held-out instructions, as an
 asset (its per-instruction table) carrying the check that the policy beats the base."""
 
-
 import json
 import time
 
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.feedback.scores import COMPONENTS
+from refine_af_pipeline.evaluation.heldout import (
+    HeldoutCheckSettings,
+    add_audit,
+    generate_both,
+    per_instruction_rows,
+    summarise,
+)
 from refine_af_pipeline.feedback.audit import InstructionPMIAudit
-from refine_af_pipeline.evaluation.heldout import (HeldoutCheckSettings, add_audit, generate_both, per_instruction_rows,
-                                                 summarise)
+from refine_af_pipeline.feedback.scores import COMPONENTS
 from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import metadata_table, peak_memory, table_metadata
-from .shared import (base_component_stats, kept_instructions, learned_reward_dir, provenance_columns, split_held_out, upstream_adapter,
-                     upstream_metadata)
+from .shared import (
+    base_component_stats,
+    kept_instructions,
+    learned_reward_dir,
+    provenance_columns,
+    split_held_out,
+    upstream_adapter,
+    upstream_metadata,
+)
 
 CHECK_NAME = "policy_beats_base_on_heldout"
 PASS_RULE = "lower bound of the bootstrap 95% CI of the mean paired reward difference (policy - base) > 0"
-_EMPTY_SCHEMA = {"instruction_id": pl.Utf8, "instruction": pl.Utf8, "base_reward": pl.Float64,
-                 "policy_reward": pl.Float64, "reward_difference": pl.Float64, "outcome": pl.Utf8, "run_id": pl.Utf8}
+_EMPTY_SCHEMA = {
+    "instruction_id": pl.Utf8,
+    "instruction": pl.Utf8,
+    "base_reward": pl.Float64,
+    "policy_reward": pl.Float64,
+    "reward_difference": pl.Float64,
+    "outcome": pl.Utf8,
+    "run_id": pl.Utf8,
+}
 
 
 class HeldoutComparisonConfig(dg.Config, HeldoutCheckSettings):
     """Run config of `rl_heldout_comparison`: the fields of HeldoutCheckSettings (refine_af_pipeline/evaluation/heldout.py)."""
 
 
-@dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, pool="gpu",
-          deps=["rl_refined_policy", "reward_standardisation", "deduplicated_instructions", "reward_model"],
-          check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="rl_heldout_comparison", description=(
-              "Warns (never fails the run: a short demo run may not improve and its data is still usable) "
-              "unless the " + PASS_RULE + "."))])
-def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComparisonConfig, warehouse: Warehouse,
-                          language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource,
-                          audit_model: LanguageModelResource) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="rl",
+    kinds={"duckdb", "pytorch"},
+    pool="gpu",
+    deps=["rl_refined_policy", "reward_standardisation", "deduplicated_instructions", "reward_model"],
+    check_specs=[
+        dg.AssetCheckSpec(
+            CHECK_NAME,
+            asset="rl_heldout_comparison",
+            description=(
+                "Warns (never fails the run: a short demo run may not improve and its data is still usable) "
+                "unless the " + PASS_RULE + "."
+            ),
+        )
+    ],
+)
+def rl_heldout_comparison(
+    context: dg.AssetExecutionContext,
+    config: HeldoutComparisonConfig,
+    warehouse: Warehouse,
+    language_model: LanguageModelResource,
+    feedback_scorer: FeedbackScorerResource,
+    audit_model: LanguageModelResource,
+) -> dg.MaterializeResult:
     """On the kept instructions RL never trained on (the hash split rl_refined_policy recorded),
     the base model and the RL-refined policy each write `samples_per_instruction` instances with the
     same prompts, sampling parameters and seeds; the feedback scorer (the base model, standardised
@@ -47,8 +81,10 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
     # The share and the adapter of the same materialization of rl_refined_policy.
     policy = upstream_metadata(context, "rl_refined_policy")
     if "heldout_share" not in policy:
-        raise dg.Failure(f"the latest materialization of rl_refined_policy (run {policy['run_id']}) records no "
-                         "heldout_share: materialize rl_refined_policy again")
+        raise dg.Failure(
+            f"the latest materialization of rl_refined_policy (run {policy['run_id']}) records no "
+            "heldout_share: materialize rl_refined_policy again"
+        )
     heldout_share = float(policy["heldout_share"])
     _, heldout = split_held_out(kept_instructions(warehouse), heldout_share)
     if config.max_instructions > 0:
@@ -57,9 +93,17 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
         warehouse.write_table("rl_heldout_comparison", pl.DataFrame(schema=_EMPTY_SCHEMA))
         reason = f"no held-out instructions (heldout_share {heldout_share}); grow the pool or raise it"
         context.log.warning(reason)
-        return dg.MaterializeResult(metadata={"heldout_instructions": 0, "reason": reason, "llm_queries": "{}"}, check_results=[
-            dg.AssetCheckResult(check_name=CHECK_NAME, passed=False, severity=dg.AssetCheckSeverity.WARN,
-                                metadata={"reason": reason, "pass_rule": PASS_RULE})])
+        return dg.MaterializeResult(
+            metadata={"heldout_instructions": 0, "reason": reason, "llm_queries": "{}"},
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=CHECK_NAME,
+                    passed=False,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={"reason": reason, "pass_rule": PASS_RULE},
+                )
+            ],
+        )
     adapter = upstream_adapter(context, "rl_refined_policy", policy)
     # One copy of the weights: the policy is the base model with its adapter on, the base model (also
     # the judge, exactly as in reward_scores and the RL reward) the same with it off.
@@ -68,37 +112,63 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
     base = queries.wrap(models["base"], "generator", scoring_role="judge")
     policy = queries.wrap(models["policy"], "generator")
     device = language_model.resolved_device()
-    scorer = feedback_scorer.build(base, device, base_component_stats(warehouse), language_model.scoring_batch_size,
-                                   learned_reward_dir(warehouse, feedback_scorer))
+    scorer = feedback_scorer.build(
+        base,
+        device,
+        base_component_stats(warehouse),
+        language_model.scoring_batch_size,
+        learned_reward_dir(warehouse, feedback_scorer),
+    )
     # The audit judge reads both models' gate-passing outputs: weights the policy never trained
     # against. Opened before the generation, so a backend that cannot score fails at once.
-    audit = InstructionPMIAudit(queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"),
-                                audit_model.scoring_batch_size)
+    audit = InstructionPMIAudit(
+        queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"), audit_model.scoring_batch_size
+    )
     params = config.sampling_params()
     k = config.samples_per_instruction
 
     def progress(label, done, total):
-        context.log.info(f"held-out comparison/{label}: batch {done}/{total}, {time.monotonic() - started:.0f} s elapsed")
+        context.log.info(
+            f"held-out comparison/{label}: batch {done}/{total}, {time.monotonic() - started:.0f} s elapsed"
+        )
 
-    context.log.info(f"held-out comparison on {heldout.height} instructions x {k} samples, {base.provenance.served_model} "
-                     f"({base.provenance.backend}) on {device}")
-    base_rows, policy_rows = generate_both(base, policy, scorer, heldout["instruction"].to_list(), params, k,
-                                           language_model.generation_batch_size(context.op_def.name), config.seed, progress,
-                                           heldout["is_classification"].to_list())
+    context.log.info(
+        f"held-out comparison on {heldout.height} instructions x {k} samples, {base.provenance.served_model} "
+        f"({base.provenance.backend}) on {device}"
+    )
+    base_rows, policy_rows = generate_both(
+        base,
+        policy,
+        scorer,
+        heldout["instruction"].to_list(),
+        params,
+        k,
+        language_model.generation_batch_size(context.op_def.name),
+        config.seed,
+        progress,
+        heldout["is_classification"].to_list(),
+    )
     for scored in (base_rows, policy_rows):
         add_audit(scored, audit)
-    rows = per_instruction_rows(heldout["instruction_id"].to_list(), heldout["instruction"].to_list(),
-                                base_rows, policy_rows, k)
+    rows = per_instruction_rows(
+        heldout["instruction_id"].to_list(), heldout["instruction"].to_list(), base_rows, policy_rows, k
+    )
     summary = summarise(rows, scorer.gate.reward, config.bootstrap_resamples, config.seed)
     split = summary.gain_split
     c = summary.comparison
-    df = pl.DataFrame(rows, schema_overrides={f"{m}_{n}": pl.Float64 for m in ("base", "policy") for n in (*COMPONENTS, "audit")}
-                      | {"audit_difference": pl.Float64})
-    df = df.with_columns(pl.lit(adapter).alias("policy_adapter"),
-                         *(pl.lit(v).alias(k) for k, v in provenance_columns(base.provenance).items()),
-                         pl.lit(policy.provenance.served_model).alias("policy_served_model"),
-                         pl.lit(json.dumps(params.as_dict())).alias("sampling_params"),
-                         pl.lit(json.dumps(scorer.versions())).alias("scorers"), pl.lit(context.run_id).alias("run_id"))
+    df = pl.DataFrame(
+        rows,
+        schema_overrides={f"{m}_{n}": pl.Float64 for m in ("base", "policy") for n in (*COMPONENTS, "audit")}
+        | {"audit_difference": pl.Float64},
+    )
+    df = df.with_columns(
+        pl.lit(adapter).alias("policy_adapter"),
+        *(pl.lit(v).alias(k) for k, v in provenance_columns(base.provenance).items()),
+        pl.lit(policy.provenance.served_model).alias("policy_served_model"),
+        pl.lit(json.dumps(params.as_dict())).alias("sampling_params"),
+        pl.lit(json.dumps(scorer.versions())).alias("scorers"),
+        pl.lit(context.run_id).alias("run_id"),
+    )
     warehouse.write_table("rl_heldout_comparison", df)
     passed = c.ci_low > 0 and c.n >= config.min_instructions
     audited = df.filter(pl.col("audit_difference").is_not_null())
@@ -132,14 +202,24 @@ def rl_heldout_comparison(context: dg.AssetExecutionContext, config: HeldoutComp
         "audit_judge": audit.version,
         "audit_difference": audit_figure,
         "audit_instructions": int(audited.height),
-        "pass_rule": PASS_RULE + (f"; and at least {config.min_instructions} instructions" if config.min_instructions else ""),
-        "per_instruction": metadata_table(df.select(
-            "instruction", "base_reward", "policy_reward", "reward_difference", "outcome")),
+        "pass_rule": PASS_RULE
+        + (f"; and at least {config.min_instructions} instructions" if config.min_instructions else ""),
+        "per_instruction": metadata_table(
+            df.select("instruction", "base_reward", "policy_reward", "reward_difference", "outcome")
+        ),
     }
     return dg.MaterializeResult(
-        metadata={**table_metadata(df, ["instruction", "base_reward", "policy_reward", "outcome"]), **figures,
-                  "policy_adapter": dg.MetadataValue.path(adapter),
-                  "comparison_seconds": round(time.monotonic() - started, 1), "llm_queries": queries.as_json(),
-                  **peak_memory(device)},
-        check_results=[dg.AssetCheckResult(check_name=CHECK_NAME, passed=bool(passed),
-                                           severity=dg.AssetCheckSeverity.WARN, metadata=figures)])
+        metadata={
+            **table_metadata(df, ["instruction", "base_reward", "policy_reward", "outcome"]),
+            **figures,
+            "policy_adapter": dg.MetadataValue.path(adapter),
+            "comparison_seconds": round(time.monotonic() - started, 1),
+            "llm_queries": queries.as_json(),
+            **peak_memory(device),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=CHECK_NAME, passed=bool(passed), severity=dg.AssetCheckSeverity.WARN, metadata=figures
+            )
+        ],
+    )

@@ -1,6 +1,5 @@
 """Stage 2b: the RL-refined policy (LoRA adapter trained on the automated-feedback reward)."""
 
-
 import json
 import math
 import time
@@ -8,11 +7,11 @@ import time
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.llm.adapters import AdapterView
 from refine_af_pipeline.feedback.scores import COMPONENTS
-from refine_af_pipeline.training.rl_diagnostics import reward_hacking_warnings
-from refine_af_pipeline.training.rl import RLSettings, train_policy
+from refine_af_pipeline.llm.adapters import AdapterView
 from refine_af_pipeline.llm.query_count import QueryCounter
+from refine_af_pipeline.training.rl import RLSettings, train_policy
+from refine_af_pipeline.training.rl_diagnostics import reward_hacking_warnings
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import peak_memory, png_markdown, table_metadata
@@ -23,10 +22,20 @@ class RLConfig(dg.Config, RLSettings):
     """Run config of `rl_refined_policy`: the fields of RLSettings (refine_af_pipeline/training/rl.py)."""
 
 
-@dg.asset(group_name="rl", kinds={"duckdb", "pytorch"}, deps=["reward_standardisation", "deduplicated_instructions", "reward_model"], pool="gpu")
-def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, warehouse: Warehouse,
-                      language_model: LanguageModelResource, feedback_scorer: FeedbackScorerResource,
-                      artifact_store: ArtifactStore) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="rl",
+    kinds={"duckdb", "pytorch"},
+    deps=["reward_standardisation", "deduplicated_instructions", "reward_model"],
+    pool="gpu",
+)
+def rl_refined_policy(
+    context: dg.AssetExecutionContext,
+    config: RLConfig,
+    warehouse: Warehouse,
+    language_model: LanguageModelResource,
+    feedback_scorer: FeedbackScorerResource,
+    artifact_store: ArtifactStore,
+) -> dg.MaterializeResult:
     """A LoRA adapter trained with TRL's GRPO (or RLOO) to write input/output instances that the
     automated feedback rewards, KL-regularised towards the base model. The adapter goes to the
     artifact store; the per-step log (reward, component means, KL, loss, completion length, share
@@ -43,26 +52,47 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
     # adapter switched off (bound once the trainer has wrapped the policy), else the chosen engine's.
     judge = AdapterView()
     queries = QueryCounter()
-    scorer = feedback_scorer.build(queries.wrap(language_model.judge_model(judge, tokenizer, source), "judge"), device, stats,
-                                   language_model.scoring_batch_size, learned_reward_dir(warehouse, feedback_scorer))
+    scorer = feedback_scorer.build(
+        queries.wrap(language_model.judge_model(judge, tokenizer, source), "judge"),
+        device,
+        stats,
+        language_model.scoring_batch_size,
+        learned_reward_dir(warehouse, feedback_scorer),
+    )
     out_dir = artifact_store.run_dir("rl_refined_policy", context.run_id)
     started = time.monotonic()
 
     def on_log(step, total, logs):
         if "reward" in logs:
-            context.log.info(f"RL step {step}/{total}: reward {logs['reward']:.3f}, kl {logs.get('kl', math.nan):.4f}, "
-                             f"{time.monotonic() - started:.0f} s elapsed")
+            context.log.info(
+                f"RL step {step}/{total}: reward {logs['reward']:.3f}, kl {logs.get('kl', math.nan):.4f}, "
+                f"{time.monotonic() - started:.0f} s elapsed"
+            )
 
-    context.log.info(f"RL ({config.algorithm}) on {train.height} instructions ({kept.height - train.height} held out), "
-                     f"{source.model_id} on {device}")
-    result = train_policy(policy, tokenizer, train["instruction"].to_list(), scorer, config, out_dir, device, on_log,
-                          base_view=judge, is_classification=train["is_classification"].to_list())
+    context.log.info(
+        f"RL ({config.algorithm}) on {train.height} instructions ({kept.height - train.height} held out), "
+        f"{source.model_id} on {device}"
+    )
+    result = train_policy(
+        policy,
+        tokenizer,
+        train["instruction"].to_list(),
+        scorer,
+        config,
+        out_dir,
+        device,
+        on_log,
+        base_view=judge,
+        is_classification=train["is_classification"].to_list(),
+    )
     seconds = time.monotonic() - started
     # TRL generates the completions itself: one generator query per completion of every logged step.
     queries.add("generator", len(result.log) * config.prompts_per_step * config.group_size)
     df = pl.DataFrame(result.log).with_columns(
-        pl.lit(context.run_id).alias("run_id"), pl.lit(str(result.adapter_dir)).alias("adapter_path"),
-        pl.lit(source.model_id).alias("base_model_id"), pl.lit(json.dumps(config.model_dump())).alias("settings"),
+        pl.lit(context.run_id).alias("run_id"),
+        pl.lit(str(result.adapter_dir)).alias("adapter_path"),
+        pl.lit(source.model_id).alias("base_model_id"),
+        pl.lit(json.dumps(config.model_dump())).alias("settings"),
         # The share actually held out: the held-out check selects its instructions with it.
         pl.lit(share).alias("heldout_share"),
     )
@@ -70,20 +100,22 @@ def rl_refined_policy(context: dg.AssetExecutionContext, config: RLConfig, wareh
     warnings = reward_hacking_warnings(result.log, config.max_completion_length)
     for line in warnings:
         context.log.warning(f"possible reward hacking: {line}")
-    return dg.MaterializeResult(metadata={
-        **table_metadata(df, ["step", "reward", "kl", "completion_length", "gate_failure_share", "repeat_share"]),
-        "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
-        **training_curves(df, config.algorithm),
-        **final_figures(df),
-        **reward_trend(df),
-        "reward_hacking_warnings": "; ".join(warnings) if warnings else "none seen",
-        "train_instructions": train.height,
-        "heldout_instructions": kept.height - train.height,
-        "heldout_share": share,
-        "train_seconds": round(seconds, 1),
-        "llm_queries": queries.as_json(),
-        **peak_memory(device),
-    })
+    return dg.MaterializeResult(
+        metadata={
+            **table_metadata(df, ["step", "reward", "kl", "completion_length", "gate_failure_share", "repeat_share"]),
+            "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
+            **training_curves(df, config.algorithm),
+            **final_figures(df),
+            **reward_trend(df),
+            "reward_hacking_warnings": "; ".join(warnings) if warnings else "none seen",
+            "train_instructions": train.height,
+            "heldout_instructions": kept.height - train.height,
+            "heldout_share": share,
+            "train_seconds": round(seconds, 1),
+            "llm_queries": queries.as_json(),
+            **peak_memory(device),
+        }
+    )
 
 
 def training_curves(df: pl.DataFrame, algorithm: str) -> dict:
@@ -96,8 +128,11 @@ def training_curves(df: pl.DataFrame, algorithm: str) -> dict:
     return {
         "training_curves": chart(["reward", "kl", "gate_failure_share"], f"{algorithm.upper()} training", "RL curves"),
         "component_curves": chart([f"{c}_mean" for c in COMPONENTS], "feedback components (raw means)", "components"),
-        "reward_hacking_curves": chart(["completion_length", "clipped_share", "repeat_share"],
-                                       "length, share at the token limit, repeated 3-grams", "hacking indicators"),
+        "reward_hacking_curves": chart(
+            ["completion_length", "clipped_share", "repeat_share"],
+            "length, share at the token limit, repeated 3-grams",
+            "hacking indicators",
+        ),
     }
 
 
@@ -105,8 +140,15 @@ def final_figures(df: pl.DataFrame) -> dict:
     if df.height == 0:
         return {}
     first, last = df.row(0, named=True), df.row(-1, named=True)
-    columns = ["reward", "kl", "completion_length", "clipped_share", "gate_failure_share", "repeat_share",
-               *(f"{c}_mean" for c in COMPONENTS)]
+    columns = [
+        "reward",
+        "kl",
+        "completion_length",
+        "clipped_share",
+        "gate_failure_share",
+        "repeat_share",
+        *(f"{c}_mean" for c in COMPONENTS),
+    ]
     figures = {f"final_{c}": float(last[c]) for c in columns if c in last and last[c] is not None}
     figures["first_reward"] = float(first["reward"])
     return figures

@@ -1,6 +1,5 @@
 """Stage 0: the human-written seed tasks."""
 
-
 import json
 
 import dagster as dg
@@ -22,20 +21,24 @@ def seed_pool(context: dg.AssetExecutionContext, config: SeedPoolConfig, warehou
     built-in pool; it is validated whole before anything is written, so a bad file leaves the
     previous table untouched."""
     tasks = load_seed_tasks(config.seed_file)
-    df = pl.DataFrame({
-        "id": [t.id for t in tasks],
-        "name": [t.name for t in tasks],
-        "instruction": [t.instruction for t in tasks],
-        "instances": [json.dumps([vars(i) for i in t.instances]) for t in tasks],
-        "first_input": [t.instances[0].input for t in tasks],
-        "first_output": [t.instances[0].output for t in tasks],
-        "is_classification": [t.is_classification for t in tasks],
-        "source": [t.source for t in tasks],
-        "run_id": [context.run_id] * len(tasks),
-    })
+    df = pl.DataFrame(
+        {
+            "id": [t.id for t in tasks],
+            "name": [t.name for t in tasks],
+            "instruction": [t.instruction for t in tasks],
+            "instances": [json.dumps([vars(i) for i in t.instances]) for t in tasks],
+            "first_input": [t.instances[0].input for t in tasks],
+            "first_output": [t.instances[0].output for t in tasks],
+            "is_classification": [t.is_classification for t in tasks],
+            "source": [t.source for t in tasks],
+            "run_id": [context.run_id] * len(tasks),
+        }
+    )
     warehouse.write_table("seed_pool", df)
-    return dg.MaterializeResult(metadata={
-        **table_metadata(df, ["id", "instruction", "is_classification"]),
-        "classification_share": float(df["is_classification"].mean()),
-        "source": tasks[0].source,
-    })
+    return dg.MaterializeResult(
+        metadata={
+            **table_metadata(df, ["id", "instruction", "is_classification"]),
+            "classification_share": float(df["is_classification"].mean()),
+            "source": tasks[0].source,
+        }
+    )

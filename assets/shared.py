@@ -1,6 +1,5 @@
 """Reads shared by several stages, so each stage module stays a thin wrapper."""
 
-
 import json
 import os
 from pathlib import Path
@@ -17,8 +16,10 @@ from resources import Warehouse
 def kept_instructions(warehouse: Warehouse) -> pl.DataFrame:
     df = warehouse.read_table("deduplicated_instructions")
     if df is None or df.filter(pl.col("decision") == "kept").height == 0:
-        raise dg.Failure("deduplicated_instructions has no kept instructions: materialize bootstrap_instructions "
-                         "(raw_instructions and deduplicated_instructions) first (or generate more prompts)")
+        raise dg.Failure(
+            "deduplicated_instructions has no kept instructions: materialize bootstrap_instructions "
+            "(raw_instructions and deduplicated_instructions) first (or generate more prompts)"
+        )
     return df.filter(pl.col("decision") == "kept").select("instruction_id", "instruction", "is_classification")
 
 
@@ -51,23 +52,40 @@ def split_held_out(kept: pl.DataFrame, share: float) -> tuple[pl.DataFrame, pl.D
 STANDARDISATION = "reward_standardisation"
 
 
-def standardisation_frame(stats: ComponentStats, weights: dict[str, float], bias: float, weights_source: str,
-                          instances: int, model_id: str, run_id: str) -> pl.DataFrame:
+def standardisation_frame(
+    stats: ComponentStats,
+    weights: dict[str, float],
+    bias: float,
+    weights_source: str,
+    instances: int,
+    model_id: str,
+    run_id: str,
+) -> pl.DataFrame:
     """The reward_standardisation table: one row; a mean, spread and weight column per component."""
-    return pl.DataFrame([{
-        **{f"mean_{c}": float(stats.mean[c]) for c in COMPONENTS},
-        **{f"std_{c}": float(stats.std[c]) for c in COMPONENTS},
-        **{f"weight_{c}": float(weights.get(c, 0.0)) for c in COMPONENTS},
-        "bias": float(bias), "weights_source": weights_source, "standardised_instances": instances, "model_id": model_id,
-        "run_id": run_id}])
+    return pl.DataFrame(
+        [
+            {
+                **{f"mean_{c}": float(stats.mean[c]) for c in COMPONENTS},
+                **{f"std_{c}": float(stats.std[c]) for c in COMPONENTS},
+                **{f"weight_{c}": float(weights.get(c, 0.0)) for c in COMPONENTS},
+                "bias": float(bias),
+                "weights_source": weights_source,
+                "standardised_instances": instances,
+                "model_id": model_id,
+                "run_id": run_id,
+            }
+        ]
+    )
 
 
 def base_component_stats(warehouse: Warehouse) -> ComponentStats:
     """The standardisation of every later reward, from the reward_standardisation asset."""
     df = warehouse.read_table(STANDARDISATION)
     if df is None or df.height != 1:
-        raise dg.Failure(f"{STANDARDISATION} is missing: materialize reward_scores first (its base-model scores "
-                         "standardise the reward)")
+        raise dg.Failure(
+            f"{STANDARDISATION} is missing: materialize reward_scores first (its base-model scores "
+            "standardise the reward)"
+        )
     row = df.row(0, named=True)
     stats = ComponentStats(mean={c: row[f"mean_{c}"] for c in COMPONENTS}, std={c: row[f"std_{c}"] for c in COMPONENTS})
     # Weights fitted to human ratings belong to this standardisation: every later reward uses them.
@@ -78,17 +96,34 @@ def base_component_stats(warehouse: Warehouse) -> ComponentStats:
     return stats
 
 
-def scored_instance_frame(keys: list[dict], rows: list[dict], served: Provenance, versions: dict[str, str],
-                          params: SamplingParams, run_id: str, **extra: str | None) -> pl.DataFrame:
+def scored_instance_frame(
+    keys: list[dict],
+    rows: list[dict],
+    served: Provenance,
+    versions: dict[str, str],
+    params: SamplingParams,
+    run_id: str,
+    **extra: str | None,
+) -> pl.DataFrame:
     """One row per scored instance (reward_scores and both instance stages): its keys, what was
     generated and how it scored, then the provenance: `extra` (e.g. the policy adapter), the model
     as served (name, backend, engine version), each component's scorer, sampling, run."""
     return pl.DataFrame(
-        [dict(**key, **row, **extra, **provenance_columns(served), scorers=json.dumps(versions),
-              **{f"{c}_scorer": versions[c] for c in COMPONENTS},
-              sampling_params=json.dumps(params.as_dict()), run_id=run_id)
-         for key, row in zip(keys, rows)],
-        schema_overrides={c: pl.Float64 for c in COMPONENTS} | {"gate_reason": pl.Utf8} | {k: pl.Utf8 for k in extra})
+        [
+            dict(
+                **key,
+                **row,
+                **extra,
+                **provenance_columns(served),
+                scorers=json.dumps(versions),
+                **{f"{c}_scorer": versions[c] for c in COMPONENTS},
+                sampling_params=json.dumps(params.as_dict()),
+                run_id=run_id,
+            )
+            for key, row in zip(keys, rows)
+        ],
+        schema_overrides={c: pl.Float64 for c in COMPONENTS} | {"gate_reason": pl.Utf8} | {k: pl.Utf8 for k in extra},
+    )
 
 
 def provenance_columns(served: Provenance) -> dict[str, str]:
@@ -103,12 +138,16 @@ def learned_reward_dir(warehouse: Warehouse, feedback_scorer=None) -> str | None
         return None
     df = warehouse.read_table("reward_model")
     if df is None or df.height == 0:
-        raise dg.Failure("reward_model is missing: materialize reward_model first (it fits the learned_reward "
-                         "component of every reward)")
+        raise dg.Failure(
+            "reward_model is missing: materialize reward_model first (it fits the learned_reward "
+            "component of every reward)"
+        )
     folder = df["model_dir"][0]
     if not Path(folder).is_dir():
-        raise dg.Failure(f"the reward model folder {folder} (reward_model, run {df['run_id'][0]}) is gone; "
-                         "materialize reward_model again")
+        raise dg.Failure(
+            f"the reward model folder {folder} (reward_model, run {df['run_id'][0]}) is gone; "
+            "materialize reward_model again"
+        )
     return folder
 
 
@@ -117,9 +156,11 @@ def upstream_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:
     artifacts (an adapter's path, the share it held out) to the assets that depend on it."""
     event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
     if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"{asset} has no materialization in this Dagster instance (DAGSTER_HOME="
-                         f"{os.environ.get('DAGSTER_HOME', 'unset: a temporary instance')}): its artifacts are handed "
-                         "over through its materialization, so materialize it under the same DAGSTER_HOME first")
+        raise dg.Failure(
+            f"{asset} has no materialization in this Dagster instance (DAGSTER_HOME="
+            f"{os.environ.get('DAGSTER_HOME', 'unset: a temporary instance')}): its artifacts are handed "
+            "over through its materialization, so materialize it under the same DAGSTER_HOME first"
+        )
     metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
     return {**metadata, "run_id": event.run_id}
 
@@ -132,8 +173,10 @@ def upstream_adapter(context: dg.AssetExecutionContext, asset: str, metadata: di
     if not path:
         raise dg.Failure(f"the latest materialization of {asset} (run {metadata['run_id']}) records no adapter_path")
     if not Path(path).is_dir():
-        raise dg.Failure(f"the adapter of {asset}'s latest materialization (run {metadata['run_id']}) is gone: "
-                         f"{path} does not exist; materialize {asset} again")
+        raise dg.Failure(
+            f"the adapter of {asset}'s latest materialization (run {metadata['run_id']}) is gone: "
+            f"{path} does not exist; materialize {asset} again"
+        )
     return str(path)
 
 
@@ -144,8 +187,10 @@ def upstream_adapters(context: dg.AssetExecutionContext, asset: str) -> dict[int
     paths = metadata.get("adapter_paths") or {"0": upstream_adapter(context, asset, metadata)}
     missing = [p for p in paths.values() if not Path(p).is_dir()]
     if missing:
-        raise dg.Failure(f"adapters of {asset}'s latest materialization (run {metadata['run_id']}) are gone: "
-                         f"{', '.join(missing)}; materialize {asset} again")
+        raise dg.Failure(
+            f"adapters of {asset}'s latest materialization (run {metadata['run_id']}) are gone: "
+            f"{', '.join(missing)}; materialize {asset} again"
+        )
     return {int(rep): str(path) for rep, path in sorted(paths.items(), key=lambda kv: int(kv[0]))}
 
 

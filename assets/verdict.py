@@ -1,6 +1,5 @@
 """The verdict: did RL help? One row per question, from the comparisons the graph already made."""
 
-
 import json
 
 import dagster as dg
@@ -13,8 +12,14 @@ from resources import Warehouse
 from .metadata import metadata_table, table_metadata
 
 VERDICT = "rl_verdict"
-SOURCES = ["rl_heldout_comparison", "training_data_audit", "evaluation", "teams_policy_comparison", "sft_training_pairs",
-           "llm_query_ledger"]
+SOURCES = [
+    "rl_heldout_comparison",
+    "training_data_audit",
+    "evaluation",
+    "teams_policy_comparison",
+    "sft_training_pairs",
+    "llm_query_ledger",
+]
 
 
 class VerdictConfig(dg.Config, VerdictSettings):
@@ -42,12 +47,24 @@ DESCRIPTION = (
     "Self-Instruct data after the same SFT; (c) against best-of-N data; (d) the TeaMs-RL instructor against uniform "
     "operations and the best fixed operation. One row per question and metric: the effect with its 95% CI "
     "bootstrapped over seeds and items together, n, seeds, the margin, the minimum detectable difference (80% "
-    "power) and the answer by the rule: " + RULE + ".")
+    "power) and the answer by the rule: " + RULE + "."
+)
 
 
-@dg.asset(name=VERDICT, group_name="evaluation", kinds={"duckdb"}, deps=SOURCES, description=DESCRIPTION,
-          check_specs=[dg.AssetCheckSpec("every_question_answered", asset=VERDICT, description=(
-              "Warns when a question's answer is 'cannot tell': the run was too small to say."))])
+@dg.asset(
+    name=VERDICT,
+    group_name="evaluation",
+    kinds={"duckdb"},
+    deps=SOURCES,
+    description=DESCRIPTION,
+    check_specs=[
+        dg.AssetCheckSpec(
+            "every_question_answered",
+            asset=VERDICT,
+            description=("Warns when a question's answer is 'cannot tell': the run was too small to say."),
+        )
+    ],
+)
 def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehouse: Warehouse) -> dg.MaterializeResult:
     heldout = _required(warehouse, "rl_heldout_comparison")
     audited = _required(warehouse, "training_data_audit")
@@ -58,57 +75,126 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
     boot = dict(resamples=config.bootstrap_resamples, seed=config.seed)
     scorers = heldout["scorers"][0] if "scorers" in heldout.columns else "unknown"
     audit_judge = audited["audit_judge"][0]
-    audit_by_instruction = audited.group_by("branch", "replicate", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
+    audit_by_instruction = (
+        audited.group_by("branch", "replicate", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
+    )
     question_a = "a. RL policy beats the base model on held-out instructions"
     both_audited = heldout.filter(pl.col("audit_difference").is_not_null())
     rows = []
     if both_audited.height:
-        rows.append(verdict_row(
-            question_a, "rl_policy", "base", "audit (PMI, nats/token)", audit_judge,
-            both_audited["audit_difference"].to_numpy()[None, :], config.margin_audit, **boot,
-            note=f"gate-passing instances; {heldout.height - both_audited.height} instructions without one on a side"))
-    rows.append(verdict_row(
-        question_a, "rl_policy", "base", "training reward",
-        f"training reward ({', '.join(json.loads(scorers).values()) if scorers != 'unknown' else scorers})",
-        heldout["reward_difference"].to_numpy()[None, :], config.margin_reward, **boot,
-        note="the reward RL trained on: not an independent judge"))
+        rows.append(
+            verdict_row(
+                question_a,
+                "rl_policy",
+                "base",
+                "audit (PMI, nats/token)",
+                audit_judge,
+                both_audited["audit_difference"].to_numpy()[None, :],
+                config.margin_audit,
+                **boot,
+                note=f"gate-passing instances; {heldout.height - both_audited.height} instructions without one on a side",
+            )
+        )
+    rows.append(
+        verdict_row(
+            question_a,
+            "rl_policy",
+            "base",
+            "training reward",
+            f"training reward ({', '.join(json.loads(scorers).values()) if scorers != 'unknown' else scorers})",
+            heldout["reward_difference"].to_numpy()[None, :],
+            config.margin_reward,
+            **boot,
+            note="the reward RL trained on: not an independent judge",
+        )
+    )
     first = drawn.filter(pl.col("replicate") == drawn["replicate"].min())
-    pairs = {a: first.filter((pl.col("branch") == a) & (pl.col("slice") == "train")).height
-             for a in first["branch"].unique().to_list()}
+    pairs = {
+        a: first.filter((pl.col("branch") == a) & (pl.col("slice") == "train")).height
+        for a in first["branch"].unique().to_list()
+    }
     task_rows = evaluation.to_dicts()
-    for question, reference in (("b. REFINE-AF data beats Self-Instruct data after SFT", "self_instruct"),
-                                ("c. REFINE-AF data beats best-of-N data after SFT", "best_of_n")):
-        note = (f"train pairs {pairs.get('refine_af', 0)} vs {pairs.get(reference, 0)}; generator queries "
-                f"{budgets.get('refine_af', 0)} vs {budgets.get(reference, 0)}")
+    for question, reference in (
+        ("b. REFINE-AF data beats Self-Instruct data after SFT", "self_instruct"),
+        ("c. REFINE-AF data beats best-of-N data after SFT", "best_of_n"),
+    ):
+        note = (
+            f"train pairs {pairs.get('refine_af', 0)} vs {pairs.get(reference, 0)}; generator queries "
+            f"{budgets.get('refine_af', 0)} vs {budgets.get(reference, 0)}"
+        )
         for metric, margin in (("rouge_l", config.margin_rouge_l), ("log_likelihood", config.margin_log_likelihood)):
-            rows.append(verdict_row(question, "refine_af", reference, metric, "evaluation tasks (references)",
-                                    difference_table(task_rows, "refine_af", reference, metric), margin, **boot,
-                                    note=note))
+            rows.append(
+                verdict_row(
+                    question,
+                    "refine_af",
+                    reference,
+                    metric,
+                    "evaluation tasks (references)",
+                    difference_table(task_rows, "refine_af", reference, metric),
+                    margin,
+                    **boot,
+                    note=note,
+                )
+            )
         # The data itself, instruction by instruction, before any SFT.
-        table = difference_table(audit_by_instruction, "refine_af", reference, "audit", model_key="branch",
-                                 item_key="instruction_id")
+        table = difference_table(
+            audit_by_instruction, "refine_af", reference, "audit", model_key="branch", item_key="instruction_id"
+        )
         if not np.isnan(table).all():
-            rows.append(verdict_row(question.replace("after SFT", "(the training pairs)"), "refine_af", reference,
-                                    "audit (PMI, nats/token)", audit_judge, table, config.margin_audit, **boot,
-                                    note="instructions both arms trained on"))
+            rows.append(
+                verdict_row(
+                    question.replace("after SFT", "(the training pairs)"),
+                    "refine_af",
+                    reference,
+                    "audit (PMI, nats/token)",
+                    audit_judge,
+                    table,
+                    config.margin_audit,
+                    **boot,
+                    note="instructions both arms trained on",
+                )
+            )
     per_seed = teams.group_by("arm", "seed_id").agg(pl.col("reward").mean()).to_dicts()
     fixed = next((a for a in teams["arm"].unique().to_list() if a.startswith("fixed:")), None)
     if fixed is None:
         raise dg.Failure("teams_policy_comparison has no fixed:<operation> arm: materialize it again")
-    for question, reference in (("d. TeaMs-RL instructor beats uniform operations", "uniform"),
-                                ("d. TeaMs-RL instructor beats the best fixed operation", fixed)):
-        rows.append(verdict_row(question, "teams_policy", reference, "reviewer reward per step", "frozen reviewer",
-                                difference_table(per_seed, "policy", reference, "reward", model_key="arm",
-                                                 item_key="seed_id"), config.margin_teams_reward, **boot))
+    for question, reference in (
+        ("d. TeaMs-RL instructor beats uniform operations", "uniform"),
+        ("d. TeaMs-RL instructor beats the best fixed operation", fixed),
+    ):
+        rows.append(
+            verdict_row(
+                question,
+                "teams_policy",
+                reference,
+                "reviewer reward per step",
+                "frozen reviewer",
+                difference_table(per_seed, "policy", reference, "reward", model_key="arm", item_key="seed_id"),
+                config.margin_teams_reward,
+                **boot,
+            )
+        )
     df = pl.DataFrame([r.as_dict() for r in rows]).with_columns(pl.lit(context.run_id).alias("run_id"))
     warehouse.write_table(VERDICT, df)
     unanswered = [r.question + f" ({r.metric})" for r in rows if r.answer == "cannot tell"]
-    figures = {"answers": json.dumps({f"{r.question} ({r.metric})": r.answer for r in rows}),
-               "verdict": dg.MetadataValue.md(verdict_markdown([r.as_dict() for r in rows])),
-               "rule": RULE, "bootstrap_resamples": config.bootstrap_resamples}
+    figures = {
+        "answers": json.dumps({f"{r.question} ({r.metric})": r.answer for r in rows}),
+        "verdict": dg.MetadataValue.md(verdict_markdown([r.as_dict() for r in rows])),
+        "rule": RULE,
+        "bootstrap_resamples": config.bootstrap_resamples,
+    }
     return dg.MaterializeResult(
-        metadata={**table_metadata(df, ["question", "metric", "effect", "answer"]), **figures,
-                  "table": metadata_table(df.drop("run_id", "answer_rule"))},
-        check_results=[dg.AssetCheckResult(check_name="every_question_answered", passed=not unanswered,
-                                           severity=dg.AssetCheckSeverity.WARN,
-                                           metadata={"cannot_tell": "; ".join(unanswered) or "none"})])
+        metadata={
+            **table_metadata(df, ["question", "metric", "effect", "answer"]),
+            **figures,
+            "table": metadata_table(df.drop("run_id", "answer_rule")),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="every_question_answered",
+                passed=not unanswered,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"cannot_tell": "; ".join(unanswered) or "none"},
+            )
+        ],
+    )

@@ -156,8 +156,10 @@ def main() -> None:
             rows.append((n, method, seconds, peak, sum(keep)))
         same = keeps["selfinstruct"] == keeps["alpaca"] == keeps["ours"]
         identical &= same
-        print(f"N={n}: rejection rate {1 - sum(keeps['ours']) / n:.1%}, identical decisions: {'yes' if same else 'NO'}",
-              flush=True)
+        print(
+            f"N={n}: rejection rate {1 - sum(keeps['ours']) / n:.1%}, identical decisions: {'yes' if same else 'NO'}",
+            flush=True,
+        )
     for n in ours_only:
         seconds, peak, keep = run("ours", n)
         times[("ours", n)] = seconds
@@ -173,7 +175,9 @@ def main() -> None:
     speedup = times[("selfinstruct", ref_n)] / times[("ours", ref_n)]
     ours_50k = f"{times[('ours', 50_000)]:.1f}" if ("ours", 50_000) in times else "skipped"
     label = f"{ref_n // 1000}k" if ref_n % 1000 == 0 else str(ref_n)
-    print(f"dedup: identical={'yes' if identical else 'no'} speedup_vs_selfinstruct_{label}={speedup:.0f} ours_50k_s={ours_50k}")
+    print(
+        f"dedup: identical={'yes' if identical else 'no'} speedup_vs_selfinstruct_{label}={speedup:.0f} ours_50k_s={ours_50k}"
+    )
 
 
 if __name__ == "__main__":

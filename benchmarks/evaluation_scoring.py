@@ -59,7 +59,9 @@ def long_definition_items(n: int, longest: int) -> list[tuple[str, list[str]]]:
             definition += " " + tasks[(k + j) % len(tasks)].definition
             j += 1
         instance = task.instances[(k // len(tasks)) % len(task.instances)]
-        items.append((evaluation_prompt(definition[:target], instance.input), reference_continuations(instance.references)))
+        items.append(
+            (evaluation_prompt(definition[:target], instance.input), reference_continuations(instance.references))
+        )
     return items
 
 
@@ -67,24 +69,40 @@ def before(model, tokenizer, prompts, continuations, params, batch_size: int, sc
     """The pre-issue evaluation path (see the module docstring)."""
     import torch
 
-    from refine_af_pipeline.llm.generation import decode_new_tokens, eos_ids_of, generation_kwargs, length_sorted_batches
+    from refine_af_pipeline.llm.generation import (
+        decode_new_tokens,
+        eos_ids_of,
+        generation_kwargs,
+        length_sorted_batches,
+        position_ids,
+    )
     from refine_af_pipeline.llm.prefix_scoring import _score_on_prefix
-    from refine_af_pipeline.llm.generation import position_ids
 
     eos_ids = eos_ids_of(model, tokenizer)
     answers, scores = [None] * len(prompts), [None] * len(prompts)
     for rows in length_sorted_batches(tokenizer, prompts, batch_size):
-        enc = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False)
+        enc = tokenizer(
+            [prompts[i] for i in rows], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        )
         ids, mask = enc["input_ids"], enc["attention_mask"]
         with torch.no_grad():
-            prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids(mask[:, :-1]),
-                           use_cache=True, logits_to_keep=1).past_key_values
-            scored = _score_on_prefix(model, tokenizer, prefix, ids, mask, [continuations[i] for i in rows], "cpu",
-                                      score_batch_size)
-            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=prefix,
-                                 **generation_kwargs(tokenizer, params, ids.shape[1], True))
-        for i, g, s in zip(rows, decode_new_tokens(tokenizer, out[:, ids.shape[1]:], eos_ids), scored):
+            prefix = model(
+                input_ids=ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=position_ids(mask[:, :-1]),
+                use_cache=True,
+                logits_to_keep=1,
+            ).past_key_values
+            scored = _score_on_prefix(
+                model, tokenizer, prefix, ids, mask, [continuations[i] for i in rows], "cpu", score_batch_size
+            )
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=prefix,
+                **generation_kwargs(tokenizer, params, ids.shape[1], True),
+            )
+        for i, g, s in zip(rows, decode_new_tokens(tokenizer, out[:, ids.shape[1] :], eos_ids), scored):
             answers[i], scores[i] = g, s
     return answers, scores
 
@@ -92,8 +110,17 @@ def before(model, tokenizer, prompts, continuations, params, batch_size: int, sc
 def after(model, tokenizer, prompts, continuations, params, batch_size: int, score_batch_size: int):
     from refine_af_pipeline.llm.prefix_scoring import generate_and_score_continuations
 
-    return generate_and_score_continuations(model, tokenizer, prompts, continuations, params, batch_size, 0,
-                                            stop_after_first_line=True, score_batch_size=score_batch_size)
+    return generate_and_score_continuations(
+        model,
+        tokenizer,
+        prompts,
+        continuations,
+        params,
+        batch_size,
+        0,
+        stop_after_first_line=True,
+        score_batch_size=score_batch_size,
+    )
 
 
 def run_one(args) -> None:
@@ -114,8 +141,19 @@ def run_one(args) -> None:
     read += sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for cs in continuations for c in cs)
     written = sum(a.n_tokens for a in answers)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("FIGURES " + json.dumps(dict(seconds=seconds, tokens=read + written, peak_mib=peak_mib,
-                                       answers=[a.text for a in answers], scores=scores)), flush=True)
+    print(
+        "FIGURES "
+        + json.dumps(
+            dict(
+                seconds=seconds,
+                tokens=read + written,
+                peak_mib=peak_mib,
+                answers=[a.text for a in answers],
+                scores=scores,
+            )
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -131,37 +169,61 @@ def main() -> None:
         run_one(args)
         return
     figures = {}
-    print(f"{args.prompts} prompts, definitions up to {args.longest} characters, batch {args.batch_size}, model {args.model}")
+    print(
+        f"{args.prompts} prompts, definitions up to {args.longest} characters, batch {args.batch_size}, model {args.model}"
+    )
     print(f"{'method':>10} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'peak MiB':>9}")
     from generation import bf16_matrix_units
 
     for method in ("before", "after") + (("after-bf16",) if bf16_matrix_units() else ()):
-        command = [sys.executable, __file__, "--method", method, "--model", args.model, "--prompts", str(args.prompts),
-                   "--longest", str(args.longest), "--batch-size", str(args.batch_size),
-                   "--score-batch-size", str(args.score_batch_size)]
+        command = [
+            sys.executable,
+            __file__,
+            "--method",
+            method,
+            "--model",
+            args.model,
+            "--prompts",
+            str(args.prompts),
+            "--longest",
+            str(args.longest),
+            "--batch-size",
+            str(args.batch_size),
+            "--score-batch-size",
+            str(args.score_batch_size),
+        ]
         done = subprocess.run(command, capture_output=True, text=True)
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("FIGURES ")), None)
         if line is None:
             raise RuntimeError(f"{method} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         f = figures[method] = json.loads(line[8:])
-        print(f"{method:>10} {f['seconds']:>8.1f} {f['tokens']:>7} {f['tokens'] / f['seconds']:>9.1f} {f['peak_mib']:>9.0f}",
-              flush=True)
+        print(
+            f"{method:>10} {f['seconds']:>8.1f} {f['tokens']:>7} {f['tokens'] / f['seconds']:>9.1f} {f['peak_mib']:>9.0f}",
+            flush=True,
+        )
     b = figures["before"]
 
     def against_before(f) -> tuple[float, float, float]:
         same = sum(x == y for x, y in zip(b["answers"], f["answers"])) / len(f["answers"])
-        diff = max((abs(u - v) for sb, sa in zip(b["scores"], f["scores"]) for lb, la in zip(sb, sa)
-                    for u, v in zip(lb, la)), default=0.0)
+        diff = max(
+            (abs(u - v) for sb, sa in zip(b["scores"], f["scores"]) for lb, la in zip(sb, sa) for u, v in zip(lb, la)),
+            default=0.0,
+        )
         return (f["tokens"] / f["seconds"]) / (b["tokens"] / b["seconds"]), same, diff
 
     speed, same, diff = against_before(figures["after"])
-    line = (f"evaluation_scoring: after_vs_before_speed={speed:.2f} before_peak_mib={b['peak_mib']:.0f} "
-            f"after_peak_mib={figures['after']['peak_mib']:.0f} same_answers={same:.3f} max_loglik_difference={diff:.2e}")
+    line = (
+        f"evaluation_scoring: after_vs_before_speed={speed:.2f} before_peak_mib={b['peak_mib']:.0f} "
+        f"after_peak_mib={figures['after']['peak_mib']:.0f} same_answers={same:.3f} max_loglik_difference={diff:.2e}"
+    )
     if "after-bf16" in figures:
         speed, same, diff = against_before(figures["after-bf16"])
-        line += (f" bf16_vs_before_speed={speed:.2f} bf16_peak_mib={figures['after-bf16']['peak_mib']:.0f} "
-                 f"bf16_same_answers={same:.3f} bf16_max_loglik_difference={diff:.2e}")
+        line += (
+            f" bf16_vs_before_speed={speed:.2f} bf16_peak_mib={figures['after-bf16']['peak_mib']:.0f} "
+            f"bf16_same_answers={same:.3f} bf16_max_loglik_difference={diff:.2e}"
+        )
     print(line)
+
 
 if __name__ == "__main__":
     main()

@@ -49,13 +49,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def chat_prompts(tokenizer, n: int) -> list[str]:
+    from refine_af_pipeline.instructions.seeds import load_seed_tasks
     from refine_af_pipeline.llm.backend import render_prompt
     from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
-    from refine_af_pipeline.instructions.seeds import load_seed_tasks
 
     seeds = load_seed_tasks()
-    return [render_prompt(tokenizer, instance_prompt(seeds[k % len(seeds)].instruction), INSTANCE_PREFIX)
-            for k in range(n)]
+    return [
+        render_prompt(tokenizer, instance_prompt(seeds[k % len(seeds)].instruction), INSTANCE_PREFIX) for k in range(n)
+    ]
 
 
 def raw_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, seed: int) -> int:
@@ -68,12 +69,23 @@ def raw_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int
     eos.update(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
     total = 0
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False)
+        enc = tokenizer(
+            prompts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        )
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.95,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=0.7,
+                top_p=0.95,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
             total += next((i for i, t in enumerate(row) if t in eos), len(row))
     return total
 
@@ -162,9 +174,22 @@ def vllm_offline(args) -> None:
 
 
 def run_vllm_offline(python: Path, model_dir: str, args) -> dict[int, tuple[int, float]]:
-    command = [str(python), __file__, "--engine", "vllm", "--model-dir", model_dir, "--prompts", str(args.prompts),
-               "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
-               "--batch-sizes", *map(str, args.batch_sizes)]
+    command = [
+        str(python),
+        __file__,
+        "--engine",
+        "vllm",
+        "--model-dir",
+        model_dir,
+        "--prompts",
+        str(args.prompts),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--seed",
+        str(args.seed),
+        "--batch-sizes",
+        *map(str, args.batch_sizes),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_CPU_KVCACHE_SPACE="1")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RATES ")), None)
@@ -184,8 +209,13 @@ def run_openai(python: Path, model_dir: str, tokenizer, args) -> dict[int, tuple
         try:
             prompts = chat_prompts(tokenizer, args.prompts)
             # A client per batch size: its connection pool is sized by its concurrency.
-            return backend_rates(lambda n: OpenAIFleet(ServerSettings((server.url,), concurrency=n), tokenizer).model(),
-                                 prompts, args.batch_sizes, args.max_new_tokens, args.seed)
+            return backend_rates(
+                lambda n: OpenAIFleet(ServerSettings((server.url,), concurrency=n), tokenizer).model(),
+                prompts,
+                args.batch_sizes,
+                args.max_new_tokens,
+                args.seed,
+            )
         finally:
             server.stop()
 
@@ -197,12 +227,25 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backends", nargs="+", default=["transformers", "vllm", "openai"],
-                        choices=["transformers", "vllm", "openai"], help="transformers is always measured")
-    parser.add_argument("--variants", nargs="*", default=["bf16"], choices=["bf16"],
-                        help="extra path rows: bf16 (the model in bfloat16, where the CPU has bf16 matrix units)")
-    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
-                        help="interpreter of the vLLM venv (make vllm-setup)")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["transformers", "vllm", "openai"],
+        choices=["transformers", "vllm", "openai"],
+        help="transformers is always measured",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=["bf16"],
+        choices=["bf16"],
+        help="extra path rows: bf16 (the model in bfloat16, where the CPU has bf16 matrix units)",
+    )
+    parser.add_argument(
+        "--vllm-python",
+        default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+        help="interpreter of the vLLM venv (make vllm-setup)",
+    )
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,8 +262,10 @@ def main() -> None:
     if "bf16" in args.variants and bf16_matrix_units():
         bf16 = LanguageModelResource(model=args.model, dtype="bfloat16").load()[0]
     prompts = chat_prompts(tokenizer, args.prompts)
-    print(f"model {source.model_id} on {device}, {torch.get_num_threads()} threads, {len(prompts)} prompts, "
-          f"{args.max_new_tokens} new tokens, sampling at temperature 0.7, top_p 0.95")
+    print(
+        f"model {source.model_id} on {device}, {torch.get_num_threads()} threads, {len(prompts)} prompts, "
+        f"{args.max_new_tokens} new tokens, sampling at temperature 0.7, top_p 0.95"
+    )
     raw_generate(model, tokenizer, prompts[:2], 2, 8, args.seed)  # warm-up: first-call allocations
     rates: dict[tuple[str, int], float] = {}
     print(f"{'batch':>5} {'method':>10} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
@@ -252,13 +297,17 @@ def main() -> None:
         for batch_size, (tokens, seconds) in figures.items():
             show(batch_size, name, tokens, seconds)
     small, large = min(args.batch_sizes), max(args.batch_sizes)
-    figures = [f"path_vs_raw_b{large}={rates['path', large] / rates['raw', large]:.2f}",
-               f"path_vs_ceiling_b{large}={rates['path', large] / rates['ceiling', large]:.2f}"]
+    figures = [
+        f"path_vs_raw_b{large}={rates['path', large] / rates['raw', large]:.2f}",
+        f"path_vs_ceiling_b{large}={rates['path', large] / rates['ceiling', large]:.2f}",
+    ]
     if "vllm" in engines:
         figures.append(f"path_vs_vllm_b{large}={rates['path', large] / rates['vllm', large]:.2f}")
     if bf16 is not None:
-        figures += [f"bf16_vs_raw_b{large}={rates['path-bf16', large] / rates['raw', large]:.2f}",
-                    f"bf16_vs_ceiling_bf16_b{large}={rates['path-bf16', large] / rates['ceiling-bf16', large]:.2f}"]
+        figures += [
+            f"bf16_vs_raw_b{large}={rates['path-bf16', large] / rates['raw', large]:.2f}",
+            f"bf16_vs_ceiling_bf16_b{large}={rates['path-bf16', large] / rates['ceiling-bf16', large]:.2f}",
+        ]
         if "vllm" in engines:
             figures.append(f"bf16_vs_vllm_b{large}={rates['path-bf16', large] / rates['vllm', large]:.2f}")
     if bf16 is not None:
@@ -266,7 +315,9 @@ def main() -> None:
         figures += [f"bf16_greedy_same={same:.2f}", f"bf16_logprob_mae={mae:.3f}"]
     if small != large:
         figures.append(f"b{large}_vs_b{small}={rates['path', large] / rates['path', small]:.2f}")
-    figures += [f"{name}_vs_raw_b{b}={rates[name, b] / rates['raw', b]:.2f}" for name in engines for b in args.batch_sizes]
+    figures += [
+        f"{name}_vs_raw_b{b}={rates[name, b] / rates['raw', b]:.2f}" for name in engines for b in args.batch_sizes
+    ]
     print("generation:", *figures)
 
 

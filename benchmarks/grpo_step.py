@@ -30,16 +30,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def one_arm(sort_free: bool, steps: int, instructions: list[str]) -> tuple[float, float]:
     """(seconds per step, seconds per step inside generate) of one training run."""
-    import refine_af_pipeline.training.rl as rl
-    from refine_af_pipeline.llm.transformers_backend import TransformersModel
-    from resources import FeedbackScorerResource, LanguageModelResource
-
-    import tempfile
-
     import numpy as np
 
+    import refine_af_pipeline.training.rl as rl
     from refine_af_pipeline.feedback.reward_model import EmbeddingRewardModel
     from refine_af_pipeline.feedback.setup import EMBEDDED_MINILM, embedding_id
+    from refine_af_pipeline.llm.transformers_backend import TransformersModel
+    from resources import FeedbackScorerResource, LanguageModelResource
 
     model, tokenizer, _, _ = LanguageModelResource(model="embedded").load()
     judge, _, _, _ = LanguageModelResource(model="embedded").load()
@@ -47,9 +44,11 @@ def one_arm(sort_free: bool, steps: int, instructions: list[str]) -> tuple[float
     weights = np.zeros(2 * 384 + 1)
     weights[-1] = 1.0
     folder = EmbeddingRewardModel(None, weights, embedding_id(EMBEDDED_MINILM), "benchmark").save(
-        Path(tempfile.mkdtemp(prefix="grpo-step-")) / "learned_reward")
-    scorer = FeedbackScorerResource().build(TransformersModel(judge, tokenizer, "embedded"), "cpu", batch_size=16,
-                                            learned_reward_dir=str(folder))
+        Path(tempfile.mkdtemp(prefix="grpo-step-")) / "learned_reward"
+    )
+    scorer = FeedbackScorerResource().build(
+        TransformersModel(judge, tokenizer, "embedded"), "cpu", batch_size=16, learned_reward_dir=str(folder)
+    )
     inside = [0.0]
     real_install = rl.sort_free_rollouts
 
@@ -87,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     from refine_af_pipeline.instructions.seeds import load_seed_tasks
 
-    instructions = [t.instruction for t in load_seed_tasks()[:2 * args.steps]]
+    instructions = [t.instruction for t in load_seed_tasks()[: 2 * args.steps]]
     figures: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
     print(f"{'arm':>6} {'s/step':>7} {'generate s/step':>16} {'share':>6}")
     for _ in range(args.repeats):
@@ -97,8 +96,10 @@ def main() -> None:
             print(f"{arm:>6} {step:>7.1f} {generation:>16.1f} {generation / step:>6.2f}", flush=True)
     mean = {arm: tuple(sum(v[i] for v in runs) / len(runs) for i in range(2)) for arm, runs in figures.items()}
     (bs, bg), (as_, ag) = mean["before"], mean["after"]
-    print(f"grpo_step: before_step_s={bs:.1f} after_step_s={as_:.1f} before_generation_share={bg / bs:.2f} "
-          f"after_generation_share={ag / as_:.2f} generation_speedup={bg / ag:.2f}")
+    print(
+        f"grpo_step: before_step_s={bs:.1f} after_step_s={as_:.1f} before_generation_share={bg / bs:.2f} "
+        f"after_generation_share={ag / as_:.2f} generation_speedup={bg / ag:.2f}"
+    )
 
 
 if __name__ == "__main__":

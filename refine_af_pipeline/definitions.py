@@ -8,13 +8,42 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import (checks, data_audit, evaluation, exports, finetune, instance_pairs, instructions, query_ledger,
-                    reward_model, rewards, rl_heldout, rl_policy, seed_pool, teams, verdict)
+from assets import (
+    checks,
+    data_audit,
+    evaluation,
+    exports,
+    finetune,
+    instance_pairs,
+    instructions,
+    query_ledger,
+    reward_model,
+    rewards,
+    rl_heldout,
+    rl_policy,
+    seed_pool,
+    teams,
+    verdict,
+)
 from refine_af_pipeline.llm.models import EMBEDDED_GEMMA
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
-STAGE_MODULES = [seed_pool, instructions, reward_model, rewards, rl_policy, rl_heldout, instance_pairs, teams, finetune, data_audit,
-                 evaluation, query_ledger, verdict, exports]
+STAGE_MODULES = [
+    seed_pool,
+    instructions,
+    reward_model,
+    rewards,
+    rl_policy,
+    rl_heldout,
+    instance_pairs,
+    teams,
+    finetune,
+    data_audit,
+    evaluation,
+    query_ledger,
+    verdict,
+    exports,
+]
 
 
 def data_dir() -> Path:
@@ -26,11 +55,16 @@ def data_dir() -> Path:
     return Path("data")
 
 
-def model_resource(prefix: str = "REFINE_AF", fallback: str | None = None, default_model: str = "embedded",
-                   default_backend: str = "auto") -> LanguageModelResource:
+def model_resource(
+    prefix: str = "REFINE_AF",
+    fallback: str | None = None,
+    default_model: str = "embedded",
+    default_backend: str = "auto",
+) -> LanguageModelResource:
     """A language model from the environment: {prefix}_MODEL, _DEVICE, _DTYPE, _BACKEND, _BASE_URLS,
     _SERVED_MODEL, _API_KEY; an unset variable falls back to `fallback`'s (the expert model reads
     REFINE_AF_EXPERT_*, else the base model's settings), then to the defaults."""
+
     def env(name: str, default=None):
         value = os.environ.get(f"{prefix}_{name}")
         if value is None and fallback:
@@ -73,8 +107,8 @@ refine_af_job = dg.define_asset_job(
     "refine_af_job",
     selection=dg.AssetSelection.all(),
     description="Materialize the whole REFINE-AF graph: seeds, the learned reward, the four arms (REFINE-AF, the "
-                "Self-Instruct baseline, the best-of-N control, TeaMs-RL), their equal SFT draws, the audit, the "
-                "evaluation, the verdict, the query ledger and the dataset exports.",
+    "Self-Instruct baseline, the best-of-N control, TeaMs-RL), their equal SFT draws, the audit, the "
+    "evaluation, the verdict, the query ledger and the dataset exports.",
 )
 
 
@@ -84,14 +118,21 @@ def regeneration_run_config(day: datetime) -> dict:
     return {"ops": {"bootstrap_instructions": {"config": {"seed": int(day.strftime("%Y%m%d"))}}}}
 
 
-@dg.schedule(job=refine_af_job, cron_schedule="0 3 * * *", name="refine_af_regeneration",
-             default_status=dg.DefaultScheduleStatus.STOPPED,
-             description="Nightly: grow the instruction pool and retrain downstream stages.")
+@dg.schedule(
+    job=refine_af_job,
+    cron_schedule="0 3 * * *",
+    name="refine_af_regeneration",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Nightly: grow the instruction pool and retrain downstream stages.",
+)
 def regeneration_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     day = context.scheduled_execution_time
     # One run per night: a tick evaluated twice (daemon restart) finds the run key taken.
-    return dg.RunRequest(run_key=f"regeneration-{day:%Y-%m-%d}", run_config=regeneration_run_config(day),
-                         tags={"refine_af/trigger": "schedule"})
+    return dg.RunRequest(
+        run_key=f"regeneration-{day:%Y-%m-%d}",
+        run_config=regeneration_run_config(day),
+        tags={"refine_af/trigger": "schedule"},
+    )
 
 
 # Steps preloaded by the forkserver: a spawned step spent ~6 s importing torch, transformers and
@@ -123,7 +164,8 @@ def _forkserver_by_default(config: dict) -> dict:
 
 
 step_executor = dg.multi_or_in_process_executor.configured(
-    _forkserver_by_default, config_schema=dg.multi_or_in_process_executor.config_schema.as_field())
+    _forkserver_by_default, config_schema=dg.multi_or_in_process_executor.config_schema.as_field()
+)
 
 defs = dg.Definitions(
     assets=all_assets,

@@ -15,18 +15,32 @@ from pathlib import Path
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
-
 ALPACA_FIELDS = ("instruction", "input", "output")
 # Which run, model, adapter, sampling and judges made each row (policy_adapter is null for the
 # Self-Instruct baseline, whose instances the base model wrote).
-PROVENANCE_FIELDS = ("dataset", "instance_id", "instruction_id", "reward", "policy_adapter", "model_id", "backend",
-                     "engine_version", "sampling_params", "scorers", "run_id")
+PROVENANCE_FIELDS = (
+    "dataset",
+    "instance_id",
+    "instruction_id",
+    "reward",
+    "policy_adapter",
+    "model_id",
+    "backend",
+    "engine_version",
+    "sampling_params",
+    "scorers",
+    "run_id",
+)
 EXPORT_FIELDS = ALPACA_FIELDS + PROVENANCE_FIELDS
 _TEXT_FIELDS = [f for f in EXPORT_FIELDS if f != "reward"]
 
 # File (or folder) name of each format inside a dataset's export folder.
-FORMAT_FILES = {"alpaca_json": "alpaca.json", "jsonl": "data.jsonl", "parquet": "data.parquet",
-                "hf_dataset": "hf_dataset"}
+FORMAT_FILES = {
+    "alpaca_json": "alpaca.json",
+    "jsonl": "data.jsonl",
+    "parquet": "data.parquet",
+    "hf_dataset": "hf_dataset",
+}
 
 
 def export_rows(pairs: pl.DataFrame, dataset: str) -> pl.DataFrame:
@@ -37,11 +51,15 @@ def export_rows(pairs: pl.DataFrame, dataset: str) -> pl.DataFrame:
     if "replicate" in kept.columns:
         kept = kept.filter(pl.col("replicate").fill_null(0) == 0)
     # A table written before the backend columns existed exports them as null.
-    return kept.select(
-        *[(pl.col(f) if f in kept.columns else pl.lit(None)).cast(pl.Utf8).alias(f) for f in _TEXT_FIELDS],
-        # TeaMs-RL's pairs have no feedback reward (the expert's answers are not scored).
-        (pl.col("reward") if "reward" in kept.columns else pl.lit(None)).cast(pl.Float64).alias("reward"),
-    ).select(EXPORT_FIELDS).sort("instance_id")
+    return (
+        kept.select(
+            *[(pl.col(f) if f in kept.columns else pl.lit(None)).cast(pl.Utf8).alias(f) for f in _TEXT_FIELDS],
+            # TeaMs-RL's pairs have no feedback reward (the expert's answers are not scored).
+            (pl.col("reward") if "reward" in kept.columns else pl.lit(None)).cast(pl.Float64).alias("reward"),
+        )
+        .select(EXPORT_FIELDS)
+        .sort("instance_id")
+    )
 
 
 def write_dataset_exports(rows: pl.DataFrame, target: Path) -> dict[str, Path]:

@@ -6,7 +6,9 @@ import io
 from collections.abc import Mapping, Sequence
 
 
-def line_chart_png(x: Sequence[float], series: Mapping[str, Sequence[float]], title: str, xlabel: str = "step") -> bytes:
+def line_chart_png(
+    x: Sequence[float], series: Mapping[str, Sequence[float]], title: str, xlabel: str = "step"
+) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")

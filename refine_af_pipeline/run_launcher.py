@@ -56,7 +56,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may contain spaces or parentheses itself.
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return fields[0], int(fields[19])  # state (field 3), start time in clock ticks after boot (field 22)
 
 
@@ -76,8 +76,9 @@ class ProcessCheckingRunLauncher(DefaultRunLauncher):
         return True
 
     def check_run_worker_health(self, run) -> CheckRunHealthResult:
-        records = self._instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_START, limit=1,
-                                                  ascending=False).records
+        records = self._instance.get_records_for_run(
+            run.run_id, of_type=DagsterEventType.RUN_START, limit=1, ascending=False
+        ).records
         entry = records[0].event_log_entry if records else None
         pid = entry.dagster_event.pid if entry is not None and entry.dagster_event is not None else None
         if pid is None:
@@ -85,8 +86,9 @@ class ProcessCheckingRunLauncher(DefaultRunLauncher):
             started = record.start_time if record is not None else None
             if started is None or time.time() - started < NO_PROCESS_GRACE_S:
                 return CheckRunHealthResult(WorkerStatus.RUNNING, "no process recorded for the run yet")
-            return CheckRunHealthResult(WorkerStatus.NOT_FOUND,
-                                        f"no process was recorded for the run within {NO_PROCESS_GRACE_S:.0f} s")
+            return CheckRunHealthResult(
+                WorkerStatus.NOT_FOUND, f"no process was recorded for the run within {NO_PROCESS_GRACE_S:.0f} s"
+            )
         why = process_state(pid, entry.timestamp)
         if why is None:
             return CheckRunHealthResult(WorkerStatus.RUNNING, f"process {pid} is running")

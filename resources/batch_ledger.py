@@ -77,22 +77,34 @@ class BatchLedger:
         with self.warehouse.connect() as conn:
             if not table_exists_on(conn, PLANS):
                 return None
-            found = conn.execute(f"SELECT plan_id, settings FROM {PLANS} WHERE asset = ? AND status = 'open' "
-                                 "ORDER BY created_at DESC", [self.asset]).fetchall()
+            found = conn.execute(
+                f"SELECT plan_id, settings FROM {PLANS} WHERE asset = ? AND status = 'open' ORDER BY created_at DESC",
+                [self.asset],
+            ).fetchall()
             if not found:
                 return None
             if len(found) > 1:
-                raise LedgerError(f"{self.asset} has {len(found)} unfinished generation plans in {PLANS}; "
-                                  "expected at most one")
+                raise LedgerError(
+                    f"{self.asset} has {len(found)} unfinished generation plans in {PLANS}; expected at most one"
+                )
             plan_id, settings = found[0]
-            rows = conn.execute(f"SELECT batch_index, inputs, committed_at IS NOT NULL FROM {BATCHES} "
-                                "WHERE plan_id = ? AND asset = ? ORDER BY batch_index", [plan_id, self.asset]).fetchall()
-        return GenerationPlan(plan_id, self.asset, json.loads(settings),
-                              [PlannedBatch(i, json.loads(inputs)) for i, inputs, _ in rows],
-                              {i for i, _, done in rows if done}, resumed=True)
+            rows = conn.execute(
+                f"SELECT batch_index, inputs, committed_at IS NOT NULL FROM {BATCHES} "
+                "WHERE plan_id = ? AND asset = ? ORDER BY batch_index",
+                [plan_id, self.asset],
+            ).fetchall()
+        return GenerationPlan(
+            plan_id,
+            self.asset,
+            json.loads(settings),
+            [PlannedBatch(i, json.loads(inputs)) for i, inputs, _ in rows],
+            {i for i, _, done in rows if done},
+            resumed=True,
+        )
 
-    def take_unfinished(self, run_id: str, log, abandon_reason: Callable[[GenerationPlan], str | None],
-                        clear_rows_of: str | None = None) -> GenerationPlan | None:
+    def take_unfinished(
+        self, run_id: str, log, abandon_reason: Callable[[GenerationPlan], str | None], clear_rows_of: str | None = None
+    ) -> GenerationPlan | None:
         """The unfinished plan to resume, or None. `abandon_reason(plan)` says why a plan must not
         be resumed (None: resume it); such a plan is closed as abandoned (and its rows deleted
         from the staging table `clear_rows_of`). Either way `log.warning` says what happened."""
@@ -105,8 +117,10 @@ class BatchLedger:
             self.finish(plan, run_id, status="abandoned", clear_rows_of=clear_rows_of)
             log.warning(f"abandoned the unfinished plan of run {plan.plan_id} ({progress}): {reason}")
             return None
-        log.warning(f"resuming the unfinished plan of run {plan.plan_id}: {progress} before it stopped; generating "
-                    f"the {len(plan.pending())} missing ones with that plan's inputs and settings")
+        log.warning(
+            f"resuming the unfinished plan of run {plan.plan_id}: {progress} before it stopped; generating "
+            f"the {len(plan.pending())} missing ones with that plan's inputs and settings"
+        )
         return plan
 
     def start_plan(self, plan_id: str, settings: dict, batch_inputs: Sequence[Any]) -> GenerationPlan:
@@ -115,36 +129,64 @@ class BatchLedger:
         with self.warehouse.transaction() as conn:
             for sql in _CREATE:
                 conn.execute(sql)
-            if conn.execute(f"SELECT count(*) FROM {PLANS} WHERE asset = ? AND status = 'open'",
-                            [self.asset]).fetchone()[0]:
+            if conn.execute(
+                f"SELECT count(*) FROM {PLANS} WHERE asset = ? AND status = 'open'", [self.asset]
+            ).fetchone()[0]:
                 raise LedgerError(f"{self.asset} already has an unfinished plan: resume or abandon it first")
-            conn.execute(f"INSERT INTO {PLANS} VALUES (?, ?, 'open', ?, ?, ?, NULL, NULL)",
-                         [plan_id, self.asset, json.dumps(settings), len(batch_inputs), now])
-            conn.executemany(f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, NULL, NULL, NULL)",
-                             [[plan_id, self.asset, k, json.dumps(inputs)] for k, inputs in enumerate(batch_inputs)])
-        return GenerationPlan(plan_id, self.asset, settings,
-                              [PlannedBatch(k, json.loads(json.dumps(i))) for k, i in enumerate(batch_inputs)])
+            conn.execute(
+                f"INSERT INTO {PLANS} VALUES (?, ?, 'open', ?, ?, ?, NULL, NULL)",
+                [plan_id, self.asset, json.dumps(settings), len(batch_inputs), now],
+            )
+            conn.executemany(
+                f"INSERT INTO {BATCHES} VALUES (?, ?, ?, ?, NULL, NULL, NULL)",
+                [[plan_id, self.asset, k, json.dumps(inputs)] for k, inputs in enumerate(batch_inputs)],
+            )
+        return GenerationPlan(
+            plan_id,
+            self.asset,
+            settings,
+            [PlannedBatch(k, json.loads(json.dumps(i))) for k, i in enumerate(batch_inputs)],
+        )
 
-    def commit_batch(self, plan: GenerationPlan, batch: PlannedBatch, table: str, rows: pl.DataFrame,
-                     run_id: str, also_append: dict[str, pl.DataFrame] | None = None) -> None:
+    def commit_batch(
+        self,
+        plan: GenerationPlan,
+        batch: PlannedBatch,
+        table: str,
+        rows: pl.DataFrame,
+        run_id: str,
+        also_append: dict[str, pl.DataFrame] | None = None,
+    ) -> None:
         """Append the batch's rows to `table` (and each frame of `also_append` to its table: a stage
         that writes several tables per batch) and mark the batch committed, in one transaction."""
         with self.warehouse.transaction() as conn:
-            done = conn.execute(f"SELECT committed_at IS NOT NULL FROM {BATCHES} WHERE plan_id = ? AND asset = ? "
-                                "AND batch_index = ?", [plan.plan_id, self.asset, batch.index]).fetchone()
+            done = conn.execute(
+                f"SELECT committed_at IS NOT NULL FROM {BATCHES} WHERE plan_id = ? AND asset = ? AND batch_index = ?",
+                [plan.plan_id, self.asset, batch.index],
+            ).fetchone()
             if done is None or done[0]:
-                raise LedgerError(f"{self.asset} plan {plan.plan_id} batch {batch.index} is "
-                                  f"{'not in the plan' if done is None else 'already committed'}")
+                raise LedgerError(
+                    f"{self.asset} plan {plan.plan_id} batch {batch.index} is "
+                    f"{'not in the plan' if done is None else 'already committed'}"
+                )
             for name, df in {table: rows, **(also_append or {})}.items():
                 if df.height:
                     insert_rows(conn, name, df, mode="append")
-            conn.execute(f"UPDATE {BATCHES} SET committed_at = ?, committed_by_run_id = ?, rows_written = ? "
-                         "WHERE plan_id = ? AND asset = ? AND batch_index = ?",
-                         [_now(), run_id, rows.height, plan.plan_id, self.asset, batch.index])
+            conn.execute(
+                f"UPDATE {BATCHES} SET committed_at = ?, committed_by_run_id = ?, rows_written = ? "
+                "WHERE plan_id = ? AND asset = ? AND batch_index = ?",
+                [_now(), run_id, rows.height, plan.plan_id, self.asset, batch.index],
+            )
         plan.committed.add(batch.index)
 
-    def finish(self, plan: GenerationPlan, run_id: str, status: str = "finished",
-               replace: dict[str, pl.DataFrame] | None = None, clear_rows_of: str | None = None) -> None:
+    def finish(
+        self,
+        plan: GenerationPlan,
+        run_id: str,
+        status: str = "finished",
+        replace: dict[str, pl.DataFrame] | None = None,
+        clear_rows_of: str | None = None,
+    ) -> None:
         """Close the plan. In the same transaction: replace each table in `replace` with its frame
         (stages whose table is rewritten per run publish the finished plan this way), and delete
         the plan's rows (column run_id = plan_id) from the staging table `clear_rows_of`."""
@@ -153,13 +195,19 @@ class BatchLedger:
                 insert_rows(conn, name, df, mode="replace")
             if clear_rows_of and table_exists_on(conn, clear_rows_of):
                 conn.execute(f'DELETE FROM "{clear_rows_of}" WHERE run_id = ?', [plan.plan_id])
-            conn.execute(f"UPDATE {PLANS} SET status = ?, finished_at = ?, finished_by_run_id = ? "
-                         "WHERE plan_id = ? AND asset = ?", [status, _now(), run_id, plan.plan_id, self.asset])
+            conn.execute(
+                f"UPDATE {PLANS} SET status = ?, finished_at = ?, finished_by_run_id = ? "
+                "WHERE plan_id = ? AND asset = ?",
+                [status, _now(), run_id, plan.plan_id, self.asset],
+            )
 
     def batch_log(self) -> pl.DataFrame | None:
         """Every planned batch of this asset with when and by which run it was committed."""
         with self.warehouse.connect() as conn:
             if not table_exists_on(conn, BATCHES):
                 return None
-            return conn.execute(f"SELECT plan_id, batch_index, committed_at, committed_by_run_id, rows_written "
-                                f"FROM {BATCHES} WHERE asset = ? ORDER BY plan_id, batch_index", [self.asset]).pl()
+            return conn.execute(
+                f"SELECT plan_id, batch_index, committed_at, committed_by_run_id, rows_written "
+                f"FROM {BATCHES} WHERE asset = ? ORDER BY plan_id, batch_index",
+                [self.asset],
+            ).pl()

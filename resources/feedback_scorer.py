@@ -35,18 +35,42 @@ class FeedbackScorerResource(dg.ConfigurableResource, GateSettings):
     calibration_csv: str | None = None
 
     def scorer_names(self) -> dict[str, str]:
-        return {"preference": self.preference, "naturalness": self.naturalness, "coherence": self.coherence,
-                "understandability": self.understandability, "learned_reward": self.learned_reward}
+        return {
+            "preference": self.preference,
+            "naturalness": self.naturalness,
+            "coherence": self.coherence,
+            "understandability": self.understandability,
+            "learned_reward": self.learned_reward,
+        }
 
-    def build(self, judge, device: str, stats: ComponentStats | None = None, batch_size: int = 8,
-              learned_reward_dir: str | None = None) -> FeedbackScorer:
+    def build(
+        self,
+        judge,
+        device: str,
+        stats: ComponentStats | None = None,
+        batch_size: int = 8,
+        learned_reward_dir: str | None = None,
+    ) -> FeedbackScorer:
         """The scorer with `judge` (a ServedModel: the base model on the chosen backend) as the
         base-model judge. Calibrated weights carried by `stats` (from reward_scores) take precedence
         over `weights`/`bias`."""
-        components = build_components(self.scorer_names(), judge, device, self.embedding_model, self.allow_download,
-                                      batch_size, learned_reward_dir)
-        return FeedbackScorer(weights=self.weights, stats=stats, bias=self.bias, batch_size=batch_size,
-                              components=components, gate=self.gate())
+        components = build_components(
+            self.scorer_names(),
+            judge,
+            device,
+            self.embedding_model,
+            self.allow_download,
+            batch_size,
+            learned_reward_dir,
+        )
+        return FeedbackScorer(
+            weights=self.weights,
+            stats=stats,
+            bias=self.bias,
+            batch_size=batch_size,
+            components=components,
+            gate=self.gate(),
+        )
 
     def gate(self) -> InstanceGate:
         return InstanceGate(GateSettings(**{name: getattr(self, name) for name in GateSettings.model_fields}))

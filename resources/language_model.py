@@ -11,10 +11,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from refine_af_pipeline.llm.adapters import AdapterView, attach_adapters
 from refine_af_pipeline.llm.backend import ServedModel
-from refine_af_pipeline.llm.openai_backend import OpenAIFleet, ServerSettings
 from refine_af_pipeline.llm.generation import MAX_BATCH_TOKENS
-from refine_af_pipeline.llm.transformers_backend import TransformersModel
-from refine_af_pipeline.llm.vllm_backend import open_vllm_models, vllm_available
 from refine_af_pipeline.llm.models import (
     EMBEDDED,
     ModelSource,
@@ -26,12 +23,25 @@ from refine_af_pipeline.llm.models import (
     resolve_dtype,
     resolve_model_source,
 )
-
+from refine_af_pipeline.llm.openai_backend import OpenAIFleet, ServerSettings
+from refine_af_pipeline.llm.transformers_backend import TransformersModel
+from refine_af_pipeline.llm.vllm_backend import open_vllm_models, vllm_available
 
 # The steps that call generate, by step (op) name: the keys stage_batch_sizes accepts.
-GENERATION_STEPS = ("bootstrap_instructions", "reward_model", "reward_scores", "rl_heldout_comparison", "instance_output_pairs",
-                    "selfinstruct_instance_pairs", "bestofn_instance_pairs", "teams_operation_policy", "teams_policy_comparison",
-                    "teams_evolved_instructions", "teams_instruction_pairs", "evaluation")
+GENERATION_STEPS = (
+    "bootstrap_instructions",
+    "reward_model",
+    "reward_scores",
+    "rl_heldout_comparison",
+    "instance_output_pairs",
+    "selfinstruct_instance_pairs",
+    "bestofn_instance_pairs",
+    "teams_operation_policy",
+    "teams_policy_comparison",
+    "teams_evolved_instructions",
+    "teams_instruction_pairs",
+    "evaluation",
+)
 
 
 class LanguageModelResource(dg.ConfigurableResource):
@@ -56,39 +66,79 @@ class LanguageModelResource(dg.ConfigurableResource):
     # batch 8, 66-77 from batch 48 to 96; 96 of the longest stage prompts need ~1.5 GB of KV cache.
     batch_size: int = Field(default=96, gt=0, description="prompts per generate call (every generation stage)")
     stage_batch_sizes: dict[str, int] = Field(
-        default={}, description="per-step generation batch by step name, e.g. {evaluation: 32}")
+        default={}, description="per-step generation batch by step name, e.g. {evaluation: 32}"
+    )
     scoring_batch_size: int = Field(default=16, gt=0, description="texts per forward-only scoring pass")
-    max_batch_tokens: int = Field(default=MAX_BATCH_TOKENS, gt=0, description=(
-        "transformers backend: key/value cache positions (rows x width) a generation batch may reach; long prompts "
-        "then run in fewer rows (the embedded model in fp32 holds 46 KB per position: 1.5 GB at the default)"))
+    max_batch_tokens: int = Field(
+        default=MAX_BATCH_TOKENS,
+        gt=0,
+        description=(
+            "transformers backend: key/value cache positions (rows x width) a generation batch may reach; long prompts "
+            "then run in fewer rows (the embedded model in fp32 holds 46 KB per position: 1.5 GB at the default)"
+        ),
+    )
     trust_remote_code: bool = False
     allow_download: bool = False
     cache_dir: str | None = None
     backend: Literal["auto", "transformers", "vllm", "openai"] = Field(
-        default="auto", description="generation engine: auto | transformers | vllm | openai")
-    base_urls: list[str] = Field(default=[], description=(
-        "openai backend: server URLs ending in /v1, e.g. [http://10.0.0.5:8000/v1]; several are used round-robin"))
-    api_key: str | None = Field(default=None, description=(
-        "openai backend: bearer token, best given as an EnvVar (never logged or recorded)"))
-    served_model_name: str | None = Field(default=None, description=(
-        "openai backend: the model name the servers serve (default: the first model the first server lists)"))
+        default="auto", description="generation engine: auto | transformers | vllm | openai"
+    )
+    base_urls: list[str] = Field(
+        default=[],
+        description=(
+            "openai backend: server URLs ending in /v1, e.g. [http://10.0.0.5:8000/v1]; several are used round-robin"
+        ),
+    )
+    api_key: str | None = Field(
+        default=None, description=("openai backend: bearer token, best given as an EnvVar (never logged or recorded)")
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description=(
+            "openai backend: the model name the servers serve (default: the first model the first server lists)"
+        ),
+    )
     concurrency: int = Field(default=8, gt=0, description="openai backend: requests in flight at once")
-    scoring_concurrency: int | None = Field(default=None, gt=0, description=(
-        "openai backend: log-probability requests in flight at once (default: concurrency); 1 for a vLLM server "
-        "with LoRA enabled, whose engine dies when prompt log-probabilities of several requests share a batch "
-        "(vLLM issues #29955, #16668)"))
+    scoring_concurrency: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "openai backend: log-probability requests in flight at once (default: concurrency); 1 for a vLLM server "
+            "with LoRA enabled, whose engine dies when prompt log-probabilities of several requests share a batch "
+            "(vLLM issues #29955, #16668)"
+        ),
+    )
     request_timeout_s: float = Field(default=300.0, gt=0, description="openai backend: seconds one request may take")
-    request_attempts: int = Field(default=4, gt=0, description=(
-        "openai backend: tries per request (connection errors, timeouts, 429 and 5xx are retried with backoff)"))
-    server_logprobs: bool = Field(default=True, description=(
-        "openai backend: the servers return prompt log-probabilities (echo + logprobs); false for one that does "
-        "not, and the likelihood-based judges then refuse at step start"))
-    load_adapters_on_server: bool = Field(default=True, description=(
-        "openai backend: load a pipeline-trained LoRA adapter the servers do not serve yet through vLLM's "
-        "/v1/load_lora_adapter (needs --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and the folder "
-        "visible to the server)"))
-    vllm_gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1, description=(
-        "vllm backend: share of GPU memory the engine may take (the step's trainer or judges need the rest)"))
+    request_attempts: int = Field(
+        default=4,
+        gt=0,
+        description=(
+            "openai backend: tries per request (connection errors, timeouts, 429 and 5xx are retried with backoff)"
+        ),
+    )
+    server_logprobs: bool = Field(
+        default=True,
+        description=(
+            "openai backend: the servers return prompt log-probabilities (echo + logprobs); false for one that does "
+            "not, and the likelihood-based judges then refuse at step start"
+        ),
+    )
+    load_adapters_on_server: bool = Field(
+        default=True,
+        description=(
+            "openai backend: load a pipeline-trained LoRA adapter the servers do not serve yet through vLLM's "
+            "/v1/load_lora_adapter (needs --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and the folder "
+            "visible to the server)"
+        ),
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description=(
+            "vllm backend: share of GPU memory the engine may take (the step's trainer or judges need the rest)"
+        ),
+    )
     vllm_max_model_len: int | None = Field(default=None, description="vllm backend: context length cap")
 
     _opened: list = PrivateAttr(default_factory=list)
@@ -101,8 +151,10 @@ class LanguageModelResource(dg.ConfigurableResource):
             raise ValueError(f"stage batch sizes must be positive: {bad}")
         unknown = sorted(set(sizes) - set(GENERATION_STEPS))
         if unknown:
-            raise ValueError(f"stage_batch_sizes names {unknown}, which generate nothing; the generation steps "
-                             f"are {', '.join(GENERATION_STEPS)}")
+            raise ValueError(
+                f"stage_batch_sizes names {unknown}, which generate nothing; the generation steps "
+                f"are {', '.join(GENERATION_STEPS)}"
+            )
         return sizes
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -127,8 +179,10 @@ class LanguageModelResource(dg.ConfigurableResource):
             return "openai"
         if self.backend == "vllm":
             if not vllm_available():
-                raise ModelUnavailable("backend 'vllm' was requested but vllm does not import here "
-                                       "(pip install '.[vllm]' on a CUDA machine; README, Generation engines)")
+                raise ModelUnavailable(
+                    "backend 'vllm' was requested but vllm does not import here "
+                    "(pip install '.[vllm]' on a CUDA machine; README, Generation engines)"
+                )
             return "vllm"
         if self.backend == "auto" and self.resolved_device().startswith("cuda") and vllm_available():
             return "vllm"
@@ -141,20 +195,30 @@ class LanguageModelResource(dg.ConfigurableResource):
         backend = self.resolved_backend()
         source = self.source()
         if backend == "openai":
-            fleet = OpenAIFleet(self._server_settings(), load_tokenizer(source, self.trust_remote_code),
-                                self.served_model_name, self.load_adapters_on_server)
+            fleet = OpenAIFleet(
+                self._server_settings(),
+                load_tokenizer(source, self.trust_remote_code),
+                self.served_model_name,
+                self.load_adapters_on_server,
+            )
             self._opened.append(fleet)
             return {label: fleet.model(path) for label, path in adapters.items()}
         if backend == "vllm":
-            models, engine = open_vllm_models(source.path, source.model_id, adapters,
-                                              dtype=self.dtype,
-                                              gpu_memory_utilization=self.vllm_gpu_memory_utilization,
-                                              max_model_len=self.vllm_max_model_len)
+            models, engine = open_vllm_models(
+                source.path,
+                source.model_id,
+                adapters,
+                dtype=self.dtype,
+                gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                max_model_len=self.vllm_max_model_len,
+            )
             self._opened.append(engine)
             return models
         variants, tokenizer, source, _ = self.load_variants(adapters)
-        return {label: TransformersModel(model, tokenizer, source.model_id, max_batch_tokens=self.max_batch_tokens)
-                for label, model in variants.items()}
+        return {
+            label: TransformersModel(model, tokenizer, source.model_id, max_batch_tokens=self.max_batch_tokens)
+            for label, model in variants.items()
+        }
 
     def judge_model(self, policy_base: AdapterView, tokenizer, source: ModelSource) -> ServedModel:
         """The base-model judge of a step that trains `policy_base`'s model in process: the
@@ -169,8 +233,15 @@ class LanguageModelResource(dg.ConfigurableResource):
             self._opened.pop().close()
 
     def _server_settings(self) -> ServerSettings:
-        return ServerSettings(tuple(self.base_urls), self.api_key, self.concurrency, self.scoring_concurrency,
-                              self.request_timeout_s, attempts=self.request_attempts, logprobs=self.server_logprobs)
+        return ServerSettings(
+            tuple(self.base_urls),
+            self.api_key,
+            self.concurrency,
+            self.scoring_concurrency,
+            self.request_timeout_s,
+            attempts=self.request_attempts,
+            logprobs=self.server_logprobs,
+        )
 
     def resolved_device(self) -> str:
         return resolve_device(self.device)
@@ -200,5 +271,9 @@ class LanguageModelResource(dg.ConfigurableResource):
         if not named:
             return {label: base for label in adapters}, tokenizer, source, device
         shared = attach_adapters(base, named)
-        return ({label: AdapterView(shared, label if path is not None else None) for label, path in adapters.items()},
-                tokenizer, source, device)
+        return (
+            {label: AdapterView(shared, label if path is not None else None) for label, path in adapters.items()},
+            tokenizer,
+            source,
+            device,
+        )

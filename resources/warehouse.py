@@ -119,6 +119,6 @@ def _add_missing_columns(conn: duckdb.DuckDBPyConnection, name: str) -> None:
 
 
 def table_exists_on(conn: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(conn.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]
-    ).fetchone()[0])
+    return bool(
+        conn.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0]
+    )

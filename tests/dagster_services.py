@@ -41,20 +41,25 @@ class DagsterServices:
     def start(self) -> None:
         # Create the SQLite storage first: the webserver and the daemon each create missing tables on
         # start, and racing each other one of them fails with "table jobs already exists" (seen in CI).
-        subprocess.run([str(BIN / "dagster"), "instance", "migrate"], cwd=ROOT, env=self.env, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(BIN / "dagster"), "instance", "migrate"], cwd=ROOT, env=self.env, check=True, stdout=subprocess.DEVNULL
+        )
         workspace = ["-w", str(self.workspace)]
         self._spawn("webserver", [str(BIN / "dagster-webserver"), *workspace, "-h", "127.0.0.1", "-p", str(self.port)])
         self._spawn("daemon", [str(BIN / "dagster-daemon"), "run", *workspace])
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log = open(self.logs[name], "w")
-        self.processes[name] = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+        self.processes[name] = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def log_tail(self, chars: int = 3000) -> str:
-        return "\n".join(f"--- {name} log ---\n{path.read_text(errors='replace')[-chars:]}"
-                         for name, path in self.logs.items() if path.exists())
+        return "\n".join(
+            f"--- {name} log ---\n{path.read_text(errors='replace')[-chars:]}"
+            for name, path in self.logs.items()
+            if path.exists()
+        )
 
     def wait_until_serving(self, timeout_s: float) -> dict:
         """/server_info's answer, once the webserver gives one."""

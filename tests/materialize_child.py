@@ -42,8 +42,13 @@ def main() -> None:
         slow_down_generation(args.slow_batch_seconds)
     from pipeline_helpers import materialize
 
-    result = materialize(Path(args.data_dir), args.model, json.loads(args.run_config),
-                         selection=args.select.split(","), batch_size=args.batch_size)
+    result = materialize(
+        Path(args.data_dir),
+        args.model,
+        json.loads(args.run_config),
+        selection=args.select.split(","),
+        batch_size=args.batch_size,
+    )
     print(json.dumps({"success": result.success, "run_id": result.run_id}), flush=True)
 
 

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import dagster as dg
+from warehouse_recorder import RecordingWarehouse
 
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
 from resources import FeedbackScorerResource, LanguageModelResource
-from warehouse_recorder import RecordingWarehouse
 
 
 def smallest_run_config(**overrides) -> dict:
@@ -17,8 +17,13 @@ def smallest_run_config(**overrides) -> dict:
         # instructions leave enough for the spread of each component and an SFT validation slice.
         "reward_model": {"max_new_tokens": 32, "max_seed_tasks": 60},
         "reward_scores": {"max_instructions": 16, "max_new_tokens": 32},
-        "rl_refined_policy": {"max_steps": 2, "prompts_per_step": 2, "group_size": 2, "train_batch_size": 2,
-                              "max_completion_length": 24},
+        "rl_refined_policy": {
+            "max_steps": 2,
+            "prompts_per_step": 2,
+            "group_size": 2,
+            "train_batch_size": 2,
+            "max_completion_length": 24,
+        },
         "rl_heldout_comparison": {"samples_per_instruction": 2, "max_new_tokens": 32, "bootstrap_resamples": 2000},
         # Two replicates: every arm's SFT and evaluation run twice, and the verdict bootstraps over them.
         "instance_output_pairs": {"max_instructions": 12, "max_new_tokens": 32, "replicates": 2},
@@ -34,11 +39,13 @@ def smallest_run_config(**overrides) -> dict:
     for key, value in overrides.items():
         ops[key] = {**ops.get(key, {}), **value}
     # The Self-Instruct branch runs with the REFINE-AF branch's settings (as in make run) unless told otherwise.
-    for baseline, refine_af in (("selfinstruct_instance_pairs", "instance_output_pairs"),
-                                ("bestofn_instance_pairs", "instance_output_pairs"),
-                                ("selfinstruct_finetuned_model", "finetuned_model"),
-                                ("bestofn_finetuned_model", "finetuned_model"),
-                                ("teams_finetuned_model", "finetuned_model")):
+    for baseline, refine_af in (
+        ("selfinstruct_instance_pairs", "instance_output_pairs"),
+        ("bestofn_instance_pairs", "instance_output_pairs"),
+        ("selfinstruct_finetuned_model", "finetuned_model"),
+        ("bestofn_finetuned_model", "finetuned_model"),
+        ("teams_finetuned_model", "finetuned_model"),
+    ):
         ops[baseline] = {**ops[refine_af], **overrides.get(baseline, {})}
     ops["bestofn_instance_pairs"].setdefault("candidates_per_instance", 2)
     return ops
@@ -63,28 +70,48 @@ def instance_for(data_dir: Path) -> dg.DagsterInstance:
     return dg.DagsterInstance.local_temp(tempdir=str(home))
 
 
-def materialize(data_dir: Path, model: str, run_config: dict, selection=None, batch_size: int = 8,
-                raise_on_error: bool = True, stage_batch_sizes: dict | None = None,
-                record_file: Path | None = None, model_settings: dict | None = None,
-                gate_settings: dict | None = None) -> dg.ExecuteInProcessResult:
+def materialize(
+    data_dir: Path,
+    model: str,
+    run_config: dict,
+    selection=None,
+    batch_size: int = 8,
+    raise_on_error: bool = True,
+    stage_batch_sizes: dict | None = None,
+    record_file: Path | None = None,
+    model_settings: dict | None = None,
+    gate_settings: dict | None = None,
+) -> dg.ExecuteInProcessResult:
     """`record_file`: record every table each step reads and writes there (warehouse_recorder);
     `model_settings`: more fields of the language_model resource (a backend, its URLs ...);
     `gate_settings`: fields of the feedback_scorer's instance gate. The tiny random model rarely
     ends a generation, so unless a test says otherwise cut outputs pass: with the gate on, no
     instance would be left to train on."""
     resources = default_resources(data_dir)
-    resources["feedback_scorer"] = FeedbackScorerResource(**({"gate_cut_outputs": model != "embedded"}
-                                                             | (gate_settings or {})))
+    resources["feedback_scorer"] = FeedbackScorerResource(
+        **({"gate_cut_outputs": model != "embedded"} | (gate_settings or {}))
+    )
     if record_file is not None:
-        resources["warehouse"] = RecordingWarehouse(database=resources["warehouse"].database,
-                                                    record_file=str(record_file))
-    resources["language_model"] = LanguageModelResource(model=model, device="cpu", batch_size=batch_size,
-                                                        stage_batch_sizes=stage_batch_sizes or {},
-                                                        **(model_settings or {}))
+        resources["warehouse"] = RecordingWarehouse(
+            database=resources["warehouse"].database, record_file=str(record_file)
+        )
+    resources["language_model"] = LanguageModelResource(
+        model=model,
+        device="cpu",
+        batch_size=batch_size,
+        stage_batch_sizes=stage_batch_sizes or {},
+        **(model_settings or {}),
+    )
     # TeaMs-RL's expert and the audit judge are the base model unless a test says otherwise.
     resources["expert_model"] = resources["language_model"]
     resources["audit_model"] = resources["language_model"]
     ops = ops_for(run_config, selection)
     with instance_for(data_dir) as instance:
-        return dg.materialize([*all_assets, *all_checks], resources=resources, run_config=dg.RunConfig(ops=ops),
-                              selection=selection, raise_on_error=raise_on_error, instance=instance)
+        return dg.materialize(
+            [*all_assets, *all_checks],
+            resources=resources,
+            run_config=dg.RunConfig(ops=ops),
+            selection=selection,
+            raise_on_error=raise_on_error,
+            instance=instance,
+        )

@@ -38,20 +38,39 @@ def test_audit_is_the_mean_per_token_gain_from_the_instruction_and_skips_empty_o
 
 # Hand-made: (instruction, input, a correct output, an echo of the input or instruction, another task's answer).
 CASES = [
-    ("Translate the sentence into French.", "The cat is sleeping.", "Le chat dort.", "The cat is sleeping.",
-     "The capital of Japan is Tokyo."),
+    (
+        "Translate the sentence into French.",
+        "The cat is sleeping.",
+        "Le chat dort.",
+        "The cat is sleeping.",
+        "The capital of Japan is Tokyo.",
+    ),
     ("Give the antonym of the word.", "hot", "cold", "hot", "Paris"),
     ("Add the two numbers.", "12 and 30", "42", "12 and 30", "The sky is blue."),
     ("Write the word in upper case.", "garden", "GARDEN", "garden", "Once upon a time."),
-    ("Classify the review as positive or negative.", "I loved every minute of this film.", "positive",
-     "I loved every minute of this film.", "42"),
+    (
+        "Classify the review as positive or negative.",
+        "I loved every minute of this film.",
+        "positive",
+        "I loved every minute of this film.",
+        "42",
+    ),
     ("Name the capital city of the country.", "Italy", "Rome", "Italy", "She goes to school."),
-    ("Correct the spelling mistake.", "I recieved the letter.", "I received the letter.", "I recieved the letter.",
-     "Blue whales are mammals."),
+    (
+        "Correct the spelling mistake.",
+        "I recieved the letter.",
+        "I received the letter.",
+        "I recieved the letter.",
+        "Blue whales are mammals.",
+    ),
     ("What is the plural of the noun?", "mouse", "mice", "mouse", "The meeting is at noon."),
-    ("Write a one-line summary of the text.", "The city council voted on Tuesday to build a new library "
-     "downtown, which will open in two years.", "The council approved a new downtown library.",
-     "The city council voted on Tuesday to build a new library downtown, which will open in two years.", "cold"),
+    (
+        "Write a one-line summary of the text.",
+        "The city council voted on Tuesday to build a new library downtown, which will open in two years.",
+        "The council approved a new downtown library.",
+        "The city council voted on Tuesday to build a new library downtown, which will open in two years.",
+        "cold",
+    ),
     ("List three primary colours.", "", "Red, blue and yellow.", "List three primary colours.", "Le chat dort."),
 ]
 
@@ -66,10 +85,13 @@ def test_real_audit_judge_orders_hand_made_cases():
     try:
         audit = InstructionPMIAudit(resource.open_models({"audit": None})["audit"])
         n = len(CASES)
-        scores = audit.score([c[0] for c in CASES] * 3, [c[1] for c in CASES] * 3,
-                             [c[2] for c in CASES] + [c[3] for c in CASES] + [c[4] for c in CASES])
+        scores = audit.score(
+            [c[0] for c in CASES] * 3,
+            [c[1] for c in CASES] * 3,
+            [c[2] for c in CASES] + [c[3] for c in CASES] + [c[4] for c in CASES],
+        )
     finally:
         resource.close()
-    correct, echo, other = scores[:n], scores[n:2 * n], scores[2 * n:]
+    correct, echo, other = scores[:n], scores[n : 2 * n], scores[2 * n :]
     right = sum(c > e for c, e in zip(correct, echo)) + sum(c > o for c, o in zip(correct, other))
     assert right >= 15, (right, list(zip(correct, echo, other)))

@@ -100,8 +100,10 @@ def test_an_unfinished_plan_is_resumed_or_abandoned_with_its_reason_said(warehou
     log = _Log()
     resumed = ledger.take_unfinished("run-b", log, lambda p: None)
     assert resumed.plan_id == "run-a" and [b.index for b in resumed.pending()] == [1]
-    assert log.lines == ["resuming the unfinished plan of run run-a: 1 of 2 batches committed before it stopped; "
-                         "generating the 1 missing ones with that plan's inputs and settings"]
+    assert log.lines == [
+        "resuming the unfinished plan of run run-a: 1 of 2 batches committed before it stopped; "
+        "generating the 1 missing ones with that plan's inputs and settings"
+    ]
     why = lambda p: None if p.settings["adapter"] == "new" else f"made with {p.settings['adapter']}"  # noqa: E731
     assert ledger.take_unfinished("run-b", log, why, clear_rows_of="stage_batches") is None
     assert log.lines[-1] == "abandoned the unfinished plan of run run-a (1 of 2 batches committed): made with old"

@@ -12,15 +12,22 @@ from refine_af_pipeline.feedback.calibration import (
 )
 from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats, standardise
 
-TRUE_WEIGHTS = {"preference": 1.2, "naturalness": 0.4, "coherence": -0.3, "understandability": 0.1,
-                "learned_reward": 0.1}
+TRUE_WEIGHTS = {
+    "preference": 1.2,
+    "naturalness": 0.4,
+    "coherence": -0.3,
+    "understandability": 0.1,
+    "learned_reward": 0.1,
+}
 TRUE_BIAS = 5.0
 
 
 def _scored_rows(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [dict(output=f"output {k}", gate_reason=None, **{c: float(rng.uniform(0, 1)) for c in COMPONENTS})
-            for k in range(n)]
+    return [
+        dict(output=f"output {k}", gate_reason=None, **{c: float(rng.uniform(0, 1)) for c in COMPONENTS})
+        for k in range(n)
+    ]
 
 
 def _synthetic_ratings(rows, stats, noise: float, seed: int = 1) -> list[Rating]:
@@ -48,8 +55,13 @@ def test_fit_recovers_known_weights_from_noisy_ratings():
 def test_fit_uses_only_the_configured_components():
     rows = _scored_rows(50)
     stats = ComponentStats.from_rows(rows)
-    fit = calibrate([f"id-{k}" for k in range(50)], rows, stats, _synthetic_ratings(rows, stats, 0.01),
-                    ["preference", "naturalness"])
+    fit = calibrate(
+        [f"id-{k}" for k in range(50)],
+        rows,
+        stats,
+        _synthetic_ratings(rows, stats, 0.01),
+        ["preference", "naturalness"],
+    )
     assert set(fit.weights) == {"preference", "naturalness"}
     assert fit.weights["preference"] == pytest.approx(1.2, abs=0.15)
 
@@ -82,25 +94,33 @@ def test_too_few_or_too_uniform_ratings_are_clear_errors():
 
 def test_ratings_file_is_read_with_optional_output_and_extra_columns(tmp_path):
     path = tmp_path / "ratings.csv"
-    path.write_text('\ufeffinstruction_id, rating ,output,rater\n'
-                    'a,4,"Two lines,\nwith a comma",ann\n'
-                    'b,2.5,,bob\n', encoding="utf-8")
+    path.write_text(
+        '\ufeffinstruction_id, rating ,output,rater\na,4,"Two lines,\nwith a comma",ann\nb,2.5,,bob\n', encoding="utf-8"
+    )
     ratings = read_ratings(path)
     assert [(r.instruction_id, r.rating, r.output) for r in ratings] == [
-        ("a", 4.0, "Two lines,\nwith a comma"), ("b", 2.5, None)]
+        ("a", 4.0, "Two lines,\nwith a comma"),
+        ("b", 2.5, None),
+    ]
     assert ratings[1].line == 4  # the quoted output spans lines 2-3
 
 
-@pytest.mark.parametrize("content, message", [
-    ("instruction_id,score\na,1\n", r"ratings.csv:1: missing column 'rating' \(the header has \['instruction_id', 'score'\]\)"),
-    ("instruction_id,rating\na,4\nb,good\n", r"ratings.csv:3: column 'rating': 'good' is not a number"),
-    ("instruction_id,rating\na,4\n,3\n", r"ratings.csv:3: column 'instruction_id' is empty"),
-    ("instruction_id,rating\na,4\nb,nan\n", r"ratings.csv:3: column 'rating': 'nan' is not a finite number"),
-    ("instruction_id,rating\na,4\nb,3\na,2\n", r"ratings.csv:4: duplicate instruction_id 'a' \(first on line 2\)"),
-    ("instruction_id,rating\na,4\nb,-5\n", r"ratings.csv:3: column 'rating': -5 is at or below the instance gate"),
-    ("instruction_id,rating\n", r"ratings.csv: no ratings below the header line"),
-    ("", r"ratings.csv: empty file"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "instruction_id,score\na,1\n",
+            r"ratings.csv:1: missing column 'rating' \(the header has \['instruction_id', 'score'\]\)",
+        ),
+        ("instruction_id,rating\na,4\nb,good\n", r"ratings.csv:3: column 'rating': 'good' is not a number"),
+        ("instruction_id,rating\na,4\n,3\n", r"ratings.csv:3: column 'instruction_id' is empty"),
+        ("instruction_id,rating\na,4\nb,nan\n", r"ratings.csv:3: column 'rating': 'nan' is not a finite number"),
+        ("instruction_id,rating\na,4\nb,3\na,2\n", r"ratings.csv:4: duplicate instruction_id 'a' \(first on line 2\)"),
+        ("instruction_id,rating\na,4\nb,-5\n", r"ratings.csv:3: column 'rating': -5 is at or below the instance gate"),
+        ("instruction_id,rating\n", r"ratings.csv: no ratings below the header line"),
+        ("", r"ratings.csv: empty file"),
+    ],
+)
 def test_bad_ratings_files_name_the_file_line_and_column(tmp_path, content, message):
     path = tmp_path / "ratings.csv"
     path.write_text(content, encoding="utf-8")
@@ -120,7 +140,9 @@ def test_missing_or_non_utf8_ratings_file(tmp_path):
 def test_a_bad_byte_after_a_byte_order_mark_is_placed_where_it_is_in_the_file(tmp_path):
     path = tmp_path / "bom.csv"
     path.write_bytes(b"\xef\xbb\xbfinstruction_id,rating\nabc,4\nx\xe9,3\n")
-    with pytest.raises(CalibrationFileError, match=r"bom.csv:3: not valid UTF-8 \(invalid continuation byte at byte 32\)"):
+    with pytest.raises(
+        CalibrationFileError, match=r"bom.csv:3: not valid UTF-8 \(invalid continuation byte at byte 32\)"
+    ):
         read_ratings(path)
     with pytest.raises(CalibrationFileError, match=r"not a file"):
         read_ratings(tmp_path)

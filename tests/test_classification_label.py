@@ -32,8 +32,10 @@ def test_label_follows_yes_no_probability(tiny_model_dir):
     no = tokenizer("No", add_special_tokens=False)["input_ids"][0]
     for gap, expected in ((3.0, True), (-3.0, False)):
         model = _ScriptedModel(len(tokenizer), yes, no, gap)
-        labels = classify_instructions(TransformersModel(model, tokenizer, "scripted"), ["Label the review as positive or negative.",
-                                                          "Write a poem about rain."])
+        labels = classify_instructions(
+            TransformersModel(model, tokenizer, "scripted"),
+            ["Label the review as positive or negative.", "Write a poem about rain."],
+        )
         p_yes = torch.sigmoid(torch.tensor(gap)).item()  # softmax over two logits {gap, 0}
         assert [label for label, _ in labels] == [expected, expected]
         assert all(abs(p - p_yes) < 1e-5 for _, p in labels)

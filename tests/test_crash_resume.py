@@ -13,7 +13,6 @@ import dagster as dg
 import duckdb
 import polars as pl
 import pytest
-
 from pipeline_helpers import materialize, smallest_run_config
 
 CHILD = Path(__file__).parent / "materialize_child.py"
@@ -41,22 +40,45 @@ def _committed_batches(db: Path, asset: str) -> tuple[int, int]:
     """(committed, planned) batches of the asset's newest plan; (0, 0) before the plan exists."""
     if not db.exists():
         return 0, 0
-    df = _query(db, "SELECT count(*) AS planned, count(committed_at) AS committed FROM generation_plan_batches "
-                    "WHERE asset = ? AND plan_id = (SELECT plan_id FROM generation_plans WHERE asset = ? "
-                    "ORDER BY created_at DESC LIMIT 1)", [asset, asset])
+    df = _query(
+        db,
+        "SELECT count(*) AS planned, count(committed_at) AS committed FROM generation_plan_batches "
+        "WHERE asset = ? AND plan_id = (SELECT plan_id FROM generation_plans WHERE asset = ? "
+        "ORDER BY created_at DESC LIMIT 1)",
+        [asset, asset],
+    )
     return (0, 0) if df is None else (int(df["committed"][0]), int(df["planned"][0]))
 
 
-def kill_mid_generation(data_dir: Path, model: str, asset: str, run_config: dict, timeout_s: float = 300,
-                        select: list[str] | None = None) -> tuple[int, int]:
+def kill_mid_generation(
+    data_dir: Path, model: str, asset: str, run_config: dict, timeout_s: float = 300, select: list[str] | None = None
+) -> tuple[int, int]:
     """Start materializing `select` (default: `asset`) in a child process, SIGKILL it once at least
     one batch but not every batch of `asset`'s plan is committed; return (committed, planned)
     batches as the kill left them."""
     db = data_dir / "refine_af.duckdb"
     child = subprocess.Popen(
-        [sys.executable, str(CHILD), "--data-dir", str(data_dir), "--model", model, "--select", ",".join(select or [asset]),
-         "--run-config", json.dumps(run_config), "--batch-size", str(BATCH_SIZE), "--slow-batch-seconds", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            sys.executable,
+            str(CHILD),
+            "--data-dir",
+            str(data_dir),
+            "--model",
+            model,
+            "--select",
+            ",".join(select or [asset]),
+            "--run-config",
+            json.dumps(run_config),
+            "--batch-size",
+            str(BATCH_SIZE),
+            "--slow-batch-seconds",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -64,8 +86,10 @@ def kill_mid_generation(data_dir: Path, model: str, asset: str, run_config: dict
             if committed >= 1:
                 break
             if child.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no batch of {asset} was committed (child exit {child.poll()}):\n"
-                                     f"{child.communicate(timeout=30)[0][-4000:] if child.poll() is not None else ''}")
+                raise AssertionError(
+                    f"no batch of {asset} was committed (child exit {child.poll()}):\n"
+                    f"{child.communicate(timeout=30)[0][-4000:] if child.poll() is not None else ''}"
+                )
             time.sleep(0.1)
     finally:
         if child.poll() is None:
@@ -76,17 +100,22 @@ def kill_mid_generation(data_dir: Path, model: str, asset: str, run_config: dict
 
 
 def _plan_log(db: Path, asset: str) -> pl.DataFrame:
-    return _query(db, "SELECT p.plan_id, p.status, b.batch_index, b.committed_by_run_id, b.rows_written "
-                      "FROM generation_plans p JOIN generation_plan_batches b USING (plan_id, asset) "
-                      "WHERE asset = ? ORDER BY b.batch_index", [asset])
+    return _query(
+        db,
+        "SELECT p.plan_id, p.status, b.batch_index, b.committed_by_run_id, b.rows_written "
+        "FROM generation_plans p JOIN generation_plan_batches b USING (plan_id, asset) "
+        "WHERE asset = ? ORDER BY b.batch_index",
+        [asset],
+    )
 
 
 def test_killed_raw_instructions_run_is_finished_without_regenerating(tiny_model_dir, tmp_path):
     data_dir = tmp_path / "data"
     db = data_dir / "refine_af.duckdb"
     assert materialize(data_dir, str(tiny_model_dir), {}, selection=["seed_pool"]).success
-    committed, planned = kill_mid_generation(data_dir, str(tiny_model_dir), "raw_instructions",
-                                             {"bootstrap_instructions": RAW_CONFIG}, select=BOOTSTRAP)
+    committed, planned = kill_mid_generation(
+        data_dir, str(tiny_model_dir), "raw_instructions", {"bootstrap_instructions": RAW_CONFIG}, select=BOOTSTRAP
+    )
     assert planned == 4 and 1 <= committed < planned, (committed, planned)
     before = _query(db, "SELECT * FROM raw_instructions ORDER BY instruction_id")
     [plan_id] = set(before["run_id"])
@@ -96,11 +125,18 @@ def test_killed_raw_instructions_run_is_finished_without_regenerating(tiny_model
     decided_before = _query(db, "SELECT * FROM deduplicated_instructions ORDER BY instruction_id")
     assert decided_before["instruction_id"].to_list() == before["instruction_id"].to_list()
 
-    resumed = materialize(data_dir, str(tiny_model_dir), {"bootstrap_instructions": RAW_CONFIG},
-                          selection=BOOTSTRAP, batch_size=BATCH_SIZE)
-    [metadata] = [{k: v.value for k, v in m.metadata.items()}
-                  for m in resumed.asset_materializations_for_node("bootstrap_instructions")
-                  if m.asset_key == dg.AssetKey("raw_instructions")]
+    resumed = materialize(
+        data_dir,
+        str(tiny_model_dir),
+        {"bootstrap_instructions": RAW_CONFIG},
+        selection=BOOTSTRAP,
+        batch_size=BATCH_SIZE,
+    )
+    [metadata] = [
+        {k: v.value for k, v in m.metadata.items()}
+        for m in resumed.asset_materializations_for_node("bootstrap_instructions")
+        if m.asset_key == dg.AssetKey("raw_instructions")
+    ]
     assert metadata["resumed_plan"] is True and metadata["plan_run_id"] == plan_id
     assert metadata["batches_committed_before_this_run"] == committed
     assert metadata["batches_generated"] == planned - committed
@@ -131,9 +167,19 @@ INSTANCE_CONFIG = {"max_instructions": 4, "instances_per_instruction": 2, "max_n
 def upstream_of_instances(tiny_model_dir, tmp_path_factory):
     """A data directory with everything instance generation reads (kept pool, base scores, RL adapter)."""
     data_dir = tmp_path_factory.mktemp("instances")
-    result = materialize(data_dir, str(tiny_model_dir), smallest_run_config(),
-                         selection=["seed_pool", *BOOTSTRAP, "reward_model", "reward_scores", "reward_standardisation",
-                                    "rl_refined_policy"])
+    result = materialize(
+        data_dir,
+        str(tiny_model_dir),
+        smallest_run_config(),
+        selection=[
+            "seed_pool",
+            *BOOTSTRAP,
+            "reward_model",
+            "reward_scores",
+            "reward_standardisation",
+            "rl_refined_policy",
+        ],
+    )
     assert result.success
     return data_dir
 
@@ -151,15 +197,17 @@ def test_killed_instance_generation_run_is_finished_without_regenerating(upstrea
     # The asset's own table only ever holds a finished run: none yet.
     assert _query(db, f"SELECT count(*) AS n FROM {asset}") is None
 
-    resumed = materialize(data_dir, str(tiny_model_dir), {asset: INSTANCE_CONFIG}, selection=[asset],
-                          batch_size=BATCH_SIZE)
+    resumed = materialize(
+        data_dir, str(tiny_model_dir), {asset: INSTANCE_CONFIG}, selection=[asset], batch_size=BATCH_SIZE
+    )
     metadata = {k: v.value for k, v in resumed.asset_materializations_for_node(asset)[0].metadata.items()}
     assert metadata["resumed_plan"] is True and metadata["plan_run_id"] == plan_id
     assert metadata["batches_generated"] == planned - committed
 
     after = _query(db, f"SELECT * FROM {asset} ORDER BY instance_id")
-    planned_ids = _query(db, "SELECT inputs FROM generation_plan_batches WHERE plan_id = ? AND asset = ?",
-                         [plan_id, asset])["inputs"]
+    planned_ids = _query(
+        db, "SELECT inputs FROM generation_plan_batches WHERE plan_id = ? AND asset = ?", [plan_id, asset]
+    )["inputs"]
     expected_ids = sorted(item["instance_id"] for batch in planned_ids for item in json.loads(batch))
     assert after["instance_id"].to_list() == expected_ids  # every planned instance once: none missing, none twice
     assert set(after["run_id"]) == {plan_id} and after["keep"].dtype == pl.Boolean

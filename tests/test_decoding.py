@@ -9,10 +9,16 @@ from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
 from refine_af_pipeline.llm.retry import Backoff
 from resources import LanguageModelResource
 
-INSTRUCTIONS = ["Plan a trip", "Explain rivers to a child who asks why water flows downhill every single day",
-                "List three habits", "Compare two bridges and say which one is older and which one is longer",
-                "Rewrite this", "Suggest a recipe for a quiet evening", "Describe the market",
-                "Outline a budget for a student who lives in a city and walks to school"]
+INSTRUCTIONS = [
+    "Plan a trip",
+    "Explain rivers to a child who asks why water flows downhill every single day",
+    "List three habits",
+    "Compare two bridges and say which one is older and which one is longer",
+    "Rewrite this",
+    "Suggest a recipe for a quiet evening",
+    "Describe the market",
+    "Outline a budget for a student who lives in a city and walks to school",
+]
 SAMPLED = SamplingParams(max_new_tokens=24, temperature=0.7, top_p=0.95, do_sample=True)
 GREEDY = SamplingParams(max_new_tokens=24, do_sample=False)
 
@@ -56,8 +62,10 @@ def test_greedy_text_is_the_text_each_prompt_gets_alone_and_from_model_generate(
 def test_a_sampled_row_depends_on_its_own_seed_only(tiny):
     model, tokenizer, prompts = tiny
     together = generate(model, tokenizer, prompts, SAMPLED, batch_size=3, seed=11)
-    alone = [generate(model, tokenizer, [p], SAMPLED, batch_size=1, row_seeds=[row_seed(11, k)])[0]
-             for k, p in enumerate(prompts)]
+    alone = [
+        generate(model, tokenizer, [p], SAMPLED, batch_size=1, row_seeds=[row_seed(11, k)])[0]
+        for k, p in enumerate(prompts)
+    ]
     assert together == alone
     assert generate(model, tokenizer, prompts, SAMPLED, batch_size=8, seed=11) == together
     assert generate(model, tokenizer, prompts, SAMPLED, batch_size=8, seed=12) != together
@@ -72,7 +80,9 @@ def test_rows_leave_as_they_end_and_waiting_prompts_join(tiny):
     # Prompts joined a running batch: a later prefill is followed by a decode step with more rows
     # than it prefilled (the rows that were already running).
     calls = counter.rows
-    assert any(calls[i][1] > 1 and calls[i + 1][1] == 1 and calls[i + 1][0] > calls[i][0] for i in range(1, len(calls) - 1))
+    assert any(
+        calls[i][1] > 1 and calls[i + 1][1] == 1 and calls[i + 1][0] > calls[i][0] for i in range(1, len(calls) - 1)
+    )
     # Decode steps computed as many rows as there are generated tokens (plus one per row for its
     # end-of-sequence step): nothing for rows that had ended.
     ended = sum(not g.hit_token_limit for g in gens)
@@ -113,7 +123,9 @@ def test_a_transient_error_in_a_decode_step_is_retried_on_the_cache_as_it_was(ti
 
     model.forward = fails_midway
     try:
-        got = generate(model, tokenizer, prompts, SAMPLED, batch_size=4, seed=5, backoff=Backoff(attempts=3, first_delay_s=0))
+        got = generate(
+            model, tokenizer, prompts, SAMPLED, batch_size=4, seed=5, backoff=Backoff(attempts=3, first_delay_s=0)
+        )
     finally:
         del model.forward
     assert got == expected

@@ -3,8 +3,8 @@ smallest sizes. Slow (minutes on 2 cores); it runs in CI."""
 
 import duckdb
 import pytest
-
 from pipeline_helpers import materialize, smallest_run_config
+
 from refine_af_pipeline.llm.embedded_model import ensure_embedded_model
 from refine_af_pipeline.llm.models import ModelUnavailable, resolve_model_source
 

@@ -4,12 +4,18 @@ import json
 
 import pytest
 
-from refine_af_pipeline.evaluation.tasks import (TaskFileError, best_rouge_l, evaluation_items, first_line, load_task_file,
-                                                 load_tasks, mean_by_task)
-from refine_af_pipeline.llm.prompts import evaluation_prompt
+from refine_af_pipeline.evaluation.tasks import (
+    TaskFileError,
+    best_rouge_l,
+    evaluation_items,
+    first_line,
+    load_task_file,
+    load_tasks,
+    mean_by_task,
+)
 from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDeduplicator, rouge_l
 from refine_af_pipeline.instructions.seeds import load_seed_tasks
-
+from refine_af_pipeline.llm.prompts import evaluation_prompt
 
 # The seed pool's task types, and the built-in tasks of each (every task in exactly one type).
 TASK_TYPES = {
@@ -49,7 +55,7 @@ def test_builtin_tasks_are_disjoint_from_the_seeds_and_from_each_other():
     assert worst[0][0] <= DEFAULT_THRESHOLD, worst
     # ...nor of another task's definition...
     for k, a in enumerate(tasks):
-        for b in tasks[k + 1:]:
+        for b in tasks[k + 1 :]:
             assert rouge_l(a.definition, b.definition) <= DEFAULT_THRESHOLD, (a.name, b.name)
     # ...and no evaluation input repeats a seed's instance input or another evaluation input.
     seed_inputs = RougeDeduplicator([i.input for s in seeds for i in s.instances if i.input.strip()])
@@ -78,9 +84,14 @@ def test_malformed_task_file_names_the_file(tmp_path):
 
 
 def test_a_user_task_dir_loads_and_one_bad_file_in_it_is_named(tmp_path):
-    good = {"Definition": ["Answer with the capital city."], "Positive Examples": [],
-            "Instances": [{"id": "c-1", "input": "France", "output": ["Paris"]},
-                          {"id": "c-2", "input": "Japan", "output": "Tokyo"}]}
+    good = {
+        "Definition": ["Answer with the capital city."],
+        "Positive Examples": [],
+        "Instances": [
+            {"id": "c-1", "input": "France", "output": ["Paris"]},
+            {"id": "c-2", "input": "Japan", "output": "Tokyo"},
+        ],
+    }
     (tmp_path / "task001_capitals.json").write_text(json.dumps(good))
     [task] = load_tasks(tmp_path)
     assert task.name == "task001_capitals" and task.definition == "Answer with the capital city."

@@ -12,22 +12,25 @@ from refine_af_pipeline.exports import EXPORT_FIELDS, export_rows, read_dataset_
 
 def _pairs(policy_adapter):
     """An instance-pairs table as the pipeline writes it (extra columns, a dropped row)."""
-    return pl.DataFrame({
-        "instance_id": ["i2-0", "i1-0", "i3-0"],
-        "instruction_id": ["i2", "i1", "i3"],
-        "instruction": ["Name a fruit that is yellow", "Translate \u201cbonjour\u201d to English", "Say nothing"],
-        "input": ["", "bonjour", "x"],
-        "output": ["banana", "hello\nor hi", "x"],
-        "reward": [0.5, -1.25, None],
-        "keep": [True, True, False],
-        "filter_reason": [None, None, "output_equals_input"],
-        "generation": ["Input: ...", "Input: ...", "Input: ..."],
-        "policy_adapter": [policy_adapter] * 3,
-        "model_id": ["tiny-llama"] * 3,
-        "sampling_params": [json.dumps({"temperature": 0.7})] * 3,
-        "scorers": [json.dumps({"preference": "llm-judge"})] * 3,
-        "run_id": ["run-1"] * 3,
-    }, schema_overrides={"policy_adapter": pl.Utf8 if policy_adapter else pl.Null})
+    return pl.DataFrame(
+        {
+            "instance_id": ["i2-0", "i1-0", "i3-0"],
+            "instruction_id": ["i2", "i1", "i3"],
+            "instruction": ["Name a fruit that is yellow", "Translate \u201cbonjour\u201d to English", "Say nothing"],
+            "input": ["", "bonjour", "x"],
+            "output": ["banana", "hello\nor hi", "x"],
+            "reward": [0.5, -1.25, None],
+            "keep": [True, True, False],
+            "filter_reason": [None, None, "output_equals_input"],
+            "generation": ["Input: ...", "Input: ...", "Input: ..."],
+            "policy_adapter": [policy_adapter] * 3,
+            "model_id": ["tiny-llama"] * 3,
+            "sampling_params": [json.dumps({"temperature": 0.7})] * 3,
+            "scorers": [json.dumps({"preference": "llm-judge"})] * 3,
+            "run_id": ["run-1"] * 3,
+        },
+        schema_overrides={"policy_adapter": pl.Utf8 if policy_adapter else pl.Null},
+    )
 
 
 @pytest.mark.parametrize("dataset,adapter", [("refine_af", "/artifacts/rl/adapter"), ("self_instruct", None)])

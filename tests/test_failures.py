@@ -9,15 +9,14 @@ import dagster as dg
 import duckdb
 import pytest
 import torch
+from pipeline_helpers import materialize
 
 import refine_af_pipeline.llm.retry as retry
-from pipeline_helpers import materialize
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
 from refine_af_pipeline.llm.backend import Generation
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from resources import DatabaseLocked, LanguageModelResource
 from resources import language_model as language_model_module
-
 
 BOOTSTRAP = ["raw_instructions", "deduplicated_instructions"]  # one step writes both
 
@@ -25,8 +24,12 @@ BOOTSTRAP = ["raw_instructions", "deduplicated_instructions"]  # one step writes
 def _materialize(data_dir, selection, ops=None, **model_config):
     resources = default_resources(data_dir)
     resources["language_model"] = LanguageModelResource(**{"device": "cpu", **model_config})
-    return dg.materialize([*all_assets, *all_checks], resources=resources, selection=selection,
-                          run_config=dg.RunConfig(ops={k: {"config": v} for k, v in (ops or {}).items()}))
+    return dg.materialize(
+        [*all_assets, *all_checks],
+        resources=resources,
+        selection=selection,
+        run_config=dg.RunConfig(ops={k: {"config": v} for k, v in (ops or {}).items()}),
+    )
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -38,6 +41,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fails the test if any step reads model weights or a tokenizer."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
@@ -57,15 +61,21 @@ def _tables(data_dir) -> set[str]:
         return {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"num_prompts": 0}, r"num_prompts\n  Input should be greater than 0"),
-    ({"num_prompts": -4}, r"num_prompts\n  Input should be greater than 0"),
-    ({"max_new_tokens": 0}, r"max_new_tokens\n  Input should be greater than 0"),
-    ({"classification_prompts": -1}, r"classification_prompts\n  Input should be greater than or equal to 0"),
-    ({"num_prompts": 2, "classification_prompts": 3}, r"classification_prompts \(3\) cannot exceed num_prompts \(2\)"),
-    ({"temperature": 0.0}, r"temperature\n  Input should be greater than 0"),
-    ({"target_pool_size": 0}, r"target_pool_size\n  Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"num_prompts": 0}, r"num_prompts\n  Input should be greater than 0"),
+        ({"num_prompts": -4}, r"num_prompts\n  Input should be greater than 0"),
+        ({"max_new_tokens": 0}, r"max_new_tokens\n  Input should be greater than 0"),
+        ({"classification_prompts": -1}, r"classification_prompts\n  Input should be greater than or equal to 0"),
+        (
+            {"num_prompts": 2, "classification_prompts": 3},
+            r"classification_prompts \(3\) cannot exceed num_prompts \(2\)",
+        ),
+        ({"temperature": 0.0}, r"temperature\n  Input should be greater than 0"),
+        ({"target_pool_size": 0}, r"target_pool_size\n  Input should be greater than 0"),
+    ],
+)
 def test_bad_sizes_fail_before_any_model_is_loaded(seeded_dir, tiny_model_dir, no_model_load, config, message):
     with pytest.raises(Exception) as info:
         _materialize(seeded_dir, BOOTSTRAP, {"bootstrap_instructions": config}, model=str(tiny_model_dir))
@@ -73,16 +83,23 @@ def test_bad_sizes_fail_before_any_model_is_loaded(seeded_dir, tiny_model_dir, n
     assert "raw_instructions" not in _tables(seeded_dir)
 
 
-@pytest.mark.parametrize("model_config, message", [
-    ({"device": "cuda"}, "device 'cuda' was requested but this machine has no CUDA device"),
-    ({"device": "tpu"}, "unknown device 'tpu'"),
-    ({"dtype": "float8"}, "unknown dtype 'float8'"),
-    ({"model": "nobody/no-such-model"}, "model 'nobody/no-such-model' is neither a local directory nor in the "
-                                        "local Hugging Face cache, and downloads are off"),
-    ({"model": "/no/such/model/dir"}, "model directory /no/such/model/dir does not exist"),
-])
-def test_unusable_model_or_device_fails_before_any_model_is_loaded(seeded_dir, tiny_model_dir, no_model_load,
-                                                                   model_config, message):
+@pytest.mark.parametrize(
+    "model_config, message",
+    [
+        ({"device": "cuda"}, "device 'cuda' was requested but this machine has no CUDA device"),
+        ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"dtype": "float8"}, "unknown dtype 'float8'"),
+        (
+            {"model": "nobody/no-such-model"},
+            "model 'nobody/no-such-model' is neither a local directory nor in the "
+            "local Hugging Face cache, and downloads are off",
+        ),
+        ({"model": "/no/such/model/dir"}, "model directory /no/such/model/dir does not exist"),
+    ],
+)
+def test_unusable_model_or_device_fails_before_any_model_is_loaded(
+    seeded_dir, tiny_model_dir, no_model_load, model_config, message
+):
     if model_config.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     started = time.monotonic()
@@ -105,8 +122,12 @@ def test_model_output_that_does_not_parse_is_stored_with_its_status(seeded_dir, 
         return [Generation(junk[k % len(junk)], 5, True) for k in range(len(prompts))]
 
     monkeypatch.setattr(TransformersModel, "generate", junk_generate)
-    result = materialize(seeded_dir, str(tiny_model_dir), {"bootstrap_instructions": {"num_prompts": 6, "classification_prompts": 0}},
-                         selection=BOOTSTRAP)
+    result = materialize(
+        seeded_dir,
+        str(tiny_model_dir),
+        {"bootstrap_instructions": {"num_prompts": 6, "classification_prompts": 0}},
+        selection=BOOTSTRAP,
+    )
     assert result.success
     with duckdb.connect(str(seeded_dir / "refine_af.duckdb"), read_only=True) as conn:
         raw = conn.execute("SELECT raw_response, parse_status FROM raw_instructions").pl()
@@ -114,8 +135,11 @@ def test_model_output_that_does_not_parse_is_stored_with_its_status(seeded_dir, 
     assert sorted(raw["raw_response"]) == sorted(junk)  # every response kept, none dropped silently
     assert set(raw["parse_status"]) == {"empty", "unparseable"}
     assert set(dedup["decision"]) == {"rejected"} and set(dedup["reason"]) == {"unparseable_response"}
-    [metadata] = [m.metadata for m in result.asset_materializations_for_node("bootstrap_instructions")
-                  if m.asset_key == dg.AssetKey("raw_instructions")]
+    [metadata] = [
+        m.metadata
+        for m in result.asset_materializations_for_node("bootstrap_instructions")
+        if m.asset_key == dg.AssetKey("raw_instructions")
+    ]
     assert metadata["unparseable_responses"].value == 6 and metadata["parsed_instructions"].value == 0
 
 
@@ -138,8 +162,13 @@ def test_a_flaky_backend_is_retried_inside_the_step(seeded_dir, tiny_model_dir, 
         return models, tokenizer, source, device
 
     monkeypatch.setattr(LanguageModelResource, "load_variants", load_flaky)
-    result = materialize(seeded_dir, str(tiny_model_dir), {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
-                         selection=BOOTSTRAP, batch_size=2)
+    result = materialize(
+        seeded_dir,
+        str(tiny_model_dir),
+        {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
+        selection=BOOTSTRAP,
+        batch_size=2,
+    )
     assert result.success and len(failures) == 2
     with duckdb.connect(str(seeded_dir / "refine_af.duckdb"), read_only=True) as conn:
         assert conn.execute("SELECT count(DISTINCT prompt_index) FROM raw_instructions").fetchone()[0] == 4
@@ -161,14 +190,26 @@ def test_a_backend_that_keeps_failing_fails_the_step_after_the_bound(seeded_dir,
 
     monkeypatch.setattr(LanguageModelResource, "load_variants", load_broken)
     with pytest.raises(retry.RetriesExhausted, match=r"prefill of 4 prompts failed 3 times; the last error: OSError"):
-        materialize(seeded_dir, str(tiny_model_dir), {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
-                    selection=BOOTSTRAP, batch_size=4)
+        materialize(
+            seeded_dir,
+            str(tiny_model_dir),
+            {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 1, "max_new_tokens": 16}},
+            selection=BOOTSTRAP,
+            batch_size=4,
+        )
 
 
 def test_a_locked_database_fails_the_step_within_seconds_naming_the_file(seeded_dir):
     db = seeded_dir / "refine_af.duckdb"
-    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(db)!r}); "
-                               "print('ready', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('ready', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         started = time.monotonic()
@@ -199,13 +240,26 @@ def test_instances_that_do_not_parse_are_kept_with_their_status_and_never_scored
 
     components = [_RecordingComponent(name) for name in COMPONENTS]
     scorer = FeedbackScorer(components=components)
-    generations = ["", "Input: only an input", "Output:", "Input: x\nOutput: x", "\x00\x01 ∆∆∆",
-                   "Output: " + "la la la " * 30, "Input: a question\nOutput: a real answer"]
+    generations = [
+        "",
+        "Input: only an input",
+        "Output:",
+        "Input: x\nOutput: x",
+        "\x00\x01 ∆∆∆",
+        "Output: " + "la la la " * 30,
+        "Input: a question\nOutput: a real answer",
+    ]
     scored = scorer.score_texts(["Answer it"] * len(generations), generations)
     statuses = [(s.parse_status, s.gate_reason) for s in scored]
-    assert statuses == [("missing_output", "missing_output"), ("missing_output", "missing_output"),
-                        ("empty_output", "empty_output"), ("ok", "output_copies_input"),
-                        ("missing_output", "missing_output"), ("ok", "degenerate_repetition"), ("ok", None)]
+    assert statuses == [
+        ("missing_output", "missing_output"),
+        ("missing_output", "missing_output"),
+        ("empty_output", "empty_output"),
+        ("ok", "output_copies_input"),
+        ("missing_output", "missing_output"),
+        ("ok", "degenerate_repetition"),
+        ("ok", None),
+    ]
     assert [s.reward for s in scored[:6]] == [DEFAULT_GATE_REWARD] * 6
     assert all(c.seen == ["a real answer"] for c in components)  # judges see only the parseable one
     rows = [dict(instruction="Answer it", input=s.input, output=s.output, gate_reason=s.gate_reason) for s in scored]
@@ -216,8 +270,12 @@ def _stage_config_classes() -> list[type]:
     import assets
 
     modules = [m for name, m in sorted(vars(assets).items()) if not name.startswith("_") and hasattr(m, "__file__")]
-    found = {obj for m in modules for obj in vars(m).values()
-             if isinstance(obj, type) and issubclass(obj, dg.Config) and obj.__module__.startswith("assets.")}
+    found = {
+        obj
+        for m in modules
+        for obj in vars(m).values()
+        if isinstance(obj, type) and issubclass(obj, dg.Config) and obj.__module__.startswith("assets.")
+    }
     return sorted(found, key=lambda c: c.__name__)
 
 
@@ -225,7 +283,9 @@ def test_every_stage_refuses_negative_sizes():
     import refine_af_pipeline.definitions  # noqa: F401  (imports every asset module)
 
     classes = _stage_config_classes()
-    assert {"BootstrapConfig", "InstancePairsConfig", "FinetuneConfig", "EvaluationConfig"} <= {c.__name__ for c in classes}
+    assert {"BootstrapConfig", "InstancePairsConfig", "FinetuneConfig", "EvaluationConfig"} <= {
+        c.__name__ for c in classes
+    }
     unconstrained, checked = [], 0
     for cls in classes:
         for name, field in cls.model_fields.items():

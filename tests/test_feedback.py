@@ -8,14 +8,18 @@ from refine_af_pipeline.instructions.instances import filter_reason
 
 
 def test_standardisation_uses_base_mean_and_std():
-    rows = [dict(preference=p, naturalness=0.5, coherence=c, understandability=0.2)
-            for p, c in [(0.2, 0.1), (0.4, 0.3), (0.6, 0.5)]]
+    rows = [
+        dict(preference=p, naturalness=0.5, coherence=c, understandability=0.2)
+        for p, c in [(0.2, 0.1), (0.4, 0.3), (0.6, 0.5)]
+    ]
     stats = ComponentStats.from_rows(rows)
     assert stats.mean["preference"] == pytest.approx(0.4)
     assert stats.std["preference"] == pytest.approx(0.2)
     assert stats.std["naturalness"] == 1.0  # constant component: spread treated as 1
     weights = {"preference": 1.0, "coherence": 0.5}
-    reward = combine(dict(preference=0.6, naturalness=0.5, coherence=0.1, understandability=0.2), stats, weights, bias=0.25)
+    reward = combine(
+        dict(preference=0.6, naturalness=0.5, coherence=0.1, understandability=0.2), stats, weights, bias=0.25
+    )
     assert reward == pytest.approx(0.25 + 1.0 * 1.0 + 0.5 * (-1.0))
 
 
@@ -42,10 +46,16 @@ def test_conflicting_outputs_for_same_input_are_dropped():
         dict(instruction="Add", input="1 1", output="2", gate_reason=None),
         dict(instruction="Add", input="", output="", gate_reason="empty_output"),
     ]
-    assert filter_reason(rows) == ["conflicting_outputs_for_same_input", "conflicting_outputs_for_same_input",
-                                   None, "empty_output"]
+    assert filter_reason(rows) == [
+        "conflicting_outputs_for_same_input",
+        "conflicting_outputs_for_same_input",
+        None,
+        "empty_output",
+    ]
 
 
 def test_stats_ignore_missing_components():
-    stats = ComponentStats.from_rows([dict(preference=None, naturalness=math.nan, coherence=0.5, understandability=1.0)])
+    stats = ComponentStats.from_rows(
+        [dict(preference=None, naturalness=math.nan, coherence=0.5, understandability=1.0)]
+    )
     assert stats.mean["preference"] == 0.0 and stats.std["preference"] == 1.0

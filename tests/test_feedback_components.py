@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from feedback_fakes import ScriptedCausalLM
+
 from refine_af_pipeline.feedback.components import (
     EmbeddingCoherence,
     LikelihoodNaturalness,
@@ -63,8 +63,10 @@ def test_coherence_prefers_an_output_on_the_task():
     embedder = load_embedder(EMBEDDED_MINILM, "cpu")
     coherence = EmbeddingCoherence(embedder, EMBEDDED_MINILM_ID)
     on_topic, off_topic = coherence.score(
-        ["List three fruits that are red."] * 2, ["", ""],
-        ["Strawberries, cherries and red apples.", "The train to Berlin leaves at noon from platform four."])
+        ["List three fruits that are red."] * 2,
+        ["", ""],
+        ["Strawberries, cherries and red apples.", "The train to Berlin leaves at noon from platform four."],
+    )
     assert on_topic > off_topic + 0.2
     assert -1.0 <= off_topic < on_topic <= 1.0
     assert coherence.version == f"embedding-cosine/v1:{EMBEDDED_MINILM_ID}"
@@ -72,10 +74,15 @@ def test_coherence_prefers_an_output_on_the_task():
 
 def test_readability_prefers_plain_text():
     readability = ReadabilityUnderstandability()
-    plain, dense = readability.score(["Explain."] * 2, ["", ""], [
-        "The cat sat on the mat. It was a warm day.",
-        "Notwithstanding considerable epistemological ramifications, institutional stakeholders "
-        "reconceptualized paradigms."])
+    plain, dense = readability.score(
+        ["Explain."] * 2,
+        ["", ""],
+        [
+            "The cat sat on the mat. It was a warm day.",
+            "Notwithstanding considerable epistemological ramifications, institutional stakeholders "
+            "reconceptualized paradigms.",
+        ],
+    )
     assert plain > dense
     assert 0.0 <= dense < plain <= 1.0
     assert readability.version == "flesch-reading-ease/v1:textstat-0.7.8"

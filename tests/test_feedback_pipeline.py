@@ -9,13 +9,13 @@ import dagster as dg
 import duckdb
 import numpy as np
 import pytest
-
 from pipeline_helpers import ops_for, smallest_run_config
-from refine_af_pipeline.feedback.calibration import CalibrationFileError
+from tiny_judges import build_llama_reward_model
+
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
+from refine_af_pipeline.feedback.calibration import CalibrationFileError
 from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats, standardise
 from resources import LanguageModelResource, Warehouse
-from tiny_judges import build_llama_reward_model
 
 UPSTREAM = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_model"]
 SCORES = ["reward_scores", "reward_standardisation"]  # one step writes both
@@ -30,9 +30,12 @@ def _materialize(data_dir: Path, model_dir: Path, feedback: dict, selection: lis
     # Enough kept instructions that at least 8 instances pass the gate (the tiny model's parse rate
     # is about one in three), so calibration has more ratings than numbers to fit.
     ops = smallest_run_config(bootstrap_instructions={"num_prompts": 32}, reward_scores={"max_instructions": 0})
-    return dg.materialize([*all_assets, *all_checks], resources=resources, selection=selection,
-                          run_config={"ops": ops_for(ops, selection),
-                                      "resources": {"feedback_scorer": {"config": feedback}}})
+    return dg.materialize(
+        [*all_assets, *all_checks],
+        resources=resources,
+        selection=selection,
+        run_config={"ops": ops_for(ops, selection), "resources": {"feedback_scorer": {"config": feedback}}},
+    )
 
 
 def _scores(data_dir: Path, table: str = "reward_scores"):
@@ -65,9 +68,14 @@ def test_every_row_records_the_judge_of_each_component(first_run, tiny_model_dir
     assert fitted[0].startswith("bradley-terry-embedding/v1:") and fitted[0].endswith(f"@{result.run_id}")
     for c in COMPONENTS:
         assert set(scores[f"{c}_scorer"]) == {expected[c]}
-    assert {json.dumps(json.loads(s), sort_keys=True) for s in scores["scorers"]} == {json.dumps(expected, sort_keys=True)}
-    [metadata] = [m.metadata for m in result.asset_materializations_for_node("reward_scores")
-                  if m.asset_key == dg.AssetKey("reward_scores")]
+    assert {json.dumps(json.loads(s), sort_keys=True) for s in scores["scorers"]} == {
+        json.dumps(expected, sort_keys=True)
+    }
+    [metadata] = [
+        m.metadata
+        for m in result.asset_materializations_for_node("reward_scores")
+        if m.asset_key == dg.AssetKey("reward_scores")
+    ]
     assert metadata["scorers"].value == expected
     assert _scores(data_dir, "reward_standardisation")["weights_source"].to_list() == ["config"]
     # A reward model's preference is its raw logit, not squeezed into [0, 1].
@@ -89,16 +97,24 @@ def test_ratings_csv_calibrates_the_weights_for_every_later_reward(first_run, ti
         writer.writerow(["instruction_id", "rating", "output"])
         for row in passed.iter_rows(named=True):
             z = standardise({c: row[c] for c in COMPONENTS}, stats)
-            writer.writerow([row["instruction_id"], 3 + sum(KNOWN[c] * z[c] for c in COMPONENTS) + rng.normal(0, 0.01),
-                             row["output"]])
+            writer.writerow(
+                [
+                    row["instruction_id"],
+                    3 + sum(KNOWN[c] * z[c] for c in COMPONENTS) + rng.normal(0, 0.01),
+                    row["output"],
+                ]
+            )
 
     result = _materialize(data_dir, tiny_model_dir, {**feedback, "calibration_csv": str(path)}, SCORES)
     assert result.success
     after = _scores(data_dir)
     [standardisation] = _scores(data_dir, "reward_standardisation").to_dicts()
     weights = {c: standardisation[f"weight_{c}"] for c in COMPONENTS}
-    [metadata] = [m.metadata for m in result.asset_materializations_for_node("reward_scores")
-                  if m.asset_key == dg.AssetKey("reward_standardisation")]
+    [metadata] = [
+        m.metadata
+        for m in result.asset_materializations_for_node("reward_scores")
+        if m.asset_key == dg.AssetKey("reward_standardisation")
+    ]
     assert metadata["calibration_instances"].value >= 8  # same seed: the same instances again
     for c in COMPONENTS:
         assert weights[c] == pytest.approx(KNOWN[c], abs=0.05), c

@@ -15,19 +15,33 @@ def test_each_gate_on_hand_made_instances():
     gate = InstanceGate()
     assert gate.reason("missing_output", "Do it.", "", "") == "missing_output"
     assert gate.reason("ok", "Do it.", "", "  ") == "empty_output"
-    assert gate.reason("ok", "Summarise the text.", "a long text", "A summary that stopped in", cut=True) == \
-        "output_cut_at_token_limit"
+    assert (
+        gate.reason("ok", "Summarise the text.", "a long text", "A summary that stopped in", cut=True)
+        == "output_cut_at_token_limit"
+    )
     assert gate.reason("ok", "Is it?", "", "the answer is yes " * 6) == "degenerate_repetition"
     # A near copy of the input (ROUGE-L 0.71) and of the instruction.
-    assert gate.reason("ok", "Rewrite it.", "The cat sat on the warm mat today",
-                       "The cat sat on a mat") == "output_copies_input"
-    assert gate.reason("ok", "Write a short poem about the sea at night.", "",
-                       "Write a short poem about the sea at night") == "output_copies_instruction"
-    assert gate.reason("ok", "Label the review as positive or negative.", "Great food.", "It is good",
-                       is_classification=True) == "output_not_a_named_label"
+    assert (
+        gate.reason("ok", "Rewrite it.", "The cat sat on the warm mat today", "The cat sat on a mat")
+        == "output_copies_input"
+    )
+    assert (
+        gate.reason("ok", "Write a short poem about the sea at night.", "", "Write a short poem about the sea at night")
+        == "output_copies_instruction"
+    )
+    assert (
+        gate.reason(
+            "ok", "Label the review as positive or negative.", "Great food.", "It is good", is_classification=True
+        )
+        == "output_not_a_named_label"
+    )
     # Passing instances, and the label gate only where the instruction is a classification task.
-    assert gate.reason("ok", "Label the review as positive or negative.", "Great food.", "Positive.",
-                       is_classification=True) is None
+    assert (
+        gate.reason(
+            "ok", "Label the review as positive or negative.", "Great food.", "Positive.", is_classification=True
+        )
+        is None
+    )
     assert gate.reason("ok", "Label the review as positive or negative.", "Great food.", "It is good") is None
     assert gate.reason("ok", "Summarise the text.", "a long text", "A summary.", cut=False) is None
     # A list with a shared frame but different items is not a loop.
@@ -41,14 +55,17 @@ def test_gate_settings_move_the_threshold_and_switch_checks_off():
     assert loose.reason("ok", "Label it as spam or not spam.", "hi", "maybe", is_classification=True) is None
 
 
-@pytest.mark.parametrize("instruction, labels", [
-    ("Decide whether the review is positive, negative, or mixed.", ["positive", "negative", "mixed"]),
-    ('Is the statement a fact or an opinion? Reply with "fact" or "opinion".', ["fact", "opinion"]),
-    ("Identify the language. Choose from: French, Spanish, German.", ["french", "spanish", "german"]),
-    ("Label the text message as spam or not spam.", ["spam", "not spam"]),
-    ("Write a story about a dragon.", []),
-    ("Summarise the paragraph in one sentence.", []),
-])
+@pytest.mark.parametrize(
+    "instruction, labels",
+    [
+        ("Decide whether the review is positive, negative, or mixed.", ["positive", "negative", "mixed"]),
+        ('Is the statement a fact or an opinion? Reply with "fact" or "opinion".', ["fact", "opinion"]),
+        ("Identify the language. Choose from: French, Spanish, German.", ["french", "spanish", "german"]),
+        ("Label the text message as spam or not spam.", ["spam", "not spam"]),
+        ("Write a story about a dragon.", []),
+        ("Summarise the paragraph in one sentence.", []),
+    ],
+)
 def test_named_labels(instruction, labels):
     found = named_labels(instruction)
     assert all(label in found for label in labels)
@@ -87,13 +104,22 @@ class _Constant:
 
 
 def test_scorer_gates_cut_and_off_label_outputs_with_the_configured_penalty():
-    scorer = FeedbackScorer(components=[_Constant(c) for c in COMPONENTS],
-                            gate=InstanceGate(GateSettings(gate_reward=-5.0)))
+    scorer = FeedbackScorer(
+        components=[_Constant(c) for c in COMPONENTS], gate=InstanceGate(GateSettings(gate_reward=-5.0))
+    )
     instructions = ["Summarise it.", "Summarise it.", "Label it as spam or not spam.", "Label it as spam or not spam."]
-    generations = ["Input: text\nOutput: a summary that", "Input: text\nOutput: a summary\nInput: more\nOutput: x",
-                   "Input: hi\nOutput: hello there", "Input: hi\nOutput: Not spam"]
-    scored = scorer.score_texts(instructions, generations, hit_token_limit=[True, True, False, False],
-                                is_classification=[False, False, True, True])
+    generations = [
+        "Input: text\nOutput: a summary that",
+        "Input: text\nOutput: a summary\nInput: more\nOutput: x",
+        "Input: hi\nOutput: hello there",
+        "Input: hi\nOutput: Not spam",
+    ]
+    scored = scorer.score_texts(
+        instructions,
+        generations,
+        hit_token_limit=[True, True, False, False],
+        is_classification=[False, False, True, True],
+    )
     # The second hit the limit too, but its output was ended by a second example: it is complete.
     assert [s.gate_reason for s in scored] == ["output_cut_at_token_limit", None, "output_not_a_named_label", None]
     assert scored[0].reward == scored[2].reward == -5.0

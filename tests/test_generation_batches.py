@@ -5,17 +5,23 @@ import json
 
 import duckdb
 import pytest
-
 from pipeline_helpers import materialize, smallest_run_config
+
 from refine_af_pipeline.llm.backend import SamplingParams, render_prompt
 from refine_af_pipeline.llm.generation import generate, length_sorted_batches
 from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
 from resources import LanguageModelResource
 
-INSTRUCTIONS = ["Plan a trip", "Explain rivers to a child who asks why water flows downhill every single day",
-                "List three habits", "Compare two bridges and say which one is older and which one is longer",
-                "Rewrite this", "Suggest a recipe for a quiet evening", "Describe the market",
-                "Outline a budget for a student who lives in a city and walks to school"]
+INSTRUCTIONS = [
+    "Plan a trip",
+    "Explain rivers to a child who asks why water flows downhill every single day",
+    "List three habits",
+    "Compare two bridges and say which one is older and which one is longer",
+    "Rewrite this",
+    "Suggest a recipe for a quiet evening",
+    "Describe the market",
+    "Outline a budget for a student who lives in a city and walks to school",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +53,36 @@ def test_any_batch_size_returns_the_outputs_in_prompt_order(tiny):
 
 
 def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(tiny_model_dir, tmp_path):
-    config = smallest_run_config(bootstrap_instructions={"num_prompts": 8, "classification_prompts": 1},
-                                 instance_output_pairs={"max_instructions": 5, "instances_per_instruction": 2,
-                                                        "replicates": 1})
+    config = smallest_run_config(
+        bootstrap_instructions={"num_prompts": 8, "classification_prompts": 1},
+        instance_output_pairs={"max_instructions": 5, "instances_per_instruction": 2, "replicates": 1},
+    )
     sizes = {"bootstrap_instructions": 3, "selfinstruct_instance_pairs": 4}
-    result = materialize(tmp_path, str(tiny_model_dir), config, batch_size=2, stage_batch_sizes=sizes,
-                         selection=["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_model", "reward_scores",
-                                    "reward_standardisation", "selfinstruct_instance_pairs"])
+    result = materialize(
+        tmp_path,
+        str(tiny_model_dir),
+        config,
+        batch_size=2,
+        stage_batch_sizes=sizes,
+        selection=[
+            "seed_pool",
+            "raw_instructions",
+            "deduplicated_instructions",
+            "reward_model",
+            "reward_scores",
+            "reward_standardisation",
+            "selfinstruct_instance_pairs",
+        ],
+    )
     assert result.success
     with duckdb.connect(str(tmp_path / "refine_af.duckdb"), read_only=True) as conn:
-        batches = conn.execute("SELECT asset, batch_index, inputs, rows_written FROM generation_plan_batches "
-                               "ORDER BY asset, batch_index").pl()
-        raw = conn.execute("SELECT prompt_index, prompt_example_ids, position_in_response FROM raw_instructions "
-                           "ORDER BY prompt_index, position_in_response").pl()
+        batches = conn.execute(
+            "SELECT asset, batch_index, inputs, rows_written FROM generation_plan_batches ORDER BY asset, batch_index"
+        ).pl()
+        raw = conn.execute(
+            "SELECT prompt_index, prompt_example_ids, position_in_response FROM raw_instructions "
+            "ORDER BY prompt_index, position_in_response"
+        ).pl()
         pairs = conn.execute("SELECT instance_id, instruction_id, instruction FROM selfinstruct_instance_pairs").pl()
     raw_batches = [json.loads(i) for i in batches.filter(batches["asset"] == "raw_instructions")["inputs"]]
     assert [len(b) for b in raw_batches] == [3, 3, 2]
@@ -68,7 +91,9 @@ def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(
     for row in raw.filter(raw["position_in_response"] == 0).iter_rows(named=True):
         assert json.loads(row["prompt_example_ids"]) == planned[row["prompt_index"]]["example_ids"]
     assert sorted(set(raw["prompt_index"])) == list(range(8))
-    instance_batches = [json.loads(i) for i in batches.filter(batches["asset"] == "selfinstruct_instance_pairs")["inputs"]]
+    instance_batches = [
+        json.loads(i) for i in batches.filter(batches["asset"] == "selfinstruct_instance_pairs")["inputs"]
+    ]
     assert [len(b) for b in instance_batches] == [4, 4, 2]
     planned_items = [item for b in instance_batches for item in b]
     assert pairs["instance_id"].to_list() == [i["instance_id"] for i in planned_items]  # plan order
@@ -81,9 +106,19 @@ def test_bad_batch_settings_are_refused_with_the_setting_named(tmp_path):
     with pytest.raises(ValueError, match=r"stage batch sizes must be positive: \{'evaluation': 0\}"):
         LanguageModelResource(stage_batch_sizes={"evaluation": 0})
     # A step name that generates nothing (a typo, or an asset of a step) would be ignored silently.
-    with pytest.raises(ValueError, match=r"stage_batch_sizes names \['raw_instructions'\], which generate nothing; "
-                                         r"the generation steps are bootstrap_instructions, reward_model, reward_scores"):
+    with pytest.raises(
+        ValueError,
+        match=r"stage_batch_sizes names \['raw_instructions'\], which generate nothing; "
+        r"the generation steps are bootstrap_instructions, reward_model, reward_scores",
+    ):
         LanguageModelResource(stage_batch_sizes={"raw_instructions": 64})
     with pytest.raises(ValueError, match=r"train_batch_size \(5\) must divide prompts_per_step x group_size \(12\)"):
-        train_policy(None, None, ["an instruction"], None, RLSettings(prompts_per_step=3, group_size=4,
-                                                                      train_batch_size=5), tmp_path, "cpu")
+        train_policy(
+            None,
+            None,
+            ["an instruction"],
+            None,
+            RLSettings(prompts_per_step=3, group_size=4, train_batch_size=5),
+            tmp_path,
+            "cpu",
+        )

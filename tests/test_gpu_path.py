@@ -18,7 +18,9 @@ import pytest
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
+)
 
 
 def _report(name: str, value) -> None:
@@ -129,17 +131,18 @@ def test_cuda_logprobs_match_cpu(source, device):
 
 def test_generation_on_cuda_writes_instructions(base):
     from refine_af_pipeline.instructions.bootstrap import PoolItem, generate_instruction_rows, sample_prompt
+    from refine_af_pipeline.instructions.seeds import load_seed_tasks
     from refine_af_pipeline.llm.backend import SamplingParams, render_prompt
     from refine_af_pipeline.llm.generation import generate
-    from refine_af_pipeline.instructions.seeds import load_seed_tasks
 
     model, tokenizer = base
     seeds = [PoolItem(t.id, t.instruction, t.is_classification) for t in load_seed_tasks()]
     rng = random.Random(0)
     prompts = [sample_prompt(seeds, [], rng, classification=k == 0) for k in range(8)]
     params = SamplingParams(max_new_tokens=48)
-    rows = generate_instruction_rows(TransformersModel(model, tokenizer, "tiny"), prompts, params, "gpu-run-0000",
-                                     batch_size=8, seed=0)
+    rows = generate_instruction_rows(
+        TransformersModel(model, tokenizer, "tiny"), prompts, params, "gpu-run-0000", batch_size=8, seed=0
+    )
     assert {r["prompt_index"] for r in rows} == set(range(8))
     ok = [r for r in rows if r["parse_status"] == "ok" and r["instruction"].strip()]
     assert ok, [r["raw_response"] for r in rows]
@@ -156,20 +159,29 @@ def test_generation_on_cuda_writes_instructions(base):
         seconds = time.perf_counter() - started
         tokens = sum(g.n_tokens for g in gens)
         # Decode steps: each batch runs until its longest row stops (a row cut at EOS counts its EOS).
-        steps = sum(max(min(g.n_tokens + 1, timed.max_new_tokens) for g in gens[b:b + 32]) for b in (0, 32))
+        steps = sum(max(min(g.n_tokens + 1, timed.max_new_tokens) for g in gens[b : b + 32]) for b in (0, 32))
         assert len(gens) == 64 and tokens > 0
-        _report(f"generate ({attempt} call)", f"{tokens} tokens kept in {seconds:.2f} s = {tokens / seconds:.0f} tokens/s; "
-                f"about {steps} decode steps of batch 32 = {seconds / steps * 1000:.1f} ms/step (64 prompts, <=64 new tokens)")
+        _report(
+            f"generate ({attempt} call)",
+            f"{tokens} tokens kept in {seconds:.2f} s = {tokens / seconds:.0f} tokens/s; "
+            f"about {steps} decode steps of batch 32 = {seconds / steps * 1000:.1f} ms/step (64 prompts, <=64 new tokens)",
+        )
 
 
 def test_scored_instances_on_cuda(base, scorer):
-    from refine_af_pipeline.llm.backend import SamplingParams
     from refine_af_pipeline.instructions.instances import generate_scored_instances
+    from refine_af_pipeline.llm.backend import SamplingParams
 
     model, tokenizer = base
     instructions = _synthetic_instructions(8)
-    rows = generate_scored_instances(TransformersModel(model, tokenizer, "tiny"), scorer, instructions, SamplingParams(max_new_tokens=32),
-                                     batch_size=8, seed=0)
+    rows = generate_scored_instances(
+        TransformersModel(model, tokenizer, "tiny"),
+        scorer,
+        instructions,
+        SamplingParams(max_new_tokens=32),
+        batch_size=8,
+        seed=0,
+    )
     assert [r["instruction"] for r in rows] == instructions
     passed = [r for r in rows if r["gate_reason"] is None]
     assert passed, [r["generation"] for r in rows]
@@ -235,7 +247,9 @@ def test_grpo_steps_on_cuda(source, device, dtype, scorer, tmp_path):
     settings = RLSettings(max_steps=3, prompts_per_step=2, group_size=2, max_completion_length=24)
     clock = _StepClock()
     torch.cuda.reset_peak_memory_stats()
-    result = train_policy(policy, tokenizer, _synthetic_instructions(6), scorer, settings, tmp_path / "rl", device, clock)
+    result = train_policy(
+        policy, tokenizer, _synthetic_instructions(6), scorer, settings, tmp_path / "rl", device, clock
+    )
     peak = torch.cuda.max_memory_allocated()
     _lora_on_cuda(policy)
     _adapter_written(result.adapter_dir)
@@ -247,8 +261,11 @@ def test_grpo_steps_on_cuda(source, device, dtype, scorer, tmp_path):
     grad_norms = [float(g.get("grad_norm", 0.0)) for g in clock.step_logs]
     assert len(grad_norms) == 3 and all(math.isfinite(g) for g in grad_norms)
     assert _lora_b_moved(result.adapter_dir) == any(g > 0 for g in grad_norms), grad_norms
-    _report("grpo", f"step seconds {clock.per_step()}; trainer summary {clock.summary}; "
-                    f"peak allocated {peak / 2**20:.0f} MiB; log {result.log}")
+    _report(
+        "grpo",
+        f"step seconds {clock.per_step()}; trainer summary {clock.summary}; "
+        f"peak allocated {peak / 2**20:.0f} MiB; log {result.log}",
+    )
 
     # The adapter loads back onto cuda through the project's loader and generates.
     tuned, tokenizer = _load(source, device, dtype, adapter=str(result.adapter_dir))
@@ -267,13 +284,23 @@ def test_sft_steps_on_cuda(source, device, dtype, tmp_path):
     triples = [(i, words[2 * k], words[2 * k + 1]) for k, i in enumerate(instructions)]
     clock = _StepClock()
     torch.cuda.reset_peak_memory_stats()
-    result = finetune(model, tokenizer, triples, SFTSettings(epochs=1.0, batch_size=4, max_length=128),
-                      tmp_path / "sft", device, clock)
+    result = finetune(
+        model,
+        tokenizer,
+        triples,
+        SFTSettings(epochs=1.0, batch_size=4, max_length=128),
+        tmp_path / "sft",
+        device,
+        clock,
+    )
     peak = torch.cuda.max_memory_allocated()
     _lora_on_cuda(model)
     _adapter_written(result.adapter_dir)
     assert [r["step"] for r in result.log] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in result.log), result.log
     assert _lora_b_moved(result.adapter_dir)
-    _report("sft", f"step seconds {clock.per_step()}; trainer summary {clock.summary}; "
-                   f"peak allocated {peak / 2**20:.0f} MiB; log {result.log}")
+    _report(
+        "sft",
+        f"step seconds {clock.per_step()}; trainer summary {clock.summary}; "
+        f"peak allocated {peak / 2**20:.0f} MiB; log {result.log}",
+    )

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-
 from feedback_fakes import ScriptedCausalLM, ScriptedSeq2Seq
+from tiny_judges import build_llama_reward_model, build_oasst_reward_model, build_t5_evaluator
+
 from refine_af_pipeline.feedback.judges import RewardModelPreference, UniEvalBoolean, load_evaluator, load_reward_model
 from refine_af_pipeline.llm.models import ModelUnavailable, load_tokenizer, resolve_model_source
-from tiny_judges import build_llama_reward_model, build_oasst_reward_model, build_t5_evaluator
 
 INSTRUCTIONS = ["Add the numbers.", "Name a colour.", "Write a short greeting for a friend."]
 INPUTS = ["2 and 3", "", ""]
@@ -61,7 +61,8 @@ def test_oasst_reward_model_loads_without_remote_code_and_reads_the_oasst_layout
     assert texts[1] == "<|prompter|>Name a colour.<|endoftext|><|assistant|>" + OUTPUTS[1] + "<|endoftext|>"
     # Last-token pooling with padding in the batch equals each text scored alone.
     assert preference.score(INSTRUCTIONS, INPUTS, OUTPUTS) == pytest.approx(
-        _one_by_one_logits(model, tokenizer, texts), abs=1e-4)
+        _one_by_one_logits(model, tokenizer, texts), abs=1e-4
+    )
 
 
 def test_reward_model_pair_format_and_two_label_heads():
@@ -107,8 +108,10 @@ def test_unieval_seq2seq_reads_the_first_decoder_position(tokenizer):
     encoder_ids, decoder_ids = model.seen[0]
     assert decoder_ids.tolist() == [[tokenizer.pad_token_id]] * 2  # the start token only
     first = tokenizer.decode(encoder_ids[0], skip_special_tokens=True)
-    assert first == ("question: Is this a coherent response that follows from the task? </s> response: 5 "
-                     "</s> task: Add the numbers.\n2 and 3")
+    assert first == (
+        "question: Is this a coherent response that follows from the task? </s> response: 5 "
+        "</s> task: Add the numbers.\n2 and 3"
+    )
     naturalness = UniEvalBoolean("naturalness", model, tokenizer, "scripted-t5")
     naturalness.score(INSTRUCTIONS[:1], INPUTS[:1], OUTPUTS[:1])
     assert "task:" not in tokenizer.decode(model.seen[-1][0][0], skip_special_tokens=True)
@@ -141,10 +144,13 @@ def test_unieval_causal_reads_the_next_token_after_the_question(tokenizer):
     evaluator = UniEvalBoolean("understandability", model, tokenizer, "scripted-lm")
     assert evaluator.score(INSTRUCTIONS, INPUTS, OUTPUTS) == pytest.approx([1 / (1 + math.exp(-2.0))] * 3, abs=1e-6)
     prompt = tokenizer.decode(model.seen[0][0], skip_special_tokens=False)
-    assert prompt.endswith("Response: 5\n\nQuestion: Is this an understandable response to the task? "
-                           "Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")
-    flipped = UniEvalBoolean("understandability", ScriptedCausalLM(len(tokenizer), {yes: -0.5, no: 1.5}),
-                             tokenizer, "scripted-lm")
+    assert prompt.endswith(
+        "Response: 5\n\nQuestion: Is this an understandable response to the task? "
+        "Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    flipped = UniEvalBoolean(
+        "understandability", ScriptedCausalLM(len(tokenizer), {yes: -0.5, no: 1.5}), tokenizer, "scripted-lm"
+    )
     assert flipped.score(INSTRUCTIONS[:1], INPUTS[:1], OUTPUTS[:1])[0] < 0.5
 
 
@@ -157,7 +163,9 @@ def test_unieval_versions_name_the_model_and_the_question():
 
 
 def test_missing_judges_fail_with_their_name(tmp_path):
-    with pytest.raises(ModelUnavailable, match=r"reward model \(tokenizer\) 'no-such-org/no-such-reward-model'.*allow_download"):
+    with pytest.raises(
+        ModelUnavailable, match=r"reward model \(tokenizer\) 'no-such-org/no-such-reward-model'.*allow_download"
+    ):
         load_reward_model("no-such-org/no-such-reward-model", "cpu")
     with pytest.raises(ModelUnavailable, match="does not exist"):
         load_evaluator(str(tmp_path / "no-evaluator-here"), "cpu")

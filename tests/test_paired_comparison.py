@@ -4,8 +4,8 @@ import random
 import pytest
 
 from refine_af_pipeline.evaluation.heldout import per_instruction_rows, summarise
-from refine_af_pipeline.feedback.scores import COMPONENTS
 from refine_af_pipeline.evaluation.paired_comparison import mean_paired_difference, outcome, paired_bootstrap
+from refine_af_pipeline.feedback.scores import COMPONENTS
 
 
 def test_ci_covers_the_true_mean_difference():

@@ -22,8 +22,9 @@ def test_numbers_must_run_on_and_commentary_is_cut():
 
 def test_an_item_is_its_first_line_and_a_nested_list_under_it_is_not_an_item():
     # The model starts answering the instruction with a list of its own, until the token limit.
-    response = (" Create a packing list for a weekend by the sea:\n1. Sunscreen\n2. Towel\n3. A book\n"
-                "4. Something that got cu")
+    response = (
+        " Create a packing list for a weekend by the sea:\n1. Sunscreen\n2. Towel\n3. A book\n4. Something that got cu"
+    )
     parsed = parse_numbered_continuation(response, 9, hit_token_limit=True)
     assert parsed.instructions == ["Create a packing list for a weekend by the sea:"]
     assert not parsed.dropped_truncated  # the instruction's own line was complete

@@ -1,7 +1,12 @@
 import random
 
 from refine_af_pipeline.instructions.bootstrap import PoolItem, sample_prompt
-from refine_af_pipeline.llm.prompts import bootstrap_continuation_prefix, bootstrap_prompt, evaluation_prompt, sft_prompt
+from refine_af_pipeline.llm.prompts import (
+    bootstrap_continuation_prefix,
+    bootstrap_prompt,
+    evaluation_prompt,
+    sft_prompt,
+)
 
 SEEDS = [PoolItem(f"s{k}", f"Seed instruction number {k}", k % 5 == 0) for k in range(30)]
 MACHINE = [PoolItem(f"m{k}", f"Machine instruction {k}", k % 2 == 0) for k in range(5)]

@@ -8,10 +8,12 @@ from refine_af_pipeline.evaluation.readme_verdict import END, START, main
 
 def _database(path):
     with duckdb.connect(str(path)) as conn:
-        conn.execute("CREATE TABLE rl_verdict AS SELECT 'b. REFINE-AF data beats Self-Instruct data after SFT' AS question, "
-                     "'refine_af' AS candidate, 'self_instruct' AS reference, 'rouge_l' AS metric, 'tasks' AS judge, "
-                     "0.02 AS effect, -0.01 AS ci95_low, 0.05 AS ci95_high, 64 AS n_items, 3 AS n_seeds, 0.01 AS margin, "
-                     "0.04 AS min_detectable_difference, 'cannot tell' AS answer, '' AS note, 'r1' AS run_id")
+        conn.execute(
+            "CREATE TABLE rl_verdict AS SELECT 'b. REFINE-AF data beats Self-Instruct data after SFT' AS question, "
+            "'refine_af' AS candidate, 'self_instruct' AS reference, 'rouge_l' AS metric, 'tasks' AS judge, "
+            "0.02 AS effect, -0.01 AS ci95_low, 0.05 AS ci95_high, 64 AS n_items, 3 AS n_seeds, 0.01 AS margin, "
+            "0.04 AS min_detectable_difference, 'cannot tell' AS answer, '' AS note, 'r1' AS run_id"
+        )
     return path
 
 

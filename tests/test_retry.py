@@ -30,20 +30,27 @@ def test_transient_errors_are_retried_with_growing_pauses():
 def test_the_bound_is_kept_and_the_last_error_is_named():
     pauses = []
     flaky = Flaky(10, OSError("Input/output error reading model.safetensors"))
-    with pytest.raises(RetriesExhausted, match=r"batch 3/5 failed 4 times; the last error: OSError: Input/output") as info:
-        call_with_retry(flaky, "batch 3/5", Backoff(attempts=4, first_delay_s=1, factor=10, max_delay_s=30), pauses.append)
+    with pytest.raises(
+        RetriesExhausted, match=r"batch 3/5 failed 4 times; the last error: OSError: Input/output"
+    ) as info:
+        call_with_retry(
+            flaky, "batch 3/5", Backoff(attempts=4, first_delay_s=1, factor=10, max_delay_s=30), pauses.append
+        )
     assert flaky.calls == 4 and pauses == [1, 10, 30]
     assert isinstance(info.value.__cause__, OSError)
 
 
-@pytest.mark.parametrize("error", [
-    ValueError("bad prompt"),
-    RuntimeError("The size of tensor a (8) must match the size of tensor b (9)"),
-    RuntimeError("CUDA error: an illegal memory access was encountered"),  # the context is lost for good
-    FileNotFoundError(2, "No such file or directory", "model.safetensors"),
-    PermissionError(13, "Permission denied", "/models"),
-    OSError(28, "No space left on device"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("bad prompt"),
+        RuntimeError("The size of tensor a (8) must match the size of tensor b (9)"),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),  # the context is lost for good
+        FileNotFoundError(2, "No such file or directory", "model.safetensors"),
+        PermissionError(13, "Permission denied", "/models"),
+        OSError(28, "No space left on device"),
+    ],
+)
 def test_errors_that_are_not_transient_are_raised_at_once(error):
     pauses = []
     flaky = Flaky(1, error)
@@ -52,15 +59,18 @@ def test_errors_that_are_not_transient_are_raised_at_once(error):
     assert flaky.calls == 1 and pauses == []
 
 
-@pytest.mark.parametrize("error", [
-    RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"),
-    RuntimeError("MPS backend out of memory (MPS allocated: 9.00 GB)"),
-    OSError(5, "Input/output error"),
-    OSError("Input/output error reading model.safetensors"),
-    ConnectionResetError(104, "Connection reset by peer"),
-    TimeoutError("read timed out"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"),
+        RuntimeError("MPS backend out of memory (MPS allocated: 9.00 GB)"),
+        OSError(5, "Input/output error"),
+        OSError("Input/output error reading model.safetensors"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        TimeoutError("read timed out"),
+    ],
+)
 def test_transient_errors_are_recognised(error):
     assert is_transient(error)
     flaky = Flaky(1, error)
@@ -76,8 +86,12 @@ def test_torch_out_of_memory_is_transient():
 
 def test_a_custom_rule_replaces_the_default():
     flaky = Flaky(1, KeyError("x"))
-    assert call_with_retry(flaky, "batch", Backoff(first_delay_s=0, retry_on=lambda e: isinstance(e, KeyError)),
-                           lambda s: None) == "done"
+    assert (
+        call_with_retry(
+            flaky, "batch", Backoff(first_delay_s=0, retry_on=lambda e: isinstance(e, KeyError)), lambda s: None
+        )
+        == "done"
+    )
 
 
 def test_generate_retries_a_failing_forward_pass_and_gives_the_same_text(tiny_model_dir):

@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from refine_af_pipeline.feedback.reward_model import (EmbeddingRewardModel, PreferencePair, features, fit_bradley_terry,
-                                                      length_baseline, pairwise_accuracy, preference_pairs)
+from refine_af_pipeline.feedback.reward_model import (
+    EmbeddingRewardModel,
+    PreferencePair,
+    features,
+    fit_bradley_terry,
+    length_baseline,
+    pairwise_accuracy,
+    preference_pairs,
+)
 
 
 class _ToyEmbedder:
@@ -26,12 +33,20 @@ class _ToyEmbedder:
 
 
 def test_pairs_hold_every_kind_of_negative_with_the_human_output_preferred():
-    tasks = [dict(instruction_id="s1", instruction="Add the numbers.", input="2 and 3", output="The sum is 5 here"),
-             dict(instruction_id="s2", instruction="Name a colour.", input="", output="Blue")]
+    tasks = [
+        dict(instruction_id="s1", instruction="Add the numbers.", input="2 and 3", output="The sum is 5 here"),
+        dict(instruction_id="s2", instruction="Name a colour.", input="", output="Blue"),
+    ]
     pairs = preference_pairs(tasks, {"s1": "I like numbers", "s2": "Blue"}, seed=0)
     kinds = {(p.instruction_id, p.kind) for p in pairs}
-    assert kinds == {("s1", "base_model"), ("s1", "echo"), ("s1", "other_task"), ("s1", "cut"),
-                     ("s2", "echo"), ("s2", "other_task")}  # s2: the base model wrote the human answer; too short to cut
+    assert kinds == {
+        ("s1", "base_model"),
+        ("s1", "echo"),
+        ("s1", "other_task"),
+        ("s1", "cut"),
+        ("s2", "echo"),
+        ("s2", "other_task"),
+    }  # s2: the base model wrote the human answer; too short to cut
     by = {(p.instruction_id, p.kind): p for p in pairs}
     assert by[("s1", "echo")].rejected == "2 and 3" and by[("s2", "echo")].rejected == "Name a colour."
     assert by[("s1", "cut")].rejected == "The sum" and by[("s1", "other_task")].rejected == "Blue"

@@ -6,11 +6,15 @@ import pytest
 
 from refine_af_pipeline.llm.backend import render_prompt
 from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
-from refine_af_pipeline.training.rl import RLSettings, rl_prompt, train_policy
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
+from refine_af_pipeline.training.rl import RLSettings, rl_prompt, train_policy
 
-INSTRUCTIONS = ["Describe a quiet river garden", "List three useful habits for every student",
-                "Compare two ancient bridges", "Suggest a simple recipe for a team"]
+INSTRUCTIONS = [
+    "Describe a quiet river garden",
+    "List three useful habits for every student",
+    "Compare two ancient bridges",
+    "Suggest a simple recipe for a team",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +42,29 @@ def test_one_rloo_step_trains_and_logs(loaded, tmp_path):
     judge = load_causal_lm(source, "cpu", None)
     from learned_reward_fixture import write_learned_reward
 
-    scorer = FeedbackScorerResource().build(TransformersModel(judge, tokenizer, "tiny"), "cpu", batch_size=8,
-                                            learned_reward_dir=str(write_learned_reward(tmp_path / "learned_reward")))
+    scorer = FeedbackScorerResource().build(
+        TransformersModel(judge, tokenizer, "tiny"),
+        "cpu",
+        batch_size=8,
+        learned_reward_dir=str(write_learned_reward(tmp_path / "learned_reward")),
+    )
     policy = load_causal_lm(source, "cpu", None)
     settings = RLSettings(algorithm="rloo", max_steps=1, prompts_per_step=2, group_size=2, max_completion_length=16)
     result = train_policy(policy, tokenizer, INSTRUCTIONS, scorer, settings, tmp_path, "cpu")
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     [row] = result.log
     assert row["step"] == 1 and math.isfinite(row["reward"])
-    for column in ["kl", "completion_length", "clipped_share", "gate_failure_share", "repeat_share",
-                   "preference_mean", "naturalness_mean", "coherence_mean", "understandability_mean"]:
+    for column in [
+        "kl",
+        "completion_length",
+        "clipped_share",
+        "gate_failure_share",
+        "repeat_share",
+        "preference_mean",
+        "naturalness_mean",
+        "coherence_mean",
+        "understandability_mean",
+    ]:
         assert column in row, column
     assert 0.0 <= row["clipped_share"] <= 1.0 and 0.0 <= row["repeat_share"] <= 1.0
     assert 0 < row["completion_length"] <= 16
@@ -77,11 +94,19 @@ def test_rollouts_sample_the_nucleus_without_transformers_warpers(loaded):
 
     source, tokenizer = loaded
     model = load_causal_lm(source, "cpu", None)
-    config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.7, top_p=0.9,
-                              pad_token_id=tokenizer.pad_token_id, output_scores=True, output_logits=True,
-                              return_dict_in_generate=True)
-    trainer = SimpleNamespace(generation_config=config, generation_kwargs={"top_p": 0.9, "temperature": 0.7},
-                              model=model)
+    config = GenerationConfig(
+        max_new_tokens=12,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        pad_token_id=tokenizer.pad_token_id,
+        output_scores=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    trainer = SimpleNamespace(
+        generation_config=config, generation_kwargs={"top_p": 0.9, "temperature": 0.7}, model=model
+    )
     warper_calls = []
     real = {cls: cls.__call__ for cls in (TopPLogitsWarper, TemperatureLogitsWarper)}
     for cls in real:
@@ -90,8 +115,9 @@ def test_rollouts_sample_the_nucleus_without_transformers_warpers(loaded):
         with sort_free_rollouts(trainer, 0.9, 0.7) as installed:
             assert installed and (config.top_p, config.temperature) == (1.0, 1.0)
             assert trainer.generation_kwargs == {"top_p": 1.0, "temperature": 1.0}
-            enc = tokenizer([rl_prompt(tokenizer, i) for i in INSTRUCTIONS], return_tensors="pt", padding=True,
-                            padding_side="left")
+            enc = tokenizer(
+                [rl_prompt(tokenizer, i) for i in INSTRUCTIONS], return_tensors="pt", padding=True, padding_side="left"
+            )
             torch.manual_seed(0)
             out = model.generate(**enc, generation_config=config)
     finally:
@@ -99,7 +125,7 @@ def test_rollouts_sample_the_nucleus_without_transformers_warpers(loaded):
             cls.__call__ = call
     assert not warper_calls
     assert "generate" not in model.__dict__  # restored
-    new_tokens = out.sequences[:, enc["input_ids"].shape[1]:]
+    new_tokens = out.sequences[:, enc["input_ids"].shape[1] :]
     ended = {tokenizer.pad_token_id, tokenizer.eos_token_id}
     masked_somewhere = False
     for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):

@@ -34,10 +34,16 @@ def _launcher(instance) -> ProcessCheckingRunLauncher:
 def _started_run(instance, pid: int | None, started_at: float | None = None) -> dg.DagsterRun:
     run = instance.add_run(dg.DagsterRun(job_name="job", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED))
     if pid is not None:
-        instance.store_event(EventLogEntry(
-            error_info=None, level=logging.DEBUG, user_message="", run_id=run.run_id,
-            timestamp=started_at or time.time(),
-            dagster_event=DagsterEvent(DagsterEventType.RUN_START.value, job_name="job", pid=pid)))
+        instance.store_event(
+            EventLogEntry(
+                error_info=None,
+                level=logging.DEBUG,
+                user_message="",
+                run_id=run.run_id,
+                timestamp=started_at or time.time(),
+                dagster_event=DagsterEvent(DagsterEventType.RUN_START.value, job_name="job", pid=pid),
+            )
+        )
     return run
 
 

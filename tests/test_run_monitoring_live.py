@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from dagster_graphql import DagsterGraphQLClient
-
 from dagster_services import BIN, DagsterServices
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher reads /proc")
@@ -45,8 +44,21 @@ def _wait(what: str, predicate, timeout_s: float, services) -> float:
 @pytest.fixture
 def services(tmp_path):
     workspace = tmp_path / "workspace.yaml"
-    workspace.write_text(json.dumps({"load_from": [{"python_file": {
-        "relative_path": str(HERE / "sleepy_defs.py"), "working_directory": str(HERE), "location_name": LOCATION}}]}))
+    workspace.write_text(
+        json.dumps(
+            {
+                "load_from": [
+                    {
+                        "python_file": {
+                            "relative_path": str(HERE / "sleepy_defs.py"),
+                            "working_directory": str(HERE),
+                            "location_name": LOCATION,
+                        }
+                    }
+                ]
+            }
+        )
+    )
     services = DagsterServices(tmp_path / "dagster_home", {}, workspace=workspace)
     services.start()
     try:
@@ -58,22 +70,33 @@ def services(tmp_path):
 def test_a_killed_run_fails_and_the_queued_run_starts_within_a_minute(services):
     services.wait_until_serving(timeout_s=300)
     client = DagsterGraphQLClient("127.0.0.1", port_number=services.port, timeout=60)
-    cli = subprocess.Popen([str(BIN / "dagster"), "asset", "materialize", "-f", str(HERE / "sleepy_defs.py"),
-                            "--select", "sleepy"], cwd=HERE, env=services.env, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli = subprocess.Popen(
+        [str(BIN / "dagster"), "asset", "materialize", "-f", str(HERE / "sleepy_defs.py"), "--select", "sleepy"],
+        cwd=HERE,
+        env=services.env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait("the CLI run starts", lambda: "STARTED" in _runs(services).values(), 120, services)
         [killed] = [r for r, s in _runs(services).items() if s == "STARTED"]
-        queued = client.submit_job_execution("sleepy_job", repository_location_name=LOCATION,
-                                             repository_name="__repository__",
-                                             run_config={"ops": {"sleepy": {"config": {"seconds": 1}}}})
+        queued = client.submit_job_execution(
+            "sleepy_job",
+            repository_location_name=LOCATION,
+            repository_name="__repository__",
+            run_config={"ops": {"sleepy": {"config": {"seconds": 1}}}},
+        )
         time.sleep(20)  # the daemon dequeues every 5 s: the slot is taken, so the run waits
         assert _runs(services)[queued] == "QUEUED", _runs(services)
         os.killpg(cli.pid, signal.SIGKILL)  # the run's process and its step process
         cli.wait()
-        seconds = _wait("the killed run fails and the queued run leaves the queue",
-                        lambda: _runs(services)[killed] == "FAILURE" and _runs(services)[queued] != "QUEUED",
-                        60, services)
+        seconds = _wait(
+            "the killed run fails and the queued run leaves the queue",
+            lambda: _runs(services)[killed] == "FAILURE" and _runs(services)[queued] != "QUEUED",
+            60,
+            services,
+        )
         _wait("the queued run succeeds", lambda: _runs(services)[queued] == "SUCCESS", 120, services)
     finally:
         if cli.poll() is None:

@@ -26,9 +26,13 @@ def test_it_prints_every_step_with_its_peak_and_the_run_totals(tmp_path):
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert dg.materialize([first_table, second_table], instance=instance).success
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_steps.py"), "--metadata"],
-                            env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_steps.py"), "--metadata"],
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = result.stdout.splitlines()
     rows = {line.split()[0]: line.split() for line in lines if line.startswith(("first_table", "second_table"))}
     assert rows["first_table"][-1] == "100" and rows["second_table"][-1] == "250"
@@ -39,6 +43,10 @@ def test_it_prints_every_step_with_its_peak_and_the_run_totals(tmp_path):
 def test_an_empty_instance_is_an_error_that_names_it(tmp_path):
     home = tmp_path / "empty_home"
     home.mkdir()
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_steps.py")],
-                            env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_steps.py")],
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and f"no runs in {home}" in result.stderr

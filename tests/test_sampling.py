@@ -7,8 +7,7 @@ import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-from refine_af_pipeline.llm.sampling import (FIRST_K, nucleus_candidates, nucleus_logits_processor,
-                                             sample_next_tokens)
+from refine_af_pipeline.llm.sampling import FIRST_K, nucleus_candidates, nucleus_logits_processor, sample_next_tokens
 
 TEMPERATURE, TOP_P = 0.7, 0.95
 
@@ -68,12 +67,15 @@ def test_draws_follow_the_transformers_distribution(tiny_logits):
     for logits in (tiny_logits, flat_logits(vocabulary=300)):
         expected = transformers_probs(logits)
         for row in range(logits.shape[0]):
-            repeated = logits[row:row + 1].expand(draws, -1)
+            repeated = logits[row : row + 1].expand(draws, -1)
             uniforms = torch.rand(draws, generator=generator)
-            ours = torch.bincount(sample_next_tokens(repeated, TEMPERATURE, TOP_P, uniforms),
-                                  minlength=logits.shape[1]).double()
-            theirs = torch.bincount(torch.multinomial(expected[row], draws, replacement=True, generator=generator),
-                                    minlength=logits.shape[1]).double()
+            ours = torch.bincount(
+                sample_next_tokens(repeated, TEMPERATURE, TOP_P, uniforms), minlength=logits.shape[1]
+            ).double()
+            theirs = torch.bincount(
+                torch.multinomial(expected[row], draws, replacement=True, generator=generator),
+                minlength=logits.shape[1],
+            ).double()
             assert set(torch.nonzero(ours).flatten().tolist()) <= set(torch.nonzero(expected[row]).flatten().tolist())
             counts = expected[row].double() / expected[row].double().sum() * draws
             big = counts >= 5
@@ -90,7 +92,9 @@ def test_draws_follow_the_transformers_distribution(tiny_logits):
 def test_top_p_one_samples_the_whole_vocabulary_and_uniforms_pick_by_cumulative_share():
     # With top_p 0.6 the nucleus is {0, 1} (0.5 is below 0.6, 0.8 reaches it): renormalised 0.625 / 0.375.
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    pick = [sample_next_tokens(logits, 1.0, 1.0, torch.tensor([u])).item() for u in (0.0, 0.49, 0.51, 0.79, 0.81, 0.999)]
+    pick = [
+        sample_next_tokens(logits, 1.0, 1.0, torch.tensor([u])).item() for u in (0.0, 0.49, 0.51, 0.79, 0.81, 0.999)
+    ]
     assert pick == [0, 0, 1, 1, 2, 2]
     pick = [sample_next_tokens(logits, 1.0, 0.6, torch.tensor([u])).item() for u in (0.6, 0.63, 0.999)]
     assert pick == [0, 1, 1]

@@ -39,8 +39,10 @@ def test_missing_field_names_the_field_and_line(tmp_path):
 
 
 def test_wrong_type_and_duplicate_ids(tmp_path):
-    bad = _write(tmp_path, json.dumps({"id": "a", "instruction": "Do it now", "instances": [],
-                                       "is_classification": False}) + "\n")
+    bad = _write(
+        tmp_path,
+        json.dumps({"id": "a", "instruction": "Do it now", "instances": [], "is_classification": False}) + "\n",
+    )
     with pytest.raises(SeedFileError, match="instances"):
         load_seed_tasks(bad)
     rec = json.dumps({"id": "a", "instruction": "Do it now please", "instances": [{"input": "", "output": "y"}]})
@@ -58,10 +60,16 @@ def test_not_utf8_and_empty(tmp_path):
 
 
 def test_alpaca_json_is_accepted(tmp_path):
-    path = _write(tmp_path, json.dumps([
-        {"instruction": "Name a colour of the sky", "input": "", "output": "Blue"},
-        {"instruction": "Add the numbers", "input": "2 and 3", "output": "5"},
-    ]), "alpaca.json")
+    path = _write(
+        tmp_path,
+        json.dumps(
+            [
+                {"instruction": "Name a colour of the sky", "input": "", "output": "Blue"},
+                {"instruction": "Add the numbers", "input": "2 and 3", "output": "5"},
+            ]
+        ),
+        "alpaca.json",
+    )
     tasks = load_seed_tasks(path)
     assert [t.instruction for t in tasks] == ["Name a colour of the sky", "Add the numbers"]
     assert tasks[1].instances[0].input == "2 and 3"

@@ -16,8 +16,15 @@ def _asset_configs() -> list[type]:
     import refine_af_pipeline.definitions  # noqa: F401  (imports every asset module)
 
     modules = [m for name, m in sorted(vars(assets).items()) if not name.startswith("_") and hasattr(m, "__file__")]
-    return sorted({obj for m in modules for obj in vars(m).values() if isinstance(obj, type)
-                   and issubclass(obj, dg.Config) and obj.__module__.startswith("assets.")}, key=lambda c: c.__name__)
+    return sorted(
+        {
+            obj
+            for m in modules
+            for obj in vars(m).values()
+            if isinstance(obj, type) and issubclass(obj, dg.Config) and obj.__module__.startswith("assets.")
+        },
+        key=lambda c: c.__name__,
+    )
 
 
 def test_every_run_config_is_a_core_settings_class_and_adds_nothing():
@@ -45,7 +52,11 @@ def test_the_run_config_has_the_settings_fields_defaults_and_descriptions(config
     for name, field in settings.model_fields.items():
         derived = config.model_fields[name]
         assert field.description, f"{settings.__name__}.{name} has no description"
-        assert (derived.default, derived.description, derived.annotation) == (field.default, field.description, field.annotation)
+        assert (derived.default, derived.description, derived.annotation) == (
+            field.default,
+            field.description,
+            field.annotation,
+        )
     assert config().model_dump() == settings().model_dump()
 
 

@@ -41,8 +41,10 @@ def test_small_pools_get_the_minimum_and_never_more_than_a_quarter():
 
 
 def test_epoch_log_means_the_steps_of_each_epoch_and_takes_the_validation_after_it():
-    steps = [{"step": k, "loss": loss, "learning_rate": 1e-3, "epoch": k / 2}
-             for k, loss in zip(range(1, 7), [2.0, 1.8, 1.6, 1.4, 1.3, 1.1])]
+    steps = [
+        {"step": k, "loss": loss, "learning_rate": 1e-3, "epoch": k / 2}
+        for k, loss in zip(range(1, 7), [2.0, 1.8, 1.6, 1.4, 1.3, 1.1])
+    ]
     evals = [{"eval_loss": 1.9, "epoch": 1.0}, {"eval_loss": 1.7, "epoch": 2.0}, {"eval_loss": 1.75, "epoch": 3.0}]
     log = epoch_log(steps, evals, {"train": 2.2, "validation": 2.1})
     assert [r["epoch"] for r in log] == [0, 1, 2, 3]

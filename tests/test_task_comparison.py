@@ -44,7 +44,8 @@ def test_different_task_sets_are_refused():
 
 def test_mean_per_model_weighs_every_task_the_same():
     assert mean_per_model({"base": {"a": 0.2, "b": 0.4}, "refine_af": {"a": 0.6, "b": 0.0}}) == pytest.approx(
-        {"base": 0.3, "refine_af": 0.3})
+        {"base": 0.3, "refine_af": 0.3}
+    )
 
 
 def test_summary_rows_compare_every_pair_on_each_metric_with_its_own_tie_tolerance():

@@ -2,12 +2,16 @@
 
 import duckdb
 import pytest
-
 from pipeline_helpers import materialize
+
 from resources import LanguageModelResource
 
-BAD = [({"operations": ["breadth", "paraphrase"]}, "paraphrase"), ({"episodes_per_update": 0}, "episodes_per_update"),
-       ({"horizon": 0}, "horizon"), ({"updates": 0}, "updates")]
+BAD = [
+    ({"operations": ["breadth", "paraphrase"]}, "paraphrase"),
+    ({"episodes_per_update": 0}, "episodes_per_update"),
+    ({"horizon": 0}, "horizon"),
+    ({"updates": 0}, "updates"),
+]
 
 
 @pytest.mark.parametrize("config, named", BAD)
@@ -16,8 +20,12 @@ def test_bad_instructor_config_fails_before_a_model_opens(config, named, tmp_pat
     monkeypatch.setattr(LanguageModelResource, "open_models", lambda self, adapters: opened.append(adapters))
     materialize(tmp_path, str(tiny_model_dir), {}, selection=["seed_pool"])
     with pytest.raises(Exception) as err:
-        materialize(tmp_path, str(tiny_model_dir), {"teams_operation_policy": config},
-                    selection=["teams_operation_policy", "teams_policy_transitions"])
+        materialize(
+            tmp_path,
+            str(tiny_model_dir),
+            {"teams_operation_policy": config},
+            selection=["teams_operation_policy", "teams_policy_transitions"],
+        )
     assert named in str(err.value)
     assert opened == []
     with duckdb.connect(str(tmp_path / "refine_af.duckdb"), read_only=True) as conn:

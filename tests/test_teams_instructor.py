@@ -6,8 +6,13 @@ from pydantic import ValidationError
 
 from refine_af_pipeline.teams.environment import BatchedEvolutionVecEnv, InstructionEvolutionEnv
 from refine_af_pipeline.teams.evolution import StepResult
-from refine_af_pipeline.teams.instructor import (InstructorSettings, action_probabilities, load_policy, save_policy,
-                                                 train_instructor)
+from refine_af_pipeline.teams.instructor import (
+    InstructorSettings,
+    action_probabilities,
+    load_policy,
+    save_policy,
+    train_instructor,
+)
 from refine_af_pipeline.teams.operations import OPERATION_NAMES
 from refine_af_pipeline.teams.state import ChainState, encode, observation_size
 
@@ -20,8 +25,10 @@ def stub_step(rewarded: str):
 
     def step(befores, operations, t):
         calls.append(len(befores))
-        return [StepResult(op, b, f"{b} ({op})", 1.0 if op == rewarded else 0.0, None, None, False, False, 3, False)
-                for b, op in zip(befores, operations)]
+        return [
+            StepResult(op, b, f"{b} ({op})", 1.0 if op == rewarded else 0.0, None, None, False, False, 3, False)
+            for b, op in zip(befores, operations)
+        ]
 
     step.calls = calls
     return step
@@ -30,9 +37,11 @@ def stub_step(rewarded: str):
 def test_training_on_a_stub_reviewer_learns_the_rewarded_operation(tmp_path):
     settings = InstructorSettings(episodes_per_update=16, updates=25, target_kl=0.05, seed=3)
     step = stub_step("concretize")
-    env = BatchedEvolutionVecEnv(SEEDS, settings.operations, settings.horizon, step, settings.episodes_per_update, seed=3)
+    env = BatchedEvolutionVecEnv(
+        SEEDS, settings.operations, settings.horizon, step, settings.episodes_per_update, seed=3
+    )
     result = train_instructor(env, settings)
-    visited = np.array([t["observation"] for t in env.transitions[-16 * settings.horizon:]], dtype=np.float32)
+    visited = np.array([t["observation"] for t in env.transitions[-16 * settings.horizon :]], dtype=np.float32)
     probs = action_probabilities(result.model, visited)
     k = OPERATION_NAMES.index("concretize")
     # Within 25 updates: on average over the states the last rollout visited, and a majority in every one
@@ -56,14 +65,14 @@ def test_episodes_draw_seed_instructions_and_keep_every_intermediate_step():
     n = len(OPERATION_NAMES)
     deepen = OPERATION_NAMES.index("deepen")
     obs = env.reset()
-    assert obs.shape == (4, observation_size(n)) and not obs[:, :n + 2].any()  # no previous operation, step 0
+    assert obs.shape == (4, observation_size(n)) and not obs[:, : n + 2].any()  # no previous operation, step 0
     for t in range(6):
         obs, rewards, dones, infos = env.step(np.full(4, deepen))
         assert dones.all() == (t == 5)
     terminal = infos[0]["terminal_observation"]
     # After the last step: deepen was the previous operation, the chain is at its end, the rewrite accepted.
     assert terminal[:n].tolist() == np.eye(n)[deepen].tolist() and terminal[n] == 1.0 and terminal[n + 1] == 0.0
-    assert not obs[:, :n + 2].any()  # auto-reset: the next episode starts again
+    assert not obs[:, : n + 2].any()  # auto-reset: the next episode starts again
     assert [t["state"] for t in env.transitions if t["episode_env"] == 0][:2] == ["start", "after deepen"]
     chain = [t for t in env.transitions if t["episode_env"] == 0]
     assert [t["step"] for t in chain] == [1, 2, 3, 4, 5, 6]
@@ -79,7 +88,7 @@ def test_the_state_says_step_rejection_and_what_the_instruction_looks_like():
     obs = encode(ChainState(2, 3, True, "How many apples must I buy for 12 people?"), n, 6)
     assert obs[2] == 1.0 and obs[:n].sum() == 1.0
     assert obs[n] == pytest.approx(0.5) and obs[n + 1] == 1.0
-    assert obs[n + 2:].tolist() == pytest.approx([9 / 50, 1.0, 1.0, 1.0])  # length, question, digit, constraint
+    assert obs[n + 2 :].tolist() == pytest.approx([9 / 50, 1.0, 1.0, 1.0])  # length, question, digit, constraint
     rejected = stub_step("nothing")  # every rewrite rejected: the state says so, the instruction stays
     env = BatchedEvolutionVecEnv(SEEDS, OPERATION_NAMES, 3, rejected, n_envs=2, seed=0)
     env.reset()
@@ -94,8 +103,16 @@ def test_the_gymnasium_environment_passes_the_checker():
     check_env(InstructionEvolutionEnv(SEEDS, OPERATION_NAMES, 6, stub_step("breadth")), skip_render_check=True)
 
 
-@pytest.mark.parametrize("bad", [{"operations": ["add_constraint", "paraphrase"]}, {"episodes_per_update": 0},
-                                 {"horizon": 0}, {"updates": 0}, {"operations": ["deepen"]}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"operations": ["add_constraint", "paraphrase"]},
+        {"episodes_per_update": 0},
+        {"horizon": 0},
+        {"updates": 0},
+        {"operations": ["deepen"]},
+    ],
+)
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValidationError) as err:
         InstructorSettings(**bad)

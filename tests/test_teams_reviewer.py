@@ -11,16 +11,21 @@ TASK = "Write a poem about the sea."
 CONSTRAINED = "Write a poem about the sea in exactly four lines, without using the word blue."
 
 
-@pytest.mark.parametrize("after, rule", [
-    ("", "empty_or_punctuation"), ("?!...", "empty_or_punctuation"), ("write a poem about the sea", "identical"),
-    ("I'm sorry, I cannot help with that.", "refusal"),
-    (rewrite_request("add_constraint", TASK), "echo_of_request"),
-    ("Rewritten task: Write a poem about the sea", "leaked_prompt_words"),
-    ("Please write a poem about the sea.", "near_identical"),
-    ("Describe a sunset in exactly three sentences without using the word orange.", "copied_example"),
-    ("Write a poem about the sea and the three spiders in the box.", "copied_example"),
-    (CONSTRAINED, None),
-])
+@pytest.mark.parametrize(
+    "after, rule",
+    [
+        ("", "empty_or_punctuation"),
+        ("?!...", "empty_or_punctuation"),
+        ("write a poem about the sea", "identical"),
+        ("I'm sorry, I cannot help with that.", "refusal"),
+        (rewrite_request("add_constraint", TASK), "echo_of_request"),
+        ("Rewritten task: Write a poem about the sea", "leaked_prompt_words"),
+        ("Please write a poem about the sea.", "near_identical"),
+        ("Describe a sunset in exactly three sentences without using the word orange.", "copied_example"),
+        ("Write a poem about the sea and the three spiders in the box.", "copied_example"),
+        (CONSTRAINED, None),
+    ],
+)
 def test_code_rules(after, rule):
     assert rule_zero(TASK, after) == rule
 

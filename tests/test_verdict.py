@@ -30,12 +30,15 @@ def test_seeds_add_their_spread_to_the_interval():
     assert three[2] - three[1] > 1.5 * (one_seed[2] - one_seed[1])
 
 
-@pytest.mark.parametrize("values, expected", [
-    ([0.3, 0.5, 0.4, 0.6, 0.2, 0.5], "yes"),
-    ([-0.3, -0.5, -0.4, -0.6, -0.2, -0.5], "no"),
-    ([0.002, -0.001, 0.001, -0.002, 0.0, 0.001], "no"),  # CI within the margin of 0.01: no effect that matters
-    ([1.0, -1.0, 0.8, -0.9, 1.2, -1.1], "cannot tell"),  # the CI spans 0 and reaches large effects
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([0.3, 0.5, 0.4, 0.6, 0.2, 0.5], "yes"),
+        ([-0.3, -0.5, -0.4, -0.6, -0.2, -0.5], "no"),
+        ([0.002, -0.001, 0.001, -0.002, 0.0, 0.001], "no"),  # CI within the margin of 0.01: no effect that matters
+        ([1.0, -1.0, 0.8, -0.9, 1.2, -1.1], "cannot tell"),  # the CI spans 0 and reaches large effects
+    ],
+)
 def test_the_answer_on_hand_made_tables(values, expected):
     row = verdict_row("q", "a", "b", "m", "judge", np.array([values]), margin=0.01, resamples=4000)
     assert row.answer == expected
@@ -51,9 +54,14 @@ def test_answer_boundaries():
 
 
 def test_difference_table_pairs_models_per_seed_and_item():
-    rows = [dict(model="a", task="t1", replicate=0, v=0.5), dict(model="b", task="t1", replicate=0, v=0.2),
-            dict(model="a", task="t2", replicate=0, v=0.1), dict(model="b", task="t2", replicate=0, v=0.4),
-            dict(model="a", task="t1", replicate=1, v=0.9), dict(model="b", task="t1", replicate=1, v=0.3)]
+    rows = [
+        dict(model="a", task="t1", replicate=0, v=0.5),
+        dict(model="b", task="t1", replicate=0, v=0.2),
+        dict(model="a", task="t2", replicate=0, v=0.1),
+        dict(model="b", task="t2", replicate=0, v=0.4),
+        dict(model="a", task="t1", replicate=1, v=0.9),
+        dict(model="b", task="t1", replicate=1, v=0.3),
+    ]
     table = difference_table(rows, "a", "b", "v")
     assert table.shape == (2, 2)
     assert table[0].tolist() == pytest.approx([0.3, -0.3])
@@ -64,8 +72,7 @@ def test_a_question_without_paired_items_cannot_be_told():
     row = verdict_row("q", "a", "b", "m", "judge", np.full((2, 3), np.nan), margin=0.01, resamples=100)
     assert row.answer == "cannot tell" and row.n_items == 0 and "no item" in row.note
     # A seed without any difference does not count as a seed.
-    partial = verdict_row("q", "a", "b", "m", "judge", np.array([[0.3, 0.4, 0.5], [np.nan] * 3]), 0.01,
-                          resamples=500)
+    partial = verdict_row("q", "a", "b", "m", "judge", np.array([[0.3, 0.4, 0.5], [np.nan] * 3]), 0.01, resamples=500)
     assert partial.n_seeds == 1 and partial.n_items == 3
 
 

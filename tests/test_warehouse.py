@@ -29,9 +29,15 @@ def test_failed_append_leaves_table_unchanged(tmp_path):
 
 def test_locked_database_gives_a_clear_error_quickly(tmp_path):
     db = tmp_path / "locked.duckdb"
-    holder = subprocess.Popen([sys.executable, "-c",
-                               f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('ready', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         wh = Warehouse(database=str(db), lock_timeout_s=2)
@@ -48,8 +54,10 @@ def test_an_append_with_a_new_column_adds_it_and_the_old_rows_read_null(tmp_path
     wh = Warehouse(database=str(tmp_path / "w.duckdb"))
     wh.write_table("t", pl.DataFrame({"a": [1], "model_id": ["m"]}))
     wh.write_table("t", pl.DataFrame({"a": [2], "model_id": ["m"], "backend": ["openai"]}), mode="append")
-    assert wh.read_table("t", order_by="a").to_dicts() == [{"a": 1, "model_id": "m", "backend": None},
-                                                            {"a": 2, "model_id": "m", "backend": "openai"}]
+    assert wh.read_table("t", order_by="a").to_dicts() == [
+        {"a": 1, "model_id": "m", "backend": None},
+        {"a": 2, "model_id": "m", "backend": "openai"},
+    ]
     with pytest.raises(Exception):  # rows without the table's columns are not a newer version of it
         wh.write_table("t", pl.DataFrame({"other": [1]}), mode="append")
     assert wh.read_table("t").columns == ["a", "model_id", "backend"]

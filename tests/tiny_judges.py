@@ -21,9 +21,17 @@ def build_llama_reward_model(tiny_model_dir: Path, target: Path, seed: int = 0) 
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer(tiny_model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForSequenceClassification(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
@@ -34,9 +42,17 @@ def build_oasst_reward_model(tiny_model_dir: Path, target: Path, seed: int = 0) 
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer(tiny_model_dir, ["<|prompter|>", "<|assistant|>"])
-    config = OasstRewardConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, max_position_embeddings=512, pooling="last",
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = OasstRewardConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=512,
+        pooling="last",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = OasstRewardModel(config)
     with torch.no_grad():
         model.out_proj.bias.fill_(0.25)  # non-zero, so a head that failed to load would show
@@ -50,9 +66,18 @@ def build_t5_evaluator(tiny_model_dir: Path, target: Path, seed: int = 0) -> Pat
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer(tiny_model_dir)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
-                      num_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      decoder_start_token_id=tokenizer.pad_token_id)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
     T5ForConditionalGeneration(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target

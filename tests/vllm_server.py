@@ -49,25 +49,47 @@ class VLLMServer:
     """`python -m vllm.entrypoints.openai.api_server` on a free loopback port, with runtime LoRA
     loading on (the pipeline hands it adapters it trained), stopped by `stop`."""
 
-    def __init__(self, python: Path, model_dir: Path, log_file: Path, start_timeout_s: float = 600.0,
-                 lora: bool = True):
+    def __init__(
+        self, python: Path, model_dir: Path, log_file: Path, start_timeout_s: float = 600.0, lora: bool = True
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_file = log_file
-        env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE="1",
-                   HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(
+            os.environ,
+            VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
+            VLLM_CPU_KVCACHE_SPACE="1",
+            HF_HUB_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
         # The `vllm` command reads the version of a distribution named vllm, and this one is vllm-cpu.
-        command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                   "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--dtype", "float32", "--max-model-len", "2048",
-                   # vllm-cpu 0.32 dies when a seeded request's prefill is split across steps.
-                   "--no-enable-chunked-prefill"]
+        command = [
+            str(python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            SERVED_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "2048",
+            # vllm-cpu 0.32 dies when a seeded request's prefill is split across steps.
+            "--no-enable-chunked-prefill",
+        ]
         if lora:
             command += ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "4"]
         self.started = time.monotonic()
         with open(log_file, "w") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self._wait_until_healthy(start_timeout_s)
         self.start_seconds = time.monotonic() - self.started
 
@@ -132,8 +154,9 @@ class Relay:
                                 self.connection.close()  # this request dies with the server
                                 return
                             relay.generations += 1
-                upstream = relay.client.request(method, relay.target + self.path, content=body,
-                                                headers={"Content-Type": "application/json"})
+                upstream = relay.client.request(
+                    method, relay.target + self.path, content=body, headers={"Content-Type": "application/json"}
+                )
                 self.send_response(upstream.status_code)
                 self.send_header("Content-Type", upstream.headers.get("content-type", "application/json"))
                 self.send_header("Content-Length", str(len(upstream.content)))

@@ -49,11 +49,19 @@ _WRITE = re.compile(
       | DELETE\s+FROM\s+
       | DROP\s+(?:TABLE|VIEW)\s+(?:IF\s+EXISTS\s+)?
       | ALTER\s+(?:TABLE|VIEW)\s+(?:IF\s+EXISTS\s+)?
-    )(?P<name>""" + _NAME + r")(?P<rest>.*)",
-    re.IGNORECASE | re.DOTALL | re.VERBOSE)
+    )(?P<name>"""
+    + _NAME
+    + r")(?P<rest>.*)",
+    re.IGNORECASE | re.DOTALL | re.VERBOSE,
+)
 _ALIAS = r"(?:\s+(?:AS\s+)?(?!SET\b|USING\b|WHERE\b|RETURNING\b)\w+)?"
-_NO_TABLES = {duckdb.StatementType.TRANSACTION, duckdb.StatementType.SET, duckdb.StatementType.VARIABLE_SET,
-              duckdb.StatementType.PRAGMA, duckdb.StatementType.LOAD}
+_NO_TABLES = {
+    duckdb.StatementType.TRANSACTION,
+    duckdb.StatementType.SET,
+    duckdb.StatementType.VARIABLE_SET,
+    duckdb.StatementType.PRAGMA,
+    duckdb.StatementType.LOAD,
+}
 _SYSTEM_SCHEMAS = {"information_schema", "pg_catalog"}
 _parser = duckdb.connect()  # in-memory, only ever used to parse
 _parser_lock = threading.Lock()
@@ -82,7 +90,10 @@ def _select_tables(select_sql: str) -> set[str]:
     def walk(node):
         if isinstance(node, dict):
             if node.get("type") == "BASE_TABLE":
-                if node["schema_name"].lower() not in _SYSTEM_SCHEMAS and node["table_name"].lower() not in _SYSTEM_VIEWS:
+                if (
+                    node["schema_name"].lower() not in _SYSTEM_SCHEMAS
+                    and node["table_name"].lower() not in _SYSTEM_VIEWS
+                ):
                     tables.add(node["table_name"].lower())
             for entry in node.get("cte_map", {}).get("map", []):
                 ctes.add(entry["key"].lower())
@@ -134,9 +145,14 @@ def _parse(sql: str) -> tuple[frozenset[str], frozenset[str]]:
             continue
         if statement.type == duckdb.StatementType.SELECT:
             r, w = _select_tables(statement.query), set()
-        elif statement.type in (duckdb.StatementType.CREATE, duckdb.StatementType.INSERT,
-                                duckdb.StatementType.UPDATE, duckdb.StatementType.DELETE,
-                                duckdb.StatementType.DROP, duckdb.StatementType.ALTER):
+        elif statement.type in (
+            duckdb.StatementType.CREATE,
+            duckdb.StatementType.INSERT,
+            duckdb.StatementType.UPDATE,
+            duckdb.StatementType.DELETE,
+            duckdb.StatementType.DROP,
+            duckdb.StatementType.ALTER,
+        ):
             r, w = _write_statement_tables(statement.query)
         else:  # COPY, ATTACH, EXPORT, ...: not used by the project, so not worth guessing
             raise UnparsedStatement(f"{statement.type.name} statements are not supported: {sql}")
@@ -155,6 +171,7 @@ def statement_tables(sql: str, views: Iterable[str] = ()) -> tuple[set[str], set
 
 
 # ---------------------------------------------------------------- recording
+
 
 def _current_step() -> dict | None:
     """The asset or asset-check step running now, or None outside any step. Inside a check step
@@ -252,6 +269,7 @@ def load_records(path: str | Path) -> list[dict]:
 
 # ---------------------------------------------------------------- checking
 
+
 def _declared_graph(definitions) -> tuple[dict[str, set[str]], dict[tuple[str, str], set[str]]]:
     """({asset: upstream assets}, {(asset, check): assets the check declares}), by table name."""
     # Read the specs off the definitions themselves: wrapping a list in dg.Definitions would
@@ -264,8 +282,9 @@ def _declared_graph(definitions) -> tuple[dict[str, set[str]], dict[tuple[str, s
         for spec in asset_specs:
             assets[spec.key.path[-1]] = {dep.asset_key.path[-1] for dep in spec.deps}
         for spec in getattr(item, "check_specs", []):  # AssetsDefinition, AssetChecksDefinition
-            checks[spec.asset_key.path[-1], spec.name] = (
-                {spec.asset_key.path[-1]} | {dep.asset_key.path[-1] for dep in spec.additional_deps})
+            checks[spec.asset_key.path[-1], spec.name] = {spec.asset_key.path[-1]} | {
+                dep.asset_key.path[-1] for dep in spec.additional_deps
+            }
     return assets, checks
 
 
@@ -285,8 +304,7 @@ def lineage_violations(records: Iterable[dict], definitions) -> list[str]:
     for record in records:
         own = record["assets"]
         check_keys = [tuple(c) for c in record["checks"]]
-        who = (f"asset step {', '.join(own)}" if own
-               else f"check step {', '.join(f'{a}.{c}' for a, c in check_keys)}")
+        who = f"asset step {', '.join(own)}" if own else f"check step {', '.join(f'{a}.{c}' for a, c in check_keys)}"
         unknown = [a for a in own if a not in assets] + [f"{a}.{c}" for a, c in check_keys if (a, c) not in checks]
         if unknown:
             found[f"{who}: {_names(unknown)} not in the given definitions"] = None

@@ -50,9 +50,14 @@ def outcome(difference: float, tie_tolerance: float = DEFAULT_TIE_TOLERANCE) -> 
     return "win" if difference > 0 else "loss"
 
 
-def paired_bootstrap(candidate: Sequence[float], reference: Sequence[float], resamples: int = 10_000,
-                     confidence: float = 0.95, seed: int = 0,
-                     tie_tolerance: float = DEFAULT_TIE_TOLERANCE) -> PairedComparison:
+def paired_bootstrap(
+    candidate: Sequence[float],
+    reference: Sequence[float],
+    resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+) -> PairedComparison:
     """Percentile bootstrap over items of the mean of candidate[i] - reference[i].
 
     Fixed seed, so the same scores give the same interval in every run."""
@@ -79,16 +84,26 @@ def paired_bootstrap(candidate: Sequence[float], reference: Sequence[float], res
     low, high = np.quantile(means, [alpha, 1 - alpha])
     outcomes = [outcome(float(d), tie_tolerance) for d in diff]
     return PairedComparison(
-        n=n, mean_difference=float(diff.mean()), ci_low=float(low), ci_high=float(high), confidence=confidence,
-        resamples=resamples, wins=outcomes.count("win"), ties=outcomes.count("tie"), losses=outcomes.count("loss"),
+        n=n,
+        mean_difference=float(diff.mean()),
+        ci_low=float(low),
+        ci_high=float(high),
+        confidence=confidence,
+        resamples=resamples,
+        wins=outcomes.count("win"),
+        ties=outcomes.count("tie"),
+        losses=outcomes.count("loss"),
     )
 
 
 def mean_paired_difference(candidate: Sequence[float | None], reference: Sequence[float | None]) -> tuple[float, int]:
     """Mean of candidate - reference over the pairs where both have a value (a gated instance has
     no component scores), and how many pairs that was; NaN when none."""
-    pairs = [(c, r) for c, r in zip(candidate, reference, strict=True)
-             if c is not None and r is not None and not math.isnan(c) and not math.isnan(r)]
+    pairs = [
+        (c, r)
+        for c, r in zip(candidate, reference, strict=True)
+        if c is not None and r is not None and not math.isnan(c) and not math.isnan(r)
+    ]
     if not pairs:
         return math.nan, 0
     return sum(c - r for c, r in pairs) / len(pairs), len(pairs)

@@ -40,7 +40,7 @@ def verdict_block(rows: list[dict], source: str) -> str:
 def replace_block(text: str, block: str, where: str) -> str:
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise ValueError(f"{where} needs exactly one {START} followed by one {END} where the verdict goes")
-    return text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    return text[: text.index(START)] + block + text[text.index(END) + len(END) :]
 
 
 def _shown_path(database: str) -> str:

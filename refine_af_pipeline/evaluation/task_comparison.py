@@ -51,9 +51,16 @@ class TaskComparison:
         return {**asdict(self), "tie_share": self.tie_share, "loss_share": self.loss_share}
 
 
-def compare_over_tasks(candidate: Mapping[str, float], reference: Mapping[str, float], candidate_name: str = "candidate",
-                       reference_name: str = "reference", resamples: int = 10_000, confidence: float = 0.95,
-                       seed: int = 0, tie_tolerance: float = ROUGE_TIE_TOLERANCE) -> TaskComparison:
+def compare_over_tasks(
+    candidate: Mapping[str, float],
+    reference: Mapping[str, float],
+    candidate_name: str = "candidate",
+    reference_name: str = "reference",
+    resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    tie_tolerance: float = ROUGE_TIE_TOLERANCE,
+) -> TaskComparison:
     """Paired over the tasks both models were scored on (task name -> task mean of one metric); both must hold
     the same tasks. Percentile bootstrap over tasks, fixed seed: the same scores give the same CI."""
     import numpy as np
@@ -71,10 +78,20 @@ def compare_over_tasks(candidate: Mapping[str, float], reference: Mapping[str, f
     alpha = (1 - confidence) / 2
     low, high = np.quantile(shares, [alpha, 1 - alpha])
     return TaskComparison(
-        candidate=candidate_name, reference=reference_name, n_tasks=paired.n, wins=paired.wins, ties=paired.ties,
-        losses=paired.losses, win_share=paired.win_share, win_share_ci_low=float(low), win_share_ci_high=float(high),
-        mean_difference=paired.mean_difference, mean_difference_ci_low=paired.ci_low,
-        mean_difference_ci_high=paired.ci_high, confidence=confidence, resamples=resamples,
+        candidate=candidate_name,
+        reference=reference_name,
+        n_tasks=paired.n,
+        wins=paired.wins,
+        ties=paired.ties,
+        losses=paired.losses,
+        win_share=paired.win_share,
+        win_share_ci_low=float(low),
+        win_share_ci_high=float(high),
+        mean_difference=paired.mean_difference,
+        mean_difference_ci_low=paired.ci_low,
+        mean_difference_ci_high=paired.ci_high,
+        confidence=confidence,
+        resamples=resamples,
     )
 
 
@@ -83,15 +100,26 @@ def mean_per_model(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float
     return {model: sum(by_task.values()) / len(by_task) for model, by_task in scores.items() if by_task}
 
 
-def summary_rows(by_metric: Mapping[str, Mapping[str, Mapping[str, float]]], pairs: Sequence[tuple[str, str]],
-                 resamples: int = 10_000, seed: int = 0) -> list[dict]:
+def summary_rows(
+    by_metric: Mapping[str, Mapping[str, Mapping[str, float]]],
+    pairs: Sequence[tuple[str, str]],
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> list[dict]:
     """One row per (metric, candidate, reference): compare_over_tasks with the metric's tie
     tolerance. `by_metric`: metric -> model -> task -> task mean."""
     rows = []
     for metric, by_model in by_metric.items():
         for candidate, reference in pairs:
-            c = compare_over_tasks(by_model[candidate], by_model[reference], candidate, reference, resamples,
-                                   seed=seed, tie_tolerance=METRIC_TIE_TOLERANCES[metric])
+            c = compare_over_tasks(
+                by_model[candidate],
+                by_model[reference],
+                candidate,
+                reference,
+                resamples,
+                seed=seed,
+                tie_tolerance=METRIC_TIE_TOLERANCES[metric],
+            )
             rows.append({"metric": metric, **c.as_dict()})
     return rows
 

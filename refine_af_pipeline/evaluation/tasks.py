@@ -11,12 +11,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..llm.backend import ServedModel, mean_logprob
 from ..instructions.rouge import rouge_l
+from ..llm.backend import ServedModel, mean_logprob
 from ..settings_types import NonNegativeInt, PositiveInt
 from ..text_files import decode_utf8
-
-
 
 
 class TaskFileError(ValueError):
@@ -100,8 +98,11 @@ def first_line(text: str) -> str:
 
 def evaluation_items(tasks: list[EvalTask], instances_per_task: int = 0) -> list[tuple[EvalTask, EvalInstance]]:
     """(task, instance) pairs to score: the first `instances_per_task` of each task (0 = all)."""
-    return [(t, inst) for t in tasks
-            for inst in (t.instances[:instances_per_task] if instances_per_task > 0 else t.instances)]
+    return [
+        (t, inst)
+        for t in tasks
+        for inst in (t.instances[:instances_per_task] if instances_per_task > 0 else t.instances)
+    ]
 
 
 def mean_by_task(items: list[tuple[EvalTask, EvalInstance]], scores: list[float]) -> dict[str, float]:
@@ -123,8 +124,9 @@ def best_mean_logprob(logprobs_per_reference: Sequence[Sequence[float]]) -> floa
     return max(values) if values else math.nan
 
 
-def reference_log_likelihood(model: ServedModel, prompts: Sequence[str], references: Sequence[Sequence[str]],
-                             batch_size: int = 8) -> list[float]:
+def reference_log_likelihood(
+    model: ServedModel, prompts: Sequence[str], references: Sequence[Sequence[str]], batch_size: int = 8
+) -> list[float]:
     """Per prompt, the mean per-token log-likelihood (nats) of its reference outputs after the
     prompt, teacher-forced; the best reference counts, as for ROUGE-L. Unlike the greedy answer,
     this moves with any change of the model's distribution over the right answer. (The
@@ -147,9 +149,14 @@ class EvaluationSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     task_dir: str | None = Field(None, description="a folder of SuperNI-format task files; the built-in set if unset")
-    instances_per_task: NonNegativeInt = Field(0, description=(
-        "instances evaluated per task (0 = all, the method; SuperNI's test set has up to 100 per task)"))
-    max_new_tokens: PositiveInt = Field(16, description=(
-        "tokens per greedy answer (ROUGE-L reads its first line; that of 90% of the embedded model's answers fits)"))
+    instances_per_task: NonNegativeInt = Field(
+        0, description=("instances evaluated per task (0 = all, the method; SuperNI's test set has up to 100 per task)")
+    )
+    max_new_tokens: PositiveInt = Field(
+        16,
+        description=(
+            "tokens per greedy answer (ROUGE-L reads its first line; that of 90% of the embedded model's answers fits)"
+        ),
+    )
     bootstrap_resamples: PositiveInt = Field(10_000, description="resamples of the tasks behind the CIs")
     seed: int = Field(0, description="seed of the bootstrap")

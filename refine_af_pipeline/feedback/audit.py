@@ -47,9 +47,11 @@ class InstructionPMIAudit:
             return [None] * len(outputs)
         continuations = [" " + outputs[k].strip() for k in rows]
         with_instruction = self.model.continuation_logprobs(
-            [_prompt(self.bos, instructions[k], inputs[k]) for k in rows], continuations, self.batch_size)
+            [_prompt(self.bos, instructions[k], inputs[k]) for k in rows], continuations, self.batch_size
+        )
         without = self.model.continuation_logprobs(
-            [_prompt(self.bos, None, inputs[k]) for k in rows], continuations, self.batch_size)
+            [_prompt(self.bos, None, inputs[k]) for k in rows], continuations, self.batch_size
+        )
         scores: list[float | None] = [None] * len(outputs)
         for k, a, b in zip(rows, with_instruction, without):
             if a and len(a) == len(b):

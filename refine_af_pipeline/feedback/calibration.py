@@ -88,8 +88,10 @@ def read_ratings(path: str | Path, gate_reward: float = DEFAULT_GATE_REWARD) -> 
         if not math.isfinite(rating):
             raise CalibrationFileError(f"{path}:{line}: column 'rating': '{raw}' is not a finite number")
         if instruction_id in first_line:
-            raise CalibrationFileError(f"{path}:{line}: duplicate instruction_id '{instruction_id}' "
-                                       f"(first on line {first_line[instruction_id]})")
+            raise CalibrationFileError(
+                f"{path}:{line}: duplicate instruction_id '{instruction_id}' "
+                f"(first on line {first_line[instruction_id]})"
+            )
         first_line[instruction_id] = line
         output = row.get("output")  # an empty cell means the text was not given
         ratings.append(Rating(instruction_id, rating, output if output and output.strip() else None, line))
@@ -98,36 +100,48 @@ def read_ratings(path: str | Path, gate_reward: float = DEFAULT_GATE_REWARD) -> 
     low = min(r.rating for r in ratings)
     if low <= gate_reward:
         where = next(r.line for r in ratings if r.rating == low)
-        raise CalibrationFileError(f"{path}:{where}: column 'rating': {low:g} is at or below the instance gate's fixed "
-                                   f"reward ({gate_reward:g}); shift the scale so that any rated instance "
-                                   "beats an unparseable one")
+        raise CalibrationFileError(
+            f"{path}:{where}: column 'rating': {low:g} is at or below the instance gate's fixed "
+            f"reward ({gate_reward:g}); shift the scale so that any rated instance "
+            "beats an unparseable one"
+        )
     return ratings
 
 
-def fit_weights(z_rows: Sequence[Mapping[str, float]], ratings: Sequence[float],
-                components: Sequence[str]) -> tuple[dict[str, float], float, float, float]:
+def fit_weights(
+    z_rows: Sequence[Mapping[str, float]], ratings: Sequence[float], components: Sequence[str]
+) -> tuple[dict[str, float], float, float, float]:
     """(weights, bias, rmse, r2) of the least-squares fit rating ~ bias + sum_i w_i z_i."""
     import numpy as np
 
     n, p = len(ratings), len(components) + 1
     if n < p + 1:
-        raise CalibrationError(f"calibration needs at least {p + 1} rated instances that passed the instance gate "
-                               f"to fit {p} numbers ({len(components)} weights and a bias); it has {n}")
+        raise CalibrationError(
+            f"calibration needs at least {p + 1} rated instances that passed the instance gate "
+            f"to fit {p} numbers ({len(components)} weights and a bias); it has {n}"
+        )
     design = np.array([[row[c] for c in components] + [1.0] for row in z_rows], dtype=float)
     target = np.asarray(ratings, dtype=float)
     coef, _, rank, _ = np.linalg.lstsq(design, target, rcond=None)
     if rank < p:
-        raise CalibrationError(f"the rated instances do not separate the components (design rank {rank} of {p}): "
-                               "rate more instances, or more varied ones")
+        raise CalibrationError(
+            f"the rated instances do not separate the components (design rank {rank} of {p}): "
+            "rate more instances, or more varied ones"
+        )
     residual = target - design @ coef
     spread = float(((target - target.mean()) ** 2).sum())
-    r2 = 1.0 - float((residual ** 2).sum()) / spread if spread > 0 else math.nan
+    r2 = 1.0 - float((residual**2).sum()) / spread if spread > 0 else math.nan
     weights = {c: float(w) for c, w in zip(components, coef[:-1])}
-    return weights, float(coef[-1]), float(np.sqrt((residual ** 2).mean())), r2
+    return weights, float(coef[-1]), float(np.sqrt((residual**2).mean())), r2
 
 
-def calibrate(instruction_ids: Sequence[str], rows: Sequence[Mapping], stats: ComponentStats,
-              ratings: Sequence[Rating], components: Sequence[str]) -> Calibration:
+def calibrate(
+    instruction_ids: Sequence[str],
+    rows: Sequence[Mapping],
+    stats: ComponentStats,
+    ratings: Sequence[Rating],
+    components: Sequence[str],
+) -> Calibration:
     """Join the ratings to the scored rows (reward_scores) by instruction_id and fit the weights."""
     by_id = dict(zip(instruction_ids, rows))
     skipped = {"not_in_reward_scores": 0, "failed_instance_gate": 0, "output_changed": 0}

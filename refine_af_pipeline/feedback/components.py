@@ -40,8 +40,9 @@ class LLMJudgePreference:
         judge.require("next_token_distribution", "the preference scorer llm-judge (the 1-10 rating)")
         self.judge, self.tokenizer, self.batch_size = judge, judge.tokenizer, batch_size
         self.version = self.version_for(judge.provenance.served_model)
-        self.ratings = [r for r in map(str, range(1, 11))
-                        if len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) == 1]
+        self.ratings = [
+            r for r in map(str, range(1, 11)) if len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) == 1
+        ]
         if len(self.ratings) < 2:
             raise ValueError("the judge's tokenizer has fewer than two single-token ratings among 1..10")
 
@@ -50,7 +51,9 @@ class LLMJudgePreference:
         return f"{cls.method}:{model_id}"
 
     def score(self, instructions, inputs, outputs) -> list[float]:
-        contexts = [render_prompt(self.tokenizer, judge_prompt(i, x, o)) for i, x, o in zip(instructions, inputs, outputs)]
+        contexts = [
+            render_prompt(self.tokenizer, judge_prompt(i, x, o)) for i, x, o in zip(instructions, inputs, outputs)
+        ]
         dists = self.judge.next_token_distribution(contexts, self.ratings, self.batch_size)
         values = [int(r) for r in self.ratings]
         lo, hi = min(values), max(values)
@@ -95,8 +98,9 @@ class EmbeddingCoherence:
         return f"{cls.method}:{model_id}"
 
     def score(self, instructions, inputs, outputs) -> list[float]:
-        requests = self.embedder.encode([request_text(i, x, " ") for i, x in zip(instructions, inputs)],
-                                        normalize_embeddings=True)
+        requests = self.embedder.encode(
+            [request_text(i, x, " ") for i, x in zip(instructions, inputs)], normalize_embeddings=True
+        )
         answers = self.embedder.encode(list(outputs), normalize_embeddings=True)
         return [float((a * b).sum()) for a, b in zip(requests, answers)]
 

@@ -24,8 +24,15 @@ from ..instructions.rouge import rouge_l
 from ..settings_types import Probability
 from ..training.rl_diagnostics import repeated_ngram_share
 
-GATE_REASONS = ("missing_output", "empty_output", "output_cut_at_token_limit", "degenerate_repetition",
-                "output_copies_input", "output_copies_instruction", "output_not_a_named_label")
+GATE_REASONS = (
+    "missing_output",
+    "empty_output",
+    "output_cut_at_token_limit",
+    "degenerate_repetition",
+    "output_copies_input",
+    "output_copies_instruction",
+    "output_not_a_named_label",
+)
 # An output whose word 3-grams are at least this share repeats of earlier ones is a loop, not an
 # answer: the likelihood-based naturalness rewards loops (a repeated phrase is very likely under
 # the model). Ordinary outputs (lists included) stay well below a half.
@@ -39,14 +46,24 @@ class GateSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    gate_reward: float = Field(DEFAULT_GATE_REWARD, description=(
-        "reward of a gated instance, in standardised reward units; a passing instance earns at least 0.1 more "
-        "(its combined score is floored there), so passing the gate always pays"))
-    copy_threshold: Probability = Field(0.7, description=(
-        "ROUGE-L F of the output with its input or its instruction at or above which it counts as a copy "
-        "(the de-duplication threshold; 4 of the 175 human seed instances, edits such as grammar fixes, reach it)"))
+    gate_reward: float = Field(
+        DEFAULT_GATE_REWARD,
+        description=(
+            "reward of a gated instance, in standardised reward units; a passing instance earns at least 0.1 more "
+            "(its combined score is floored there), so passing the gate always pays"
+        ),
+    )
+    copy_threshold: Probability = Field(
+        0.7,
+        description=(
+            "ROUGE-L F of the output with its input or its instruction at or above which it counts as a copy "
+            "(the de-duplication threshold; 4 of the 175 human seed instances, edits such as grammar fixes, reach it)"
+        ),
+    )
     gate_cut_outputs: bool = Field(True, description="gate outputs cut at the token limit")
-    gate_labels: bool = Field(True, description="gate classification outputs that are none of the labels the instruction names")
+    gate_labels: bool = Field(
+        True, description="gate classification outputs that are none of the labels the instruction names"
+    )
 
 
 class InstanceGate:
@@ -57,8 +74,15 @@ class InstanceGate:
     def reward(self) -> float:
         return self.settings.gate_reward
 
-    def reason(self, parse_status: str, instruction: str, input_text: str, output: str, cut: bool = False,
-               is_classification: bool = False) -> str | None:
+    def reason(
+        self,
+        parse_status: str,
+        instruction: str,
+        input_text: str,
+        output: str,
+        cut: bool = False,
+        is_classification: bool = False,
+    ) -> str | None:
         """Why the instance is gated, or None when it passes. `cut`: the output ran to the end of a
         generation that hit its token limit."""
         s = self.settings

@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from .components import request_text
 from ..llm.backend import render_prompt
 from ..llm.generation import next_token_distribution
 from ..llm.models import load_tokenizer, model_unavailable, resolve_model_source
 from ..llm.prompts import UNIEVAL_QUESTIONS, unieval_chat_question, unieval_seq2seq_input
+from .components import request_text
 
 REWARD_MODEL_FORMATS = ("auto", "oasst", "chat", "pair")
 _MAX_TOKENS = 2048  # the oasst-rm models were trained on at most 2048 tokens
@@ -41,7 +41,9 @@ class RewardModelPreference:
 
     def __init__(self, model, tokenizer, model_id: str, prompt_format: str = "auto", batch_size: int = 8):
         if prompt_format not in REWARD_MODEL_FORMATS:
-            raise ValueError(f"unknown reward-model prompt format '{prompt_format}' (use one of {REWARD_MODEL_FORMATS})")
+            raise ValueError(
+                f"unknown reward-model prompt format '{prompt_format}' (use one of {REWARD_MODEL_FORMATS})"
+            )
         labels = getattr(model.config, "num_labels", 1)
         if labels not in (1, 2):
             raise ValueError(f"reward model '{model_id}' has {labels} output labels; expected 1 (a reward) or 2")
@@ -57,10 +59,16 @@ class RewardModelPreference:
         """What the reward model reads: one text per instance, or (request, output) text pairs."""
         requests = [request_text(i, x) for i, x in zip(instructions, inputs)]
         if self.format == "oasst":
-            return [f"<|prompter|>{r}<|endoftext|><|assistant|>{o}<|endoftext|>" for r, o in zip(requests, outputs)], None
+            return [
+                f"<|prompter|>{r}<|endoftext|><|assistant|>{o}<|endoftext|>" for r, o in zip(requests, outputs)
+            ], None
         if self.format == "chat":
-            return [self.tokenizer.apply_chat_template([{"role": "user", "content": r}, {"role": "assistant", "content": o}],
-                                                       tokenize=False) for r, o in zip(requests, outputs)], None
+            return [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": r}, {"role": "assistant", "content": o}], tokenize=False
+                )
+                for r, o in zip(requests, outputs)
+            ], None
         return requests, list(outputs)
 
     def score(self, instructions, inputs, outputs) -> list[float]:
@@ -72,11 +80,17 @@ class RewardModelPreference:
         special = self.format == "pair"
         scores: list[float] = []
         for start in range(0, len(first), self.batch_size):
-            args = [first[start:start + self.batch_size]]
+            args = [first[start : start + self.batch_size]]
             if second is not None:
-                args.append(second[start:start + self.batch_size])
-            enc = self.tokenizer(*args, return_tensors="pt", padding=True, truncation=True, max_length=_MAX_TOKENS,
-                                 add_special_tokens=special).to(device)
+                args.append(second[start : start + self.batch_size])
+            enc = self.tokenizer(
+                *args,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=_MAX_TOKENS,
+                add_special_tokens=special,
+            ).to(device)
             with torch.no_grad():
                 logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
             # Two labels: the log-odds of the positive one, the same scale as a single reward logit.
@@ -119,8 +133,13 @@ class UniEvalBoolean:
     def score(self, instructions, inputs, outputs) -> list[float]:
         requests = [request_text(i, x) for i, x in zip(instructions, inputs)]
         if not self.seq2seq:
-            contexts = [render_prompt(self.tokenizer, unieval_chat_question(self.name, r, o)) for r, o in zip(requests, outputs)]
-            return [p[0] for p in next_token_distribution(self.model, self.tokenizer, contexts, ["Yes", "No"], self.batch_size)]
+            contexts = [
+                render_prompt(self.tokenizer, unieval_chat_question(self.name, r, o)) for r, o in zip(requests, outputs)
+            ]
+            return [
+                p[0]
+                for p in next_token_distribution(self.model, self.tokenizer, contexts, ["Yes", "No"], self.batch_size)
+            ]
         return self._seq2seq_scores([unieval_seq2seq_input(self.name, r, o) for r, o in zip(requests, outputs)])
 
     def _seq2seq_scores(self, texts: Sequence[str]) -> list[float]:
@@ -132,12 +151,24 @@ class UniEvalBoolean:
             raise ValueError("the encoder-decoder evaluator's config has no decoder_start_token_id")
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt", padding=True,
-                                 truncation=True, max_length=1024).to(device)
+            enc = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=1024,
+            ).to(device)
             decoder_input = torch.full((enc["input_ids"].shape[0], 1), start_id, dtype=torch.long, device=device)
             with torch.no_grad():
-                logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                    decoder_input_ids=decoder_input).logits[:, 0, :].float()
+                logits = (
+                    self.model(
+                        input_ids=enc["input_ids"],
+                        attention_mask=enc["attention_mask"],
+                        decoder_input_ids=decoder_input,
+                    )
+                    .logits[:, 0, :]
+                    .float()
+                )
             # Softmax over the two answers only equals P(Yes) / (P(Yes) + P(No)) over the vocabulary.
             scores.extend(torch.softmax(logits[:, self.yes_no], dim=-1)[:, 0].tolist())
         return scores

@@ -40,8 +40,12 @@ class RewardModelSettings(SamplingSettings):
     """Settings of `reward_model`: the base model's answers to the seed instructions (sampled like
     the instance stages) and the held-out share of seed tasks."""
 
-    heldout_share: Share = Field(0.25, description=(
-        "share of seed tasks (salted hash of the id) whose pairs are held out to measure the pairwise accuracy"))
+    heldout_share: Share = Field(
+        0.25,
+        description=(
+            "share of seed tasks (salted hash of the id) whose pairs are held out to measure the pairwise accuracy"
+        ),
+    )
     max_seed_tasks: NonNegativeInt = Field(0, description="seed tasks to build pairs from (0 = all)")
 
 
@@ -97,8 +101,9 @@ def fit_bradley_terry(preferred: np.ndarray, rejected: np.ndarray, seed: int = 0
     # Each pair twice, once per order, so the classes balance and no intercept is needed.
     x = np.vstack([diff, -diff])
     y = np.concatenate([np.ones(len(diff)), np.zeros(len(diff))])
-    model = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0, 100.0], cv=5, fit_intercept=False, max_iter=3000,
-                                 random_state=seed)
+    model = LogisticRegressionCV(
+        Cs=[0.01, 0.1, 1.0, 10.0, 100.0], cv=5, fit_intercept=False, max_iter=3000, random_state=seed
+    )
     model.fit(x, y)
     return model.coef_[0].astype(np.float64)
 
@@ -121,9 +126,17 @@ class EmbeddingRewardModel:
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "weights.npy", self.weights)
-        (folder / "reward_model.json").write_text(json.dumps(
-            {"method": METHOD, "embedder": self.embedder_id, "fitted_on": self.fitted_on,
-             "features": int(self.weights.size)}, indent=1))
+        (folder / "reward_model.json").write_text(
+            json.dumps(
+                {
+                    "method": METHOD,
+                    "embedder": self.embedder_id,
+                    "fitted_on": self.fitted_on,
+                    "features": int(self.weights.size),
+                },
+                indent=1,
+            )
+        )
         return folder
 
     @classmethod
@@ -131,8 +144,10 @@ class EmbeddingRewardModel:
         folder = Path(folder)
         meta_path, weights_path = folder / "reward_model.json", folder / "weights.npy"
         if not meta_path.exists() or not weights_path.exists():
-            raise FileNotFoundError(f"{folder} holds no fitted reward model (reward_model.json, weights.npy): "
-                                    "materialize reward_model again")
+            raise FileNotFoundError(
+                f"{folder} holds no fitted reward model (reward_model.json, weights.npy): "
+                "materialize reward_model again"
+            )
         meta = json.loads(meta_path.read_text())
         return cls(embedder, np.load(weights_path), meta["embedder"], meta.get("fitted_on", ""))
 

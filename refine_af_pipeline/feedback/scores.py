@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..instructions.parsing import parse_instance
 from .components import (
     EmbeddingCoherence,
     FeedbackComponent,
@@ -32,10 +33,17 @@ from .components import (
     flesch_score,
 )
 from .gates import GateSettings, InstanceGate
-from ..instructions.parsing import parse_instance
 
-__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "PASSING_MARGIN", "ComponentStats", "FeedbackScorer", "ScoredInstance", "combine",
-           "flesch_score"]
+__all__ = [
+    "COMPONENTS",
+    "DEFAULT_WEIGHTS",
+    "PASSING_MARGIN",
+    "ComponentStats",
+    "FeedbackScorer",
+    "ScoredInstance",
+    "combine",
+    "flesch_score",
+]
 
 COMPONENTS = ("preference", "naturalness", "coherence", "understandability", "learned_reward")
 
@@ -101,7 +109,9 @@ def standardise(components: Mapping[str, float], stats: ComponentStats) -> dict[
     return {name: (value - stats.mean.get(name, 0.0)) / stats.std.get(name, 1.0) for name, value in components.items()}
 
 
-def combine(components: Mapping[str, float], stats: ComponentStats, weights: Mapping[str, float], bias: float = 0.0) -> float:
+def combine(
+    components: Mapping[str, float], stats: ComponentStats, weights: Mapping[str, float], bias: float = 0.0
+) -> float:
     """bias + sum_i w_i * (x_i - mean_i) / std_i."""
     z = standardise({name: components[name] for name in weights}, stats)
     return bias + sum(weight * z[name] for name, weight in weights.items())
@@ -114,18 +124,30 @@ class FeedbackScorer:
     ServedModel) and a sentence embedder for the offline defaults.
     """
 
-    def __init__(self, judge=None, embedder=None, weights: Mapping[str, float] | None = None,
-                 stats: ComponentStats | None = None, bias: float = 0.0, batch_size: int = 8,
-                 components: Sequence[FeedbackComponent] | None = None, gate: InstanceGate | None = None,
-                 learned_reward: FeedbackComponent | None = None):
+    def __init__(
+        self,
+        judge=None,
+        embedder=None,
+        weights: Mapping[str, float] | None = None,
+        stats: ComponentStats | None = None,
+        bias: float = 0.0,
+        batch_size: int = 8,
+        components: Sequence[FeedbackComponent] | None = None,
+        gate: InstanceGate | None = None,
+        learned_reward: FeedbackComponent | None = None,
+    ):
         if components is None:
             if judge is None or embedder is None or learned_reward is None:
-                raise ValueError("FeedbackScorer needs either components or a judge model, an embedder and a "
-                                 "learned reward")
-            components = [LLMJudgePreference(judge, batch_size=batch_size),
-                          LikelihoodNaturalness(judge, batch_size=batch_size),
-                          EmbeddingCoherence(embedder, type(embedder).__name__),
-                          ReadabilityUnderstandability(), learned_reward]
+                raise ValueError(
+                    "FeedbackScorer needs either components or a judge model, an embedder and a learned reward"
+                )
+            components = [
+                LLMJudgePreference(judge, batch_size=batch_size),
+                LikelihoodNaturalness(judge, batch_size=batch_size),
+                EmbeddingCoherence(embedder, type(embedder).__name__),
+                ReadabilityUnderstandability(),
+                learned_reward,
+            ]
         names = [c.name for c in components]
         if sorted(names) != sorted(COMPONENTS):
             raise ValueError(f"need exactly one scorer for each of {list(COMPONENTS)}, got {names}")
@@ -144,24 +166,32 @@ class FeedbackScorer:
         """Which judge produced each component's numbers (recorded with every scored row)."""
         return {name: self.scorers[name].version for name in COMPONENTS}
 
-    def components(self, instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str]) -> list[dict[str, float]]:
+    def components(
+        self, instructions: Sequence[str], inputs: Sequence[str], outputs: Sequence[str]
+    ) -> list[dict[str, float]]:
         """Raw component scores for instances that passed the instance gate."""
         if not instructions:
             return []
         columns = {name: self.scorers[name].score(instructions, inputs, outputs) for name in COMPONENTS}
         return [{name: float(columns[name][k]) for name in COMPONENTS} for k in range(len(instructions))]
 
-    def score_texts(self, instructions: Sequence[str], generations: Sequence[str],
-                    hit_token_limit: Sequence[bool] | None = None,
-                    is_classification: Sequence[bool] | None = None) -> list[ScoredInstance]:
+    def score_texts(
+        self,
+        instructions: Sequence[str],
+        generations: Sequence[str],
+        hit_token_limit: Sequence[bool] | None = None,
+        is_classification: Sequence[bool] | None = None,
+    ) -> list[ScoredInstance]:
         """Parse each generated text into an instance, gate it, score it, combine the reward.
         `hit_token_limit`: which generations stopped at their token limit; `is_classification`:
         which instructions are classification tasks (their outputs must be a label they name)."""
         parsed = [parse_instance(g) for g in generations]
         cut = [bool(h) and p.output_runs_to_end for h, p in zip(hit_token_limit or [False] * len(parsed), parsed)]
         classification = is_classification or [False] * len(parsed)
-        gates = [self.gate.reason(p.status, i, p.input, p.output, c, bool(k))
-                 for p, i, c, k in zip(parsed, instructions, cut, classification, strict=True)]
+        gates = [
+            self.gate.reason(p.status, i, p.input, p.output, c, bool(k))
+            for p, i, c, k in zip(parsed, instructions, cut, classification, strict=True)
+        ]
         passing = [k for k, g in enumerate(gates) if g is None]
         comps = self.components(
             [instructions[k] for k in passing], [parsed[k].input for k in passing], [parsed[k].output for k in passing]
@@ -170,8 +200,9 @@ class FeedbackScorer:
         results = []
         for k, (p, gate) in enumerate(zip(parsed, gates)):
             if gate is not None:
-                results.append(ScoredInstance(p.input, p.output, p.status, gate, {c: None for c in COMPONENTS},
-                                              self.gate.reward))
+                results.append(
+                    ScoredInstance(p.input, p.output, p.status, gate, {c: None for c in COMPONENTS}, self.gate.reward)
+                )
                 continue
             c = by_index[k]
             # A passing instance always earns more than a gated one, however poorly it scores:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..llm.models import ModelUnavailable
 from .components import (
     EmbeddingCoherence,
     FeedbackComponent,
@@ -26,10 +27,14 @@ from .components import (
 )
 from .judges import RewardModelPreference, UniEvalBoolean, load_evaluator, load_reward_model
 from .reward_model import EmbeddingRewardModel
-from ..llm.models import ModelUnavailable
 
-DEFAULT_SCORERS = {"preference": "llm-judge", "naturalness": "likelihood", "coherence": "embedding",
-                   "understandability": "flesch", "learned_reward": "bradley-terry"}
+DEFAULT_SCORERS = {
+    "preference": "llm-judge",
+    "naturalness": "likelihood",
+    "coherence": "embedding",
+    "understandability": "flesch",
+    "learned_reward": "bradley-terry",
+}
 # Kinds that take a model after the colon, and those that must not.
 _KINDS = {
     "preference": {"llm-judge": False, "reward-model": True},
@@ -89,9 +94,15 @@ def load_embedder(model: str, device: str, allow_download: bool = False):
         raise ModelUnavailable(f"cannot load sentence embedder '{model}' for the coherence score: {exc}") from None
 
 
-def build_components(scorers: Mapping[str, str], judge, device: str, embedding_model: str = EMBEDDED_MINILM,
-                     allow_download: bool = False, batch_size: int = 8,
-                     learned_reward_dir: str | None = None) -> list[FeedbackComponent]:
+def build_components(
+    scorers: Mapping[str, str],
+    judge,
+    device: str,
+    embedding_model: str = EMBEDDED_MINILM,
+    allow_download: bool = False,
+    batch_size: int = 8,
+    learned_reward_dir: str | None = None,
+) -> list[FeedbackComponent]:
     """Load each configured scorer; `judge` is the base model (a ServedModel) for the llm-judge
     and likelihood scorers; `learned_reward_dir` the reward_model asset's folder for the default
     learned reward. One evaluator serves every UniEval component that names it, one embedder the
@@ -109,13 +120,17 @@ def build_components(scorers: Mapping[str, str], judge, device: str, embedding_m
         if kind == "bradley-terry":
             folder = ref or learned_reward_dir
             if folder is None:
-                raise ModelUnavailable("the learned_reward scorer bradley-terry needs a fitted reward model: "
-                                       "materialize reward_model first (or name a folder: bradley-terry:<folder>)")
+                raise ModelUnavailable(
+                    "the learned_reward scorer bradley-terry needs a fitted reward model: "
+                    "materialize reward_model first (or name a folder: bradley-terry:<folder>)"
+                )
             fitted = EmbeddingRewardModel.load(folder, embedder(embedding_model))
             if fitted.embedder_id != embedding_id(embedding_model):
-                raise ModelUnavailable(f"the reward model in {folder} was fitted on {fitted.embedder_id} embeddings, "
-                                       f"the feedback scorer's embedding_model is {embedding_id(embedding_model)}: "
-                                       "materialize reward_model again")
+                raise ModelUnavailable(
+                    f"the reward model in {folder} was fitted on {fitted.embedder_id} embeddings, "
+                    f"the feedback scorer's embedding_model is {embedding_id(embedding_model)}: "
+                    "materialize reward_model again"
+                )
             components.append(fitted)
         elif kind == "llm-judge":
             components.append(LLMJudgePreference(judge, batch_size))

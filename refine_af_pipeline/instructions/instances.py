@@ -14,23 +14,43 @@ from ..llm.prompts import INSTANCE_PREFIX, instance_prompt
 from ..settings_types import NonNegativeInt, PositiveInt, SamplingSettings, Share
 
 
-
-
-def generate_scored_instances(model: ServedModel, scorer: FeedbackScorer, instructions: Sequence[str],
-                              params: SamplingParams, batch_size: int, seed: int, progress=None,
-                              is_classification: Sequence[bool] | None = None) -> list[dict]:
+def generate_scored_instances(
+    model: ServedModel,
+    scorer: FeedbackScorer,
+    instructions: Sequence[str],
+    params: SamplingParams,
+    batch_size: int,
+    seed: int,
+    progress=None,
+    is_classification: Sequence[bool] | None = None,
+) -> list[dict]:
     """One scored row per instruction: the generation, the parsed instance, the gate's reason (the
     label gate applies where `is_classification`), each component and the reward."""
     prompts = [render_prompt(model.tokenizer, instance_prompt(i), INSTANCE_PREFIX) for i in instructions]
     with model.for_generation() as policy:
         generations = policy.generate(prompts, params, batch_size, seed, progress)
-    scored = scorer.score_texts(list(instructions), [INSTANCE_PREFIX + g.text for g in generations],
-                                [g.hit_token_limit for g in generations], is_classification)
+    scored = scorer.score_texts(
+        list(instructions),
+        [INSTANCE_PREFIX + g.text for g in generations],
+        [g.hit_token_limit for g in generations],
+        is_classification,
+    )
     rows = []
     for instruction, gen, s in zip(instructions, generations, scored):
-        rows.append(dict(instruction=instruction, generation=INSTANCE_PREFIX + gen.text, generation_tokens=gen.n_tokens,
-                         hit_token_limit=gen.hit_token_limit, input=s.input, output=s.output,
-                         parse_status=s.parse_status, gate_reason=s.gate_reason, **s.components, reward=s.reward))
+        rows.append(
+            dict(
+                instruction=instruction,
+                generation=INSTANCE_PREFIX + gen.text,
+                generation_tokens=gen.n_tokens,
+                hit_token_limit=gen.hit_token_limit,
+                input=s.input,
+                output=s.output,
+                parse_status=s.parse_status,
+                gate_reason=s.gate_reason,
+                **s.components,
+                reward=s.reward,
+            )
+        )
     return rows
 
 
@@ -40,7 +60,9 @@ def restandardise(rows: list[dict], weights, bias: float, gate_reward: float) ->
     stats = ComponentStats.from_rows([r for r in rows if r["gate_reason"] is None])
     for r in rows:
         if r["gate_reason"] is None:
-            r["reward"] = max(combine({c: r[c] for c in COMPONENTS}, stats, weights, bias), gate_reward + PASSING_MARGIN)
+            r["reward"] = max(
+                combine({c: r[c] for c in COMPONENTS}, stats, weights, bias), gate_reward + PASSING_MARGIN
+            )
     return stats
 
 
@@ -50,7 +72,9 @@ def filter_reason(rows: list[dict]) -> list[str | None]:
     outputs_by_input: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in rows:
         if r["gate_reason"] is None:
-            outputs_by_input[(r["instruction"], " ".join(r["input"].split()).lower())].add(" ".join(r["output"].split()).lower())
+            outputs_by_input[(r["instruction"], " ".join(r["input"].split()).lower())].add(
+                " ".join(r["output"].split()).lower()
+            )
     reasons = []
     for r in rows:
         if r["gate_reason"] is not None:
@@ -66,31 +90,47 @@ class RewardScoresSettings(SamplingSettings):
     """Settings of `reward_scores`: the base model's instances whose component scores standardise
     every later reward."""
 
-    max_instructions: NonNegativeInt = Field(0, description=(
-        "kept instructions to write an instance for (0 = all); a few dozen already fix each component's "
-        "mean and spread"))
+    max_instructions: NonNegativeInt = Field(
+        0,
+        description=(
+            "kept instructions to write an instance for (0 = all); a few dozen already fix each component's "
+            "mean and spread"
+        ),
+    )
 
 
 class InstancePairsSettings(SamplingSettings):
     """Settings of the instance stages (`instance_output_pairs`, `selfinstruct_instance_pairs`,
     `bestofn_instance_pairs`: each reads its own copy; keep them equal for a fair comparison)."""
 
-    max_instructions: NonNegativeInt = Field(0, description=(
-        "kept instructions to write instances for (0 = all, the method); the same seed picks the same ones in "
-        "every branch"))
+    max_instructions: NonNegativeInt = Field(
+        0,
+        description=(
+            "kept instructions to write instances for (0 = all, the method); the same seed picks the same ones in "
+            "every branch"
+        ),
+    )
     instances_per_instruction: PositiveInt = Field(2, description="instances written per instruction")
-    replicates: PositiveInt = Field(1, description=(
-        "independent draws of the whole instance set (each its own sampling seeds), each fine-tuned apart: the "
-        "spread between them is in every comparison's CI"))
+    replicates: PositiveInt = Field(
+        1,
+        description=(
+            "independent draws of the whole instance set (each its own sampling seeds), each fine-tuned apart: the "
+            "spread between them is in every comparison's CI"
+        ),
+    )
 
 
 class BestOfNSettings(InstancePairsSettings):
     """Settings of `bestofn_instance_pairs`: InstancePairsSettings and the number of candidates."""
 
-    candidates_per_instance: PositiveInt = Field(4, description=(
-        "candidates the base model writes per instance; the one with the highest training reward is kept. The RL "
-        "arm's generations are its rollouts (max_steps x prompts_per_step x group_size) plus one per instance: "
-        "choose N so that N x instances is about that, for a comparison at equal budget"))
+    candidates_per_instance: PositiveInt = Field(
+        4,
+        description=(
+            "candidates the base model writes per instance; the one with the highest training reward is kept. The RL "
+            "arm's generations are its rollouts (max_steps x prompts_per_step x group_size) plus one per instance: "
+            "choose N so that N x instances is about that, for a comparison at equal budget"
+        ),
+    )
 
 
 def choose_best(rows: Sequence[dict]) -> list[bool]:
@@ -128,4 +168,6 @@ class ParseRateSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    min_parse_rate: Share = Field(0.5, description="warn below this share of instances that parse into input and output")
+    min_parse_rate: Share = Field(
+        0.5, description="warn below this share of instances that parse into input and output"
+    )

@@ -13,8 +13,32 @@ from __future__ import annotations
 import re
 
 # Words after which an enumeration's first item starts ("... the review below is positive, ...").
-_CUES = {"as", "is", "are", "be", "whether", "if", "into", "from", "with", "of", "either", "between", "answer",
-         "reply", "respond", "label", "choose", "tag", "select", "pick", "write", "say", "output", "return"}
+_CUES = {
+    "as",
+    "is",
+    "are",
+    "be",
+    "whether",
+    "if",
+    "into",
+    "from",
+    "with",
+    "of",
+    "either",
+    "between",
+    "answer",
+    "reply",
+    "respond",
+    "label",
+    "choose",
+    "tag",
+    "select",
+    "pick",
+    "write",
+    "say",
+    "output",
+    "return",
+}
 _ARTICLES = ("a ", "an ", "the ")
 _MAX_ITEM_WORDS = 4
 _QUOTED = re.compile(r"\"([^\"]{1,40})\"|“([^”]{1,40})”|(?<![A-Za-z])'([^']{1,40})'(?![A-Za-z])")
@@ -27,7 +51,7 @@ def _normalise(text: str) -> str:
     text = " ".join(text.lower().replace("_", " ").split()).strip(" \"'“”‘’.,!?;:()[]*`")
     for article in _ARTICLES:
         if text.startswith(article):
-            text = text[len(article):]
+            text = text[len(article) :]
     return text
 
 
@@ -47,7 +71,7 @@ def _enumerations(clause: str) -> list[list[str]]:
     words = parts[0].split()
     cut = max((k + 1 for k, w in enumerate(words) if w.lower().strip(",:") in _CUES), default=0)
     longest = max(len(p.split()) for p in rest)
-    first = words[cut:][-(longest + 1):] if words[cut:] else []
+    first = words[cut:][-(longest + 1) :] if words[cut:] else []
     if not first:
         return []
     return [[" ".join(first), *rest]]

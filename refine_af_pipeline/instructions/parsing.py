@@ -40,7 +40,7 @@ def parse_numbered_continuation(response: str, first_number: int, hit_token_limi
     cleaned, dropped = [], False
     for k, m in enumerate(accepted):
         end = accepted[k + 1].start() if k + 1 < len(accepted) else len(text)
-        item = text[m.end():end].strip()
+        item = text[m.end() : end].strip()
         line, newline, _ = item.partition("\n")
         if hit_token_limit and not newline and end == len(text):
             dropped = True  # the last line was still being written when generation stopped
@@ -72,8 +72,8 @@ def parse_instance(text: str) -> ParsedInstance:
     if out_match is None:
         return ParsedInstance("", "", "missing_output")
     in_match = _INPUT.search(text, 0, out_match.start())
-    input_text = text[in_match.end():out_match.start()].strip() if in_match else ""
-    output = text[out_match.end():]
+    input_text = text[in_match.end() : out_match.start()].strip() if in_match else ""
+    output = text[out_match.end() :]
     # A second "Input:" starts another example; keep only the first.
     next_input = _INPUT.search(output)
     if next_input:

@@ -94,7 +94,9 @@ class RougeDeduplicator:
         self._keys.extend(keys)
         self._lens = np.concatenate([self._lens, np.array([len(k) for k in keys], dtype=np.float64)])
 
-    def _scores(self, rows: Sequence[str], row_lens: np.ndarray, cols: Sequence[str], col_lens: np.ndarray) -> np.ndarray:
+    def _scores(
+        self, rows: Sequence[str], row_lens: np.ndarray, cols: Sequence[str], col_lens: np.ndarray
+    ) -> np.ndarray:
         if not rows or not cols:
             return np.zeros((len(rows), len(cols)))
         lcs = process.cdist(rows, cols, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers)

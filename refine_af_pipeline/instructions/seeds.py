@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..text_files import decode_utf8
 
-
 BUILTIN_SEED_FILE = "seed_tasks.jsonl"
 
 
@@ -119,8 +118,10 @@ def _load_alpaca(path: Path, text: str, source: str) -> list[SeedTask]:
         if not isinstance(rec, dict):
             raise SeedFileError(f"{where}: expected an object")
         instruction = _require_str(rec, "instruction", where)
-        inst = Instance(_require_str(rec, "input", where, allow_empty=True) if "input" in rec else "",
-                        _require_str(rec, "output", where))
+        inst = Instance(
+            _require_str(rec, "input", where, allow_empty=True) if "input" in rec else "",
+            _require_str(rec, "output", where),
+        )
         tasks.append(SeedTask(f"alpaca_{k}", f"alpaca_{k}", instruction.strip(), (inst,), False, source))
     return tasks
 
@@ -149,4 +150,6 @@ class SeedPoolSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    seed_file: str | None = Field(None, description="Self-Instruct JSONL or Alpaca JSON; the built-in 175 tasks if unset")
+    seed_file: str | None = Field(
+        None, description="Self-Instruct JSONL or Alpaca JSON; the built-in 175 tasks if unset"
+    )

@@ -46,8 +46,10 @@ class AdapterView:
         peft = self.peft_model
         holder = getattr(peft, _MERGED_BY, None)
         if holder is not None and holder is not self:
-            raise RuntimeError(f"adapter {holder.adapter!r} is merged into the shared weights; the view of "
-                               f"{self.adapter or 'the base model'!r} cannot be used until it is unmerged")
+            raise RuntimeError(
+                f"adapter {holder.adapter!r} is merged into the shared weights; the view of "
+                f"{self.adapter or 'the base model'!r} cannot be used until it is unmerged"
+            )
         was_training = peft.training
         peft.eval()
         try:

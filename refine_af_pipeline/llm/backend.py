@@ -82,35 +82,52 @@ class ServedModel:
             raise CapabilityMissing(
                 f"{needed_by} needs {capability}, which the {self.provenance.backend} backend serving "
                 f"{self.provenance.served_model} does not provide (it provides {have}); choose another scorer or "
-                "a backend that returns log-probabilities")
+                "a backend that returns log-probabilities"
+            )
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams, batch_size: int = 8, seed: int | None = None,
-                 progress: ProgressFn | None = None, stop_after_first_line: bool = False) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        batch_size: int = 8,
+        seed: int | None = None,
+        progress: ProgressFn | None = None,
+        stop_after_first_line: bool = False,
+    ) -> list[Generation]:
         """One continuation per rendered prompt, in prompt order. `seed` makes sampling repeatable
         (per engine: the same seed on two engines draws different tokens). `stop_after_first_line`
         is a hint for callers that keep only the first non-empty line: an engine may stop a row
         there, and that line is the same either way."""
         raise NotImplementedError
 
-    def continuation_logprobs(self, contexts: Sequence[str], continuations: Sequence[str],
-                              batch_size: int = 8) -> list[list[float]]:
+    def continuation_logprobs(
+        self, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 8
+    ) -> list[list[float]]:
         """Per pair, the log-probability of each continuation token after its context (the two
         tokenized apart, then joined). A continuation token with no context before it has no
         prediction and is left out."""
         self.require("continuation_logprobs", "continuation_logprobs")
         raise NotImplementedError
 
-    def next_token_distribution(self, contexts: Sequence[str], candidate_tokens: Sequence[str],
-                                batch_size: int = 8) -> list[list[float]]:
+    def next_token_distribution(
+        self, contexts: Sequence[str], candidate_tokens: Sequence[str], batch_size: int = 8
+    ) -> list[list[float]]:
         """Per context, the probability of each candidate (its first token) as the next token,
         renormalised over the candidates."""
         self.require("next_token_distribution", "next_token_distribution")
         raise NotImplementedError
 
-    def generate_and_score(self, prompts: Sequence[str], continuations: Sequence[Sequence[str]],
-                           params: SamplingParams, batch_size: int = 8, seed: int | None = None,
-                           progress: ProgressFn | None = None, stop_after_first_line: bool = False,
-                           score_batch_size: int = 16) -> tuple[list[Generation], list[list[list[float]]]]:
+    def generate_and_score(
+        self,
+        prompts: Sequence[str],
+        continuations: Sequence[Sequence[str]],
+        params: SamplingParams,
+        batch_size: int = 8,
+        seed: int | None = None,
+        progress: ProgressFn | None = None,
+        stop_after_first_line: bool = False,
+        score_batch_size: int = 16,
+    ) -> tuple[list[Generation], list[list[list[float]]]]:
         """(a generation per prompt, per prompt the token log-probabilities of each of its
         continuations). The two calls apart; a backend may share work between them."""
         generations = self.generate(prompts, params, batch_size, seed, progress, stop_after_first_line)
@@ -118,7 +135,7 @@ class ServedModel:
         flat = self.continuation_logprobs(flat_ctx, [c for conts in continuations for c in conts], score_batch_size)
         out, k = [], 0
         for conts in continuations:
-            out.append(flat[k:k + len(conts)])
+            out.append(flat[k : k + len(conts)])
             k += len(conts)
         return generations, out
 
@@ -153,7 +170,7 @@ class TokenScoringModel(ServedModel):
             sequences += [(ids + [c], 1) for c in candidates]
         flat = self._sequence_logprobs(sequences, batch_size)
         k = len(candidates)
-        return [renormalised([v[0] for v in flat[j * k:(j + 1) * k]]) for j in range(len(contexts))]
+        return [renormalised([v[0] for v in flat[j * k : (j + 1) * k]]) for j in range(len(contexts))]
 
 
 # Row k of a call seeded s samples from stream s * ROW_SEED_STRIDE + k: callers seed successive

@@ -54,10 +54,21 @@ class _Batch:
         return len(self.prompts)
 
 
-def decode(model, prompt_ids: Sequence[list[int]], params: SamplingParams, *, eos_ids: set[int], pad_id: int,
-           max_rows: int, max_batch_tokens: int, seeds: Sequence[int], stops_row: Callable[[list[int], int], bool] | None = None,
-           on_finished: Callable[[int], None] | None = None, backoff: Backoff | None = None,
-           prefilled: tuple | None = None) -> list[Decoded]:
+def decode(
+    model,
+    prompt_ids: Sequence[list[int]],
+    params: SamplingParams,
+    *,
+    eos_ids: set[int],
+    pad_id: int,
+    max_rows: int,
+    max_batch_tokens: int,
+    seeds: Sequence[int],
+    stops_row: Callable[[list[int], int], bool] | None = None,
+    on_finished: Callable[[int], None] | None = None,
+    backoff: Backoff | None = None,
+    prefilled: tuple | None = None,
+) -> list[Decoded]:
     """Generate after each prompt (token ids, at least 2 each) in `prompt_ids`; results in prompt
     order. Prompt k samples from its own random stream, seeded with seeds[k]. `stops_row(tokens, last)`
     may end a row early (its last token kept). `on_finished(n)` is called with the number of
@@ -78,8 +89,13 @@ def decode(model, prompt_ids: Sequence[list[int]], params: SamplingParams, *, eo
     batch = _Batch()
     if prefilled is not None:
         cache, mask = prefilled
-        batch = _Batch(cache, mask, torch.tensor([p[-1] for p in prompt_ids], device=device),
-                       mask.sum(dim=1), list(range(len(prompt_ids))))
+        batch = _Batch(
+            cache,
+            mask,
+            torch.tensor([p[-1] for p in prompt_ids], device=device),
+            mask.sum(dim=1),
+            list(range(len(prompt_ids))),
+        )
         waiting = []
     can_merge = cache_is_mergeable(model)
     forward = _retrying(model, backoff, can_merge)
@@ -123,8 +139,9 @@ def _sample(logits, params: SamplingParams, uniforms):
     return sample_next_tokens(logits, params.temperature, params.top_p, uniforms)
 
 
-def _admit(batch: _Batch, waiting: list[int], prompt_ids, max_rows: int, max_tokens: int, max_new: int,
-           can_merge: bool) -> int:
+def _admit(
+    batch: _Batch, waiting: list[int], prompt_ids, max_rows: int, max_tokens: int, max_new: int, can_merge: bool
+) -> int:
     """How many waiting prompts join now. A join costs a prefill and a copy of the cache, so
     prompts join in groups (a quarter of max_rows, or all that wait), and only while the batch at
     its widest (every row at max_new_tokens) stays within max_tokens; an empty batch takes at
@@ -181,15 +198,26 @@ def _join(forward, batch: _Batch, rows: list[int], prompt_ids, pad_id: int, devi
     width = max(len(prompt_ids[i]) - 1 for i in rows)
     per_pass = max(1, PREFILL_TOKENS // width) if can_merge else len(rows)
     for start in range(0, len(rows), per_pass):
-        group = rows[start:start + per_pass]
+        group = rows[start : start + per_pass]
         prefixes = [prompt_ids[i][:-1] for i in group]
         w = max(len(p) for p in prefixes)
         ids = torch.tensor([[pad_id] * (w - len(p)) + p for p in prefixes], device=device)
         mask = torch.tensor([[0] * (w - len(p)) + [1] * len(p) for p in prefixes], device=device)
-        cache = forward(f"prefill of {len(group)} prompts", input_ids=ids, attention_mask=mask,
-                        position_ids=position_ids(mask), use_cache=True, logits_to_keep=1).past_key_values
-        part = _Batch(cache, mask, torch.tensor([prompt_ids[i][-1] for i in group], device=device),
-                      torch.tensor([len(p) for p in prefixes], device=device), list(group))
+        cache = forward(
+            f"prefill of {len(group)} prompts",
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids(mask),
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+        part = _Batch(
+            cache,
+            mask,
+            torch.tensor([prompt_ids[i][-1] for i in group], device=device),
+            torch.tensor([len(p) for p in prefixes], device=device),
+            list(group),
+        )
         _merge(batch, part)
 
 
@@ -208,7 +236,12 @@ def _merge(batch: _Batch, part: _Batch) -> None:
 
     if not len(batch):
         batch.cache, batch.mask, batch.feed, batch.positions, batch.prompts = (
-            part.cache, part.mask, part.feed, part.positions, list(part.prompts))
+            part.cache,
+            part.mask,
+            part.feed,
+            part.positions,
+            list(part.prompts),
+        )
         return
     width = max(batch.mask.shape[1], part.mask.shape[1])
     for a, b in zip(batch.cache.layers, part.cache.layers):
@@ -237,8 +270,14 @@ def _step(forward, batch: _Batch):
     import torch
 
     batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
-    logits = forward(f"decode step of {len(batch)} rows", input_ids=batch.feed.unsqueeze(-1), attention_mask=batch.mask,
-                     position_ids=batch.positions.unsqueeze(-1), past_key_values=batch.cache, use_cache=True).logits
+    logits = forward(
+        f"decode step of {len(batch)} rows",
+        input_ids=batch.feed.unsqueeze(-1),
+        attention_mask=batch.mask,
+        position_ids=batch.positions.unsqueeze(-1),
+        past_key_values=batch.cache,
+        use_cache=True,
+    ).logits
     batch.positions = batch.positions + 1
     return logits[:, -1, :]
 
@@ -259,4 +298,3 @@ def _keep_rows(batch: _Batch, keep: list[int], device) -> None:
         for layer in batch.cache.layers:
             layer.keys, layer.values = layer.keys[:, :, unread:], layer.values[:, :, unread:]
         batch.mask = batch.mask[:, unread:]
-

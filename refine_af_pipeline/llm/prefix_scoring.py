@@ -20,17 +20,35 @@ from collections.abc import Sequence
 
 from .backend import Generation, SamplingParams, row_seed
 from .decoding import decode
-from .generation import (MAX_BATCH_TOKENS, continuation_logprobs, eos_ids_of, first_line_ended, generate,
-                         forward_module, length_sorted_batches, pad_id_of, position_ids, supports_decode_loop)
+from .generation import (
+    MAX_BATCH_TOKENS,
+    continuation_logprobs,
+    eos_ids_of,
+    first_line_ended,
+    forward_module,
+    generate,
+    length_sorted_batches,
+    pad_id_of,
+    position_ids,
+    supports_decode_loop,
+)
 from .retry import Backoff, call_with_retry
 
 
-def generate_and_score_continuations(model, tokenizer, prompts: Sequence[str], continuations: Sequence[Sequence[str]],
-                                     params: SamplingParams, batch_size: int = 8, seed: int | None = None,
-                                     progress=None, stop_after_first_line: bool = False,
-                                     backoff: Backoff | None = None, score_batch_size: int = 16,
-                                     max_batch_tokens: int = MAX_BATCH_TOKENS,
-                                     ) -> tuple[list[Generation], list[list[list[float]]]]:
+def generate_and_score_continuations(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    continuations: Sequence[Sequence[str]],
+    params: SamplingParams,
+    batch_size: int = 8,
+    seed: int | None = None,
+    progress=None,
+    stop_after_first_line: bool = False,
+    backoff: Backoff | None = None,
+    score_batch_size: int = 16,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
+) -> tuple[list[Generation], list[list[list[float]]]]:
     """(one generation per prompt, per prompt the token log-probabilities of each of its
     continuations), both in input order; the same results as `generate` and
     `continuation_logprobs` up to float rounding. Prompts of similar length share a batch of at
@@ -48,18 +66,40 @@ def generate_and_score_continuations(model, tokenizer, prompts: Sequence[str], c
     batches = length_sorted_batches(tokenizer, prompts, batch_size, max_batch_tokens, params.max_new_tokens)
     started = time.monotonic()
     for b, rows in enumerate(batches):
+
         def run_batch(rows=rows):
-            return _generate_and_score_batch(model, tokenizer, [prompts[i] for i in rows],
-                                             [continuations[i] for i in rows], params, device, eos_ids,
-                                             stop_after_first_line, score_batch_size, [row_seed(seed, i) for i in rows],
-                                             backoff)
+            return _generate_and_score_batch(
+                model,
+                tokenizer,
+                [prompts[i] for i in rows],
+                [continuations[i] for i in rows],
+                params,
+                device,
+                eos_ids,
+                stop_after_first_line,
+                score_batch_size,
+                [row_seed(seed, i) for i in rows],
+                backoff,
+            )
 
         result = call_with_retry(run_batch, f"generation batch {b + 1}/{len(batches)}", backoff)
         if result is None:  # no shareable cache: the two passes apart
             batch_prompts = [prompts[i] for i in rows]
-            result = (generate(model, tokenizer, batch_prompts, params, len(rows), seed, None, backoff,
-                               stop_after_first_line, row_seeds=[row_seed(seed, i) for i in rows]),
-                      _score_separately(model, tokenizer, batch_prompts, [continuations[i] for i in rows], score_batch_size))
+            result = (
+                generate(
+                    model,
+                    tokenizer,
+                    batch_prompts,
+                    params,
+                    len(rows),
+                    seed,
+                    None,
+                    backoff,
+                    stop_after_first_line,
+                    row_seeds=[row_seed(seed, i) for i in rows],
+                ),
+                _score_separately(model, tokenizer, batch_prompts, [continuations[i] for i in rows], score_batch_size),
+            )
         for i, g, s in zip(rows, *result):
             generations[i], scores[i] = g, s
         if progress is not None:
@@ -72,17 +112,30 @@ def _score_separately(model, tokenizer, prompts, continuations, batch_size) -> l
     flat = continuation_logprobs(model, tokenizer, flat_ctx, [c for conts in continuations for c in conts], batch_size)
     out, k = [], 0
     for conts in continuations:
-        out.append(flat[k:k + len(conts)])
+        out.append(flat[k : k + len(conts)])
         k += len(conts)
     return out
 
 
-def _generate_and_score_batch(model, tokenizer, prompts, continuations, params, device, eos_ids, stop_after_first_line,
-                              score_batch_size, seeds, backoff=None):
+def _generate_and_score_batch(
+    model,
+    tokenizer,
+    prompts,
+    continuations,
+    params,
+    device,
+    eos_ids,
+    stop_after_first_line,
+    score_batch_size,
+    seeds,
+    backoff=None,
+):
     import torch
     from transformers import DynamicCache
 
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(
+        device
+    )
     ids, mask = enc["input_ids"], enc["attention_mask"]
     width = ids.shape[1]
     if width < 2 or int(mask.sum(dim=1).min()) < 2:
@@ -92,19 +145,35 @@ def _generate_and_score_batch(model, tokenizer, prompts, continuations, params, 
             return None
         # The cache holds every prompt token but the last: generation feeds the last one, and its
         # logits predict each continuation's first token.
-        prefix = forward_model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
-                               position_ids=position_ids(mask[:, :-1]), use_cache=True, logits_to_keep=1).past_key_values
+        prefix = forward_model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=position_ids(mask[:, :-1]),
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
         if not isinstance(prefix, DynamicCache):
             return None
         scored = _score_on_prefix(forward_model, tokenizer, prefix, ids, mask, continuations, device, score_batch_size)
         prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         # The batch was sized by its token budget already: all of it decodes together.
-        decoded = decode(forward_model, prompt_ids, params, eos_ids=eos_ids, pad_id=pad_id_of(tokenizer),
-                         max_rows=len(prompts), max_batch_tokens=len(prompts) * (width + params.max_new_tokens),
-                         seeds=seeds, stops_row=first_line_ended(tokenizer) if stop_after_first_line else None,
-                         prefilled=(prefix, mask[:, :-1]), backoff=backoff)
-    return [Generation(tokenizer.decode(d.tokens, skip_special_tokens=True), len(d.tokens), d.hit_token_limit)
-            for d in decoded], scored
+        decoded = decode(
+            forward_model,
+            prompt_ids,
+            params,
+            eos_ids=eos_ids,
+            pad_id=pad_id_of(tokenizer),
+            max_rows=len(prompts),
+            max_batch_tokens=len(prompts) * (width + params.max_new_tokens),
+            seeds=seeds,
+            stops_row=first_line_ended(tokenizer) if stop_after_first_line else None,
+            prefilled=(prefix, mask[:, :-1]),
+            backoff=backoff,
+        )
+    return [
+        Generation(tokenizer.decode(d.tokens, skip_special_tokens=True), len(d.tokens), d.hit_token_limit)
+        for d in decoded
+    ], scored
 
 
 def _rows_of(cache, rows):
@@ -126,23 +195,25 @@ def _score_on_prefix(model, tokenizer, prefix, ids, mask, continuations, device,
     out: list[list[list[float]]] = [[] for _ in continuations]
     pad = tokenizer.pad_token_id
     for start in range(0, len(pairs), chunk):
-        owners = [k for k, _ in pairs[start:start + chunk]]
-        tokens = [tokenizer(c, add_special_tokens=False)["input_ids"] for _, c in pairs[start:start + chunk]]
+        owners = [k for k, _ in pairs[start : start + chunk]]
+        tokens = [tokenizer(c, add_special_tokens=False)["input_ids"] for _, c in pairs[start : start + chunk]]
         length = 1 + max(len(t) for t in tokens)
-        new_ids = torch.tensor([[int(ids[o, -1])] + t + [pad] * (length - 1 - len(t)) for o, t in zip(owners, tokens)],
-                               device=device)
+        new_ids = torch.tensor(
+            [[int(ids[o, -1])] + t + [pad] * (length - 1 - len(t)) for o, t in zip(owners, tokens)], device=device
+        )
         new_mask = torch.tensor([[1] * (1 + len(t)) + [0] * (length - 1 - len(t)) for t in tokens], device=device)
         full_mask = torch.cat([mask[owners, :-1], new_mask], dim=1)
         last_prompt_position = mask[owners].sum(dim=1, keepdim=True) - 1
         positions = last_prompt_position + torch.arange(length, device=device).unsqueeze(0)
         cache = _rows_of(prefix, torch.tensor(owners, device=device))
-        logits = model(input_ids=new_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits
+        logits = model(
+            input_ids=new_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True
+        ).logits
         for r, (owner, t) in enumerate(zip(owners, tokens)):
             if not t:
                 out[owner].append([])
                 continue
-            row = logits[r, :len(t)].float()
+            row = logits[r, : len(t)].float()
             target = torch.tensor(t, device=device)
             lp = row.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
             out[owner].append(lp.tolist())

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 BOOTSTRAP_HEADER = "Come up with a series of tasks:"
-BOOTSTRAP_CLASSIFICATION_HEADER = "Come up with a series of classification tasks. Try to specify the possible output labels when possible."
+BOOTSTRAP_CLASSIFICATION_HEADER = (
+    "Come up with a series of classification tasks. Try to specify the possible output labels when possible."
+)
 
 
 def bootstrap_prompt(example_instructions: Sequence[str], classification: bool = False) -> str:

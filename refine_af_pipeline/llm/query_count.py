@@ -21,7 +21,7 @@ class QueryCounter:
             raise ValueError(f"unknown query role {role!r}; the roles are {', '.join(ROLES)}")
         self.counts[role] += int(n)
 
-    def wrap(self, model: ServedModel, role: str, scoring_role: str | None = None) -> "CountedModel":
+    def wrap(self, model: ServedModel, role: str, scoring_role: str | None = None) -> CountedModel:
         """`model` counted under `role`; its scoring calls under `scoring_role` when given (a
         model that both writes and judges, as the base model in the bootstrap does)."""
         for r in {role, scoring_role or role}:
@@ -51,12 +51,22 @@ class CountedModel(ServedModel):
         self.counter.add(self.scoring_role, len(contexts))
         return self.inner.next_token_distribution(contexts, candidate_tokens, batch_size)
 
-    def generate_and_score(self, prompts, continuations, params, batch_size=8, seed=None, progress=None,
-                           stop_after_first_line=False, score_batch_size=16):
+    def generate_and_score(
+        self,
+        prompts,
+        continuations,
+        params,
+        batch_size=8,
+        seed=None,
+        progress=None,
+        stop_after_first_line=False,
+        score_batch_size=16,
+    ):
         # One query per prompt: its answer and its references are read on one prefill.
         self.counter.add(self.role, len(prompts))
-        return self.inner.generate_and_score(prompts, continuations, params, batch_size, seed, progress,
-                                             stop_after_first_line, score_batch_size)
+        return self.inner.generate_and_score(
+            prompts, continuations, params, batch_size, seed, progress, stop_after_first_line, score_batch_size
+        )
 
     @contextmanager
     def for_generation(self):

@@ -36,7 +36,7 @@ class Backoff:
 
     def delays(self) -> list[float]:
         """The pauses between tries: first_delay_s, then multiplied by factor, capped."""
-        return [min(self.first_delay_s * self.factor ** k, self.max_delay_s) for k in range(self.attempts - 1)]
+        return [min(self.first_delay_s * self.factor**k, self.max_delay_s) for k in range(self.attempts - 1)]
 
 
 DEFAULT_BACKOFF = Backoff()
@@ -46,8 +46,18 @@ DEFAULT_BACKOFF = Backoff()
 _OUT_OF_MEMORY_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 # OSErrors that say a path or a permission is wrong: the same call fails the same way again.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-_PERMANENT_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM,
-                     errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL}
+_PERMANENT_ERRNOS = {
+    errno.ENOENT,
+    errno.EEXIST,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.ENAMETOOLONG,
+    errno.EINVAL,
+}
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -64,8 +74,9 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OUT_OF_MEMORY_MARKERS)
 
 
-def call_with_retry(fn: Callable[[], T], what: str, backoff: Backoff | None = None,
-                    sleep: Callable[[float], None] | None = None) -> T:
+def call_with_retry(
+    fn: Callable[[], T], what: str, backoff: Backoff | None = None, sleep: Callable[[float], None] | None = None
+) -> T:
     """fn(), tried up to backoff.attempts times (DEFAULT_BACKOFF if None) while it raises an error
     that backoff.retry_on (is_transient by default) calls transient; any other error at once."""
     backoff = backoff or DEFAULT_BACKOFF
@@ -79,11 +90,19 @@ def call_with_retry(fn: Callable[[], T], what: str, backoff: Backoff | None = No
             if not transient(exc):
                 raise
             if attempt == backoff.attempts:
-                raise RetriesExhausted(f"{what} failed {attempt} times; the last error: "
-                                       f"{type(exc).__name__}: {exc}") from exc
+                raise RetriesExhausted(
+                    f"{what} failed {attempt} times; the last error: {type(exc).__name__}: {exc}"
+                ) from exc
             delay = delays[attempt - 1]
-            log.warning("%s failed (try %d of %d: %s: %s); trying again in %.0f s", what, attempt,
-                        backoff.attempts, type(exc).__name__, exc, delay)
+            log.warning(
+                "%s failed (try %d of %d: %s: %s); trying again in %.0f s",
+                what,
+                attempt,
+                backoff.attempts,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
             _free_accelerator_memory()
             sleep(delay)
     raise AssertionError("unreachable")

@@ -13,8 +13,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
-from .backend import (ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel,
-                      row_seed)
+from .backend import ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel, row_seed
 
 
 def vllm_available() -> bool:
@@ -30,13 +29,27 @@ def vllm_available() -> bool:
 class VLLMEngine:
     """One `vllm.LLM` for the step; `model(adapter)` gives the base model or one adapter on it."""
 
-    def __init__(self, model_path: str, served_model: str, dtype: str = "auto", adapters: Sequence[str] = (),
-                 gpu_memory_utilization: float = 0.5, max_model_len: int | None = None, seed: int = 0,
-                 enforce_eager: bool = False):
+    def __init__(
+        self,
+        model_path: str,
+        served_model: str,
+        dtype: str = "auto",
+        adapters: Sequence[str] = (),
+        gpu_memory_utilization: float = 0.5,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        enforce_eager: bool = False,
+    ):
         import vllm
 
-        kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed,
-                      gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
+        kwargs = dict(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+        )
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if adapters:
@@ -101,8 +114,13 @@ class VLLMServedModel(TokenScoringModel):
         name = engine.served_model if lora_request is None else f"{engine.served_model} + {lora_request.lora_path}"
         self.provenance = Provenance("vllm", engine.version, name)
 
-    def _run(self, token_prompts: Sequence[list[int]], params: Sequence, progress: ProgressFn | None = None,
-             batch_size: int | None = None) -> list:
+    def _run(
+        self,
+        token_prompts: Sequence[list[int]],
+        params: Sequence,
+        progress: ProgressFn | None = None,
+        batch_size: int | None = None,
+    ) -> list:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in token_prompts]
@@ -111,22 +129,34 @@ class VLLMServedModel(TokenScoringModel):
         # batch_size prompts per call, as the other backends: the engine schedules within a call.
         out, started, total = [], time.monotonic(), -(-len(prompts) // batch_size)
         for b, s in enumerate(range(0, len(prompts), batch_size), start=1):
-            out += self.engine.llm.generate(prompts[s:s + batch_size], list(params[s:s + batch_size]),
-                                            lora_request=self.lora, use_tqdm=False)
+            out += self.engine.llm.generate(
+                prompts[s : s + batch_size], list(params[s : s + batch_size]), lora_request=self.lora, use_tqdm=False
+            )
             if progress is not None:
                 progress(b, total, time.monotonic() - started)
         return out
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams, batch_size: int = 8, seed: int | None = None,
-                 progress: ProgressFn | None = None, stop_after_first_line: bool = False) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        batch_size: int = 8,
+        seed: int | None = None,
+        progress: ProgressFn | None = None,
+        stop_after_first_line: bool = False,
+    ) -> list[Generation]:
         import vllm
 
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        per_row = [vllm.SamplingParams(max_tokens=params.max_new_tokens,
-                                       temperature=params.temperature if params.do_sample else 0.0,
-                                       top_p=params.top_p if params.do_sample else 1.0,
-                                       seed=None if seed is None else row_seed(seed, k))
-                   for k in range(len(prompts))]
+        per_row = [
+            vllm.SamplingParams(
+                max_tokens=params.max_new_tokens,
+                temperature=params.temperature if params.do_sample else 0.0,
+                top_p=params.top_p if params.do_sample else 1.0,
+                seed=None if seed is None else row_seed(seed, k),
+            )
+            for k in range(len(prompts))
+        ]
         results = self._run(ids, per_row, progress, batch_size)
         out = []
         for result in results:
@@ -144,7 +174,11 @@ class VLLMServedModel(TokenScoringModel):
         params = [vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)] * len(scored)
         token_prompts = [ids for _, (ids, _) in scored]
         chunk = self.engine.logprob_chunk or len(scored)
-        results = [r for s in range(0, len(scored), chunk) for r in self._run(token_prompts[s:s + chunk], params[s:s + chunk])]
+        results = [
+            r
+            for s in range(0, len(scored), chunk)
+            for r in self._run(token_prompts[s : s + chunk], params[s : s + chunk])
+        ]
         for (k, (ids, n)), result in zip(scored, results):
             values = []
             for position in range(len(ids) - n, len(ids)):

@@ -30,9 +30,10 @@ class CallCache:
         keys = list(dict.fromkeys(keys))
         found: dict = {}
         for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            rows = self._conn.execute(f"SELECT key, value FROM calls WHERE key IN ({','.join('?' * len(chunk))})",
-                                      chunk).fetchall()
+            chunk = keys[start : start + 500]
+            rows = self._conn.execute(
+                f"SELECT key, value FROM calls WHERE key IN ({','.join('?' * len(chunk))})", chunk
+            ).fetchall()
             found.update({k: json.loads(v) for k, v in rows})
         self.hits += len(found)
         self.misses += len(keys) - len(found)
@@ -40,8 +41,10 @@ class CallCache:
 
     def put_many(self, values: Mapping[str, object]) -> None:
         with self._conn:  # one transaction: a crash leaves all of these or none
-            self._conn.executemany("INSERT OR REPLACE INTO calls (key, value) VALUES (?, ?)",
-                                   [(k, json.dumps(v)) for k, v in values.items()])
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO calls (key, value) VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in values.items()],
+            )
 
     def close(self) -> None:
         self._conn.close()

@@ -55,8 +55,13 @@ class InstructionEvolutionEnv(gym.Env):
         # A rewrite the rules rejected leaves the instruction as it was (Evol-Instruct drops failed evolutions).
         accepted = result.reward > 0
         self.state = ChainState(int(action), before.step + 1, not accepted, result.after if accepted else before.text)
-        info = dict(seed_id=self._seed_id, seed_instruction=self._seed_text, step=self.state.step,
-                    state=state_key(before, self.operations), **asdict(result))
+        info = dict(
+            seed_id=self._seed_id,
+            seed_instruction=self._seed_text,
+            step=self.state.step,
+            state=state_key(before, self.operations),
+            **asdict(result),
+        )
         return self.observation(), float(result.reward), self.state.step >= self.horizon, False, info
 
     def step(self, action):
@@ -67,8 +72,15 @@ class InstructionEvolutionEnv(gym.Env):
 class BatchedEvolutionVecEnv(VecEnv):
     """`n_envs` InstructionEvolutionEnv episodes stepped together; auto-reset as SB3 expects."""
 
-    def __init__(self, seeds: Sequence[tuple[str, str]], operations: Sequence[str], horizon: int, step_fn: StepFn,
-                 n_envs: int, seed: int = 0):
+    def __init__(
+        self,
+        seeds: Sequence[tuple[str, str]],
+        operations: Sequence[str],
+        horizon: int,
+        step_fn: StepFn,
+        n_envs: int,
+        seed: int = 0,
+    ):
         self.envs = [InstructionEvolutionEnv(seeds, operations, horizon, step_fn) for _ in range(n_envs)]
         self.step_fn = step_fn
         super().__init__(n_envs, self.envs[0].observation_space, self.envs[0].action_space)

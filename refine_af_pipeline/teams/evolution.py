@@ -35,26 +35,38 @@ class EvolutionStepper:
     """Applies operations with `rewriter` and judges them with `reviewer`. Sampling, when on, is
     seeded per step (`seed` + step): the arms of a comparison see the same decoding seeds."""
 
-    def __init__(self, rewriter: ServedModel, reviewer: InformationGainReviewer, params: SamplingParams,
-                 batch_size: int, seed: int, cache: CallCache | None = None):
+    def __init__(
+        self,
+        rewriter: ServedModel,
+        reviewer: InformationGainReviewer,
+        params: SamplingParams,
+        batch_size: int,
+        seed: int,
+        cache: CallCache | None = None,
+    ):
         self.rewriter, self.reviewer, self.params = rewriter, reviewer, params
         self.batch_size, self.seed, self.cache = batch_size, seed, cache
         self.model_calls = 0  # rewrites generated (cache hits excluded)
 
     def __call__(self, befores: Sequence[str], operations: Sequence[str], step: int) -> list[StepResult]:
-        prompts = [render_prompt(self.rewriter.tokenizer, rewrite_request(op, b), REWRITE_PREFIX) for b, op in
-                   zip(befores, operations, strict=True)]
+        prompts = [
+            render_prompt(self.rewriter.tokenizer, rewrite_request(op, b), REWRITE_PREFIX)
+            for b, op in zip(befores, operations, strict=True)
+        ]
         seed = self.seed + step if self.params.do_sample else None
-        keys = [CallCache.key("rewrite", self.rewriter.provenance.columns(), p, self.params.as_dict(), seed)
-                for p in prompts]
+        keys = [
+            CallCache.key("rewrite", self.rewriter.provenance.columns(), p, self.params.as_dict(), seed)
+            for p in prompts
+        ]
         known = self.cache.get_many(keys) if self.cache else {}
         todo = list(dict.fromkeys(k for k in keys if k not in known))
         if todo:
             by_key = dict(zip(keys, prompts))
             with self.rewriter.for_generation() as model:
                 # The rewrite is the reply's first line: each row stops there.
-                gens = model.generate([by_key[k] for k in todo], self.params, self.batch_size, seed,
-                                      stop_after_first_line=True)
+                gens = model.generate(
+                    [by_key[k] for k in todo], self.params, self.batch_size, seed, stop_after_first_line=True
+                )
             self.model_calls += len(todo)
             fresh = {k: [g.text, g.n_tokens, g.hit_token_limit] for k, g in zip(todo, gens)}
             if self.cache:
@@ -63,8 +75,10 @@ class EvolutionStepper:
         new = set(todo)
         afters = [clean_rewrite(known[k][0]) for k in keys]
         reviews = self.reviewer.review(list(befores), afters)
-        return [StepResult(op, b, a, r.reward, r.p_differs, r.rule, k not in new, r.cached, known[k][1], known[k][2])
-                for b, op, a, r, k in zip(befores, operations, afters, reviews, keys)]
+        return [
+            StepResult(op, b, a, r.reward, r.p_differs, r.rule, k not in new, r.cached, known[k][1], known[k][2])
+            for b, op, a, r, k in zip(befores, operations, afters, reviews, keys)
+        ]
 
 
 # (the chain's state, the chain's random generator) -> next operation index
@@ -76,8 +90,15 @@ def chain_rng(seed: int, seed_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, hash_bucket(seed_id, "teams-chain")])
 
 
-def run_chains(stepper: EvolutionStepper, seeds: Sequence[tuple[str, str]], choosers: dict[str, Chooser],
-               horizon: int, seed: int, operations: Sequence[str] = OPERATION_NAMES, progress=None) -> list[dict]:
+def run_chains(
+    stepper: EvolutionStepper,
+    seeds: Sequence[tuple[str, str]],
+    choosers: dict[str, Chooser],
+    horizon: int,
+    seed: int,
+    operations: Sequence[str] = OPERATION_NAMES,
+    progress=None,
+) -> list[dict]:
     """`horizon` operations from each (seed id, instruction) for each chooser ("arm"), all chains
     in lockstep (one batched step for every arm and seed); one row per step with the arm, the
     operation, the texts and the reward. Every arm's chain on a seed draws from the same
@@ -90,11 +111,21 @@ def run_chains(stepper: EvolutionStepper, seeds: Sequence[tuple[str, str]], choo
         actions = [c[3](state, rng) for c, state, rng in zip(chains, states, rngs)]
         results = stepper([s.text for s in states], [operations[a] for a in actions], step)
         for (arm, sid, seed_text, _), state, result in zip(chains, states, results):
-            rows.append(dict(arm=arm, seed_id=sid, seed_instruction=seed_text, step=step + 1,
-                             state=state_key(state, list(operations)), **asdict(result)))
+            rows.append(
+                dict(
+                    arm=arm,
+                    seed_id=sid,
+                    seed_instruction=seed_text,
+                    step=step + 1,
+                    state=state_key(state, list(operations)),
+                    **asdict(result),
+                )
+            )
         # A rewrite the rules rejected leaves the instruction as it was (as in the environment).
-        states = [ChainState(a, step + 1, r.reward <= 0, r.after if r.reward > 0 else r.before)
-                  for a, r in zip(actions, results)]
+        states = [
+            ChainState(a, step + 1, r.reward <= 0, r.after if r.reward > 0 else r.before)
+            for a, r in zip(actions, results)
+        ]
         if progress:
             progress(step + 1, horizon)
     return rows

@@ -45,16 +45,30 @@ def headroom(transitions: Sequence[dict], operations: Sequence[str], min_count: 
     states = sorted({s for s, _ in rewards})
     per_state, weighted, total = [], 0.0, 0
     for state in states:
-        means = {op: sum(rewards[(state, op)]) / len(rewards[(state, op)])
-                 for op in operations if len(rewards[(state, op)]) >= min_count}
+        means = {
+            op: sum(rewards[(state, op)]) / len(rewards[(state, op)])
+            for op in operations
+            if len(rewards[(state, op)]) >= min_count
+        }
         n = sum(len(rewards[(state, op)]) for op in operations)
         if not means:
             continue
         best = max(means, key=lambda o: (means[o], -list(operations).index(o)))
-        per_state.append(dict(state=state, state_transitions=n, best_operation=best, best_mean_reward=means[best],
-                              **{f"mean_reward_{op}": means.get(op) for op in operations}))
+        per_state.append(
+            dict(
+                state=state,
+                state_transitions=n,
+                best_operation=best,
+                best_mean_reward=means[best],
+                **{f"mean_reward_{op}": means.get(op) for op in operations},
+            )
+        )
         weighted += n * means[best]
         total += n
-    return Headroom(uniform=sum(op_means.values()) / len(op_means), best_fixed=op_means[best_op],
-                    best_fixed_operation=best_op, best_per_state=weighted / total if total else float("nan"),
-                    per_state=per_state)
+    return Headroom(
+        uniform=sum(op_means.values()) / len(op_means),
+        best_fixed=op_means[best_op],
+        best_fixed_operation=best_op,
+        best_per_state=weighted / total if total else float("nan"),
+        per_state=per_state,
+    )

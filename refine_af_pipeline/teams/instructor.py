@@ -25,26 +25,34 @@ class InstructorSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    operations: list[str] = Field(list(OPERATION_NAMES), description=(
-        f"the actions, in order (any of: {', '.join(OPERATION_NAMES)})"))
+    operations: list[str] = Field(
+        list(OPERATION_NAMES), description=(f"the actions, in order (any of: {', '.join(OPERATION_NAMES)})")
+    )
     horizon: PositiveInt = Field(6, description="operations per episode (the paper: 6)")
     episodes_per_update: PositiveInt = Field(16, description="episodes per TRPO rollout (one update each)")
     updates: PositiveInt = Field(10, description="TRPO updates")
-    heldout_share: Share = Field(0.3, description=(
-        "share of seed tasks (by a stable id hash) held out of training for teams_policy_comparison"))
+    heldout_share: Share = Field(
+        0.3, description=("share of seed tasks (by a stable id hash) held out of training for teams_policy_comparison")
+    )
     target_kl: PositiveFloat = Field(0.05, description="TRPO's KL trust region per update")
     hidden_units: PositiveInt = Field(32, description="units of the policy and value MLPs' one hidden layer")
     gamma: Probability = Field(0.99, description="discount")
     critic_learning_rate: PositiveFloat = Field(1e-3, description="learning rate of the value function")
     max_new_tokens: PositiveInt = Field(64, description="tokens per rewrite at most (a rewrite is one line)")
-    do_sample: bool = Field(True, description=(
-        "sample rewrites, seeded per step (false: greedy, which with the embedded model hands back the task "
-        "unchanged or the example far more often: 25 of 48 rewrites passed the reviewer's rules against 35 of 48 "
-        "sampled at 0.8, and a chain stuck on a rejected rewrite repeats it)"))
+    do_sample: bool = Field(
+        True,
+        description=(
+            "sample rewrites, seeded per step (false: greedy, which with the embedded model hands back the task "
+            "unchanged or the example far more often: 25 of 48 rewrites passed the reviewer's rules against 35 of 48 "
+            "sampled at 0.8, and a chain stuck on a rejected rewrite repeats it)"
+        ),
+    )
     temperature: PositiveFloat = Field(0.8, description="rewrite sampling temperature (do_sample)")
     top_p: Probability = Field(0.95, description="rewrite nucleus sampling (do_sample)")
-    near_copy_rouge_l: Probability = Field(NEAR_COPY_ROUGE_L, description=(
-        "reviewer rule: a rewrite at least this ROUGE-L-similar to the instruction it rewrote scores 0"))
+    near_copy_rouge_l: Probability = Field(
+        NEAR_COPY_ROUGE_L,
+        description=("reviewer rule: a rewrite at least this ROUGE-L-similar to the instruction it rewrote scores 0"),
+    )
     seed: int = Field(0, description="seed of the episode draws, the policy's initialisation and the sampling")
 
     @field_validator("operations")
@@ -90,14 +98,24 @@ def build_trpo(env: BatchedEvolutionVecEnv, settings: InstructorSettings):
 
     rollout = env.num_envs * settings.horizon
     # The critic fits on the whole rollout at once (a rollout is small: episodes x horizon).
-    return TRPO("MlpPolicy", env, n_steps=settings.horizon, batch_size=rollout, gamma=settings.gamma,
-                target_kl=settings.target_kl, learning_rate=settings.critic_learning_rate,
-                policy_kwargs=dict(net_arch=dict(pi=[settings.hidden_units], vf=[settings.hidden_units])),
-                seed=settings.seed, device="cpu", verbose=0)
+    return TRPO(
+        "MlpPolicy",
+        env,
+        n_steps=settings.horizon,
+        batch_size=rollout,
+        gamma=settings.gamma,
+        target_kl=settings.target_kl,
+        learning_rate=settings.critic_learning_rate,
+        policy_kwargs=dict(net_arch=dict(pi=[settings.hidden_units], vf=[settings.hidden_units])),
+        seed=settings.seed,
+        device="cpu",
+        verbose=0,
+    )
 
 
-def train_instructor(env: BatchedEvolutionVecEnv, settings: InstructorSettings,
-                     on_update: Callable[[dict], None] | None = None) -> InstructorResult:
+def train_instructor(
+    env: BatchedEvolutionVecEnv, settings: InstructorSettings, on_update: Callable[[dict], None] | None = None
+) -> InstructorResult:
     """`settings.updates` TRPO updates; a log row per update: the rollout's mean reward and action
     shares, then the policy's mean entropy over states and its mean KL from before the update."""
     model = build_trpo(env, settings)
@@ -116,7 +134,9 @@ def train_instructor(env: BatchedEvolutionVecEnv, settings: InstructorSettings,
         before = action_probabilities(model, observed)
         model.policy.load_state_dict(updated)
         starts = observed[[t["step"] == 1 for t in rollout]]
-        start_probs = after[[t["step"] == 1 for t in rollout]].mean(axis=0) if len(starts) else np.full(len(ops), np.nan)
+        start_probs = (
+            after[[t["step"] == 1 for t in rollout]].mean(axis=0) if len(starts) else np.full(len(ops), np.nan)
+        )
         counts = Counter(t["operation"] for t in rollout)
         row = {
             "update": update,
@@ -150,7 +170,8 @@ def load_policy(path: str | Path, n_operations: int) -> Callable[[np.ndarray], n
     if model.action_space.n != n_operations:
         raise ValueError(f"the policy at {path} has {model.action_space.n} actions, expected {n_operations}")
     if model.observation_space.shape != (observation_size(n_operations),):
-        raise ValueError(f"the policy at {path} reads states of shape {model.observation_space.shape}, this version "
-                         f"{(observation_size(n_operations),)}: materialize teams_operation_policy again")
+        raise ValueError(
+            f"the policy at {path} reads states of shape {model.observation_space.shape}, this version "
+            f"{(observation_size(n_operations),)}: materialize teams_operation_policy again"
+        )
     return lambda observations: action_probabilities(model, observations)
-

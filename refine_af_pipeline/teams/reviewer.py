@@ -53,7 +53,8 @@ def rule_zero(before: str, after: str, near_copy: float = NEAR_COPY_ROUGE_L) -> 
     if any(marker in low for marker in LEAK_MARKERS):
         return "leaked_prompt_words"
     if any(w in low and w not in before.lower() for w in EXAMPLE_WORDS) or any(
-            rouge_l(example, after) >= EXAMPLE_COPY_ROUGE_L for example in EXAMPLE_REWRITES.values()):
+        rouge_l(example, after) >= EXAMPLE_COPY_ROUGE_L for example in EXAMPLE_REWRITES.values()
+    ):
         return "copied_example"
     if rouge_l(before, after) >= near_copy:
         return "near_identical"
@@ -72,20 +73,40 @@ class InformationGainReviewer:
     """Scores (before, after) pairs; `version` names the model, question and rules, as the
     feedback scorers' versions do."""
 
-    def __init__(self, model: ServedModel, batch_size: int = 16, near_copy: float = NEAR_COPY_ROUGE_L,
-                 cache: CallCache | None = None):
+    def __init__(
+        self,
+        model: ServedModel,
+        batch_size: int = 16,
+        near_copy: float = NEAR_COPY_ROUGE_L,
+        cache: CallCache | None = None,
+    ):
         model.require("next_token_distribution", "the TeaMs-RL reviewer (P(Yes) after its question)")
         self.model, self.batch_size, self.near_copy, self.cache = model, batch_size, near_copy, cache
-        digest = hashlib.sha256(json.dumps([REVIEW_QUESTION, REFUSALS, LEAK_MARKERS, EXAMPLE_REWRITES, EXAMPLE_WORDS,
-                                         EXAMPLE_COPY_ROUGE_L, near_copy]).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(
+            json.dumps(
+                [
+                    REVIEW_QUESTION,
+                    REFUSALS,
+                    LEAK_MARKERS,
+                    EXAMPLE_REWRITES,
+                    EXAMPLE_WORDS,
+                    EXAMPLE_COPY_ROUGE_L,
+                    near_copy,
+                ]
+            ).encode()
+        ).hexdigest()[:8]
         self.version = f"teams-information-gain/v1:{model.provenance.served_model}:q-{digest}"
         self.model_calls = 0  # judgements the model made (cache hits and rule zeros excluded)
 
     def review(self, befores: Sequence[str], afters: Sequence[str]) -> list[Review]:
         rules = [rule_zero(b, a, self.near_copy) for b, a in zip(befores, afters, strict=True)]
         ask = [k for k, r in enumerate(rules) if r is None]
-        contexts = [render_prompt(self.model.tokenizer, REVIEW_QUESTION.format(before=befores[k].strip(),
-                                                                               after=afters[k].strip())) for k in ask]
+        contexts = [
+            render_prompt(
+                self.model.tokenizer, REVIEW_QUESTION.format(before=befores[k].strip(), after=afters[k].strip())
+            )
+            for k in ask
+        ]
         keys = [self._key(c) for c in contexts]
         known = self.cache.get_many(keys) if self.cache else {}
         missing = [j for j, key in enumerate(keys) if key not in known]

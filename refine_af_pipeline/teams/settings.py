@@ -26,19 +26,31 @@ class EvolvedInstructionsSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_seeds: NonNegativeInt = Field(0, description="seed tasks to evolve (0 = all)")
-    min_p_differs: Share = Field(0.0, description=(
-        "a rewrite the reviewer gives P(differs) below this is dropped (Evol-Instruct's no-information-gain rule, "
-        "beside the reviewer's code rules); 0 keeps every rewrite no rule rejected: the embedded reviewer's P(Yes) "
-        "stays between about 0.2 and 0.5 on rewrites that pass the rules, so 0.5 would drop nearly all; raise it "
-        "for a stronger reviewer"))
-    rouge_threshold: Probability = Field(DEFAULT_THRESHOLD, description=(
-        "ROUGE-L F-measure above which an evolved instruction is a near duplicate of a seed or a kept one"))
+    min_p_differs: Share = Field(
+        0.0,
+        description=(
+            "a rewrite the reviewer gives P(differs) below this is dropped (Evol-Instruct's no-information-gain rule, "
+            "beside the reviewer's code rules); 0 keeps every rewrite no rule rejected: the embedded reviewer's P(Yes) "
+            "stays between about 0.2 and 0.5 on rewrites that pass the rules, so 0.5 would drop nearly all; raise it "
+            "for a stronger reviewer"
+        ),
+    )
+    rouge_threshold: Probability = Field(
+        DEFAULT_THRESHOLD,
+        description=(
+            "ROUGE-L F-measure above which an evolved instruction is a near duplicate of a seed or a kept one"
+        ),
+    )
     seed: int = Field(0, description="seed of the seed sample and the chains' action draws")
 
 
 class ExpertAnswerSettings(SamplingSettings):
     """Settings of `teams_instruction_pairs`: the expert model answers the kept evolved instructions."""
 
-    max_new_tokens: PositiveInt = Field(256, description=(
-        "tokens per answer at most: at 128, 58% of the embedded expert's answers were cut (and a cut answer is gated)"))
+    max_new_tokens: PositiveInt = Field(
+        256,
+        description=(
+            "tokens per answer at most: at 128, 58% of the embedded expert's answers were cut (and a cut answer is gated)"
+        ),
+    )
     max_instructions: NonNegativeInt = Field(0, description="kept evolved instructions to answer (0 = all)")

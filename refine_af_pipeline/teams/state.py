@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CONSTRAINT = re.compile(r"\b(must|should|exactly|at least|at most|only|without|no more than|include|use)\b",
-                        re.IGNORECASE)
+CONSTRAINT = re.compile(
+    r"\b(must|should|exactly|at least|at most|only|without|no more than|include|use)\b", re.IGNORECASE
+)
 TEXT_FEATURES = ("length", "question", "digit", "constraint")
 
 
@@ -34,8 +35,12 @@ class ChainState:
 
 def text_features(text: str) -> list[float]:
     words = len(text.split())
-    return [min(words / 50.0, 2.0), float(text.rstrip().endswith("?")), float(any(c.isdigit() for c in text)),
-            float(CONSTRAINT.search(text) is not None)]
+    return [
+        min(words / 50.0, 2.0),
+        float(text.rstrip().endswith("?")),
+        float(any(c.isdigit() for c in text)),
+        float(CONSTRAINT.search(text) is not None),
+    ]
 
 
 def observation_size(n_operations: int) -> int:
@@ -48,7 +53,7 @@ def encode(state: ChainState, n_operations: int, horizon: int) -> np.ndarray:
         obs[state.previous] = 1.0
     obs[n_operations] = state.step / horizon
     obs[n_operations + 1] = float(state.rejected)
-    obs[n_operations + 2:] = text_features(state.text)
+    obs[n_operations + 2 :] = text_features(state.text)
     return obs
 
 

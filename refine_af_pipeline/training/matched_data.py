@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..settings_types import NonNegativeInt, Share
-from .splits import hash_bucket
 from .sft import validation_split
+from .splits import hash_bucket
 
 DRAW_SALT = "sft-draw"
 
@@ -35,14 +35,23 @@ class MatchedDataSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    sft_pairs: NonNegativeInt = Field(0, description=(
-        "training pairs per arm (0 = as many as the smallest arm has); an arm with fewer trains on all it has, "
-        "and the metadata and the check say so"))
-    validation_share: Share = Field(0.15, description=(
-        "share of instructions (salted hash of the id) whose pairs are held out for validation, the same "
-        "instructions in every arm that shares the pool"))
-    min_validation: NonNegativeInt = Field(4, description=(
-        "hold out at least this many instructions when a quarter of the pool allows"))
+    sft_pairs: NonNegativeInt = Field(
+        0,
+        description=(
+            "training pairs per arm (0 = as many as the smallest arm has); an arm with fewer trains on all it has, "
+            "and the metadata and the check say so"
+        ),
+    )
+    validation_share: Share = Field(
+        0.15,
+        description=(
+            "share of instructions (salted hash of the id) whose pairs are held out for validation, the same "
+            "instructions in every arm that shares the pool"
+        ),
+    )
+    min_validation: NonNegativeInt = Field(
+        4, description=("hold out at least this many instructions when a quarter of the pool allows")
+    )
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,9 @@ def _ordered(rows: Sequence[dict], preferred: set[str]) -> list[dict]:
     return [by_instruction[i][k] for k in range(rounds) for i in order if k < len(by_instruction[i])]
 
 
-def draw_matched(arms: Mapping[str, Sequence[dict]], sharing: set[str], settings: MatchedDataSettings) -> dict[str, ArmDraw]:
+def draw_matched(
+    arms: Mapping[str, Sequence[dict]], sharing: set[str], settings: MatchedDataSettings
+) -> dict[str, ArmDraw]:
     """Each arm's training and validation pairs. `arms`: the kept pairs of each arm (dicts with
     instance_id and instruction_id); `sharing`: the arms that write instances for one instruction
     pool. Arms outside it keep their own validation instructions."""
@@ -90,10 +101,17 @@ def draw_matched(arms: Mapping[str, Sequence[dict]], sharing: set[str], settings
     held_shared = validation_split(shared_ids, settings.validation_share, settings.min_validation)
     slices: dict[str, dict[str, list[dict]]] = {}
     for arm, rows in arms.items():
-        held = held_shared if arm in sharing else validation_split(
-            [r["instruction_id"] for r in rows], settings.validation_share, settings.min_validation)
-        slices[arm] = {"validation": [r for r in rows if r["instruction_id"] in held],
-                       "train": [r for r in rows if r["instruction_id"] not in held]}
+        held = (
+            held_shared
+            if arm in sharing
+            else validation_split(
+                [r["instruction_id"] for r in rows], settings.validation_share, settings.min_validation
+            )
+        )
+        slices[arm] = {
+            "validation": [r for r in rows if r["instruction_id"] in held],
+            "train": [r for r in rows if r["instruction_id"] not in held],
+        }
     # Instructions every sharing arm kept, per slice: those come first in each sharing arm's order.
     common = {}
     for part in ("validation", "train"):

@@ -16,12 +16,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..llm.adapters import AdapterView
 from ..feedback.scores import COMPONENTS, FeedbackScorer
+from ..llm.adapters import AdapterView
 from ..llm.backend import render_prompt
 from ..llm.prompts import INSTANCE_PREFIX, instance_prompt
-from .rl_diagnostics import mean_repeat_share
 from ..settings_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Share
+from .rl_diagnostics import mean_repeat_share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 
@@ -32,42 +32,67 @@ class RLSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     algorithm: Literal["grpo", "rloo"] = Field("grpo", description="TRL trainer, both on a LoRA adapter: GRPO or RLOO")
-    max_steps: PositiveInt = Field(1_500, description=(
-        "optimizer steps; each samples prompts_per_step x group_size completions (1,500 x 8: one pass over the "
-        "12,000 instructions a 15,000 pool leaves after the 20% held out)"))
+    max_steps: PositiveInt = Field(
+        1_500,
+        description=(
+            "optimizer steps; each samples prompts_per_step x group_size completions (1,500 x 8: one pass over the "
+            "12,000 instructions a 15,000 pool leaves after the 20% held out)"
+        ),
+    )
     prompts_per_step: PositiveInt = Field(8, description="instructions per optimizer step")
     group_size: PositiveInt = Field(4, description="completions per instruction, each rewarded relative to the others")
-    train_batch_size: PositiveInt = Field(2, description=(
-        "completions per forward/backward pass: a step's completions are generated in one batch and trained on "
-        "this many at a time (gradient accumulation: same update, the memory of the slice); must divide "
-        "prompts_per_step x group_size"))
-    learning_rate: PositiveFloat = Field(1e-3, description=(
-        "LoRA learning rate; high so that a few steps move a small policy at all, lower it for long runs"))
+    train_batch_size: PositiveInt = Field(
+        2,
+        description=(
+            "completions per forward/backward pass: a step's completions are generated in one batch and trained on "
+            "this many at a time (gradient accumulation: same update, the memory of the slice); must divide "
+            "prompts_per_step x group_size"
+        ),
+    )
+    learning_rate: PositiveFloat = Field(
+        1e-3,
+        description=("LoRA learning rate; high so that a few steps move a small policy at all, lower it for long runs"),
+    )
     beta: NonNegativeFloat = Field(0.04, description="KL penalty towards the base model (0 = none, no reference pass)")
-    max_completion_length: PositiveInt = Field(96, description=(
-        "tokens per completion: the instance stages' max_new_tokens, so RL does not train on instances cut "
-        "before their output ends"))
+    max_completion_length: PositiveInt = Field(
+        96,
+        description=(
+            "tokens per completion: the instance stages' max_new_tokens, so RL does not train on instances cut "
+            "before their output ends"
+        ),
+    )
     temperature: PositiveFloat = Field(0.7, description="sampling temperature: the one the instance stages use")
     top_p: Probability = Field(0.95, description="nucleus sampling: the one the instance stages use")
     lora_r: PositiveInt = Field(8, description="LoRA rank")
     lora_alpha: PositiveInt = Field(16, description="LoRA scaling numerator (scale = lora_alpha / lora_r)")
     seed: int = Field(0, description="trainer seed")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (for 7B+ policies)")
-    use_vllm: bool = Field(False, description=(
-        "generate the completions with vLLM colocated in the trainer's process (TRL's use_vllm, vllm_mode "
-        "colocate): CUDA and `pip install '.[vllm]'` only; faster rollouts for 7B policies"))
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (for 7B+ policies)"
+    )
+    use_vllm: bool = Field(
+        False,
+        description=(
+            "generate the completions with vLLM colocated in the trainer's process (TRL's use_vllm, vllm_mode "
+            "colocate): CUDA and `pip install '.[vllm]'` only; faster rollouts for 7B policies"
+        ),
+    )
     vllm_gpu_memory_utilization: Share = Field(0.3, description="with use_vllm: GPU memory share of the rollout engine")
     heldout_share: Share = Field(0.2, description="share of kept instructions (stable hash split) RL never trains on")
-    min_heldout: NonNegativeInt = Field(6, description=(
-        "hold out at least this many instructions, so the held-out check has some; a small pool never has more "
-        "than half held out, so RL has some to train on"))
+    min_heldout: NonNegativeInt = Field(
+        6,
+        description=(
+            "hold out at least this many instructions, so the held-out check has some; a small pool never has more "
+            "than half held out, so RL has some to train on"
+        ),
+    )
 
     @model_validator(mode="after")
     def _slices_fill_a_step(self):
         completions = self.prompts_per_step * self.group_size
         if completions % self.train_batch_size:
-            raise ValueError(f"train_batch_size ({self.train_batch_size}) must divide prompts_per_step x group_size "
-                             f"({completions})")
+            raise ValueError(
+                f"train_batch_size ({self.train_batch_size}) must divide prompts_per_step x group_size ({completions})"
+            )
         return self
 
 
@@ -89,18 +114,28 @@ class _RewardRecorder:
         self.end_ids = end_ids
         self.calls: list[dict] = []
 
-    def __call__(self, prompts, completions, instruction, is_classification=None, completion_ids=None,
-                 **_) -> list[float]:
+    def __call__(
+        self, prompts, completions, instruction, is_classification=None, completion_ids=None, **_
+    ) -> list[float]:
         # The prompt ends inside the assistant turn with INSTANCE_PREFIX; completions continue it.
         completions = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         # A completion that filled its token budget without an end token was cut: the same gate as
         # the instance stages' hit_token_limit.
-        cut = [len(ids) >= self.max_completion_length and (not ids or int(ids[-1]) not in self.end_ids)
-               for ids in completion_ids] if completion_ids is not None else None
-        scored = self.scorer.score_texts(list(instruction), [INSTANCE_PREFIX + c for c in completions], cut,
-                                         is_classification)
-        record = {"gate_failure_share": sum(s.gate_reason is not None for s in scored) / max(len(scored), 1),
-                  "repeat_share": mean_repeat_share(completions)}
+        cut = (
+            [
+                len(ids) >= self.max_completion_length and (not ids or int(ids[-1]) not in self.end_ids)
+                for ids in completion_ids
+            ]
+            if completion_ids is not None
+            else None
+        )
+        scored = self.scorer.score_texts(
+            list(instruction), [INSTANCE_PREFIX + c for c in completions], cut, is_classification
+        )
+        record = {
+            "gate_failure_share": sum(s.gate_reason is not None for s in scored) / max(len(scored), 1),
+            "repeat_share": mean_repeat_share(completions),
+        }
         for name in COMPONENTS:
             values = [s.components[name] for s in scored if s.components[name] is not None]
             record[f"{name}_mean"] = sum(values) / len(values) if values else math.nan
@@ -108,9 +143,18 @@ class _RewardRecorder:
         return [s.reward for s in scored]
 
 
-def train_policy(model, tokenizer, instructions: Sequence[str], scorer: FeedbackScorer, settings: RLSettings,
-                 output_dir: Path, device: str, on_log=None, base_view: AdapterView | None = None,
-                 is_classification: Sequence[bool] | None = None) -> RLResult:
+def train_policy(
+    model,
+    tokenizer,
+    instructions: Sequence[str],
+    scorer: FeedbackScorer,
+    settings: RLSettings,
+    output_dir: Path,
+    device: str,
+    on_log=None,
+    base_view: AdapterView | None = None,
+    is_classification: Sequence[bool] | None = None,
+) -> RLResult:
     """Train a LoRA adapter on `model`. `base_view`, if given (the scorer's judge), is bound to the
     trainer's PEFT model, so the judge reads the base weights with the adapter off: one copy of the
     weights serves policy, reference and judge. `is_classification` (per instruction) turns on the
@@ -125,17 +169,21 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
     # GRPO/RLOO draw prompts_per_step prompts per step and drop an incomplete step: with fewer
     # instructions than that, TRL would train zero steps without an error. Cycle them up to one step.
     instructions = list(instructions)
-    classification = [bool(c) for c in is_classification] if is_classification is not None else [False] * len(instructions)
+    classification = (
+        [bool(c) for c in is_classification] if is_classification is not None else [False] * len(instructions)
+    )
     if len(classification) != len(instructions):
         raise ValueError(f"is_classification has {len(classification)} flags for {len(instructions)} instructions")
     while len(instructions) < settings.prompts_per_step:
         missing = settings.prompts_per_step - len(instructions)
         instructions, classification = instructions + instructions[:missing], classification + classification[:missing]
-    dataset = Dataset.from_dict({
-        "prompt": [rl_prompt(tokenizer, i) for i in instructions],
-        "instruction": instructions,
-        "is_classification": classification,
-    })
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [rl_prompt(tokenizer, i) for i in instructions],
+            "instruction": instructions,
+            "is_classification": classification,
+        }
+    )
     args = dict(
         common_training_args(output_dir, settings.seed, device),
         max_steps=settings.max_steps,
@@ -153,17 +201,20 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
         gradient_checkpointing=settings.gradient_checkpointing,
     )
     if settings.use_vllm:
-        args.update(use_vllm=True, vllm_mode="colocate",
-                    vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization)
+        args.update(
+            use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=settings.vllm_gpu_memory_utilization
+        )
     if settings.algorithm == "grpo":
-        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
 
         # Advantages scaled by the spread of the whole step, not of each group: with 4 completions
         # a group whose rewards happen to be close (std ~0.1 against ~1 across groups) would have
         # its noise amplified tenfold.
         args["scale_rewards"] = "batch"
     else:
-        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
 
         args["normalize_advantages"] = True  # the same scale, over the step's completions
     recorder = _RewardRecorder(scorer, settings.max_completion_length, _end_token_ids(model, tokenizer))
@@ -180,7 +231,9 @@ def train_policy(model, tokenizer, instructions: Sequence[str], scorer: Feedback
         base_view.bind(trainer.model)
     with sort_free_rollouts(trainer, settings.top_p, settings.temperature):
         trainer.train()
-    return RLResult(save_adapter(trainer, tokenizer, output_dir), _training_log(trainer.state.log_history, recorder.calls))
+    return RLResult(
+        save_adapter(trainer, tokenizer, output_dir), _training_log(trainer.state.log_history, recorder.calls)
+    )
 
 
 @contextmanager
@@ -239,7 +292,7 @@ def rl_prompt(tokenizer, instruction: str) -> str:
     # TRL tokenizes string prompts with special tokens; avoid a doubled BOS where the template has one.
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        text = text[len(bos):]
+        text = text[len(bos) :]
     return text
 
 

@@ -23,7 +23,7 @@ def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
     """Share of the word n-grams in `text` that already occurred earlier in it: 0 for text with no
     repeat, close to 1 for a phrase looped until the token limit. Text shorter than n words: 0."""
     words = text.lower().split()
-    grams = [tuple(words[k:k + n]) for k in range(len(words) - n + 1)]
+    grams = [tuple(words[k : k + n]) for k in range(len(words) - n + 1)]
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
@@ -50,17 +50,23 @@ def reward_hacking_warnings(log: Sequence[Mapping[str, float]], max_completion_l
     lengths = [r.get("completion_length", math.nan) for r in log]
     start, end = _window_mean(lengths, True), _window_mean(lengths, False)
     if start > 0 and end > LENGTH_GROWTH_FACTOR * start:
-        warnings.append(f"completion length grew from {start:.1f} to {end:.1f} tokens "
-                        f"(limit {max_completion_length}): check the outputs for padding")
+        warnings.append(
+            f"completion length grew from {start:.1f} to {end:.1f} tokens "
+            f"(limit {max_completion_length}): check the outputs for padding"
+        )
     # A high share from the first step on only says the limit is short; a rising one is a trend.
     clipped = [r.get("clipped_share", math.nan) for r in log]
     c_start, c_end = _window_mean(clipped, True), _window_mean(clipped, False)
     if c_end >= CLIPPED_SHARE_LIMIT and c_end - c_start > CLIPPED_RISE:
-        warnings.append(f"the share of completions cut at the {max_completion_length}-token limit rose from "
-                        f"{c_start:.0%} to {c_end:.0%}")
+        warnings.append(
+            f"the share of completions cut at the {max_completion_length}-token limit rose from "
+            f"{c_start:.0%} to {c_end:.0%}"
+        )
     repeats = [r.get("repeat_share", math.nan) for r in log]
     r_start, r_end = _window_mean(repeats, True), _window_mean(repeats, False)
     if r_end - r_start > REPEAT_RISE or r_end >= REPEAT_LEVEL:
-        warnings.append(f"repeated {REPEAT_NGRAM}-gram share rose from {r_start:.2f} to {r_end:.2f}: "
-                        "completions are becoming degenerate")
+        warnings.append(
+            f"repeated {REPEAT_NGRAM}-gram share rose from {r_start:.2f} to {r_end:.2f}: "
+            "completions are becoming degenerate"
+        )
     return warnings

@@ -33,20 +33,31 @@ class SFTSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    epochs: PositiveFloat = Field(3.0, description=(
-        "passes over the training pairs (fractions allowed); 3 as in Alpaca's fine-tuning recipe"))
+    epochs: PositiveFloat = Field(
+        3.0, description=("passes over the training pairs (fractions allowed); 3 as in Alpaca's fine-tuning recipe")
+    )
     batch_size: PositiveInt = Field(4, description="pairs per optimizer step")
-    train_batch_size: PositiveInt = Field(2, description=(
-        "pairs per forward/backward pass (gradient accumulation up to batch_size; activations take ~2 MB per "
-        "token on the embedded model); must divide batch_size"))
-    learning_rate: PositiveFloat = Field(1e-3, description="LoRA learning rate (2 steps at 2e-4 left every evaluation answer unchanged)")
+    train_batch_size: PositiveInt = Field(
+        2,
+        description=(
+            "pairs per forward/backward pass (gradient accumulation up to batch_size; activations take ~2 MB per "
+            "token on the embedded model); must divide batch_size"
+        ),
+    )
+    learning_rate: PositiveFloat = Field(
+        1e-3, description="LoRA learning rate (2 steps at 2e-4 left every evaluation answer unchanged)"
+    )
     max_length: PositiveInt = Field(256, description="tokens per example, prompt and response")
     lora_r: PositiveInt = Field(8, description="LoRA rank")
     lora_alpha: PositiveInt = Field(16, description="LoRA scaling numerator (scale = lora_alpha / lora_r)")
     seed: int = Field(0, description="trainer seed")
-    gradient_checkpointing: bool = Field(False, description=(
-        "recompute activations in the backward pass: off, unlike TRL's default, since a 135M model does not "
-        "need it (30% slower on 2 CPU cores); turn it on for 7B+"))
+    gradient_checkpointing: bool = Field(
+        False,
+        description=(
+            "recompute activations in the backward pass: off, unlike TRL's default, since a 135M model does not "
+            "need it (30% slower on 2 CPU cores); turn it on for 7B+"
+        ),
+    )
 
     @model_validator(mode="after")
     def _slices_fill_a_batch(self):
@@ -76,8 +87,16 @@ def sft_records(triples: Sequence[tuple[str, str, str]]) -> dict[str, list[str]]
     return {"prompt": [sft_prompt(i, x) for i, x, _ in triples], "completion": [o.strip() for _, _, o in triples]}
 
 
-def finetune(model, tokenizer, triples: Sequence[tuple[str, str, str]], settings: SFTSettings, output_dir: Path,
-             device: str, on_log=None, validation: Sequence[tuple[str, str, str]] = ()) -> SFTResult:
+def finetune(
+    model,
+    tokenizer,
+    triples: Sequence[tuple[str, str, str]],
+    settings: SFTSettings,
+    output_dir: Path,
+    device: str,
+    on_log=None,
+    validation: Sequence[tuple[str, str, str]] = (),
+) -> SFTResult:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -111,9 +130,14 @@ def finetune(model, tokenizer, triples: Sequence[tuple[str, str, str]], settings
     trainer.train()
     adapter_dir = save_adapter(trainer, tokenizer, output_dir)
     steps = [
-        {"step": int(h["step"]), "loss": float(h["loss"]), "learning_rate": float(h.get("learning_rate", 0.0)),
-         "epoch": float(h.get("epoch", 0.0))}
-        for h in trainer.state.log_history if "loss" in h
+        {
+            "step": int(h["step"]),
+            "loss": float(h["loss"]),
+            "learning_rate": float(h.get("learning_rate", 0.0)),
+            "epoch": float(h.get("epoch", 0.0)),
+        }
+        for h in trainer.state.log_history
+        if "loss" in h
     ]
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     return SFTResult(adapter_dir, steps, epoch_log(steps, evals, start))
@@ -123,19 +147,28 @@ def epoch_log(steps: Sequence[dict], evals: Sequence[dict], start: dict[str, flo
     """Per epoch: the optimizer steps so far, the epoch's step losses and their mean, and the
     validation loss after it; epoch 0 holds the losses measured before training (both evaluated
     on their whole slice, in eval mode)."""
-    rows = [{"epoch": 0, "steps": 0, "step_losses": [], "train_loss": start.get("train", math.nan),
-             "validation_loss": start.get("validation", math.nan)}]
+    rows = [
+        {
+            "epoch": 0,
+            "steps": 0,
+            "step_losses": [],
+            "train_loss": start.get("train", math.nan),
+            "validation_loss": start.get("validation", math.nan),
+        }
+    ]
     last_epoch = max((s["epoch"] for s in steps), default=0.0)
     for k in range(1, math.ceil(last_epoch - 1e-9) + 1):
         in_epoch = [s for s in steps if k - 1 < s["epoch"] <= k + 1e-9]
         after = [e for e in evals if k - 1 < float(e.get("epoch", 0.0)) <= k + 1e-9]
-        rows.append({
-            "epoch": k,
-            "steps": max((s["step"] for s in in_epoch), default=rows[-1]["steps"]),
-            "step_losses": [s["loss"] for s in in_epoch],
-            "train_loss": sum(s["loss"] for s in in_epoch) / len(in_epoch) if in_epoch else math.nan,
-            "validation_loss": float(after[-1]["eval_loss"]) if after else math.nan,
-        })
+        rows.append(
+            {
+                "epoch": k,
+                "steps": max((s["step"] for s in in_epoch), default=rows[-1]["steps"]),
+                "step_losses": [s["loss"] for s in in_epoch],
+                "train_loss": sum(s["loss"] for s in in_epoch) / len(in_epoch) if in_epoch else math.nan,
+                "validation_loss": float(after[-1]["eval_loss"]) if after else math.nan,
+            }
+        )
     return rows
 
 

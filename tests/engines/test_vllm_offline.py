@@ -58,9 +58,12 @@ def engines(model_dir, adapter):
     served, engine = open_vllm_models(str(model_dir), "embedded", {"base": None, "tuned": adapter})
     source = resolve_model_source(str(model_dir))
     tokenizer = load_tokenizer(source)
-    local = {"base": TransformersModel(load_causal_lm(source, "cpu", torch.float32), tokenizer, "embedded"),
-             "tuned": TransformersModel(PeftModel.from_pretrained(load_causal_lm(source, "cpu", torch.float32), adapter),
-                                        tokenizer, "embedded")}
+    local = {
+        "base": TransformersModel(load_causal_lm(source, "cpu", torch.float32), tokenizer, "embedded"),
+        "tuned": TransformersModel(
+            PeftModel.from_pretrained(load_causal_lm(source, "cpu", torch.float32), adapter), tokenizer, "embedded"
+        ),
+    }
     yield served, local
     engine.close()
 
@@ -90,10 +93,14 @@ def test_greedy_text_and_log_probabilities_match_transformers(engines, label):
 def test_the_adapter_changes_the_model_as_under_transformers(engines):
     served, local = engines
     prompts = [render_prompt(local["base"].tokenizer, p) for p in PROMPTS]
-    shift_served = _max_difference(served["tuned"].continuation_logprobs(prompts, CONTINUATIONS),
-                                   served["base"].continuation_logprobs(prompts, CONTINUATIONS))
-    shift_local = _max_difference(local["tuned"].continuation_logprobs(prompts, CONTINUATIONS),
-                                  local["base"].continuation_logprobs(prompts, CONTINUATIONS))
+    shift_served = _max_difference(
+        served["tuned"].continuation_logprobs(prompts, CONTINUATIONS),
+        served["base"].continuation_logprobs(prompts, CONTINUATIONS),
+    )
+    shift_local = _max_difference(
+        local["tuned"].continuation_logprobs(prompts, CONTINUATIONS),
+        local["base"].continuation_logprobs(prompts, CONTINUATIONS),
+    )
     assert shift_served > 0.05 and shift_served == pytest.approx(shift_local, abs=1e-3)
     assert served["tuned"].provenance.served_model.endswith("adapter")
 
