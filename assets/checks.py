@@ -43,7 +43,8 @@ def _kept_instructions(warehouse: Warehouse) -> list[str]:
 
 
 class ParseRateConfig(dg.Config, ParseRateSettings):
-    """Run config of the parse-rate check: the fields of ParseRateSettings (refine_af_pipeline/instructions/instances.py)."""
+    """Run config of the parse-rate check: the fields of ParseRateSettings
+    (refine_af_pipeline/instructions/instances.py)."""
 
 
 @dg.asset_check(asset=instance_output_pairs)

@@ -41,7 +41,8 @@ _DECISION_SCHEMA = {
 
 
 class BootstrapConfig(dg.Config, BootstrapSettings):
-    """Run config of `bootstrap_instructions`: the fields of BootstrapSettings (refine_af_pipeline/instructions/bootstrap.py)."""
+    """Run config of `bootstrap_instructions`: the fields of BootstrapSettings
+    (refine_af_pipeline/instructions/bootstrap.py)."""
 
 
 class _Decider:

@@ -23,7 +23,8 @@ from .shared import (
 
 
 class RewardScoresConfig(dg.Config, RewardScoresSettings):
-    """Run config of `reward_scores`: the fields of RewardScoresSettings (refine_af_pipeline/instructions/instances.py)."""
+    """Run config of `reward_scores`: the fields of RewardScoresSettings
+    (refine_af_pipeline/instructions/instances.py)."""
 
 
 @dg.multi_asset(

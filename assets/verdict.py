@@ -92,7 +92,9 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
                 both_audited["audit_difference"].to_numpy()[None, :],
                 config.margin_audit,
                 **boot,
-                note=f"gate-passing instances; {heldout.height - both_audited.height} instructions without one on a side",
+                note=(
+                    f"gate-passing instances; {heldout.height - both_audited.height} instructions without one on a side"
+                ),
             )
         )
     rows.append(

@@ -176,7 +176,8 @@ def main() -> None:
     ours_50k = f"{times[('ours', 50_000)]:.1f}" if ("ours", 50_000) in times else "skipped"
     label = f"{ref_n // 1000}k" if ref_n % 1000 == 0 else str(ref_n)
     print(
-        f"dedup: identical={'yes' if identical else 'no'} speedup_vs_selfinstruct_{label}={speedup:.0f} ours_50k_s={ours_50k}"
+        f"dedup: identical={'yes' if identical else 'no'} "
+        f"speedup_vs_selfinstruct_{label}={speedup:.0f} ours_50k_s={ours_50k}"
     )
 
 

@@ -170,7 +170,8 @@ def main() -> None:
         return
     figures = {}
     print(
-        f"{args.prompts} prompts, definitions up to {args.longest} characters, batch {args.batch_size}, model {args.model}"
+        f"{args.prompts} prompts, definitions up to {args.longest} characters, "
+        f"batch {args.batch_size}, model {args.model}"
     )
     print(f"{'method':>10} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'peak MiB':>9}")
     from generation import bf16_matrix_units
@@ -198,7 +199,8 @@ def main() -> None:
             raise RuntimeError(f"{method} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         f = figures[method] = json.loads(line[8:])
         print(
-            f"{method:>10} {f['seconds']:>8.1f} {f['tokens']:>7} {f['tokens'] / f['seconds']:>9.1f} {f['peak_mib']:>9.0f}",
+            f"{method:>10} {f['seconds']:>8.1f} {f['tokens']:>7} "
+            f"{f['tokens'] / f['seconds']:>9.1f} {f['peak_mib']:>9.0f}",
             flush=True,
         )
     b = figures["before"]

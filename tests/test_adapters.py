@@ -65,4 +65,4 @@ def test_an_unbound_view_answers_getattr_with_its_default():
     view = AdapterView()
     assert getattr(view, "config", None) is None
     with pytest.raises(AttributeError, match="not bound"):
-        view.generation_config
+        _ = view.generation_config

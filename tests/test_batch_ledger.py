@@ -1,5 +1,6 @@
 """The batch ledger behind crash-resume (resources/batch_ledger.py), without a model."""
 
+import duckdb
 import polars as pl
 import pytest
 
@@ -41,7 +42,7 @@ def test_a_batch_is_committed_once_and_a_failed_commit_leaves_nothing(warehouse)
     ledger.commit_batch(plan, plan.batches[0], "out", _rows("run-a", 0), "run-a")
     with pytest.raises(LedgerError, match="batch 0 is already committed"):
         ledger.commit_batch(plan, plan.batches[0], "out", _rows("run-a", 0), "run-a")
-    with pytest.raises(Exception):  # rows that do not fit the table: the batch mark is rolled back too
+    with pytest.raises(duckdb.Error):  # rows that do not fit the table: the batch mark is rolled back too
         ledger.commit_batch(plan, plan.batches[1], "out", pl.DataFrame({"other": [1]}), "run-a")
     assert [b.index for b in ledger.unfinished_plan().pending()] == [1]
     assert warehouse.row_count("out") == 2

@@ -34,7 +34,10 @@ def test_better_components_give_higher_reward():
 
 def test_readability_prefers_plain_text():
     plain = "The cat sat on the mat. It was a warm day."
-    dense = "Notwithstanding considerable epistemological ramifications, institutional stakeholders reconceptualized paradigms."
+    dense = (
+        "Notwithstanding considerable epistemological ramifications, "
+        "institutional stakeholders reconceptualized paradigms."
+    )
     assert flesch_score(plain) > flesch_score(dense)
     assert 0.0 <= flesch_score(dense) <= 1.0
 

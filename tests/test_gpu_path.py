@@ -164,7 +164,8 @@ def test_generation_on_cuda_writes_instructions(base):
         _report(
             f"generate ({attempt} call)",
             f"{tokens} tokens kept in {seconds:.2f} s = {tokens / seconds:.0f} tokens/s; "
-            f"about {steps} decode steps of batch 32 = {seconds / steps * 1000:.1f} ms/step (64 prompts, <=64 new tokens)",
+            f"about {steps} decode steps of batch 32 = {seconds / steps * 1000:.1f} ms/step "
+            "(64 prompts, <=64 new tokens)",
         )
 
 

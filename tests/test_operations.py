@@ -85,7 +85,7 @@ def test_a_retried_batch_shows_in_the_run_log(tmp_path):
         messages = [e.user_message for e in instance.all_logs(result.run_id)]
     assert result.success
     assert any(
-        "generation batch 1/2 failed (try 1 of 3: ConnectionResetError: connection reset by the model server (simulated))"
-        in m
+        "generation batch 1/2 failed (try 1 of 3: ConnectionResetError: "
+        "connection reset by the model server (simulated))" in m
         for m in messages
     ), messages[-5:]

@@ -15,7 +15,7 @@ def test_repeated_ngram_share():
 
 def _log(lengths, repeats, clipped=None):
     clipped = clipped or [0.0] * len(lengths)
-    return [dict(completion_length=l, repeat_share=r, clipped_share=c) for l, r, c in zip(lengths, repeats, clipped)]
+    return [dict(completion_length=n, repeat_share=r, clipped_share=c) for n, r, c in zip(lengths, repeats, clipped)]
 
 
 def test_a_steady_run_has_no_warnings():

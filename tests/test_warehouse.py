@@ -2,6 +2,7 @@ import subprocess
 import sys
 import time
 
+import duckdb
 import polars as pl
 import pytest
 
@@ -22,7 +23,7 @@ def test_write_replace_append_and_read(tmp_path):
 def test_failed_append_leaves_table_unchanged(tmp_path):
     wh = Warehouse(database=str(tmp_path / "w.duckdb"))
     wh.write_table("t", pl.DataFrame({"a": [1]}))
-    with pytest.raises(Exception):
+    with pytest.raises(duckdb.Error):
         wh.write_table("t", pl.DataFrame({"b": ["not a column"]}), mode="append")
     assert wh.read_table("t")["a"].to_list() == [1]
 
@@ -58,6 +59,6 @@ def test_an_append_with_a_new_column_adds_it_and_the_old_rows_read_null(tmp_path
         {"a": 1, "model_id": "m", "backend": None},
         {"a": 2, "model_id": "m", "backend": "openai"},
     ]
-    with pytest.raises(Exception):  # rows without the table's columns are not a newer version of it
+    with pytest.raises(duckdb.Error):  # rows without the table's columns are not a newer version of it
         wh.write_table("t", pl.DataFrame({"other": [1]}), mode="append")
     assert wh.read_table("t").columns == ["a", "model_id", "backend"]

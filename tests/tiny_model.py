@@ -95,7 +95,7 @@ def build_tiny_model(target: Path, steps: int = 150, seed: int = 0) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     tokenizer.padding_side = "right"
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         batch = tokenizer(rng.sample(texts, 8), return_tensors="pt", padding=True, add_special_tokens=False)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss

@@ -1,6 +1,7 @@
 """Write the latest `rl_verdict` of a data folder into the README's "Did RL help?" section.
 
-    python -m refine_af_pipeline.evaluation.readme_verdict --database data/experiment/refine_af.duckdb --readme README.md
+    python -m refine_af_pipeline.evaluation.readme_verdict \\
+        --database data/experiment/refine_af.duckdb --readme README.md
 
 The section between the two markers is replaced by the verdict table and the run it came from;
 the rest of the file is left as it is. Without --readme the block is printed.

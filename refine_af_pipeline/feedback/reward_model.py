@@ -69,7 +69,7 @@ def preference_pairs(tasks: Sequence[dict], base_outputs: dict[str, str], seed: 
         if not human:
             continue
 
-        def pair(rejected: str, kind: str):
+        def pair(rejected: str, kind: str, t: dict = t, human: str = human):
             if rejected.strip() and " ".join(rejected.split()) != " ".join(human.split()):
                 pairs.append(PreferencePair(t["instruction_id"], t["instruction"], t["input"], human, rejected, kind))
 

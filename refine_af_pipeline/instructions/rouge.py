@@ -131,7 +131,7 @@ class RougeDeduplicator:
         within = self._scores(keys, lens, keys, lens)
         kept_idx: list[int] = []
         decisions = []
-        for i, text in enumerate(texts):
+        for i in range(len(texts)):
             best, similar = float(pool_best[i]), (self._texts[int(pool_arg[i])] if pool_best[i] > 0 else None)
             if kept_idx:
                 row = within[i, kept_idx]

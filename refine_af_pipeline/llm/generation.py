@@ -142,7 +142,7 @@ def _generate_with_transformers(
         ).to(device)
         kwargs = generation_kwargs(tokenizer, params, enc["input_ids"].shape[1], stop_after_first_line)
 
-        def run_batch():
+        def run_batch(enc=enc, kwargs=kwargs):
             with torch.no_grad():
                 return model.generate(**enc, **kwargs)
 
