@@ -26,6 +26,14 @@ from assets import (
     verdict,
 )
 from refine_af_pipeline.llm.models import EMBEDDED_GEMMA
+from refine_af_pipeline.profiles import (
+    METHOD,
+    PROFILES,
+    SCHEDULE_PROFILE_VAR,
+    profile_run_config,
+    schedule_profile,
+    with_bootstrap_seed,
+)
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
 STAGE_MODULES = [
@@ -103,19 +111,43 @@ def default_resources(root: Path | None = None) -> dict:
 all_assets = dg.load_assets_from_modules(STAGE_MODULES)
 all_checks = dg.load_asset_checks_from_modules([checks])
 
+WHOLE_GRAPH = (
+    "Materialize the whole REFINE-AF graph: seeds, the learned reward, the four arms (REFINE-AF, the "
+    "Self-Instruct baseline, the best-of-N control, TeaMs-RL), their equal SFT draws, the audit, the "
+    "evaluation, the verdict, the query ledger and the dataset exports"
+)
+
 refine_af_job = dg.define_asset_job(
     "refine_af_job",
     selection=dg.AssetSelection.all(),
-    description="Materialize the whole REFINE-AF graph: seeds, the learned reward, the four arms (REFINE-AF, the "
-    "Self-Instruct baseline, the best-of-N control, TeaMs-RL), their equal SFT draws, the audit, the "
-    "evaluation, the verdict, the query ledger and the dataset exports.",
+    description=f"{WHOLE_GRAPH}, at the method's scale (the config defaults).",
 )
 
+# One job per sized profile, its launchpad filled from the same configs/<profile>.yaml as make run /
+# make experiment.
+profile_jobs = [
+    dg.define_asset_job(
+        f"refine_af_{name}_job",
+        selection=dg.AssetSelection.all(),
+        config=profile_run_config(name),
+        description=f"{WHOLE_GRAPH}, sized by the {name} profile (configs/{name}.yaml).",
+        tags={"refine_af/profile": name},
+    )
+    for name in PROFILES
+    if name != METHOD
+]
 
-def regeneration_run_config(day: datetime) -> dict:
-    """A nightly run's config: the defaults, with the bootstrap seeded by the date, so each night
+
+def regeneration_run_config(day: datetime, profile: str) -> dict:
+    """A nightly run's config: the profile's, with the bootstrap seeded by the date, so each night
     samples new prompts and new generation noise (a fixed seed would repeat the last night's)."""
-    return {"ops": {"bootstrap_instructions": {"config": {"seed": int(day.strftime("%Y%m%d"))}}}}
+    return with_bootstrap_seed(profile_run_config(profile), int(day.strftime("%Y%m%d")))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dg.schedule(
@@ -123,15 +155,19 @@ def regeneration_run_config(day: datetime) -> dict:
     cron_schedule="0 3 * * *",
     name="refine_af_regeneration",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Nightly: grow the instruction pool and retrain downstream stages.",
+    description="Nightly: grow the instruction pool and retrain downstream stages, sized by the profile "
+    f"{SCHEDULE_PROFILE_VAR} names (demo on a CPU, method on a GPU unless set).",
 )
 def regeneration_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     day = context.scheduled_execution_time
+    # Resolved at the tick, not at import: the check touches the CUDA driver, which the forkserver
+    # must not have done before it forks the steps.
+    profile = schedule_profile(_cuda_available())
     # One run per night: a tick evaluated twice (daemon restart) finds the run key taken.
     return dg.RunRequest(
         run_key=f"regeneration-{day:%Y-%m-%d}",
-        run_config=regeneration_run_config(day),
-        tags={"refine_af/trigger": "schedule"},
+        run_config=regeneration_run_config(day, profile),
+        tags={"refine_af/trigger": "schedule", "refine_af/profile": profile},
     )
 
 
@@ -171,7 +207,7 @@ defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
     resources=default_resources(),
-    jobs=[refine_af_job],
+    jobs=[refine_af_job, *profile_jobs],
     schedules=[regeneration_schedule],
     executor=step_executor,
 )

@@ -17,6 +17,13 @@ Probability = Annotated[float, Field(gt=0, le=1)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Share = Annotated[float, Field(ge=0, le=1)]
 
+# The one definition of each sampling default. SamplingSettings (every generation stage's settings
+# derive from it), RL's rollouts and the backends' SamplingParams take them from here, so the
+# policy's rollouts, the reward's instances and the data are sampled alike unless a config says not.
+DEFAULT_MAX_NEW_TOKENS = 96
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.95
+
 
 class SamplingSettings(BaseModel):
     """How a generation stage samples; the instance stages, the reward scores and the held-out check
@@ -24,9 +31,11 @@ class SamplingSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_new_tokens: PositiveInt = Field(96, description="tokens per generation at most")
-    temperature: PositiveFloat = Field(0.7, description="sampling temperature")
-    top_p: Probability = Field(0.95, description="nucleus sampling: the smallest token set with this much probability")
+    max_new_tokens: PositiveInt = Field(DEFAULT_MAX_NEW_TOKENS, description="tokens per generation at most")
+    temperature: PositiveFloat = Field(DEFAULT_TEMPERATURE, description="sampling temperature")
+    top_p: Probability = Field(
+        DEFAULT_TOP_P, description="nucleus sampling: the smallest token set with this much probability"
+    )
     seed: int = Field(0, description="seed of the sampling (and of the stage's random choices)")
 
     def sampling_params(self):

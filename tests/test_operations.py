@@ -1,14 +1,24 @@
 """How the pipeline is operated: the regeneration schedule and the Dagster instance settings that
 the README's DAGSTER_HOME gets (run queue, concurrency pools, telemetry, captured logs)."""
 
+import copy
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
+from refine_af_pipeline import definitions
 from refine_af_pipeline.definitions import defs
+from refine_af_pipeline.profiles import (
+    PROFILES,
+    SCHEDULE_PROFILE_VAR,
+    ProfileError,
+    profile_run_config,
+    with_bootstrap_seed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +29,9 @@ def _tick(when: datetime) -> list[dg.RunRequest]:
         return schedule.evaluate_tick(context).run_requests
 
 
-def test_regeneration_tick_requests_the_whole_job_with_a_seed_per_night():
+def test_regeneration_tick_on_a_cpu_runs_the_demo_profile_with_a_seed_per_night(monkeypatch):
+    monkeypatch.delenv(SCHEDULE_PROFILE_VAR, raising=False)
+    monkeypatch.setattr(definitions, "_cuda_available", lambda: False)
     schedule = defs.get_schedule_def("refine_af_regeneration")
     assert schedule.job_name == "refine_af_job" and schedule.cron_schedule == "0 3 * * *"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
@@ -27,20 +39,57 @@ def test_regeneration_tick_requests_the_whole_job_with_a_seed_per_night():
     assert request.job_name in (None, "refine_af_job")
     assert request.asset_selection is None  # the job's own selection: every asset
     assert request.run_key == "regeneration-2026-11-24"
-    assert request.run_config == {"ops": {"bootstrap_instructions": {"config": {"seed": 20261124}}}}
-    assert request.tags["refine_af/trigger"] == "schedule"
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    expected = copy.deepcopy(demo)
+    expected["ops"]["bootstrap_instructions"]["config"]["seed"] = 20261124
+    assert request.run_config == expected
+    assert request.tags["refine_af/trigger"] == "schedule" and request.tags["refine_af/profile"] == "demo"
     [next_night] = _tick(datetime(2026, 11, 25, 3, 0, tzinfo=UTC))
     assert next_night.run_key != request.run_key
     assert next_night.run_config["ops"]["bootstrap_instructions"]["config"]["seed"] == 20261125
 
 
-def test_the_job_is_every_asset_and_accepts_the_tick_config():
+@pytest.mark.parametrize(
+    ("setting", "cuda", "profile"),
+    [("", True, "method"), ("experiment", False, "experiment"), ("method", False, "method")],
+)
+def test_the_schedule_profile_is_a_setting_with_the_method_scale_only_on_a_gpu(monkeypatch, setting, cuda, profile):
+    monkeypatch.setenv(SCHEDULE_PROFILE_VAR, setting)
+    monkeypatch.setattr(definitions, "_cuda_available", lambda: cuda)
+    [request] = _tick(datetime(2026, 11, 24, 3, 0, tzinfo=UTC))
+    assert request.tags["refine_af/profile"] == profile
+    expected = with_bootstrap_seed(profile_run_config(profile), 20261124)
+    assert request.run_config == expected
+    if profile == "method":  # the config defaults: only the night's seed is set
+        assert request.run_config == {"ops": {"bootstrap_instructions": {"config": {"seed": 20261124}}}}
+
+
+def test_an_unknown_schedule_profile_fails_the_tick_naming_the_choices(monkeypatch):
+    monkeypatch.setenv(SCHEDULE_PROFILE_VAR, "laptop")
+    with pytest.raises(dg.DagsterUserCodeExecutionError) as info:
+        _tick(datetime(2026, 11, 24, 3, 0, tzinfo=UTC))
+    assert isinstance(info.value.__cause__, ProfileError)
+    assert "unknown run profile 'laptop': choose one of demo, experiment, method" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_job_is_every_asset_and_accepts_each_profiles_tick_config(monkeypatch, profile):
+    monkeypatch.setenv(SCHEDULE_PROFILE_VAR, profile)
     job = defs.resolve_job_def("refine_af_job")
     every_asset = set(defs.resolve_asset_graph().get_all_asset_keys())
     assert set(job.asset_layer.executable_asset_keys) == every_asset
     [request] = _tick(datetime(2026, 11, 24, 3, 0, tzinfo=UTC))
     validated = dg.validate_run_config(job, request.run_config)
     assert validated["ops"]["bootstrap_instructions"]["config"]["seed"] == 20261124
+
+
+@pytest.mark.parametrize("profile", ["demo", "experiment"])
+def test_each_sized_profile_has_a_job_whose_launchpad_config_is_its_file(profile):
+    job = defs.resolve_job_def(f"refine_af_{profile}_job")
+    assert set(job.asset_layer.executable_asset_keys) == set(defs.resolve_asset_graph().get_all_asset_keys())
+    from_file = yaml.safe_load((ROOT / "configs" / f"{profile}.yaml").read_text())
+    # The job runs with the file's sizes when launched without a config of its own.
+    assert dg.validate_run_config(job, {}) == dg.validate_run_config(defs.resolve_job_def("refine_af_job"), from_file)
 
 
 def test_instance_settings_queue_one_run_and_one_step_per_pool(tmp_path):

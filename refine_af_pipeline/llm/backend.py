@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
+from ..settings_types import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+
 Capability = Literal["generate", "continuation_logprobs", "next_token_distribution"]
 ALL_CAPABILITIES: frozenset[str] = frozenset(get_args(Capability))
 BackendName = Literal["transformers", "vllm", "openai"]
@@ -35,9 +37,9 @@ ProgressFn = Callable[[int, int, float], None]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
     do_sample: bool = True
 
     def as_dict(self) -> dict:

@@ -20,7 +20,17 @@ from ..feedback.scores import COMPONENTS, FeedbackScorer
 from ..llm.adapters import AdapterView
 from ..llm.backend import render_prompt
 from ..llm.prompts import INSTANCE_PREFIX, instance_prompt
-from ..settings_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, Share
+from ..settings_types import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Share,
+)
 from .rl_diagnostics import mean_repeat_share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
@@ -55,14 +65,14 @@ class RLSettings(BaseModel):
     )
     beta: NonNegativeFloat = Field(0.04, description="KL penalty towards the base model (0 = none, no reference pass)")
     max_completion_length: PositiveInt = Field(
-        96,
+        DEFAULT_MAX_NEW_TOKENS,
         description=(
             "tokens per completion: the instance stages' max_new_tokens, so RL does not train on instances cut "
             "before their output ends"
         ),
     )
-    temperature: PositiveFloat = Field(0.7, description="sampling temperature: the one the instance stages use")
-    top_p: Probability = Field(0.95, description="nucleus sampling: the one the instance stages use")
+    temperature: PositiveFloat = Field(DEFAULT_TEMPERATURE, description="sampling temperature of the rollouts")
+    top_p: Probability = Field(DEFAULT_TOP_P, description="nucleus sampling of the rollouts")
     lora_r: PositiveInt = Field(8, description="LoRA rank")
     lora_alpha: PositiveInt = Field(16, description="LoRA scaling numerator (scale = lora_alpha / lora_r)")
     seed: int = Field(0, description="trainer seed")
