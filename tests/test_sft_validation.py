@@ -4,8 +4,13 @@ import math
 
 import pytest
 
-from refine_af_pipeline.training.sft import epoch_log, validation_never_improved, validation_split
+from refine_af_pipeline.training.matched_data import MatchedDataSettings, validation_ids
+from refine_af_pipeline.training.sft import epoch_log, validation_never_improved
 from refine_af_pipeline.training.splits import hash_bucket
+
+
+def validation_split(ids, share, minimum):
+    return validation_ids(ids, MatchedDataSettings(validation_share=share, min_validation=minimum))
 
 
 def _ids(n: int, prefix: str = "run1") -> list[str]:
@@ -34,8 +39,9 @@ def test_small_pools_get_the_minimum_and_never_more_than_a_quarter():
     ids = _ids(16)
     assert len(validation_split(ids, 0.0, 4)) == 4
     assert len(validation_split(_ids(8), 0.0, 4)) == 2
-    share_only = validation_split(_ids(40), 0.5, 0)  # no minimum: exactly the hash share
-    assert 10 < len(share_only) < 30 and share_only == validation_split(_ids(40), 0.5, 0)
+    share_only = validation_split(_ids(80), 0.15, 0)  # no minimum: exactly the hash share
+    assert share_only == {i for i in _ids(80) if hash_bucket(i, "sft-validation") < 0.15 * 10_000}
+    assert len(validation_split(_ids(40), 0.6, 0)) == 10  # a share above a quarter is capped
     assert validation_split(_ids(16), 0.0, 4) < set(_ids(16))  # a strict subset: something is left to train on
     assert validation_split(_ids(2), 0.0, 4) == set()  # a quarter of 2 is 0: all train
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..settings_types import NonNegativeInt, Share
-from .sft import validation_split
-from .splits import hash_bucket
+from .sft import VALIDATION_SALT
+from .splits import hash_bucket, stable_split
 
 DRAW_SALT = "sft-draw"
 
@@ -52,6 +52,19 @@ class MatchedDataSettings(BaseModel):
     min_validation: NonNegativeInt = Field(
         4, description=("hold out at least this many instructions when a quarter of the pool allows")
     )
+
+
+# Validation never takes more than a quarter of an arm's instructions: the rest is what it trains on.
+MAX_VALIDATION_FRACTION = 0.25
+
+
+def validation_ids(instruction_ids: Sequence[str], settings: MatchedDataSettings) -> frozenset[str]:
+    """The instructions whose pairs are held out for validation (all pairs of one instruction on one
+    side), by the pipeline's stable split with the SFT salt."""
+    split = stable_split(
+        instruction_ids, settings.validation_share, VALIDATION_SALT, settings.min_validation, MAX_VALIDATION_FRACTION
+    )
+    return split.held
 
 
 @dataclass(frozen=True)
@@ -98,15 +111,13 @@ def draw_matched(
     kept_by = [{r["instruction_id"] for r in arms[a]} for a in sharing]
     common_ids = set.intersection(*kept_by) if kept_by else set()
     shared_ids = sorted(common_ids or set().union(*kept_by))
-    held_shared = validation_split(shared_ids, settings.validation_share, settings.min_validation)
+    held_shared = validation_ids(shared_ids, settings)
     slices: dict[str, dict[str, list[dict]]] = {}
     for arm, rows in arms.items():
         held = (
             held_shared
             if arm in sharing
-            else validation_split(
-                [r["instruction_id"] for r in rows], settings.validation_share, settings.min_validation
-            )
+            else validation_ids([r["instruction_id"] for r in rows], settings)
         )
         slices[arm] = {
             "validation": [r for r in rows if r["instruction_id"] in held],

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..llm.prompts import sft_prompt
 from ..settings_types import PositiveFloat, PositiveInt
-from .splits import hash_bucket, in_share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 VALIDATION_SALT = "sft-validation"
@@ -71,16 +70,6 @@ class SFTResult:
     adapter_dir: Path
     log: list[dict] = field(default_factory=list)  # one row per optimizer step: step, loss, learning_rate, epoch
     epochs: list[dict] = field(default_factory=list)  # epoch, steps, train_loss, validation_loss (epoch 0: before)
-
-
-def validation_split(keys: Sequence[str], share: float, minimum: int) -> set[str]:
-    """The keys (instruction ids) whose pairs are held out for validation: those in the lowest
-    `share` of a salted hash, or, when that is fewer than min(minimum, a quarter of the keys), the
-    that-many lowest. Stable across runs and stages; all pairs of one instruction go to one side."""
-    distinct = sorted(set(keys), key=lambda k: (hash_bucket(k, VALIDATION_SALT), k))
-    chosen = [k for k in distinct if in_share(k, share, VALIDATION_SALT)]
-    wanted = min(minimum, len(distinct) // 4)
-    return set(chosen if len(chosen) >= wanted else distinct[:wanted])
 
 
 def sft_records(triples: Sequence[tuple[str, str, str]]) -> dict[str, list[str]]:
