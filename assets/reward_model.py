@@ -23,7 +23,7 @@ from refine_af_pipeline.instructions.parsing import parse_instance
 from refine_af_pipeline.llm.backend import render_prompt
 from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
 from refine_af_pipeline.llm.query_count import QueryCounter
-from refine_af_pipeline.training.splits import in_share
+from refine_af_pipeline.training.splits import stable_split
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import metadata_table, peak_memory, progress_logger, table_metadata
@@ -87,7 +87,8 @@ def reward_model(
         if parsed.status == "ok" and not (g.hit_token_limit and parsed.output_runs_to_end):
             base_outputs[t["instruction_id"]] = parsed.output
     pairs = preference_pairs(tasks, base_outputs, config.seed)
-    held = [in_share(p.instruction_id, config.heldout_share, SPLIT_SALT) for p in pairs]
+    heldout_ids = stable_split([p.instruction_id for p in pairs], config.heldout_share, SPLIT_SALT).held
+    held = [p.instruction_id in heldout_ids for p in pairs]
     train = [p for p, h in zip(pairs, held) if not h]
     device = language_model.resolved_device()
     embedder = load_embedder(feedback_scorer.embedding_model, device, feedback_scorer.allow_download)
