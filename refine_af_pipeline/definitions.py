@@ -171,18 +171,15 @@ def regeneration_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunReques
     )
 
 
-# Steps preloaded by the forkserver: a spawned step spent ~6 s importing torch, transformers and
-# TRL before its first line, and a run has about 30 steps. Importing does not start torch's thread pools
-# or touch CUDA, so forking after it is safe.
+# Steps fork from a server that has imported the heavy libraries once, instead of each step paying
+# for the imports. Importing does not start torch's thread pools or touch CUDA, so forking is safe.
 FORKSERVER_PRELOAD = ["refine_af_pipeline.definitions", "torch", "transformers", "peft", "trl", "sentence_transformers"]
 
 
 # One step at a time unless the run config says otherwise: every model step is in the one-slot
-# "gpu" pool anyway, and a step that is ready while that slot is taken polls for it with a backoff
-# of up to 15 s (Dagster's InstanceConcurrencyContext), so it started 3-13 s after the slot freed;
-# with max_concurrent 1 the next step claims the slot as the last one ends. The light steps lose
-# their overlap (under a second of work and ~3 s of start-up each). Several GPUs: raise the pool
-# limit and max_concurrent together.
+# "gpu" pool anyway, and a step waiting for a taken slot polls with a backoff of up to 15 s (Dagster's
+# InstanceConcurrencyContext), while with one step at a time the next claims the slot as the last
+# ends. Several GPUs: raise the pool limit and max_concurrent together.
 DEFAULT_MAX_CONCURRENT = 1
 
 
