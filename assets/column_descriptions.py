@@ -46,6 +46,8 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "policy_adapter": "LoRA adapter of the RL policy that wrote the instance (null: the base model, the Self-Instruct baseline)",
     "sampling_params": "sampling settings of the generation as JSON (temperature, top_p, max_new_tokens, seed ...)",
     "settings": "the stage's config for this run as JSON",
+    "llm_queries": "model queries of the run that wrote the row, by role, as JSON (the same on each of its rows; "
+    "the query ledger reads them)",
     "scorers": "name and version of the scorer behind each feedback component, as JSON",
     # bootstrap
     "prompt_index": "index of the bootstrap prompt in its plan (0-based)",

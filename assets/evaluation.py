@@ -28,7 +28,7 @@ from resources import LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
-from .shared import provenance_columns, upstream_adapters
+from .shared import adapter_folders, provenance_columns
 
 # Model label in the tables -> the fine-tuning asset whose adapter it is (None: the base model).
 EVALUATED_MODELS = {
@@ -78,7 +78,8 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
             kinds={"duckdb", "pytorch"},
             description=(
                 "One row per (held-out task, model): the task's mean ROUGE-L of the first answer line and mean "
-                "reference log-likelihood, for the base, Self-Instruct-, REFINE-AF-, best-of-N- and TeaMs-RL-tuned models."
+                "reference log-likelihood, for the base, Self-Instruct-, REFINE-AF-, best-of-N- and "
+                "TeaMs-RL-tuned models."
             ),
         ),
         dg.AssetSpec(
@@ -130,11 +131,11 @@ def evaluation(
     params = SamplingParams(max_new_tokens=config.max_new_tokens, do_sample=False)
     counts = Counter(t.name for t, _ in items)
     # Every replicate's adapter of every tuned model: "<label>_r<replicate>" -> adapter (None: the base model);
-    # the key names a PEFT adapter, which may not hold a dot.
+    # the key names a PEFT adapter, which may not hold a dot. Read from each model's table (its latest run).
     adapters = {"base_r0": None}
     for label, asset in EVALUATED_MODELS.items():
         if asset:
-            adapters.update({f"{label}_r{rep}": path for rep, path in upstream_adapters(context, asset).items()})
+            adapters.update({f"{label}_r{rep}": path for rep, path in adapter_folders(warehouse, asset).items()})
     # One copy of the base weights; the tuned models are its LoRA adapters.
     queries = QueryCounter()
     models = {key: queries.wrap(m, "evaluated") for key, m in language_model.open_models(adapters).items()}
@@ -207,7 +208,10 @@ def evaluation(
     }
     del models
     rows = summary_rows(by_metric, COMPARISONS, config.bootstrap_resamples, config.seed)
-    df = pl.DataFrame(task_rows, schema_overrides={"adapter_path": pl.Utf8})
+    # This run's model queries go on every row of the evaluation table, for the query ledger.
+    df = pl.DataFrame(task_rows, schema_overrides={"adapter_path": pl.Utf8}).with_columns(
+        pl.lit(queries.as_json()).alias("llm_queries")
+    )
     summary = pl.DataFrame([{**r, "task_dir": config.task_dir or "built-in", "run_id": context.run_id} for r in rows])
     predictions = pl.DataFrame(prediction_rows)
     with warehouse.transaction() as conn:
@@ -328,5 +332,6 @@ def _chart(by_metric: dict[str, dict[str, dict[str, float]]], means: dict[str, d
     return bar_panels_png(
         [*short, "MEAN"],
         panels,
-        "Per held-out task: ROUGE-L and reference log-likelihood (nats/token); base, Self-Instruct, REFINE-AF, TeaMs-RL",
+        "Per held-out task: ROUGE-L and reference log-likelihood (nats/token); "
+        "base, Self-Instruct, REFINE-AF, TeaMs-RL",
     )

@@ -30,7 +30,8 @@ CHECK_NAME = "every_arm_has_its_pairs"
 
 
 class MatchedDataConfig(dg.Config, MatchedDataSettings):
-    """Run config of `sft_training_pairs`: the fields of MatchedDataSettings (refine_af_pipeline/training/matched_data.py)."""
+    """Run config of `sft_training_pairs`: the fields of MatchedDataSettings
+    (refine_af_pipeline/training/matched_data.py)."""
 
 
 @dg.asset(
@@ -278,7 +279,8 @@ def _train_replicate(
         warning = "no validation pairs (too few kept pairs): the curve shows the training loss only"
     elif validation_never_improved(result.epochs):
         warning = (
-            f"the validation loss never fell below its value before training ({result.epochs[0]['validation_loss']:.3f}): "
+            "the validation loss never fell below its value before training "
+            f"({result.epochs[0]['validation_loss']:.3f}): "
             "the adapter did not learn anything that carries over; check the pairs or the settings"
         )
     return df, str(result.adapter_dir), warning

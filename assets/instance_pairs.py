@@ -23,12 +23,12 @@ from resources.batch_ledger import BatchLedger, GenerationPlan
 
 from .metadata import peak_memory, progress_logger, table_metadata
 from .shared import (
+    adapter_folder,
     base_component_stats,
     kept_instructions,
     learned_reward_dir,
     scored_instance_frame,
     subset,
-    upstream_adapter,
 )
 
 
@@ -38,7 +38,8 @@ class InstancePairsConfig(dg.Config, InstancePairsSettings):
 
 
 class BestOfNConfig(dg.Config, BestOfNSettings):
-    """Run config of `bestofn_instance_pairs`: the fields of BestOfNSettings (refine_af_pipeline/instructions/instances.py)."""
+    """Run config of `bestofn_instance_pairs`: the fields of BestOfNSettings
+    (refine_af_pipeline/instructions/instances.py)."""
 
 
 def _plan(
@@ -130,7 +131,8 @@ def build_instance_pairs_asset(
         feedback_scorer: FeedbackScorerResource,
     ) -> dg.MaterializeResult:
         ledger = BatchLedger(warehouse, name)
-        adapter = upstream_adapter(context, "rl_refined_policy") if use_rl_policy else None
+        # The RL policy's adapter, from rl_refined_policy's table (in this data folder).
+        adapter = adapter_folder(warehouse, "rl_refined_policy") if use_rl_policy else None
         reward_dir = learned_reward_dir(warehouse, feedback_scorer)
         plan = _plan(
             context,
@@ -204,6 +206,8 @@ def build_instance_pairs_asset(
             pl.Series("chosen", chosen),
             pl.Series("keep", [r is None for r in reasons]),
             pl.Series("filter_reason", reasons, dtype=pl.Utf8),
+            # This run's model queries (a resumed plan: those of its missing batches), for the query ledger.
+            pl.lit(queries.as_json()).alias("llm_queries"),
         )
         ledger.finish(plan, context.run_id, replace={name: df}, clear_rows_of=_staging(name))
         return dg.MaterializeResult(
@@ -234,7 +238,8 @@ instance_output_pairs = build_instance_pairs_asset(
     use_rl_policy=True,
     description="REFINE-AF: the RL-refined policy writes input/output instances for the kept instructions; each "
     "is parsed, scored by the same automated feedback, and filtered (the instance gate: unparseable, empty, "
-    "cut, looping, copied or off-label outputs; one input with conflicting outputs). `keep` marks the rows used for SFT.",
+    "cut, looping, copied or off-label outputs; one input with conflicting outputs). "
+    "`keep` marks the rows used for SFT.",
 )
 
 selfinstruct_instance_pairs = build_instance_pairs_asset(

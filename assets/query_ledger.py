@@ -1,6 +1,8 @@
-"""The query ledger: every model query of every stage, by role, from each stage's latest
-materialization (each records its own counts as `llm_queries`), so the branches' costs can be
-compared as TeaMs-RL compares its expert queries with WizardLM's."""
+"""The query ledger: every model query of every stage, by role, from each stage's latest run (each
+records its own counts as `llm_queries`: a column of its table, read from the rows of the run that
+wrote the table last), so the branches' costs can be compared as TeaMs-RL compares its expert
+queries with WizardLM's. A stage whose table has no llm_queries column yet (see
+`recorded_in_table`) is read from its latest materialization's metadata instead."""
 
 import json
 
@@ -58,26 +60,49 @@ def branch_totals(rows: list[dict]) -> dict[str, dict[str, int]]:
     return totals
 
 
+def recorded_in_table(warehouse: Warehouse, asset: str) -> bool:
+    """Whether `asset` records its query counts in its own table (an llm_queries column). Today
+    rl_refined_policy, rl_heldout_comparison, the three instance stages and evaluation do;
+    raw_instructions, reward_model, reward_scores, training_data_audit and the TeaMs-RL stages
+    record them in their materialization's metadata only."""
+    return "llm_queries" in warehouse.table_columns(asset)
+
+
+def stage_queries(context: dg.AssetExecutionContext, warehouse: Warehouse, asset: str) -> tuple[dict, str | None]:
+    """(role -> queries, run id) of `asset`'s latest run: from its table where it records them, else
+    from its latest materialization."""
+    if recorded_in_table(warehouse, asset):
+        df = warehouse.latest_run_rows(asset, ["llm_queries"])
+        if df is None or df.height == 0:
+            return {}, None  # a run that wrote no rows (a held-out comparison without held-out instructions)
+        recorded = df["llm_queries"].drop_nulls()
+        if recorded.len() == 0:
+            raise dg.Failure(
+                f"the rows of {asset}'s latest run ({df['run_id'][0]}) record no llm_queries; "
+                "materialize it again with this version of the pipeline"
+            )
+        return json.loads(recorded[-1]), df["run_id"][0]
+    metadata = upstream_metadata(context, asset)
+    if "llm_queries" not in metadata:
+        raise dg.Failure(
+            f"the latest materialization of {asset} (run {metadata['run_id']}) records no llm_queries; "
+            "materialize it again with this version of the pipeline"
+        )
+    return json.loads(metadata["llm_queries"]), metadata["run_id"]
+
+
 @dg.asset(
     group_name="evaluation",
     kinds={"duckdb"},
     deps=list(LEDGER_STAGES),
     description=(
         "One row per (stage, role): the model queries (prompts generated from, texts scored) of each stage's latest "
-        "materialization, with its branch and purpose (data, diagnostic, evaluation); the metadata compares the "
+        "run, with its branch and purpose (data, diagnostic, evaluation); the metadata compares the "
         "branches, and TeaMs-RL's expert queries with the others' totals."
     ),
 )
 def llm_query_ledger(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
-    counts = {}
-    for asset in LEDGER_STAGES:
-        metadata = upstream_metadata(context, asset)
-        if "llm_queries" not in metadata:
-            raise dg.Failure(
-                f"the latest materialization of {asset} (run {metadata['run_id']}) records no llm_queries; "
-                "materialize it again with this version of the pipeline"
-            )
-        counts[asset] = (json.loads(metadata["llm_queries"]), metadata["run_id"])
+    counts = {asset: stage_queries(context, warehouse, asset) for asset in LEDGER_STAGES}
     rows = ledger_rows(counts)
     df = pl.DataFrame(rows).with_columns(pl.lit(context.run_id).alias("run_id"))
     warehouse.write_table("llm_query_ledger", df)

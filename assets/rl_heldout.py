@@ -21,13 +21,13 @@ from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from .metadata import metadata_table, peak_memory, table_metadata
 from .shared import (
+    adapter_folder,
     base_component_stats,
     kept_instructions,
+    latest_rows,
     learned_reward_dir,
     provenance_columns,
     split_held_out,
-    upstream_adapter,
-    upstream_metadata,
 )
 
 CHECK_NAME = "policy_beats_base_on_heldout"
@@ -39,12 +39,14 @@ _EMPTY_SCHEMA = {
     "policy_reward": pl.Float64,
     "reward_difference": pl.Float64,
     "outcome": pl.Utf8,
+    "llm_queries": pl.Utf8,
     "run_id": pl.Utf8,
 }
 
 
 class HeldoutComparisonConfig(dg.Config, HeldoutCheckSettings):
-    """Run config of `rl_heldout_comparison`: the fields of HeldoutCheckSettings (refine_af_pipeline/evaluation/heldout.py)."""
+    """Run config of `rl_heldout_comparison`: the fields of HeldoutCheckSettings
+    (refine_af_pipeline/evaluation/heldout.py)."""
 
 
 @dg.asset(
@@ -78,14 +80,9 @@ def rl_heldout_comparison(
     report the mean paired reward difference with a bootstrap 95% CI over instructions, the shares
     of instructions the policy wins, ties and loses, and the paired difference of each component."""
     started = time.monotonic()
-    # The share and the adapter of the same materialization of rl_refined_policy.
-    policy = upstream_metadata(context, "rl_refined_policy")
-    if "heldout_share" not in policy:
-        raise dg.Failure(
-            f"the latest materialization of rl_refined_policy (run {policy['run_id']}) records no "
-            "heldout_share: materialize rl_refined_policy again"
-        )
-    heldout_share = float(policy["heldout_share"])
+    # The share and the adapter of the same run of rl_refined_policy, from its table.
+    trained = latest_rows(warehouse, "rl_refined_policy", ("heldout_share",))
+    heldout_share = float(trained[1]["heldout_share"].drop_nulls()[-1])
     _, heldout = split_held_out(kept_instructions(warehouse), heldout_share)
     if config.max_instructions > 0:
         heldout = heldout.head(config.max_instructions)
@@ -104,7 +101,7 @@ def rl_heldout_comparison(
                 )
             ],
         )
-    adapter = upstream_adapter(context, "rl_refined_policy", policy)
+    adapter = adapter_folder(warehouse, "rl_refined_policy", trained)
     # One copy of the weights: the policy is the base model with its adapter on, the base model (also
     # the judge, exactly as in reward_scores and the RL reward) the same with it off.
     models = language_model.open_models({"base": None, "policy": adapter})
@@ -167,6 +164,8 @@ def rl_heldout_comparison(
         pl.lit(policy.provenance.served_model).alias("policy_served_model"),
         pl.lit(json.dumps(params.as_dict())).alias("sampling_params"),
         pl.lit(json.dumps(scorer.versions())).alias("scorers"),
+        # This run's model queries, for the query ledger.
+        pl.lit(queries.as_json()).alias("llm_queries"),
         pl.lit(context.run_id).alias("run_id"),
     )
     warehouse.write_table("rl_heldout_comparison", df)

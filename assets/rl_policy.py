@@ -95,6 +95,8 @@ def rl_refined_policy(
         pl.lit(json.dumps(config.model_dump())).alias("settings"),
         # The share actually held out: the held-out check selects its instructions with it.
         pl.lit(share).alias("heldout_share"),
+        # This run's model queries, for the query ledger.
+        pl.lit(queries.as_json()).alias("llm_queries"),
     )
     warehouse.write_table("rl_refined_policy", df)
     warnings = reward_hacking_warnings(result.log, config.max_completion_length)

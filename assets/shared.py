@@ -2,7 +2,6 @@
 
 import json
 import os
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -136,24 +135,90 @@ def learned_reward_dir(warehouse: Warehouse, feedback_scorer=None) -> str | None
     learned_reward scorer loads; None when the feedback_scorer names its own folder."""
     if feedback_scorer is not None and feedback_scorer.learned_reward.strip() != "bradley-terry":
         return None
-    df = warehouse.read_table("reward_model")
+    df = warehouse.latest_run_rows("reward_model")
     if df is None or df.height == 0:
         raise dg.Failure(
             "reward_model is missing: materialize reward_model first (it fits the learned_reward "
             "component of every reward)"
         )
-    folder = df["model_dir"][0]
-    if not Path(folder).is_dir():
+    run_id = df["run_id"][0]
+    # In this data folder (a copy reads its own): Warehouse.artifact_path.
+    folder = warehouse.artifact_path(df["model_dir"][0], "reward_model", run_id)
+    if not folder.is_dir():
         raise dg.Failure(
-            f"the reward model folder {folder} (reward_model, run {df['run_id'][0]}) is gone; "
-            "materialize reward_model again"
+            f"the reward model folder {folder} (reward_model, run {run_id}) is gone; materialize reward_model again"
         )
-    return folder
+    return str(folder)
+
+
+def latest_rows(warehouse: Warehouse, asset: str, columns: tuple[str, ...] = ()) -> tuple[str, pl.DataFrame]:
+    """The run that wrote `asset`'s table last and the rows it wrote: how a declared upstream hands
+    its artifacts (an adapter's path, the share it held out) to the assets that depend on it. The
+    data folder is the whole state; the Dagster instance only keeps the history. `columns`: those
+    the caller needs, which the rows must record."""
+    df = warehouse.latest_run_rows(asset)
+    if df is None or df.height == 0:
+        raise dg.Failure(
+            f"{asset} has {'no table' if df is None else 'an empty table'} in {warehouse.database}: its "
+            f"artifacts are handed over through its table, so materialize {asset} into this data folder first"
+        )
+    run_id = df["run_id"][0]
+    missing = [c for c in columns if c not in df.columns or df[c].null_count() == df.height]
+    if missing:
+        raise dg.Failure(
+            f"the rows of {asset}'s latest run ({run_id}) record no {', '.join(missing)}: materialize {asset} "
+            "again with this version of the pipeline"
+        )
+    return run_id, df
+
+
+def artifact_folders(warehouse: Warehouse, asset: str, run_id: str, stored: list[str], what: str) -> list[str]:
+    """The artifacts the rows of `asset`'s run `run_id` record (`stored`), found in this data folder
+    (Warehouse.artifact_path: a copied data folder reads its own copy); fails naming the asset, the
+    run and each missing path."""
+    found = [warehouse.artifact_path(p, asset, run_id) for p in stored]
+    missing = [
+        f"{path}" + (f" (recorded as {p})" if str(path) != p else "")
+        for p, path in zip(stored, found)
+        if not path.exists()
+    ]
+    if missing:
+        raise dg.Failure(
+            f"the {what} of {asset}'s latest run ({run_id}) {'is' if len(stored) == 1 else 'are'} gone: "
+            f"{', '.join(missing)} does not exist; materialize {asset} again"
+        )
+    return [str(path) for path in found]
+
+
+def adapter_folder(warehouse: Warehouse, asset: str, rows: tuple[str, pl.DataFrame] | None = None) -> str:
+    """The LoRA adapter folder of `asset`'s latest run (`rows`: latest_rows(warehouse, asset), when the
+    caller has them already)."""
+    run_id, df = rows or latest_rows(warehouse, asset, ("adapter_path",))
+    if "adapter_path" not in df.columns or df["adapter_path"].null_count() == df.height:
+        raise dg.Failure(f"the latest run of {asset} ({run_id}) records no adapter_path")
+    return artifact_folders(warehouse, asset, run_id, [df["adapter_path"].drop_nulls()[-1]], "adapter")[0]
+
+
+def adapter_folders(warehouse: Warehouse, asset: str) -> dict[int, str]:
+    """Replicate -> adapter folder of `asset`'s latest run (a fine-tuned model trains one adapter per
+    replicate; every row of its epoch log names its replicate's adapter)."""
+    run_id, df = latest_rows(warehouse, asset, ("adapter_path",))
+    replicate = pl.col("replicate").fill_null(0) if "replicate" in df.columns else pl.lit(0)
+    pairs = (
+        df.filter(pl.col("adapter_path").is_not_null())
+        .select(replicate.cast(pl.Int64).alias("replicate"), "adapter_path")
+        .unique(subset="replicate", keep="last", maintain_order=True)
+        .sort("replicate")
+    )
+    paths = artifact_folders(warehouse, asset, run_id, pairs["adapter_path"].to_list(), "adapters")
+    return dict(zip(pairs["replicate"].to_list(), paths))
 
 
 def upstream_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:
-    """The metadata of `asset`'s latest materialization: how a declared upstream hands its
-    artifacts (an adapter's path, the share it held out) to the assets that depend on it."""
+    """The metadata of `asset`'s latest materialization in this Dagster instance. Transitional:
+    state is read from the tables (latest_rows); this stays only for the stages that do not record
+    in their table yet what a reader needs (teams.py's instructor settings, the query counts of the
+    stages whose tables have no llm_queries column: query_ledger.recorded_in_table)."""
     event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
     if event is None or event.asset_materialization is None:
         raise dg.Failure(
@@ -163,35 +228,6 @@ def upstream_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:
         )
     metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
     return {**metadata, "run_id": event.run_id}
-
-
-def upstream_adapter(context: dg.AssetExecutionContext, asset: str, metadata: dict | None = None) -> str:
-    """The LoRA adapter folder `asset`'s latest materialization wrote (`metadata`: that
-    materialization's, when the caller has it already)."""
-    metadata = metadata or upstream_metadata(context, asset)
-    path = metadata.get("adapter_path")
-    if not path:
-        raise dg.Failure(f"the latest materialization of {asset} (run {metadata['run_id']}) records no adapter_path")
-    if not Path(path).is_dir():
-        raise dg.Failure(
-            f"the adapter of {asset}'s latest materialization (run {metadata['run_id']}) is gone: "
-            f"{path} does not exist; materialize {asset} again"
-        )
-    return str(path)
-
-
-def upstream_adapters(context: dg.AssetExecutionContext, asset: str) -> dict[int, str]:
-    """Replicate -> adapter folder of `asset`'s latest materialization (a fine-tuned model trains one
-    adapter per replicate; older materializations record only `adapter_path`, replicate 0)."""
-    metadata = upstream_metadata(context, asset)
-    paths = metadata.get("adapter_paths") or {"0": upstream_adapter(context, asset, metadata)}
-    missing = [p for p in paths.values() if not Path(p).is_dir()]
-    if missing:
-        raise dg.Failure(
-            f"adapters of {asset}'s latest materialization (run {metadata['run_id']}) are gone: "
-            f"{', '.join(missing)}; materialize {asset} again"
-        )
-    return {int(rep): str(path) for rep, path in sorted(paths.items(), key=lambda kv: int(kv[0]))}
 
 
 def subset(df: pl.DataFrame, limit: int, seed: int) -> pl.DataFrame:

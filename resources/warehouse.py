@@ -16,6 +16,9 @@ import dagster as dg
 import duckdb
 import polars as pl
 
+# The artifact store's folder beside the DuckDB file (refine_af_pipeline/definitions.py default_resources).
+ARTIFACTS = "artifacts"
+
 
 class DatabaseLocked(RuntimeError):
     pass
@@ -54,6 +57,17 @@ class Warehouse(dg.ConfigurableResource):
         with self.connect() as conn:
             return table_exists_on(conn, name)
 
+    def table_columns(self, name: str) -> list[str]:
+        """The columns of table `name` in their order; none when the table is missing."""
+        with self.connect() as conn:
+            return [
+                r[0]
+                for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+                    [name],
+                ).fetchall()
+            ]
+
     def row_count(self, name: str) -> int:
         with self.connect() as conn:
             return conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] if table_exists_on(conn, name) else 0
@@ -64,6 +78,43 @@ class Warehouse(dg.ConfigurableResource):
                 return None
             sql = f'SELECT * FROM "{name}"' + (f" ORDER BY {order_by}" if order_by else "")
             return conn.execute(sql).pl()
+
+    def latest_run_rows(self, name: str, columns: list[str] | None = None) -> pl.DataFrame | None:
+        """The rows of table `name` that the run which wrote it last wrote (column run_id), in the
+        order they were written (`columns`: only those, and run_id); None when the table is missing,
+        no rows when it is empty. Tables are replaced whole or appended to, so the run of the last
+        row is the latest one."""
+        select = ", ".join(f'"{c}"' for c in dict.fromkeys(["run_id", *columns])) if columns else "*"
+        with self.connect() as conn:
+            if not table_exists_on(conn, name):
+                return None
+            return conn.execute(
+                f'SELECT {select} FROM "{name}" WHERE run_id = '
+                f'(SELECT run_id FROM "{name}" ORDER BY rowid DESC LIMIT 1) ORDER BY rowid'
+            ).pl()
+
+    @property
+    def data_dir(self) -> Path:
+        """The data folder: the DuckDB file and, beside it, the artifact store's ARTIFACTS folder."""
+        return Path(self.database).parent
+
+    def artifact_path(self, stored: str, asset: str, run_id: str) -> Path:
+        """Where the artifact that a row of `asset` (written by run `run_id`) records as `stored` is
+        in this data folder. Tables record absolute paths, <data folder>/artifacts/<asset>/<run id>/...,
+        of the folder that wrote them; a copied or moved data folder holds the same artifact at the
+        same place below its own artifacts/ folder, and that place wins whenever it exists, so a copy
+        reads its own files. Otherwise the stored path when it exists (an artifact store configured
+        outside the data folder), else the place in this folder; a relative stored path is relative
+        to the data folder. The result may not exist: the caller says so."""
+        path = Path(stored)
+        if not path.is_absolute():
+            return self.data_dir / path
+        parts = path.parts
+        for i in range(len(parts) - 2, -1, -1):
+            if parts[i] == asset and parts[i + 1] == run_id:
+                here = self.data_dir.joinpath(ARTIFACTS, *parts[i:])
+                return here if here.exists() or not path.exists() else path
+        return path
 
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         with self.connect() as conn:

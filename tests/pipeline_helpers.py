@@ -1,5 +1,6 @@
 """Materializing the whole graph into a temporary data directory, for the asset tests."""
 
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -63,11 +64,19 @@ def ops_for(run_config: dict, selection=None) -> dict:
 
 def instance_for(data_dir: Path) -> dg.DagsterInstance:
     """The Dagster instance that goes with a data directory: consecutive materializations into the
-    same directory see each other's runs, as they do under one DAGSTER_HOME (adapters reach their
-    consumers through the upstream's latest materialization)."""
+    same directory see each other's runs, as they do under one DAGSTER_HOME (the run history; the
+    state is the directory's tables and artifacts, tests/test_data_copy.py)."""
     home = Path(data_dir) / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     return dg.DagsterInstance.local_temp(tempdir=str(home))
+
+
+def copy_data_dir(source: Path, target: Path) -> Path:
+    """A copy of a materialized data directory (the DuckDB file, artifacts/ and the Dagster instance
+    under dagster_home/), for a test that writes into it: a module's shared data stays as its fixture
+    made it, so the tests that read it pass in any order."""
+    shutil.copytree(source, target)
+    return target
 
 
 def materialize(

@@ -11,12 +11,11 @@ import shutil
 import time
 from pathlib import Path
 
-import dagster as dg
 import duckdb
 import polars as pl
 import pytest
 import torch
-from pipeline_helpers import instance_for, materialize
+from pipeline_helpers import materialize
 from vllm_server import SERVED_NAME, Relay, free_port
 
 from refine_af_pipeline.feedback.components import LikelihoodNaturalness
@@ -57,6 +56,7 @@ def _max_difference(a, b) -> float:
     return max(abs(x - y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True))
 
 
+@pytest.mark.slow  # the embedded model's tokenizer, no server
 def test_unreachable_server_is_named_within_ten_seconds(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"
     data = tmp_path / "data"
@@ -73,6 +73,7 @@ def test_unreachable_server_is_named_within_ten_seconds(tmp_path):
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.engines
 def test_served_model_matches_transformers_on_the_same_prompts(vllm_server, tmp_path):
     adapter = _adapter(tmp_path / "artifacts" / "rl_refined_policy" / "run-1" / "adapter", seed=3)
     served = _resource(vllm_server).open_models({"base": None, "tuned": adapter})
@@ -106,11 +107,13 @@ def test_served_model_matches_transformers_on_the_same_prompts(vllm_server, tmp_
     assert [g.text for g in first] == [g.text for g in again]
 
 
+@pytest.mark.engines
 def test_a_model_the_server_does_not_serve_is_named(vllm_server):
     with pytest.raises(ServerError, match=f"does not serve the model 'no-such-model'.*'{SERVED_NAME}'"):
         _resource(vllm_server, served_model_name="no-such-model").open_models({"base": None})
 
 
+@pytest.mark.engines
 def test_without_log_probabilities_the_judges_refuse_at_step_start(vllm_server, tmp_path):
     resource = _resource(vllm_server, server_logprobs=False)
     base = resource.open_models({"base": None})["base"]
@@ -133,12 +136,10 @@ def test_without_log_probabilities_the_judges_refuse_at_step_start(vllm_server, 
     assert "raw_instructions" not in tables  # nothing generated before the refusal
 
 
-def _report_adapter(data_dir: Path, asset: str, adapter: str, **metadata) -> None:
-    """An upstream materialization that hands `adapter` over, as the training asset would."""
-    with instance_for(data_dir) as instance:
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization(asset, metadata={"adapter_path": adapter, **metadata})
-        )
+def _report_adapter(data_dir: Path, asset: str, adapter: str, **columns) -> None:
+    """An upstream table row that hands `adapter` over (run "run-1", as in its path), as the training asset would."""
+    row = {"adapter_path": adapter, "replicate": 0, **columns, "run_id": "run-1"}
+    Warehouse(database=str(data_dir / "refine_af.duckdb")).write_table(asset, pl.DataFrame([row]))
 
 
 def _table(data_dir: Path, sql: str) -> pl.DataFrame:
@@ -146,6 +147,7 @@ def _table(data_dir: Path, sql: str) -> pl.DataFrame:
         return conn.execute(sql).pl()
 
 
+@pytest.mark.engines
 def test_generation_stages_through_the_server(vllm_server, tmp_path):
     data = tmp_path / "data"
     assert materialize(data, "unused", {}, selection=["seed_pool"]).success
@@ -238,6 +240,7 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
     assert difference < LOGPROB_TOLERANCE
 
 
+@pytest.mark.engines
 def test_a_server_that_dies_mid_stage_fails_and_the_next_run_resumes(vllm_server, tmp_path):
     data = tmp_path / "data"
     assert materialize(data, "unused", {}, selection=["seed_pool"]).success

@@ -6,6 +6,8 @@ from pipeline_helpers import materialize
 
 from resources import LanguageModelResource
 
+pytestmark = pytest.mark.graph
+
 BAD = [
     ({"operations": ["breadth", "paraphrase"]}, "paraphrase"),
     ({"episodes_per_update": 0}, "episodes_per_update"),

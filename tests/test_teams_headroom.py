@@ -4,6 +4,8 @@ import pytest
 
 from refine_af_pipeline.teams.headroom import headroom
 
+pytestmark = pytest.mark.unit
+
 
 def test_headroom_finds_the_one_rewarded_operation_in_its_state():
     ops = ["breadth", "deepen", "concretize"]

@@ -16,6 +16,8 @@ from refine_af_pipeline.teams.instructor import (
 from refine_af_pipeline.teams.operations import OPERATION_NAMES
 from refine_af_pipeline.teams.state import ChainState, encode, observation_size
 
+pytestmark = pytest.mark.unit
+
 SEEDS = [(f"s{k}", f"Write a short note about topic number {k}.") for k in range(12)]
 
 

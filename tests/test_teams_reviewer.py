@@ -11,6 +11,7 @@ TASK = "Write a poem about the sea."
 CONSTRAINED = "Write a poem about the sea in exactly four lines, without using the word blue."
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "after, rule",
     [
@@ -30,11 +31,13 @@ def test_code_rules(after, rule):
     assert rule_zero(TASK, after) == rule
 
 
+@pytest.mark.unit
 def test_clean_rewrite_keeps_the_first_line_without_lead_ins_or_labels():
     assert clean_rewrite(' Here is the rewritten task: "Write a haiku about rain."') == "Write a haiku about rain."
     assert clean_rewrite("\nRewritten Task: Sort the list: 3, 1, 2.\nAnswer: 1, 2, 3") == "Sort the list: 3, 1, 2."
 
 
+@pytest.mark.unit
 def test_unknown_operation_is_named():
     with pytest.raises(ValueError, match="paraphrase"):
         rewrite_request("paraphrase", TASK)
@@ -49,6 +52,7 @@ def embedded_reviewer_model(embedded_model_dir):
     return TransformersModel(load_causal_lm(source, "cpu", None), load_tokenizer(source), source.model_id)
 
 
+@pytest.mark.slow
 def test_a_real_constraint_scores_above_an_echo_or_a_copy(embedded_reviewer_model, tmp_path):
     reviewer = InformationGainReviewer(embedded_reviewer_model, cache=CallCache(tmp_path / "c.sqlite"))
     afters = [CONSTRAINED, rewrite_request("add_constraint", TASK), TASK, "Write a poem about the sea!"]
@@ -60,6 +64,7 @@ def test_a_real_constraint_scores_above_an_echo_or_a_copy(embedded_reviewer_mode
     assert reviewer.version.startswith("teams-information-gain/v1:") and ":q-" in reviewer.version
 
 
+@pytest.mark.slow
 def test_judgements_are_cached_across_reviewers(embedded_reviewer_model, tmp_path):
     path = tmp_path / "cache.sqlite"
     first = InformationGainReviewer(embedded_reviewer_model, cache=CallCache(path))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +16,9 @@ from .call_cache import CallCache
 from .operations import OPERATION_NAMES, REWRITE_PREFIX, clean_rewrite, rewrite_request
 from .reviewer import InformationGainReviewer
 from .state import ChainState, encode, state_key
+
+if TYPE_CHECKING:
+    from .instructor import InstructorSettings
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,46 @@ class EvolutionStepper:
         ]
 
 
+def build_stepper(
+    rewriter: ServedModel,
+    reviewer_model: ServedModel,
+    settings: InstructorSettings,
+    batch_size: int,
+    scoring_batch_size: int,
+    cache: CallCache | None,
+) -> tuple[EvolutionStepper, InformationGainReviewer]:
+    """The stepper and its frozen reviewer with the instructor's sampling, decoding seed and reviewer
+    rule: the same in training, in the comparison and for the evolved instructions."""
+    reviewer = InformationGainReviewer(reviewer_model, scoring_batch_size, settings.near_copy_rouge_l, cache)
+    return EvolutionStepper(rewriter, reviewer, settings.sampling_params(), batch_size, settings.seed, cache), reviewer
+
+
 # (the chain's state, the chain's random generator) -> next operation index
 Chooser = Callable[[ChainState, np.random.Generator], int]
+
+
+@dataclass(frozen=True)
+class ChainLink:
+    """One step of one chain: which arm, from which seed task, at which step, from which state."""
+
+    arm: str
+    seed_id: str
+    seed_instruction: str
+    step: int  # 1-based
+    state: str  # state_key of the state the operation was chosen in
+    result: StepResult
+
+
+def transition_row(link: ChainLink) -> dict:
+    """A row of teams_policy_comparison (the columns of teams_policy_transitions' steps, with the arm)."""
+    return dict(
+        arm=link.arm,
+        seed_id=link.seed_id,
+        seed_instruction=link.seed_instruction,
+        step=link.step,
+        state=link.state,
+        **asdict(link.result),
+    )
 
 
 def chain_rng(seed: int, seed_id: str) -> np.random.Generator:
@@ -98,11 +140,12 @@ def run_chains(
     seed: int,
     operations: Sequence[str] = OPERATION_NAMES,
     progress=None,
+    row: Callable[[ChainLink], dict] = transition_row,
 ) -> list[dict]:
     """`horizon` operations from each (seed id, instruction) for each chooser ("arm"), all chains
-    in lockstep (one batched step for every arm and seed); one row per step with the arm, the
-    operation, the texts and the reward. Every arm's chain on a seed draws from the same
-    generator, so the arms differ only in how they choose."""
+    in lockstep (one batched step for every arm and seed); one row per step, in the columns of the
+    table it goes to (`row`: teams_policy_comparison's by default). Every arm's chain on a seed
+    draws from the same generator, so the arms differ only in how they choose."""
     chains = [(arm, sid, text, choose) for arm, choose in choosers.items() for sid, text in seeds]
     rngs = [chain_rng(seed, sid) for _, sid, _, _ in chains]
     states = [ChainState(None, 0, False, text) for _, _, text, _ in chains]
@@ -111,16 +154,7 @@ def run_chains(
         actions = [c[3](state, rng) for c, state, rng in zip(chains, states, rngs)]
         results = stepper([s.text for s in states], [operations[a] for a in actions], step)
         for (arm, sid, seed_text, _), state, result in zip(chains, states, results):
-            rows.append(
-                dict(
-                    arm=arm,
-                    seed_id=sid,
-                    seed_instruction=seed_text,
-                    step=step + 1,
-                    state=state_key(state, list(operations)),
-                    **asdict(result),
-                )
-            )
+            rows.append(row(ChainLink(arm, sid, seed_text, step + 1, state_key(state, list(operations)), result)))
         # A rewrite the rules rejected leaves the instruction as it was (as in the environment).
         states = [
             ChainState(a, step + 1, r.reward <= 0, r.after if r.reward > 0 else r.before)

@@ -50,7 +50,8 @@ class ExpertAnswerSettings(SamplingSettings):
     max_new_tokens: PositiveInt = Field(
         256,
         description=(
-            "tokens per answer at most: at 128, 58% of the embedded expert's answers were cut (and a cut answer is gated)"
+            "tokens per answer at most: at 128, 58% of the embedded expert's answers were cut (and a cut answer "
+            "is gated)"
         ),
     )
     max_instructions: NonNegativeInt = Field(0, description="kept evolved instructions to answer (0 = all)")
