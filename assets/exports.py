@@ -3,17 +3,32 @@
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.exports import ExportSettings, export_rows, write_dataset_exports
+from refine_af_pipeline.exports import FORMAT_FILES, ExportSettings, export_rows, write_dataset_exports
 from resources import ArtifactStore, Warehouse
 
+from .columns import declare
+from .instance_pairs import INSTANCE_PAIRS, SELFINSTRUCT_PAIRS
 from .metadata import metadata_table, table_metadata
+from .teams import EXPERT_PAIRS
 
+EXPORTS = "instruction_dataset_exports"
 # Exported dataset name -> the instance table whose kept rows it holds.
 EXPORTED_TABLES = {
-    "refine_af": "instance_output_pairs",
-    "self_instruct": "selfinstruct_instance_pairs",
-    "teams_rl": "teams_instruction_pairs",
+    "refine_af": INSTANCE_PAIRS,
+    "self_instruct": SELFINSTRUCT_PAIRS,
+    "teams_rl": EXPERT_PAIRS,
 }
+COLUMNS = declare(
+    {
+        EXPORTS: {
+            "dataset": f"exported dataset: {', '.join(EXPORTED_TABLES)}",
+            "format": f"file format: {', '.join(FORMAT_FILES)}",
+            "path": "path of the exported file or folder",
+            "rows": "records in the file",
+            "source_table": "table the records came from (its kept rows, of the first replicate)",
+        }
+    }
+)
 
 
 class ExportsConfig(dg.Config, ExportSettings):
@@ -29,7 +44,7 @@ def instruction_dataset_exports(
     Face `datasets` folder (save_to_disk) under the run's artifact folder. Each dataset's folder is
     written aside and renamed into place, so it is complete or absent. This asset's table lists
     every file with its row count."""
-    out_root = artifact_store.run_dir("instruction_dataset_exports", context.run_id)
+    out_root = artifact_store.run_dir(EXPORTS, context.run_id)
     datasets = [d for d in EXPORTED_TABLES if config.include_self_instruct or d != "self_instruct"]
     listing = []
     for dataset in datasets:
@@ -47,12 +62,12 @@ def instruction_dataset_exports(
         ]
         context.log.info(f"exported {rows.height} {dataset} rows to {out_root / dataset}")
     df = pl.DataFrame(listing)
-    warehouse.write_table("instruction_dataset_exports", df)
+    warehouse.write_table(EXPORTS, df)
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["dataset", "format", "rows"]),
+            **table_metadata(df, ["dataset", "format", "rows"], table=EXPORTS),
             "export_dir": dg.MetadataValue.path(str(out_root)),
             **{f"rows_{d}": int(df.filter(pl.col("dataset") == d)["rows"][0]) for d in datasets},
-            "files": metadata_table(df.select("dataset", "format", "rows", "path")),
+            "files": metadata_table(df.select("dataset", "format", "rows", "path"), table=EXPORTS),
         }
     )

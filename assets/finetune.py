@@ -15,23 +15,73 @@ from refine_af_pipeline.training.matched_data import MatchedDataSettings, draw_m
 from refine_af_pipeline.training.sft import SFTSettings, finetune, validation_never_improved
 from resources import ArtifactStore, LanguageModelResource, Warehouse
 
+from .columns import declare
+from .instance_pairs import BESTOFN_PAIRS, INSTANCE_PAIRS, SELFINSTRUCT_PAIRS
 from .metadata import metadata_table, peak_memory, png_markdown, table_metadata
+from .teams import EXPERT_PAIRS
 
 SFT_DATA = "sft_training_pairs"
+FINETUNED = "finetuned_model"
+SELFINSTRUCT_FINETUNED = "selfinstruct_finetuned_model"
+BESTOFN_FINETUNED = "bestofn_finetuned_model"
+TEAMS_FINETUNED = "teams_finetuned_model"
 # arm -> (its kept pairs, whether it writes instances for the shared pool of kept instructions)
 ARM_PAIRS = {
-    "refine_af": ("instance_output_pairs", True),
-    "self_instruct": ("selfinstruct_instance_pairs", True),
-    "best_of_n": ("bestofn_instance_pairs", True),
-    "teams_rl": ("teams_instruction_pairs", False),
+    "refine_af": (INSTANCE_PAIRS, True),
+    "self_instruct": (SELFINSTRUCT_PAIRS, True),
+    "best_of_n": (BESTOFN_PAIRS, True),
+    "teams_rl": (EXPERT_PAIRS, False),
 }
+_EPOCH_LOG = {
+    "epoch": "epoch of supervised fine-tuning (0 = before the first step)",
+    "steps": "optimizer steps so far",
+    "step_losses": "training loss of each optimizer step in the epoch",
+    "train_loss": "mean training loss of the epoch's steps (epoch 0: measured on the training pairs), nats per "
+    "response token",
+    "validation_loss": "loss on the validation pairs after the epoch, nats per response token (NaN without "
+    "validation pairs)",
+    "adapter_path": "directory of the replicate's trained LoRA adapter",
+    "train_examples": "pairs trained on",
+    "validation_examples": "pairs held out for validation",
+    "train_table": "table the arm's pairs came from (drawn in sft_training_pairs)",
+    "settings": "the replicate's SFT settings as JSON (its seed: the configured one + replicate)",
+    "validation_instruction_ids": "instruction ids whose pairs form the validation slice, as a JSON list",
+}
+COLUMNS = declare(
+    {
+        SFT_DATA: {
+            "slice": "which part of the arm's draw the pair is in: train or validation",
+            "reward": "the pair's training reward: the combined reward it was kept with (null for TeaMs-RL: its "
+            "answers are not scored)",
+            "source_table": "table the pair came from",
+            "draw_rank": "position of the pair in its branch's stable-hash draw order (0-based)",
+        },
+        f"{SFT_DATA}/per_arm": {
+            "kept_pairs": "kept pairs the branch had to draw from",
+            "train_pairs": "training pairs of the branch",
+            "validation_pairs": "validation pairs of the branch",
+            "target_train": "training pairs every branch should get (sft_pairs, or the smallest branch's count)",
+            "target_validation": "validation pairs every branch should get (the smallest branch's count)",
+            "shared_train_instructions": "training instructions every other branch on the shared pool trains on too",
+        },
+        **{name: _EPOCH_LOG for name in (FINETUNED, SELFINSTRUCT_FINETUNED, BESTOFN_FINETUNED, TEAMS_FINETUNED)},
+    }
+)
 _PAIR_COLUMNS = ("instance_id", "instruction_id", "instruction", "input", "output")
 CHECK_NAME = "every_arm_has_its_pairs"
 
 
+class SFTConfig(dg.Config, SFTSettings):
+    """The SFT settings of every arm's fine-tuned model: the fields of SFTSettings
+    (refine_af_pipeline/training/sft.py)."""
+
+
 class MatchedDataConfig(dg.Config, MatchedDataSettings):
     """Run config of `sft_training_pairs`: the fields of MatchedDataSettings
-    (refine_af_pipeline/training/matched_data.py)."""
+    (refine_af_pipeline/training/matched_data.py), `sft` among them: the SFT settings every arm trains
+    with, recorded with the draw."""
+
+    sft: SFTConfig = SFTConfig()  # the core's field, as a Dagster config so the launchpad shows its fields
 
 
 @dg.asset(
@@ -121,7 +171,7 @@ def sft_training_pairs(
         context.log.warning(f"{SFT_DATA}: {line}: its model is compared on less data")
     first = [r for r in per_arm if r["replicate"] == replicates[0]]
     figures = {
-        "per_arm": metadata_table(pl.DataFrame(per_arm)),
+        "per_arm": metadata_table(pl.DataFrame(per_arm), table=f"{SFT_DATA}/per_arm"),
         "arms_short": ", ".join(sorted(set(short))) or "none",
         "arms_missing": ", ".join(missing) or "none",
         "replicates": len(replicates),
@@ -129,7 +179,10 @@ def sft_training_pairs(
         "validation_pairs_per_arm": int(first[0]["target_validation"]),
     }
     return dg.MaterializeResult(
-        metadata={**table_metadata(df, ["branch", "replicate", "slice", "instruction", "output"]), **figures},
+        metadata={
+            **table_metadata(df, ["branch", "replicate", "slice", "instruction", "output"], table=SFT_DATA),
+            **figures,
+        },
         check_results=[
             dg.AssetCheckResult(
                 check_name=CHECK_NAME,
@@ -141,8 +194,15 @@ def sft_training_pairs(
     )
 
 
-class FinetuneConfig(dg.Config, SFTSettings):
-    """Run config of every fine-tuning asset: the fields of SFTSettings (refine_af_pipeline/training/sft.py)."""
+def recorded_sft_settings(drawn: pl.DataFrame) -> SFTSettings:
+    """The SFT settings sft_training_pairs recorded with its draw (its config's `sft` section)."""
+    recorded = json.loads(drawn["settings"][0]) if "settings" in drawn.columns and drawn.height else {}
+    if "sft" not in recorded:
+        raise dg.Failure(
+            f"{SFT_DATA} (run {drawn['run_id'][0] if drawn.height else '?'}) records no SFT settings: "
+            f"materialize {SFT_DATA} again (its config's `sft` section sets every arm's SFT)"
+        )
+    return SFTSettings(**recorded["sft"])
 
 
 def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.AssetsDefinition:
@@ -159,7 +219,6 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
     )
     def _finetuned_model(
         context: dg.AssetExecutionContext,
-        config: FinetuneConfig,
         warehouse: Warehouse,
         language_model: LanguageModelResource,
         artifact_store: ArtifactStore,
@@ -170,6 +229,7 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
             raise dg.Failure(
                 f"{SFT_DATA} has no training pairs for {arm}: materialize {pairs_table} and {SFT_DATA} first"
             )
+        config = recorded_sft_settings(drawn)
         replicates = sorted(drawn["replicate"].unique().to_list()) if "replicate" in drawn.columns else [0]
         started = time.monotonic()
         frames, adapters, warnings = [], {}, []
@@ -190,7 +250,7 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
         head, last = first.row(0, named=True), first.row(-1, named=True)
         return dg.MaterializeResult(
             metadata={
-                **table_metadata(df, ["replicate", "epoch", "steps", "train_loss", "validation_loss"]),
+                **table_metadata(df, ["replicate", "epoch", "steps", "train_loss", "validation_loss"], table=name),
                 # The first replicate's adapter, and every replicate's (the evaluation reads them all).
                 "adapter_path": dg.MetadataValue.path(adapters[str(replicates[0])]),
                 "adapter_paths": dg.MetadataValue.json(adapters),
@@ -232,7 +292,7 @@ def _train_replicate(
     arm: str,
     rep: int,
     drawn: pl.DataFrame,
-    config: FinetuneConfig,
+    config: SFTSettings,
     language_model: LanguageModelResource,
     artifact_store: ArtifactStore,
 ) -> tuple[pl.DataFrame, str, str | None]:
@@ -291,7 +351,7 @@ def _triples(pairs: pl.DataFrame) -> list[tuple[str, str, str]]:
 
 
 finetuned_model = build_finetuned_model_asset(
-    "finetuned_model",
+    FINETUNED,
     "refine_af",
     description="REFINE-AF: the base model fine-tuned with TRL's SFTTrainer and LoRA on its draw of the kept "
     "(instruction, input, output) triples the RL-refined policy wrote (sft_training_pairs, arm refine_af), in "
@@ -300,7 +360,7 @@ finetuned_model = build_finetuned_model_asset(
 )
 
 selfinstruct_finetuned_model = build_finetuned_model_asset(
-    "selfinstruct_finetuned_model",
+    SELFINSTRUCT_FINETUNED,
     "self_instruct",
     description="The Self-Instruct baseline: the same SFT of the base model on its equal-sized draw of the "
     "kept triples the base model wrote (sft_training_pairs, arm self_instruct), with the same settings as "
@@ -308,7 +368,7 @@ selfinstruct_finetuned_model = build_finetuned_model_asset(
 )
 
 teams_finetuned_model = build_finetuned_model_asset(
-    "teams_finetuned_model",
+    TEAMS_FINETUNED,
     "teams_rl",
     description="TeaMs-RL: the same SFT of the base model on its equal-sized draw of the kept "
     "(evolved instruction, expert answer) pairs (sft_training_pairs, arm teams_rl), with the same settings as "
@@ -316,7 +376,7 @@ teams_finetuned_model = build_finetuned_model_asset(
 )
 
 bestofn_finetuned_model = build_finetuned_model_asset(
-    "bestofn_finetuned_model",
+    BESTOFN_FINETUNED,
     "best_of_n",
     description="The best-of-N control: the same SFT of the base model on its equal-sized draw of the kept triples "
     "chosen by the training reward from the base model's candidates (sft_training_pairs, arm best_of_n), "

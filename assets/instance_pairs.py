@@ -21,8 +21,10 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
 
+from .columns import declare
 from .metadata import peak_memory, progress_logger, table_metadata
 from .shared import (
+    SCORED_INSTANCE_COLUMNS,
     adapter_folder,
     base_component_stats,
     kept_instructions,
@@ -30,6 +32,10 @@ from .shared import (
     scored_instance_frame,
     subset,
 )
+
+INSTANCE_PAIRS = "instance_output_pairs"
+SELFINSTRUCT_PAIRS = "selfinstruct_instance_pairs"
+BESTOFN_PAIRS = "bestofn_instance_pairs"
 
 
 class InstancePairsConfig(dg.Config, InstancePairsSettings):
@@ -111,6 +117,32 @@ def _staging(name: str) -> str:
     return f"{name}_batches"
 
 
+# Each instance stage's table and its staging table (the rows of finished batches, before the filters).
+STAGING_TABLES = {name: _staging(name) for name in (INSTANCE_PAIRS, SELFINSTRUCT_PAIRS, BESTOFN_PAIRS)}
+_STAGED_COLUMNS = {
+    **SCORED_INSTANCE_COLUMNS,
+    "candidate_index": "which of the instance's best-of-N candidates the row is (0 in the other branches: one "
+    "candidate)",
+    "run_id": "run that planned the batch (generation_plans; a run resuming the plan keeps its id)",
+}
+COLUMNS = declare(
+    {
+        **{staging: _STAGED_COLUMNS for staging in STAGING_TABLES.values()},
+        **{
+            name: {
+                **_STAGED_COLUMNS,
+                "chosen": "whether the row is its instance's chosen candidate (the highest training reward; always "
+                "true with one candidate)",
+                "keep": "whether the pair passed every filter and enters SFT's draw (sft_training_pairs)",
+                "filter_reason": "why the pair was filtered out (a gate reason, conflicting_outputs_for_same_input, "
+                "not_best_of_n for a candidate not chosen); null when kept",
+            }
+            for name in STAGING_TABLES
+        },
+    }
+)
+
+
 def build_instance_pairs_asset(
     name: str, use_rl_policy: bool, description: str, config_class: type[dg.Config] = InstancePairsConfig
 ) -> dg.AssetsDefinition:
@@ -141,7 +173,7 @@ def build_instance_pairs_asset(
             warehouse,
             ledger,
             adapter,
-            language_model.generation_batch_size(context.op_def.name),
+            language_model.generation_batch_size(config.generation_batch_size),
             feedback_scorer,
             reward_dir,
         )
@@ -212,7 +244,7 @@ def build_instance_pairs_asset(
         ledger.finish(plan, context.run_id, replace={name: df}, clear_rows_of=_staging(name))
         return dg.MaterializeResult(
             metadata={
-                **table_metadata(df, ["instruction", "input", "output", "reward", "keep"]),
+                **table_metadata(df, ["instruction", "input", "output", "reward", "keep"], table=name),
                 "parse_rate": float((df["parse_status"] == "ok").mean()),
                 "kept_pairs": int(df["keep"].sum()),
                 "mean_reward": float(df.filter(pl.col("chosen"))["reward"].mean()),
@@ -234,7 +266,7 @@ def build_instance_pairs_asset(
 
 
 instance_output_pairs = build_instance_pairs_asset(
-    "instance_output_pairs",
+    INSTANCE_PAIRS,
     use_rl_policy=True,
     description="REFINE-AF: the RL-refined policy writes input/output instances for the kept instructions; each "
     "is parsed, scored by the same automated feedback, and filtered (the instance gate: unparseable, empty, "
@@ -243,7 +275,7 @@ instance_output_pairs = build_instance_pairs_asset(
 )
 
 selfinstruct_instance_pairs = build_instance_pairs_asset(
-    "selfinstruct_instance_pairs",
+    SELFINSTRUCT_PAIRS,
     use_rl_policy=False,
     description="The Self-Instruct baseline (no RL): the base model writes the instances for the same kept "
     "instructions, with the same prompts, sampling, scoring and filters as instance_output_pairs; "
@@ -251,7 +283,7 @@ selfinstruct_instance_pairs = build_instance_pairs_asset(
 )
 
 bestofn_instance_pairs = build_instance_pairs_asset(
-    "bestofn_instance_pairs",
+    BESTOFN_PAIRS,
     use_rl_policy=False,
     config_class=BestOfNConfig,
     description="The best-of-N control (no RL): the base model writes `candidates_per_instance` candidates for each "

@@ -25,9 +25,44 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger
 
+from .columns import declare
 from .metadata import peak_memory, progress_logger, stored_table_metadata, table_metadata
 
 RAW, DEDUP = "raw_instructions", "deduplicated_instructions"
+COLUMNS = declare(
+    {
+        RAW: {
+            "instruction_id": "id of the generated instruction: <plan id prefix>-<prompt index>-<position in the "
+            "response>",
+            "instruction": "the instruction as parsed from the response's list",
+            "parse_status": "ok, or why the response gave no instruction: empty, unparseable",
+            "position_in_response": "index of the instruction within its response's list (0-based)",
+            "run_id": "run that planned the prompt (generation_plans; a run resuming the plan keeps its id)",
+            "prompt_index": "index of the bootstrap prompt in its plan (0-based)",
+            "prompt_example_ids": "ids of the 8 example instructions the prompt showed, as a JSON list (seed ids "
+            "and instruction ids)",
+            "prompt_type": "bootstrap prompt variant: general or classification-only",
+            "raw_response": "the model's whole continuation of the bootstrap prompt",
+            "response_tokens": "tokens the model generated for the prompt",
+            "hit_token_limit": "whether the response stopped at max_new_tokens",
+            "dropped_truncated_item": "whether a last list item cut by the token limit was dropped",
+        },
+        DEDUP: {
+            "source_run_id": "run_id of the candidate's raw_instructions row (the plan that generated it)",
+            "run_id": "run that decided the candidate",
+            "decision": "kept or rejected",
+            "reason": "why a candidate was rejected (rouge_l_above_threshold, too_short, blacklisted:<word>, "
+            "unparseable_response ...); null when kept",
+            "max_rouge_l": "highest ROUGE-L F-measure against the seeds and the instructions kept before it (0-1; "
+            "rejected above the threshold, 0.7 by default); null where an earlier filter decided",
+            "most_similar_instruction": "the instruction that gave max_rouge_l",
+            "is_classification": "whether the kept instruction is a classification task: the model's label, "
+            "P(Yes) > 0.5 (null when rejected)",
+            "is_classification_p": "the model's P(Yes) to 'Is it classification?' (0-1)",
+            "classification_model_id": "model that labelled is_classification",
+        },
+    }
+)
 RAW_PREVIEW = ["instruction_id", "instruction", "parse_status"]
 DEDUP_PREVIEW = ["instruction", "decision", "reason", "max_rouge_l"]
 _DECISION_SCHEMA = {
@@ -116,6 +151,7 @@ def _new_plan(
     seeds: list[PoolItem],
     machine: list[PoolItem],
     batch_size: int,
+    queries: QueryCounter,
 ):
     rng = random.Random(f"{config.seed}-{context.run_id}")
     prompts = [
@@ -129,7 +165,10 @@ def _new_plan(
         target_pool_size=config.target_pool_size,
     )
     return ledger.start_plan(
-        context.run_id, settings, [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)]
+        context.run_id,
+        settings,
+        [prompts[s : s + batch_size] for s in range(0, len(prompts), batch_size)],
+        queries.counts,
     )
 
 
@@ -183,7 +222,11 @@ def bootstrap_instructions(
     )
     seeds_df = warehouse.read_table("seed_pool")
     seeds = [PoolItem(r["id"], r["instruction"], r["is_classification"]) for r in seeds_df.iter_rows(named=True)]
+    # The run's model queries are its plan's (generation_plans.llm_queries, committed with each batch
+    # and summed over the runs that worked on a resumed plan): the query ledger reads them there.
     queries = QueryCounter()
+    for role in ("generator", "judge"):  # a run with nothing to do records zeros, not nothing
+        queries.add(role, 0)
     decider = _Decider(warehouse, language_model, seeds_df["instruction"].to_list(), queries)
     # Raw rows without a decision (a database from before both were committed together): decided
     # first, in generation order, so the pool below is complete.
@@ -198,6 +241,9 @@ def bootstrap_instructions(
         context.log.info(
             f"pool already has {len(machine)} kept instructions (target {config.target_pool_size}); nothing generated"
         )
+        ledger.record_empty_plan(
+            context.run_id, {"target_pool_size": config.target_pool_size}, "skipped_at_target", queries.counts
+        )
         yield dg.MaterializeResult(
             asset_key=RAW,
             metadata={
@@ -211,7 +257,13 @@ def bootstrap_instructions(
         return
     if plan is None:
         plan = _new_plan(
-            context, config, ledger, seeds, machine, language_model.generation_batch_size(context.op_def.name)
+            context,
+            config,
+            ledger,
+            seeds,
+            machine,
+            language_model.generation_batch_size(config.generation_batch_size),
+            queries,
         )
     settings = plan.settings
     params = SamplingParams(
@@ -244,11 +296,19 @@ def bootstrap_instructions(
             )
             decisions = decider.decide(raw_rows, context.run_id, model)
             ledger.commit_batch(
-                plan, batch, RAW, pl.DataFrame(raw_rows), context.run_id, also_append={DEDUP: decisions}
+                plan,
+                batch,
+                RAW,
+                pl.DataFrame(raw_rows),
+                context.run_id,
+                also_append={DEDUP: decisions},
+                queries=queries.counts,
             )
             rows_this_run += len(raw_rows)
             report(done, len(pending), time.monotonic() - started)
-    ledger.finish(plan, context.run_id, status="stopped_at_target" if stopped_early else "finished")
+    ledger.finish(
+        plan, context.run_id, status="stopped_at_target" if stopped_early else "finished", queries=queries.counts
+    )
     df = (
         warehouse.query(
             f"SELECT * FROM {RAW} WHERE run_id = ? ORDER BY prompt_index, position_in_response", [plan.plan_id]
@@ -259,7 +319,7 @@ def bootstrap_instructions(
     yield dg.MaterializeResult(
         asset_key=RAW,
         metadata={
-            **table_metadata(df, RAW_PREVIEW, total_rows=warehouse.row_count(RAW)),
+            **table_metadata(df, RAW_PREVIEW, total_rows=warehouse.row_count(RAW), table=RAW),
             "rows_this_run": rows_this_run,
             "plan_run_id": plan.plan_id,
             "resumed_plan": plan.resumed,
@@ -271,6 +331,8 @@ def bootstrap_instructions(
             "unparseable_responses": df.filter(pl.col("parse_status") != "ok").height,
             "model_id": df["model_id"][0] if df.height else "",
             "llm_queries": queries.as_json(),
+            # The query ledger's figure: every run that worked on the plan (a resumed plan's earlier runs too).
+            "plan_llm_queries": plan.queries_json(queries.counts),
             **peak_memory(language_model.resolved_device()),
         },
     )
@@ -285,7 +347,7 @@ def _dedup_result(
     return dg.MaterializeResult(
         asset_key=DEDUP,
         metadata={
-            **table_metadata(df, DEDUP_PREVIEW, total_rows=warehouse.row_count(DEDUP)),
+            **table_metadata(df, DEDUP_PREVIEW, total_rows=warehouse.row_count(DEDUP), table=DEDUP),
             "rows_this_run": df.height,
             "kept_this_run": int((df["decision"] == "kept").sum()) if df.height else 0,
             "kept_total": decider.kept_total,

@@ -6,16 +6,22 @@ import math
 import dagster as dg
 import polars as pl
 
-from .column_descriptions import column_description
+from .columns import column_description
 
 _DTYPE_NAMES = {pl.Utf8: "string", pl.Boolean: "bool", pl.Float64: "float", pl.Int64: "int"}
 
 
 def table_metadata(
-    df: pl.DataFrame, preview_columns: list[str] | None = None, preview_rows: int = 5, total_rows: int | None = None
+    df: pl.DataFrame,
+    preview_columns: list[str] | None = None,
+    preview_rows: int = 5,
+    total_rows: int | None = None,
+    *,
+    table: str,
 ) -> dict:
-    """`total_rows`: the table's size when `df` is only the rows this run appended."""
-    schema = _described_schema(df)
+    """`table`: the table `df` holds rows of, whose column descriptions the schema shows
+    (assets/columns.py); `total_rows`: the table's size when `df` is only the rows this run appended."""
+    schema = _described_schema(df, table)
     preview = df.select(preview_columns) if preview_columns else df
     return {
         "dagster/row_count": dg.MetadataValue.int(df.height if total_rows is None else total_rows),
@@ -29,21 +35,22 @@ def stored_table_metadata(warehouse, table: str, preview_columns: list[str] | No
     preview from its first rows, its full row count)."""
     df = warehouse.query(f'SELECT * FROM "{table}" LIMIT 5') if warehouse.table_exists(table) else pl.DataFrame()
     columns = [c for c in (preview_columns or []) if c in df.columns] or None
-    return table_metadata(df, columns, total_rows=warehouse.row_count(table))
+    return table_metadata(df, columns, total_rows=warehouse.row_count(table), table=table)
 
 
-def _described_schema(df: pl.DataFrame) -> dg.TableSchema:
+def _described_schema(df: pl.DataFrame, table: str) -> dg.TableSchema:
     return dg.TableSchema(
         columns=[
-            dg.TableColumn(name, _DTYPE_NAMES.get(dtype, str(dtype)), description=column_description(name))
+            dg.TableColumn(name, _DTYPE_NAMES.get(dtype, str(dtype)), description=column_description(table, name))
             for name, dtype in df.schema.items()
         ]
     )
 
 
-def metadata_table(df: pl.DataFrame) -> dg.MetadataValue:
-    """`df` as a Dagster table (the UI sorts and scrolls it), each column described."""
-    schema = _described_schema(df)
+def metadata_table(df: pl.DataFrame, *, table: str) -> dg.MetadataValue:
+    """`df` as a Dagster table (the UI sorts and scrolls it), each column described as in `table`:
+    the stored table it shows columns of, or a metadata table's own name (`<asset>/<metadata key>`)."""
+    schema = _described_schema(df, table)
     records = [dg.TableRecord({k: _plain(v) for k, v in row.items()}) for row in df.iter_rows(named=True)]
     return dg.MetadataValue.table(records, schema)
 

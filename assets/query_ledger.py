@@ -1,8 +1,9 @@
-"""The query ledger: every model query of every stage, by role, from each stage's latest run (each
-records its own counts as `llm_queries`: a column of its table, read from the rows of the run that
-wrote the table last), so the branches' costs can be compared as TeaMs-RL compares its expert
-queries with WizardLM's. A stage whose table has no llm_queries column yet (see
-`recorded_in_table`) is read from its latest materialization's metadata instead."""
+"""The query ledger: every model query of every stage, by role, from each stage's latest run, so the
+branches' costs can be compared as TeaMs-RL compares its expert queries with WizardLM's. Each stage
+records its own counts as `llm_queries` in the data folder, never only in the Dagster instance: a
+column of its table, read from the rows of the run that wrote the table last; raw_instructions, whose
+rows are appended batch by batch and whose run may write none, on its newest generation plan
+(generation_plans, written by its own step: the queries of every run that worked on the plan)."""
 
 import json
 
@@ -11,30 +12,61 @@ import polars as pl
 
 from refine_af_pipeline.llm.query_count import ROLES
 from resources import Warehouse
+from resources.batch_ledger import BatchLedger
 
+from .columns import declare
+from .data_audit import AUDIT
+from .evaluation import EVALUATION
+from .instance_pairs import BESTOFN_PAIRS, INSTANCE_PAIRS, SELFINSTRUCT_PAIRS
+from .instructions import RAW
 from .metadata import metadata_table, table_metadata
-from .shared import upstream_metadata
+from .reward_model import REWARD_MODEL
+from .rewards import REWARD_SCORES
+from .rl_heldout import HELDOUT
+from .rl_policy import RL_POLICY
+from .teams import COMPARISON, EVOLVED, EXPERT_PAIRS, POLICY
 
 # asset -> (branch, purpose). The bootstrap's pool feeds the Self-Instruct, REFINE-AF and best-of-N
 # branches, the reward scores the two that select by reward; held-out checks and comparisons are
 # diagnostics, not data the branch needs.
 LEDGER_STAGES = {
-    "raw_instructions": ("self_instruct+refine_af+best_of_n", "data"),
-    "reward_model": ("refine_af+best_of_n", "data"),
-    "reward_scores": ("refine_af+best_of_n", "data"),
-    "rl_refined_policy": ("refine_af", "data"),
-    "rl_heldout_comparison": ("refine_af", "diagnostic"),
-    "instance_output_pairs": ("refine_af", "data"),
-    "selfinstruct_instance_pairs": ("self_instruct", "data"),
-    "bestofn_instance_pairs": ("best_of_n", "data"),
-    "teams_operation_policy": ("teams_rl", "data"),
-    "teams_policy_comparison": ("teams_rl", "diagnostic"),
-    "teams_evolved_instructions": ("teams_rl", "data"),
-    "teams_instruction_pairs": ("teams_rl", "data"),
-    "training_data_audit": ("refine_af+self_instruct+best_of_n+teams_rl", "diagnostic"),
-    "evaluation": ("evaluation", "evaluation"),
+    RAW: ("self_instruct+refine_af+best_of_n", "data"),
+    REWARD_MODEL: ("refine_af+best_of_n", "data"),
+    REWARD_SCORES: ("refine_af+best_of_n", "data"),
+    RL_POLICY: ("refine_af", "data"),
+    HELDOUT: ("refine_af", "diagnostic"),
+    INSTANCE_PAIRS: ("refine_af", "data"),
+    SELFINSTRUCT_PAIRS: ("self_instruct", "data"),
+    BESTOFN_PAIRS: ("best_of_n", "data"),
+    POLICY: ("teams_rl", "data"),
+    COMPARISON: ("teams_rl", "diagnostic"),
+    EVOLVED: ("teams_rl", "data"),
+    EXPERT_PAIRS: ("teams_rl", "data"),
+    AUDIT: ("refine_af+self_instruct+best_of_n+teams_rl", "diagnostic"),
+    EVALUATION: ("evaluation", "evaluation"),
 }
 BRANCHES = ("self_instruct", "refine_af", "best_of_n", "teams_rl")
+LEDGER = "llm_query_ledger"
+COLUMNS = declare(
+    {
+        LEDGER: {
+            "stage": "asset whose step made the queries",
+            "branch": "the arm the stage's data feeds: self_instruct, refine_af, best_of_n, teams_rl, or several "
+            "joined by + (a stage they share); evaluation for the evaluation",
+            "purpose": "data (the branch needs it), diagnostic (a check or comparison) or evaluation",
+            "role": f"what the model did: {', '.join(ROLES)}",
+            "queries": "model queries: prompts generated from plus texts scored",
+            "source_run_id": "the stage's latest run, whose counts the row holds",
+        },
+        f"{LEDGER}/by_branch": {
+            "branch": "the arm of the comparison (a shared stage's queries counted in every arm it feeds)",
+            **{role: f"data queries in the {role} role" for role in ROLES},
+            "total": "data queries of the arm, every role",
+        },
+    }
+)
+# Stages whose queries are their newest generation plan's (instructions.py), not their table's rows'.
+PLAN_RECORDED = {RAW}
 
 
 def ledger_rows(counts_by_asset: dict[str, tuple[dict, str]]) -> list[dict]:
@@ -60,35 +92,38 @@ def branch_totals(rows: list[dict]) -> dict[str, dict[str, int]]:
     return totals
 
 
-def recorded_in_table(warehouse: Warehouse, asset: str) -> bool:
-    """Whether `asset` records its query counts in its own table (an llm_queries column). Today
-    rl_refined_policy, rl_heldout_comparison, the three instance stages and evaluation do;
-    raw_instructions, reward_model, reward_scores, training_data_audit and the TeaMs-RL stages
-    record them in their materialization's metadata only."""
-    return "llm_queries" in warehouse.table_columns(asset)
-
-
-def stage_queries(context: dg.AssetExecutionContext, warehouse: Warehouse, asset: str) -> tuple[dict, str | None]:
-    """(role -> queries, run id) of `asset`'s latest run: from its table where it records them, else
-    from its latest materialization."""
-    if recorded_in_table(warehouse, asset):
-        df = warehouse.latest_run_rows(asset, ["llm_queries"])
-        if df is None or df.height == 0:
-            return {}, None  # a run that wrote no rows (a held-out comparison without held-out instructions)
-        recorded = df["llm_queries"].drop_nulls()
-        if recorded.len() == 0:
-            raise dg.Failure(
-                f"the rows of {asset}'s latest run ({df['run_id'][0]}) record no llm_queries; "
-                "materialize it again with this version of the pipeline"
-            )
-        return json.loads(recorded[-1]), df["run_id"][0]
-    metadata = upstream_metadata(context, asset)
-    if "llm_queries" not in metadata:
+def stage_queries(warehouse: Warehouse, asset: str) -> tuple[dict, str | None]:
+    """(role -> queries, run id) of `asset`'s latest run, read from the data folder alone."""
+    if asset in PLAN_RECORDED:
+        return plan_queries(warehouse, asset)
+    columns = warehouse.table_columns(asset)
+    if not columns:
+        raise dg.Failure(f"{asset} has no table in {warehouse.database}: materialize it first")
+    df = warehouse.latest_run_rows(asset, ["llm_queries"] if "llm_queries" in columns else ["run_id"])
+    if df.height == 0:
+        return {}, None  # a run that wrote no rows (a held-out comparison without held-out instructions)
+    recorded = df["llm_queries"].drop_nulls() if "llm_queries" in columns else []
+    if len(recorded) == 0:
         raise dg.Failure(
-            f"the latest materialization of {asset} (run {metadata['run_id']}) records no llm_queries; "
+            f"the rows of {asset}'s latest run ({df['run_id'][0]}) record no llm_queries; "
             "materialize it again with this version of the pipeline"
         )
-    return json.loads(metadata["llm_queries"]), metadata["run_id"]
+    return json.loads(recorded[-1]), df["run_id"][0]
+
+
+def plan_queries(warehouse: Warehouse, asset: str) -> tuple[dict, str]:
+    """(role -> queries, plan id) of `asset`'s newest generation plan: every run that worked on the
+    plan (one resumed after a crash: the run that made it and the one that finished it), counted
+    with the batches they committed; a run with nothing to generate records a plan of no batches."""
+    plan = BatchLedger(warehouse, asset).latest_plan()
+    if plan is None:
+        raise dg.Failure(f"{asset} has no generation plan in {warehouse.database}: materialize it first")
+    if plan.get("llm_queries") is None:
+        raise dg.Failure(
+            f"the generation plan of {asset}'s latest run ({plan['plan_id']}) records no llm_queries; "
+            "materialize it again with this version of the pipeline"
+        )
+    return json.loads(plan["llm_queries"]), plan["plan_id"]
 
 
 @dg.asset(
@@ -102,10 +137,10 @@ def stage_queries(context: dg.AssetExecutionContext, warehouse: Warehouse, asset
     ),
 )
 def llm_query_ledger(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
-    counts = {asset: stage_queries(context, warehouse, asset) for asset in LEDGER_STAGES}
+    counts = {asset: stage_queries(warehouse, asset) for asset in LEDGER_STAGES}
     rows = ledger_rows(counts)
     df = pl.DataFrame(rows).with_columns(pl.lit(context.run_id).alias("run_id"))
-    warehouse.write_table("llm_query_ledger", df)
+    warehouse.write_table(LEDGER, df)
     totals = branch_totals(rows)
     total = {b: sum(t.values()) for b, t in totals.items()}
     expert = totals["teams_rl"]["expert"]
@@ -123,8 +158,8 @@ def llm_query_ledger(context: dg.AssetExecutionContext, warehouse: Warehouse) ->
     by_branch = pl.DataFrame([{"branch": b, **t, "total": total[b]} for b, t in totals.items()])
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["stage", "role", "queries"]),
+            **table_metadata(df, ["stage", "role", "queries"], table=LEDGER),
             **figures,
-            "data_queries_by_branch_and_role": metadata_table(by_branch),
+            "data_queries_by_branch_and_role": metadata_table(by_branch, table=f"{LEDGER}/by_branch"),
         }
     )

@@ -26,9 +26,47 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from refine_af_pipeline.training.splits import stable_split
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
+from .columns import declare
 from .metadata import metadata_table, peak_memory, progress_logger, table_metadata
 
 SPLIT_SALT = "reward-model"
+REWARD_MODEL = "reward_model"
+_NEGATIVE_KIND = (
+    "what the human output is preferred over: base_model (its answer), echo (the input or instruction), "
+    "other_task (another seed task's output), cut (the output's first half)"
+)
+COLUMNS = declare(
+    {
+        REWARD_MODEL: {
+            "instruction_id": "id of the seed task the pair comes from",
+            "negative_kind": _NEGATIVE_KIND,
+            "slice": "train (the reward model was fitted on it) or heldout (a stable hash of the seed task)",
+            "input": "the seed task's first input",
+            "preferred": "the preferred output (the human-written one)",
+            "rejected": "the output it is preferred over",
+            "preferred_reward": "learned reward of the preferred output",
+            "rejected_reward": "learned reward of the rejected output",
+            "correct": "the learned reward ranks the preferred output strictly higher",
+            "length_correct": "the length-only baseline ranks the preferred output strictly higher",
+            "self_rating_correct": "the base model's 1-10 self-rating ranks the preferred output strictly higher "
+            "(held-out pairs only)",
+            "audit_correct": "the audit judge ranks the preferred output strictly higher (held-out pairs only; "
+            "null: an empty output)",
+            "model_dir": "folder of the fitted reward model in the artifact store",
+            "reward_model_version": "the learned reward's method, embedder and fitting run",
+            "model_id": "base model that wrote the base_model negatives and the self-ratings",
+        },
+        f"{REWARD_MODEL}/accuracy_by_kind": {
+            "negative_kind": _NEGATIVE_KIND + "; all: every kind",
+            "heldout_pairs": "held-out preference pairs of the kind",
+            "learned_reward": "pairwise accuracy of the learned reward on those pairs (0-1)",
+            "length_baseline": "pairwise accuracy of the length-only baseline on those pairs (0-1)",
+            "self_rating": "pairwise accuracy of the base model's 1-10 self-rating on those pairs (0-1)",
+            "audit_judge": "pairwise accuracy of the audit judge on those pairs (0-1; a missing score counts as a "
+            "wrong order, a tie as one half)",
+        },
+    }
+)
 
 
 class RewardModelConfig(dg.Config, RewardModelSettings):
@@ -68,7 +106,7 @@ def reward_model(
     audit = InstructionPMIAudit(
         queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"), audit_model.scoring_batch_size
     )
-    batch_size = language_model.generation_batch_size(context.op_def.name)
+    batch_size = language_model.generation_batch_size(config.generation_batch_size)
     prompts = [render_prompt(base.tokenizer, instance_prompt(t["instruction"]), INSTANCE_PREFIX) for t in tasks]
     report = progress_logger(context, "reward_model", batch_size * config.max_new_tokens)
     started = time.monotonic()
@@ -143,9 +181,11 @@ def reward_model(
         pl.lit(str(model_dir)).alias("model_dir"),
         pl.lit(fitted.version).alias("reward_model_version"),
         pl.lit(base.provenance.served_model).alias("model_id"),
+        # This run's model queries, for the query ledger.
+        pl.lit(queries.as_json()).alias("llm_queries"),
         pl.lit(context.run_id).alias("run_id"),
     )
-    warehouse.write_table("reward_model", df)
+    warehouse.write_table(REWARD_MODEL, df)
     accuracy = _accuracy_by_kind(
         df.filter(pl.col("slice") == "heldout"),
         preferred[tested],
@@ -163,7 +203,9 @@ def reward_model(
     )
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["negative_kind", "slice", "preferred_reward", "rejected_reward", "correct"]),
+            **table_metadata(
+                df, ["negative_kind", "slice", "preferred_reward", "rejected_reward", "correct"], table=REWARD_MODEL
+            ),
             "model_dir": dg.MetadataValue.path(str(model_dir)),
             "train_pairs": len(train),
             "heldout_pairs": len(tested),
@@ -173,7 +215,7 @@ def reward_model(
             "heldout_accuracy_audit_judge": overall["audit_judge"],
             "audit_judge": audit.version,
             "length_baseline_prefers": "longer" if sign > 0 else "shorter",
-            "accuracy_by_kind": metadata_table(accuracy),
+            "accuracy_by_kind": metadata_table(accuracy, table=f"{REWARD_MODEL}/accuracy_by_kind"),
             "base_outputs_usable": len(base_outputs),
             "llm_queries": queries.as_json(),
             **peak_memory(device),

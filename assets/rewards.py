@@ -11,14 +11,35 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
+from .columns import declare
 from .metadata import peak_memory, progress_logger, table_metadata
 from .shared import (
+    SCORED_INSTANCE_COLUMNS,
     STANDARDISATION,
     kept_instructions,
     learned_reward_dir,
     scored_instance_frame,
     standardisation_frame,
     subset,
+)
+
+REWARD_SCORES = "reward_scores"
+COLUMNS = declare(
+    {
+        REWARD_SCORES: dict(SCORED_INSTANCE_COLUMNS),
+        STANDARDISATION: {
+            **{
+                f"mean_{c}": f"mean raw {c} of the base model's instances that passed the instance gate"
+                for c in COMPONENTS
+            },
+            **{f"std_{c}": f"standard deviation of raw {c} over those instances (1 when constant)" for c in COMPONENTS},
+            **{f"weight_{c}": f"weight of the standardised {c} in the combined reward" for c in COMPONENTS},
+            "bias": "bias of the combined reward",
+            "weights_source": "where the weights come from: config, or calibration:<ratings file>",
+            "standardised_instances": "base-model instances the means and spreads were computed over",
+            "model_id": "the base model whose instances were standardised, by the name it was served as",
+        },
+    }
 )
 
 
@@ -34,7 +55,7 @@ class RewardScoresConfig(dg.Config, RewardScoresSettings):
     can_subset=False,
     specs=[
         dg.AssetSpec(
-            "reward_scores",
+            REWARD_SCORES,
             deps=["deduplicated_instructions", "reward_model"],
             kinds={"duckdb", "pytorch"},
             description=(
@@ -86,7 +107,7 @@ def reward_scores(
         learned_reward_dir=learned_reward_dir(warehouse, feedback_scorer),
     )
     params = config.sampling_params()
-    batch_size = language_model.generation_batch_size(context.op_def.name)
+    batch_size = language_model.generation_batch_size(config.generation_batch_size)
     rows = generate_scored_instances(
         model,
         scorer,
@@ -115,18 +136,18 @@ def reward_scores(
     versions = scorer.versions()
     df = scored_instance_frame(
         [{"instruction_id": i} for i in ids], rows, model.provenance, versions, params, context.run_id
-    )
+    ).with_columns(pl.lit(queries.as_json()).alias("llm_queries"))  # this run's model queries, for the query ledger
     passed = df.filter(pl.col("gate_reason").is_null())
     standardisation = standardisation_frame(
         stats, weights, bias, weights_source, passed.height, model.provenance.served_model, context.run_id
     )
     with warehouse.transaction() as conn:
-        insert_rows(conn, "reward_scores", df, mode="replace")
+        insert_rows(conn, REWARD_SCORES, df, mode="replace")
         insert_rows(conn, STANDARDISATION, standardisation, mode="replace")
     yield dg.MaterializeResult(
-        asset_key="reward_scores",
+        asset_key=REWARD_SCORES,
         metadata={
-            **table_metadata(df, ["instruction", "output", "reward", *COMPONENTS]),
+            **table_metadata(df, ["instruction", "output", "reward", *COMPONENTS], table=REWARD_SCORES),
             "mean_reward": float(df["reward"].mean()),
             "gate_pass_rate": passed.height / max(df.height, 1),
             "scorers": dg.MetadataValue.json(versions),
@@ -137,7 +158,7 @@ def reward_scores(
     yield dg.MaterializeResult(
         asset_key=STANDARDISATION,
         metadata={
-            **table_metadata(standardisation),
+            **table_metadata(standardisation, table=STANDARDISATION),
             **{f"mean_{c}": float(stats.mean[c]) for c in COMPONENTS},
             **{f"std_{c}": float(stats.std[c]) for c in COMPONENTS},
             "weights": dg.MetadataValue.json({**weights, "bias": bias}),

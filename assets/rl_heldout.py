@@ -19,6 +19,7 @@ from refine_af_pipeline.feedback.scores import COMPONENTS
 from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
+from .columns import declare
 from .metadata import metadata_table, peak_memory, table_metadata
 from .shared import (
     adapter_folder,
@@ -30,6 +31,35 @@ from .shared import (
     split_held_out,
 )
 
+HELDOUT = "rl_heldout_comparison"
+COLUMNS = declare(
+    {
+        HELDOUT: {
+            "samples": "instances each model wrote for the held-out instruction",
+            "base_reward": "mean combined reward of the base model's instances for the instruction",
+            "policy_reward": "mean combined reward of the RL policy's instances for the instruction",
+            "reward_difference": "policy_reward - base_reward",
+            "outcome": "win, tie (within 1e-3) or loss of the policy on this instruction",
+            "base_gate_failures": "base model instances the instance gate rejected",
+            "policy_gate_failures": "policy instances the instance gate rejected",
+            "base_passed": "base model instances that passed the instance gate",
+            "policy_passed": "RL policy instances that passed the instance gate",
+            "base_passed_reward_sum": "sum of the combined reward over the base model's gate-passing instances",
+            "policy_passed_reward_sum": "sum of the combined reward over the RL policy's gate-passing instances",
+            "base_repeat_share": "mean repeated-3-gram share of the base model's instances (0-1)",
+            "policy_repeat_share": "mean repeated-3-gram share of the policy's instances (0-1)",
+            **{f"base_{c}": f"mean raw {c} of the base model's instances" for c in COMPONENTS},
+            **{f"policy_{c}": f"mean raw {c} of the policy's instances" for c in COMPONENTS},
+            "base_audit": "mean audit score of the base model's gate-passing instances for the instruction",
+            "policy_audit": "mean audit score of the RL policy's gate-passing instances for the instruction",
+            "audit_difference": "policy_audit - base_audit (null when a side has no gate-passing instance)",
+            "base_example": "the first instance the base model wrote",
+            "policy_example": "the first instance the policy wrote",
+            "model_id": "the base model (also the judge), by the name it was served as",
+            "policy_served_model": "the RL policy as it was served",
+        }
+    }
+)
 CHECK_NAME = "policy_beats_base_on_heldout"
 PASS_RULE = "lower bound of the bootstrap 95% CI of the mean paired reward difference (policy - base) > 0"
 _EMPTY_SCHEMA = {
@@ -87,7 +117,7 @@ def rl_heldout_comparison(
     if config.max_instructions > 0:
         heldout = heldout.head(config.max_instructions)
     if heldout.height == 0:
-        warehouse.write_table("rl_heldout_comparison", pl.DataFrame(schema=_EMPTY_SCHEMA))
+        warehouse.write_table(HELDOUT, pl.DataFrame(schema=_EMPTY_SCHEMA))
         reason = f"no held-out instructions (heldout_share {heldout_share}); grow the pool or raise it"
         context.log.warning(reason)
         return dg.MaterializeResult(
@@ -140,7 +170,7 @@ def rl_heldout_comparison(
         heldout["instruction"].to_list(),
         params,
         k,
-        language_model.generation_batch_size(context.op_def.name),
+        language_model.generation_batch_size(config.generation_batch_size),
         config.seed,
         progress,
         heldout["is_classification"].to_list(),
@@ -168,7 +198,7 @@ def rl_heldout_comparison(
         pl.lit(queries.as_json()).alias("llm_queries"),
         pl.lit(context.run_id).alias("run_id"),
     )
-    warehouse.write_table("rl_heldout_comparison", df)
+    warehouse.write_table(HELDOUT, df)
     passed = c.ci_low > 0 and c.n >= config.min_instructions
     audited = df.filter(pl.col("audit_difference").is_not_null())
     audit_figure = float(audited["audit_difference"].mean()) if audited.height else float("nan")
@@ -204,12 +234,12 @@ def rl_heldout_comparison(
         "pass_rule": PASS_RULE
         + (f"; and at least {config.min_instructions} instructions" if config.min_instructions else ""),
         "per_instruction": metadata_table(
-            df.select("instruction", "base_reward", "policy_reward", "reward_difference", "outcome")
+            df.select("instruction", "base_reward", "policy_reward", "reward_difference", "outcome"), table=HELDOUT
         ),
     }
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["instruction", "base_reward", "policy_reward", "outcome"]),
+            **table_metadata(df, ["instruction", "base_reward", "policy_reward", "outcome"], table=HELDOUT),
             **figures,
             "policy_adapter": dg.MetadataValue.path(adapter),
             "comparison_seconds": round(time.monotonic() - started, 1),

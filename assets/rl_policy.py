@@ -14,8 +14,34 @@ from refine_af_pipeline.training.rl import RLSettings, train_policy
 from refine_af_pipeline.training.rl_diagnostics import reward_hacking_warnings
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
+from .columns import declare
 from .metadata import peak_memory, png_markdown, table_metadata
 from .shared import base_component_stats, effective_heldout_share, kept_instructions, learned_reward_dir, split_held_out
+
+RL_POLICY = "rl_refined_policy"
+COLUMNS = declare(
+    {
+        RL_POLICY: {
+            "step": "optimizer step of the RL run (1-based)",
+            "reward": "mean combined reward of the step's completions",
+            "reward_std": "standard deviation of the combined reward over the step's completions",
+            "kl": "mean per-token KL divergence to the base model (TRL's estimate; NaN when beta is 0)",
+            "loss": "trainer loss of the step",
+            "completion_length": "mean completion length of the step (tokens)",
+            "clipped_share": "share of the step's completions cut at max_completion_length (0-1)",
+            "entropy": "mean per-token entropy of the policy on its completions (nats)",
+            "gate_failure_share": "share of the step's completions the instance gate rejected (0-1)",
+            "repeat_share": "mean share of repeated word 3-grams within a completion (0 = none, near 1 = a looped "
+            "phrase)",
+            **{
+                f"{c}_mean": f"mean raw {c} over the step's completions that passed the instance gate"
+                for c in COMPONENTS
+            },
+            "adapter_path": "directory of the trained LoRA adapter (the RL policy)",
+            "heldout_share": "share of kept instructions held out from RL (the share actually used, after min_heldout)",
+        }
+    }
+)
 
 
 class RLConfig(dg.Config, RLSettings):
@@ -98,13 +124,17 @@ def rl_refined_policy(
         # This run's model queries, for the query ledger.
         pl.lit(queries.as_json()).alias("llm_queries"),
     )
-    warehouse.write_table("rl_refined_policy", df)
+    warehouse.write_table(RL_POLICY, df)
     warnings = reward_hacking_warnings(result.log, config.max_completion_length)
     for line in warnings:
         context.log.warning(f"possible reward hacking: {line}")
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["step", "reward", "kl", "completion_length", "gate_failure_share", "repeat_share"]),
+            **table_metadata(
+                df,
+                ["step", "reward", "kl", "completion_length", "gate_failure_share", "repeat_share"],
+                table=RL_POLICY,
+            ),
             "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
             **training_curves(df, config.algorithm),
             **final_figures(df),

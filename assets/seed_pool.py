@@ -8,7 +8,23 @@ import polars as pl
 from refine_af_pipeline.instructions.seeds import SeedPoolSettings, load_seed_tasks
 from resources import Warehouse
 
+from .columns import declare
 from .metadata import table_metadata
+
+SEED_POOL = "seed_pool"
+COLUMNS = declare(
+    {
+        SEED_POOL: {
+            "id": "seed task id from the seed file",
+            "name": "seed task name from the seed file",
+            "instances": "the seed task's input/output instances, as a JSON list",
+            "first_input": "input of the seed task's first instance (empty when it takes none)",
+            "first_output": "output of the seed task's first instance",
+            "is_classification": "whether the task is classification (from the seed file)",
+            "source": "file the seed pool was read from (built-in or the configured seed_file)",
+        }
+    }
+)
 
 
 class SeedPoolConfig(dg.Config, SeedPoolSettings):
@@ -34,10 +50,10 @@ def seed_pool(context: dg.AssetExecutionContext, config: SeedPoolConfig, warehou
             "run_id": [context.run_id] * len(tasks),
         }
     )
-    warehouse.write_table("seed_pool", df)
+    warehouse.write_table(SEED_POOL, df)
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["id", "instruction", "is_classification"]),
+            **table_metadata(df, ["id", "instruction", "is_classification"], table=SEED_POOL),
             "classification_share": float(df["is_classification"].mean()),
             "source": tasks[0].source,
         }

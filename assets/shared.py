@@ -1,7 +1,6 @@
 """Reads shared by several stages, so each stage module stays a thin wrapper."""
 
 import json
-import os
 
 import dagster as dg
 import polars as pl
@@ -93,6 +92,15 @@ def base_component_stats(warehouse: Warehouse) -> ComponentStats:
         stats.weights = {c: row[f"weight_{c}"] for c in COMPONENTS}
         stats.bias = float(row["bias"])
     return stats
+
+
+# The columns of a scored instance's row that are its own (reward_scores and the instance stages;
+# the keys, components and provenance are assets/columns.py's shared ones).
+SCORED_INSTANCE_COLUMNS = {
+    "parse_status": "ok, or why the generation did not parse as an instance: missing_output, empty_output",
+    "reward": "combined reward of the instance: bias + sum of weight x standardised component "
+    "(reward_standardisation); the gate_reward, -3 by default, when the instance gate rejected it",
+}
 
 
 def scored_instance_frame(
@@ -212,22 +220,6 @@ def adapter_folders(warehouse: Warehouse, asset: str) -> dict[int, str]:
     )
     paths = artifact_folders(warehouse, asset, run_id, pairs["adapter_path"].to_list(), "adapters")
     return dict(zip(pairs["replicate"].to_list(), paths))
-
-
-def upstream_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:
-    """The metadata of `asset`'s latest materialization in this Dagster instance. Transitional:
-    state is read from the tables (latest_rows); this stays only for the stages that do not record
-    in their table yet what a reader needs (teams.py's instructor settings, the query counts of the
-    stages whose tables have no llm_queries column: query_ledger.recorded_in_table)."""
-    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
-    if event is None or event.asset_materialization is None:
-        raise dg.Failure(
-            f"{asset} has no materialization in this Dagster instance (DAGSTER_HOME="
-            f"{os.environ.get('DAGSTER_HOME', 'unset: a temporary instance')}): its artifacts are handed "
-            "over through its materialization, so materialize it under the same DAGSTER_HOME first"
-        )
-    metadata = {k: v.value for k, v in event.asset_materialization.metadata.items()}
-    return {**metadata, "run_id": event.run_id}
 
 
 def subset(df: pl.DataFrame, limit: int, seed: int) -> pl.DataFrame:

@@ -23,6 +23,7 @@ from refine_af_pipeline.teams.evolution import build_stepper, policy_chooser, ru
 from refine_af_pipeline.teams.evolved_instructions import evolved_frame, evolved_row, keep_decisions
 from refine_af_pipeline.teams.expert_answers import expert_answer_frame
 from refine_af_pipeline.teams.instructor import InstructorSettings, save_policy, train_instructor
+from refine_af_pipeline.teams.operations import OPERATION_NAMES
 from refine_af_pipeline.teams.seed_tasks import sample_seed_tasks, seed_tasks, split_seed_tasks
 from refine_af_pipeline.teams.settings import (
     EvolvedInstructionsSettings,
@@ -42,12 +43,137 @@ from refine_af_pipeline.training.splits import sample_rows
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
+from .columns import declare
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
 from .shared import artifact_folders, latest_rows, provenance_columns
 
 POLICY = POLICY_TABLE
 TRANSITIONS = TRANSITIONS_TABLE
+COMPARISON = "teams_policy_comparison"
+EVOLVED = "teams_evolved_instructions"
+EXPERT_PAIRS = "teams_instruction_pairs"
 COMPARISON_CHECK = "teams_policy_beats_uniform"
+
+_STATE = "the instructor's state, coarsely: start, or after <operation> (rejected when that rewrite was)"
+_OPERATION = f"the instruction operation applied at this step ({', '.join(OPERATION_NAMES)})"
+# The columns of a chain step, in the three tables of chain steps (refine_af_pipeline/teams/evolution.py).
+_CHAIN_STEP = {
+    "seed_id": "id of the seed task the chain started from",
+    "seed_instruction": "the seed task's instruction",
+    "step": "position of the operation in its chain (1-based)",
+    "state": _STATE,
+    "operation": _OPERATION,
+    "reward": "the reviewer's reward of the rewrite: P(differs), 0 where a rule fired",
+    "p_differs": "the reviewer model's P(Yes) that the rewrite adds something; null where a rule decided",
+    "rule": "the reviewer rule that zeroed the reward (empty_or_punctuation, refusal, identical, echo_of_request, "
+    "leaked_prompt_words, copied_example, near_identical); null when the model judged",
+    "rewrite_cached": "whether the rewrite came from the call cache (same model, prompt, sampling and seed)",
+    "review_cached": "whether the judgement came from the call cache",
+    "generation_tokens": "tokens the rewriter generated for the rewrite",
+    "hit_token_limit": "whether the rewrite stopped at max_new_tokens",
+    "model_id": "the rewriter (also the reviewer), by the name it was served as",
+    "reviewer_version": "the reviewer's method, model, question and rules hash",
+}
+_POLICY_FILE = "the instructor's weights (sb3-contrib TRPO zip) in the artifact store"
+COLUMNS = declare(
+    {
+        POLICY: {
+            "update": "TRPO update of the instructor (1-based)",
+            "episodes": "episodes in the update's rollout",
+            "transitions": "operations applied in the update's rollout",
+            "mean_reward": "mean reviewer reward over the update's operations",
+            "rule_zero_share": "share of the update's operations a reviewer rule zeroed (0-1)",
+            "entropy": "mean entropy of the instructor's action distribution over the states its rollout visited, "
+            "after the update (nats)",
+            "kl": "mean KL of the instructor's action distribution from before the update, over the states its "
+            "rollout visited",
+            **{f"share_{o}": f"share of the update's operations that were {o}" for o in OPERATION_NAMES},
+            **{
+                f"start_probability_{o}": f"the instructor's probability of {o} as the first operation, after the "
+                "update"
+                for o in OPERATION_NAMES
+            },
+            "policy_path": _POLICY_FILE,
+            "reviewer_version": _CHAIN_STEP["reviewer_version"],
+            "settings": "the instructor's settings as JSON, which the stages after it follow",
+        },
+        f"{POLICY}/last_update_choices_by_state": {
+            "state": _STATE,
+            **{o: f"times the policy chose {o} in the state during its last update" for o in OPERATION_NAMES},
+        },
+        TRANSITIONS: {
+            **_CHAIN_STEP,
+            "episode_env": "index of the episode slot in the batched environment",
+            "observation": "the full state vector the instructor read (teams/state.py)",
+            "before": "the instruction the operation was applied to",
+            "after": "the rewritten instruction (first line of the rewriter's reply, cleaned)",
+            "update": "TRPO update whose rollout made the transition (1-based)",
+        },
+        f"{TRANSITIONS}/mean_reward_by_operation": {
+            "operation": "instruction operation",
+            "mean_reward": "mean reviewer reward of the operation over the training transitions",
+            "n": "training transitions that applied the operation",
+        },
+        COMPARISON: {
+            **_CHAIN_STEP,
+            "arm": "how operations were chosen: policy (the learned instructor, sampled), uniform (random, "
+            "WizardLM's choice) or fixed:<operation> (the operation with the best training reward)",
+            "before": "the instruction the operation was applied to",
+            "after": "the rewritten instruction (first line of the rewriter's reply, cleaned)",
+            "policy_path": _POLICY_FILE,
+        },
+        f"{COMPARISON}/policy_operation_shares": {
+            "operation": "instruction operation",
+            "proportion": "share of the policy arm's steps that applied it (0-1)",
+        },
+        f"{COMPARISON}/headroom_by_state": {
+            "state": _STATE,
+            "state_transitions": "training transitions in the state",
+            "best_operation": "operation with the best mean reward in the state (at least 3 transitions)",
+            "best_mean_reward": "its mean reward",
+            **{
+                f"mean_reward_{o}": f"mean reward of {o} in the state (null: fewer than 3 transitions)"
+                for o in OPERATION_NAMES
+            },
+        },
+        f"{COMPARISON}/per_arm_mean_reward_by_step": {
+            "arm": "how operations were chosen (policy, uniform, fixed:<operation>)",
+            "step": "position of the operation in its chain (1-based)",
+            "reward": "mean reviewer reward of the arm's operations at that step, over the held-out seed tasks",
+        },
+        EVOLVED: {
+            **_CHAIN_STEP,
+            "generation_tokens": "tokens the expert generated for the rewrite",
+            "hit_token_limit": "whether the expert's rewrite stopped at max_new_tokens",
+            "model_id": "the expert model that wrote the rewrite, by the name it was served as",
+            "instruction_id": "id of the evolved instruction: teams-<seed id>-<step>",
+            "instruction": "the instruction this step wrote",
+            "previous_instruction": "the instruction the operation was applied to",
+            "max_rouge_l": "highest ROUGE-L F-measure against the seed tasks and the instructions kept before it "
+            "(0-1); null where an earlier filter decided",
+            "filter_reason": "why the instruction was dropped (a reviewer rule, no_information_gain, a Self-Instruct "
+            "filter, near_duplicate); null when kept",
+            "keep": "whether the instruction passed every filter and goes to the expert for an answer",
+            "policy_path": _POLICY_FILE,
+        },
+        EXPERT_PAIRS: {
+            "instance_id": "the evolved instruction's id (one answer per instruction)",
+            "instruction_id": "id of the evolved instruction: teams-<seed id>-<step>",
+            "input": "always empty: an evolved instruction carries its input inside",
+            "output": "the expert's answer",
+            "generation_tokens": "tokens the expert generated for the answer",
+            "hit_token_limit": "whether the answer stopped at max_new_tokens",
+            "parse_status": "always ok: the whole answer is the output",
+            "filter_reason": "why the pair was filtered out (a gate reason, conflicting_outputs_for_same_input); "
+            "null when kept",
+            "keep": "whether the pair passed the instance gate and the filters and enters SFT's draw",
+            "model_id": "the expert model, by the name it was served as",
+            "seed_id": "id of the seed task the instruction's chain started from",
+            "operation": "the operation whose rewrite the instruction is",
+            "step": "position of that operation in its chain (1-based)",
+        },
+    }
+)
 
 
 class InstructorConfig(dg.Config, InstructorSettings):
@@ -169,7 +295,7 @@ def teams_operation_policy(
             queries.wrap(base, "rewriter"),
             queries.wrap(base, "reviewer"),
             config,
-            language_model.generation_batch_size(context.op_def.name),
+            language_model.generation_batch_size(config.generation_batch_size),
             language_model.scoring_batch_size,
             cache,
         )
@@ -178,7 +304,7 @@ def teams_operation_policy(
         )
         result = train_instructor(env, config, on_update)
     policy_path = save_policy(result.model, artifact_store.run_dir(POLICY, context.run_id) / "instructor_trpo")
-    log = policy_log_frame(result.log, policy_path, reviewer.version, config, context.run_id)
+    log = policy_log_frame(result.log, policy_path, reviewer.version, config, context.run_id, queries.as_json())
     transitions = policy_transitions_frame(
         env.transitions,
         config.horizon,
@@ -199,8 +325,12 @@ def teams_operation_policy(
     yield dg.MaterializeResult(
         asset_key=TRANSITIONS,
         metadata={
-            **table_metadata(transitions, ["update", "step", "operation", "after", "reward", "rule"]),
-            "mean_reward_by_operation": metadata_table(by_op.sort("operation")),
+            **table_metadata(
+                transitions, ["update", "step", "operation", "after", "reward", "rule"], table=TRANSITIONS
+            ),
+            "mean_reward_by_operation": metadata_table(
+                by_op.sort("operation"), table=f"{TRANSITIONS}/mean_reward_by_operation"
+            ),
             "rule_zero_counts": json.dumps(dict(Counter(r for r in transitions["rule"].to_list() if r))),
             "cached_rewrite_share": float(transitions["rewrite_cached"].mean()),
         },
@@ -208,7 +338,7 @@ def teams_operation_policy(
     yield dg.MaterializeResult(
         asset_key=POLICY,
         metadata={
-            **table_metadata(log, ["update", "mean_reward", "entropy", "kl"]),
+            **table_metadata(log, ["update", "mean_reward", "entropy", "kl"], table=POLICY),
             "policy_path": dg.MetadataValue.path(str(policy_path)),
             "settings": settings_json(config),
             "reviewer_version": reviewer.version,
@@ -230,7 +360,9 @@ def teams_operation_policy(
                 ),
                 "action shares",
             ),
-            "last_update_choices_by_state": metadata_table(choices.sort("state")),
+            "last_update_choices_by_state": metadata_table(
+                choices.sort("state"), table=f"{POLICY}/last_update_choices_by_state"
+            ),
             **{f"final_share_{o}": float(final[f"share_{o}"]) for o in config.operations},
             "first_mean_reward": float(result.log[0]["mean_reward"]),
             "final_mean_reward": float(final["mean_reward"]),
@@ -296,7 +428,7 @@ def teams_policy_comparison(
             queries.wrap(base, "rewriter"),
             queries.wrap(base, "reviewer"),
             settings,
-            language_model.generation_batch_size(context.op_def.name),
+            language_model.generation_batch_size(config.generation_batch_size),
             language_model.scoring_batch_size,
             cache,
         )
@@ -315,9 +447,10 @@ def teams_policy_comparison(
         policy_path=trained.policy_file,
         **provenance_columns(base.provenance),
         reviewer_version=reviewer.version,
+        llm_queries=queries.as_json(),  # this run's model queries (a cache hit is none), for the query ledger
         run_id=context.run_id,
     )
-    warehouse.write_table("teams_policy_comparison", df)
+    warehouse.write_table(COMPARISON, df)
 
     outcome = compare_arms(df, best, transitions, settings.operations, config.bootstrap_resamples, config.seed)
     figures = {**outcome.figures(), "reviewer_version": reviewer.version, **outcome.headroom_figures()}
@@ -325,14 +458,17 @@ def teams_policy_comparison(
     passed = outcome.vs_uniform.mean_difference > 0 and len(held) >= config.min_seeds
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["arm", "seed_id", "step", "operation", "reward"]),
+            **table_metadata(df, ["arm", "seed_id", "step", "operation", "reward"], table=COMPARISON),
             **figures,
-            "policy_operation_shares": metadata_table(shares),
-            "headroom_by_state": metadata_table(pl.DataFrame(outcome.room.per_state))
+            "policy_operation_shares": metadata_table(shares, table=f"{COMPARISON}/policy_operation_shares"),
+            "headroom_by_state": metadata_table(
+                pl.DataFrame(outcome.room.per_state), table=f"{COMPARISON}/headroom_by_state"
+            )
             if outcome.room.per_state
             else "none",
             "per_arm_mean_reward_by_step": metadata_table(
-                df.group_by("arm", "step").agg(pl.col("reward").mean()).sort("arm", "step")
+                df.group_by("arm", "step").agg(pl.col("reward").mean()).sort("arm", "step"),
+                table=f"{COMPARISON}/per_arm_mean_reward_by_step",
             ),
             "llm_queries": queries.as_json(),
             "cache_hits": cache.hits,
@@ -381,7 +517,7 @@ def teams_evolved_instructions(
             expert,
             reviewer_model,
             settings,
-            expert_model.generation_batch_size(context.op_def.name),
+            expert_model.generation_batch_size(config.generation_batch_size),
             language_model.scoring_batch_size,
             cache,
         )
@@ -402,14 +538,15 @@ def teams_evolved_instructions(
         policy_path=trained.policy_file,
         **provenance_columns(expert.provenance),
         reviewer_version=reviewer.version,
+        llm_queries=queries.as_json(),  # this run's model queries (a cache hit is none), for the query ledger
         run_id=context.run_id,
     )
-    warehouse.write_table("teams_evolved_instructions", df)
+    warehouse.write_table(EVOLVED, df)
 
     shares = df["operation"].value_counts(normalize=True).sort("operation")
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["seed_id", "step", "operation", "instruction", "reward", "keep"]),
+            **table_metadata(df, ["seed_id", "step", "operation", "instruction", "reward", "keep"], table=EVOLVED),
             "seed_tasks": len(seeds),
             "evolved_instructions": df.height,
             "kept_instructions": int(df["keep"].sum()),
@@ -449,7 +586,7 @@ def teams_instruction_pairs(
     queries = QueryCounter()
     expert = queries.wrap(expert_model.open_models({"expert": None})["expert"], "expert")
     params = config.sampling_params()
-    batch_size = expert_model.generation_batch_size(context.op_def.name)
+    batch_size = expert_model.generation_batch_size(config.generation_batch_size)
     report = progress_logger(context, "teams_instruction_pairs", batch_size * params.max_new_tokens)
     started = time.monotonic()
     with expert.for_generation() as model:
@@ -466,13 +603,14 @@ def teams_instruction_pairs(
         feedback_scorer.gate(),
         **provenance_columns(expert.provenance),
         sampling_params=json.dumps(params.as_dict()),
+        llm_queries=queries.as_json(),  # this run's model queries, for the query ledger
         run_id=context.run_id,
     )
-    warehouse.write_table("teams_instruction_pairs", df)
+    warehouse.write_table(EXPERT_PAIRS, df)
 
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["instruction", "output", "keep"]),
+            **table_metadata(df, ["instruction", "output", "keep"], table=EXPERT_PAIRS),
             "kept_pairs": int(df["keep"].sum()),
             "filter_reasons": json.dumps(dict(Counter(r or "kept" for r in df["filter_reason"].to_list()))),
             "share_cut_at_token_limit": float(df["hit_token_limit"].mean()),

@@ -9,17 +9,40 @@ import polars as pl
 from refine_af_pipeline.evaluation.verdict import RULE, VerdictSettings, difference_table, verdict_markdown, verdict_row
 from resources import Warehouse
 
+from .columns import declare
+from .data_audit import AUDIT
+from .evaluation import EVALUATION
+from .finetune import SFT_DATA
 from .metadata import metadata_table, table_metadata
+from .query_ledger import LEDGER
+from .rl_heldout import HELDOUT
+from .teams import COMPARISON
 
 VERDICT = "rl_verdict"
-SOURCES = [
-    "rl_heldout_comparison",
-    "training_data_audit",
-    "evaluation",
-    "teams_policy_comparison",
-    "sft_training_pairs",
-    "llm_query_ledger",
-]
+SOURCES = [HELDOUT, AUDIT, EVALUATION, COMPARISON, SFT_DATA, LEDGER]
+COLUMNS = declare(
+    {
+        VERDICT: {
+            "question": "the question the row answers",
+            "candidate": "what the question asks about: the RL policy, an arm's data, the TeaMs-RL instructor",
+            "reference": "what it is compared with",
+            "metric": "what is compared (rouge_l, log_likelihood, audit, training reward, reviewer reward per step)",
+            "judge": "what produced the numbers compared",
+            "effect": "mean of candidate minus reference over the items and seeds",
+            "ci95_low": "lower end of the 95% bootstrap CI of the effect (seeds and items resampled together)",
+            "ci95_high": "upper end of the 95% bootstrap CI of the effect",
+            "n_items": "items compared (tasks, instructions or seed tasks)",
+            "n_seeds": "replicates (seeds) compared",
+            "margin": "smallest effect that matters for this metric",
+            "min_detectable_difference": "effect the comparison finds 80% of the time at 5% (2.8 standard errors)",
+            "answer": "yes / no / cannot tell, by the rule",
+            "note": "what else to know to read the row",
+            "per_seed_effects": "the effect within each seed (replicate) alone, in seed order, separated by ' / ' "
+            "(the pooled effect is their item-weighted mean)",
+            "answer_rule": "how the answer follows from the CI and the margin",
+        }
+    }
+)
 
 
 class VerdictConfig(dg.Config, VerdictSettings):
@@ -66,12 +89,12 @@ DESCRIPTION = (
     ],
 )
 def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehouse: Warehouse) -> dg.MaterializeResult:
-    heldout = _required(warehouse, "rl_heldout_comparison")
-    audited = _required(warehouse, "training_data_audit")
-    evaluation = _required(warehouse, "evaluation")
-    teams = _required(warehouse, "teams_policy_comparison")
-    drawn = _required(warehouse, "sft_training_pairs")
-    budgets = _budgets(_required(warehouse, "llm_query_ledger"))
+    heldout = _required(warehouse, HELDOUT)
+    audited = _required(warehouse, AUDIT)
+    evaluation = _required(warehouse, EVALUATION)
+    teams = _required(warehouse, COMPARISON)
+    drawn = _required(warehouse, SFT_DATA)
+    budgets = _budgets(_required(warehouse, LEDGER))
     boot = dict(resamples=config.bootstrap_resamples, seed=config.seed)
     scorers = heldout["scorers"][0] if "scorers" in heldout.columns else "unknown"
     audit_judge = audited["audit_judge"][0]
@@ -187,9 +210,9 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
     }
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["question", "metric", "effect", "answer"]),
+            **table_metadata(df, ["question", "metric", "effect", "answer"], table=VERDICT),
             **figures,
-            "table": metadata_table(df.drop("run_id", "answer_rule")),
+            "table": metadata_table(df.drop("run_id", "answer_rule"), table=VERDICT),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -25,7 +25,18 @@ DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.95
 
 
-class SamplingSettings(BaseModel):
+class GenerationBatchSettings(BaseModel):
+    """The generation batch of a stage that calls generate; the language model resource's
+    batch_size is the device-wide default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    generation_batch_size: NonNegativeInt = Field(
+        0, description="prompts per generate call in this stage (0 = the model resource's batch_size)"
+    )
+
+
+class SamplingSettings(GenerationBatchSettings):
     """How a generation stage samples; the instance stages, the reward scores and the held-out check
     share these defaults, so RL's reward, the check and the data see the policy sampled alike."""
 

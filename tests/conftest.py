@@ -38,3 +38,55 @@ def vllm_server(embedded_model_dir, tmp_path_factory):
     print(f"\nvllm server up in {server.start_seconds:.0f} s at {server.url}")
     yield server
     server.stop()
+
+
+# Test tiers. Every test declares exactly one tier marker (module `pytestmark`, or on the test where
+# a file mixes tiers); `make test-fast` runs `-m "unit or graph"`, `make test` every tier. Declared
+# rather than derived from fixtures: the marker is what `-m` selects and what a reader sees, and
+# fixtures do not tell everything (a test may start the embedded model or a server itself). This
+# hook then refuses to collect a test without a tier, with two, or with one that contradicts what
+# its fixtures or module use, so a test that starts needing the embedded model cannot slip into
+# test-fast unnoticed. A file mixing unit and graph tests is marked graph as a whole (both run in
+# test-fast); a file mixing them with slow, engines or live tests marks each test.
+TIERS = ("unit", "graph", "slow", "engines", "live")
+# The tiers a test may have when it uses the fixture (conftest fixtures, transitively).
+FIXTURE_TIERS = {
+    "tiny_model_dir": {"graph", "slow", "engines", "live"},
+    "embedded_model_dir": {"slow", "engines"},
+    "vllm_server": {"engines"},
+}
+
+
+def _allowed_tiers(item) -> tuple[set[str], list[str]]:
+    allowed, reasons = set(TIERS), []
+    for fixture, tiers in FIXTURE_TIERS.items():
+        if fixture in item.fixturenames:
+            allowed &= tiers
+            reasons.append(f"uses {fixture}")
+    module = getattr(item, "module", None)
+    if module is not None and any(getattr(v, "__module__", None) == "dagster_services" for v in vars(module).values()):
+        allowed &= {"live"}
+        reasons.append("its module starts Dagster services (dagster_services)")
+    if Path(__file__).parent / "engines" in Path(item.path).parents:
+        allowed &= {"engines"}
+        reasons.append("it lies in tests/engines")
+    return allowed, reasons
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything, so every collected test is checked
+def pytest_collection_modifyitems(config, items):
+    problems = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            problems.append(f"{item.nodeid}: {'tiers ' + ', '.join(tiers) if tiers else 'no tier'}")
+            continue
+        allowed, reasons = _allowed_tiers(item)
+        if tiers[0] not in allowed:
+            fit = f"mark it {' or '.join(sorted(allowed))}" if allowed else "no tier fits all of them"
+            problems.append(f"{item.nodeid}: marked {tiers[0]}, but {' and '.join(reasons)}: {fit}")
+    if problems:
+        raise pytest.UsageError(
+            f"every test needs exactly one tier marker ({', '.join(TIERS)}; pyproject.toml, tests/conftest.py):\n  "
+            + "\n  ".join(problems)
+        )

@@ -28,8 +28,7 @@ def smallest_run_config(**overrides) -> dict:
         "rl_heldout_comparison": {"samples_per_instruction": 2, "max_new_tokens": 32, "bootstrap_resamples": 2000},
         # Two replicates: every arm's SFT and evaluation run twice, and the verdict bootstraps over them.
         "instance_output_pairs": {"max_instructions": 12, "max_new_tokens": 32, "replicates": 2},
-        "sft_training_pairs": {"min_validation": 1},
-        "finetuned_model": {"epochs": 2.0, "batch_size": 4, "max_length": 128},
+        "sft_training_pairs": {"min_validation": 1, "sft": {"epochs": 2.0, "batch_size": 4, "max_length": 128}},
         "evaluation": {"instances_per_task": 1, "max_new_tokens": 8, "bootstrap_resamples": 2000},
         "teams_operation_policy": {"updates": 2, "episodes_per_update": 4, "horizon": 3, "max_new_tokens": 16},
         "teams_policy_comparison": {"max_seeds": 4, "bootstrap_resamples": 2000},
@@ -43,9 +42,6 @@ def smallest_run_config(**overrides) -> dict:
     for baseline, refine_af in (
         ("selfinstruct_instance_pairs", "instance_output_pairs"),
         ("bestofn_instance_pairs", "instance_output_pairs"),
-        ("selfinstruct_finetuned_model", "finetuned_model"),
-        ("bestofn_finetuned_model", "finetuned_model"),
-        ("teams_finetuned_model", "finetuned_model"),
     ):
         ops[baseline] = {**ops[refine_af], **overrides.get(baseline, {})}
     ops["bestofn_instance_pairs"].setdefault("candidates_per_instance", 2)
@@ -86,7 +82,6 @@ def materialize(
     selection=None,
     batch_size: int = 8,
     raise_on_error: bool = True,
-    stage_batch_sizes: dict | None = None,
     record_file: Path | None = None,
     model_settings: dict | None = None,
     gate_settings: dict | None = None,
@@ -108,7 +103,6 @@ def materialize(
         model=model,
         device="cpu",
         batch_size=batch_size,
-        stage_batch_sizes=stage_batch_sizes or {},
         **(model_settings or {}),
     )
     # TeaMs-RL's expert and the audit judge are the base model unless a test says otherwise.

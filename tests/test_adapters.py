@@ -6,6 +6,8 @@ import torch
 from refine_af_pipeline.llm.adapters import AdapterView, merged
 from resources import LanguageModelResource
 
+pytestmark = pytest.mark.graph
+
 
 @pytest.fixture()
 def shared(tiny_model_dir, tmp_path):

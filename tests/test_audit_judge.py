@@ -26,6 +26,7 @@ class _Scripted(ServedModel):
         return [[-1.0 if "Instruction:" in c else -2.0] * len(o.split()) for c, o in zip(contexts, continuations)]
 
 
+@pytest.mark.unit
 def test_audit_is_the_mean_per_token_gain_from_the_instruction_and_skips_empty_outputs():
     model = _Scripted()
     audit = InstructionPMIAudit(model)

@@ -6,11 +6,13 @@ import json
 import duckdb
 import polars as pl
 import pytest
-from pipeline_helpers import materialize
+from pipeline_helpers import copy_data_dir, materialize
 
 from refine_af_pipeline.evaluation.tasks import TaskFileError
 from refine_af_pipeline.instructions.seeds import SeedFileError
 from resources import Warehouse
+
+pytestmark = pytest.mark.graph
 
 GOOD_SEED = json.dumps(
     {"id": "s1", "instruction": "Name a colour of the sky", "instances": [{"input": "", "output": "Blue"}]}
@@ -27,7 +29,7 @@ def _snapshot(data_dir, table: str) -> pl.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def seeded_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     assert materialize(data_dir, "unused", {}, selection=["seed_pool"]).success
     # A previous evaluation result that a bad task folder must leave alone.
@@ -35,6 +37,12 @@ def data_dir(tmp_path_factory):
         "evaluation", pl.DataFrame({"task": ["task_x"], "model": ["base"], "rouge_l": [0.5], "run_id": ["earlier"]})
     )
     return data_dir
+
+
+@pytest.fixture
+def data_dir(seeded_dir, tmp_path):
+    """Each case materializes into a copy: one that wrote after all leaves the others' data alone."""
+    return copy_data_dir(seeded_dir, tmp_path / "data")
 
 
 SEED_CASES = {

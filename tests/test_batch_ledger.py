@@ -7,6 +7,8 @@ import pytest
 from resources import Warehouse
 from resources.batch_ledger import BatchLedger, LedgerError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def warehouse(tmp_path):
@@ -110,3 +112,50 @@ def test_an_unfinished_plan_is_resumed_or_abandoned_with_its_reason_said(warehou
     assert log.lines[-1] == "abandoned the unfinished plan of run run-a (1 of 2 batches committed): made with old"
     assert ledger.unfinished_plan() is None and warehouse.row_count("stage_batches") == 0
     assert ledger.take_unfinished("run-c", log, why) is None and len(log.lines) == 2  # nothing left to take
+
+
+def test_a_plans_queries_are_every_run_that_worked_on_it(warehouse):
+    ledger = BatchLedger(warehouse, "stage")
+    plan = ledger.start_plan("run-a", {}, [[0], [1], [2]], {"judge": 1})  # run a labelled before planning
+    assert ledger.latest_plan()["llm_queries"] == '{"judge": 1}'
+    ledger.commit_batch(plan, plan.batches[0], "out", _rows("run-a", 0), "run-a", queries={"generator": 4, "judge": 3})
+    # Run a dies making batch 1: its queries there are lost with the batch, which the next run makes again.
+    again = ledger.unfinished_plan()
+    assert again.queries_before == {"generator": 4, "judge": 3}
+    for batch in again.pending():
+        ledger.commit_batch(
+            again, batch, "out", _rows("run-a", batch.index), "run-b", queries={"generator": 4 * batch.index}
+        )
+    ledger.finish(again, "run-b", queries={"generator": 8, "judge": 2})
+    latest = ledger.latest_plan()
+    assert latest["plan_id"] == "run-a" and latest["status"] == "finished"
+    assert latest["llm_queries"] == '{"generator": 12, "judge": 5}'
+    # A run with nothing to generate: a plan of no batches, closed at once, with its (zero) queries.
+    ledger.record_empty_plan("run-c", {"target_pool_size": 5}, "skipped_at_target", {"generator": 0, "judge": 0})
+    latest = ledger.latest_plan()
+    assert (latest["plan_id"], latest["status"], latest["n_batches"]) == ("run-c", "skipped_at_target", 0)
+    assert latest["llm_queries"] == '{"generator": 0, "judge": 0}' and latest["finished_by_run_id"] == "run-c"
+    assert ledger.unfinished_plan() is None and BatchLedger(warehouse, "other").latest_plan() is None
+
+
+def test_a_plan_from_a_ledger_without_query_counts_is_resumed_and_counted(warehouse):
+    with duckdb.connect(warehouse.database) as conn:  # the ledger's tables as an earlier version made them
+        conn.execute(
+            "CREATE TABLE generation_plans (plan_id VARCHAR, asset VARCHAR, status VARCHAR, settings VARCHAR, "
+            "n_batches INTEGER, created_at TIMESTAMP, finished_at TIMESTAMP, finished_by_run_id VARCHAR)"
+        )
+        conn.execute(
+            "CREATE TABLE generation_plan_batches (plan_id VARCHAR, asset VARCHAR, batch_index INTEGER, "
+            "inputs VARCHAR, committed_at TIMESTAMP, committed_by_run_id VARCHAR, rows_written INTEGER)"
+        )
+        conn.execute("INSERT INTO generation_plans VALUES ('run-a', 'stage', 'open', '{}', 1, now(), NULL, NULL)")
+        conn.execute("INSERT INTO generation_plan_batches VALUES ('run-a', 'stage', 0, '[0]', NULL, NULL, NULL)")
+    ledger = BatchLedger(warehouse, "stage")
+    assert "llm_queries" not in ledger.latest_plan()
+    plan = ledger.unfinished_plan()
+    assert plan.queries_before == {}
+    ledger.commit_batch(plan, plan.batches[0], "out", _rows("run-a", 0), "run-b", queries={"generator": 2})
+    ledger.finish(plan, "run-b", queries={"generator": 2})
+    assert ledger.latest_plan()["llm_queries"] == '{"generator": 2}'
+    ledger.start_plan("run-c", {}, [[0]])  # and new plans go into the same table
+    assert ledger.latest_plan()["plan_id"] == "run-c" and ledger.latest_plan()["llm_queries"] is None

@@ -1,6 +1,10 @@
 """Best-of-N keeps the highest-reward candidate of each instance and records the others."""
 
+import pytest
+
 from refine_af_pipeline.instructions.instances import choose_best
+
+pytestmark = pytest.mark.unit
 
 
 def test_the_maximum_is_chosen_per_instance_and_every_candidate_stays():

@@ -12,6 +12,8 @@ from refine_af_pipeline.feedback.calibration import (
 )
 from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats, standardise
 
+pytestmark = pytest.mark.unit
+
 TRUE_WEIGHTS = {
     "preference": 1.2,
     "naturalness": 0.4,

@@ -2,12 +2,15 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from refine_af_pipeline.instructions.bootstrap import classify_instructions
 from refine_af_pipeline.llm.models import load_tokenizer, resolve_model_source
 from refine_af_pipeline.llm.prompts import is_classification_prompt
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
+
+pytestmark = pytest.mark.graph
 
 
 class _ScriptedModel(torch.nn.Module):

@@ -13,7 +13,9 @@ import dagster as dg
 import duckdb
 import polars as pl
 import pytest
-from pipeline_helpers import materialize, smallest_run_config
+from pipeline_helpers import copy_data_dir, materialize, smallest_run_config
+
+pytestmark = pytest.mark.slow  # minutes of tiny-model graph runs: out of make test-fast
 
 CHILD = Path(__file__).parent / "materialize_child.py"
 BATCH_SIZE = 2
@@ -158,6 +160,13 @@ def test_killed_raw_instructions_run_is_finished_without_regenerating(tiny_model
     decided = _query(db, "SELECT * FROM deduplicated_instructions ORDER BY instruction_id")
     assert decided["instruction_id"].to_list() == after["instruction_id"].to_list()
     assert decided.filter(pl.col("instruction_id").is_in(before["instruction_id"].to_list())).equals(decided_before)
+    # The plan's model queries are both runs': one generation per prompt, one label per kept instruction
+    # (the killed batch's, never committed, were made again by the resuming run and counted there).
+    [plan_queries] = _query(db, "SELECT llm_queries FROM generation_plans WHERE plan_id = ?", [plan_id])["llm_queries"]
+    kept = decided.filter(pl.col("decision") == "kept").height
+    assert json.loads(plan_queries) == {"generator": 8, "judge": kept}
+    assert json.loads(metadata["plan_llm_queries"]) == json.loads(plan_queries)
+    assert json.loads(metadata["llm_queries"])["generator"] == BATCH_SIZE * (planned - committed)  # this run's alone
 
 
 INSTANCE_CONFIG = {"max_instructions": 4, "instances_per_instruction": 2, "max_new_tokens": 24}
@@ -185,8 +194,10 @@ def upstream_of_instances(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("asset", ["instance_output_pairs", "selfinstruct_instance_pairs"])
-def test_killed_instance_generation_run_is_finished_without_regenerating(upstream_of_instances, tiny_model_dir, asset):
-    data_dir = upstream_of_instances
+def test_killed_instance_generation_run_is_finished_without_regenerating(
+    upstream_of_instances, tiny_model_dir, asset, tmp_path
+):
+    data_dir = copy_data_dir(upstream_of_instances, tmp_path / "data")  # killed and resumed: plans and tables change
     db = data_dir / "refine_af.duckdb"
     staging = f"{asset}_batches"
     committed, planned = kill_mid_generation(data_dir, str(tiny_model_dir), asset, {asset: INSTANCE_CONFIG})

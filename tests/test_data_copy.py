@@ -1,7 +1,9 @@
 """The data folder is the whole state: a copy of it (the DuckDB file and artifacts/) under a fresh,
 empty Dagster instance re-runs the stages that read upstream artifacts (the held-out comparison,
-an instance stage, the evaluation) from the copy alone, with the original folder moved away."""
+an instance stage, the evaluation) and the query ledger, which reads every stage's query counts,
+from the copy alone, with the original folder moved away."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import polars as pl
 import pytest
 from pipeline_helpers import instance_for, materialize, smallest_run_config
 
+from assets.query_ledger import LEDGER_STAGES
 from assets.shared import is_held_out
 from refine_af_pipeline.definitions import all_assets
 from refine_af_pipeline.evaluation.tasks import load_tasks
@@ -22,6 +25,7 @@ EVALUATION = ["evaluation", "evaluation_predictions", "evaluation_summary"]
 # Re-run on the copy: each reads an adapter (and the learned reward) that an upstream's table names.
 RERUN = [*EVALUATION, "rl_heldout_comparison", "instance_output_pairs"]
 TUNED = ["finetuned_model", "selfinstruct_finetuned_model", "bestofn_finetuned_model", "teams_finetuned_model"]
+LEDGER = "llm_query_ledger"
 
 
 def _upstream_of(targets: list[str]) -> list[str]:
@@ -55,11 +59,13 @@ def _copy_data(source: Path, target: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def copied(tiny_model_dir, tmp_path_factory):
-    """The upstream graph materialized into one folder, copied, the original moved away, and the
-    stages of RERUN materialized on the copy under a new, empty instance."""
+    """The upstream graph and the query ledger (so every stage it reads) materialized into one folder,
+    copied, the original moved away; on the copy under a new, empty instance the ledger, then the
+    stages of RERUN."""
     root = tmp_path_factory.mktemp("data-copy")
     original = root / "original"
-    selection = _upstream_of(RERUN)  # instance_output_pairs too: the fine-tuned models' upstream
+    # instance_output_pairs too: the fine-tuned models' upstream; RERUN's stages: the ledger's.
+    selection = [*_upstream_of([*RERUN, LEDGER]), LEDGER]
     # Fewer seed tasks for the learned reward than the other graph tests: it is the slowest step here.
     config = smallest_run_config(reward_model={"max_seed_tasks": 20})
     assert materialize(original, str(tiny_model_dir), config, selection=selection).success
@@ -68,13 +74,14 @@ def copied(tiny_model_dir, tmp_path_factory):
     moved = original.rename(root / "original-moved")  # whatever still reads the original fails
     with instance_for(copy) as instance:
         assert instance.get_latest_materialization_event(dg.AssetKey("finetuned_model")) is None
+    ledger = materialize(copy, str(tiny_model_dir), smallest_run_config(), selection=[LEDGER])
     config = smallest_run_config(instance_output_pairs={"max_instructions": 3, "replicates": 1})
     result = materialize(copy, str(tiny_model_dir), config, selection=RERUN)
-    return original, moved, copy, stored, result
+    return original, moved, copy, stored, result, ledger
 
 
 def test_the_copy_reruns_the_downstream_stages_from_its_own_artifacts(copied):
-    original, moved, copy, stored, result = copied
+    original, moved, copy, stored, result, _ = copied
     assert result.success
     assert not original.exists() and moved.exists()
     # The tables record the original folder's absolute paths; the copy found each below its own artifacts/.
@@ -106,7 +113,7 @@ def test_the_copy_reruns_the_downstream_stages_from_its_own_artifacts(copied):
 
 
 def test_a_missing_adapter_names_the_asset_the_run_and_the_path(copied, tiny_model_dir, tmp_path):
-    original, _, copy, _, _ = copied
+    original, _, copy, _, _, _ = copied
     bare = _copy_data(copy, tmp_path / "bare")
     logs = _table(bare, "SELECT DISTINCT run_id, replicate, adapter_path FROM selfinstruct_finetuned_model")
     run_id, _, path = logs.sort("replicate").row(0)
@@ -117,6 +124,39 @@ def test_a_missing_adapter_names_the_asset_the_run_and_the_path(copied, tiny_mod
     [failure] = [e for e in result.all_events if e.is_step_failure]
     message = failure.step_failure_data.error.message
     assert "selfinstruct_finetuned_model" in message and run_id in message and str(gone) in message
+
+
+def test_the_copy_rebuilds_the_query_ledger_from_its_tables_alone(copied):
+    _, moved, copy, _, _, ledger = copied
+    assert ledger.success
+    columns = ["stage", "branch", "purpose", "role", "queries", "source_run_id"]
+    before = _table(moved, f"SELECT * FROM {LEDGER}").select(columns).sort(columns)
+    after = _table(copy, f"SELECT * FROM {LEDGER}")
+    assert set(after["run_id"]) == {ledger.run_id}
+    # Under an instance that never saw a stage materialized: the same rows, from the tables and the plans.
+    assert after.select(columns).sort(columns).equals(before)
+    assert set(before["stage"]) == set(LEDGER_STAGES)
+    counts = {(r["stage"], r["role"]): r["queries"] for r in before.iter_rows(named=True)}
+    # raw_instructions' counts are its plan's: one query per prompt, one label per kept instruction.
+    [plan] = _table(copy, "SELECT * FROM generation_plans WHERE asset = 'raw_instructions'").to_dicts()
+    kept = _table(copy, "SELECT count(*) AS n FROM deduplicated_instructions WHERE decision = 'kept'")["n"][0]
+    prompts = smallest_run_config()["bootstrap_instructions"]["num_prompts"]
+    assert json.loads(plan["llm_queries"]) == {"generator": prompts, "judge": kept}
+    assert (counts["raw_instructions", "generator"], counts["raw_instructions", "judge"]) == (prompts, kept)
+    assert set(before.filter(pl.col("stage") == "raw_instructions")["source_run_id"]) == {plan["plan_id"]}
+
+
+def test_a_stage_without_query_counts_fails_the_ledger_naming_it(copied, tiny_model_dir, tmp_path):
+    _, _, copy, _, _, _ = copied
+    bare = _copy_data(copy, tmp_path / "bare")
+    with duckdb.connect(str(bare / "refine_af.duckdb")) as conn:  # as a version before the column wrote it
+        conn.execute("ALTER TABLE teams_instruction_pairs DROP COLUMN llm_queries")
+    [run_id] = _table(bare, "SELECT DISTINCT run_id FROM teams_instruction_pairs")["run_id"]
+    result = materialize(bare, str(tiny_model_dir), smallest_run_config(), selection=[LEDGER], raise_on_error=False)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert "teams_instruction_pairs" in message and run_id in message and "materialize it again" in message
 
 
 def test_latest_run_rows_and_artifact_paths_in_a_moved_folder(tmp_path):

@@ -9,6 +9,8 @@ from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
 from refine_af_pipeline.llm.retry import Backoff
 from resources import LanguageModelResource
 
+pytestmark = pytest.mark.graph
+
 INSTRUCTIONS = [
     "Plan a trip",
     "Explain rivers to a child who asks why water flows downhill every single day",

@@ -8,6 +8,8 @@ import pytest
 
 from refine_af_pipeline.definitions import defs
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).parent.parent
 
 # Shared stages, then the REFINE-AF branch (RL policy writes the instances) beside the Self-Instruct
@@ -151,11 +153,27 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     assert _parents(graph, "training_data_audit") == {"sft_training_pairs"}
 
 
-def test_every_step_named_by_stage_batch_sizes_is_a_step_of_the_job():
-    from resources.language_model import GENERATION_STEPS
-
+def test_every_generation_step_sets_its_own_batch_in_its_config():
+    # The steps that call generate; the language_model resource's batch_size is the default of each.
+    generating = {
+        "bootstrap_instructions",
+        "reward_model",
+        "reward_scores",
+        "rl_heldout_comparison",
+        "instance_output_pairs",
+        "selfinstruct_instance_pairs",
+        "bestofn_instance_pairs",
+        "teams_operation_policy",
+        "teams_policy_comparison",
+        "teams_evolved_instructions",
+        "teams_instruction_pairs",
+        "evaluation",
+    }
     job = defs.resolve_job_def("refine_af_job")
-    assert set(GENERATION_STEPS) <= {node.name for node in job.graph.node_defs}
+    defaults = dg.validate_run_config(job, {})["ops"]
+    with_field = {op for op, section in defaults.items() if "generation_batch_size" in (section.get("config") or {})}
+    assert with_field == generating
+    assert all(defaults[op]["config"]["generation_batch_size"] == 0 for op in generating)
 
 
 def test_model_assets_share_the_gpu_pool():
@@ -217,12 +235,15 @@ def test_the_profiles_are_run_configs_that_make_every_full_data_size_small(profi
     assert ops["instance_output_pairs"] == ops["selfinstruct_instance_pairs"]
     bestofn = dict(ops["bestofn_instance_pairs"]["config"])
     assert bestofn.pop("candidates_per_instance") > 1 and bestofn == ops["instance_output_pairs"]["config"]
-    assert (
-        ops["finetuned_model"]
-        == ops["selfinstruct_finetuned_model"]
-        == ops["bestofn_finetuned_model"]
-        == ops["teams_finetuned_model"]
-    )
+    # Every arm's SFT settings are one section, sft_training_pairs' `sft`: the fine-tuned models take none.
+    assert resolved["sft_training_pairs"]["config"]["sft"]["epochs"] > 0
+    for tuned in (
+        "finetuned_model",
+        "selfinstruct_finetuned_model",
+        "bestofn_finetuned_model",
+        "teams_finetuned_model",
+    ):
+        assert tuned not in ops and not resolved.get(tuned, {}).get("config"), tuned
 
 
 def test_make_run_passes_the_demo_profile_and_make_experiment_its_own():

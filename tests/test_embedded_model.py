@@ -38,6 +38,7 @@ def test_embedded_model_runs_the_whole_graph(tmp_path):
     assert evaluated == 5  # base, Self-Instruct-, REFINE-AF-, best-of-N- and TeaMs-RL-tuned
 
 
+@pytest.mark.unit
 def test_missing_hub_model_fails_fast_with_its_name():
     source = resolve_model_source("no-such-org/no-such-model-xyz")
     from refine_af_pipeline.llm.models import load_tokenizer
@@ -46,6 +47,7 @@ def test_missing_hub_model_fails_fast_with_its_name():
         load_tokenizer(source)
 
 
+@pytest.mark.unit
 def test_missing_local_dir_and_absent_cuda_are_clear(tmp_path):
     from refine_af_pipeline.llm.models import resolve_device
 

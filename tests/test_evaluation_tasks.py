@@ -17,6 +17,8 @@ from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDedupl
 from refine_af_pipeline.instructions.seeds import load_seed_tasks
 from refine_af_pipeline.llm.prompts import evaluation_prompt
 
+pytestmark = pytest.mark.graph
+
 # The seed pool's task types, and the built-in tasks of each (every task in exactly one type).
 TASK_TYPES = {
     "classification": ["e01", "e10", "e21", "e22", "e23", "e24", "e25", "e26", "e29", "e30", "e31", "e64"],

@@ -9,6 +9,8 @@ import pytest
 from refine_af_pipeline import exports
 from refine_af_pipeline.exports import EXPORT_FIELDS, export_rows, read_dataset_exports, write_dataset_exports
 
+pytestmark = pytest.mark.unit
+
 
 def _pairs(policy_adapter):
     """An instance-pairs table as the pipeline writes it (extra columns, a dropped row)."""

@@ -18,6 +18,8 @@ from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from resources import DatabaseLocked, LanguageModelResource
 from resources import language_model as language_model_module
 
+pytestmark = pytest.mark.graph
+
 BOOTSTRAP = ["raw_instructions", "deduplicated_instructions"]  # one step writes both
 
 
@@ -283,9 +285,7 @@ def test_every_stage_refuses_negative_sizes():
     import refine_af_pipeline.definitions  # noqa: F401  (imports every asset module)
 
     classes = _stage_config_classes()
-    assert {"BootstrapConfig", "InstancePairsConfig", "FinetuneConfig", "EvaluationConfig"} <= {
-        c.__name__ for c in classes
-    }
+    assert {"BootstrapConfig", "InstancePairsConfig", "SFTConfig", "EvaluationConfig"} <= {c.__name__ for c in classes}
     unconstrained, checked = [], 0
     for cls in classes:
         for name, field in cls.model_fields.items():

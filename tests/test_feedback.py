@@ -6,6 +6,8 @@ from refine_af_pipeline.feedback.gates import DEFAULT_GATE_REWARD
 from refine_af_pipeline.feedback.scores import ComponentStats, combine, flesch_score
 from refine_af_pipeline.instructions.instances import filter_reason
 
+pytestmark = pytest.mark.unit
+
 
 def test_standardisation_uses_base_mean_and_std():
     rows = [

@@ -17,6 +17,8 @@ from refine_af_pipeline.feedback.setup import EMBEDDED_MINILM, EMBEDDED_MINILM_I
 from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolve_model_source
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 
+pytestmark = pytest.mark.graph
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):

@@ -9,13 +9,15 @@ import dagster as dg
 import duckdb
 import numpy as np
 import pytest
-from pipeline_helpers import ops_for, smallest_run_config
+from pipeline_helpers import copy_data_dir, ops_for, smallest_run_config
 from tiny_judges import build_llama_reward_model
 
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
 from refine_af_pipeline.feedback.calibration import CalibrationFileError
 from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats, standardise
 from resources import LanguageModelResource, Warehouse
+
+pytestmark = pytest.mark.slow  # minutes of tiny-model graph runs: out of make test-fast
 
 UPSTREAM = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_model"]
 SCORES = ["reward_scores", "reward_standardisation"]  # one step writes both
@@ -87,6 +89,7 @@ def test_ratings_csv_calibrates_the_weights_for_every_later_reward(first_run, ti
     from assets.shared import base_component_stats
 
     data_dir, _, feedback, _ = first_run
+    data_dir = copy_data_dir(data_dir, tmp_path / "data")  # calibrated weights must not reach the other tests
     before = _scores(data_dir)
     passed = before.filter(before["gate_reason"].is_null())
     stats = ComponentStats.from_rows(passed.select(COMPONENTS).to_dicts())
@@ -131,6 +134,7 @@ def test_ratings_csv_calibrates_the_weights_for_every_later_reward(first_run, ti
 
 def test_bad_ratings_file_stops_the_run_before_anything_is_written(first_run, tiny_model_dir, tmp_path):
     data_dir, _, feedback, _ = first_run
+    data_dir = copy_data_dir(data_dir, tmp_path / "data")
     before = set(_scores(data_dir)["run_id"])
     path = tmp_path / "ratings.csv"
     path.write_text("instruction_id,rating\nabc,4\nxyz,excellent\n", encoding="utf-8")

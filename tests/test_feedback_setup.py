@@ -12,6 +12,8 @@ from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolv
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from resources import FeedbackScorerResource
 
+pytestmark = pytest.mark.graph
+
 
 class _Constant:
     def __init__(self, name: str, value: float):

@@ -2,6 +2,8 @@ import pytest
 
 from refine_af_pipeline.instructions.filters import rejection_reason
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     "instruction, reason",

@@ -10,6 +10,8 @@ from refine_af_pipeline.feedback.scores import COMPONENTS, DEFAULT_WEIGHTS, Feed
 from refine_af_pipeline.instructions.labels import is_one_of, named_labels
 from refine_af_pipeline.instructions.seeds import builtin_seed_path
 
+pytestmark = pytest.mark.unit
+
 
 def test_each_gate_on_hand_made_instances():
     gate = InstanceGate()

@@ -3,10 +3,12 @@ stages a stage's batch size sets the crash-resume batches while rows keep their 
 
 import json
 
+import dagster as dg
 import duckdb
 import pytest
 from pipeline_helpers import materialize, smallest_run_config
 
+from refine_af_pipeline.instructions.instances import InstancePairsSettings
 from refine_af_pipeline.llm.backend import SamplingParams, render_prompt
 from refine_af_pipeline.llm.generation import generate, length_sorted_batches
 from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
@@ -30,6 +32,7 @@ def tiny(tiny_model_dir):
     return model, tokenizer
 
 
+@pytest.mark.graph
 def test_length_sorted_batches_cover_every_index_once_longest_first(tiny):
     _, tokenizer = tiny
     texts = [i * (k % 3 + 1) for k, i in enumerate(INSTRUCTIONS)]
@@ -41,6 +44,7 @@ def test_length_sorted_batches_cover_every_index_once_longest_first(tiny):
     assert length_sorted_batches(tokenizer, texts[:2], 8) == [[0, 1]]  # one batch: order as given
 
 
+@pytest.mark.graph
 def test_any_batch_size_returns_the_outputs_in_prompt_order(tiny):
     model, tokenizer = tiny
     prompts = [render_prompt(tokenizer, instance_prompt(i), INSTANCE_PREFIX) for i in INSTRUCTIONS]
@@ -52,18 +56,20 @@ def test_any_batch_size_returns_the_outputs_in_prompt_order(tiny):
         assert batched == one_by_one, batch_size
 
 
+@pytest.mark.slow  # seven stages on the tiny model, about a minute
 def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(tiny_model_dir, tmp_path):
     config = smallest_run_config(
         bootstrap_instructions={"num_prompts": 8, "classification_prompts": 1},
         instance_output_pairs={"max_instructions": 5, "instances_per_instruction": 2, "replicates": 1},
     )
-    sizes = {"bootstrap_instructions": 3, "selfinstruct_instance_pairs": 4}
+    # Each stage's own config sets its batch; the others take the resource's batch_size (2).
+    config["bootstrap_instructions"]["generation_batch_size"] = 3
+    config["selfinstruct_instance_pairs"]["generation_batch_size"] = 4
     result = materialize(
         tmp_path,
         str(tiny_model_dir),
         config,
         batch_size=2,
-        stage_batch_sizes=sizes,
         selection=[
             "seed_pool",
             "raw_instructions",
@@ -100,18 +106,17 @@ def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(
     assert pairs["instruction"].to_list() == [i["instruction"] for i in planned_items]
 
 
+@pytest.mark.graph
 def test_bad_batch_settings_are_refused_with_the_setting_named(tmp_path):
     from refine_af_pipeline.training.rl import RLSettings, train_policy
 
-    with pytest.raises(ValueError, match=r"stage batch sizes must be positive: \{'evaluation': 0\}"):
-        LanguageModelResource(stage_batch_sizes={"evaluation": 0})
-    # A step name that generates nothing (a typo, or an asset of a step) would be ignored silently.
-    with pytest.raises(
-        ValueError,
-        match=r"stage_batch_sizes names \['raw_instructions'\], which generate nothing; "
-        r"the generation steps are bootstrap_instructions, reward_model, reward_scores",
-    ):
-        LanguageModelResource(stage_batch_sizes={"raw_instructions": 64})
+    with pytest.raises(ValueError, match="batch_size"):
+        LanguageModelResource(batch_size=0)
+    with pytest.raises(ValueError, match="generation_batch_size"):
+        InstancePairsSettings(generation_batch_size=-1)
+    # The old per-step map is gone, and refused rather than silently ignored.
+    with pytest.raises(dg.DagsterInvalidConfigError, match='unexpected config entry "stage_batch_sizes"'):
+        LanguageModelResource(stage_batch_sizes={"evaluation": 32})
     with pytest.raises(ValueError, match=r"train_batch_size \(5\) must divide prompts_per_step x group_size \(12\)"):
         train_policy(
             None,

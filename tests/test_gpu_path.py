@@ -18,9 +18,12 @@ import pytest
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
-)
+pytestmark = [
+    pytest.mark.graph,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
+    ),
+]
 
 
 def _report(name: str, value) -> None:

@@ -1,4 +1,8 @@
+import pytest
+
 from assets.shared import effective_heldout_share, is_held_out
+
+pytestmark = pytest.mark.unit
 
 IDS = [f"run12345-{k:05d}-00" for k in range(12)]
 

@@ -11,6 +11,8 @@ from tiny_judges import build_llama_reward_model, build_oasst_reward_model, buil
 from refine_af_pipeline.feedback.judges import RewardModelPreference, UniEvalBoolean, load_evaluator, load_reward_model
 from refine_af_pipeline.llm.models import ModelUnavailable, load_tokenizer, resolve_model_source
 
+pytestmark = pytest.mark.graph
+
 INSTRUCTIONS = ["Add the numbers.", "Name a colour.", "Write a short greeting for a friend."]
 INPUTS = ["2 and 3", "", ""]
 OUTPUTS = ["5", "Blue, the colour of a clear sky at noon.", "Hello!"]

@@ -12,6 +12,8 @@ from refine_af_pipeline.llm.generation import continuation_logprobs, next_token_
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from resources import LanguageModelResource
 
+pytestmark = pytest.mark.graph
+
 CONTEXTS = [
     "Definition: Name the colour.\n\nInput: the sky on a clear day\nOutput:",
     "Explain",

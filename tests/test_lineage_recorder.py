@@ -15,6 +15,8 @@ from warehouse_recorder import (
 from resources.batch_ledger import BatchLedger
 from resources.warehouse import Warehouse, insert_rows
 
+pytestmark = pytest.mark.unit
+
 
 def _keys(n: int = 3) -> pl.DataFrame:
     return pl.DataFrame({"k": list(range(n))})

@@ -6,6 +6,8 @@ import pytest
 
 from refine_af_pipeline.training.matched_data import MatchedDataSettings, draw_matched
 
+pytestmark = pytest.mark.unit
+
 
 def _pairs(instructions, per_instruction, prefix=""):
     return [

@@ -10,6 +10,8 @@ import pytest
 
 from refine_af_pipeline.llm.openai_backend import ServerError, ServerPool, ServerSettings
 
+pytestmark = pytest.mark.unit
+
 
 class Scripted:
     """An HTTP server answering POSTs with the next (status, body) of `script` (the last repeats);

@@ -20,6 +20,8 @@ from refine_af_pipeline.profiles import (
     with_bootstrap_seed,
 )
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -7,6 +7,8 @@ from refine_af_pipeline.evaluation.heldout import per_instruction_rows, summaris
 from refine_af_pipeline.evaluation.paired_comparison import mean_paired_difference, outcome, paired_bootstrap
 from refine_af_pipeline.feedback.scores import COMPONENTS
 
+pytestmark = pytest.mark.unit
+
 
 def test_ci_covers_the_true_mean_difference():
     rng = random.Random(0)

@@ -1,4 +1,8 @@
+import pytest
+
 from refine_af_pipeline.instructions.parsing import parse_instance, parse_numbered_continuation
+
+pytestmark = pytest.mark.unit
 
 
 def test_numbered_continuation_splits_items():

@@ -7,9 +7,10 @@ import dagster as dg
 import duckdb
 import polars as pl
 import pytest
-from pipeline_helpers import materialize, smallest_run_config
+from pipeline_helpers import copy_data_dir, materialize, smallest_run_config
 from warehouse_recorder import lineage_violations, load_records
 
+from assets.query_ledger import LEDGER_STAGES
 from assets.shared import is_held_out
 from refine_af_pipeline.definitions import all_assets, all_checks
 from refine_af_pipeline.evaluation.tasks import load_tasks
@@ -19,6 +20,8 @@ from refine_af_pipeline.feedback.scores import COMPONENTS, PASSING_MARGIN
 from refine_af_pipeline.instructions.rouge import RougeDeduplicator
 from refine_af_pipeline.instructions.seeds import SeedFileError
 from refine_af_pipeline.training.splits import in_share
+
+pytestmark = pytest.mark.slow  # minutes of tiny-model graph runs: out of make test-fast
 
 TABLES = [
     "seed_pool",
@@ -112,19 +115,30 @@ def test_every_table_a_step_touches_is_a_declared_edge(first_run):
 
 
 def test_every_column_has_a_description(first_run):
-    from assets.column_descriptions import COLUMN_DESCRIPTIONS
+    from assets.columns import column_description, declared
 
     data_dir, result = first_run
+    # Every stored table (the ledger's and the staging tables too) declares its columns, and each
+    # column is described by that table's declaration or the shared one (assets/columns.py).
+    with duckdb.connect(str(data_dir / "refine_af.duckdb"), read_only=True) as conn:
+        stored = conn.execute("SELECT table_name, column_name FROM information_schema.columns").fetchall()
+    assert {t for t, _ in stored} >= set(TABLES) | {"generation_plans", "generation_plan_batches"}
+    assert not {t for t, _ in stored} - set(declared())
+    assert not [(t, c) for t, c in stored if not column_description(t, c)]
+    # Every materialization's column schema is its own table's, each column described; so is every
+    # metadata table's.
     for materialization in result.get_asset_materialization_events():
+        asset = materialization.asset_key.to_user_string()
         metadata = materialization.materialization.metadata
         columns = metadata["dagster/column_schema"].value.columns
-        assert columns, materialization.asset_key
+        assert columns, asset
         undescribed = [c.name for c in columns if not c.description]
-        assert not undescribed, (materialization.asset_key, undescribed)
-    with duckdb.connect(str(data_dir / "refine_af.duckdb"), read_only=True) as conn:  # ledger tables too
-        stored = conn.execute("SELECT table_name, column_name FROM information_schema.columns").fetchall()
-    assert {t for t, _ in stored} >= set(TABLES) | {"generation_plans"}
-    assert not [(t, c) for t, c in stored if c not in COLUMN_DESCRIPTIONS]
+        assert not undescribed, (asset, undescribed)
+        assert [c.description for c in columns] == [column_description(asset, c.name) for c in columns], asset
+        for key, value in metadata.items():
+            if isinstance(value, dg.TableMetadataValue):
+                undescribed = [c.name for c in value.schema.columns if not c.description]
+                assert not undescribed, (asset, key, undescribed)
 
 
 def test_raw_instructions_carry_provenance(first_run, tiny_model_dir):
@@ -262,8 +276,8 @@ def test_heldout_check_reports_paired_difference_ci_and_win_share(first_run):
     assert (table["samples"] == 2).all()
 
 
-def test_second_run_grows_the_pool_without_near_duplicates(first_run, tiny_model_dir):
-    data_dir, _ = first_run
+def test_second_run_grows_the_pool_without_near_duplicates(first_run, tiny_model_dir, tmp_path):
+    data_dir = copy_data_dir(first_run[0], tmp_path / "data")  # this test and the next three write into it
     before = _table(data_dir, "SELECT count(*) AS n FROM raw_instructions")["n"][0]
     result = materialize(
         data_dir,
@@ -282,7 +296,7 @@ def test_second_run_grows_the_pool_without_near_duplicates(first_run, tiny_model
 
 
 def test_bad_seed_file_fails_with_its_name_and_keeps_the_table(first_run, tiny_model_dir, tmp_path):
-    data_dir, _ = first_run
+    data_dir = copy_data_dir(first_run[0], tmp_path / "data")
     bad = tmp_path / "bad_seeds.jsonl"
     bad.write_text('{"id": "a", "instruction": "Do the thing", "instances": [{"input": "", "output": "x"}]}\n{oops\n')
     with pytest.raises(SeedFileError, match=r"bad_seeds.jsonl:2: malformed JSON"):
@@ -295,8 +309,8 @@ def test_bad_seed_file_fails_with_its_name_and_keeps_the_table(first_run, tiny_m
     assert _table(data_dir, "SELECT count(*) AS n FROM seed_pool")["n"][0] == 175
 
 
-def test_reaching_the_target_pool_size_stops_generation(first_run, tiny_model_dir):
-    data_dir, _ = first_run
+def test_reaching_the_target_pool_size_stops_generation(first_run, tiny_model_dir, tmp_path):
+    data_dir = copy_data_dir(first_run[0], tmp_path / "data")
     before = _table(data_dir, "SELECT count(*) AS n FROM raw_instructions")["n"][0]
     result = materialize(
         data_dir,
@@ -308,10 +322,15 @@ def test_reaching_the_target_pool_size_stops_generation(first_run, tiny_model_di
     assert _table(data_dir, "SELECT count(*) AS n FROM raw_instructions")["n"][0] == before
     metadata = _metadata(result, "raw_instructions")
     assert metadata["dagster/row_count"].value == before and metadata["rows_this_run"].value == 0
+    # A run with nothing to do made no queries: the ledger says zeros for it, not the run before's counts.
+    assert materialize(data_dir, str(tiny_model_dir), {}, selection=["llm_query_ledger"]).success
+    rows = _table(data_dir, "SELECT * FROM llm_query_ledger WHERE stage = 'raw_instructions'")
+    assert dict(zip(rows["role"], rows["queries"])) == {"generator": 0, "judge": 0}
+    assert set(rows["source_run_id"]) == {result.run_id}
 
 
-def test_generation_stops_within_a_run_once_the_target_is_reached(first_run, tiny_model_dir):
-    data_dir, _ = first_run
+def test_generation_stops_within_a_run_once_the_target_is_reached(first_run, tiny_model_dir, tmp_path):
+    data_dir = copy_data_dir(first_run[0], tmp_path / "data")
     kept = _table(data_dir, "SELECT count(*) AS n FROM deduplicated_instructions WHERE decision = 'kept'")["n"][0]
     result = materialize(
         data_dir,
@@ -612,6 +631,15 @@ def test_query_ledger_counts_every_stages_queries_by_role(first_run):
     ops = smallest_run_config()["rl_refined_policy"]
     assert counts[("rl_refined_policy", "generator")] == rl_steps * ops["prompts_per_step"] * ops["group_size"]
     assert counts[("reward_scores", "generator")] == _table(data_dir, "SELECT count(*) AS n FROM reward_scores")["n"][0]
+    # Every stage's counts come from the data folder: its table's llm_queries column (the rows of its
+    # latest run), the bootstrap's from its generation plan (one query per prompt, one label per kept one).
+    for stage in set(LEDGER_STAGES) - {"raw_instructions"}:
+        [recorded] = _table(data_dir, f"SELECT DISTINCT llm_queries FROM {stage}")["llm_queries"]
+        assert {r: n for (s, r), n in counts.items() if s == stage} == json.loads(recorded), stage
+    kept = _table(data_dir, "SELECT count(*) AS n FROM deduplicated_instructions WHERE decision = 'kept'")["n"][0]
+    prompts = smallest_run_config()["bootstrap_instructions"]["num_prompts"]
+    assert (counts[("raw_instructions", "generator")], counts[("raw_instructions", "judge")]) == (prompts, kept)
+    assert set(ledger.filter(pl.col("stage") == "raw_instructions")["source_run_id"]) == {result.run_id}
     assert set(ledger["branch"]) >= {
         "self_instruct+refine_af+best_of_n",
         "refine_af",

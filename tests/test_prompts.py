@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from refine_af_pipeline.instructions.bootstrap import PoolItem, sample_prompt
 from refine_af_pipeline.llm.prompts import (
     bootstrap_continuation_prefix,
@@ -7,6 +9,8 @@ from refine_af_pipeline.llm.prompts import (
     evaluation_prompt,
     sft_prompt,
 )
+
+pytestmark = pytest.mark.unit
 
 SEEDS = [PoolItem(f"s{k}", f"Seed instruction number {k}", k % 5 == 0) for k in range(30)]
 MACHINE = [PoolItem(f"m{k}", f"Machine instruction {k}", k % 2 == 0) for k in range(5)]

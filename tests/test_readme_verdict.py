@@ -5,6 +5,8 @@ import pytest
 
 from refine_af_pipeline.evaluation.readme_verdict import END, START, main
 
+pytestmark = pytest.mark.unit
+
 
 def _database(path):
     with duckdb.connect(str(path)) as conn:

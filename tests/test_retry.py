@@ -6,6 +6,8 @@ from refine_af_pipeline.llm.backend import SamplingParams
 from refine_af_pipeline.llm.generation import generate
 from refine_af_pipeline.llm.retry import Backoff, RetriesExhausted, call_with_retry, is_transient
 
+pytestmark = pytest.mark.graph
+
 
 class Flaky:
     """Raises `error` on the first `failures` calls, then returns `value`."""

@@ -13,6 +13,8 @@ from refine_af_pipeline.feedback.reward_model import (
     preference_pairs,
 )
 
+pytestmark = pytest.mark.unit
+
 
 class _ToyEmbedder:
     """Each text is a unit vector fixed by its first word: "good ..." points along the request

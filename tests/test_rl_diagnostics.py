@@ -2,6 +2,8 @@ import pytest
 
 from refine_af_pipeline.training.rl_diagnostics import mean_repeat_share, repeated_ngram_share, reward_hacking_warnings
 
+pytestmark = pytest.mark.unit
+
 
 def test_repeated_ngram_share():
     assert repeated_ngram_share("Input: a list of fruits Output: apple, pear") == 0.0

@@ -2,12 +2,15 @@
 
 import math
 
+import pytest
 from learned_reward_fixture import write_learned_reward
 
 from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolve_model_source
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from refine_af_pipeline.training.rl import RLSettings, train_policy
 from resources import FeedbackScorerResource
+
+pytestmark = pytest.mark.graph
 
 
 def test_one_instruction_still_gives_a_training_step(tiny_model_dir, tmp_path):

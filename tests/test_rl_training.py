@@ -9,6 +9,8 @@ from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from refine_af_pipeline.training.rl import RLSettings, rl_prompt, train_policy
 
+pytestmark = pytest.mark.graph
+
 INSTRUCTIONS = [
     "Describe a quiet river garden",
     "List three useful habits for every student",

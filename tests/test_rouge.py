@@ -1,10 +1,13 @@
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 
 from refine_af_pipeline.instructions.rouge import RougeDeduplicator, rouge_l
+
+pytestmark = pytest.mark.unit
 
 _reference = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 _WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "Write", "list", "three", "of", "2", "x-y", "it's", "!"]

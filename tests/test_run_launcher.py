@@ -16,7 +16,7 @@ from dagster._core.launcher import WorkerStatus
 
 from refine_af_pipeline.run_launcher import ProcessCheckingRunLauncher, process_state
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+pytestmark = [pytest.mark.unit, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 
 
 @pytest.fixture

@@ -16,7 +16,10 @@ import pytest
 from dagster_graphql import DagsterGraphQLClient
 from dagster_services import BIN, DagsterServices
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher reads /proc")
+pytestmark = [
+    pytest.mark.live,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher reads /proc"),
+]
 
 HERE = Path(__file__).resolve().parent
 LOCATION = "sleepy"

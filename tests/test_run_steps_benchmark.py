@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 

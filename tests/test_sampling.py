@@ -9,6 +9,8 @@ from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 from refine_af_pipeline.llm.sampling import FIRST_K, nucleus_candidates, nucleus_logits_processor, sample_next_tokens
 
+pytestmark = pytest.mark.graph
+
 TEMPERATURE, TOP_P = 0.7, 0.95
 
 

@@ -4,6 +4,8 @@ import pytest
 
 from refine_af_pipeline.instructions.seeds import SeedFileError, load_seed_tasks
 
+pytestmark = pytest.mark.unit
+
 
 def test_builtin_pool_has_175_diverse_tasks():
     tasks = load_seed_tasks()

@@ -3,12 +3,14 @@
 import dagster as dg
 import pytest
 
-from assets.finetune import FinetuneConfig
+from assets.finetune import SFTConfig
 from assets.rl_policy import RLConfig
 from refine_af_pipeline.training.rl import RLSettings
 from refine_af_pipeline.training.sft import SFTSettings
 
-DERIVED = [(RLConfig, RLSettings), (FinetuneConfig, SFTSettings)]
+pytestmark = pytest.mark.unit
+
+DERIVED = [(RLConfig, RLSettings), (SFTConfig, SFTSettings)]
 
 
 def _asset_configs() -> list[type]:
@@ -76,7 +78,7 @@ def test_closed_choices_and_cross_field_rules_are_refused_when_the_settings_are_
     with pytest.raises(ValueError, match=r"train_batch_size \(5\) must divide prompts_per_step x group_size \(12\)"):
         RLConfig(prompts_per_step=3, train_batch_size=5)
     with pytest.raises(ValueError, match=r"train_batch_size \(3\) must divide batch_size \(4\)"):
-        FinetuneConfig(train_batch_size=3)
+        SFTConfig(train_batch_size=3)
     with pytest.raises(ValueError, match="extra"):
         RLSettings(max_step=3)  # a misspelt setting is not silently ignored
 

@@ -8,6 +8,8 @@ from refine_af_pipeline.training.matched_data import MatchedDataSettings, valida
 from refine_af_pipeline.training.sft import epoch_log, validation_never_improved
 from refine_af_pipeline.training.splits import hash_bucket
 
+pytestmark = pytest.mark.unit
+
 
 def validation_split(ids, share, minimum):
     return validation_ids(ids, MatchedDataSettings(validation_share=share, min_validation=minimum))

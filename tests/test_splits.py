@@ -5,6 +5,8 @@ import pytest
 
 from refine_af_pipeline.training.splits import BUCKETS, hash_bucket, in_share, sample_rows, stable_split
 
+pytestmark = pytest.mark.unit
+
 IDS = [f"run-{k:05d}" for k in range(400)]
 
 

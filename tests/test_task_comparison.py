@@ -4,6 +4,8 @@ import pytest
 
 from refine_af_pipeline.evaluation.task_comparison import compare_over_tasks, mean_per_model
 
+pytestmark = pytest.mark.unit
+
 
 def test_hand_made_table_counts_wins_ties_and_losses():
     refine = {"a": 0.50, "b": 0.40, "c": 0.30, "d": 0.20, "e": 0.90}

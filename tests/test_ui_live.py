@@ -12,6 +12,8 @@ from pipeline_helpers import smallest_run_config
 
 from refine_af_pipeline.definitions import defs
 
+pytestmark = pytest.mark.live
+
 LOCATION = "refine_af_pipeline"  # workspace.yaml's location_name
 WORKSPACE = """
 query {

@@ -7,6 +7,8 @@ import pytest
 
 from refine_af_pipeline.evaluation.verdict import answer, crossed_bootstrap, difference_table, verdict_row
 
+pytestmark = pytest.mark.unit
+
 
 def test_crossed_bootstrap_matches_a_hand_computation_on_a_two_by_two_table():
     """x[s][i] = 1 + 4s + 2i. A resample's mean is 1 + 4 mean(s drawn) + 2 mean(i drawn); each of the

@@ -8,6 +8,8 @@ import pytest
 
 from resources import DatabaseLocked, Warehouse
 
+pytestmark = pytest.mark.unit
+
 
 def test_write_replace_append_and_read(tmp_path):
     wh = Warehouse(database=str(tmp_path / "w.duckdb"))

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from ..instructions.rouge import rouge_l
 from ..llm.backend import ServedModel, mean_logprob
-from ..settings_types import NonNegativeInt, PositiveInt
+from ..settings_types import GenerationBatchSettings, NonNegativeInt, PositiveInt
 from ..text_files import decode_utf8
 
 
@@ -143,7 +143,7 @@ def reference_log_likelihood(
     return [best_mean_logprob(lists) for lists in per_prompt]
 
 
-class EvaluationSettings(BaseModel):
+class EvaluationSettings(GenerationBatchSettings):
     """Settings of `evaluation`: which tasks, how many instances, how the answers are read."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from ..llm.backend import SamplingParams
-from ..settings_types import PositiveFloat, PositiveInt, Probability, Share
+from ..settings_types import GenerationBatchSettings, PositiveFloat, PositiveInt, Probability, Share
 from .environment import BatchedEvolutionVecEnv
 from .operations import OPERATION_NAMES
 from .reviewer import NEAR_COPY_ROUGE_L
 
 
-class InstructorSettings(BaseModel):
+class InstructorSettings(GenerationBatchSettings):
     """Settings of `teams_operation_policy`. The comparison and the evolved instructions run with
     the operations, horizon, sampling and reviewer rules the policy was trained with."""
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from ..instructions.rouge import DEFAULT_THRESHOLD
-from ..settings_types import NonNegativeInt, PositiveInt, Probability, SamplingSettings, Share
+from ..settings_types import GenerationBatchSettings, NonNegativeInt, PositiveInt, Probability, SamplingSettings, Share
 
 
-class PolicyComparisonSettings(BaseModel):
+class PolicyComparisonSettings(GenerationBatchSettings):
     """Settings of `teams_policy_comparison`: the learned policy against uniform-random operations
     (WizardLM's choice) and the best single fixed operation, on held-out seed tasks."""
 
@@ -20,7 +20,7 @@ class PolicyComparisonSettings(BaseModel):
     seed: int = Field(0, description="seed of the held-out sample, the chains' action draws and the bootstrap")
 
 
-class EvolvedInstructionsSettings(BaseModel):
+class EvolvedInstructionsSettings(GenerationBatchSettings):
     """Settings of `teams_evolved_instructions`: the learned policy's chains on seed tasks."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -23,13 +23,22 @@ HANDED_OVER = ("policy_path", "reviewer_version", "settings")
 
 
 def policy_log_frame(
-    log: list[dict], policy_path: str | Path, reviewer_version: str, settings: InstructorSettings, run_id: str
+    log: list[dict],
+    policy_path: str | Path,
+    reviewer_version: str,
+    settings: InstructorSettings,
+    run_id: str,
+    llm_queries: str | None = None,
 ) -> pl.DataFrame:
-    """The table: the training log, one row per update, and what the stages after it read."""
+    """The table: the training log, one row per update, and what the stages after it read;
+    `llm_queries`, the run's model queries by role as JSON (QueryCounter.as_json), for the query
+    ledger (None: no such column)."""
+    queries = [] if llm_queries is None else [pl.lit(llm_queries).alias("llm_queries")]
     return pl.DataFrame(log).with_columns(
         pl.lit(str(policy_path)).alias("policy_path"),
         pl.lit(reviewer_version).alias("reviewer_version"),
         pl.lit(settings_json(settings)).alias("settings"),
+        *queries,
         pl.lit(run_id).alias("run_id"),
     )
 

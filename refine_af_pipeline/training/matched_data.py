@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..settings_types import NonNegativeInt, Share
-from .sft import VALIDATION_SALT
+from .sft import VALIDATION_SALT, SFTSettings
 from .splits import hash_bucket, stable_split
 
 DRAW_SALT = "sft-draw"
@@ -51,6 +51,13 @@ class MatchedDataSettings(BaseModel):
     )
     min_validation: NonNegativeInt = Field(
         4, description=("hold out at least this many instructions when a quarter of the pool allows")
+    )
+    sft: SFTSettings = Field(
+        default_factory=SFTSettings,
+        description=(
+            "the SFT settings of every arm's fine-tuned model, defined once and recorded with the draw, so the "
+            "arms cannot be trained differently by accident"
+        ),
     )
 
 
@@ -114,11 +121,7 @@ def draw_matched(
     held_shared = validation_ids(shared_ids, settings)
     slices: dict[str, dict[str, list[dict]]] = {}
     for arm, rows in arms.items():
-        held = (
-            held_shared
-            if arm in sharing
-            else validation_ids([r["instruction_id"] for r in rows], settings)
-        )
+        held = held_shared if arm in sharing else validation_ids([r["instruction_id"] for r in rows], settings)
         slices[arm] = {
             "validation": [r for r in rows if r["instruction_id"] in held],
             "train": [r for r in rows if r["instruction_id"] not in held],

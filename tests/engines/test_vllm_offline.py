@@ -19,6 +19,8 @@ from refine_af_pipeline.llm.models import load_causal_lm, load_tokenizer, resolv
 from refine_af_pipeline.llm.transformers_backend import TransformersModel  # noqa: E402
 from refine_af_pipeline.llm.vllm_backend import open_vllm_models  # noqa: E402
 
+pytestmark = pytest.mark.engines
+
 PROMPTS = ["Name a colour.", "What is 2 + 3?", "Write a haiku about rain.", "Give a synonym for happy."]
 CONTINUATIONS = [" Blue.", " 5", " Rain falls softly on the roof", " Joyful"]
 
