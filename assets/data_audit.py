@@ -9,6 +9,7 @@ from refine_af_pipeline.feedback.audit import InstructionPMIAudit
 from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import LanguageModelResource, Warehouse
 
+from . import groups
 from .columns import declare
 from .metadata import metadata_table, peak_memory, table_metadata
 
@@ -44,7 +45,9 @@ BOOTSTRAP_RESAMPLES = 10_000  # over replicates and instructions, fixed seed 0
 AUDIT_COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "best_of_n"), ("best_of_n", "self_instruct")]
 
 
-@dg.asset(name=AUDIT, group_name="finetune", kinds={"duckdb", "pytorch"}, deps=["sft_training_pairs"], pool="gpu")
+@dg.asset(
+    name=AUDIT, group_name=groups.EVALUATION, kinds={"duckdb", "pytorch"}, deps=["sft_training_pairs"], pool="gpu"
+)
 def training_data_audit(
     context: dg.AssetExecutionContext, warehouse: Warehouse, audit_model: LanguageModelResource
 ) -> dg.MaterializeResult:

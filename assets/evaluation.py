@@ -27,6 +27,7 @@ from refine_af_pipeline.plots import bar_panels_png
 from resources import LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
+from . import groups
 from .columns import declare
 from .finetune import BESTOFN_FINETUNED, FINETUNED, SELFINSTRUCT_FINETUNED, TEAMS_FINETUNED
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
@@ -132,7 +133,7 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
 
 @dg.multi_asset(
     name="evaluation",
-    group_name="evaluation",
+    group_name=groups.EVALUATION,
     pool="gpu",
     can_subset=False,
     specs=[

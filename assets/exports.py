@@ -6,6 +6,7 @@ import polars as pl
 from refine_af_pipeline.exports import FORMAT_FILES, ExportSettings, export_rows, write_dataset_exports
 from resources import ArtifactStore, Warehouse
 
+from . import groups
 from .columns import declare
 from .instance_pairs import INSTANCE_PAIRS, SELFINSTRUCT_PAIRS
 from .metadata import metadata_table, table_metadata
@@ -35,7 +36,7 @@ class ExportsConfig(dg.Config, ExportSettings):
     """Run config of `instruction_dataset_exports`: the fields of ExportSettings (refine_af_pipeline/exports.py)."""
 
 
-@dg.asset(group_name="exports", kinds={"duckdb", "parquet", "json"}, deps=list(EXPORTED_TABLES.values()))
+@dg.asset(group_name=groups.EXPORTS, kinds={"duckdb", "parquet", "json"}, deps=list(EXPORTED_TABLES.values()))
 def instruction_dataset_exports(
     context: dg.AssetExecutionContext, config: ExportsConfig, warehouse: Warehouse, artifact_store: ArtifactStore
 ) -> dg.MaterializeResult:

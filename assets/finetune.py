@@ -15,6 +15,7 @@ from refine_af_pipeline.training.matched_data import MatchedDataSettings, draw_m
 from refine_af_pipeline.training.sft import SFTSettings, finetune, validation_never_improved
 from resources import ArtifactStore, LanguageModelResource, Warehouse
 
+from . import groups
 from .columns import declare
 from .instance_pairs import BESTOFN_PAIRS, INSTANCE_PAIRS, SELFINSTRUCT_PAIRS
 from .metadata import metadata_table, peak_memory, png_markdown, table_metadata
@@ -86,7 +87,7 @@ class MatchedDataConfig(dg.Config, MatchedDataSettings):
 
 @dg.asset(
     name=SFT_DATA,
-    group_name="finetune",
+    group_name=groups.EVALUATION,
     kinds={"duckdb"},
     deps=[t for t, _ in ARM_PAIRS.values()],
     check_specs=[
@@ -211,7 +212,7 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
 
     @dg.asset(
         name=name,
-        group_name="finetune",
+        group_name=arm,  # the arm names are the branch groups (assets/groups.py)
         kinds={"duckdb", "pytorch"},
         deps=[SFT_DATA],
         pool="gpu",

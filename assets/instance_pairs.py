@@ -21,6 +21,7 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
 
+from . import groups
 from .columns import declare
 from .metadata import peak_memory, progress_logger, table_metadata
 from .shared import (
@@ -144,7 +145,11 @@ COLUMNS = declare(
 
 
 def build_instance_pairs_asset(
-    name: str, use_rl_policy: bool, description: str, config_class: type[dg.Config] = InstancePairsConfig
+    name: str,
+    group: str,
+    use_rl_policy: bool,
+    description: str,
+    config_class: type[dg.Config] = InstancePairsConfig,
 ) -> dg.AssetsDefinition:
     """The asset `name`: the RL-refined policy's instances (`use_rl_policy`) or the base model's;
     with BestOfNConfig, the best of several candidates per instance by the training reward."""
@@ -152,9 +157,7 @@ def build_instance_pairs_asset(
         ["rl_refined_policy"] if use_rl_policy else []
     )
 
-    @dg.asset(
-        name=name, group_name="instances", kinds={"duckdb", "pytorch"}, deps=deps, pool="gpu", description=description
-    )
+    @dg.asset(name=name, group_name=group, kinds={"duckdb", "pytorch"}, deps=deps, pool="gpu", description=description)
     def _instance_pairs(
         context: dg.AssetExecutionContext,
         config: config_class,
@@ -267,6 +270,7 @@ def build_instance_pairs_asset(
 
 instance_output_pairs = build_instance_pairs_asset(
     INSTANCE_PAIRS,
+    groups.REFINE_AF,
     use_rl_policy=True,
     description="REFINE-AF: the RL-refined policy writes input/output instances for the kept instructions; each "
     "is parsed, scored by the same automated feedback, and filtered (the instance gate: unparseable, empty, "
@@ -276,6 +280,7 @@ instance_output_pairs = build_instance_pairs_asset(
 
 selfinstruct_instance_pairs = build_instance_pairs_asset(
     SELFINSTRUCT_PAIRS,
+    groups.SELF_INSTRUCT,
     use_rl_policy=False,
     description="The Self-Instruct baseline (no RL): the base model writes the instances for the same kept "
     "instructions, with the same prompts, sampling, scoring and filters as instance_output_pairs; "
@@ -284,6 +289,7 @@ selfinstruct_instance_pairs = build_instance_pairs_asset(
 
 bestofn_instance_pairs = build_instance_pairs_asset(
     BESTOFN_PAIRS,
+    groups.BEST_OF_N,
     use_rl_policy=False,
     config_class=BestOfNConfig,
     description="The best-of-N control (no RL): the base model writes `candidates_per_instance` candidates for each "

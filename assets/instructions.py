@@ -25,6 +25,7 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger
 
+from . import groups
 from .columns import declare
 from .metadata import peak_memory, progress_logger, stored_table_metadata, table_metadata
 
@@ -174,7 +175,7 @@ def _new_plan(
 
 @dg.multi_asset(
     name="bootstrap_instructions",
-    group_name="instructions",
+    group_name=groups.SHARED_POOL,
     pool="gpu",
     can_subset=False,
     specs=[

@@ -14,6 +14,7 @@ from refine_af_pipeline.llm.query_count import ROLES
 from resources import Warehouse
 from resources.batch_ledger import BatchLedger
 
+from . import groups
 from .columns import declare
 from .data_audit import AUDIT
 from .evaluation import EVALUATION
@@ -127,7 +128,7 @@ def plan_queries(warehouse: Warehouse, asset: str) -> tuple[dict, str]:
 
 
 @dg.asset(
-    group_name="evaluation",
+    group_name=groups.EVALUATION,
     kinds={"duckdb"},
     deps=list(LEDGER_STAGES),
     description=(

@@ -26,6 +26,7 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from refine_af_pipeline.training.splits import stable_split
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
+from . import groups
 from .columns import declare
 from .metadata import metadata_table, peak_memory, progress_logger, table_metadata
 
@@ -73,7 +74,7 @@ class RewardModelConfig(dg.Config, RewardModelSettings):
     """Run config of `reward_model`: the fields of RewardModelSettings (refine_af_pipeline/feedback/reward_model.py)."""
 
 
-@dg.asset(group_name="feedback", kinds={"duckdb", "pytorch"}, deps=["seed_pool"], pool="gpu")
+@dg.asset(group_name=groups.SHARED_POOL, kinds={"duckdb", "pytorch"}, deps=["seed_pool"], pool="gpu")
 def reward_model(
     context: dg.AssetExecutionContext,
     config: RewardModelConfig,

@@ -11,6 +11,7 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
+from . import groups
 from .columns import declare
 from .metadata import peak_memory, progress_logger, table_metadata
 from .shared import (
@@ -50,7 +51,7 @@ class RewardScoresConfig(dg.Config, RewardScoresSettings):
 
 @dg.multi_asset(
     name="reward_scores",
-    group_name="feedback",
+    group_name=groups.SHARED_POOL,
     pool="gpu",
     can_subset=False,
     specs=[

@@ -19,6 +19,7 @@ from refine_af_pipeline.feedback.scores import COMPONENTS
 from refine_af_pipeline.llm.query_count import QueryCounter
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
+from . import groups
 from .columns import declare
 from .metadata import metadata_table, peak_memory, table_metadata
 from .shared import (
@@ -80,7 +81,7 @@ class HeldoutComparisonConfig(dg.Config, HeldoutCheckSettings):
 
 
 @dg.asset(
-    group_name="rl",
+    group_name=groups.REFINE_AF,
     kinds={"duckdb", "pytorch"},
     pool="gpu",
     deps=["rl_refined_policy", "reward_standardisation", "deduplicated_instructions", "reward_model"],

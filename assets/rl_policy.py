@@ -14,6 +14,7 @@ from refine_af_pipeline.training.rl import RLSettings, train_policy
 from refine_af_pipeline.training.rl_diagnostics import reward_hacking_warnings
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
+from . import groups
 from .columns import declare
 from .metadata import peak_memory, png_markdown, table_metadata
 from .shared import base_component_stats, effective_heldout_share, kept_instructions, learned_reward_dir, split_held_out
@@ -49,7 +50,7 @@ class RLConfig(dg.Config, RLSettings):
 
 
 @dg.asset(
-    group_name="rl",
+    group_name=groups.REFINE_AF,
     kinds={"duckdb", "pytorch"},
     deps=["reward_standardisation", "deduplicated_instructions", "reward_model"],
     pool="gpu",

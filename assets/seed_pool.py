@@ -8,6 +8,7 @@ import polars as pl
 from refine_af_pipeline.instructions.seeds import SeedPoolSettings, load_seed_tasks
 from resources import Warehouse
 
+from . import groups
 from .columns import declare
 from .metadata import table_metadata
 
@@ -31,7 +32,7 @@ class SeedPoolConfig(dg.Config, SeedPoolSettings):
     """Run config of `seed_pool`: the fields of SeedPoolSettings (refine_af_pipeline/instructions/seeds.py)."""
 
 
-@dg.asset(group_name="instructions", kinds={"duckdb", "polars"})
+@dg.asset(group_name=groups.SHARED_POOL, kinds={"duckdb", "polars"})
 def seed_pool(context: dg.AssetExecutionContext, config: SeedPoolConfig, warehouse: Warehouse) -> dg.MaterializeResult:
     """The human-written seed tasks that bootstrap instruction generation. A user file replaces the
     built-in pool; it is validated whole before anything is written, so a bad file leaves the

@@ -43,6 +43,7 @@ from refine_af_pipeline.training.splits import sample_rows
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
+from . import groups
 from .columns import declare
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
 from .shared import artifact_folders, latest_rows, provenance_columns
@@ -234,7 +235,7 @@ def _open_expert_and_reviewer(
 
 @dg.multi_asset(
     name=POLICY,
-    group_name="teams",
+    group_name=groups.TEAMS_RL,
     pool="gpu",
     can_subset=False,
     specs=[
@@ -379,7 +380,7 @@ def teams_operation_policy(
 
 
 @dg.asset(
-    group_name="teams",
+    group_name=groups.TEAMS_RL,
     kinds={"duckdb", "pytorch"},
     deps=[POLICY, TRANSITIONS, "seed_pool"],
     pool="gpu",
@@ -490,7 +491,7 @@ def teams_policy_comparison(
     )
 
 
-@dg.asset(group_name="teams", kinds={"duckdb", "pytorch"}, deps=[POLICY, "seed_pool"], pool="gpu")
+@dg.asset(group_name=groups.TEAMS_RL, kinds={"duckdb", "pytorch"}, deps=[POLICY, "seed_pool"], pool="gpu")
 def teams_evolved_instructions(
     context: dg.AssetExecutionContext,
     config: EvolvedInstructionsConfig,
@@ -564,7 +565,7 @@ def teams_evolved_instructions(
     )
 
 
-@dg.asset(group_name="teams", kinds={"duckdb", "pytorch"}, deps=["teams_evolved_instructions"], pool="gpu")
+@dg.asset(group_name=groups.TEAMS_RL, kinds={"duckdb", "pytorch"}, deps=["teams_evolved_instructions"], pool="gpu")
 def teams_instruction_pairs(
     context: dg.AssetExecutionContext,
     config: ExpertAnswerConfig,

@@ -9,6 +9,7 @@ import polars as pl
 from refine_af_pipeline.evaluation.verdict import RULE, VerdictSettings, difference_table, verdict_markdown, verdict_row
 from resources import Warehouse
 
+from . import groups
 from .columns import declare
 from .data_audit import AUDIT
 from .evaluation import EVALUATION
@@ -76,7 +77,7 @@ DESCRIPTION = (
 
 @dg.asset(
     name=VERDICT,
-    group_name="evaluation",
+    group_name=groups.EVALUATION,
     kinds={"duckdb"},
     deps=SOURCES,
     description=DESCRIPTION,
