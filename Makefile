@@ -65,18 +65,16 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 run: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -c "from refine_af_pipeline.llm.embedded_model import ensure_embedded_model as e, ensure_embedded_gemma as g; print('embedded model:', e()); print('audit judge:', g())"
-	# Default multiprocess executor: one subprocess per step. In one process (in_process executor) the
-	# same run took 12 min instead of 9.5 (RL and generation steps slower, 9.3 GB peak), so not that.
+	# The demo profile (refine_af_pipeline/profiles.py); each step in its own process (the job's
+	# executor), so a step's memory is returned when it ends.
 	$(BIN)/dagster asset materialize -m refine_af_pipeline.definitions --select '*' -c configs/demo.yaml
 	@echo "DuckDB tables: $(REFINE_AF_DATA_DIR)/refine_af.duckdb"
 	@echo "Adapters:      $(REFINE_AF_DATA_DIR)/artifacts/{rl_refined_policy,finetuned_model}/<run id>/adapter"
 	@echo "Dagster runs:  $(DAGSTER_HOME)  (make ui to browse them)"
 
-# The demo sizes are configs/demo.yaml; the config defaults are the method's full-data settings.
 # The experiment profile (configs/experiment.yaml): the whole graph sized for a comparison with
-# statistical power and 3 replicates per arm (1:13:07 measured on 2 cores before the replicates and
-# the new arms; about 2:10 expected with them, not yet measured); its
-# own data folder and Dagster home, so the demo's pool, tables and run history stay apart.
+# statistical power and 3 replicates per arm, in its own data folder and Dagster home, so the
+# demo's pool, tables and run history stay apart. Its time and memory: docs/measurements.md.
 EXPERIMENT_DATA_DIR ?= $(CURDIR)/data/experiment
 EXPERIMENT_DAGSTER_HOME ?= $(EXPERIMENT_DATA_DIR)/dagster_home
 experiment: setup
