@@ -2,7 +2,7 @@
 
 `sft_training_pairs` draws the same number of training and validation pairs from every arm's kept
 pairs (refine_af_pipeline/training/matched_data.py); one factory builds each arm's fine-tuned model
-on its draw, with the same config class and defaults."""
+on its draw, with the SFT settings recorded with it (sft_training_pairs' `sft` section); none has a config."""
 
 import json
 import time
@@ -68,6 +68,13 @@ COLUMNS = declare(
         **{name: _EPOCH_LOG for name in (FINETUNED, SELFINSTRUCT_FINETUNED, BESTOFN_FINETUNED, TEAMS_FINETUNED)},
     }
 )
+# arm -> the UI group of its branch
+ARM_GROUPS = {
+    "refine_af": groups.REFINE_AF,
+    "self_instruct": groups.SELF_INSTRUCT,
+    "best_of_n": groups.BEST_OF_N,
+    "teams_rl": groups.TEAMS_RL,
+}
 _PAIR_COLUMNS = ("instance_id", "instruction_id", "instruction", "input", "output")
 CHECK_NAME = "every_arm_has_its_pairs"
 
@@ -212,7 +219,7 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
 
     @dg.asset(
         name=name,
-        group_name=arm,  # the arm names are the branch groups (assets/groups.py)
+        group_name=ARM_GROUPS[arm],
         kinds={"duckdb", "pytorch"},
         deps=[SFT_DATA],
         pool="gpu",

@@ -18,6 +18,7 @@ from refine_af_pipeline.instructions.instances import (
 )
 from refine_af_pipeline.llm.backend import SamplingParams
 from refine_af_pipeline.llm.query_count import QueryCounter
+from refine_af_pipeline.training.splits import sample_rows
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.batch_ledger import BatchLedger, GenerationPlan
 
@@ -31,7 +32,6 @@ from .shared import (
     kept_instructions,
     learned_reward_dir,
     scored_instance_frame,
-    subset,
 )
 
 INSTANCE_PAIRS = "instance_output_pairs"
@@ -83,7 +83,7 @@ def _plan(
     plan = ledger.take_unfinished(context.run_id, context.log, stale, clear_rows_of=_staging(name))
     if plan is not None:
         return plan
-    chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
+    chosen = sample_rows(kept_instructions(warehouse), config.max_instructions, config.seed)
     n, candidates = config.instances_per_instruction, getattr(config, "candidates_per_instance", 1)
     items = [
         dict(

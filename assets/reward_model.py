@@ -23,7 +23,7 @@ from refine_af_pipeline.instructions.parsing import parse_instance
 from refine_af_pipeline.llm.backend import render_prompt
 from refine_af_pipeline.llm.prompts import INSTANCE_PREFIX, instance_prompt
 from refine_af_pipeline.llm.query_count import QueryCounter
-from refine_af_pipeline.training.splits import stable_split
+from refine_af_pipeline.training.splits import sample_rows, stable_split
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from . import groups
@@ -95,8 +95,7 @@ def reward_model(
     seeds = warehouse.read_table("seed_pool")
     if seeds is None or seeds.height == 0:
         raise dg.Failure("seed_pool is empty: materialize seed_pool first")
-    if config.max_seed_tasks and seeds.height > config.max_seed_tasks:
-        seeds = seeds.sample(n=config.max_seed_tasks, seed=config.seed).sort("id")
+    seeds = sample_rows(seeds, config.max_seed_tasks, config.seed, order_by="id")
     tasks = [
         dict(instruction_id=r["id"], instruction=r["instruction"], input=r["first_input"], output=r["first_output"])
         for r in seeds.iter_rows(named=True)

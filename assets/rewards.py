@@ -8,6 +8,7 @@ from refine_af_pipeline.feedback.calibration import calibrate, read_ratings
 from refine_af_pipeline.feedback.scores import COMPONENTS
 from refine_af_pipeline.instructions.instances import RewardScoresSettings, generate_scored_instances, restandardise
 from refine_af_pipeline.llm.query_count import QueryCounter
+from refine_af_pipeline.training.splits import sample_rows
 from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
 
@@ -21,7 +22,6 @@ from .shared import (
     learned_reward_dir,
     scored_instance_frame,
     standardisation_frame,
-    subset,
 )
 
 REWARD_SCORES = "reward_scores"
@@ -97,7 +97,7 @@ def reward_scores(
         if feedback_scorer.calibration_csv
         else None
     )
-    chosen = subset(kept_instructions(warehouse), config.max_instructions, config.seed)
+    chosen = sample_rows(kept_instructions(warehouse), config.max_instructions, config.seed)
     queries = QueryCounter()
     model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
     device = language_model.resolved_device()

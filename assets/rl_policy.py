@@ -17,7 +17,7 @@ from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResour
 from . import groups
 from .columns import declare
 from .metadata import peak_memory, png_markdown, table_metadata
-from .shared import base_component_stats, effective_heldout_share, kept_instructions, learned_reward_dir, split_held_out
+from .shared import base_component_stats, kept_instructions, learned_reward_dir, rl_heldout_split
 
 RL_POLICY = "rl_refined_policy"
 COLUMNS = declare(
@@ -69,8 +69,9 @@ def rl_refined_policy(
     cut at the token limit, instance-gate failures, repeated 3-gram share) is this asset's table, and
     the metadata warns when length or repetition trends suggest reward hacking."""
     kept = kept_instructions(warehouse)
-    share = effective_heldout_share(kept["instruction_id"].to_list(), config.heldout_share, config.min_heldout)
-    train, _ = split_held_out(kept, share)
+    split = rl_heldout_split(kept["instruction_id"].to_list(), config.heldout_share, config.min_heldout)
+    share = split.share
+    train = kept.filter(~pl.col("instruction_id").is_in(list(split.held)))
     if train.height == 0:
         raise dg.Failure("every kept instruction is held out; lower heldout_share or grow the pool")
     stats = base_component_stats(warehouse)

@@ -7,7 +7,7 @@ import polars as pl
 
 from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats
 from refine_af_pipeline.llm.backend import Provenance, SamplingParams
-from refine_af_pipeline.training.splits import BUCKETS, hash_bucket, in_share
+from refine_af_pipeline.training.splits import Split, in_share, stable_split
 from resources import Warehouse
 
 
@@ -21,29 +21,21 @@ def kept_instructions(warehouse: Warehouse) -> pl.DataFrame:
     return df.filter(pl.col("decision") == "kept").select("instruction_id", "instruction", "is_classification")
 
 
-def is_held_out(instruction_id: str, share: float) -> bool:
-    """Stable split by id hash: the same instruction is held out in every run and every stage, and
-    a larger share holds out a superset of a smaller one's ids."""
-    return in_share(instruction_id, share)
+# RL never holds out more than half the pool: a small pool keeps instructions to train on.
+RL_MAX_HELDOUT_FRACTION = 0.5
 
 
-def effective_heldout_share(instruction_ids: list[str], share: float, min_heldout: int) -> float:
-    """`share`, unless on these ids it holds out fewer than min(min_heldout, half the pool) or more
-    than half the pool (a small pool: the hash share is only a share on average); then the
-    smallest share that holds out exactly that bound, so a small pool keeps instructions to train
-    on. The caller records it: re-checking with the recorded share after the pool has grown adds
-    only new instructions, never one the policy trained on."""
-    half = len(instruction_ids) // 2
-    held = sum(is_held_out(i, share) for i in instruction_ids)
-    target = min(max(held, min(min_heldout, half)), half)
-    if target == held:
-        return share
-    return (sorted(hash_bucket(i) for i in instruction_ids)[target - 1] + 1) / BUCKETS if target else 0.0
+def rl_heldout_split(instruction_ids: list[str], share: float, min_heldout: int) -> Split:
+    """RL's held-out instructions by the pipeline's one split (training/splits.py, unsalted): `share`
+    of the id hash, at least min(min_heldout, half the pool), at most half. The policy records the
+    split's share: re-deriving with it on a grown pool adds only new instructions, never one the
+    policy trained on."""
+    return stable_split(instruction_ids, share, minimum=min_heldout, max_fraction=RL_MAX_HELDOUT_FRACTION)
 
 
 def split_held_out(kept: pl.DataFrame, share: float) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(instructions RL trains on, held-out instructions) by the stable id hash."""
-    held = kept["instruction_id"].map_elements(lambda i: is_held_out(i, share), return_dtype=pl.Boolean)
+    held = kept["instruction_id"].map_elements(lambda i: in_share(i, share), return_dtype=pl.Boolean)
     return kept.filter(~held), kept.filter(held)
 
 
@@ -220,10 +212,3 @@ def adapter_folders(warehouse: Warehouse, asset: str) -> dict[int, str]:
     )
     paths = artifact_folders(warehouse, asset, run_id, pairs["adapter_path"].to_list(), "adapters")
     return dict(zip(pairs["replicate"].to_list(), paths))
-
-
-def subset(df: pl.DataFrame, limit: int, seed: int) -> pl.DataFrame:
-    """A reproducible sample of at most `limit` rows (0 = all)."""
-    if limit <= 0 or df.height <= limit:
-        return df
-    return df.sample(n=limit, seed=seed).sort("instruction_id")

@@ -14,9 +14,9 @@ import pytest
 from pipeline_helpers import instance_for, materialize, smallest_run_config
 
 from assets.query_ledger import LEDGER_STAGES
-from assets.shared import is_held_out
 from refine_af_pipeline.definitions import all_assets
 from refine_af_pipeline.evaluation.tasks import load_tasks
+from refine_af_pipeline.training.splits import in_share
 from resources import Warehouse
 
 pytestmark = pytest.mark.slow  # minutes of tiny-model graph runs: out of make test-fast
@@ -109,7 +109,7 @@ def test_the_copy_reruns_the_downstream_stages_from_its_own_artifacts(copied):
     # The held-out comparison used the share rl_refined_policy recorded in its table.
     [share] = _table(copy, "SELECT DISTINCT heldout_share FROM rl_refined_policy")["heldout_share"].to_list()
     kept = _table(copy, "SELECT instruction_id FROM deduplicated_instructions WHERE decision = 'kept'")
-    assert set(heldout["instruction_id"]) == {i for i in kept["instruction_id"] if is_held_out(i, share)}
+    assert set(heldout["instruction_id"]) == {i for i in kept["instruction_id"] if in_share(i, share)}
 
 
 def test_a_missing_adapter_names_the_asset_the_run_and_the_path(copied, tiny_model_dir, tmp_path):

@@ -11,7 +11,6 @@ from pipeline_helpers import copy_data_dir, materialize, smallest_run_config
 from warehouse_recorder import lineage_violations, load_records
 
 from assets.query_ledger import LEDGER_STAGES
-from assets.shared import is_held_out
 from refine_af_pipeline.definitions import all_assets, all_checks
 from refine_af_pipeline.evaluation.tasks import load_tasks
 from refine_af_pipeline.exports import read_dataset_exports
@@ -269,7 +268,7 @@ def test_heldout_check_reports_paired_difference_ci_and_win_share(first_run):
     )
     share = _table(data_dir, "SELECT DISTINCT heldout_share FROM rl_refined_policy")["heldout_share"].to_list()
     assert len(share) == 1
-    heldout = {i for i in kept["instruction_id"] if is_held_out(i, share[0])}
+    heldout = {i for i in kept["instruction_id"] if in_share(i, share[0])}
     assert set(table["instruction_id"]) == heldout and len(heldout) >= min(6, kept.height // 2)
     rl_metadata = result.asset_materializations_for_node("rl_refined_policy")[0].metadata
     assert rl_metadata["heldout_instructions"].value == len(heldout)

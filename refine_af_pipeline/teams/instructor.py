@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import ConfigDict, Field, field_validator
 
 from ..llm.backend import SamplingParams
-from ..settings_types import GenerationBatchSettings, PositiveFloat, PositiveInt, Probability, Share
+from ..settings_types import DEFAULT_TOP_P, GenerationBatchSettings, PositiveFloat, PositiveInt, Probability, Share
 from .environment import BatchedEvolutionVecEnv
 from .operations import OPERATION_NAMES
 from .reviewer import NEAR_COPY_ROUGE_L
@@ -48,7 +48,7 @@ class InstructorSettings(GenerationBatchSettings):
         ),
     )
     temperature: PositiveFloat = Field(0.8, description="rewrite sampling temperature (do_sample)")
-    top_p: Probability = Field(0.95, description="rewrite nucleus sampling (do_sample)")
+    top_p: Probability = Field(DEFAULT_TOP_P, description="rewrite nucleus sampling (do_sample)")
     near_copy_rouge_l: Probability = Field(
         NEAR_COPY_ROUGE_L,
         description=("reviewer rule: a rewrite at least this ROUGE-L-similar to the instruction it rewrote scores 0"),
