@@ -1,9 +1,10 @@
-// Opens the Dagster UI's global asset lineage in headless Chromium, expands every asset group
-// and saves a PNG. Called by docs/make_screenshot.sh: node asset_graph_screenshot.js URL OUT.
+// Opens the Dagster UI's global asset lineage in headless Chromium and saves it as PNGs: the groups
+// collapsed (GROUPS_OUT: the branches at a glance), then every group expanded (OUT).
+// Called by docs/make_screenshot.sh: node asset_graph_screenshot.js URL OUT [GROUPS_OUT].
 const { chromium } = require('playwright-core');
 
 (async () => {
-  const [url, out] = process.argv.slice(2);
+  const [url, out, groupsOut] = process.argv.slice(2);
   const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
                                           args: ['--no-sandbox', '--disable-gpu'] });
   try {
@@ -15,6 +16,10 @@ const { chromium } = require('playwright-core');
     // More room for the graph: hide the navigation and the asset tree beside the graph.
     await page.getByRole('button', { name: 'Hide navigation' }).click();
     await page.locator('input[placeholder="Jump to…"]').locator('xpath=following::button[1]').click();
+    if (groupsOut) {
+      await page.waitForTimeout(2000);  // the layout settles
+      await page.screenshot({ path: groupsOut });
+    }
     // Alt+E is the graph's "Expand all groups"; it needs the focus on the graph.
     await page.mouse.click(1100, 1100);
     await page.keyboard.press('Alt+KeyE');

@@ -7,10 +7,11 @@
 # folder if missing; it downloads no browser of its own), expands every group and saves the page.
 # Uses $DAGSTER_HOME when set (`make screenshot` sets .dagster_home: after `make run` the graph
 # shows that instance's materializations), otherwise a throw-away instance.
-#   bash docs/make_screenshot.sh [output.png]
+#   bash docs/make_screenshot.sh [expanded.png] [groups.png]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-docs/asset_graph.png}"
+GROUPS_OUT="${2:-docs/asset_groups.png}"
 VENV_BIN=.venv/bin
 
 if ! command -v chromium >/dev/null; then
@@ -48,5 +49,19 @@ curl -sf -H 'Content-Type: application/json' -d "$QUERY" "$URL/graphql" | grep -
   || { echo "code location did not load; webserver log:"; tail -50 "$LOG"; exit 1; }
 
 NODE_PATH="$NODE_DIR/node_modules" CHROMIUM="$(command -v chromium)" \
-  node docs/asset_graph_screenshot.js "$URL" "$OUT"
-echo "wrote $OUT"
+  node docs/asset_graph_screenshot.js "$URL" "$OUT" "$GROUPS_OUT"
+# The collapsed graph is small on the tall page: trim the empty margin around it.
+"$VENV_BIN/python" - "$GROUPS_OUT" <<'PY'
+import sys
+from PIL import Image, ImageChops
+
+path = sys.argv[1]
+image = Image.open(path).convert("RGB")
+background = Image.new("RGB", image.size, image.getpixel((image.width - 1, image.height - 1)))
+box = ImageChops.difference(image, background).getbbox()
+if box:
+    pad = 40
+    image.crop((max(box[0] - pad, 0), max(box[1] - pad, 0), min(box[2] + pad, image.width),
+                min(box[3] + pad, image.height))).save(path)
+PY
+echo "wrote $OUT and $GROUPS_OUT"
