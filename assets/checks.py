@@ -9,13 +9,15 @@ from refine_af_pipeline.instructions.instances import ParseRateSettings
 from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from resources import Warehouse
 
-from .instance_pairs import instance_output_pairs
+from .instance_pairs import INSTANCE_PAIRS, instance_output_pairs
+from .instructions import DEDUP
+from .seed_pool import SEED_POOL
 
 
-@dg.asset_check(asset="deduplicated_instructions", additional_deps=["seed_pool"], blocking=True)
+@dg.asset_check(asset=DEDUP, additional_deps=[SEED_POOL], blocking=True)
 def no_kept_pair_above_rouge_threshold(warehouse: Warehouse) -> dg.AssetCheckResult:
     """No two kept instructions (nor a kept one and a seed) have ROUGE-L above the threshold."""
-    seeds = warehouse.read_table("seed_pool")["instruction"].to_list()
+    seeds = warehouse.read_table(SEED_POOL)["instruction"].to_list()
     kept = _kept_instructions(warehouse)
     pool = RougeDeduplicator(seeds)
     worst, pair = 0.0, None
@@ -29,7 +31,7 @@ def no_kept_pair_above_rouge_threshold(warehouse: Warehouse) -> dg.AssetCheckRes
     )
 
 
-@dg.asset_check(asset="deduplicated_instructions", blocking=True)
+@dg.asset_check(asset=DEDUP, blocking=True)
 def no_blacklisted_keyword(warehouse: Warehouse) -> dg.AssetCheckResult:
     kept = _kept_instructions(warehouse)
     offenders = [i for i in kept if blacklisted_word(i)]
@@ -38,7 +40,7 @@ def no_blacklisted_keyword(warehouse: Warehouse) -> dg.AssetCheckResult:
 
 def _kept_instructions(warehouse: Warehouse) -> list[str]:
     # No table yet (a run that had nothing to decide writes none): nothing kept, nothing to flag.
-    df = warehouse.read_table("deduplicated_instructions")
+    df = warehouse.read_table(DEDUP)
     return [] if df is None else df.filter(pl.col("decision") == "kept")["instruction"].to_list()
 
 
@@ -50,7 +52,7 @@ class ParseRateConfig(dg.Config, ParseRateSettings):
 @dg.asset_check(asset=instance_output_pairs)
 def instance_parse_rate(config: ParseRateConfig, warehouse: Warehouse) -> dg.AssetCheckResult:
     """Share of generated instances that parse as Input/Output; a low rate means a prompt problem."""
-    df = warehouse.read_table("instance_output_pairs")
+    df = warehouse.read_table(INSTANCE_PAIRS)
     rate = float((df["parse_status"] == "ok").mean()) if df.height else 0.0
     return dg.AssetCheckResult(
         passed=rate >= config.min_parse_rate,

@@ -11,6 +11,7 @@ from resources import LanguageModelResource, Warehouse
 
 from . import groups
 from .columns import declare
+from .finetune import SFT_DATA
 from .metadata import metadata_table, peak_memory, table_metadata
 
 AUDIT = "training_data_audit"
@@ -45,9 +46,7 @@ BOOTSTRAP_RESAMPLES = 10_000  # over replicates and instructions, fixed seed 0
 AUDIT_COMPARISONS = [("refine_af", "self_instruct"), ("refine_af", "best_of_n"), ("best_of_n", "self_instruct")]
 
 
-@dg.asset(
-    name=AUDIT, group_name=groups.EVALUATION, kinds={"duckdb", "pytorch"}, deps=["sft_training_pairs"], pool="gpu"
-)
+@dg.asset(name=AUDIT, group_name=groups.EVALUATION, kinds={"duckdb", "pytorch"}, deps=[SFT_DATA], pool="gpu")
 def training_data_audit(
     context: dg.AssetExecutionContext, warehouse: Warehouse, audit_model: LanguageModelResource
 ) -> dg.MaterializeResult:
@@ -57,7 +56,7 @@ def training_data_audit(
     metadata compares the arms that share the instruction pool on the instructions both trained
     on, with a bootstrap CI over instructions: did RL's data get better by a judge it was not
     trained on?"""
-    drawn = warehouse.read_table("sft_training_pairs")
+    drawn = warehouse.read_table(SFT_DATA)
     if drawn is None or drawn.filter(pl.col("slice") == "train").height == 0:
         raise dg.Failure("sft_training_pairs has no training pairs: materialize it first")
     train = drawn.filter(pl.col("slice") == "train")

@@ -132,7 +132,7 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
 
 
 @dg.multi_asset(
-    name="evaluation",
+    name=EVALUATION,
     group_name=groups.EVALUATION,
     pool="gpu",
     can_subset=False,

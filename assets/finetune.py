@@ -259,7 +259,7 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
         return dg.MaterializeResult(
             metadata={
                 **table_metadata(df, ["replicate", "epoch", "steps", "train_loss", "validation_loss"], table=name),
-                # The first replicate's adapter, and every replicate's (the evaluation reads them all).
+                # For the UI: the first replicate's adapter and every replicate's (the evaluation reads the table).
                 "adapter_path": dg.MetadataValue.path(adapters[str(replicates[0])]),
                 "adapter_paths": dg.MetadataValue.json(adapters),
                 "replicates": len(replicates),

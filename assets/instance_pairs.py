@@ -24,9 +24,13 @@ from resources.batch_ledger import BatchLedger, GenerationPlan
 
 from . import groups
 from .columns import declare
+from .instructions import DEDUP
 from .metadata import peak_memory, progress_logger, table_metadata
+from .reward_model import REWARD_MODEL
+from .rl_policy import RL_POLICY
 from .shared import (
     SCORED_INSTANCE_COLUMNS,
+    STANDARDISATION,
     adapter_folder,
     base_component_stats,
     kept_instructions,
@@ -153,9 +157,7 @@ def build_instance_pairs_asset(
 ) -> dg.AssetsDefinition:
     """The asset `name`: the RL-refined policy's instances (`use_rl_policy`) or the base model's;
     with BestOfNConfig, the best of several candidates per instance by the training reward."""
-    deps = ["reward_standardisation", "deduplicated_instructions", "reward_model"] + (
-        ["rl_refined_policy"] if use_rl_policy else []
-    )
+    deps = [STANDARDISATION, DEDUP, REWARD_MODEL] + ([RL_POLICY] if use_rl_policy else [])
 
     @dg.asset(name=name, group_name=group, kinds={"duckdb", "pytorch"}, deps=deps, pool="gpu", description=description)
     def _instance_pairs(
@@ -167,7 +169,7 @@ def build_instance_pairs_asset(
     ) -> dg.MaterializeResult:
         ledger = BatchLedger(warehouse, name)
         # The RL policy's adapter, from rl_refined_policy's table (in this data folder).
-        adapter = adapter_folder(warehouse, "rl_refined_policy") if use_rl_policy else None
+        adapter = adapter_folder(warehouse, RL_POLICY) if use_rl_policy else None
         reward_dir = learned_reward_dir(warehouse, feedback_scorer)
         plan = _plan(
             context,

@@ -28,8 +28,10 @@ from resources.batch_ledger import BatchLedger
 from . import groups
 from .columns import declare
 from .metadata import peak_memory, progress_logger, stored_table_metadata, table_metadata
+from .seed_pool import SEED_POOL
 
 RAW, DEDUP = "raw_instructions", "deduplicated_instructions"
+BOOTSTRAP = "bootstrap_instructions"  # the multi-asset (one step) that writes both
 COLUMNS = declare(
     {
         RAW: {
@@ -174,14 +176,14 @@ def _new_plan(
 
 
 @dg.multi_asset(
-    name="bootstrap_instructions",
+    name=BOOTSTRAP,
     group_name=groups.SHARED_POOL,
     pool="gpu",
     can_subset=False,
     specs=[
         dg.AssetSpec(
             RAW,
-            deps=["seed_pool"],
+            deps=[SEED_POOL],
             kinds={"duckdb", "pytorch"},
             description=(
                 "Instructions the model generated from Self-Instruct prompts (8 numbered examples, up to 2 "
@@ -191,7 +193,7 @@ def _new_plan(
         ),
         dg.AssetSpec(
             DEDUP,
-            deps=["seed_pool", RAW],
+            deps=[SEED_POOL, RAW],
             kinds={"duckdb"},
             description=(
                 "The decision on every raw instruction: filtered (length, keyword blacklist, punctuation, "
@@ -221,7 +223,7 @@ def bootstrap_instructions(
             else ("resume_unfinished is off; its committed rows and their decisions stay")
         ),
     )
-    seeds_df = warehouse.read_table("seed_pool")
+    seeds_df = warehouse.read_table(SEED_POOL)
     seeds = [PoolItem(r["id"], r["instruction"], r["is_classification"]) for r in seeds_df.iter_rows(named=True)]
     # The run's model queries are its plan's (generation_plans.llm_queries, committed with each batch
     # and summed over the runs that worked on a resumed plan): the query ledger reads them there.

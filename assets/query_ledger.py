@@ -128,6 +128,7 @@ def plan_queries(warehouse: Warehouse, asset: str) -> tuple[dict, str]:
 
 
 @dg.asset(
+    name=LEDGER,
     group_name=groups.EVALUATION,
     kinds={"duckdb"},
     deps=list(LEDGER_STAGES),

@@ -29,6 +29,7 @@ from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResour
 from . import groups
 from .columns import declare
 from .metadata import metadata_table, peak_memory, progress_logger, table_metadata
+from .seed_pool import SEED_POOL
 
 SPLIT_SALT = "reward-model"
 REWARD_MODEL = "reward_model"
@@ -74,7 +75,7 @@ class RewardModelConfig(dg.Config, RewardModelSettings):
     """Run config of `reward_model`: the fields of RewardModelSettings (refine_af_pipeline/feedback/reward_model.py)."""
 
 
-@dg.asset(group_name=groups.SHARED_POOL, kinds={"duckdb", "pytorch"}, deps=["seed_pool"], pool="gpu")
+@dg.asset(group_name=groups.SHARED_POOL, kinds={"duckdb", "pytorch"}, deps=[SEED_POOL], pool="gpu")
 def reward_model(
     context: dg.AssetExecutionContext,
     config: RewardModelConfig,
@@ -92,7 +93,7 @@ def reward_model(
     preference component) and the audit judge (audit.py), so the metadata says which orders the
     pairs best: the audit judge is validated here on pairs whose answer is known. The fitted weights go
     to the artifact store (`model_dir`); the learned_reward component of every later reward loads them."""
-    seeds = warehouse.read_table("seed_pool")
+    seeds = warehouse.read_table(SEED_POOL)
     if seeds is None or seeds.height == 0:
         raise dg.Failure("seed_pool is empty: materialize seed_pool first")
     seeds = sample_rows(seeds, config.max_seed_tasks, config.seed, order_by="id")
@@ -108,7 +109,7 @@ def reward_model(
     )
     batch_size = language_model.generation_batch_size(config.generation_batch_size)
     prompts = [render_prompt(base.tokenizer, instance_prompt(t["instruction"]), INSTANCE_PREFIX) for t in tasks]
-    report = progress_logger(context, "reward_model", batch_size * config.max_new_tokens)
+    report = progress_logger(context, REWARD_MODEL, batch_size * config.max_new_tokens)
     started = time.monotonic()
     with base.for_generation() as model:
         gens = model.generate(
@@ -137,7 +138,7 @@ def reward_model(
         )
 
     weights = fit_bradley_terry(phi("preferred", train), phi("rejected", train), config.seed)
-    model_dir = artifact_store.run_dir("reward_model", context.run_id) / "model"
+    model_dir = artifact_store.run_dir(REWARD_MODEL, context.run_id) / "model"
     fitted = EmbeddingRewardModel(embedder, weights, embedding_id(feedback_scorer.embedding_model), context.run_id)
     fitted.save(model_dir)
     preferred, rejected = phi("preferred", pairs) @ weights, phi("rejected", pairs) @ weights

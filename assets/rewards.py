@@ -14,7 +14,9 @@ from resources.warehouse import insert_rows
 
 from . import groups
 from .columns import declare
+from .instructions import DEDUP
 from .metadata import peak_memory, progress_logger, table_metadata
+from .reward_model import REWARD_MODEL
 from .shared import (
     SCORED_INSTANCE_COLUMNS,
     STANDARDISATION,
@@ -50,14 +52,14 @@ class RewardScoresConfig(dg.Config, RewardScoresSettings):
 
 
 @dg.multi_asset(
-    name="reward_scores",
+    name=REWARD_SCORES,
     group_name=groups.SHARED_POOL,
     pool="gpu",
     can_subset=False,
     specs=[
         dg.AssetSpec(
             REWARD_SCORES,
-            deps=["deduplicated_instructions", "reward_model"],
+            deps=[DEDUP, REWARD_MODEL],
             kinds={"duckdb", "pytorch"},
             description=(
                 "The base model writes one input/output instance per kept instruction and the automated feedback "
@@ -69,7 +71,7 @@ class RewardScoresConfig(dg.Config, RewardScoresSettings):
         ),
         dg.AssetSpec(
             STANDARDISATION,
-            deps=["reward_scores"],
+            deps=[REWARD_SCORES],
             kinds={"duckdb"},
             description=(
                 "One row: the mean and standard deviation of each feedback component over the base model's "
@@ -116,7 +118,7 @@ def reward_scores(
         params,
         batch_size,
         config.seed,
-        progress_logger(context, "reward_scores", batch_size * config.max_new_tokens),
+        progress_logger(context, REWARD_SCORES, batch_size * config.max_new_tokens),
         chosen["is_classification"].to_list(),
     )
     ids = chosen["instruction_id"].to_list()

@@ -21,8 +21,12 @@ from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from . import groups
 from .columns import declare
+from .instructions import DEDUP
 from .metadata import metadata_table, peak_memory, table_metadata
+from .reward_model import REWARD_MODEL
+from .rl_policy import RL_POLICY
 from .shared import (
+    STANDARDISATION,
     adapter_folder,
     base_component_stats,
     kept_instructions,
@@ -84,11 +88,11 @@ class HeldoutComparisonConfig(dg.Config, HeldoutCheckSettings):
     group_name=groups.REFINE_AF,
     kinds={"duckdb", "pytorch"},
     pool="gpu",
-    deps=["rl_refined_policy", "reward_standardisation", "deduplicated_instructions", "reward_model"],
+    deps=[RL_POLICY, STANDARDISATION, DEDUP, REWARD_MODEL],
     check_specs=[
         dg.AssetCheckSpec(
             CHECK_NAME,
-            asset="rl_heldout_comparison",
+            asset=HELDOUT,
             description=(
                 "Warns (never fails the run: a short demo run may not improve and its data is still usable) "
                 "unless the " + PASS_RULE + "."
@@ -112,7 +116,7 @@ def rl_heldout_comparison(
     of instructions the policy wins, ties and loses, and the paired difference of each component."""
     started = time.monotonic()
     # The share and the adapter of the same run of rl_refined_policy, from its table.
-    trained = latest_rows(warehouse, "rl_refined_policy", ("heldout_share",))
+    trained = latest_rows(warehouse, RL_POLICY, ("heldout_share",))
     heldout_share = float(trained[1]["heldout_share"].drop_nulls()[-1])
     _, heldout = split_held_out(kept_instructions(warehouse), heldout_share)
     if config.max_instructions > 0:
@@ -132,7 +136,7 @@ def rl_heldout_comparison(
                 )
             ],
         )
-    adapter = adapter_folder(warehouse, "rl_refined_policy", trained)
+    adapter = adapter_folder(warehouse, RL_POLICY, trained)
     # One copy of the weights: the policy is the base model with its adapter on, the base model (also
     # the judge, exactly as in reward_scores and the RL reward) the same with it off.
     models = language_model.open_models({"base": None, "policy": adapter})

@@ -16,8 +16,10 @@ from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResour
 
 from . import groups
 from .columns import declare
+from .instructions import DEDUP
 from .metadata import peak_memory, png_markdown, table_metadata
-from .shared import base_component_stats, kept_instructions, learned_reward_dir, rl_heldout_split
+from .reward_model import REWARD_MODEL
+from .shared import STANDARDISATION, base_component_stats, kept_instructions, learned_reward_dir, rl_heldout_split
 
 RL_POLICY = "rl_refined_policy"
 COLUMNS = declare(
@@ -52,7 +54,7 @@ class RLConfig(dg.Config, RLSettings):
 @dg.asset(
     group_name=groups.REFINE_AF,
     kinds={"duckdb", "pytorch"},
-    deps=["reward_standardisation", "deduplicated_instructions", "reward_model"],
+    deps=[STANDARDISATION, DEDUP, REWARD_MODEL],
     pool="gpu",
 )
 def rl_refined_policy(
@@ -87,7 +89,7 @@ def rl_refined_policy(
         language_model.scoring_batch_size,
         learned_reward_dir(warehouse, feedback_scorer),
     )
-    out_dir = artifact_store.run_dir("rl_refined_policy", context.run_id)
+    out_dir = artifact_store.run_dir(RL_POLICY, context.run_id)
     started = time.monotonic()
 
     def on_log(step, total, logs):

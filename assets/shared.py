@@ -10,9 +10,12 @@ from refine_af_pipeline.llm.backend import Provenance, SamplingParams
 from refine_af_pipeline.training.splits import Split, in_share, stable_split
 from resources import Warehouse
 
+from .instructions import DEDUP
+from .reward_model import REWARD_MODEL
+
 
 def kept_instructions(warehouse: Warehouse) -> pl.DataFrame:
-    df = warehouse.read_table("deduplicated_instructions")
+    df = warehouse.read_table(DEDUP)
     if df is None or df.filter(pl.col("decision") == "kept").height == 0:
         raise dg.Failure(
             "deduplicated_instructions has no kept instructions: materialize bootstrap_instructions "
@@ -135,7 +138,7 @@ def learned_reward_dir(warehouse: Warehouse, feedback_scorer=None) -> str | None
     learned_reward scorer loads; None when the feedback_scorer names its own folder."""
     if feedback_scorer is not None and feedback_scorer.learned_reward.strip() != "bradley-terry":
         return None
-    df = warehouse.latest_run_rows("reward_model")
+    df = warehouse.latest_run_rows(REWARD_MODEL)
     if df is None or df.height == 0:
         raise dg.Failure(
             "reward_model is missing: materialize reward_model first (it fits the learned_reward "
@@ -143,7 +146,7 @@ def learned_reward_dir(warehouse: Warehouse, feedback_scorer=None) -> str | None
         )
     run_id = df["run_id"][0]
     # In this data folder (a copy reads its own): Warehouse.artifact_path.
-    folder = warehouse.artifact_path(df["model_dir"][0], "reward_model", run_id)
+    folder = warehouse.artifact_path(df["model_dir"][0], REWARD_MODEL, run_id)
     if not folder.is_dir():
         raise dg.Failure(
             f"the reward model folder {folder} (reward_model, run {run_id}) is gone; materialize reward_model again"

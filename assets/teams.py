@@ -46,6 +46,7 @@ from resources.warehouse import insert_rows
 from . import groups
 from .columns import declare
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
+from .seed_pool import SEED_POOL
 from .shared import artifact_folders, latest_rows, provenance_columns
 
 POLICY = POLICY_TABLE
@@ -198,7 +199,7 @@ class ExpertAnswerConfig(dg.Config, ExpertAnswerSettings):
 
 
 def _seed_pool(warehouse: Warehouse) -> pl.DataFrame:
-    df = warehouse.read_table("seed_pool")
+    df = warehouse.read_table(SEED_POOL)
     if df is None or df.height == 0:
         raise dg.Failure("seed_pool is empty or missing: materialize seed_pool first")
     return df
@@ -241,7 +242,7 @@ def _open_expert_and_reviewer(
     specs=[
         dg.AssetSpec(
             POLICY,
-            deps=["seed_pool"],
+            deps=[SEED_POOL],
             kinds={"duckdb", "pytorch"},
             description=(
                 "TeaMs-RL's instructor: a TRPO policy (sb3-contrib, an MLP over the chain's state: previous operation, "
@@ -254,7 +255,7 @@ def _open_expert_and_reviewer(
         ),
         dg.AssetSpec(
             TRANSITIONS,
-            deps=["seed_pool"],
+            deps=[SEED_POOL],
             kinds={"duckdb"},
             description=(
                 "Every training step of the instructor: episode, seed task, step, operation, instruction before "
@@ -382,12 +383,12 @@ def teams_operation_policy(
 @dg.asset(
     group_name=groups.TEAMS_RL,
     kinds={"duckdb", "pytorch"},
-    deps=[POLICY, TRANSITIONS, "seed_pool"],
+    deps=[POLICY, TRANSITIONS, SEED_POOL],
     pool="gpu",
     check_specs=[
         dg.AssetCheckSpec(
             COMPARISON_CHECK,
-            asset="teams_policy_comparison",
+            asset=COMPARISON,
             description=(
                 "Warns (never fails) unless the learned policy's mean reward per step on held-out seed tasks is "
                 "above uniform-random operations'."
@@ -422,7 +423,7 @@ def teams_policy_comparison(
     arms = comparison_arms(trained.load(), settings.operations, settings.horizon, best)
     queries = QueryCounter()
     base = language_model.open_models({"base": None})["base"]
-    report = progress_logger(context, "teams_policy_comparison")
+    report = progress_logger(context, COMPARISON)
     started = time.monotonic()
     with CallCache.in_folder(artifact_store.root) as cache:
         stepper, reviewer = build_stepper(
@@ -433,7 +434,7 @@ def teams_policy_comparison(
             language_model.scoring_batch_size,
             cache,
         )
-        _fail_on(trained.reviewer_conflict("teams_policy_comparison", reviewer.version))
+        _fail_on(trained.reviewer_conflict(COMPARISON, reviewer.version))
         rows = run_chains(
             stepper,
             held,
@@ -491,7 +492,7 @@ def teams_policy_comparison(
     )
 
 
-@dg.asset(group_name=groups.TEAMS_RL, kinds={"duckdb", "pytorch"}, deps=[POLICY, "seed_pool"], pool="gpu")
+@dg.asset(group_name=groups.TEAMS_RL, kinds={"duckdb", "pytorch"}, deps=[POLICY, SEED_POOL], pool="gpu")
 def teams_evolved_instructions(
     context: dg.AssetExecutionContext,
     config: EvolvedInstructionsConfig,
@@ -511,7 +512,7 @@ def teams_evolved_instructions(
     chooser = policy_chooser(trained.load(), len(settings.operations), settings.horizon)
     queries = QueryCounter()
     expert, reviewer_model = _open_expert_and_reviewer(language_model, expert_model, queries)
-    report = progress_logger(context, "teams_evolved_instructions")
+    report = progress_logger(context, EVOLVED)
     started = time.monotonic()
     with CallCache.in_folder(artifact_store.root) as cache:
         stepper, reviewer = build_stepper(
@@ -522,7 +523,7 @@ def teams_evolved_instructions(
             language_model.scoring_batch_size,
             cache,
         )
-        _fail_on(trained.reviewer_conflict("teams_evolved_instructions", reviewer.version))
+        _fail_on(trained.reviewer_conflict(EVOLVED, reviewer.version))
         rows = run_chains(
             stepper,
             seeds,
@@ -565,7 +566,7 @@ def teams_evolved_instructions(
     )
 
 
-@dg.asset(group_name=groups.TEAMS_RL, kinds={"duckdb", "pytorch"}, deps=["teams_evolved_instructions"], pool="gpu")
+@dg.asset(group_name=groups.TEAMS_RL, kinds={"duckdb", "pytorch"}, deps=[EVOLVED], pool="gpu")
 def teams_instruction_pairs(
     context: dg.AssetExecutionContext,
     config: ExpertAnswerConfig,
@@ -576,7 +577,7 @@ def teams_instruction_pairs(
     """The expert model answers each kept evolved instruction (its input, if any, is inside the
     instruction); the instance gate (the feedback_scorer's, as in the other branches) and the
     instance filters mark the pairs SFT uses (`keep`)."""
-    evolved = warehouse.read_table("teams_evolved_instructions")
+    evolved = warehouse.read_table(EVOLVED)
     if evolved is None or evolved.filter(pl.col("keep")).height == 0:
         raise dg.Failure(
             "teams_evolved_instructions has no kept instructions to answer; materialize it again with more "
@@ -588,7 +589,7 @@ def teams_instruction_pairs(
     expert = queries.wrap(expert_model.open_models({"expert": None})["expert"], "expert")
     params = config.sampling_params()
     batch_size = expert_model.generation_batch_size(config.generation_batch_size)
-    report = progress_logger(context, "teams_instruction_pairs", batch_size * params.max_new_tokens)
+    report = progress_logger(context, EXPERT_PAIRS, batch_size * params.max_new_tokens)
     started = time.monotonic()
     with expert.for_generation() as model:
         answers = model.generate(
