@@ -3,25 +3,18 @@ held-out tasks in the Super-NaturalInstructions format zero-shot; ROUGE-L and th
 log-likelihood per task and model, and for each pair of models and each metric the share of tasks
 one beats the other with a bootstrap CI."""
 
-import json
-from collections import Counter
-
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.evaluation.task_comparison import mean_per_model, summary_rows, tasks_differing
-from refine_af_pipeline.evaluation.tasks import (
-    EvaluationSettings,
-    best_mean_logprob,
-    best_rouge_l,
-    evaluation_items,
-    first_line,
-    load_tasks,
-    mean_by_task,
-    reference_continuations,
+from refine_af_pipeline.evaluation.model_scores import (
+    means_over_replicates,
+    prediction_rows,
+    score_model,
+    task_rows,
 )
+from refine_af_pipeline.evaluation.task_comparison import mean_per_model, summary_rows, tasks_differing
+from refine_af_pipeline.evaluation.tasks import EvaluationSettings, evaluation_items, load_tasks
 from refine_af_pipeline.llm.backend import SamplingParams
-from refine_af_pipeline.llm.prompts import evaluation_prompt
 from refine_af_pipeline.llm.query_count import QueryCounter
 from refine_af_pipeline.plots import bar_panels_png
 from resources import LanguageModelResource, Warehouse
@@ -190,110 +183,49 @@ def evaluation(
     greedy answer does not. The three tables are written in one transaction."""
     tasks = load_tasks(config.task_dir)
     items = evaluation_items(tasks, config.instances_per_task)
-    # Plain text prompts: the SuperNI layout itself ends with "Output:".
-    prompts = [evaluation_prompt(t.definition, inst.input) for t, inst in items]
-    references = [inst.references for _, inst in items]
     params = SamplingParams(max_new_tokens=config.max_new_tokens, do_sample=False)
-    counts = Counter(t.name for t, _ in items)
-    # Every replicate's adapter of every tuned model: "<label>_r<replicate>" -> adapter (None: the base model);
-    # the key names a PEFT adapter, which may not hold a dot. Read from each model's table (its latest run).
-    adapters = {"base_r0": None}
-    for label, asset in EVALUATED_MODELS.items():
-        if asset:
-            adapters.update({f"{label}_r{rep}": path for rep, path in adapter_folders(warehouse, asset).items()})
+    adapters = _adapters(warehouse)
     # One copy of the base weights; the tuned models are its LoRA adapters.
     queries = QueryCounter()
     models = {key: queries.wrap(m, "evaluated") for key, m in language_model.open_models(adapters).items()}
     for model in models.values():
         model.require("continuation_logprobs", "evaluation (the reference log-likelihood)")
-    task_rows, prediction_rows = [], []
+    task_table, prediction_table = [], []
     by_replicate: dict[str, dict[str, list[dict[str, float]]]] = {m: {} for m in METRICS}
     for key, model in models.items():
         label, rep = key.rsplit("_r", 1)
-        rep = int(rep)
-        # Only the first line is scored, so a row may stop there (same answers, fewer tokens). The
-        # references are read on the same prefill of the prompt as the answer.
         with model.for_generation() as view:
-            gens, reference_logprobs = view.generate_and_score(
-                prompts,
-                [reference_continuations(r) for r in references],
+            scores = score_model(
+                view,
+                items,
                 params,
                 language_model.generation_batch_size(config.generation_batch_size),
-                0,
+                language_model.scoring_batch_size,
                 progress_logger(context, f"evaluation/{key}"),
-                stop_after_first_line=True,
-                score_batch_size=language_model.scoring_batch_size,
             )
-        answers = [first_line(g.text) for g in gens]
-        scores = [best_rouge_l(a, inst.references) for a, (_, inst) in zip(answers, items)]
-        likelihoods = [best_mean_logprob(lists) for lists in reference_logprobs]
-        rouge_by_task, ll_by_task = mean_by_task(items, scores), mean_by_task(items, likelihoods)
-        by_replicate["rouge_l"].setdefault(label, []).append(rouge_by_task)
-        by_replicate["log_likelihood"].setdefault(label, []).append(ll_by_task)
-        task_rows += [
-            dict(
-                task=name,
-                model=label,
-                replicate=rep,
-                **provenance_columns(model.provenance),
-                adapter_path=adapters[key],
-                rouge_l=score,
-                log_likelihood=ll_by_task[name],
-                n_instances=counts[name],
-                run_id=context.run_id,
-            )
-            for name, score in rouge_by_task.items()
-        ]
-        prediction_rows += [
-            dict(
-                task=t.name,
-                instance_id=inst.id,
-                model=label,
-                replicate=rep,
-                prediction=a,
-                rouge_l=s,
-                reference_log_likelihood=ll,
-                references=json.dumps(list(inst.references)),
-                **provenance_columns(model.provenance),
-                run_id=context.run_id,
-            )
-            for (t, inst), a, s, ll in zip(items, answers, scores, likelihoods)
-        ]
+        by_replicate["rouge_l"].setdefault(label, []).append(scores.rouge_l_by_task)
+        by_replicate["log_likelihood"].setdefault(label, []).append(scores.log_likelihood_by_task)
+        provenance = provenance_columns(model.provenance)
+        task_table += task_rows(items, scores, label, int(rep), provenance, adapters[key], context.run_id)
+        prediction_table += prediction_rows(items, scores, label, int(rep), provenance, context.run_id)
         context.log.info(
-            f"evaluation/{key}: mean ROUGE-L {sum(scores) / len(scores):.4f}, "
-            f"mean reference log-likelihood {sum(likelihoods) / len(likelihoods):.4f}"
+            f"evaluation/{key}: mean ROUGE-L {sum(scores.rouge_l) / len(items):.4f}, "
+            f"mean reference log-likelihood {sum(scores.log_likelihood) / len(items):.4f}"
         )
-    # The pairwise summary reads each model's task means averaged over its replicates.
-    by_metric = {
-        m: {
-            label: {task: sum(r[task] for r in reps) / len(reps) for task in reps[0]}
-            for label, reps in by_label.items()
-        }
-        for m, by_label in by_replicate.items()
-    }
     del models
+    # The pairwise summary reads each model's task means averaged over its replicates.
+    by_metric = means_over_replicates(by_replicate)
     rows = summary_rows(by_metric, COMPARISONS, config.bootstrap_resamples, config.seed)
     # This run's model queries go on every row of the evaluation table, for the query ledger.
-    df = pl.DataFrame(task_rows, schema_overrides={"adapter_path": pl.Utf8}).with_columns(
+    df = pl.DataFrame(task_table, schema_overrides={"adapter_path": pl.Utf8}).with_columns(
         pl.lit(queries.as_json()).alias("llm_queries")
     )
     summary = pl.DataFrame([{**r, "task_dir": config.task_dir or "built-in", "run_id": context.run_id} for r in rows])
-    predictions = pl.DataFrame(prediction_rows)
+    predictions = pl.DataFrame(prediction_table)
     with warehouse.transaction() as conn:
-        for table, frame in (
-            (EVALUATION, df),
-            (PREDICTIONS, predictions),
-            (SUMMARY, summary),
-        ):
+        for table, frame in ((EVALUATION, df), (PREDICTIONS, predictions), (SUMMARY, summary)):
             insert_rows(conn, table, frame, mode="replace")
     headline = _comparison(rows, "rouge_l", *COMPARISONS[0])
-    means = {m: mean_per_model(by_metric[m]) for m in METRICS}
-    ll = by_metric["log_likelihood"]
-    differing = {
-        f"tasks_log_likelihood_differs_from_base_{m}": tasks_differing(ll[m], ll["base"], LOG_LIKELIHOOD_MARGIN)
-        for m in EVALUATED_MODELS
-        if m != "base"
-    }
     yield dg.MaterializeResult(
         asset_key=PREDICTIONS,
         metadata=table_metadata(
@@ -310,16 +242,7 @@ def evaluation(
     yield dg.MaterializeResult(
         asset_key=EVALUATION,
         metadata={
-            **table_metadata(df, ["task", "model", "rouge_l", "log_likelihood"], table=EVALUATION),
-            **{f"mean_{metric}_{m}": v for metric in METRICS for m, v in means[metric].items()},
-            **_headline_metadata(headline),
-            **differing,
-            "log_likelihood_margin": LOG_LIKELIHOOD_MARGIN,
-            "tasks": len(tasks),
-            "instances_per_task": len(items) // max(len(tasks), 1),
-            "summary": metadata_table(_summary_view(summary), table=SUMMARY),
-            "per_task": metadata_table(_per_task_view(by_metric), table=f"{EVALUATION}/per_task"),
-            "chart": png_markdown(_chart(by_metric, means), "ROUGE-L and reference log-likelihood per task"),
+            **_evaluation_metadata(df, summary, by_metric, headline, len(tasks), len(items)),
             "llm_queries": queries.as_json(),
             **peak_memory(language_model.resolved_device()),
         },
@@ -335,6 +258,40 @@ def evaluation(
             "rule": "passes when REFINE-AF wins more tasks than it loses by ROUGE-L (ties count for neither)",
         },
     )
+
+
+def _adapters(warehouse: Warehouse) -> dict[str, str | None]:
+    """Every replicate's adapter of every tuned model, from each model's table (its latest run):
+    "<label>_r<replicate>" -> adapter (None: the base model); the key names a PEFT adapter, which
+    may not hold a dot."""
+    adapters = {"base_r0": None}
+    for label, asset in EVALUATED_MODELS.items():
+        if asset:
+            adapters.update({f"{label}_r{rep}": path for rep, path in adapter_folders(warehouse, asset).items()})
+    return adapters
+
+
+def _evaluation_metadata(
+    df: pl.DataFrame, summary: pl.DataFrame, by_metric: dict, headline: dict, n_tasks: int, n_items: int
+) -> dict:
+    means = {m: mean_per_model(by_metric[m]) for m in METRICS}
+    ll = by_metric["log_likelihood"]
+    return {
+        **table_metadata(df, ["task", "model", "rouge_l", "log_likelihood"], table=EVALUATION),
+        **{f"mean_{metric}_{m}": v for metric in METRICS for m, v in means[metric].items()},
+        **_headline_metadata(headline),
+        **{
+            f"tasks_log_likelihood_differs_from_base_{m}": tasks_differing(ll[m], ll["base"], LOG_LIKELIHOOD_MARGIN)
+            for m in EVALUATED_MODELS
+            if m != "base"
+        },
+        "log_likelihood_margin": LOG_LIKELIHOOD_MARGIN,
+        "tasks": n_tasks,
+        "instances_per_task": n_items // max(n_tasks, 1),
+        "summary": metadata_table(_summary_view(summary), table=SUMMARY),
+        "per_task": metadata_table(_per_task_view(by_metric), table=f"{EVALUATION}/per_task"),
+        "chart": png_markdown(_chart(by_metric, means), "ROUGE-L and reference log-likelihood per task"),
+    }
 
 
 def _comparison(rows: list[dict], metric: str, candidate: str, reference: str) -> dict:

@@ -122,20 +122,7 @@ def rl_heldout_comparison(
     if config.max_instructions > 0:
         heldout = heldout.head(config.max_instructions)
     if heldout.height == 0:
-        warehouse.write_table(HELDOUT, pl.DataFrame(schema=_EMPTY_SCHEMA))
-        reason = f"no held-out instructions (heldout_share {heldout_share}); grow the pool or raise it"
-        context.log.warning(reason)
-        return dg.MaterializeResult(
-            metadata={"heldout_instructions": 0, "reason": reason, "llm_queries": "{}"},
-            check_results=[
-                dg.AssetCheckResult(
-                    check_name=CHECK_NAME,
-                    passed=False,
-                    severity=dg.AssetCheckSeverity.WARN,
-                    metadata={"reason": reason, "pass_rule": PASS_RULE},
-                )
-            ],
-        )
+        return _no_heldout_result(context, warehouse, heldout_share)
     adapter = adapter_folder(warehouse, RL_POLICY, trained)
     # One copy of the weights: the policy is the base model with its adapter on, the base model (also
     # the judge, exactly as in reward_scores and the RL reward) the same with it off.
@@ -186,14 +173,7 @@ def rl_heldout_comparison(
         heldout["instruction_id"].to_list(), heldout["instruction"].to_list(), base_rows, policy_rows, k
     )
     summary = summarise(rows, scorer.gate.reward, config.bootstrap_resamples, config.seed)
-    split = summary.gain_split
-    c = summary.comparison
-    df = pl.DataFrame(
-        rows,
-        schema_overrides={f"{m}_{n}": pl.Float64 for m in ("base", "policy") for n in (*COMPONENTS, "audit")}
-        | {"audit_difference": pl.Float64},
-    )
-    df = df.with_columns(
+    df = pl.DataFrame(rows, schema_overrides=_ROW_TYPES).with_columns(
         pl.lit(adapter).alias("policy_adapter"),
         *(pl.lit(v).alias(k) for k, v in provenance_columns(base.provenance).items()),
         pl.lit(policy.provenance.served_model).alias("policy_served_model"),
@@ -204,12 +184,58 @@ def rl_heldout_comparison(
         pl.lit(context.run_id).alias("run_id"),
     )
     warehouse.write_table(HELDOUT, df)
-    passed = c.ci_low > 0 and c.n >= config.min_instructions
+    passed = summary.comparison.ci_low > 0 and summary.comparison.n >= config.min_instructions
+    figures = _figures(summary, df, config, scorer.gate.reward, audit.version)
+    return dg.MaterializeResult(
+        metadata={
+            **table_metadata(df, ["instruction", "base_reward", "policy_reward", "outcome"], table=HELDOUT),
+            **figures,
+            "policy_adapter": dg.MetadataValue.path(adapter),
+            "comparison_seconds": round(time.monotonic() - started, 1),
+            "llm_queries": queries.as_json(),
+            **peak_memory(device),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=CHECK_NAME, passed=bool(passed), severity=dg.AssetCheckSeverity.WARN, metadata=figures
+            )
+        ],
+    )
+
+
+_ROW_TYPES = {f"{m}_{n}": pl.Float64 for m in ("base", "policy") for n in (*COMPONENTS, "audit")} | {
+    "audit_difference": pl.Float64
+}
+
+
+def _no_heldout_result(
+    context: dg.AssetExecutionContext, warehouse: Warehouse, heldout_share: float
+) -> dg.MaterializeResult:
+    warehouse.write_table(HELDOUT, pl.DataFrame(schema=_EMPTY_SCHEMA))
+    reason = f"no held-out instructions (heldout_share {heldout_share}); grow the pool or raise it"
+    context.log.warning(reason)
+    return dg.MaterializeResult(
+        metadata={"heldout_instructions": 0, "reason": reason, "llm_queries": "{}"},
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=CHECK_NAME,
+                passed=False,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"reason": reason, "pass_rule": PASS_RULE},
+            )
+        ],
+    )
+
+
+def _figures(summary, df: pl.DataFrame, config, gate_reward: float, audit_judge: str) -> dict:
+    """The comparison's figures: the metadata and the check's."""
+    split = summary.gain_split
+    c = summary.comparison
     audited = df.filter(pl.col("audit_difference").is_not_null())
     audit_figure = float(audited["audit_difference"].mean()) if audited.height else float("nan")
-    figures = {
+    return {
         "heldout_instructions": c.n,
-        "samples_per_instruction": k,
+        "samples_per_instruction": config.samples_per_instruction,
         "mean_reward_base": summary.mean_reward_base,
         "mean_reward_policy": summary.mean_reward_policy,
         "mean_difference": c.mean_difference,
@@ -232,8 +258,8 @@ def rl_heldout_comparison(
         "gain_from_better_passing_scores_ci95": f"[{split.score_part_ci[0]:+.3f}, {split.score_part_ci[1]:+.3f}]",
         "passing_reward_base": split.passing_reward_base,
         "passing_reward_policy": split.passing_reward_policy,
-        "gate_reward": scorer.gate.reward,
-        "audit_judge": audit.version,
+        "gate_reward": gate_reward,
+        "audit_judge": audit_judge,
         "audit_difference": audit_figure,
         "audit_instructions": int(audited.height),
         "pass_rule": PASS_RULE
@@ -242,18 +268,3 @@ def rl_heldout_comparison(
             df.select("instruction", "base_reward", "policy_reward", "reward_difference", "outcome"), table=HELDOUT
         ),
     }
-    return dg.MaterializeResult(
-        metadata={
-            **table_metadata(df, ["instruction", "base_reward", "policy_reward", "outcome"], table=HELDOUT),
-            **figures,
-            "policy_adapter": dg.MetadataValue.path(adapter),
-            "comparison_seconds": round(time.monotonic() - started, 1),
-            "llm_queries": queries.as_json(),
-            **peak_memory(device),
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=CHECK_NAME, passed=bool(passed), severity=dg.AssetCheckSeverity.WARN, metadata=figures
-            )
-        ],
-    )
