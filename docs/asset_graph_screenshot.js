@@ -29,7 +29,7 @@ const { chromium } = require('playwright-core');
     // with the graph's own control (the wheel pans). A tall page holds the 28 assets' layout;
     // SHOT_HEIGHT and ZOOM_OUT_STEPS adjust it when the graph grows.
     const zoomOut = page.getByRole('img', { name: 'zoom_out' }).first();
-    for (let i = 0; i < Number(process.env.ZOOM_OUT_STEPS || 3); i++) {
+    for (let i = 0; i < Number(process.env.ZOOM_OUT_STEPS || 4); i++) {
       await zoomOut.click();
       await page.waitForTimeout(400);
     }

@@ -57,11 +57,16 @@ from PIL import Image, ImageChops
 
 path = sys.argv[1]
 image = Image.open(path).convert("RGB")
-background = Image.new("RGB", image.size, image.getpixel((image.width - 1, image.height - 1)))
-box = ImageChops.difference(image, background).getbbox()
+# The graph's area: below the header, right of the navigation, left of the zoom controls.
+left, top, right = image.width // 30, image.height // 20, image.width - image.width // 20
+area = image.crop((left, top, right, image.height))
+background = Image.new("RGB", area.size, area.getpixel((area.width // 2, area.height - 2)))
+# The group boxes' text and borders; the grid's dots and the edges are fainter.
+ink = ImageChops.difference(area, background).convert("L").point(lambda v: 255 if v > 60 else 0)
+box = ink.getbbox()
 if box:
-    pad = 40
-    image.crop((max(box[0] - pad, 0), max(box[1] - pad, 0), min(box[2] + pad, image.width),
-                min(box[3] + pad, image.height))).save(path)
+    pad = 60
+    image.crop((left + max(box[0] - pad, 0), top + max(box[1] - pad, 0), left + min(box[2] + pad, area.width),
+                top + min(box[3] + pad, area.height))).save(path)
 PY
 echo "wrote $OUT and $GROUPS_OUT"
