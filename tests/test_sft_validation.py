@@ -45,7 +45,12 @@ def test_small_pools_get_the_minimum_and_never_more_than_a_quarter():
     assert share_only == {i for i in _ids(80) if hash_bucket(i, "sft-validation") < 0.15 * 10_000}
     assert len(validation_split(_ids(40), 0.6, 0)) == 10  # a share above a quarter is capped
     assert validation_split(_ids(16), 0.0, 4) < set(_ids(16))  # a strict subset: something is left to train on
-    assert validation_split(_ids(2), 0.0, 4) == set()  # a quarter of 2 is 0: all train
+    # A pool of 2 or 3 still gives one instruction to validation, so every arm reports a validation loss,
+    # and one instruction alone stays in training.
+    assert len(validation_split(_ids(2), 0.0, 4)) == 1
+    assert len(validation_split(_ids(3), 0.0, 4)) == 1
+    assert validation_split(_ids(3), 0.0, 0) == set()  # no minimum, no hash share: none
+    assert validation_split(_ids(1), 0.0, 4) == set()
 
 
 def test_epoch_log_means_the_steps_of_each_epoch_and_takes_the_validation_after_it():

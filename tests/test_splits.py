@@ -29,6 +29,7 @@ def test_the_split_depends_on_the_set_of_keys_only():
         (16, 0.0, 4, 0.25, 4),
         (8, 0.0, 4, 0.25, 2),  # a quarter of 8
         (2, 0.0, 4, 0.25, 0),  # a quarter of 2 is 0: nothing held out
+        (3, 0.0, 4, 0.25, 0),
         (40, 0.9, 0, 0.25, 10),  # a share above the cap is capped
     ],
 )
@@ -40,6 +41,13 @@ def test_bounds_hold_out_the_lowest_hash_keys(n, share, minimum, max_fraction, h
     assert split.held == set(lowest)
     # The recorded share re-derives the same side for every key ...
     assert {i for i in ids if in_share(i, split.share, "s")} == split.held
+
+
+@pytest.mark.parametrize(("n", "held"), [(1, 0), (2, 1), (3, 1), (4, 1), (8, 2)])
+def test_min_cap_raises_the_cap_on_a_tiny_pool_but_leaves_one_key_out(n, held):
+    split = stable_split(IDS[:n], 0.0, "s", minimum=4, max_fraction=0.25, min_cap=1)
+    assert len(split.held) == held
+    assert {i for i in IDS[:n] if in_share(i, split.share, "s")} == split.held
 
 
 def test_a_recorded_share_on_a_grown_pool_adds_only_new_keys_to_the_held_side():

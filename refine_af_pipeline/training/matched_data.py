@@ -50,7 +50,8 @@ class MatchedDataSettings(BaseModel):
         ),
     )
     min_validation: NonNegativeInt = Field(
-        4, description=("hold out at least this many instructions when a quarter of the pool allows")
+        4,
+        description=("hold out at least this many instructions, up to a quarter of the pool (one of a pool of 2 or 3)"),
     )
     sft: SFTSettings = Field(
         default_factory=SFTSettings,
@@ -61,15 +62,22 @@ class MatchedDataSettings(BaseModel):
     )
 
 
-# Validation never takes more than a quarter of an arm's instructions: the rest is what it trains on.
+# Validation never takes more than a quarter of an arm's instructions (the rest is what it trains on),
+# but takes one from a pool of 2 or 3 so that every arm with something to train on reports a validation loss.
 MAX_VALIDATION_FRACTION = 0.25
+MIN_VALIDATION_CAP = 1
 
 
 def validation_ids(instruction_ids: Sequence[str], settings: MatchedDataSettings) -> frozenset[str]:
     """The instructions whose pairs are held out for validation (all pairs of one instruction on one
     side), by the pipeline's stable split with the SFT salt."""
     split = stable_split(
-        instruction_ids, settings.validation_share, VALIDATION_SALT, settings.min_validation, MAX_VALIDATION_FRACTION
+        instruction_ids,
+        settings.validation_share,
+        VALIDATION_SALT,
+        settings.min_validation,
+        MAX_VALIDATION_FRACTION,
+        MIN_VALIDATION_CAP,
     )
     return split.held
 

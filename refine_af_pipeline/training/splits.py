@@ -32,15 +32,21 @@ class Split:
 
 
 def stable_split(
-    keys: Iterable[str], share: float, salt: str = "", minimum: int = 0, max_fraction: float = 1.0
+    keys: Iterable[str],
+    share: float,
+    salt: str = "",
+    minimum: int = 0,
+    max_fraction: float = 1.0,
+    min_cap: int = 0,
 ) -> Split:
     """The one split of the pipeline (RL's held-out instructions, the SFT validation slice, TeaMs-RL's
     held-out seed tasks, the reward model's held-out pairs): the keys in the lowest `share` of the
     salted hash, but at least min(minimum, max_fraction of the keys) and at most max_fraction of
     them (a small pool: the hash share is a share only on average), then the lowest-hash keys.
-    Depends only on the set of keys, not their order or repeats."""
+    `min_cap` raises that cap on a pool so small that max_fraction of it rounds below it, while at
+    least one key stays on the other side. Depends only on the set of keys, not their order or repeats."""
     distinct = sorted(set(keys), key=lambda k: (hash_bucket(k, salt), k))
-    cap = int(len(distinct) * max_fraction)
+    cap = max(int(len(distinct) * max_fraction), min(min_cap, len(distinct) - 1))
     held = [k for k in distinct if in_share(k, share, salt)]  # a prefix of `distinct`
     target = min(max(len(held), min(minimum, cap)), cap)
     if target == len(held):
