@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export REFINE_AF_DATA_DIR ?= $(CURDIR)/data
-export HF_HUB_OFFLINE := 1
+# Downloads off unless the caller turns them on: `HF_HUB_OFFLINE=0 make run` lets a model or judge
+# with `allow_download: true` in its run config fetch its weights (the hub reads 0 as off).
+export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup lock vllm-setup run experiment verdict test test-fast ui validate screenshot clean
@@ -63,11 +65,14 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
+# The run config of `make run`: the demo profile (configs/demo.yaml, refine_af_pipeline/profiles.py)
+# unless CONFIG names another file: `make run CONFIG=my.yaml` for your own sizes, seeds or models.
+CONFIG ?= configs/demo.yaml
 run: setup $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -c "from refine_af_pipeline.llm.embedded_model import ensure_embedded_model as e, ensure_embedded_gemma as g; print('embedded model:', e()); print('audit judge:', g())"
-	# The demo profile (refine_af_pipeline/profiles.py); each step in its own process (the job's
-	# executor), so a step's memory is returned when it ends.
-	$(BIN)/dagster asset materialize -m refine_af_pipeline.definitions --select '*' -c configs/demo.yaml
+	# The run config CONFIG names (the demo profile unless set, see above); each step in its own
+	# process (the job's executor), so a step's memory is returned when it ends.
+	$(BIN)/dagster asset materialize -m refine_af_pipeline.definitions --select '*' -c $(CONFIG)
 	@echo "DuckDB tables: $(REFINE_AF_DATA_DIR)/refine_af.duckdb"
 	@echo "Adapters:      $(REFINE_AF_DATA_DIR)/artifacts/{rl_refined_policy,finetuned_model}/<run id>/adapter"
 	@echo "Dagster runs:  $(DAGSTER_HOME)  (make ui to browse them)"

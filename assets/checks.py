@@ -10,13 +10,14 @@ from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDedupl
 from resources import Warehouse
 
 from .instance_pairs import INSTANCE_PAIRS, instance_output_pairs
-from .instructions import DEDUP
+from .instructions import DEDUP, POOL, current_pool, rows_of_pool
 from .seed_pool import SEED_POOL
 
 
-@dg.asset_check(asset=DEDUP, additional_deps=[SEED_POOL], blocking=True)
+@dg.asset_check(asset=DEDUP, additional_deps=[SEED_POOL, POOL], blocking=True)
 def no_kept_pair_above_rouge_threshold(warehouse: Warehouse) -> dg.AssetCheckResult:
-    """No two kept instructions (nor a kept one and a seed) have ROUGE-L above the threshold."""
+    """No two kept instructions of the run's pool (nor a kept one and a seed) have ROUGE-L above the
+    threshold; pools are de-duplicated apart."""
     seeds = warehouse.read_table(SEED_POOL)["instruction"].to_list()
     kept = _kept_instructions(warehouse)
     pool = RougeDeduplicator(seeds)
@@ -31,7 +32,7 @@ def no_kept_pair_above_rouge_threshold(warehouse: Warehouse) -> dg.AssetCheckRes
     )
 
 
-@dg.asset_check(asset=DEDUP, blocking=True)
+@dg.asset_check(asset=DEDUP, additional_deps=[POOL], blocking=True)
 def no_blacklisted_keyword(warehouse: Warehouse) -> dg.AssetCheckResult:
     kept = _kept_instructions(warehouse)
     offenders = [i for i in kept if blacklisted_word(i)]
@@ -40,7 +41,7 @@ def no_blacklisted_keyword(warehouse: Warehouse) -> dg.AssetCheckResult:
 
 def _kept_instructions(warehouse: Warehouse) -> list[str]:
     # No table yet (a run that had nothing to decide writes none): nothing kept, nothing to flag.
-    df = warehouse.read_table(DEDUP)
+    df = rows_of_pool(warehouse, DEDUP, current_pool(warehouse))
     return [] if df is None else df.filter(pl.col("decision") == "kept")["instruction"].to_list()
 
 

@@ -6,6 +6,7 @@ one beats the other with a bootstrap CI."""
 import dagster as dg
 import polars as pl
 
+from refine_af_pipeline.evaluation.conclusion import RULE, Conclusion, ci_conclusion
 from refine_af_pipeline.evaluation.model_scores import (
     means_over_replicates,
     prediction_rows,
@@ -164,8 +165,9 @@ class EvaluationConfig(dg.Config, EvaluationSettings):
             CHECK_NAME,
             asset=SUMMARY,
             description=(
-                "Warns (never fails) unless the REFINE-AF model wins more held-out tasks than it loses "
-                "against the Self-Instruct model by ROUGE-L."
+                "Warns (never fails) unless the REFINE-AF model beats the Self-Instruct model by ROUGE-L on the "
+                "held-out tasks: the low end of the bootstrap 95% CI of the mean paired difference over tasks must "
+                "be above 0; otherwise it says 'cannot tell' (or 'no') with the effect, its CI and n."
             ),
         )
     ],
@@ -247,17 +249,39 @@ def evaluation(
             **peak_memory(language_model.resolved_device()),
         },
     )
+    conclusion = headline_conclusion(headline)
+    if not conclusion.passed:
+        context.log.warning(f"{CHECK_NAME}: {conclusion.description}")
     yield dg.AssetCheckResult(
         asset_key=SUMMARY,
         check_name=CHECK_NAME,
-        passed=headline["wins"] > headline["losses"],
+        passed=conclusion.passed,
         severity=dg.AssetCheckSeverity.WARN,
+        description=conclusion.description,
         metadata={
             **_headline_metadata(headline),
             "log_likelihood_wins_ties_losses": _wtl(_comparison(rows, "log_likelihood", *COMPARISONS[0])),
-            "rule": "passes when REFINE-AF wins more tasks than it loses by ROUGE-L (ties count for neither)",
+            **conclusion.metadata(),
+            "rule": f"{RULE}: the mean ROUGE-L difference REFINE-AF - Self-Instruct over tasks, bootstrap CI",
         },
     )
+
+
+def headline_conclusion(headline: dict) -> Conclusion:
+    """The check's answer from the summary row of (rouge_l, refine_af, self_instruct): the mean
+    paired ROUGE-L difference over tasks and its bootstrap CI; wins / ties / losses only go along."""
+    conclusion = ci_conclusion(
+        "REFINE-AF beats Self-Instruct by ROUGE-L",
+        headline["mean_difference"],
+        headline["mean_difference_ci_low"],
+        headline["mean_difference_ci_high"],
+        headline["n_tasks"],
+        unit="ROUGE-L",
+        confidence=headline.get("confidence", 0.95),
+        n_unit="tasks",
+    )
+    wtl = f"; wins/ties/losses {_wtl(headline)}"
+    return Conclusion(conclusion.passed, conclusion.answer, conclusion.description + wtl)
 
 
 def _adapters(warehouse: Warehouse) -> dict[str, str | None]:

@@ -16,6 +16,7 @@ from refine_af_pipeline.instructions.instances import (
     choose_and_filter,
     generate_scored_instances,
 )
+from refine_af_pipeline.instructions.pools import UNNAMED_POOL
 from refine_af_pipeline.llm.backend import SamplingParams
 from refine_af_pipeline.llm.query_count import QueryCounter
 from refine_af_pipeline.training.splits import sample_rows
@@ -24,11 +25,12 @@ from resources.batch_ledger import BatchLedger, GenerationPlan
 
 from . import groups
 from .columns import declare
-from .instructions import DEDUP
+from .instructions import current_pool
 from .metadata import peak_memory, progress_logger, table_metadata
 from .reward_model import REWARD_MODEL
 from .rl_policy import RL_POLICY
 from .shared import (
+    POOL_DEPS,
     SCORED_INSTANCE_COLUMNS,
     STANDARDISATION,
     adapter_folder,
@@ -73,10 +75,12 @@ def _plan(
         "replicates": config.replicates,
         "learned_reward": reward_dir,
         "gate": json.dumps({k: getattr(feedback_scorer, k) for k in GateSettings.model_fields}, sort_keys=True),
+        "pool": current_pool(warehouse),
     }
 
     def stale(p) -> str | None:
-        defaults = {"candidates_per_instance": 1, "replicates": 1}  # a plan from before these settings
+        # A plan from before these settings.
+        defaults = {"candidates_per_instance": 1, "replicates": 1, "pool": UNNAMED_POOL}
         differing = [k for k, v in wanted.items() if p.settings.get(k, defaults.get(k)) != v]
         return (
             f"made with other {', '.join(differing)} ({', '.join(str(p.settings.get(k)) for k in differing)})"
@@ -87,7 +91,7 @@ def _plan(
     plan = ledger.take_unfinished(context.run_id, context.log, stale, clear_rows_of=_staging(name))
     if plan is not None:
         return plan
-    chosen = sample_rows(kept_instructions(warehouse), config.max_instructions, config.seed)
+    chosen = sample_rows(kept_instructions(warehouse, context), config.max_instructions, config.seed)
     n, candidates = config.instances_per_instruction, getattr(config, "candidates_per_instance", 1)
     items = [
         dict(
@@ -157,7 +161,7 @@ def build_instance_pairs_asset(
 ) -> dg.AssetsDefinition:
     """The asset `name`: the RL-refined policy's instances (`use_rl_policy`) or the base model's;
     with BestOfNConfig, the best of several candidates per instance by the training reward."""
-    deps = [STANDARDISATION, DEDUP, REWARD_MODEL] + ([RL_POLICY] if use_rl_policy else [])
+    deps = [STANDARDISATION, *POOL_DEPS, REWARD_MODEL] + ([RL_POLICY] if use_rl_policy else [])
 
     @dg.asset(name=name, group_name=group, kinds={"duckdb", "pytorch"}, deps=deps, pool="gpu", description=description)
     def _instance_pairs(

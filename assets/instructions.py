@@ -19,6 +19,7 @@ from refine_af_pipeline.instructions.bootstrap import (
     generate_instruction_rows,
     sample_prompt,
 )
+from refine_af_pipeline.instructions.pools import UNNAMED_POOL, derived_pool_name, generator_name
 from refine_af_pipeline.instructions.rouge import DEFAULT_THRESHOLD, RougeDeduplicator
 from refine_af_pipeline.llm.backend import SamplingParams, ServedModel
 from refine_af_pipeline.llm.query_count import QueryCounter
@@ -27,13 +28,28 @@ from resources.batch_ledger import BatchLedger
 
 from . import groups
 from .columns import declare
-from .metadata import peak_memory, progress_logger, stored_table_metadata, table_metadata
+from .metadata import metadata_table, peak_memory, progress_logger, stored_table_metadata, table_metadata
 from .seed_pool import SEED_POOL
 
-RAW, DEDUP = "raw_instructions", "deduplicated_instructions"
-BOOTSTRAP = "bootstrap_instructions"  # the multi-asset (one step) that writes both
+RAW, DEDUP, POOL = "raw_instructions", "deduplicated_instructions", "instruction_pool"
+BOOTSTRAP = "bootstrap_instructions"  # the multi-asset (one step) that writes the three
 COLUMNS = declare(
     {
+        POOL: {
+            "pool": "the instruction pool the run grew; the latest row's is the pool every later stage reads",
+            "named_by": "config (bootstrap_instructions.pool) or derived (<seed file>-<seed digest>--<generator>)",
+            "seed_source": "the seed file of the run (seed_pool.source)",
+            "seed_set_digest": "sha256 of the run's seed tasks' content (seed_pool.seed_set_digest)",
+            "generator_model": "the model that generated for the run, as it names a pool",
+            "kept_instructions": "kept instructions in the pool after the run",
+        },
+        f"{POOL}/pools": {
+            "pool": "an instruction pool of this data folder",
+            "kept_instructions": "its kept instructions after its latest run",
+            "seed_source": "the seed file of its latest run",
+            "generator_model": "the generator model of its latest run",
+            "runs": "bootstrap runs that grew it",
+        },
         RAW: {
             "instruction_id": "id of the generated instruction: <plan id prefix>-<prompt index>-<position in the "
             "response>",
@@ -49,6 +65,7 @@ COLUMNS = declare(
             "response_tokens": "tokens the model generated for the prompt",
             "hit_token_limit": "whether the response stopped at max_new_tokens",
             "dropped_truncated_item": "whether a last list item cut by the token limit was dropped",
+            "pool": "the instruction pool the prompt was planned for (seed_pool names it)",
         },
         DEDUP: {
             "source_run_id": "run_id of the candidate's raw_instructions row (the plan that generated it)",
@@ -63,6 +80,7 @@ COLUMNS = declare(
             "P(Yes) > 0.5 (null when rejected)",
             "is_classification_p": "the model's P(Yes) to 'Is it classification?' (0-1)",
             "classification_model_id": "model that labelled is_classification",
+            "pool": "the instruction pool the candidate was generated for and de-duplicated within",
         },
     }
 )
@@ -75,6 +93,7 @@ _DECISION_SCHEMA = {
     "is_classification": pl.Boolean,
     "is_classification_p": pl.Float64,
     "classification_model_id": pl.Utf8,
+    "pool": pl.Utf8,
 }
 
 
@@ -84,15 +103,24 @@ class BootstrapConfig(dg.Config, BootstrapSettings):
 
 
 class _Decider:
-    """Decides raw rows in order against the seeds and the kept pool, labels the kept ones."""
+    """Decides raw rows in order against the seeds and the kept instructions of one pool, labels the
+    kept ones."""
 
     def __init__(
-        self, warehouse: Warehouse, language_model: LanguageModelResource, seeds: list[str], queries: QueryCounter
+        self,
+        warehouse: Warehouse,
+        language_model: LanguageModelResource,
+        seeds: list[str],
+        queries: QueryCounter,
+        pool: str,
     ):
-        done = warehouse.read_table(DEDUP)
-        self.decided = set() if done is None else set(done["instruction_id"].to_list())
+        # Ids are unique across pools (their plan's run id): any decided id is done.
+        decided = warehouse.read_table(DEDUP) if warehouse.table_exists(DEDUP) else None
+        self.decided = set() if decided is None else set(decided["instruction_id"].to_list())
+        done = rows_of_pool(warehouse, DEDUP, pool)
         kept = [] if done is None else done.filter(pl.col("decision") == "kept").to_dicts()
-        # The kept pool (earlier runs' and this run's): the machine examples and the target.
+        self.pool = pool
+        # The pool's kept instructions (earlier runs' and this run's): the machine examples and the target.
         self.kept = [PoolItem(r["instruction_id"], r["instruction"], bool(r["is_classification"])) for r in kept]
         self.dedup = RougeDeduplicator(seeds + [k.instruction for k in self.kept], DEFAULT_THRESHOLD)
         self.language_model, self.queries = language_model, queries
@@ -100,6 +128,8 @@ class _Decider:
 
     def decide(self, raw_rows: list[dict], run_id: str, model: ServedModel | None = None) -> pl.DataFrame:
         rows = deduplication_rows([r for r in raw_rows if r["instruction_id"] not in self.decided], self.dedup, run_id)
+        for row in rows:
+            row["pool"] = self.pool
         kept = [row for row in rows if row["decision"] == "kept"]
         if kept:
             if model is None:
@@ -155,6 +185,7 @@ def _new_plan(
     machine: list[PoolItem],
     batch_size: int,
     queries: QueryCounter,
+    pool: str,
 ):
     rng = random.Random(f"{config.seed}-{context.run_id}")
     prompts = [
@@ -166,6 +197,7 @@ def _new_plan(
         seed=config.seed,
         batch_size=batch_size,
         target_pool_size=config.target_pool_size,
+        pool=pool,
     )
     return ledger.start_plan(
         context.run_id,
@@ -202,6 +234,16 @@ def _new_plan(
                 "similar instruction and the reason; kept rows get a model-made is_classification label."
             ),
         ),
+        dg.AssetSpec(
+            POOL,
+            deps=[SEED_POOL],
+            kinds={"duckdb"},
+            description=(
+                "One row per bootstrap run: the instruction pool it grew (named by the seed set and the generator "
+                "model unless configured) and its kept instructions after the run. Every later stage reads the "
+                "latest row's pool, and only that pool's instructions."
+            ),
+        ),
     ],
 )
 def bootstrap_instructions(
@@ -213,28 +255,27 @@ def bootstrap_instructions(
     """Generates prompt batch by batch following a plan recorded first (generation_plans); each
     batch's raw rows and their decisions are committed in one transaction, so a run killed midway
     is finished by the next materialization with nothing regenerated, lost or decided twice."""
-    ledger = BatchLedger(warehouse, RAW)
-    plan = ledger.take_unfinished(
-        context.run_id,
-        context.log,
-        lambda _: (
-            None
-            if config.resume_unfinished
-            else ("resume_unfinished is off; its committed rows and their decisions stay")
-        ),
-    )
     seeds_df = warehouse.read_table(SEED_POOL)
+    pool_row = _pool_of_run(config, seeds_df, language_model, context.run_id)
+    pool = pool_row["pool"]
+    tag_run_with_pool(context, pool)
+    ledger = BatchLedger(warehouse, RAW)
+    plan = ledger.take_unfinished(context.run_id, context.log, lambda p: _abandon_reason(p.settings, config, pool))
     seeds = [PoolItem(r["id"], r["instruction"], r["is_classification"]) for r in seeds_df.iter_rows(named=True)]
     # The run's model queries are its plan's (generation_plans.llm_queries, committed with each batch
     # and summed over the runs that worked on a resumed plan): the query ledger reads them there.
     queries = QueryCounter()
     for role in ("generator", "judge"):  # a run with nothing to do records zeros, not nothing
         queries.add(role, 0)
-    decider = _Decider(warehouse, language_model, seeds_df["instruction"].to_list(), queries)
-    # Raw rows without a decision (a database from before both were committed together): decided
-    # first, in generation order, so the pool below is complete.
-    if warehouse.table_exists(RAW):
-        undecided = warehouse.read_table(RAW, order_by="run_id, prompt_index, position_in_response")
+    decider = _Decider(warehouse, language_model, seeds_df["instruction"].to_list(), queries, pool)
+    context.log.info(
+        f"instruction pool {pool!r} (named {pool_row['named_by']}): {decider.kept_total} kept instructions so far "
+        f"(target {config.target_pool_size}); this run de-duplicates against and adds to this pool alone"
+    )
+    # The pool's raw rows without a decision (a database from before both were committed together):
+    # decided first, in generation order, so the pool below is complete.
+    undecided = rows_of_pool(warehouse, RAW, pool, order_by="run_id, prompt_index, position_in_response")
+    if undecided is not None:
         undecided = undecided.filter(~pl.col("instruction_id").is_in(list(decider.decided)))
         if undecided.height:
             context.log.info(f"deciding {undecided.height} raw instructions left undecided by an earlier run")
@@ -245,7 +286,10 @@ def bootstrap_instructions(
             f"pool already has {len(machine)} kept instructions (target {config.target_pool_size}); nothing generated"
         )
         ledger.record_empty_plan(
-            context.run_id, {"target_pool_size": config.target_pool_size}, "skipped_at_target", queries.counts
+            context.run_id,
+            {"target_pool_size": config.target_pool_size, "pool": pool},
+            "skipped_at_target",
+            queries.counts,
         )
         yield dg.MaterializeResult(
             asset_key=RAW,
@@ -253,10 +297,12 @@ def bootstrap_instructions(
                 **stored_table_metadata(warehouse, RAW, RAW_PREVIEW),
                 "rows_this_run": 0,
                 "skipped": "target pool size reached",
+                "pool": pool,
                 "llm_queries": queries.as_json(),
             },
         )
         yield _dedup_result(warehouse, decider, language_model)
+        yield _pool_result(warehouse, pool_row, decider.kept_total)
         return
     if plan is None:
         plan = _new_plan(
@@ -267,6 +313,7 @@ def bootstrap_instructions(
             machine,
             language_model.generation_batch_size(config.generation_batch_size),
             queries,
+            pool,
         )
     settings = plan.settings
     params = SamplingParams(
@@ -297,6 +344,8 @@ def bootstrap_instructions(
             raw_rows = generate_instruction_rows(
                 model, prompts, params, plan.plan_id, step, settings["seed"] + batch.index, id_offset=batch.index * step
             )
+            for row in raw_rows:
+                row["pool"] = pool
             decisions = decider.decide(raw_rows, context.run_id, model)
             ledger.commit_batch(
                 plan,
@@ -324,6 +373,7 @@ def bootstrap_instructions(
         metadata={
             **table_metadata(df, RAW_PREVIEW, total_rows=warehouse.row_count(RAW), table=RAW),
             "rows_this_run": rows_this_run,
+            "pool": pool,
             "plan_run_id": plan.plan_id,
             "resumed_plan": plan.resumed,
             "batches_planned": len(plan.batches),
@@ -340,6 +390,94 @@ def bootstrap_instructions(
         },
     )
     yield _dedup_result(warehouse, decider, language_model)
+    yield _pool_result(warehouse, pool_row, decider.kept_total)
+
+
+def _pool_of_run(
+    config: BootstrapConfig, seeds_df: pl.DataFrame, language_model: LanguageModelResource, run_id: str
+) -> dict:
+    """The pool this run grows: the configured name, else the seed set's and the generator's."""
+    if "seed_set_digest" not in seeds_df.columns:
+        raise dg.Failure(f"{SEED_POOL} was written before pools were named: materialize {SEED_POOL} again")
+    source, digest = seeds_df["source"][0], seeds_df["seed_set_digest"][0]
+    generator = generator_name(language_model.model, language_model.served_model_name)
+    return {
+        "pool": config.pool or derived_pool_name(source, digest, generator),
+        "named_by": "config" if config.pool else "derived",
+        "seed_source": source,
+        "seed_set_digest": digest,
+        "generator_model": generator,
+        "run_id": run_id,
+    }
+
+
+def _pool_result(warehouse: Warehouse, pool_row: dict, kept: int) -> dg.MaterializeResult:
+    row = pl.DataFrame([{**pool_row, "kept_instructions": kept}])
+    warehouse.write_table(POOL, row, mode="append")
+    pools = warehouse.query(
+        f"SELECT pool, arg_max(kept_instructions, rowid) AS kept_instructions, arg_max(seed_source, rowid) AS "
+        f"seed_source, arg_max(generator_model, rowid) AS generator_model, count(*) AS runs FROM {POOL} "
+        "GROUP BY pool ORDER BY max(rowid) DESC"
+    )
+    return dg.MaterializeResult(
+        asset_key=POOL,
+        metadata={
+            **table_metadata(row, ["pool", "named_by", "kept_instructions"], table=POOL),
+            "pool": pool_row["pool"],
+            "kept_instructions": kept,
+            "pools": metadata_table(pools, table=f"{POOL}/pools"),
+            "pool_count": pools.height,
+        },
+    )
+
+
+POOL_TAG = "refine_af/pool"
+
+
+def tag_run_with_pool(context: dg.AssetExecutionContext, pool: str) -> None:
+    """Tags the run with the pool it reads or grows (the UI's runs filter by tag). A run that reads
+    two pools (the pool was switched between its steps) keeps the first and logs a warning."""
+    tagged = context.instance.get_run_by_id(context.run_id).tags.get(POOL_TAG)
+    if tagged is None:
+        context.instance.add_run_tags(context.run_id, {POOL_TAG: pool})
+    elif tagged != pool:
+        context.log.warning(f"this run is tagged with pool {tagged!r} and this step reads pool {pool!r}")
+
+
+def current_pool(warehouse: Warehouse) -> str:
+    """The pool the latest bootstrap run grew: the one every later stage reads."""
+    latest = warehouse.latest_run_rows(POOL, ["pool"])
+    if latest is None or latest.height == 0:
+        raise dg.Failure(f"{POOL} is missing: materialize {BOOTSTRAP} first (it names the instruction pool)")
+    return latest["pool"][-1]
+
+
+def rows_of_pool(warehouse: Warehouse, table: str, pool: str, order_by: str = "rowid") -> pl.DataFrame | None:
+    """The rows of raw or deduplicated instructions that belong to `pool`, in `order_by` order; None
+    when the table is missing. Rows written before pools were named (no or a NULL pool column)
+    belong to UNNAMED_POOL."""
+    columns = warehouse.table_columns(table)
+    if not columns:
+        return None
+    if "pool" not in columns:
+        df = warehouse.query(f'SELECT * FROM "{table}" ORDER BY {order_by}')
+        return df if pool == UNNAMED_POOL else df.clear()
+    return warehouse.query(
+        f"SELECT * FROM \"{table}\" WHERE coalesce(pool, '{UNNAMED_POOL}') = ? ORDER BY {order_by}", [pool]
+    )
+
+
+def _abandon_reason(plan_settings: dict, config: BootstrapConfig, pool: str) -> str | None:
+    """Why an unfinished plan must not be resumed by this run (None: resume it)."""
+    if not config.resume_unfinished:
+        return "resume_unfinished is off; its committed rows and their decisions stay"
+    planned_for = plan_settings.get("pool", UNNAMED_POOL)
+    if planned_for != pool:
+        return (
+            f"it was planned for pool {planned_for!r} and this run grows pool {pool!r}; its committed rows "
+            f"and their decisions stay in {planned_for!r}"
+        )
+    return None
 
 
 def _dedup_result(
@@ -354,6 +492,7 @@ def _dedup_result(
             "rows_this_run": df.height,
             "kept_this_run": int((df["decision"] == "kept").sum()) if df.height else 0,
             "kept_total": decider.kept_total,
+            "pool": decider.pool,
             "rejection_reasons": dg.MetadataValue.md(
                 "\n".join(f"- {r['reason']}: {r['len']}" for r in reasons.iter_rows(named=True))
                 if df.height

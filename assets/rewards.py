@@ -14,10 +14,10 @@ from resources.warehouse import insert_rows
 
 from . import groups
 from .columns import declare
-from .instructions import DEDUP
 from .metadata import peak_memory, progress_logger, table_metadata
 from .reward_model import REWARD_MODEL
 from .shared import (
+    POOL_DEPS,
     SCORED_INSTANCE_COLUMNS,
     STANDARDISATION,
     kept_instructions,
@@ -59,7 +59,7 @@ class RewardScoresConfig(dg.Config, RewardScoresSettings):
     specs=[
         dg.AssetSpec(
             REWARD_SCORES,
-            deps=[DEDUP, REWARD_MODEL],
+            deps=[*POOL_DEPS, REWARD_MODEL],
             kinds={"duckdb", "pytorch"},
             description=(
                 "The base model writes one input/output instance per kept instruction and the automated feedback "
@@ -99,7 +99,7 @@ def reward_scores(
         if feedback_scorer.calibration_csv
         else None
     )
-    chosen = sample_rows(kept_instructions(warehouse), config.max_instructions, config.seed)
+    chosen = sample_rows(kept_instructions(warehouse, context), config.max_instructions, config.seed)
     queries = QueryCounter()
     model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
     device = language_model.resolved_device()

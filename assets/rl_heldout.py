@@ -7,6 +7,7 @@ import time
 import dagster as dg
 import polars as pl
 
+from refine_af_pipeline.evaluation.conclusion import ci_conclusion
 from refine_af_pipeline.evaluation.heldout import (
     HeldoutCheckSettings,
     add_audit,
@@ -21,11 +22,11 @@ from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from . import groups
 from .columns import declare
-from .instructions import DEDUP
 from .metadata import metadata_table, peak_memory, table_metadata
 from .reward_model import REWARD_MODEL
 from .rl_policy import RL_POLICY
 from .shared import (
+    POOL_DEPS,
     STANDARDISATION,
     adapter_folder,
     base_component_stats,
@@ -88,7 +89,7 @@ class HeldoutComparisonConfig(dg.Config, HeldoutCheckSettings):
     group_name=groups.REFINE_AF,
     kinds={"duckdb", "pytorch"},
     pool="gpu",
-    deps=[RL_POLICY, STANDARDISATION, DEDUP, REWARD_MODEL],
+    deps=[RL_POLICY, STANDARDISATION, *POOL_DEPS, REWARD_MODEL],
     check_specs=[
         dg.AssetCheckSpec(
             CHECK_NAME,
@@ -118,7 +119,7 @@ def rl_heldout_comparison(
     # The share and the adapter of the same run of rl_refined_policy, from its table.
     trained = latest_rows(warehouse, RL_POLICY, ("heldout_share",))
     heldout_share = float(trained[1]["heldout_share"].drop_nulls()[-1])
-    _, heldout = split_held_out(kept_instructions(warehouse), heldout_share)
+    _, heldout = split_held_out(kept_instructions(warehouse, context), heldout_share)
     if config.max_instructions > 0:
         heldout = heldout.head(config.max_instructions)
     if heldout.height == 0:
@@ -184,7 +185,20 @@ def rl_heldout_comparison(
         pl.lit(context.run_id).alias("run_id"),
     )
     warehouse.write_table(HELDOUT, df)
-    passed = summary.comparison.ci_low > 0 and summary.comparison.n >= config.min_instructions
+    c = summary.comparison
+    conclusion = ci_conclusion(
+        "the RL policy beats the base model on held-out instructions",
+        c.mean_difference,
+        c.ci_low,
+        c.ci_high,
+        c.n,
+        unit="standardised reward",
+        min_n=config.min_instructions,
+        confidence=c.confidence,
+        n_unit="instructions",
+    )
+    if not conclusion.passed:
+        context.log.warning(f"{CHECK_NAME}: {conclusion.description}")
     figures = _figures(summary, df, config, scorer.gate.reward, audit.version)
     return dg.MaterializeResult(
         metadata={
@@ -197,7 +211,11 @@ def rl_heldout_comparison(
         },
         check_results=[
             dg.AssetCheckResult(
-                check_name=CHECK_NAME, passed=bool(passed), severity=dg.AssetCheckSeverity.WARN, metadata=figures
+                check_name=CHECK_NAME,
+                passed=conclusion.passed,
+                severity=dg.AssetCheckSeverity.WARN,
+                description=conclusion.description,
+                metadata={**figures, "answer": conclusion.answer, "conclusion": conclusion.description},
             )
         ],
     )
@@ -221,7 +239,8 @@ def _no_heldout_result(
                 check_name=CHECK_NAME,
                 passed=False,
                 severity=dg.AssetCheckSeverity.WARN,
-                metadata={"reason": reason, "pass_rule": PASS_RULE},
+                description=f"cannot tell: {reason}",
+                metadata={"reason": reason, "pass_rule": PASS_RULE, "answer": "cannot tell"},
             )
         ],
     )

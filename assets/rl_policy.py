@@ -16,10 +16,16 @@ from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResour
 
 from . import groups
 from .columns import declare
-from .instructions import DEDUP
 from .metadata import peak_memory, png_markdown, table_metadata
 from .reward_model import REWARD_MODEL
-from .shared import STANDARDISATION, base_component_stats, kept_instructions, learned_reward_dir, rl_heldout_split
+from .shared import (
+    POOL_DEPS,
+    STANDARDISATION,
+    base_component_stats,
+    kept_instructions,
+    learned_reward_dir,
+    rl_heldout_split,
+)
 
 RL_POLICY = "rl_refined_policy"
 COLUMNS = declare(
@@ -54,7 +60,7 @@ class RLConfig(dg.Config, RLSettings):
 @dg.asset(
     group_name=groups.REFINE_AF,
     kinds={"duckdb", "pytorch"},
-    deps=[STANDARDISATION, DEDUP, REWARD_MODEL],
+    deps=[STANDARDISATION, *POOL_DEPS, REWARD_MODEL],
     pool="gpu",
 )
 def rl_refined_policy(
@@ -70,7 +76,7 @@ def rl_refined_policy(
     artifact store; the per-step log (reward, component means, KL, loss, completion length, share
     cut at the token limit, instance-gate failures, repeated 3-gram share) is this asset's table, and
     the metadata warns when length or repetition trends suggest reward hacking."""
-    kept = kept_instructions(warehouse)
+    kept = kept_instructions(warehouse, context)
     split = rl_heldout_split(kept["instruction_id"].to_list(), config.heldout_share, config.min_heldout)
     share = split.share
     train = kept.filter(~pl.col("instruction_id").is_in(list(split.held)))

@@ -5,6 +5,7 @@ import json
 import dagster as dg
 import polars as pl
 
+from refine_af_pipeline.instructions.pools import seed_set_digest
 from refine_af_pipeline.instructions.seeds import SeedPoolSettings, load_seed_tasks
 from resources import Warehouse
 
@@ -23,6 +24,7 @@ COLUMNS = declare(
             "first_output": "output of the seed task's first instance",
             "is_classification": "whether the task is classification (from the seed file)",
             "source": "file the seed pool was read from (built-in or the configured seed_file)",
+            "seed_set_digest": "sha256 of the seed tasks' content (ids, instructions, instances, labels)",
         }
     }
 )
@@ -36,8 +38,9 @@ class SeedPoolConfig(dg.Config, SeedPoolSettings):
 def seed_pool(context: dg.AssetExecutionContext, config: SeedPoolConfig, warehouse: Warehouse) -> dg.MaterializeResult:
     """The human-written seed tasks that bootstrap instruction generation. A user file replaces the
     built-in pool; it is validated whole before anything is written, so a bad file leaves the
-    previous table untouched."""
+    previous table untouched. Their content digest names the instruction pool they start."""
     tasks = load_seed_tasks(config.seed_file)
+    digest = seed_set_digest(tasks)
     df = pl.DataFrame(
         {
             "id": [t.id for t in tasks],
@@ -48,6 +51,7 @@ def seed_pool(context: dg.AssetExecutionContext, config: SeedPoolConfig, warehou
             "first_output": [t.instances[0].output for t in tasks],
             "is_classification": [t.is_classification for t in tasks],
             "source": [t.source for t in tasks],
+            "seed_set_digest": [digest] * len(tasks),
             "run_id": [context.run_id] * len(tasks),
         }
     )
@@ -57,5 +61,6 @@ def seed_pool(context: dg.AssetExecutionContext, config: SeedPoolConfig, warehou
             **table_metadata(df, ["id", "instruction", "is_classification"], table=SEED_POOL),
             "classification_share": float(df["is_classification"].mean()),
             "source": tasks[0].source,
+            "seed_set_digest": digest,
         }
     )

@@ -10,18 +10,29 @@ from refine_af_pipeline.llm.backend import Provenance, SamplingParams
 from refine_af_pipeline.training.splits import Split, in_share, stable_split
 from resources import Warehouse
 
-from .instructions import DEDUP
+from .instructions import DEDUP, POOL, current_pool, rows_of_pool, tag_run_with_pool
 from .reward_model import REWARD_MODEL
 
+# What a stage that reads the kept instructions declares: instruction_pool names the pool.
+POOL_DEPS = [POOL, DEDUP]
 
-def kept_instructions(warehouse: Warehouse) -> pl.DataFrame:
-    df = warehouse.read_table(DEDUP)
+
+def kept_instructions(warehouse: Warehouse, context: dg.AssetExecutionContext | None = None) -> pl.DataFrame:
+    """The kept instructions of the pool the latest bootstrap run grew (no other pool's); with a
+    context, logged and tagged on the run (refine_af/pool), so the UI's runs filter by pool."""
+    pool = current_pool(warehouse)
+    df = rows_of_pool(warehouse, DEDUP, pool)
     if df is None or df.filter(pl.col("decision") == "kept").height == 0:
         raise dg.Failure(
-            "deduplicated_instructions has no kept instructions: materialize bootstrap_instructions "
-            "(raw_instructions and deduplicated_instructions) first (or generate more prompts)"
+            f"instruction pool {pool!r} has no kept instructions in deduplicated_instructions: materialize "
+            "bootstrap_instructions (raw_instructions and deduplicated_instructions) for it first (or generate "
+            "more prompts)"
         )
-    return df.filter(pl.col("decision") == "kept").select("instruction_id", "instruction", "is_classification")
+    kept = df.filter(pl.col("decision") == "kept").select("instruction_id", "instruction", "is_classification")
+    if context is not None:
+        context.log.info(f"reading instruction pool {pool!r}: {kept.height} kept instructions")
+        tag_run_with_pool(context, pool)
+    return kept
 
 
 # RL never holds out more than half the pool: a small pool keeps instructions to train on.

@@ -13,6 +13,7 @@ from collections import Counter
 import dagster as dg
 import polars as pl
 
+from refine_af_pipeline.evaluation.conclusion import ci_conclusion
 from refine_af_pipeline.llm.backend import ServedModel, render_prompt
 from refine_af_pipeline.llm.query_count import QueryCounter
 from refine_af_pipeline.plots import line_chart_png
@@ -390,8 +391,9 @@ def teams_operation_policy(
             COMPARISON_CHECK,
             asset=COMPARISON,
             description=(
-                "Warns (never fails) unless the learned policy's mean reward per step on held-out seed tasks is "
-                "above uniform-random operations'."
+                "Warns (never fails) unless the learned policy beats uniform-random operations on held-out seed "
+                "tasks: the low end of the paired bootstrap 95% CI of the per-seed mean reward difference must be "
+                "above 0; otherwise it says 'cannot tell' (or 'no') with the effect, its CI and n."
             ),
         )
     ],
@@ -457,7 +459,20 @@ def teams_policy_comparison(
     outcome = compare_arms(df, best, transitions, settings.operations, config.bootstrap_resamples, config.seed)
     figures = {**outcome.figures(), "reviewer_version": reviewer.version, **outcome.headroom_figures()}
     shares = df.filter(pl.col("arm") == "policy")["operation"].value_counts(normalize=True).sort("operation")
-    passed = outcome.vs_uniform.mean_difference > 0 and len(held) >= config.min_seeds
+    u = outcome.vs_uniform
+    conclusion = ci_conclusion(
+        "the TeaMs-RL policy beats uniform operations",
+        u.mean_difference,
+        u.ci_low,
+        u.ci_high,
+        u.n,
+        unit="reviewer reward per step",
+        min_n=config.min_seeds,
+        confidence=u.confidence,
+        n_unit="held-out seed tasks",
+    )
+    if not conclusion.passed:
+        context.log.warning(f"{COMPARISON_CHECK}: {conclusion.description}")
     return dg.MaterializeResult(
         metadata={
             **table_metadata(df, ["arm", "seed_id", "step", "operation", "reward"], table=COMPARISON),
@@ -480,12 +495,15 @@ def teams_policy_comparison(
         check_results=[
             dg.AssetCheckResult(
                 check_name=COMPARISON_CHECK,
-                passed=bool(passed),
+                passed=conclusion.passed,
                 severity=dg.AssetCheckSeverity.WARN,
+                description=conclusion.description,
                 metadata={
                     **figures,
-                    "rule": "passes when the policy's mean reward per step is above uniform's"
-                    + (f" on at least {config.min_seeds} held-out seed tasks" if config.min_seeds else ""),
+                    **conclusion.metadata(),
+                    "rule": "passes when the low end of the paired bootstrap CI of the policy's mean reward per step "
+                    "minus uniform's is above 0"
+                    + (f", on at least {config.min_seeds} held-out seed tasks" if config.min_seeds else ""),
                 },
             )
         ],

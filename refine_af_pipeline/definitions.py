@@ -29,8 +29,10 @@ from refine_af_pipeline.llm.models import EMBEDDED_GEMMA
 from refine_af_pipeline.profiles import (
     METHOD,
     PROFILES,
+    SCHEDULE_POOL_VAR,
     SCHEDULE_PROFILE_VAR,
     profile_run_config,
+    schedule_pool,
     schedule_profile,
     with_bootstrap_seed,
 )
@@ -63,6 +65,53 @@ def data_dir() -> Path:
     return Path("data")
 
 
+# Resource fields a GPU box or a fleet sets from the environment: {prefix}_<NAME> -> field, by type.
+# A run config's `resources: {language_model: {config: ...}}` replaces the whole resource config,
+# the environment's model and URLs included (fields it leaves out go back to their defaults), so
+# these variables are the way to size the model resource and keep them.
+_INT_VARS = {
+    "BATCH_SIZE": "batch_size",
+    "SCORING_BATCH_SIZE": "scoring_batch_size",
+    "MAX_BATCH_TOKENS": "max_batch_tokens",
+    "CONCURRENCY": "concurrency",
+    "SCORING_CONCURRENCY": "scoring_concurrency",
+    "REQUEST_ATTEMPTS": "request_attempts",
+    "VLLM_MAX_MODEL_LEN": "vllm_max_model_len",
+}
+_FLOAT_VARS = {"REQUEST_TIMEOUT_S": "request_timeout_s", "VLLM_GPU_MEMORY_UTILIZATION": "vllm_gpu_memory_utilization"}
+_BOOL_VARS = {"SERVER_LOGPROBS": "server_logprobs", "LOAD_ADAPTERS_ON_SERVER": "load_adapters_on_server"}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+class EnvSettingError(ValueError):
+    """An environment variable of the model resource that does not parse; names the variable."""
+
+
+def _parsed(var: str, raw: str, name: str):
+    text = raw.strip()
+    if name in _INT_VARS:
+        try:
+            value = int(text)
+        except ValueError:
+            raise EnvSettingError(f"{var} must be a positive integer, got {raw!r}") from None
+        if value <= 0:
+            raise EnvSettingError(f"{var} must be a positive integer, got {raw!r}")
+        return value
+    if name in _FLOAT_VARS:
+        try:
+            value = float(text)
+        except ValueError:
+            raise EnvSettingError(f"{var} must be a positive number, got {raw!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise EnvSettingError(f"{var} must be a positive number, got {raw!r}")
+        if name == "VLLM_GPU_MEMORY_UTILIZATION" and value > 1:
+            raise EnvSettingError(f"{var} is a share of the GPU's memory, above 0 and at most 1; got {raw!r}")
+        return value
+    if text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    raise EnvSettingError(f"{var} must be true or false (1/0, yes/no, on/off), got {raw!r}")
+
+
 def model_resource(
     prefix: str = "REFINE_AF",
     fallback: str | None = None,
@@ -70,8 +119,13 @@ def model_resource(
     default_backend: str = "auto",
 ) -> LanguageModelResource:
     """A language model from the environment: {prefix}_MODEL, _DEVICE, _DTYPE, _BACKEND, _BASE_URLS,
-    _SERVED_MODEL, _API_KEY; an unset variable falls back to `fallback`'s (the expert model reads
-    REFINE_AF_EXPERT_*, else the base model's settings), then to the defaults."""
+    _SERVED_MODEL, _API_KEY; the sizes a GPU box or a fleet sets: _BATCH_SIZE, _SCORING_BATCH_SIZE,
+    _MAX_BATCH_TOKENS, _CONCURRENCY, _SCORING_CONCURRENCY (1 against vLLM servers with --enable-lora),
+    _REQUEST_TIMEOUT_S, _REQUEST_ATTEMPTS, _SERVER_LOGPROBS, _LOAD_ADAPTERS_ON_SERVER,
+    _VLLM_GPU_MEMORY_UTILIZATION, _VLLM_MAX_MODEL_LEN (the resource fields of the same names). An
+    unset variable falls back to `fallback`'s (the expert model reads REFINE_AF_EXPERT_*, else the
+    base model's settings), then to the field's default; a value that does not parse fails the
+    code location's load with EnvSettingError naming the variable."""
 
     def env(name: str, default=None):
         value = os.environ.get(f"{prefix}_{name}")
@@ -79,6 +133,17 @@ def model_resource(
             value = os.environ.get(f"{fallback}_{name}")
         return value if value is not None else default
 
+    def set_var(name: str) -> str | None:
+        """The variable that sets `name` ({prefix}_, else {fallback}_); a blank one counts as unset."""
+        return next(
+            (f"{p}_{name}" for p in (prefix, fallback) if p and os.environ.get(f"{p}_{name}", "").strip()), None
+        )
+
+    sizes = {
+        field: _parsed(found, os.environ[found], name)
+        for name, field in {**_INT_VARS, **_FLOAT_VARS, **_BOOL_VARS}.items()
+        if (found := set_var(name)) is not None
+    }
     key_var = next((f"{p}_API_KEY" for p in (prefix, fallback) if p and os.environ.get(f"{p}_API_KEY")), None)
     return LanguageModelResource(
         model=env("MODEL", default_model),
@@ -89,6 +154,7 @@ def model_resource(
         served_model_name=env("SERVED_MODEL") or None,
         # Read when a step starts; Dagster shows the variable's name, never its value.
         api_key=dg.EnvVar(key_var) if key_var else None,
+        **sizes,
     )
 
 
@@ -138,10 +204,11 @@ profile_jobs = [
 ]
 
 
-def regeneration_run_config(day: datetime, profile: str) -> dict:
+def regeneration_run_config(day: datetime, profile: str, pool: str = "") -> dict:
     """A nightly run's config: the profile's, with the bootstrap seeded by the date, so each night
-    samples new prompts and new generation noise (a fixed seed would repeat the last night's)."""
-    return with_bootstrap_seed(profile_run_config(profile), int(day.strftime("%Y%m%d")))
+    samples new prompts and new generation noise (a fixed seed would repeat the last night's), and
+    growing `pool` where one is named."""
+    return with_bootstrap_seed(profile_run_config(profile), int(day.strftime("%Y%m%d")), pool)
 
 
 def _cuda_available() -> bool:
@@ -156,18 +223,20 @@ def _cuda_available() -> bool:
     name="refine_af_regeneration",
     default_status=dg.DefaultScheduleStatus.STOPPED,
     description="Nightly: grow the instruction pool and retrain downstream stages, sized by the profile "
-    f"{SCHEDULE_PROFILE_VAR} names (demo on a CPU, method on a GPU unless set).",
+    f"{SCHEDULE_PROFILE_VAR} names (demo on a CPU, method on a GPU unless set), growing the pool "
+    f"{SCHEDULE_POOL_VAR} names (unless set, the one the seed set and the model name).",
 )
 def regeneration_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     day = context.scheduled_execution_time
     # Resolved at the tick, not at import: the check touches the CUDA driver, which the forkserver
     # must not have done before it forks the steps.
-    profile = schedule_profile(_cuda_available())
+    profile, pool = schedule_profile(_cuda_available()), schedule_pool()
     # One run per night: a tick evaluated twice (daemon restart) finds the run key taken.
     return dg.RunRequest(
         run_key=f"regeneration-{day:%Y-%m-%d}",
-        run_config=regeneration_run_config(day, profile),
-        tags={"refine_af/trigger": "schedule", "refine_af/profile": profile},
+        run_config=regeneration_run_config(day, profile, pool),
+        tags={"refine_af/trigger": "schedule", "refine_af/profile": profile}
+        | ({"refine_af/pool": pool} if pool else {}),
     )
 
 

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import yaml
 
+from .instructions.pools import PoolNameError, check_pool_name
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 METHOD = "method"
 PROFILES = ("demo", "experiment", METHOD)
 SCHEDULE_PROFILE_VAR = "REFINE_AF_SCHEDULE_PROFILE"
+SCHEDULE_POOL_VAR = "REFINE_AF_SCHEDULE_POOL"
 
 
 class ProfileError(ValueError):
@@ -57,10 +60,23 @@ def schedule_profile(cuda_available: bool) -> str:
     return METHOD if cuda_available else "demo"
 
 
-def with_bootstrap_seed(config: dict, seed: int) -> dict:
-    """A copy of `config` with the bootstrap's seed set (other bootstrap settings kept)."""
+def schedule_pool() -> str:
+    """The instruction pool the nightly regeneration grows: REFINE_AF_SCHEDULE_POOL when set (checked
+    like the config field), else empty, i.e. the pool the seed set and the generator model name."""
+    name = os.environ.get(SCHEDULE_POOL_VAR, "").strip()
+    if name:
+        try:
+            check_pool_name(name)
+        except PoolNameError as exc:
+            raise ProfileError(f"{SCHEDULE_POOL_VAR}: {exc}") from None
+    return name
+
+
+def with_bootstrap_seed(config: dict, seed: int, pool: str = "") -> dict:
+    """A copy of `config` with the bootstrap's seed set, and its pool where `pool` is given (other
+    bootstrap settings kept)."""
     ops = dict(config.get("ops") or {})
     bootstrap = dict(ops.get("bootstrap_instructions") or {})
-    bootstrap["config"] = {**(bootstrap.get("config") or {}), "seed": seed}
+    bootstrap["config"] = {**(bootstrap.get("config") or {}), "seed": seed, **({"pool": pool} if pool else {})}
     ops["bootstrap_instructions"] = bootstrap
     return {**config, "ops": ops}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,54 @@ from refine_af_pipeline.llm.models import (
 from refine_af_pipeline.llm.openai_backend import OpenAIFleet, ServerSettings
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from refine_af_pipeline.llm.vllm_backend import open_vllm_models, vllm_available
+
+_VLLM_INSTALL = "pip install '.[vllm]' on a CUDA machine; README, Generation engines"
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    requested: str  # the resource's `backend` field
+    backend: str  # the engine it resolves to
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.requested} -> {self.backend}: {self.reason}"
+
+
+def choose_backend(
+    requested: str, base_urls: Sequence[str], device: Callable[[], str], vllm_installed: Callable[[], bool]
+) -> BackendChoice:
+    """The engine a `backend` setting resolves to on this machine, and why. `device` gives the
+    resolved device and `vllm_installed` whether vllm imports; each is asked only when the answer
+    depends on it (importing vllm takes seconds). ModelUnavailable for a backend that cannot run."""
+    if requested == "openai" or (requested == "auto" and base_urls):
+        if not base_urls:
+            raise ModelUnavailable("backend 'openai' needs base_urls (e.g. [http://127.0.0.1:8000/v1])")
+        servers = f"{len(base_urls)} server{'s' if len(base_urls) > 1 else ''}"
+        why = "requested" if requested == "openai" else "base_urls are set"
+        return BackendChoice(requested, "openai", f"{why} ({servers}: {', '.join(base_urls)})")
+    if requested == "vllm":
+        if not vllm_installed():
+            raise ModelUnavailable(f"backend 'vllm' was requested but vllm does not import here ({_VLLM_INSTALL})")
+        return BackendChoice(requested, "vllm", "requested, and vllm imports")
+    if requested == "transformers":
+        return BackendChoice(requested, "transformers", "requested")
+    resolved = device()
+    if not resolved.startswith("cuda"):
+        return BackendChoice(
+            requested,
+            "transformers",
+            f"no base_urls and the device is {resolved}, not CUDA (vllm is chosen only on a CUDA device)",
+        )
+    if not vllm_installed():
+        return BackendChoice(
+            requested,
+            "transformers",
+            f"no base_urls; a CUDA device is present ({resolved}) but vllm does not import here ({_VLLM_INSTALL})",
+        )
+    return BackendChoice(
+        requested, "vllm", f"no base_urls; vllm is installed and a CUDA device is present ({resolved})"
+    )
 
 
 class LanguageModelResource(dg.ConfigurableResource):
@@ -126,8 +175,11 @@ class LanguageModelResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Runs when a step that needs the model starts: a wrong device, dtype or model fails the
-        # step at once with a clear message, before any weights are read.
+        # step at once with a clear message, before any weights are read. The step's log then says
+        # which engine serves it and why (an "auto" setting resolves differently per machine).
         self.check()
+        if context.log is not None:
+            context.log.info(f"language model {self.model}: backend {self.backend_choice()}")
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         self.close()
@@ -140,20 +192,11 @@ class LanguageModelResource(dg.ConfigurableResource):
         self.resolved_backend()
 
     def resolved_backend(self) -> str:
-        if self.backend == "openai" or (self.backend == "auto" and self.base_urls):
-            if not self.base_urls:
-                raise ModelUnavailable("backend 'openai' needs base_urls (e.g. [http://127.0.0.1:8000/v1])")
-            return "openai"
-        if self.backend == "vllm":
-            if not vllm_available():
-                raise ModelUnavailable(
-                    "backend 'vllm' was requested but vllm does not import here "
-                    "(pip install '.[vllm]' on a CUDA machine; README, Generation engines)"
-                )
-            return "vllm"
-        if self.backend == "auto" and self.resolved_device().startswith("cuda") and vllm_available():
-            return "vllm"
-        return "transformers"
+        return self.backend_choice().backend
+
+    def backend_choice(self) -> BackendChoice:
+        """The engine `backend` resolves to here, and why (choose_backend)."""
+        return choose_backend(self.backend, self.base_urls, self.resolved_device, vllm_available)
 
     def open_models(self, adapters: Mapping[str, str | None]) -> dict[str, ServedModel]:
         """{label: model} for inference through the chosen backend, one copy of the base model

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # minutes of tiny-model graph runs: out of make t
 
 CHILD = Path(__file__).parent / "materialize_child.py"
 BATCH_SIZE = 2
-BOOTSTRAP = ["raw_instructions", "deduplicated_instructions"]  # one step writes both
+BOOTSTRAP = ["raw_instructions", "deduplicated_instructions", "instruction_pool"]  # one step writes the three
 RAW_CONFIG = {"num_prompts": 8, "classification_prompts": 1, "max_new_tokens": 48}
 
 

@@ -18,6 +18,7 @@ SHARED = [
     "seed_pool",
     "raw_instructions",
     "deduplicated_instructions",
+    "instruction_pool",
     "reward_model",
     "reward_scores",
     "reward_standardisation",
@@ -60,25 +61,34 @@ def test_definitions_hold_both_branches_evaluation_and_exports():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == set(STAGES)
-    # One step writes both bootstrap tables (a DAG, not a loop through its own downstream), one the
-    # scores and their standardisation, one the three evaluation tables.
+    # One step writes the three bootstrap tables (a DAG, not a loop through its own downstream), one
+    # the scores and their standardisation, one the three evaluation tables. Every reader of the kept
+    # instructions reads instruction_pool too: it names the pool they read.
     assert _parents(graph, "raw_instructions") == {"seed_pool"}
     assert _parents(graph, "deduplicated_instructions") == {"seed_pool", "raw_instructions"}
+    assert _parents(graph, "instruction_pool") == {"seed_pool"}
     assert _parents(graph, "reward_model") == {"seed_pool"}
-    assert _parents(graph, "reward_scores") == {"deduplicated_instructions", "reward_model"}
+    assert _parents(graph, "reward_scores") == {"instruction_pool", "deduplicated_instructions", "reward_model"}
     assert _parents(graph, "reward_standardisation") == {"reward_scores"}
     for stage in ("rl_refined_policy", "selfinstruct_instance_pairs", "bestofn_instance_pairs"):
-        assert _parents(graph, stage) == {"reward_standardisation", "deduplicated_instructions", "reward_model"}
+        assert _parents(graph, stage) == {
+            "reward_standardisation",
+            "instruction_pool",
+            "deduplicated_instructions",
+            "reward_model",
+        }
     # The branches differ only in the policy: the baseline never reads the RL adapter.
     assert _parents(graph, "instance_output_pairs") == {
         "rl_refined_policy",
         "reward_standardisation",
+        "instruction_pool",
         "deduplicated_instructions",
         "reward_model",
     }
     assert _parents(graph, "rl_heldout_comparison") == {
         "rl_refined_policy",
         "reward_standardisation",
+        "instruction_pool",
         "deduplicated_instructions",
         "reward_model",
     }
@@ -248,7 +258,9 @@ def test_the_profiles_are_run_configs_that_make_every_full_data_size_small(profi
 
 def test_make_run_passes_the_demo_profile_and_make_experiment_its_own():
     makefile = (ROOT / "Makefile").read_text()
-    assert "--select '*' -c configs/demo.yaml" in makefile
+    # `make run CONFIG=my.yaml` passes another file; the demo profile unless CONFIG is given.
+    assert "CONFIG ?= configs/demo.yaml" in makefile
+    assert "--select '*' -c $(CONFIG)" in makefile
     assert "--select '*' -c configs/experiment.yaml" in makefile
 
 

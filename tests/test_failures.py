@@ -20,7 +20,7 @@ from resources import language_model as language_model_module
 
 pytestmark = pytest.mark.graph
 
-BOOTSTRAP = ["raw_instructions", "deduplicated_instructions"]  # one step writes both
+BOOTSTRAP = ["raw_instructions", "deduplicated_instructions", "instruction_pool"]  # one step writes the three
 
 
 def _materialize(data_dir, selection, ops=None, **model_config):

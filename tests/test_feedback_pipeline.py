@@ -19,7 +19,7 @@ from resources import LanguageModelResource, Warehouse
 
 pytestmark = pytest.mark.slow  # minutes of tiny-model graph runs: out of make test-fast
 
-UPSTREAM = ["seed_pool", "raw_instructions", "deduplicated_instructions", "reward_model"]
+UPSTREAM = ["seed_pool", "raw_instructions", "deduplicated_instructions", "instruction_pool", "reward_model"]
 SCORES = ["reward_scores", "reward_standardisation"]  # one step writes both
 KNOWN = {"preference": 0.8, "naturalness": 0.2, "coherence": 0.4, "understandability": 0.1, "learned_reward": 0.3}
 

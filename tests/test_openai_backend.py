@@ -67,7 +67,7 @@ def test_unreachable_server_is_named_within_ten_seconds(tmp_path):
             data,
             "embedded",
             {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 0}},
-            selection=["raw_instructions", "deduplicated_instructions"],
+            selection=["raw_instructions", "deduplicated_instructions", "instruction_pool"],
             model_settings=dict(backend="openai", base_urls=[url]),
         )
     assert time.monotonic() - started < 10
@@ -128,7 +128,7 @@ def test_without_log_probabilities_the_judges_refuse_at_step_start(vllm_server, 
             data,
             "embedded",
             {"bootstrap_instructions": {"num_prompts": 4, "classification_prompts": 0}},
-            selection=["raw_instructions", "deduplicated_instructions"],
+            selection=["raw_instructions", "deduplicated_instructions", "instruction_pool"],
             model_settings={**SERVER, "base_urls": [vllm_server.url], "server_logprobs": False},
         )
     with duckdb.connect(str(data / "refine_af.duckdb"), read_only=True) as conn:
@@ -162,7 +162,7 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
         data,
         "embedded",
         config,
-        selection=["raw_instructions", "deduplicated_instructions"],
+        selection=["raw_instructions", "deduplicated_instructions", "instruction_pool"],
         batch_size=4,
         model_settings=settings,
     ).success
@@ -245,7 +245,7 @@ def test_a_server_that_dies_mid_stage_fails_and_the_next_run_resumes(vllm_server
     data = tmp_path / "data"
     assert materialize(data, "unused", {}, selection=["seed_pool"]).success
     config = {"bootstrap_instructions": {"num_prompts": 12, "classification_prompts": 0, "max_new_tokens": 48}}
-    selection = ["raw_instructions", "deduplicated_instructions"]
+    selection = ["raw_instructions", "deduplicated_instructions", "instruction_pool"]
     relay = Relay(vllm_server.url, cut_after_generations=4)  # dies at the first request of the second batch
     with pytest.raises(ServerError, match=f"failed on {relay.url}"):
         materialize(

@@ -14,6 +14,7 @@ from refine_af_pipeline import definitions
 from refine_af_pipeline.definitions import defs
 from refine_af_pipeline.profiles import (
     PROFILES,
+    SCHEDULE_POOL_VAR,
     SCHEDULE_PROFILE_VAR,
     ProfileError,
     profile_run_config,
@@ -64,6 +65,21 @@ def test_the_schedule_profile_is_a_setting_with_the_method_scale_only_on_a_gpu(m
     assert request.run_config == expected
     if profile == "method":  # the config defaults: only the night's seed is set
         assert request.run_config == {"ops": {"bootstrap_instructions": {"config": {"seed": 20261124}}}}
+
+
+def test_the_schedule_grows_the_pool_the_variable_names_and_tags_the_run(monkeypatch):
+    monkeypatch.setenv(SCHEDULE_POOL_VAR, "nightly-fleet")
+    [request] = _tick(datetime(2026, 11, 24, 3, 0, tzinfo=UTC))
+    assert request.run_config["ops"]["bootstrap_instructions"]["config"]["pool"] == "nightly-fleet"
+    assert request.tags["refine_af/pool"] == "nightly-fleet"
+    monkeypatch.setenv(SCHEDULE_POOL_VAR, "")  # unset: the pool of the seeds and the model, no tag
+    [request] = _tick(datetime(2026, 11, 24, 3, 0, tzinfo=UTC))
+    assert "pool" not in request.run_config["ops"]["bootstrap_instructions"]["config"]
+    assert "refine_af/pool" not in request.tags
+    monkeypatch.setenv(SCHEDULE_POOL_VAR, "my pool")
+    with pytest.raises(dg.DagsterUserCodeExecutionError) as info:
+        _tick(datetime(2026, 11, 24, 3, 0, tzinfo=UTC))
+    assert f"{SCHEDULE_POOL_VAR}: pool name 'my pool' is not usable" in str(info.value.__cause__)
 
 
 def test_an_unknown_schedule_profile_fails_the_tick_naming_the_choices(monkeypatch):

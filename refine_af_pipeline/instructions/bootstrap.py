@@ -7,13 +7,14 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..llm.backend import Generation, SamplingParams, ServedModel, render_prompt
 from ..llm.prompts import bootstrap_continuation_prefix, bootstrap_prompt, is_classification_prompt
 from ..settings_types import NonNegativeInt, PositiveInt, SamplingSettings
 from .filters import rejection_reason
 from .parsing import parse_numbered_continuation
+from .pools import check_pool_name
 from .rouge import RougeDeduplicator
 
 N_PROMPT_EXAMPLES = 8
@@ -175,6 +176,20 @@ class BootstrapSettings(SamplingSettings):
             "settings) instead of starting a new one; false abandons it"
         ),
     )
+    pool: str = Field(
+        "",
+        description=(
+            "the instruction pool this run grows and de-duplicates against, and every later stage reads; empty = "
+            "named by the seed set and the generator model (<seed file>-<seed digest>--<model>), so a new seed "
+            "file or model starts its own pool; name an existing pool to add to it on purpose ('unnamed': rows "
+            "from before pools were named)"
+        ),
+    )
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_name(cls, value: str) -> str:
+        return check_pool_name(value) if value else value
 
     @model_validator(mode="after")
     def _classification_share(self):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,8 +125,7 @@ def check_model_available(model: str, cache_dir: Path | None = None, allow_downl
     if not isinstance(cached, str):
         raise ModelUnavailable(
             f"model '{model}' is neither a local directory nor in the local Hugging Face cache, and downloads "
-            f'are off. Use "embedded", a directory with config.json, or fetch it first '
-            f"(huggingface-cli download {model}) or set allow_download on the language_model resource."
+            f'are off. Use "embedded", a directory with config.json, or {download_hint(model, "language_model")}.'
         )
 
 
@@ -177,12 +179,43 @@ def model_unavailable(
 ) -> ModelUnavailable:
     """The error for a model that would not load: which model, for which resource, why, and how
     to get it when it is missing from the local cache."""
-    hint = (
-        f" It is not in the local Hugging Face cache and downloads are off: download it first "
-        f"(huggingface-cli download ...) or set allow_download on the {resource} resource."
-        if source.local_only and not Path(source.path).exists()
-        else ""
-    )
+    hint = ""
+    if source.local_only and not Path(source.path).exists():
+        how = download_hint(source.model_id, resource)
+        hint = f" It is not in the local Hugging Face cache and downloads are off: {how}."
+    elif not source.local_only and _hub_offline():
+        # allow_download is on, but the hub client refuses: the Makefile sets HF_HUB_OFFLINE=1.
+        hint = (
+            " Downloads are allowed on the resource but HF_HUB_OFFLINE is on: run with HF_HUB_OFFLINE=0 "
+            f"(HF_HUB_OFFLINE=0 make run) or download it first ({hf_cli()} download {source.model_id})."
+        )
     reason = " ".join(str(exc).split()).rstrip(".")
     scope = "" if resource == "language_model" else f" for the {resource.replace('_', ' ')}"
     return ModelUnavailable(f"cannot load {what} '{source.model_id}'{scope}: {reason}.{hint}")
+
+
+def download_hint(model_id: str, resource: str) -> str:
+    """How to get a hub model that is not in the local cache, as commands that work as printed:
+    the installed huggingface_hub's CLI is `hf`, and with HF_HUB_OFFLINE on (the Makefile sets it)
+    allow_download alone downloads nothing."""
+    hint = f"fetch it first ({hf_cli()} download {model_id}) or set allow_download on the {resource} resource"
+    if _hub_offline():
+        hint += " and run with HF_HUB_OFFLINE=0 (HF_HUB_OFFLINE=0 make run)"
+    return hint
+
+
+def hf_cli() -> str:
+    """The CLI of the huggingface_hub this interpreter runs, as a user can type it: `hf` when that
+    is the one on PATH, else its full path (.../.venv/bin/hf when the venv is not activated)."""
+    beside = Path(os.path.abspath(sys.executable)).parent / "hf"
+    if not beside.is_file():
+        return "hf"
+    on_path = shutil.which("hf")
+    return "hf" if on_path and os.path.samefile(on_path, beside) else str(beside)
+
+
+def _hub_offline() -> bool:
+    """Whether the Hugging Face hub client runs offline (HF_HUB_OFFLINE, read as the hub reads it)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
