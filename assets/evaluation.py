@@ -8,6 +8,7 @@ import polars as pl
 
 from refine_af_pipeline.evaluation.conclusion import RULE, Conclusion, ci_conclusion
 from refine_af_pipeline.evaluation.model_scores import (
+    Items,
     means_over_replicates,
     prediction_rows,
     score_model,
@@ -16,7 +17,7 @@ from refine_af_pipeline.evaluation.model_scores import (
 from refine_af_pipeline.evaluation.task_comparison import mean_per_model, summary_rows, tasks_differing
 from refine_af_pipeline.evaluation.tasks import EvaluationSettings, evaluation_items, load_tasks
 from refine_af_pipeline.llm.backend import SamplingParams
-from refine_af_pipeline.llm.query_count import QueryCounter
+from refine_af_pipeline.llm.query_count import CountedModel, QueryCounter
 from refine_af_pipeline.plots import bar_panels_png
 from resources import LanguageModelResource, Warehouse
 from resources.warehouse import insert_rows
@@ -192,6 +193,54 @@ def evaluation(
     models = {key: queries.wrap(m, "evaluated") for key, m in language_model.open_models(adapters).items()}
     for model in models.values():
         model.require("continuation_logprobs", "evaluation (the reference log-likelihood)")
+    task_table, prediction_table, by_replicate = _score_models(
+        context, config, language_model, models, adapters, items, params
+    )
+    del models
+    # The pairwise summary reads each model's task means averaged over its replicates.
+    by_metric = means_over_replicates(by_replicate)
+    rows = summary_rows(by_metric, COMPARISONS, config.bootstrap_resamples, config.seed)
+    # This run's model queries go on every row of the evaluation table, for the query ledger.
+    df = pl.DataFrame(task_table, schema_overrides={"adapter_path": pl.Utf8}).with_columns(
+        pl.lit(queries.as_json()).alias("llm_queries")
+    )
+    summary = pl.DataFrame([{**r, "task_dir": config.task_dir or "built-in", "run_id": context.run_id} for r in rows])
+    predictions = pl.DataFrame(prediction_table)
+    with warehouse.transaction() as conn:
+        for table, frame in ((EVALUATION, df), (PREDICTIONS, predictions), (SUMMARY, summary)):
+            insert_rows(conn, table, frame, mode="replace")
+    headline = _comparison(rows, "rouge_l", *COMPARISONS[0])
+    yield dg.MaterializeResult(
+        asset_key=PREDICTIONS,
+        metadata=table_metadata(
+            predictions, ["task", "model", "prediction", "rouge_l", "reference_log_likelihood"], table=PREDICTIONS
+        ),
+    )
+    yield dg.MaterializeResult(asset_key=SUMMARY, metadata=_summary_metadata(summary))
+    yield dg.MaterializeResult(
+        asset_key=EVALUATION,
+        metadata={
+            **_evaluation_metadata(df, summary, by_metric, headline, len(tasks), len(items)),
+            "llm_queries": queries.as_json(),
+            **peak_memory(language_model.resolved_device()),
+        },
+    )
+    conclusion = headline_conclusion(headline)
+    if not conclusion.passed:
+        context.log.warning(f"{CHECK_NAME}: {conclusion.description}")
+    yield _headline_check(conclusion, headline, _comparison(rows, "log_likelihood", *COMPARISONS[0]))
+
+
+def _score_models(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    language_model: LanguageModelResource,
+    models: dict[str, CountedModel],
+    adapters: dict[str, str | None],
+    items: Items,
+    params: SamplingParams,
+) -> tuple[list[dict], list[dict], dict[str, dict[str, list[dict[str, float]]]]]:
+    """Scores every model: (evaluation rows, prediction rows, {metric: {label: per-replicate task means}})."""
     task_table, prediction_table = [], []
     by_replicate: dict[str, dict[str, list[dict[str, float]]]] = {m: {} for m in METRICS}
     for key, model in models.items():
@@ -214,45 +263,20 @@ def evaluation(
             f"evaluation/{key}: mean ROUGE-L {sum(scores.rouge_l) / len(items):.4f}, "
             f"mean reference log-likelihood {sum(scores.log_likelihood) / len(items):.4f}"
         )
-    del models
-    # The pairwise summary reads each model's task means averaged over its replicates.
-    by_metric = means_over_replicates(by_replicate)
-    rows = summary_rows(by_metric, COMPARISONS, config.bootstrap_resamples, config.seed)
-    # This run's model queries go on every row of the evaluation table, for the query ledger.
-    df = pl.DataFrame(task_table, schema_overrides={"adapter_path": pl.Utf8}).with_columns(
-        pl.lit(queries.as_json()).alias("llm_queries")
-    )
-    summary = pl.DataFrame([{**r, "task_dir": config.task_dir or "built-in", "run_id": context.run_id} for r in rows])
-    predictions = pl.DataFrame(prediction_table)
-    with warehouse.transaction() as conn:
-        for table, frame in ((EVALUATION, df), (PREDICTIONS, predictions), (SUMMARY, summary)):
-            insert_rows(conn, table, frame, mode="replace")
-    headline = _comparison(rows, "rouge_l", *COMPARISONS[0])
-    yield dg.MaterializeResult(
-        asset_key=PREDICTIONS,
-        metadata=table_metadata(
-            predictions, ["task", "model", "prediction", "rouge_l", "reference_log_likelihood"], table=PREDICTIONS
-        ),
-    )
-    yield dg.MaterializeResult(
-        asset_key=SUMMARY,
-        metadata={
-            **table_metadata(summary, ["metric", "candidate", "reference", "wins", "ties", "losses"], table=SUMMARY),
-            "summary": metadata_table(_summary_view(summary), table=SUMMARY),
-        },
-    )
-    yield dg.MaterializeResult(
-        asset_key=EVALUATION,
-        metadata={
-            **_evaluation_metadata(df, summary, by_metric, headline, len(tasks), len(items)),
-            "llm_queries": queries.as_json(),
-            **peak_memory(language_model.resolved_device()),
-        },
-    )
-    conclusion = headline_conclusion(headline)
-    if not conclusion.passed:
-        context.log.warning(f"{CHECK_NAME}: {conclusion.description}")
-    yield dg.AssetCheckResult(
+    return task_table, prediction_table, by_replicate
+
+
+def _summary_metadata(summary: pl.DataFrame) -> dict:
+    """The summary table's metadata: the table and its view of every comparison."""
+    return {
+        **table_metadata(summary, ["metric", "candidate", "reference", "wins", "ties", "losses"], table=SUMMARY),
+        "summary": metadata_table(_summary_view(summary), table=SUMMARY),
+    }
+
+
+def _headline_check(conclusion: Conclusion, headline: dict, log_likelihood: dict) -> dg.AssetCheckResult:
+    """The result of refine_af_beats_self_instruct (`log_likelihood`: the same pair's log-likelihood row)."""
+    return dg.AssetCheckResult(
         asset_key=SUMMARY,
         check_name=CHECK_NAME,
         passed=conclusion.passed,
@@ -260,7 +284,7 @@ def evaluation(
         description=conclusion.description,
         metadata={
             **_headline_metadata(headline),
-            "log_likelihood_wins_ties_losses": _wtl(_comparison(rows, "log_likelihood", *COMPARISONS[0])),
+            "log_likelihood_wins_ties_losses": _wtl(log_likelihood),
             **conclusion.metadata(),
             "rule": f"{RULE}: the mean ROUGE-L difference REFINE-AF - Self-Instruct over tasks, bootstrap CI",
         },

@@ -11,7 +11,7 @@ import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.plots import line_chart_png
-from refine_af_pipeline.training.matched_data import MatchedDataSettings, draw_matched
+from refine_af_pipeline.training.matched_data import ArmDraw, MatchedDataSettings, draw_matched
 from refine_af_pipeline.training.sft import SFTSettings, finetune, validation_never_improved
 from resources import ArtifactStore, LanguageModelResource, Warehouse
 
@@ -115,61 +115,12 @@ def sft_training_pairs(
     or the smallest arm's count), drawn by a stable hash; REFINE-AF, Self-Instruct (and any arm on
     the same instruction pool) train on the same instructions as far as they all kept them. One row
     per drawn pair: branch, slice (train / validation), the pair, and the table it came from."""
-    arms, missing = {}, []
-    for arm, (table, _) in ARM_PAIRS.items():
-        df = warehouse.read_table(table)
-        kept = df.filter(pl.col("keep")) if df is not None else None
-        if kept is None or kept.height == 0:
-            missing.append(arm)
-            continue
-        # The training reward goes along (TeaMs-RL's answers have none), for the audit to set beside it.
-        reward = pl.col("reward").cast(pl.Float64) if "reward" in kept.columns else pl.lit(None, pl.Float64)
-        replicate = pl.col("replicate").fill_null(0) if "replicate" in kept.columns else pl.lit(None, pl.Int64)
-        arms[arm] = kept.select(*_PAIR_COLUMNS, reward.alias("reward"), replicate.alias("replicate")).to_dicts()
+    arms, missing = _kept_pairs_by_arm(warehouse)
     if not arms:
         raise dg.Failure(f"no arm has kept pairs: materialize {', '.join(t for t, _ in ARM_PAIRS.values())} first")
     # One draw per replicate; an arm without replicates (TeaMs-RL) brings the same pairs to each.
     replicates = sorted({r["replicate"] for rows in arms.values() for r in rows if r["replicate"] is not None}) or [0]
-    sharing = {a for a, (_, shares) in ARM_PAIRS.items() if shares}
-    rows, per_arm, problems, short = [], [], [], []
-    for rep in replicates:
-        present = {a: [r for r in rs if r["replicate"] in (rep, None)] for a, rs in arms.items()}
-        lacking = [a for a, rs in present.items() if not rs]
-        problems += [f"{a} has no kept pairs in replicate {rep}" for a in lacking]
-        draws = draw_matched({a: rs for a, rs in present.items() if rs}, sharing, config)
-        rows += [
-            dict(
-                branch=arm,
-                replicate=rep,
-                slice=part,
-                **{k: v for k, v in pair.items() if k != "replicate"},
-                source_table=ARM_PAIRS[arm][0],
-                draw_rank=k,
-            )
-            for arm, d in draws.items()
-            for part, pairs in (("train", d.train), ("validation", d.validation))
-            for k, pair in enumerate(pairs)
-        ]
-        per_arm += [
-            dict(
-                branch=d.arm,
-                replicate=rep,
-                kept_pairs=d.kept_pairs,
-                train_pairs=len(d.train),
-                validation_pairs=len(d.validation),
-                target_train=d.target_train,
-                target_validation=d.target_validation,
-                shared_train_instructions=d.shared_train_instructions,
-            )
-            for d in draws.values()
-        ]
-        short += [d.arm for d in draws.values() if d.short]
-        problems += [
-            f"{d.arm} has {len(d.train)} train / {len(d.validation)} validation pairs of "
-            f"{d.target_train} / {d.target_validation} in replicate {rep}"
-            for d in draws.values()
-            if d.short
-        ]
+    rows, per_arm, problems, short = _draw_replicates(arms, replicates, config)
     problems += [f"{arm} has no kept pairs in {ARM_PAIRS[arm][0]}" for arm in missing]
     df = pl.DataFrame(rows, schema_overrides={"reward": pl.Float64}).with_columns(
         pl.lit(json.dumps(config.model_dump())).alias("settings"), pl.lit(context.run_id).alias("run_id")
@@ -177,15 +128,7 @@ def sft_training_pairs(
     warehouse.write_table(SFT_DATA, df)
     for line in problems:
         context.log.warning(f"{SFT_DATA}: {line}: its model is compared on less data")
-    first = [r for r in per_arm if r["replicate"] == replicates[0]]
-    figures = {
-        "per_arm": metadata_table(pl.DataFrame(per_arm), table=f"{SFT_DATA}/per_arm"),
-        "arms_short": ", ".join(sorted(set(short))) or "none",
-        "arms_missing": ", ".join(missing) or "none",
-        "replicates": len(replicates),
-        "train_pairs_per_arm": int(first[0]["target_train"]),
-        "validation_pairs_per_arm": int(first[0]["target_validation"]),
-    }
+    figures = _draw_figures(per_arm, replicates, short, missing)
     return dg.MaterializeResult(
         metadata={
             **table_metadata(df, ["branch", "replicate", "slice", "instruction", "output"], table=SFT_DATA),
@@ -200,6 +143,92 @@ def sft_training_pairs(
             )
         ],
     )
+
+
+def _kept_pairs_by_arm(warehouse: Warehouse) -> tuple[dict[str, list[dict]], list[str]]:
+    """({arm: its kept pairs as rows, with reward and replicate}, arms without kept pairs)."""
+    arms, missing = {}, []
+    for arm, (table, _) in ARM_PAIRS.items():
+        df = warehouse.read_table(table)
+        kept = df.filter(pl.col("keep")) if df is not None else None
+        if kept is None or kept.height == 0:
+            missing.append(arm)
+            continue
+        # The training reward goes along (TeaMs-RL's answers have none), for the audit to set beside it.
+        reward = pl.col("reward").cast(pl.Float64) if "reward" in kept.columns else pl.lit(None, pl.Float64)
+        replicate = pl.col("replicate").fill_null(0) if "replicate" in kept.columns else pl.lit(None, pl.Int64)
+        arms[arm] = kept.select(*_PAIR_COLUMNS, reward.alias("reward"), replicate.alias("replicate")).to_dicts()
+    return arms, missing
+
+
+def _draw_replicates(
+    arms: dict[str, list[dict]], replicates: list[int], config: MatchedDataConfig
+) -> tuple[list[dict], list[dict], list[str], list[str]]:
+    """The matched draw of every replicate: (drawn pair rows, per-arm rows, problems, arms drawn short)."""
+    sharing = {a for a, (_, shares) in ARM_PAIRS.items() if shares}
+    rows, per_arm, problems, short = [], [], [], []
+    for rep in replicates:
+        present = {a: [r for r in rs if r["replicate"] in (rep, None)] for a, rs in arms.items()}
+        lacking = [a for a, rs in present.items() if not rs]
+        problems += [f"{a} has no kept pairs in replicate {rep}" for a in lacking]
+        draws = draw_matched({a: rs for a, rs in present.items() if rs}, sharing, config)
+        rows += _drawn_rows(rep, draws)
+        per_arm += _per_arm_rows(rep, draws)
+        short += [d.arm for d in draws.values() if d.short]
+        problems += [
+            f"{d.arm} has {len(d.train)} train / {len(d.validation)} validation pairs of "
+            f"{d.target_train} / {d.target_validation} in replicate {rep}"
+            for d in draws.values()
+            if d.short
+        ]
+    return rows, per_arm, problems, short
+
+
+def _drawn_rows(rep: int, draws: dict[str, ArmDraw]) -> list[dict]:
+    """One row per pair in one replicate's draws: branch, replicate, slice, the pair, its table and rank."""
+    return [
+        dict(
+            branch=arm,
+            replicate=rep,
+            slice=part,
+            **{k: v for k, v in pair.items() if k != "replicate"},
+            source_table=ARM_PAIRS[arm][0],
+            draw_rank=k,
+        )
+        for arm, d in draws.items()
+        for part, pairs in (("train", d.train), ("validation", d.validation))
+        for k, pair in enumerate(pairs)
+    ]
+
+
+def _per_arm_rows(rep: int, draws: dict[str, ArmDraw]) -> list[dict]:
+    """One row per arm in one replicate's draws: its kept, drawn and target counts."""
+    return [
+        dict(
+            branch=d.arm,
+            replicate=rep,
+            kept_pairs=d.kept_pairs,
+            train_pairs=len(d.train),
+            validation_pairs=len(d.validation),
+            target_train=d.target_train,
+            target_validation=d.target_validation,
+            shared_train_instructions=d.shared_train_instructions,
+        )
+        for d in draws.values()
+    ]
+
+
+def _draw_figures(per_arm: list[dict], replicates: list[int], short: list[str], missing: list[str]) -> dict:
+    """The draw's figures for the asset and its check: per-arm counts, arms short or missing, pairs per arm."""
+    first = [r for r in per_arm if r["replicate"] == replicates[0]]
+    return {
+        "per_arm": metadata_table(pl.DataFrame(per_arm), table=f"{SFT_DATA}/per_arm"),
+        "arms_short": ", ".join(sorted(set(short))) or "none",
+        "arms_missing": ", ".join(missing) or "none",
+        "replicates": len(replicates),
+        "train_pairs_per_arm": int(first[0]["target_train"]),
+        "validation_pairs_per_arm": int(first[0]["target_validation"]),
+    }
 
 
 def recorded_sft_settings(drawn: pl.DataFrame) -> SFTSettings:
@@ -254,44 +283,51 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
         seconds = time.monotonic() - started
         df = pl.concat(frames, how="diagonal_relaxed")
         warehouse.write_table(name, df)
-        first = df.filter(pl.col("replicate") == replicates[0])
-        head, last = first.row(0, named=True), first.row(-1, named=True)
         return dg.MaterializeResult(
             metadata={
-                **table_metadata(df, ["replicate", "epoch", "steps", "train_loss", "validation_loss"], table=name),
-                # For the UI: the first replicate's adapter and every replicate's (the evaluation reads the table).
-                "adapter_path": dg.MetadataValue.path(adapters[str(replicates[0])]),
-                "adapter_paths": dg.MetadataValue.json(adapters),
-                "replicates": len(replicates),
-                "loss_curve": png_markdown(
-                    line_chart_png(
-                        first["epoch"].to_list(),
-                        {
-                            "train_loss": first["train_loss"].to_list(),
-                            "validation_loss": first["validation_loss"].to_list(),
-                        },
-                        f"SFT loss per epoch ({name}, replicate {replicates[0]})",
-                        xlabel="epoch",
-                    ),
-                    "SFT loss",
-                ),
-                "train_examples": int(head["train_examples"]),
-                "validation_examples": int(head["validation_examples"]),
-                "optimizer_steps": int(last["steps"]),
-                "first_train_loss": head["train_loss"],
-                "final_train_loss": last["train_loss"],
-                "first_validation_loss": head["validation_loss"],
-                "final_validation_loss": last["validation_loss"],
-                "best_validation_loss": float(first["validation_loss"].min())
-                if head["validation_examples"]
-                else float("nan"),
-                "validation_warning": "; ".join(warnings) or "none",
-                "train_seconds": round(seconds, 1),
+                **_finetuned_metadata(name, df, replicates, adapters, warnings, seconds),
                 **peak_memory(language_model.resolved_device()),
             }
         )
 
     return _finetuned_model
+
+
+def _finetuned_metadata(
+    name: str, df: pl.DataFrame, replicates: list[int], adapters: dict[str, str], warnings: list[str], seconds: float
+) -> dict:
+    """A fine-tuned model's metadata: the epoch log, the adapters, and the first replicate's loss curve and figures."""
+    first = df.filter(pl.col("replicate") == replicates[0])
+    head, last = first.row(0, named=True), first.row(-1, named=True)
+    return {
+        **table_metadata(df, ["replicate", "epoch", "steps", "train_loss", "validation_loss"], table=name),
+        # For the UI: the first replicate's adapter and every replicate's (the evaluation reads the table).
+        "adapter_path": dg.MetadataValue.path(adapters[str(replicates[0])]),
+        "adapter_paths": dg.MetadataValue.json(adapters),
+        "replicates": len(replicates),
+        "loss_curve": png_markdown(
+            line_chart_png(
+                first["epoch"].to_list(),
+                {
+                    "train_loss": first["train_loss"].to_list(),
+                    "validation_loss": first["validation_loss"].to_list(),
+                },
+                f"SFT loss per epoch ({name}, replicate {replicates[0]})",
+                xlabel="epoch",
+            ),
+            "SFT loss",
+        ),
+        "train_examples": int(head["train_examples"]),
+        "validation_examples": int(head["validation_examples"]),
+        "optimizer_steps": int(last["steps"]),
+        "first_train_loss": head["train_loss"],
+        "final_train_loss": last["train_loss"],
+        "first_validation_loss": head["validation_loss"],
+        "final_validation_loss": last["validation_loss"],
+        "best_validation_loss": float(first["validation_loss"].min()) if head["validation_examples"] else float("nan"),
+        "validation_warning": "; ".join(warnings) or "none",
+        "train_seconds": round(seconds, 1),
+    }
 
 
 def _train_replicate(

@@ -272,14 +272,7 @@ def bootstrap_instructions(
         f"instruction pool {pool!r} (named {pool_row['named_by']}): {decider.kept_total} kept instructions so far "
         f"(target {config.target_pool_size}); this run de-duplicates against and adds to this pool alone"
     )
-    # The pool's raw rows without a decision (a database from before both were committed together):
-    # decided first, in generation order, so the pool below is complete.
-    undecided = rows_of_pool(warehouse, RAW, pool, order_by="run_id, prompt_index, position_in_response")
-    if undecided is not None:
-        undecided = undecided.filter(~pl.col("instruction_id").is_in(list(decider.decided)))
-        if undecided.height:
-            context.log.info(f"deciding {undecided.height} raw instructions left undecided by an earlier run")
-            warehouse.write_table(DEDUP, decider.decide(undecided.to_dicts(), context.run_id), mode="append")
+    _decide_leftovers(context, warehouse, decider, pool)
     machine = list(decider.kept)
     if plan is None and len(machine) >= config.target_pool_size:
         context.log.info(
@@ -291,13 +284,12 @@ def bootstrap_instructions(
             "skipped_at_target",
             queries.counts,
         )
+        metadata = {"rows_this_run": 0, "skipped": "target pool size reached", "pool": pool}
         yield dg.MaterializeResult(
             asset_key=RAW,
             metadata={
                 **stored_table_metadata(warehouse, RAW, RAW_PREVIEW),
-                "rows_this_run": 0,
-                "skipped": "target pool size reached",
-                "pool": pool,
+                **metadata,
                 "llm_queries": queries.as_json(),
             },
         )
@@ -305,62 +297,97 @@ def bootstrap_instructions(
         yield _pool_result(warehouse, pool_row, decider.kept_total)
         return
     if plan is None:
-        plan = _new_plan(
-            context,
-            config,
-            ledger,
-            seeds,
-            machine,
-            language_model.generation_batch_size(config.generation_batch_size),
-            queries,
-            pool,
-        )
+        batch_size = language_model.generation_batch_size(config.generation_batch_size)
+        plan = _new_plan(context, config, ledger, seeds, machine, batch_size, queries, pool)
+    pending = plan.pending()
+    rows_this_run, stopped_early = _generate(context, plan, ledger, decider, language_model, queries, pool)
+    ledger.finish(
+        plan, context.run_id, status="stopped_at_target" if stopped_early else "finished", queries=queries.counts
+    )
+    yield _raw_result(warehouse, plan, len(pending), rows_this_run, pool, queries, language_model)
+    yield _dedup_result(warehouse, decider, language_model)
+    yield _pool_result(warehouse, pool_row, decider.kept_total)
+
+
+def _decide_leftovers(context: dg.AssetExecutionContext, warehouse: Warehouse, decider: _Decider, pool: str) -> None:
+    """The pool's raw rows without a decision (a database from before both were committed together):
+    decided first, in generation order, so the pool the run grows is complete."""
+    undecided = rows_of_pool(warehouse, RAW, pool, order_by="run_id, prompt_index, position_in_response")
+    if undecided is None:
+        return
+    undecided = undecided.filter(~pl.col("instruction_id").is_in(list(decider.decided)))
+    if undecided.height:
+        context.log.info(f"deciding {undecided.height} raw instructions left undecided by an earlier run")
+        warehouse.write_table(DEDUP, decider.decide(undecided.to_dicts(), context.run_id), mode="append")
+
+
+def _generate(
+    context: dg.AssetExecutionContext,
+    plan,
+    ledger: BatchLedger,
+    decider: _Decider,
+    language_model: LanguageModelResource,
+    queries: QueryCounter,
+    pool: str,
+) -> tuple[int, bool]:
+    """Generates and decides the plan's pending batches, each committed with its decisions; stops
+    once the pool reaches the plan's target. (raw rows written, whether it stopped at the target)"""
     settings = plan.settings
     params = SamplingParams(
         settings["max_new_tokens"], settings["temperature"], settings["top_p"], settings["do_sample"]
     )
     step, target = settings["batch_size"], settings["target_pool_size"]
     pending = plan.pending()
-    rows_this_run, stopped_early = 0, False
-    if pending:
-        model = _labeller(language_model, queries)
-        served = model.provenance
-        context.log.info(
-            f"generating {len(pending)} batches of up to {step} prompts with {served.served_model} "
-            f"({served.backend}, {served.engine_version})"
-        )
-        report = progress_logger(context, RAW, step * params.max_new_tokens)
-        started = time.monotonic()
-        for done, batch in enumerate(pending, start=1):
-            if decider.kept_total >= target:
-                context.log.info(
-                    f"target pool size {target} reached ({decider.kept_total} kept); stopped "
-                    f"before batch {batch.index + 1} of {len(plan.batches)}"
-                )
-                stopped_early = True
-                break
-            prompts = [BootstrapPrompt(**p) for p in batch.inputs]
-            # Rows keep the plan's run id: ids stay unique and a resumed batch reads as part of its run.
-            raw_rows = generate_instruction_rows(
-                model, prompts, params, plan.plan_id, step, settings["seed"] + batch.index, id_offset=batch.index * step
-            )
-            for row in raw_rows:
-                row["pool"] = pool
-            decisions = decider.decide(raw_rows, context.run_id, model)
-            ledger.commit_batch(
-                plan,
-                batch,
-                RAW,
-                pl.DataFrame(raw_rows),
-                context.run_id,
-                also_append={DEDUP: decisions},
-                queries=queries.counts,
-            )
-            rows_this_run += len(raw_rows)
-            report(done, len(pending), time.monotonic() - started)
-    ledger.finish(
-        plan, context.run_id, status="stopped_at_target" if stopped_early else "finished", queries=queries.counts
+    rows_this_run = 0
+    if not pending:
+        return 0, False
+    model = _labeller(language_model, queries)
+    served = model.provenance
+    context.log.info(
+        f"generating {len(pending)} batches of up to {step} prompts with {served.served_model} "
+        f"({served.backend}, {served.engine_version})"
     )
+    report = progress_logger(context, RAW, step * params.max_new_tokens)
+    started = time.monotonic()
+    for done, batch in enumerate(pending, start=1):
+        if decider.kept_total >= target:
+            context.log.info(
+                f"target pool size {target} reached ({decider.kept_total} kept); stopped "
+                f"before batch {batch.index + 1} of {len(plan.batches)}"
+            )
+            return rows_this_run, True
+        prompts = [BootstrapPrompt(**p) for p in batch.inputs]
+        # Rows keep the plan's run id: ids stay unique and a resumed batch reads as part of its run.
+        raw_rows = generate_instruction_rows(
+            model, prompts, params, plan.plan_id, step, settings["seed"] + batch.index, id_offset=batch.index * step
+        )
+        for row in raw_rows:
+            row["pool"] = pool
+        decisions = decider.decide(raw_rows, context.run_id, model)
+        ledger.commit_batch(
+            plan,
+            batch,
+            RAW,
+            pl.DataFrame(raw_rows),
+            context.run_id,
+            also_append={DEDUP: decisions},
+            queries=queries.counts,
+        )
+        rows_this_run += len(raw_rows)
+        report(done, len(pending), time.monotonic() - started)
+    return rows_this_run, False
+
+
+def _raw_result(
+    warehouse: Warehouse,
+    plan,
+    pending_before: int,
+    rows_this_run: int,
+    pool: str,
+    queries: QueryCounter,
+    language_model: LanguageModelResource,
+) -> dg.MaterializeResult:
+    """raw_instructions' materialization: the plan's rows and what this run did to the plan."""
     df = (
         warehouse.query(
             f"SELECT * FROM {RAW} WHERE run_id = ? ORDER BY prompt_index, position_in_response", [plan.plan_id]
@@ -368,7 +395,7 @@ def bootstrap_instructions(
         if warehouse.table_exists(RAW)
         else pl.DataFrame(schema={c: pl.Utf8 for c in [*RAW_PREVIEW, "model_id"]} | {"prompt_index": pl.Int64})
     )
-    yield dg.MaterializeResult(
+    return dg.MaterializeResult(
         asset_key=RAW,
         metadata={
             **table_metadata(df, RAW_PREVIEW, total_rows=warehouse.row_count(RAW), table=RAW),
@@ -377,8 +404,8 @@ def bootstrap_instructions(
             "plan_run_id": plan.plan_id,
             "resumed_plan": plan.resumed,
             "batches_planned": len(plan.batches),
-            "batches_committed_before_this_run": len(plan.batches) - len(pending),
-            "batches_generated": len(pending) - len(plan.pending()),
+            "batches_committed_before_this_run": len(plan.batches) - pending_before,
+            "batches_generated": pending_before - len(plan.pending()),
             "prompts_used": df["prompt_index"].n_unique(),
             "parsed_instructions": df.filter(pl.col("parse_status") == "ok").height,
             "unparseable_responses": df.filter(pl.col("parse_status") != "ok").height,
@@ -389,8 +416,6 @@ def bootstrap_instructions(
             **peak_memory(language_model.resolved_device()),
         },
     )
-    yield _dedup_result(warehouse, decider, language_model)
-    yield _pool_result(warehouse, pool_row, decider.kept_total)
 
 
 def _pool_of_run(

@@ -93,20 +93,63 @@ def reward_model(
     preference component) and the audit judge (audit.py), so the metadata says which orders the
     pairs best: the audit judge is validated here on pairs whose answer is known. The fitted weights go
     to the artifact store (`model_dir`); the learned_reward component of every later reward loads them."""
-    seeds = warehouse.read_table(SEED_POOL)
-    if seeds is None or seeds.height == 0:
-        raise dg.Failure("seed_pool is empty: materialize seed_pool first")
-    seeds = sample_rows(seeds, config.max_seed_tasks, config.seed, order_by="id")
-    tasks = [
-        dict(instruction_id=r["id"], instruction=r["instruction"], input=r["first_input"], output=r["first_output"])
-        for r in seeds.iter_rows(named=True)
-    ]
+    tasks = _seed_tasks(warehouse, config)
     queries = QueryCounter()
     base = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
     # Opened before the generation, so a backend that cannot score fails the step at once.
     audit = InstructionPMIAudit(
         queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"), audit_model.scoring_batch_size
     )
+    base_outputs = _base_outputs(context, config, language_model, base, tasks)
+    pairs = preference_pairs(tasks, base_outputs, config.seed)
+    heldout_ids = stable_split([p.instruction_id for p in pairs], config.heldout_share, SPLIT_SALT).held
+    held = [p.instruction_id in heldout_ids for p in pairs]
+    train = [p for p, h in zip(pairs, held) if not h]
+    device = language_model.resolved_device()
+    embedder = load_embedder(feedback_scorer.embedding_model, device, feedback_scorer.allow_download)
+    weights, model_dir, fitted = _fit(context, config, feedback_scorer, artifact_store, embedder, train)
+    preferred, rejected = _rewards(embedder, pairs, weights)
+    sign = length_baseline(train)
+    tested = [k for k, h in enumerate(held) if h]
+    # The base model's self-rating (the preference component) on the held-out pairs, for comparison.
+    self_rating = _heldout_scores(LLMJudgePreference(base, language_model.scoring_batch_size), pairs, tested)
+    audit_scores = _heldout_scores(audit, pairs, tested)
+    rows = _pair_rows(pairs, held, preferred, rejected, sign, self_rating, audit_scores)
+    df = _pairs_table(context, rows, model_dir, fitted, base, queries)
+    warehouse.write_table(REWARD_MODEL, df)
+    accuracy = _heldout_accuracy(df, pairs, preferred, rejected, sign, self_rating, audit_scores, tested)
+    overall = accuracy.filter(pl.col("negative_kind") == "all").row(0, named=True)
+    context.log.info(
+        f"reward_model: held-out pairwise accuracy {overall['learned_reward']:.3f} "
+        f"(length baseline {overall['length_baseline']:.3f}, self-rating {overall['self_rating']:.3f})"
+    )
+    return dg.MaterializeResult(
+        metadata=_reward_model_metadata(
+            df, model_dir, train, tested, overall, audit, sign, accuracy, base_outputs, queries, device
+        )
+    )
+
+
+def _seed_tasks(warehouse: Warehouse, config: RewardModelConfig) -> list[dict]:
+    """The sampled seed tasks the pairs are built from: instruction, first input and its human output."""
+    seeds = warehouse.read_table(SEED_POOL)
+    if seeds is None or seeds.height == 0:
+        raise dg.Failure("seed_pool is empty: materialize seed_pool first")
+    seeds = sample_rows(seeds, config.max_seed_tasks, config.seed, order_by="id")
+    return [
+        dict(instruction_id=r["id"], instruction=r["instruction"], input=r["first_input"], output=r["first_output"])
+        for r in seeds.iter_rows(named=True)
+    ]
+
+
+def _base_outputs(
+    context: dg.AssetExecutionContext,
+    config: RewardModelConfig,
+    language_model: LanguageModelResource,
+    base,
+    tasks: list[dict],
+) -> dict:
+    """The base model's answer to each seed task by instruction id: the base_model negatives."""
     batch_size = language_model.generation_batch_size(config.generation_batch_size)
     prompts = [render_prompt(base.tokenizer, instance_prompt(t["instruction"]), INSTANCE_PREFIX) for t in tasks]
     report = progress_logger(context, REWARD_MODEL, batch_size * config.max_new_tokens)
@@ -125,40 +168,60 @@ def reward_model(
         parsed = parse_instance(INSTANCE_PREFIX + g.text)
         if parsed.status == "ok" and not (g.hit_token_limit and parsed.output_runs_to_end):
             base_outputs[t["instruction_id"]] = parsed.output
-    pairs = preference_pairs(tasks, base_outputs, config.seed)
-    heldout_ids = stable_split([p.instruction_id for p in pairs], config.heldout_share, SPLIT_SALT).held
-    held = [p.instruction_id in heldout_ids for p in pairs]
-    train = [p for p, h in zip(pairs, held) if not h]
-    device = language_model.resolved_device()
-    embedder = load_embedder(feedback_scorer.embedding_model, device, feedback_scorer.allow_download)
+    return base_outputs
 
-    def phi(which: str, subset):
-        return features(
-            embedder, [p.instruction for p in subset], [p.input for p in subset], [getattr(p, which) for p in subset]
-        )
 
-    weights = fit_bradley_terry(phi("preferred", train), phi("rejected", train), config.seed)
+def _features(embedder, subset, which: str):
+    """Embedding features of the subset's pairs with their `which` output (preferred or rejected)."""
+    return features(
+        embedder, [p.instruction for p in subset], [p.input for p in subset], [getattr(p, which) for p in subset]
+    )
+
+
+def _fit(
+    context: dg.AssetExecutionContext,
+    config: RewardModelConfig,
+    feedback_scorer: FeedbackScorerResource,
+    artifact_store: ArtifactStore,
+    embedder,
+    train: list,
+) -> tuple:
+    """Fits the Bradley-Terry weights on the train pairs and saves the model: (weights, model_dir, fitted)."""
+    weights = fit_bradley_terry(
+        _features(embedder, train, "preferred"), _features(embedder, train, "rejected"), config.seed
+    )
     model_dir = artifact_store.run_dir(REWARD_MODEL, context.run_id) / "model"
     fitted = EmbeddingRewardModel(embedder, weights, embedding_id(feedback_scorer.embedding_model), context.run_id)
     fitted.save(model_dir)
-    preferred, rejected = phi("preferred", pairs) @ weights, phi("rejected", pairs) @ weights
-    sign = length_baseline(train)
-    tested = [k for k, h in enumerate(held) if h]
-    # The base model's self-rating (the preference component) on the held-out pairs, for comparison.
-    rating = LLMJudgePreference(base, language_model.scoring_batch_size)
-    rated = rating.score(
+    return weights, model_dir, fitted
+
+
+def _rewards(embedder, pairs: list, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The learned rewards of every pair's preferred and rejected output."""
+    return _features(embedder, pairs, "preferred") @ weights, _features(embedder, pairs, "rejected") @ weights
+
+
+def _heldout_scores(judge, pairs: list, tested: list[int]) -> dict:
+    """A judge's scores of the held-out pairs: pair index -> (preferred's score, rejected's score)."""
+    scores = judge.score(
         [pairs[k].instruction for k in tested] * 2,
         [pairs[k].input for k in tested] * 2,
         [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested],
     )
-    self_rating = dict(zip(tested, zip(rated[: len(tested)], rated[len(tested) :])))
-    audited = audit.score(
-        [pairs[k].instruction for k in tested] * 2,
-        [pairs[k].input for k in tested] * 2,
-        [pairs[k].preferred for k in tested] + [pairs[k].rejected for k in tested],
-    )
-    audit_scores = dict(zip(tested, zip(audited[: len(tested)], audited[len(tested) :])))
-    rows = [
+    return dict(zip(tested, zip(scores[: len(tested)], scores[len(tested) :])))
+
+
+def _pair_rows(
+    pairs: list,
+    held: list[bool],
+    preferred: np.ndarray,
+    rejected: np.ndarray,
+    sign: int,
+    self_rating: dict,
+    audit_scores: dict,
+) -> list[dict]:
+    """One row per preference pair: its slice, both rewards and whether each judge orders it right."""
+    return [
         dict(
             instruction_id=p.instruction_id,
             negative_kind=p.kind,
@@ -176,7 +239,13 @@ def reward_model(
         )
         for k, (p, h, a, b) in enumerate(zip(pairs, held, preferred, rejected))
     ]
-    df = pl.DataFrame(
+
+
+def _pairs_table(
+    context: dg.AssetExecutionContext, rows: list[dict], model_dir, fitted: EmbeddingRewardModel, base, queries
+) -> pl.DataFrame:
+    """The asset's table: the pair rows with the fitted model, the base model and this run's queries."""
+    return pl.DataFrame(
         rows, schema_overrides={"self_rating_correct": pl.Boolean, "audit_correct": pl.Boolean}
     ).with_columns(
         pl.lit(str(model_dir)).alias("model_dir"),
@@ -186,8 +255,20 @@ def reward_model(
         pl.lit(queries.as_json()).alias("llm_queries"),
         pl.lit(context.run_id).alias("run_id"),
     )
-    warehouse.write_table(REWARD_MODEL, df)
-    accuracy = _accuracy_by_kind(
+
+
+def _heldout_accuracy(
+    df: pl.DataFrame,
+    pairs: list,
+    preferred: np.ndarray,
+    rejected: np.ndarray,
+    sign: int,
+    self_rating: dict,
+    audit_scores: dict,
+    tested: list[int],
+) -> pl.DataFrame:
+    """The held-out pairs' accuracy by negative kind, of the learned reward and of each baseline judge."""
+    return _accuracy_by_kind(
         df.filter(pl.col("slice") == "heldout"),
         preferred[tested],
         rejected[tested],
@@ -197,31 +278,40 @@ def reward_model(
         audit_scores,
         tested,
     )
-    overall = accuracy.filter(pl.col("negative_kind") == "all").row(0, named=True)
-    context.log.info(
-        f"reward_model: held-out pairwise accuracy {overall['learned_reward']:.3f} "
-        f"(length baseline {overall['length_baseline']:.3f}, self-rating {overall['self_rating']:.3f})"
-    )
-    return dg.MaterializeResult(
-        metadata={
-            **table_metadata(
-                df, ["negative_kind", "slice", "preferred_reward", "rejected_reward", "correct"], table=REWARD_MODEL
-            ),
-            "model_dir": dg.MetadataValue.path(str(model_dir)),
-            "train_pairs": len(train),
-            "heldout_pairs": len(tested),
-            "heldout_accuracy": overall["learned_reward"],
-            "heldout_accuracy_length_baseline": overall["length_baseline"],
-            "heldout_accuracy_self_rating": overall["self_rating"],
-            "heldout_accuracy_audit_judge": overall["audit_judge"],
-            "audit_judge": audit.version,
-            "length_baseline_prefers": "longer" if sign > 0 else "shorter",
-            "accuracy_by_kind": metadata_table(accuracy, table=f"{REWARD_MODEL}/accuracy_by_kind"),
-            "base_outputs_usable": len(base_outputs),
-            "llm_queries": queries.as_json(),
-            **peak_memory(device),
-        }
-    )
+
+
+def _reward_model_metadata(
+    df: pl.DataFrame,
+    model_dir,
+    train: list,
+    tested: list[int],
+    overall: dict,
+    audit: InstructionPMIAudit,
+    sign: int,
+    accuracy: pl.DataFrame,
+    base_outputs: dict,
+    queries: QueryCounter,
+    device,
+) -> dict:
+    """The asset's metadata: the table, the model folder, held-out accuracies against the baselines."""
+    return {
+        **table_metadata(
+            df, ["negative_kind", "slice", "preferred_reward", "rejected_reward", "correct"], table=REWARD_MODEL
+        ),
+        "model_dir": dg.MetadataValue.path(str(model_dir)),
+        "train_pairs": len(train),
+        "heldout_pairs": len(tested),
+        "heldout_accuracy": overall["learned_reward"],
+        "heldout_accuracy_length_baseline": overall["length_baseline"],
+        "heldout_accuracy_self_rating": overall["self_rating"],
+        "heldout_accuracy_audit_judge": overall["audit_judge"],
+        "audit_judge": audit.version,
+        "length_baseline_prefers": "longer" if sign > 0 else "shorter",
+        "accuracy_by_kind": metadata_table(accuracy, table=f"{REWARD_MODEL}/accuracy_by_kind"),
+        "base_outputs_usable": len(base_outputs),
+        "llm_queries": queries.as_json(),
+        **peak_memory(device),
+    }
 
 
 def _or(value, default):

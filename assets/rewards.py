@@ -4,8 +4,8 @@
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.feedback.calibration import calibrate, read_ratings
-from refine_af_pipeline.feedback.scores import COMPONENTS
+from refine_af_pipeline.feedback.calibration import Rating, calibrate, read_ratings
+from refine_af_pipeline.feedback.scores import COMPONENTS, ComponentStats
 from refine_af_pipeline.instructions.instances import RewardScoresSettings, generate_scored_instances, restandardise
 from refine_af_pipeline.llm.query_count import QueryCounter
 from refine_af_pipeline.training.splits import sample_rows
@@ -93,12 +93,7 @@ def reward_scores(
     """Generates and scores the base model's instances, fixes the standardisation from them (and,
     with `calibration_csv` on the feedback_scorer resource, fits the weights and bias to those
     human ratings), then writes both tables in one transaction."""
-    # A bad ratings file fails the run before any generation.
-    ratings = (
-        read_ratings(feedback_scorer.calibration_csv, feedback_scorer.gate_reward)
-        if feedback_scorer.calibration_csv
-        else None
-    )
+    ratings = _ratings(feedback_scorer)  # a bad ratings file fails the run before any generation
     chosen = sample_rows(kept_instructions(warehouse, context), config.max_instructions, config.seed)
     queries = QueryCounter()
     model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
@@ -126,16 +121,9 @@ def reward_scores(
     stats = restandardise(rows, weights, bias, scorer.gate.reward)
     calibration_metadata = {}
     if ratings is not None:
-        fit = calibrate(ids, rows, stats, ratings, list(weights))
-        weights, bias, weights_source = fit.weights, fit.bias, f"calibration:{feedback_scorer.calibration_csv}"
-        restandardise(rows, weights, bias, scorer.gate.reward)  # same stats, fitted weights
-        context.log.info(f"calibrated weights on {fit.n} rated instances: {weights}, bias {bias:.3f}, R2 {fit.r2:.2f}")
-        calibration_metadata = {
-            "calibration_instances": fit.n,
-            "calibration_rmse": fit.rmse,
-            "calibration_r2": fit.r2,
-            "calibration_skipped": dg.MetadataValue.json(fit.skipped),
-        }
+        weights, bias, weights_source, calibration_metadata = _calibrated(
+            context, ids, rows, stats, ratings, weights, scorer.gate.reward, feedback_scorer.calibration_csv
+        )
     versions = scorer.versions()
     df = scored_instance_frame(
         [{"instruction_id": i} for i in ids], rows, model.provenance, versions, params, context.run_id
@@ -148,25 +136,79 @@ def reward_scores(
         insert_rows(conn, REWARD_SCORES, df, mode="replace")
         insert_rows(conn, STANDARDISATION, standardisation, mode="replace")
     yield dg.MaterializeResult(
-        asset_key=REWARD_SCORES,
-        metadata={
-            **table_metadata(df, ["instruction", "output", "reward", *COMPONENTS], table=REWARD_SCORES),
-            "mean_reward": float(df["reward"].mean()),
-            "gate_pass_rate": passed.height / max(df.height, 1),
-            "scorers": dg.MetadataValue.json(versions),
-            "llm_queries": queries.as_json(),
-            **peak_memory(device),
-        },
+        asset_key=REWARD_SCORES, metadata=_reward_scores_metadata(df, passed, versions, queries, device)
     )
     yield dg.MaterializeResult(
         asset_key=STANDARDISATION,
-        metadata={
-            **table_metadata(standardisation, table=STANDARDISATION),
-            **{f"mean_{c}": float(stats.mean[c]) for c in COMPONENTS},
-            **{f"std_{c}": float(stats.std[c]) for c in COMPONENTS},
-            "weights": dg.MetadataValue.json({**weights, "bias": bias}),
-            "weights_source": weights_source,
-            "instances": passed.height,
-            **calibration_metadata,
-        },
+        metadata=_standardisation_metadata(
+            standardisation, stats, weights, bias, weights_source, passed.height, calibration_metadata
+        ),
     )
+
+
+def _ratings(feedback_scorer: FeedbackScorerResource) -> list[Rating] | None:
+    """The human ratings in the feedback_scorer's `calibration_csv`, or None without one."""
+    return (
+        read_ratings(feedback_scorer.calibration_csv, feedback_scorer.gate_reward)
+        if feedback_scorer.calibration_csv
+        else None
+    )
+
+
+def _calibrated(
+    context: dg.AssetExecutionContext,
+    ids: list[str],
+    rows: list[dict],
+    stats: ComponentStats,
+    ratings: list[Rating],
+    weights: dict[str, float],
+    gate_reward: float,
+    calibration_csv: str,
+) -> tuple[dict[str, float], float, str, dict]:
+    """Fits the weights and bias to the human ratings and restandardises: (weights, bias, source, metadata)."""
+    fit = calibrate(ids, rows, stats, ratings, list(weights))
+    weights, bias, weights_source = fit.weights, fit.bias, f"calibration:{calibration_csv}"
+    restandardise(rows, weights, bias, gate_reward)  # same stats, fitted weights
+    context.log.info(f"calibrated weights on {fit.n} rated instances: {weights}, bias {bias:.3f}, R2 {fit.r2:.2f}")
+    calibration_metadata = {
+        "calibration_instances": fit.n,
+        "calibration_rmse": fit.rmse,
+        "calibration_r2": fit.r2,
+        "calibration_skipped": dg.MetadataValue.json(fit.skipped),
+    }
+    return weights, bias, weights_source, calibration_metadata
+
+
+def _reward_scores_metadata(
+    df: pl.DataFrame, passed: pl.DataFrame, versions: dict, queries: QueryCounter, device: str
+) -> dict:
+    """The scored instances' metadata: table, mean reward, gate pass rate, scorers, queries, peak memory."""
+    return {
+        **table_metadata(df, ["instruction", "output", "reward", *COMPONENTS], table=REWARD_SCORES),
+        "mean_reward": float(df["reward"].mean()),
+        "gate_pass_rate": passed.height / max(df.height, 1),
+        "scorers": dg.MetadataValue.json(versions),
+        "llm_queries": queries.as_json(),
+        **peak_memory(device),
+    }
+
+
+def _standardisation_metadata(
+    standardisation: pl.DataFrame,
+    stats: ComponentStats,
+    weights: dict[str, float],
+    bias: float,
+    weights_source: str,
+    instances: int,
+    calibration_metadata: dict,
+) -> dict:
+    """The standardisation's metadata: table, component means and spreads, weights, their source, the fit."""
+    return {
+        **table_metadata(standardisation, table=STANDARDISATION),
+        **{f"mean_{c}": float(stats.mean[c]) for c in COMPONENTS},
+        **{f"std_{c}": float(stats.std[c]) for c in COMPONENTS},
+        "weights": dg.MetadataValue.json({**weights, "bias": bias}),
+        "weights_source": weights_source,
+        "instances": instances,
+        **calibration_metadata,
+    }

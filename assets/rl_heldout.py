@@ -7,7 +7,7 @@ import time
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.evaluation.conclusion import ci_conclusion
+from refine_af_pipeline.evaluation.conclusion import paired_conclusion
 from refine_af_pipeline.evaluation.heldout import (
     HeldoutCheckSettings,
     add_audit,
@@ -116,12 +116,7 @@ def rl_heldout_comparison(
     report the mean paired reward difference with a bootstrap 95% CI over instructions, the shares
     of instructions the policy wins, ties and loses, and the paired difference of each component."""
     started = time.monotonic()
-    # The share and the adapter of the same run of rl_refined_policy, from its table.
-    trained = latest_rows(warehouse, RL_POLICY, ("heldout_share",))
-    heldout_share = float(trained[1]["heldout_share"].drop_nulls()[-1])
-    _, heldout = split_held_out(kept_instructions(warehouse, context), heldout_share)
-    if config.max_instructions > 0:
-        heldout = heldout.head(config.max_instructions)
+    trained, heldout_share, heldout = _heldout_instructions(context, config, warehouse)
     if heldout.height == 0:
         return _no_heldout_result(context, warehouse, heldout_share)
     adapter = adapter_folder(warehouse, RL_POLICY, trained)
@@ -145,6 +140,49 @@ def rl_heldout_comparison(
         queries.wrap(audit_model.open_models({"audit": None})["audit"], "audit"), audit_model.scoring_batch_size
     )
     params = config.sampling_params()
+    rows = _generate_and_score(
+        context, config, language_model, base, policy, scorer, audit, heldout, params, device, started
+    )
+    summary = summarise(rows, scorer.gate.reward, config.bootstrap_resamples, config.seed)
+    df = _comparison_table(context, rows, adapter, base, policy, params, scorer, queries)
+    warehouse.write_table(HELDOUT, df)
+    conclusion = _conclusion(summary, config)
+    if not conclusion.passed:
+        context.log.warning(f"{CHECK_NAME}: {conclusion.description}")
+    figures = _figures(summary, df, config, scorer.gate.reward, audit.version)
+    return dg.MaterializeResult(
+        metadata=_heldout_metadata(df, figures, adapter, started, queries, device),
+        check_results=[_heldout_check(conclusion, figures)],
+    )
+
+
+def _heldout_instructions(
+    context: dg.AssetExecutionContext, config: HeldoutComparisonConfig, warehouse: Warehouse
+) -> tuple:
+    """The latest rl_refined_policy run's rows, its held-out share and the held-out instructions it left."""
+    # The share and the adapter of the same run of rl_refined_policy, from its table.
+    trained = latest_rows(warehouse, RL_POLICY, ("heldout_share",))
+    heldout_share = float(trained[1]["heldout_share"].drop_nulls()[-1])
+    _, heldout = split_held_out(kept_instructions(warehouse, context), heldout_share)
+    if config.max_instructions > 0:
+        heldout = heldout.head(config.max_instructions)
+    return trained, heldout_share, heldout
+
+
+def _generate_and_score(
+    context: dg.AssetExecutionContext,
+    config: HeldoutComparisonConfig,
+    language_model: LanguageModelResource,
+    base,
+    policy,
+    scorer,
+    audit: InstructionPMIAudit,
+    heldout: pl.DataFrame,
+    params,
+    device,
+    started: float,
+) -> list[dict]:
+    """Both models write k instances per held-out instruction, scored and audited: one row per instruction."""
     k = config.samples_per_instruction
 
     def progress(label, done, total):
@@ -170,11 +208,16 @@ def rl_heldout_comparison(
     )
     for scored in (base_rows, policy_rows):
         add_audit(scored, audit)
-    rows = per_instruction_rows(
+    return per_instruction_rows(
         heldout["instruction_id"].to_list(), heldout["instruction"].to_list(), base_rows, policy_rows, k
     )
-    summary = summarise(rows, scorer.gate.reward, config.bootstrap_resamples, config.seed)
-    df = pl.DataFrame(rows, schema_overrides=_ROW_TYPES).with_columns(
+
+
+def _comparison_table(
+    context: dg.AssetExecutionContext, rows: list[dict], adapter: str, base, policy, params, scorer, queries
+) -> pl.DataFrame:
+    """The asset's table: the per-instruction rows with the models, settings, scorers and this run's queries."""
+    return pl.DataFrame(rows, schema_overrides=_ROW_TYPES).with_columns(
         pl.lit(adapter).alias("policy_adapter"),
         *(pl.lit(v).alias(k) for k, v in provenance_columns(base.provenance).items()),
         pl.lit(policy.provenance.served_model).alias("policy_served_model"),
@@ -184,40 +227,41 @@ def rl_heldout_comparison(
         pl.lit(queries.as_json()).alias("llm_queries"),
         pl.lit(context.run_id).alias("run_id"),
     )
-    warehouse.write_table(HELDOUT, df)
-    c = summary.comparison
-    conclusion = ci_conclusion(
+
+
+def _conclusion(summary, config: HeldoutComparisonConfig):
+    """The check's answer: the paired reward difference's CI over the held-out instructions."""
+    return paired_conclusion(
         "the RL policy beats the base model on held-out instructions",
-        c.mean_difference,
-        c.ci_low,
-        c.ci_high,
-        c.n,
+        summary.comparison,
         unit="standardised reward",
         min_n=config.min_instructions,
-        confidence=c.confidence,
         n_unit="instructions",
     )
-    if not conclusion.passed:
-        context.log.warning(f"{CHECK_NAME}: {conclusion.description}")
-    figures = _figures(summary, df, config, scorer.gate.reward, audit.version)
-    return dg.MaterializeResult(
-        metadata={
-            **table_metadata(df, ["instruction", "base_reward", "policy_reward", "outcome"], table=HELDOUT),
-            **figures,
-            "policy_adapter": dg.MetadataValue.path(adapter),
-            "comparison_seconds": round(time.monotonic() - started, 1),
-            "llm_queries": queries.as_json(),
-            **peak_memory(device),
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=CHECK_NAME,
-                passed=conclusion.passed,
-                severity=dg.AssetCheckSeverity.WARN,
-                description=conclusion.description,
-                metadata={**figures, "answer": conclusion.answer, "conclusion": conclusion.description},
-            )
-        ],
+
+
+def _heldout_metadata(
+    df: pl.DataFrame, figures: dict, adapter: str, started: float, queries: QueryCounter, device
+) -> dict:
+    """The asset's metadata: the table, the comparison's figures, the adapter, the time and the queries."""
+    return {
+        **table_metadata(df, ["instruction", "base_reward", "policy_reward", "outcome"], table=HELDOUT),
+        **figures,
+        "policy_adapter": dg.MetadataValue.path(adapter),
+        "comparison_seconds": round(time.monotonic() - started, 1),
+        "llm_queries": queries.as_json(),
+        **peak_memory(device),
+    }
+
+
+def _heldout_check(conclusion, figures: dict) -> dg.AssetCheckResult:
+    """The policy_beats_base_on_heldout check: a warning only, with the figures and the conclusion."""
+    return dg.AssetCheckResult(
+        check_name=CHECK_NAME,
+        passed=conclusion.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=conclusion.description,
+        metadata={**figures, "answer": conclusion.answer, "conclusion": conclusion.description},
     )
 
 

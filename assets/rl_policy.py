@@ -76,12 +76,7 @@ def rl_refined_policy(
     artifact store; the per-step log (reward, component means, KL, loss, completion length, share
     cut at the token limit, instance-gate failures, repeated 3-gram share) is this asset's table, and
     the metadata warns when length or repetition trends suggest reward hacking."""
-    kept = kept_instructions(warehouse, context)
-    split = rl_heldout_split(kept["instruction_id"].to_list(), config.heldout_share, config.min_heldout)
-    share = split.share
-    train = kept.filter(~pl.col("instruction_id").is_in(list(split.held)))
-    if train.height == 0:
-        raise dg.Failure("every kept instruction is held out; lower heldout_share or grow the pool")
+    kept, share, train = _train_instructions(context, config, warehouse)
     stats = base_component_stats(warehouse)
     policy, tokenizer, source, device = language_model.load()
     # The judge is the base model: under transformers the policy's own weights with its LoRA
@@ -97,6 +92,46 @@ def rl_refined_policy(
     )
     out_dir = artifact_store.run_dir(RL_POLICY, context.run_id)
     started = time.monotonic()
+    result = _train(context, config, kept, train, policy, tokenizer, source, device, scorer, judge, out_dir, started)
+    seconds = time.monotonic() - started
+    # TRL generates the completions itself: one generator query per completion of every logged step.
+    queries.add("generator", len(result.log) * config.prompts_per_step * config.group_size)
+    df = _step_table(context, config, result, source, share, queries)
+    warehouse.write_table(RL_POLICY, df)
+    warnings = reward_hacking_warnings(result.log, config.max_completion_length)
+    for line in warnings:
+        context.log.warning(f"possible reward hacking: {line}")
+    return dg.MaterializeResult(
+        metadata=_policy_metadata(df, config, result, warnings, kept, train, share, seconds, queries, device)
+    )
+
+
+def _train_instructions(context: dg.AssetExecutionContext, config: RLConfig, warehouse: Warehouse) -> tuple:
+    """The kept instructions, the share held out from RL and the instructions RL trains on."""
+    kept = kept_instructions(warehouse, context)
+    split = rl_heldout_split(kept["instruction_id"].to_list(), config.heldout_share, config.min_heldout)
+    share = split.share
+    train = kept.filter(~pl.col("instruction_id").is_in(list(split.held)))
+    if train.height == 0:
+        raise dg.Failure("every kept instruction is held out; lower heldout_share or grow the pool")
+    return kept, share, train
+
+
+def _train(
+    context: dg.AssetExecutionContext,
+    config: RLConfig,
+    kept: pl.DataFrame,
+    train: pl.DataFrame,
+    policy,
+    tokenizer,
+    source,
+    device,
+    scorer,
+    judge: AdapterView,
+    out_dir,
+    started: float,
+):
+    """Runs the RL trainer on the train instructions, logging the reward and KL of each logged step."""
 
     def on_log(step, total, logs):
         if "reward" in logs:
@@ -109,7 +144,7 @@ def rl_refined_policy(
         f"RL ({config.algorithm}) on {train.height} instructions ({kept.height - train.height} held out), "
         f"{source.model_id} on {device}"
     )
-    result = train_policy(
+    return train_policy(
         policy,
         tokenizer,
         train["instruction"].to_list(),
@@ -121,10 +156,13 @@ def rl_refined_policy(
         base_view=judge,
         is_classification=train["is_classification"].to_list(),
     )
-    seconds = time.monotonic() - started
-    # TRL generates the completions itself: one generator query per completion of every logged step.
-    queries.add("generator", len(result.log) * config.prompts_per_step * config.group_size)
-    df = pl.DataFrame(result.log).with_columns(
+
+
+def _step_table(
+    context: dg.AssetExecutionContext, config: RLConfig, result, source, share: float, queries: QueryCounter
+) -> pl.DataFrame:
+    """The asset's table: the per-step log with the adapter, base model, settings, share and queries."""
+    return pl.DataFrame(result.log).with_columns(
         pl.lit(context.run_id).alias("run_id"),
         pl.lit(str(result.adapter_dir)).alias("adapter_path"),
         pl.lit(source.model_id).alias("base_model_id"),
@@ -134,30 +172,39 @@ def rl_refined_policy(
         # This run's model queries, for the query ledger.
         pl.lit(queries.as_json()).alias("llm_queries"),
     )
-    warehouse.write_table(RL_POLICY, df)
-    warnings = reward_hacking_warnings(result.log, config.max_completion_length)
-    for line in warnings:
-        context.log.warning(f"possible reward hacking: {line}")
-    return dg.MaterializeResult(
-        metadata={
-            **table_metadata(
-                df,
-                ["step", "reward", "kl", "completion_length", "gate_failure_share", "repeat_share"],
-                table=RL_POLICY,
-            ),
-            "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
-            **training_curves(df, config.algorithm),
-            **final_figures(df),
-            **reward_trend(df),
-            "reward_hacking_warnings": "; ".join(warnings) if warnings else "none seen",
-            "train_instructions": train.height,
-            "heldout_instructions": kept.height - train.height,
-            "heldout_share": share,
-            "train_seconds": round(seconds, 1),
-            "llm_queries": queries.as_json(),
-            **peak_memory(device),
-        }
-    )
+
+
+def _policy_metadata(
+    df: pl.DataFrame,
+    config: RLConfig,
+    result,
+    warnings: list[str],
+    kept: pl.DataFrame,
+    train: pl.DataFrame,
+    share: float,
+    seconds: float,
+    queries: QueryCounter,
+    device,
+) -> dict:
+    """The asset's metadata: the table, the adapter, the curves, final figures and reward-hacking warnings."""
+    return {
+        **table_metadata(
+            df,
+            ["step", "reward", "kl", "completion_length", "gate_failure_share", "repeat_share"],
+            table=RL_POLICY,
+        ),
+        "adapter_path": dg.MetadataValue.path(str(result.adapter_dir)),
+        **training_curves(df, config.algorithm),
+        **final_figures(df),
+        **reward_trend(df),
+        "reward_hacking_warnings": "; ".join(warnings) if warnings else "none seen",
+        "train_instructions": train.height,
+        "heldout_instructions": kept.height - train.height,
+        "heldout_share": share,
+        "train_seconds": round(seconds, 1),
+        "llm_queries": queries.as_json(),
+        **peak_memory(device),
+    }
 
 
 def training_curves(df: pl.DataFrame, algorithm: str) -> dict:

@@ -9,23 +9,24 @@ its settings, its reviewer) from its table."""
 import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
-from refine_af_pipeline.evaluation.conclusion import ci_conclusion
+from refine_af_pipeline.evaluation.conclusion import Conclusion, paired_conclusion
 from refine_af_pipeline.llm.backend import ServedModel, render_prompt
 from refine_af_pipeline.llm.query_count import QueryCounter
 from refine_af_pipeline.plots import line_chart_png
 from refine_af_pipeline.teams.call_cache import CallCache
-from refine_af_pipeline.teams.comparison import best_fixed_operation, compare_arms, comparison_arms
+from refine_af_pipeline.teams.comparison import ArmComparison, best_fixed_operation, compare_arms, comparison_arms
 from refine_af_pipeline.teams.environment import BatchedEvolutionVecEnv
 from refine_af_pipeline.teams.evolution import build_stepper, policy_chooser, run_chains
 from refine_af_pipeline.teams.evolved_instructions import evolved_frame, evolved_row, keep_decisions
 from refine_af_pipeline.teams.expert_answers import expert_answer_frame
 from refine_af_pipeline.teams.instructor import InstructorSettings, save_policy, train_instructor
 from refine_af_pipeline.teams.operations import OPERATION_NAMES
-from refine_af_pipeline.teams.seed_tasks import sample_seed_tasks, seed_tasks, split_seed_tasks
+from refine_af_pipeline.teams.seed_tasks import SeedTask, sample_seed_tasks, seed_tasks, split_seed_tasks
 from refine_af_pipeline.teams.settings import (
     EvolvedInstructionsSettings,
     ExpertAnswerSettings,
@@ -280,19 +281,8 @@ def teams_operation_policy(
         raise dg.Failure(f"heldout_share {config.heldout_share} holds out every seed task; lower it")
     queries = QueryCounter()
     base = language_model.open_models({"base": None})["base"]
-    context.log.info(
-        f"TeaMs-RL instructor: {config.updates} TRPO updates x {config.episodes_per_update} episodes x "
-        f"{config.horizon} operations on {len(train)} training seed tasks ({len(held)} held out), "
-        f"{base.provenance.served_model} ({base.provenance.backend})"
-    )
+    _log_training_plan(context, config, base, len(train), len(held))
     started = time.monotonic()
-
-    def on_update(row):
-        context.log.info(
-            f"{POLICY} update {row['update']}/{config.updates}: mean reward {row['mean_reward']:.3f}, "
-            f"entropy {row['entropy']:.3f}, kl {row['kl']:.4f}, {time.monotonic() - started:.0f} s elapsed"
-        )
-
     with CallCache.in_folder(artifact_store.root) as cache:
         stepper, reviewer = build_stepper(
             queries.wrap(base, "rewriter"),
@@ -305,7 +295,7 @@ def teams_operation_policy(
         env = BatchedEvolutionVecEnv(
             train, config.operations, config.horizon, stepper, config.episodes_per_update, seed=config.seed
         )
-        result = train_instructor(env, config, on_update)
+        result = train_instructor(env, config, _update_logger(context, config, started))
     policy_path = save_policy(result.model, artifact_store.run_dir(POLICY, context.run_id) / "instructor_trpo")
     log = policy_log_frame(result.log, policy_path, reviewer.version, config, context.run_id, queries.as_json())
     transitions = policy_transitions_frame(
@@ -320,56 +310,11 @@ def teams_operation_policy(
         insert_rows(conn, POLICY, log, mode="replace")
         insert_rows(conn, TRANSITIONS, transitions, mode="replace")
 
-    by_op = transitions.group_by("operation").agg(pl.col("reward").mean().alias("mean_reward"), pl.len().alias("n"))
-    # What the policy chose in each coarse state during its last update.
-    last = transitions.filter(pl.col("update") == pl.col("update").max())
-    choices = last.group_by("state", "operation").len().pivot(on="operation", index="state", values="len").fill_null(0)
-    final = result.log[-1]
-    yield dg.MaterializeResult(
-        asset_key=TRANSITIONS,
-        metadata={
-            **table_metadata(
-                transitions, ["update", "step", "operation", "after", "reward", "rule"], table=TRANSITIONS
-            ),
-            "mean_reward_by_operation": metadata_table(
-                by_op.sort("operation"), table=f"{TRANSITIONS}/mean_reward_by_operation"
-            ),
-            "rule_zero_counts": json.dumps(dict(Counter(r for r in transitions["rule"].to_list() if r))),
-            "cached_rewrite_share": float(transitions["rewrite_cached"].mean()),
-        },
-    )
+    yield dg.MaterializeResult(asset_key=TRANSITIONS, metadata=_transitions_metadata(transitions))
     yield dg.MaterializeResult(
         asset_key=POLICY,
         metadata={
-            **table_metadata(log, ["update", "mean_reward", "entropy", "kl"], table=POLICY),
-            "policy_path": dg.MetadataValue.path(str(policy_path)),
-            "settings": settings_json(config),
-            "reviewer_version": reviewer.version,
-            "training_curves": png_markdown(
-                line_chart_png(
-                    log["update"].to_list(),
-                    {c: log[c].to_list() for c in ("mean_reward", "entropy", "kl", "rule_zero_share")},
-                    "TeaMs-RL instructor (TRPO)",
-                    xlabel="update",
-                ),
-                "instructor training",
-            ),
-            "action_share_curves": png_markdown(
-                line_chart_png(
-                    log["update"].to_list(),
-                    {o: log[f"share_{o}"].to_list() for o in config.operations},
-                    "operation shares per rollout",
-                    xlabel="update",
-                ),
-                "action shares",
-            ),
-            "last_update_choices_by_state": metadata_table(
-                choices.sort("state"), table=f"{POLICY}/last_update_choices_by_state"
-            ),
-            **{f"final_share_{o}": float(final[f"share_{o}"]) for o in config.operations},
-            "first_mean_reward": float(result.log[0]["mean_reward"]),
-            "final_mean_reward": float(final["mean_reward"]),
-            "final_entropy": float(final["entropy"]),
+            **_policy_metadata(config, log, result.log, transitions, policy_path, reviewer.version),
             "train_seed_tasks": len(train),
             "heldout_seed_tasks": len(held),
             "cache_hits": cache.hits,
@@ -379,6 +324,98 @@ def teams_operation_policy(
             **peak_memory(language_model.resolved_device()),
         },
     )
+
+
+def _log_training_plan(
+    context: dg.AssetExecutionContext, config: InstructorConfig, base: ServedModel, n_train: int, n_held: int
+) -> None:
+    """Logs the instructor's training plan: updates, episodes, horizon, seed tasks and the base model."""
+    context.log.info(
+        f"TeaMs-RL instructor: {config.updates} TRPO updates x {config.episodes_per_update} episodes x "
+        f"{config.horizon} operations on {n_train} training seed tasks ({n_held} held out), "
+        f"{base.provenance.served_model} ({base.provenance.backend})"
+    )
+
+
+def _update_logger(context: dg.AssetExecutionContext, config: InstructorConfig, started: float):
+    """A callback for train_instructor: logs each TRPO update's mean reward, entropy, KL and elapsed time."""
+
+    def on_update(row):
+        context.log.info(
+            f"{POLICY} update {row['update']}/{config.updates}: mean reward {row['mean_reward']:.3f}, "
+            f"entropy {row['entropy']:.3f}, kl {row['kl']:.4f}, {time.monotonic() - started:.0f} s elapsed"
+        )
+
+    return on_update
+
+
+def _transitions_metadata(transitions: pl.DataFrame) -> dict:
+    """The transitions table's metadata: the table, mean reward by operation, rule zeros, cache share."""
+    by_op = transitions.group_by("operation").agg(pl.col("reward").mean().alias("mean_reward"), pl.len().alias("n"))
+    return {
+        **table_metadata(transitions, ["update", "step", "operation", "after", "reward", "rule"], table=TRANSITIONS),
+        "mean_reward_by_operation": metadata_table(
+            by_op.sort("operation"), table=f"{TRANSITIONS}/mean_reward_by_operation"
+        ),
+        "rule_zero_counts": json.dumps(dict(Counter(r for r in transitions["rule"].to_list() if r))),
+        "cached_rewrite_share": float(transitions["rewrite_cached"].mean()),
+    }
+
+
+def _last_update_choices(transitions: pl.DataFrame) -> pl.DataFrame:
+    """Times the policy chose each operation in each coarse state during its last update."""
+    last = transitions.filter(pl.col("update") == pl.col("update").max())
+    return last.group_by("state", "operation").len().pivot(on="operation", index="state", values="len").fill_null(0)
+
+
+def _training_charts(log: pl.DataFrame, operations: list[str]) -> dict:
+    """The instructor's training curves (mean reward, entropy, KL, rule zeros) and operation shares per update."""
+    return {
+        "training_curves": png_markdown(
+            line_chart_png(
+                log["update"].to_list(),
+                {c: log[c].to_list() for c in ("mean_reward", "entropy", "kl", "rule_zero_share")},
+                "TeaMs-RL instructor (TRPO)",
+                xlabel="update",
+            ),
+            "instructor training",
+        ),
+        "action_share_curves": png_markdown(
+            line_chart_png(
+                log["update"].to_list(),
+                {o: log[f"share_{o}"].to_list() for o in operations},
+                "operation shares per rollout",
+                xlabel="update",
+            ),
+            "action shares",
+        ),
+    }
+
+
+def _policy_metadata(
+    config: InstructorConfig,
+    log: pl.DataFrame,
+    updates: list[dict],
+    transitions: pl.DataFrame,
+    policy_path: Path,
+    reviewer_version: str,
+) -> dict:
+    """The policy's metadata from its training (`updates`: train_instructor's log): log, file, curves, figures."""
+    final = updates[-1]
+    return {
+        **table_metadata(log, ["update", "mean_reward", "entropy", "kl"], table=POLICY),
+        "policy_path": dg.MetadataValue.path(str(policy_path)),
+        "settings": settings_json(config),
+        "reviewer_version": reviewer_version,
+        **_training_charts(log, config.operations),
+        "last_update_choices_by_state": metadata_table(
+            _last_update_choices(transitions).sort("state"), table=f"{POLICY}/last_update_choices_by_state"
+        ),
+        **{f"final_share_{o}": float(final[f"share_{o}"]) for o in config.operations},
+        "first_mean_reward": float(updates[0]["mean_reward"]),
+        "final_mean_reward": float(final["mean_reward"]),
+        "final_entropy": float(final["entropy"]),
+    }
 
 
 @dg.asset(
@@ -412,15 +449,8 @@ def teams_policy_comparison(
     The held-out split, operations, horizon, rewrite sampling and reviewer are the policy's."""
     trained = _trained_policy(warehouse)
     settings = trained.settings
-    transitions = warehouse.read_table(TRANSITIONS)
-    _fail_on(trained.transitions_conflict([] if transitions is None else transitions["run_id"].to_list()))
-    _, held = split_seed_tasks(_seed_pool(warehouse), settings.heldout_share)
-    held = sample_seed_tasks(held, config.max_seeds, config.seed)
-    if len(held) < 2:
-        raise dg.Failure(
-            f"only {len(held)} held-out seed task(s) at heldout_share {settings.heldout_share}; "
-            f"raise it in {POLICY}'s config"
-        )
+    transitions = _training_transitions(warehouse, trained)
+    held = _heldout_seed_tasks(warehouse, settings, config)
     best = best_fixed_operation(transitions, settings.operations)
     arms = comparison_arms(trained.load(), settings.operations, settings.horizon, best)
     queries = QueryCounter()
@@ -458,56 +488,93 @@ def teams_policy_comparison(
 
     outcome = compare_arms(df, best, transitions, settings.operations, config.bootstrap_resamples, config.seed)
     figures = {**outcome.figures(), "reviewer_version": reviewer.version, **outcome.headroom_figures()}
-    shares = df.filter(pl.col("arm") == "policy")["operation"].value_counts(normalize=True).sort("operation")
-    u = outcome.vs_uniform
-    conclusion = ci_conclusion(
-        "the TeaMs-RL policy beats uniform operations",
-        u.mean_difference,
-        u.ci_low,
-        u.ci_high,
-        u.n,
-        unit="reviewer reward per step",
-        min_n=config.min_seeds,
-        confidence=u.confidence,
-        n_unit="held-out seed tasks",
-    )
+    conclusion = _policy_beats_uniform(outcome, config.min_seeds)
     if not conclusion.passed:
         context.log.warning(f"{COMPARISON_CHECK}: {conclusion.description}")
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["arm", "seed_id", "step", "operation", "reward"], table=COMPARISON),
-            **figures,
-            "policy_operation_shares": metadata_table(shares, table=f"{COMPARISON}/policy_operation_shares"),
-            "headroom_by_state": metadata_table(
-                pl.DataFrame(outcome.room.per_state), table=f"{COMPARISON}/headroom_by_state"
-            )
-            if outcome.room.per_state
-            else "none",
-            "per_arm_mean_reward_by_step": metadata_table(
-                df.group_by("arm", "step").agg(pl.col("reward").mean()).sort("arm", "step"),
-                table=f"{COMPARISON}/per_arm_mean_reward_by_step",
-            ),
-            "llm_queries": queries.as_json(),
-            "cache_hits": cache.hits,
-            "cache_misses": cache.misses,
-            **peak_memory(language_model.resolved_device()),
+            **_comparison_metadata(df, outcome, figures),
+            **_queries_and_cache(queries, cache, language_model.resolved_device()),
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=COMPARISON_CHECK,
-                passed=conclusion.passed,
-                severity=dg.AssetCheckSeverity.WARN,
-                description=conclusion.description,
-                metadata={
-                    **figures,
-                    **conclusion.metadata(),
-                    "rule": "passes when the low end of the paired bootstrap CI of the policy's mean reward per step "
-                    "minus uniform's is above 0"
-                    + (f", on at least {config.min_seeds} held-out seed tasks" if config.min_seeds else ""),
-                },
-            )
-        ],
+        check_results=[_comparison_check(conclusion, figures, config.min_seeds)],
     )
+
+
+def _training_transitions(warehouse: Warehouse, trained: TrainedPolicy) -> pl.DataFrame | None:
+    """The instructor's training transitions; fails unless they are from the run that trained `trained`."""
+    transitions = warehouse.read_table(TRANSITIONS)
+    _fail_on(trained.transitions_conflict([] if transitions is None else transitions["run_id"].to_list()))
+    return transitions
+
+
+def _heldout_seed_tasks(
+    warehouse: Warehouse, settings: InstructorSettings, config: PolicyComparisonConfig
+) -> list[SeedTask]:
+    """The comparison's sample of the policy's held-out seed tasks; fails with fewer than two."""
+    _, held = split_seed_tasks(_seed_pool(warehouse), settings.heldout_share)
+    held = sample_seed_tasks(held, config.max_seeds, config.seed)
+    if len(held) < 2:
+        raise dg.Failure(
+            f"only {len(held)} held-out seed task(s) at heldout_share {settings.heldout_share}; "
+            f"raise it in {POLICY}'s config"
+        )
+    return held
+
+
+def _policy_beats_uniform(outcome: ArmComparison, min_seeds: int) -> Conclusion:
+    """The check's answer: the paired CI of the policy's mean reward per step minus uniform's."""
+    return paired_conclusion(
+        "the TeaMs-RL policy beats uniform operations",
+        outcome.vs_uniform,
+        unit="reviewer reward per step",
+        min_n=min_seeds,
+        n_unit="held-out seed tasks",
+    )
+
+
+def _comparison_metadata(df: pl.DataFrame, outcome: ArmComparison, figures: dict) -> dict:
+    """The comparison's metadata: table, figures, policy operation shares, headroom, arm mean reward by step."""
+    shares = df.filter(pl.col("arm") == "policy")["operation"].value_counts(normalize=True).sort("operation")
+    return {
+        **table_metadata(df, ["arm", "seed_id", "step", "operation", "reward"], table=COMPARISON),
+        **figures,
+        "policy_operation_shares": metadata_table(shares, table=f"{COMPARISON}/policy_operation_shares"),
+        "headroom_by_state": metadata_table(
+            pl.DataFrame(outcome.room.per_state), table=f"{COMPARISON}/headroom_by_state"
+        )
+        if outcome.room.per_state
+        else "none",
+        "per_arm_mean_reward_by_step": metadata_table(
+            df.group_by("arm", "step").agg(pl.col("reward").mean()).sort("arm", "step"),
+            table=f"{COMPARISON}/per_arm_mean_reward_by_step",
+        ),
+    }
+
+
+def _comparison_check(conclusion: Conclusion, figures: dict, min_seeds: int) -> dg.AssetCheckResult:
+    """The result of teams_policy_beats_uniform: a warning unless the policy beats uniform operations."""
+    return dg.AssetCheckResult(
+        check_name=COMPARISON_CHECK,
+        passed=conclusion.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=conclusion.description,
+        metadata={
+            **figures,
+            **conclusion.metadata(),
+            "rule": "passes when the low end of the paired bootstrap CI of the policy's mean reward per step "
+            "minus uniform's is above 0" + (f", on at least {min_seeds} held-out seed tasks" if min_seeds else ""),
+        },
+    )
+
+
+def _queries_and_cache(queries: QueryCounter, cache: CallCache, device: str) -> dict:
+    """This run's model queries, the call cache's hits and misses, and the peak memory."""
+    return {
+        "llm_queries": queries.as_json(),
+        "cache_hits": cache.hits,
+        "cache_misses": cache.misses,
+        **peak_memory(device),
+    }
 
 
 @dg.asset(group_name=groups.TEAMS_RL, kinds={"duckdb", "pytorch"}, deps=[POLICY, SEED_POOL], pool="gpu")
@@ -563,25 +630,29 @@ def teams_evolved_instructions(
     )
     warehouse.write_table(EVOLVED, df)
 
-    shares = df["operation"].value_counts(normalize=True).sort("operation")
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(df, ["seed_id", "step", "operation", "instruction", "reward", "keep"], table=EVOLVED),
-            "seed_tasks": len(seeds),
-            "evolved_instructions": df.height,
-            "kept_instructions": int(df["keep"].sum()),
-            "decisions": json.dumps(dict(Counter(r or "kept" for r in df["filter_reason"].to_list()))),
-            "mean_reward": float(df["reward"].mean()),
-            "operation_shares": json.dumps(
-                {o: round(v, 4) for o, v in zip(shares["operation"].to_list(), shares["proportion"].to_list())}
-            ),
-            "reviewer_version": reviewer.version,
-            "llm_queries": queries.as_json(),
-            "cache_hits": cache.hits,
-            "cache_misses": cache.misses,
-            **peak_memory(language_model.resolved_device()),
+            **_evolved_metadata(df, len(seeds), reviewer.version),
+            **_queries_and_cache(queries, cache, language_model.resolved_device()),
         }
     )
+
+
+def _evolved_metadata(df: pl.DataFrame, n_seeds: int, reviewer_version: str) -> dict:
+    """The evolved instructions' metadata: the table, counts, filter decisions, mean reward, operation shares."""
+    shares = df["operation"].value_counts(normalize=True).sort("operation")
+    return {
+        **table_metadata(df, ["seed_id", "step", "operation", "instruction", "reward", "keep"], table=EVOLVED),
+        "seed_tasks": n_seeds,
+        "evolved_instructions": df.height,
+        "kept_instructions": int(df["keep"].sum()),
+        "decisions": json.dumps(dict(Counter(r or "kept" for r in df["filter_reason"].to_list()))),
+        "mean_reward": float(df["reward"].mean()),
+        "operation_shares": json.dumps(
+            {o: round(v, 4) for o, v in zip(shares["operation"].to_list(), shares["proportion"].to_list())}
+        ),
+        "reviewer_version": reviewer_version,
+    }
 
 
 @dg.asset(group_name=groups.TEAMS_RL, kinds={"duckdb", "pytorch"}, deps=[EVOLVED], pool="gpu")

@@ -97,11 +97,20 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
     drawn = _required(warehouse, SFT_DATA)
     budgets = _budgets(_required(warehouse, LEDGER))
     boot = dict(resamples=config.bootstrap_resamples, seed=config.seed)
-    scorers = heldout["scorers"][0] if "scorers" in heldout.columns else "unknown"
     audit_judge = audited["audit_judge"][0]
-    audit_by_instruction = (
-        audited.group_by("branch", "replicate", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
-    )
+    rows = [
+        *_rl_policy_rows(heldout, audit_judge, config, boot),
+        *_data_rows(evaluation, audited, drawn, budgets, audit_judge, config, boot),
+        *_teams_rows(teams, config, boot),
+    ]
+    df = pl.DataFrame([r.as_dict() for r in rows]).with_columns(pl.lit(context.run_id).alias("run_id"))
+    warehouse.write_table(VERDICT, df)
+    return dg.MaterializeResult(metadata=_verdict_metadata(df, rows, config), check_results=[_answered_check(rows)])
+
+
+def _rl_policy_rows(heldout: pl.DataFrame, audit_judge: str, config: VerdictConfig, boot: dict) -> list:
+    """Question a: the RL policy against the base model on held-out instructions, by audit and by training reward."""
+    scorers = heldout["scorers"][0] if "scorers" in heldout.columns else "unknown"
     question_a = "a. RL policy beats the base model on held-out instructions"
     both_audited = heldout.filter(pl.col("audit_difference").is_not_null())
     rows = []
@@ -134,12 +143,29 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
             note="the reward RL trained on: not an independent judge",
         )
     )
+    return rows
+
+
+def _data_rows(
+    evaluation: pl.DataFrame,
+    audited: pl.DataFrame,
+    drawn: pl.DataFrame,
+    budgets: dict[str, int],
+    audit_judge: str,
+    config: VerdictConfig,
+    boot: dict,
+) -> list:
+    """Questions b and c: REFINE-AF data against Self-Instruct and best-of-N data, after SFT and before it."""
+    audit_by_instruction = (
+        audited.group_by("branch", "replicate", "instruction_id").agg(pl.col("audit").mean()).to_dicts()
+    )
     first = drawn.filter(pl.col("replicate") == drawn["replicate"].min())
     pairs = {
         a: first.filter((pl.col("branch") == a) & (pl.col("slice") == "train")).height
         for a in first["branch"].unique().to_list()
     }
     task_rows = evaluation.to_dicts()
+    rows = []
     for question, reference in (
         ("b. REFINE-AF data beats Self-Instruct data after SFT", "self_instruct"),
         ("c. REFINE-AF data beats best-of-N data after SFT", "best_of_n"),
@@ -180,10 +206,16 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
                     note="instructions both arms trained on",
                 )
             )
+    return rows
+
+
+def _teams_rows(teams: pl.DataFrame, config: VerdictConfig, boot: dict) -> list:
+    """Question d: the TeaMs-RL instructor against uniform operations and the best fixed operation."""
     per_seed = teams.group_by("arm", "seed_id").agg(pl.col("reward").mean()).to_dicts()
     fixed = next((a for a in teams["arm"].unique().to_list() if a.startswith("fixed:")), None)
     if fixed is None:
         raise dg.Failure("teams_policy_comparison has no fixed:<operation> arm: materialize it again")
+    rows = []
     for question, reference in (
         ("d. TeaMs-RL instructor beats uniform operations", "uniform"),
         ("d. TeaMs-RL instructor beats the best fixed operation", fixed),
@@ -200,27 +232,30 @@ def rl_verdict(context: dg.AssetExecutionContext, config: VerdictConfig, warehou
                 **boot,
             )
         )
-    df = pl.DataFrame([r.as_dict() for r in rows]).with_columns(pl.lit(context.run_id).alias("run_id"))
-    warehouse.write_table(VERDICT, df)
-    unanswered = [r.question + f" ({r.metric})" for r in rows if r.answer == "cannot tell"]
+    return rows
+
+
+def _verdict_metadata(df: pl.DataFrame, rows: list, config: VerdictConfig) -> dict:
+    """The asset's metadata: the table, each question's answer, the rule and the verdict as markdown."""
     figures = {
         "answers": json.dumps({f"{r.question} ({r.metric})": r.answer for r in rows}),
         "verdict": dg.MetadataValue.md(verdict_markdown([r.as_dict() for r in rows])),
         "rule": RULE,
         "bootstrap_resamples": config.bootstrap_resamples,
     }
-    return dg.MaterializeResult(
-        metadata={
-            **table_metadata(df, ["question", "metric", "effect", "answer"], table=VERDICT),
-            **figures,
-            "table": metadata_table(df.drop("run_id", "answer_rule"), table=VERDICT),
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="every_question_answered",
-                passed=not unanswered,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={"cannot_tell": "; ".join(unanswered) or "none"},
-            )
-        ],
+    return {
+        **table_metadata(df, ["question", "metric", "effect", "answer"], table=VERDICT),
+        **figures,
+        "table": metadata_table(df.drop("run_id", "answer_rule"), table=VERDICT),
+    }
+
+
+def _answered_check(rows: list) -> dg.AssetCheckResult:
+    """The every_question_answered check: warns with the questions whose answer is 'cannot tell'."""
+    unanswered = [r.question + f" ({r.metric})" for r in rows if r.answer == "cannot tell"]
+    return dg.AssetCheckResult(
+        check_name="every_question_answered",
+        passed=not unanswered,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"cannot_tell": "; ".join(unanswered) or "none"},
     )

@@ -74,6 +74,7 @@ def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(
             "seed_pool",
             "raw_instructions",
             "deduplicated_instructions",
+            "instruction_pool",
             "reward_model",
             "reward_scores",
             "reward_standardisation",

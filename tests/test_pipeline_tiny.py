@@ -26,6 +26,7 @@ TABLES = [
     "seed_pool",
     "raw_instructions",
     "deduplicated_instructions",
+    "instruction_pool",
     "reward_model",
     "reward_scores",
     "reward_standardisation",

@@ -65,3 +65,19 @@ def ci_conclusion(
 
 def _signed(value: float) -> str:
     return f"{value:+.4f}" if math.isfinite(value) else str(value)
+
+
+def paired_conclusion(claim: str, comparison, unit: str, min_n: int = 0, n_unit: str = "items") -> Conclusion:
+    """ci_conclusion of a paired comparison (anything with mean_difference, ci_low, ci_high, n and
+    confidence, e.g. paired_comparison.PairedComparison)."""
+    return ci_conclusion(
+        claim,
+        comparison.mean_difference,
+        comparison.ci_low,
+        comparison.ci_high,
+        comparison.n,
+        unit=unit,
+        min_n=min_n,
+        confidence=comparison.confidence,
+        n_unit=n_unit,
+    )
