@@ -26,6 +26,7 @@ COMPONENTS = {
 SHARED: dict[str, str] = {
     # provenance
     "run_id": "Dagster run that wrote the row",
+    "pool": "the instruction pool the row was made from (instruction_pool; a stage never combines two pools)",
     "model_id": "model that generated or answered, by the name it was served as (in process: Hugging Face id or "
     "directory, the embedded model marked as such; vllm: plus the adapter; openai: the served model name)",
     "backend": "generation engine that produced the row: transformers, vllm or openai",

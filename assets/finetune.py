@@ -146,10 +146,13 @@ def sft_training_pairs(
 
 
 def _kept_pairs_by_arm(warehouse: Warehouse) -> tuple[dict[str, list[dict]], list[str]]:
-    """({arm: its kept pairs as rows, with reward and replicate}, arms without kept pairs)."""
-    arms, missing = {}, []
-    for arm, (table, _) in ARM_PAIRS.items():
+    """({arm: its kept pairs as rows, with reward and replicate}, arms without kept pairs). The arms
+    that share the instruction pool must come from the same one."""
+    arms, missing, pools = {}, [], {}
+    for arm, (table, shares) in ARM_PAIRS.items():
         df = warehouse.read_table(table)
+        if shares and df is not None:
+            pools[arm] = df["pool"][0] if "pool" in df.columns and df.height else None
         kept = df.filter(pl.col("keep")) if df is not None else None
         if kept is None or kept.height == 0:
             missing.append(arm)
@@ -158,6 +161,11 @@ def _kept_pairs_by_arm(warehouse: Warehouse) -> tuple[dict[str, list[dict]], lis
         reward = pl.col("reward").cast(pl.Float64) if "reward" in kept.columns else pl.lit(None, pl.Float64)
         replicate = pl.col("replicate").fill_null(0) if "replicate" in kept.columns else pl.lit(None, pl.Int64)
         arms[arm] = kept.select(*_PAIR_COLUMNS, reward.alias("reward"), replicate.alias("replicate")).to_dicts()
+    if len(set(pools.values())) > 1:
+        made = ", ".join(f"{ARM_PAIRS[a][0]}: {p!r}" for a, p in pools.items())
+        raise dg.Failure(
+            f"the arms were made from different instruction pools ({made}): materialize them again for one pool"
+        )
     return arms, missing
 
 

@@ -25,7 +25,7 @@ from resources.batch_ledger import BatchLedger, GenerationPlan
 
 from . import groups
 from .columns import declare
-from .instructions import current_pool
+from .instructions import current_pool, tag_run_with_pool
 from .metadata import peak_memory, progress_logger, table_metadata
 from .reward_model import REWARD_MODEL
 from .rl_policy import RL_POLICY
@@ -37,6 +37,7 @@ from .shared import (
     base_component_stats,
     kept_instructions,
     learned_reward_dir,
+    require_pool,
     scored_instance_frame,
 )
 
@@ -187,6 +188,11 @@ def build_instance_pairs_asset(
             reward_dir,
         )
         settings = plan.settings
+        # What the plan was made from: every table it reads must come from the same pool.
+        pool = settings.get("pool", UNNAMED_POOL)
+        tag_run_with_pool(context, pool)
+        for upstream in [STANDARDISATION] + ([RL_POLICY] if use_rl_policy else []):
+            require_pool(warehouse, upstream, pool)
         params = SamplingParams(
             settings["max_new_tokens"], settings["temperature"], settings["top_p"], settings["do_sample"]
         )
@@ -249,6 +255,7 @@ def build_instance_pairs_asset(
             pl.Series("filter_reason", reasons, dtype=pl.Utf8),
             # This run's model queries (a resumed plan: those of its missing batches), for the query ledger.
             pl.lit(queries.as_json()).alias("llm_queries"),
+            pl.lit(pool).alias("pool"),
         )
         ledger.finish(plan, context.run_id, replace={name: df}, clear_rows_of=_staging(name))
         return dg.MaterializeResult(

@@ -115,7 +115,7 @@ class _Decider:
         pool: str,
     ):
         # Ids are unique across pools (their plan's run id): any decided id is done.
-        decided = warehouse.read_table(DEDUP) if warehouse.table_exists(DEDUP) else None
+        decided = warehouse.query(f"SELECT instruction_id FROM {DEDUP}") if warehouse.table_exists(DEDUP) else None
         self.decided = set() if decided is None else set(decided["instruction_id"].to_list())
         done = rows_of_pool(warehouse, DEDUP, pool)
         kept = [] if done is None else done.filter(pl.col("decision") == "kept").to_dicts()

@@ -14,6 +14,7 @@ from resources.warehouse import insert_rows
 
 from . import groups
 from .columns import declare
+from .instructions import current_pool
 from .metadata import peak_memory, progress_logger, table_metadata
 from .reward_model import REWARD_MODEL
 from .shared import (
@@ -95,6 +96,7 @@ def reward_scores(
     human ratings), then writes both tables in one transaction."""
     ratings = _ratings(feedback_scorer)  # a bad ratings file fails the run before any generation
     chosen = sample_rows(kept_instructions(warehouse, context), config.max_instructions, config.seed)
+    pool = current_pool(warehouse)
     queries = QueryCounter()
     model = queries.wrap(language_model.open_models({"base": None})["base"], "generator", scoring_role="judge")
     device = language_model.resolved_device()
@@ -130,7 +132,7 @@ def reward_scores(
     ).with_columns(pl.lit(queries.as_json()).alias("llm_queries"))  # this run's model queries, for the query ledger
     passed = df.filter(pl.col("gate_reason").is_null())
     standardisation = standardisation_frame(
-        stats, weights, bias, weights_source, passed.height, model.provenance.served_model, context.run_id
+        stats, weights, bias, weights_source, passed.height, model.provenance.served_model, context.run_id, pool
     )
     with warehouse.transaction() as conn:
         insert_rows(conn, REWARD_SCORES, df, mode="replace")

@@ -22,6 +22,7 @@ from resources import FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from . import groups
 from .columns import declare
+from .instructions import current_pool
 from .metadata import metadata_table, peak_memory, table_metadata
 from .reward_model import REWARD_MODEL
 from .rl_policy import RL_POLICY
@@ -34,6 +35,7 @@ from .shared import (
     latest_rows,
     learned_reward_dir,
     provenance_columns,
+    require_pool,
     split_held_out,
 )
 
@@ -160,6 +162,9 @@ def _heldout_instructions(
     context: dg.AssetExecutionContext, config: HeldoutComparisonConfig, warehouse: Warehouse
 ) -> tuple:
     """The latest rl_refined_policy run's rows, its held-out share and the held-out instructions it left."""
+    pool = current_pool(warehouse)
+    for upstream in (RL_POLICY, STANDARDISATION):  # the policy and the reward of the pool it splits
+        require_pool(warehouse, upstream, pool)
     # The share and the adapter of the same run of rl_refined_policy, from its table.
     trained = latest_rows(warehouse, RL_POLICY, ("heldout_share",))
     heldout_share = float(trained[1]["heldout_share"].drop_nulls()[-1])

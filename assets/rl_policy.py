@@ -16,6 +16,7 @@ from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResour
 
 from . import groups
 from .columns import declare
+from .instructions import current_pool
 from .metadata import peak_memory, png_markdown, table_metadata
 from .reward_model import REWARD_MODEL
 from .shared import (
@@ -24,6 +25,7 @@ from .shared import (
     base_component_stats,
     kept_instructions,
     learned_reward_dir,
+    require_pool,
     rl_heldout_split,
 )
 
@@ -77,6 +79,8 @@ def rl_refined_policy(
     cut at the token limit, instance-gate failures, repeated 3-gram share) is this asset's table, and
     the metadata warns when length or repetition trends suggest reward hacking."""
     kept, share, train = _train_instructions(context, config, warehouse)
+    pool = current_pool(warehouse)
+    require_pool(warehouse, STANDARDISATION, pool)
     stats = base_component_stats(warehouse)
     policy, tokenizer, source, device = language_model.load()
     # The judge is the base model: under transformers the policy's own weights with its LoRA
@@ -96,7 +100,7 @@ def rl_refined_policy(
     seconds = time.monotonic() - started
     # TRL generates the completions itself: one generator query per completion of every logged step.
     queries.add("generator", len(result.log) * config.prompts_per_step * config.group_size)
-    df = _step_table(context, config, result, source, share, queries)
+    df = _step_table(context, config, result, source, share, queries).with_columns(pl.lit(pool).alias("pool"))
     warehouse.write_table(RL_POLICY, df)
     warnings = reward_hacking_warnings(result.log, config.max_completion_length)
     for line in warnings:

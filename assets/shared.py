@@ -64,6 +64,7 @@ def standardisation_frame(
     instances: int,
     model_id: str,
     run_id: str,
+    pool: str,
 ) -> pl.DataFrame:
     """The reward_standardisation table: one row; a mean, spread and weight column per component."""
     return pl.DataFrame(
@@ -76,10 +77,23 @@ def standardisation_frame(
                 "weights_source": weights_source,
                 "standardised_instances": instances,
                 "model_id": model_id,
+                "pool": pool,
                 "run_id": run_id,
             }
         ]
     )
+
+
+def require_pool(warehouse: Warehouse, table: str, pool: str) -> None:
+    """Fails unless the latest run of `table` (a stage made from the kept instructions) was made
+    from `pool`: a stage never combines what two pools made."""
+    columns = warehouse.table_columns(table)
+    made_for = warehouse.latest_run_rows(table, ["pool"])["pool"][0] if "pool" in columns else None
+    if columns and made_for != pool:
+        raise dg.Failure(
+            f"{table} was made from instruction pool {made_for!r} and this run reads pool {pool!r} (the latest "
+            f"{POOL}): materialize {table} again for this pool"
+        )
 
 
 def base_component_stats(warehouse: Warehouse) -> ComponentStats:

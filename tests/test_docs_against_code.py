@@ -936,11 +936,6 @@ def test_run_config_in_the_docs_validates_against_the_job(docs, job):
     report(problems)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_config_files_validate_against_the_job(path, job):
-    report([f"configs/{path.name}: {e}" for e in config_errors(job, yaml.safe_load(path.read_text()))])
-
-
 def table_scope(job, table) -> tuple[str, ...] | None:
     """What a settings table describes, from the paragraph before it: `X: {config: {...}}` (an
     asset's config, or a section of it) or "the `R` resource" / "resource `R`"."""

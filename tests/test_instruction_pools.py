@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import polars as pl
 import pytest
 from pipeline_helpers import instance_for, materialize, smallest_run_config
 
@@ -73,7 +74,7 @@ def test_the_pool_is_named_by_the_seed_content_and_the_generator(tmp_path):
     assert generator_name("/models/x", served_model_name="fleet/llama-3-8b") == "llama-3-8b"
 
 
-@pytest.mark.parametrize("name", ["", "a b", "-lead", "x" * 121, "p/q", "pool,2"])
+@pytest.mark.parametrize("name", ["", "a b", "-lead", "x" * 121, "p/q", "pool,2", "pool\n"])
 def test_a_pool_name_outside_the_rule_is_refused_naming_it(name):
     with pytest.raises(PoolNameError, match="is not usable"):
         check_pool_name(name)
@@ -193,3 +194,33 @@ def test_rows_from_before_pools_were_named_are_the_unnamed_pool(tiny_model_dir, 
     )
     warehouse = Warehouse(database=str(data_dir / "refine_af.duckdb"))
     assert kept_instructions(warehouse).height == kept
+
+
+def test_a_stage_refuses_an_upstream_table_another_pool_made(tmp_path):
+    from assets.shared import require_pool
+
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    warehouse.write_table("reward_standardisation", pl.DataFrame({"bias": [0.0], "pool": ["a"], "run_id": ["r1"]}))
+    require_pool(warehouse, "reward_standardisation", "a")
+    with pytest.raises(
+        dg.Failure, match="reward_standardisation was made from instruction pool 'a' and this run reads"
+    ):
+        require_pool(warehouse, "reward_standardisation", "b")
+    warehouse.write_table("rl_refined_policy", pl.DataFrame({"step": [1], "run_id": ["r1"]}))  # before pools
+    with pytest.raises(dg.Failure, match="made from instruction pool None"):
+        require_pool(warehouse, "rl_refined_policy", "a")
+
+
+def test_the_sft_draw_refuses_arms_from_two_pools(tmp_path):
+    from assets.finetune import _kept_pairs_by_arm
+
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    pair = {"instruction_id": ["i1"], "instruction": ["x"], "input": [""], "output": ["y"], "keep": [True]}
+    for table, pool in [
+        ("instance_output_pairs", "a"),
+        ("selfinstruct_instance_pairs", "a"),
+        ("bestofn_instance_pairs", "b"),
+    ]:
+        warehouse.write_table(table, pl.DataFrame({**pair, "instance_id": ["i1-0"], "reward": [0.5], "pool": [pool]}))
+    with pytest.raises(dg.Failure, match="different instruction pools.*bestofn_instance_pairs: 'b'"):
+        _kept_pairs_by_arm(warehouse)

@@ -1,7 +1,8 @@
 """Instruction pools: the generated instructions of one seed set and one generator model, kept
-apart from every other pool. A run adds to its own pool and de-duplicates against it alone, and
-every stage downstream reads the pool the run's seed_pool names, so a new seed file or model
-never trains on a blend of pools without the user asking for it (by naming an existing pool)."""
+apart from every other pool. A bootstrap run adds to its own pool and de-duplicates against it
+alone, and every stage downstream reads the pool of the latest bootstrap run (the instruction_pool
+asset) and refuses tables another pool made, so a new seed file or model never trains on a blend
+of pools unless the user names an existing pool."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class PoolNameError(ValueError):
 
 
 def check_pool_name(name: str) -> str:
-    if not POOL_NAME.match(name):
+    if not POOL_NAME.fullmatch(name):
         raise PoolNameError(
             f"pool name {name!r} is not usable: 1-120 characters of letters, digits, '.', '-' or '_', "
             "starting with a letter or digit"
