@@ -18,6 +18,7 @@ import torch
 from pipeline_helpers import materialize
 from vllm_server import SERVED_NAME, Relay, free_port
 
+from assets.instructions import current_pool
 from refine_af_pipeline.feedback.components import LikelihoodNaturalness
 from refine_af_pipeline.llm.backend import CapabilityMissing, SamplingParams, render_prompt
 from refine_af_pipeline.llm.openai_backend import ServerError
@@ -182,7 +183,9 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
         model_settings=settings,
     ).success
     adapter = _adapter(data / "artifacts" / "rl_refined_policy" / "run-1" / "adapter", seed=4)
-    _report_adapter(data, "rl_refined_policy", adapter, heldout_share=0.0)
+    # The policy is made from the pool the bootstrap grew: the instance stage refuses another pool's.
+    pool = current_pool(Warehouse(database=str(data / "refine_af.duckdb")))
+    _report_adapter(data, "rl_refined_policy", adapter, heldout_share=0.0, pool=pool)
     assert materialize(
         data, "embedded", config, selection=["instance_output_pairs"], batch_size=4, model_settings=settings
     ).success
@@ -194,7 +197,6 @@ def test_generation_stages_through_the_server(vllm_server, tmp_path):
     assert scored.height > 0
     judge = LanguageModelResource(model="embedded", device="cpu").open_models({"judge": None})["judge"]
     from assets.shared import learned_reward_dir
-    from resources import Warehouse
 
     reward_dir = learned_reward_dir(Warehouse(database=str(data / "refine_af.duckdb")))
     scorer = FeedbackScorerResource().build(judge, "cpu", learned_reward_dir=reward_dir)
