@@ -16,6 +16,7 @@ from refine_af_pipeline.training.sft import SFTSettings, finetune, validation_ne
 from resources import ArtifactStore, LanguageModelResource, Warehouse
 
 from . import groups
+from .checkpointing import training_checkpoints
 from .columns import declare
 from .instance_pairs import BESTOFN_PAIRS, INSTANCE_PAIRS, SELFINSTRUCT_PAIRS
 from .metadata import metadata_table, peak_memory, png_markdown, table_metadata
@@ -47,6 +48,8 @@ _EPOCH_LOG = {
     "train_table": "table the arm's pairs came from (drawn in sft_training_pairs)",
     "settings": "the replicate's SFT settings as JSON (its seed: the configured one + replicate)",
     "validation_instruction_ids": "instruction ids whose pairs form the validation slice, as a JSON list",
+    "resumed_from_step": "the checkpoint step this replicate's training went on from after a killed run (0: trained "
+    "from the start)",
 }
 COLUMNS = declare(
     {
@@ -334,6 +337,9 @@ def _finetuned_metadata(
         "final_validation_loss": last["validation_loss"],
         "best_validation_loss": float(first["validation_loss"].min()) if head["validation_examples"] else float("nan"),
         "validation_warning": "; ".join(warnings) or "none",
+        "resumed_from_step": dg.MetadataValue.json(
+            {str(r): int(df.filter(pl.col("replicate") == r)["resumed_from_step"][0]) for r in replicates}
+        ),
         "train_seconds": round(seconds, 1),
     }
 
@@ -372,7 +378,17 @@ def _train_replicate(
         f"{name} replicate {rep}: SFT on {train.height} pairs, {val.height} pairs of {len(held)} "
         f"instructions held out for validation ({SFT_DATA}, branch {arm})"
     )
-    result = finetune(model, tokenizer, _triples(train), settings, out_dir, device, on_log, validation=_triples(val))
+    checkpoints = training_checkpoints(
+        context,
+        artifact_store,
+        name,
+        settings.checkpoint_every_steps,
+        settings=settings.model_dump(exclude={"checkpoint_every_steps"}),
+        train=_triples(train),
+        validation=_triples(val),
+        model=source.model_id,
+    )
+    result = finetune(model, tokenizer, _triples(train), settings, out_dir, device, on_log, _triples(val), checkpoints)
     del model
     df = pl.DataFrame(result.epochs, schema_overrides={"step_losses": pl.List(pl.Float64)}).with_columns(
         pl.lit(rep).alias("replicate"),
@@ -385,6 +401,8 @@ def _train_replicate(
         pl.lit(arm).alias("branch"),
         pl.lit(json.dumps(settings.model_dump())).alias("settings"),
         pl.lit(json.dumps(sorted(held))).alias("validation_instruction_ids"),
+        # A re-run of a killed step went on from this checkpoint step (0: trained from the start).
+        pl.lit(result.resumed_from_step).alias("resumed_from_step"),
     )
     warning = None
     if val.height == 0:

@@ -15,6 +15,7 @@ from refine_af_pipeline.training.rl_diagnostics import reward_hacking_warnings
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
 
 from . import groups
+from .checkpointing import resume_metadata, training_checkpoints
 from .columns import declare
 from .instructions import current_pool
 from .metadata import peak_memory, png_markdown, table_metadata
@@ -95,11 +96,25 @@ def rl_refined_policy(
         learned_reward_dir(warehouse, feedback_scorer),
     )
     out_dir = artifact_store.run_dir(RL_POLICY, context.run_id)
+    checkpoints = training_checkpoints(
+        context,
+        artifact_store,
+        RL_POLICY,
+        config.checkpoint_every_steps,
+        settings=config.model_dump(exclude={"checkpoint_every_steps"}),
+        instructions=train.select("instruction", "is_classification").rows(),
+        model=source.model_id,
+        standardisation=stats,
+        scorer=feedback_scorer.model_dump(),
+        learned_reward=learned_reward_dir(warehouse, feedback_scorer),
+    )
     started = time.monotonic()
-    result = _train(context, config, kept, train, policy, tokenizer, source, device, scorer, judge, out_dir, started)
+    result = _train(
+        context, config, kept, train, policy, tokenizer, source, device, scorer, judge, out_dir, started, checkpoints
+    )
     seconds = time.monotonic() - started
-    # TRL generates the completions itself: one generator query per completion of every logged step.
-    queries.add("generator", len(result.log) * config.prompts_per_step * config.group_size)
+    # TRL generates the completions itself: one generator query per completion of every step this run took.
+    queries.add("generator", result.steps_taken * config.prompts_per_step * config.group_size)
     df = _step_table(context, config, result, source, share, queries).with_columns(pl.lit(pool).alias("pool"))
     warehouse.write_table(RL_POLICY, df)
     warnings = reward_hacking_warnings(result.log, config.max_completion_length)
@@ -134,6 +149,7 @@ def _train(
     judge: AdapterView,
     out_dir,
     started: float,
+    checkpoints,
 ):
     """Runs the RL trainer on the train instructions, logging the reward and KL of each logged step."""
 
@@ -159,6 +175,7 @@ def _train(
         on_log,
         base_view=judge,
         is_classification=train["is_classification"].to_list(),
+        checkpoints=checkpoints,
     )
 
 
@@ -206,6 +223,7 @@ def _policy_metadata(
         "heldout_instructions": kept.height - train.height,
         "heldout_share": share,
         "train_seconds": round(seconds, 1),
+        **resume_metadata(result.resumed_from_step, result.steps_taken),
         "llm_queries": queries.as_json(),
         **peak_memory(device),
     }

@@ -46,6 +46,7 @@ from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResour
 from resources.warehouse import insert_rows
 
 from . import groups
+from .checkpointing import resume_metadata, training_checkpoints
 from .columns import declare
 from .metadata import metadata_table, peak_memory, png_markdown, progress_logger, table_metadata
 from .seed_pool import SEED_POOL
@@ -295,7 +296,17 @@ def teams_operation_policy(
         env = BatchedEvolutionVecEnv(
             train, config.operations, config.horizon, stepper, config.episodes_per_update, seed=config.seed
         )
-        result = train_instructor(env, config, _update_logger(context, config, started))
+        checkpoints = training_checkpoints(
+            context,
+            artifact_store,
+            POLICY,
+            config.checkpoint_every_updates,
+            settings=config.model_dump(exclude={"checkpoint_every_updates"}),
+            seeds=train,
+            model=base.provenance.columns(),
+            reviewer=reviewer.version,
+        )
+        result = train_instructor(env, config, _update_logger(context, config, started), checkpoints)
     policy_path = save_policy(result.model, artifact_store.run_dir(POLICY, context.run_id) / "instructor_trpo")
     log = policy_log_frame(result.log, policy_path, reviewer.version, config, context.run_id, queries.as_json())
     transitions = policy_transitions_frame(
@@ -321,6 +332,7 @@ def teams_operation_policy(
             "cache_misses": cache.misses,
             "llm_queries": queries.as_json(),
             "train_seconds": round(time.monotonic() - started, 1),
+            **resume_metadata(result.resumed_from_update, result.updates_taken, "update"),
             **peak_memory(language_model.resolved_device()),
         },
     )

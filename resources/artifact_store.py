@@ -6,6 +6,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from refine_af_pipeline.training.checkpoints import Checkpoints
+
 
 class ArtifactStore(dg.ConfigurableResource):
     root: str
@@ -14,3 +16,8 @@ class ArtifactStore(dg.ConfigurableResource):
         path = Path(self.root) / asset_name / run_id
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def checkpoints(self, asset_name: str, fingerprint: str, every_steps: int) -> Checkpoints:
+        """Where `asset_name`'s training made of `fingerprint` saves its checkpoints: not under a
+        run id, so the re-run of a killed step finds them."""
+        return Checkpoints(Path(self.root) / asset_name / "checkpoints" / fingerprint, every_steps)

@@ -3,7 +3,8 @@ process with SIGKILL in the middle of generation.
 
 --slow-batch-seconds makes every generation batch take at least that long (the tiny model writes a
 batch in a fraction of a second, faster than a test can watch the table grow), so the kill lands
-between batch commits as it would on a real model.
+between batch commits as it would on a real model; --slow-train-step-seconds does the same for each
+optimizer step of the trainers, so a kill lands between checkpoints.
 """
 
 import argparse
@@ -29,6 +30,23 @@ def slow_down_generation(seconds: float) -> None:
     TransformersModel.generate = slow
 
 
+def slow_down_training(seconds: float) -> None:
+    from refine_af_pipeline.training import checkpoints, rl, sft
+
+    def slow_counter():
+        counter = checkpoints.step_counter()
+        counted = counter.on_step_end
+
+        def on_step_end(*args, **kwargs):
+            time.sleep(seconds)
+            return counted(*args, **kwargs)
+
+        counter.on_step_end = on_step_end
+        return counter
+
+    rl.step_counter = sft.step_counter = slow_counter
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-dir", required=True)
@@ -37,9 +55,12 @@ def main() -> None:
     parser.add_argument("--run-config", default="{}", help="JSON: op name -> config")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--slow-batch-seconds", type=float, default=0.0)
+    parser.add_argument("--slow-train-step-seconds", type=float, default=0.0)
     args = parser.parse_args()
     if args.slow_batch_seconds:
         slow_down_generation(args.slow_batch_seconds)
+    if args.slow_train_step_seconds:
+        slow_down_training(args.slow_train_step_seconds)
     from pipeline_helpers import materialize
 
     result = materialize(

@@ -13,7 +13,7 @@ import dagster as dg
 import duckdb
 import polars as pl
 import pytest
-from pipeline_helpers import copy_data_dir, materialize, smallest_run_config
+from pipeline_helpers import copy_data_dir, instance_for, materialize, smallest_run_config
 
 pytestmark = pytest.mark.slow  # minutes of tiny-model graph runs: out of make test-fast
 
@@ -229,3 +229,57 @@ def test_killed_instance_generation_run_is_finished_without_regenerating(
     assert set(log["status"]) == {"finished"}
     by = log["committed_by_run_id"].to_list()
     assert sorted(by) == sorted([plan_id] * committed + [resumed.run_id] * (planned - committed))
+
+
+RL_CONFIG = {"max_steps": 4, "checkpoint_every_steps": 1}
+
+
+def test_killed_rl_training_resumes_from_its_checkpoint_in_the_next_run(
+    upstream_of_instances, tiny_model_dir, tmp_path
+):
+    """A materialization of rl_refined_policy killed after its first checkpoint: the next run (a
+    new run id) goes on from the checkpoint, says so in its metadata and log, takes only the
+    remaining steps, and its table has every step once."""
+    from refine_af_pipeline.training.checkpoints import Checkpoints
+
+    data_dir = copy_data_dir(upstream_of_instances, tmp_path / "data")
+    config = {"rl_refined_policy": RL_CONFIG}
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(CHILD),
+            *("--data-dir", str(data_dir), "--model", str(tiny_model_dir), "--select", "rl_refined_policy"),
+            *("--run-config", json.dumps(smallest_run_config(**config)), "--slow-train-step-seconds", "2"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    folders = data_dir / "artifacts" / "rl_refined_policy" / "checkpoints"
+    try:
+        deadline = time.monotonic() + 300
+        while not any(Checkpoints(f, 1).latest_step() >= 1 for f in folders.glob("*")):
+            assert child.poll() is None, child.communicate(timeout=30)[0][-4000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.1)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL, "the child ended on its own before the kill"
+    [folder] = folders.glob("*")
+    at_kill = Checkpoints(folder, 1).latest_step()
+    assert 1 <= at_kill < RL_CONFIG["max_steps"]
+
+    resumed = materialize(data_dir, str(tiny_model_dir), smallest_run_config(**config), selection=["rl_refined_policy"])
+    [materialization] = resumed.asset_materializations_for_node("rl_refined_policy")
+    metadata = {k: v.value for k, v in materialization.metadata.items()}
+    assert metadata["resumed_from_step"] == at_kill
+    assert metadata["steps_taken_this_run"] == RL_CONFIG["max_steps"] - at_kill
+    with instance_for(data_dir) as instance:
+        assert any(f"checkpoint of step {at_kill}" in (e.user_message or "") for e in instance.all_logs(resumed.run_id))
+    table = _query(data_dir / "refine_af.duckdb", "SELECT step, run_id FROM rl_refined_policy ORDER BY step")
+    assert table["step"].to_list() == list(range(1, RL_CONFIG["max_steps"] + 1))
+    assert set(table["run_id"]) == {resumed.run_id}
+    assert not folder.exists()  # the finished training removed its checkpoints

@@ -85,7 +85,7 @@ class BatchedEvolutionVecEnv(VecEnv):
         self.step_fn = step_fn
         super().__init__(n_envs, self.envs[0].observation_space, self.envs[0].action_space)
         self._base_seed = seed
-        self._episodes = 0
+        self.episodes_drawn = 0
         self._actions = np.zeros(n_envs, dtype=np.int64)
         self.transitions: list[dict] = []  # every step of every episode, in order
 
@@ -95,8 +95,8 @@ class BatchedEvolutionVecEnv(VecEnv):
 
     def _reset_one(self, k: int) -> np.ndarray:
         # Each episode its own seed: the draw of seed instructions is reproducible and differs per episode.
-        obs, _ = self.envs[k].reset(seed=self._base_seed * 1_000_003 + self._episodes)
-        self._episodes += 1
+        obs, _ = self.envs[k].reset(seed=self._base_seed * 1_000_003 + self.episodes_drawn)
+        self.episodes_drawn += 1
         return obs
 
     def step_async(self, actions: np.ndarray) -> None:

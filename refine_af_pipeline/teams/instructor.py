@@ -5,7 +5,7 @@ and reading the policy back as a function from states (state.py) to action proba
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +13,16 @@ import numpy as np
 from pydantic import ConfigDict, Field, field_validator
 
 from ..llm.backend import SamplingParams
-from ..settings_types import DEFAULT_TOP_P, GenerationBatchSettings, PositiveFloat, PositiveInt, Probability, Share
+from ..settings_types import (
+    DEFAULT_TOP_P,
+    GenerationBatchSettings,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Share,
+)
+from ..training.checkpoints import Checkpoints
 from .environment import BatchedEvolutionVecEnv
 from .operations import OPERATION_NAMES
 from .reviewer import NEAR_COPY_ROUGE_L
@@ -54,6 +63,13 @@ class InstructorSettings(GenerationBatchSettings):
         description=("reviewer rule: a rewrite at least this ROUGE-L-similar to the instruction it rewrote scores 0"),
     )
     seed: int = Field(0, description="seed of the episode draws, the policy's initialisation and the sampling")
+    checkpoint_every_updates: NonNegativeInt = Field(
+        1,
+        description=(
+            "save the policy, its optimizer, the episode counter and the RNG states every this many TRPO updates (0: "
+            "never); a re-run of a killed step resumes from the last save"
+        ),
+    )
 
     @field_validator("operations")
     @classmethod
@@ -73,6 +89,8 @@ class InstructorSettings(GenerationBatchSettings):
 class InstructorResult:
     model: object  # the sb3-contrib TRPO model
     log: list[dict] = field(default_factory=list)
+    resumed_from_update: int = 0  # the checkpoint's update a re-run went on from (0: trained from the start)
+    updates_taken: int = 0  # TRPO updates this call ran
 
 
 def action_probabilities(model, observations: np.ndarray) -> np.ndarray:
@@ -114,14 +132,22 @@ def build_trpo(env: BatchedEvolutionVecEnv, settings: InstructorSettings):
 
 
 def train_instructor(
-    env: BatchedEvolutionVecEnv, settings: InstructorSettings, on_update: Callable[[dict], None] | None = None
+    env: BatchedEvolutionVecEnv,
+    settings: InstructorSettings,
+    on_update: Callable[[dict], None] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> InstructorResult:
     """`settings.updates` TRPO updates; a log row per update: the rollout's mean reward and action
-    shares, then the policy's mean entropy over states and its mean KL from before the update."""
-    model = build_trpo(env, settings)
-    ops: Sequence[str] = settings.operations
-    result = InstructorResult(model)
-    for update in range(1, settings.updates + 1):
+    shares, then the policy's mean entropy over states and its mean KL from before the update.
+    With `checkpoints`, saved every N updates there and resumed from the last complete save (the
+    folder is removed at the end)."""
+    resume = checkpoints.latest() if checkpoints is not None else None
+    if resume is not None:
+        result = resume_instructor(resume, env)
+    else:
+        result = InstructorResult(build_trpo(env, settings))
+    model, ops = result.model, settings.operations
+    for update in range(result.resumed_from_update + 1, settings.updates + 1):
         start = len(env.transitions)
         params = {k: v.clone() for k, v in model.policy.state_dict().items()}
         model.learn(total_timesteps=env.num_envs * settings.horizon, reset_num_timesteps=update == 1)
@@ -150,9 +176,79 @@ def train_instructor(
             **{f"start_probability_{op}": float(start_probs[k]) for k, op in enumerate(ops)},
         }
         result.log.append(row)
+        result.updates_taken += 1
         if on_update:
             on_update(row)
+        if checkpoints is not None and checkpoints.enabled and update % checkpoints.every_steps == 0:
+            save_instructor_checkpoint(checkpoints, update, result, env)
+    if checkpoints is not None:
+        checkpoints.discard()
     return result
+
+
+def save_instructor_checkpoint(
+    checkpoints: Checkpoints, update: int, result: InstructorResult, env: BatchedEvolutionVecEnv
+) -> None:
+    """After update `update`: the policy with its optimizer (sb3's save), then the state sb3 does
+    not save (our log, the environment's transitions and episode counter, the RNG states) as the
+    step state; the checkpoint's trainer_state.json, written last, marks it complete."""
+    import json
+    import random
+    import shutil
+
+    import torch
+
+    folder = checkpoints.folder / f"checkpoint-{update}"
+    folder.mkdir(parents=True, exist_ok=True)
+    result.model.save(str(folder / "policy.zip"))
+    numpy_state = np.random.get_state()
+    checkpoints.write_state(
+        update,
+        {
+            "log": result.log,
+            "transitions": env.transitions,
+            # The episodes drawn before the auto-reset that ended this update: a resumed run's reset
+            # draws those same next episodes again.
+            "episodes": env.episodes_drawn - env.num_envs,
+            "torch_rng": torch.get_rng_state().tolist(),
+            "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "python_rng": _jsonable(random.getstate()),
+        },
+    )
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": update}))
+    for older in checkpoints.folder.glob("checkpoint-*"):
+        if older != folder:
+            shutil.rmtree(older, ignore_errors=True)
+
+
+def resume_instructor(checkpoint: Path, env: BatchedEvolutionVecEnv) -> InstructorResult:
+    """The TRPO model, log and environment as they were after the checkpoint's update."""
+    import random
+
+    import torch
+    from sb3_contrib import TRPO
+
+    from ..training.checkpoints import step_of
+
+    update = step_of(checkpoint)
+    state = Checkpoints(checkpoint.parent, 1).read_state(update)
+    model = TRPO.load(str(checkpoint / "policy.zip"), env=env, device="cpu")
+    env.transitions[:] = state["transitions"]
+    env.episodes_drawn = state["episodes"]
+    # After load, which seeds the RNGs again: the states of the moment the checkpoint was taken.
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    random.setstate(_tupled(state["python_rng"]))
+    return InstructorResult(model, list(state["log"]), resumed_from_update=update)
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _tupled(value):
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
 def save_policy(model, path: Path) -> Path:

@@ -31,6 +31,7 @@ from ..settings_types import (
     Probability,
     Share,
 )
+from .checkpoints import Checkpoints, step_counter, step_of, step_state_saver, with_epoch_seeded_sampler
 from .rl_diagnostics import mean_repeat_share
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
@@ -76,6 +77,13 @@ class RLSettings(BaseModel):
     lora_r: PositiveInt = Field(8, description="LoRA rank")
     lora_alpha: PositiveInt = Field(16, description="LoRA scaling numerator (scale = lora_alpha / lora_r)")
     seed: int = Field(0, description="trainer seed")
+    checkpoint_every_steps: NonNegativeInt = Field(
+        10,
+        description=(
+            "save a checkpoint every this many optimizer steps (0: none); a re-run of a killed step resumes from "
+            "the last one with the same data order and reward records"
+        ),
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass (for 7B+ policies)"
     )
@@ -110,6 +118,8 @@ class RLSettings(BaseModel):
 class RLResult:
     adapter_dir: Path
     log: list[dict] = field(default_factory=list)
+    resumed_from_step: int = 0  # the checkpoint's step a re-run went on from (0: trained from the start)
+    steps_taken: int = 0  # optimizer steps this call took
 
 
 class _RewardRecorder:
@@ -164,11 +174,13 @@ def train_policy(
     on_log=None,
     base_view: AdapterView | None = None,
     is_classification: Sequence[bool] | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> RLResult:
     """Train a LoRA adapter on `model`. `base_view`, if given (the scorer's judge), is bound to the
     trainer's PEFT model, so the judge reads the base weights with the adapter off: one copy of the
     weights serves policy, reference and judge. `is_classification` (per instruction) turns on the
-    gate's label check for those instructions."""
+    gate's label check for those instructions. With `checkpoints`, saves every N steps there and
+    resumes from the last complete checkpoint found (the folder is removed once the adapter is saved)."""
     from datasets import Dataset
 
     if not instructions:
@@ -195,7 +207,7 @@ def train_policy(
         }
     )
     args = dict(
-        common_training_args(output_dir, settings.seed, device),
+        common_training_args(output_dir, settings.seed, device, checkpoints),
         max_steps=settings.max_steps,
         # One generate call per optimizer step for all its completions (the large batch is where
         # generation is fast); the backward passes go through them train_batch_size at a time.
@@ -228,21 +240,34 @@ def train_policy(
 
         args["normalize_advantages"] = True  # the same scale, over the step's completions
     recorder = _RewardRecorder(scorer, settings.max_completion_length, _end_token_ids(model, tokenizer))
-    trainer = Trainer(
+    counter = step_counter()
+    callbacks = [log_forwarder(on_log), counter]
+    resume = checkpoints.latest() if checkpoints is not None else None
+    if checkpoints is not None:
+        if resume is not None:
+            recorder.calls = checkpoints.read_state(step_of(resume))["reward_calls"]
+        callbacks.append(step_state_saver(checkpoints, lambda: {"reward_calls": recorder.calls}))
+    trainer = with_epoch_seeded_sampler(Trainer, settings.seed)(
         model=model,
         reward_funcs=[recorder],
         args=Config(**args),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(settings.lora_r, settings.lora_alpha),
-        callbacks=[log_forwarder(on_log)],
+        callbacks=callbacks,
     )
     if base_view is not None:
         base_view.bind(trainer.model)
     with sort_free_rollouts(trainer, settings.top_p, settings.temperature):
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    adapter_dir = save_adapter(trainer, tokenizer, output_dir)
+    if checkpoints is not None:
+        checkpoints.discard()
     return RLResult(
-        save_adapter(trainer, tokenizer, output_dir), _training_log(trainer.state.log_history, recorder.calls)
+        adapter_dir,
+        _training_log(trainer.state.log_history, recorder.calls),
+        step_of(resume) if resume is not None else 0,
+        counter.taken,
     )
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..llm.prompts import sft_prompt
-from ..settings_types import PositiveFloat, PositiveInt
+from ..settings_types import NonNegativeInt, PositiveFloat, PositiveInt
+from .checkpoints import Checkpoints, step_counter, step_of, step_state_saver, with_epoch_seeded_sampler
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 VALIDATION_SALT = "sft-validation"
@@ -50,6 +51,13 @@ class SFTSettings(BaseModel):
     lora_r: PositiveInt = Field(8, description="LoRA rank")
     lora_alpha: PositiveInt = Field(16, description="LoRA scaling numerator (scale = lora_alpha / lora_r)")
     seed: int = Field(0, description="trainer seed")
+    checkpoint_every_steps: NonNegativeInt = Field(
+        10,
+        description=(
+            "save a checkpoint every this many optimizer steps (0: none); a re-run of a killed step resumes from "
+            "the last one with the same data order"
+        ),
+    )
     gradient_checkpointing: bool = Field(
         False,
         description=(
@@ -70,6 +78,8 @@ class SFTResult:
     adapter_dir: Path
     log: list[dict] = field(default_factory=list)  # one row per optimizer step: step, loss, learning_rate, epoch
     epochs: list[dict] = field(default_factory=list)  # epoch, steps, train_loss, validation_loss (epoch 0: before)
+    resumed_from_step: int = 0  # the checkpoint's step a re-run went on from (0: trained from the start)
+    steps_taken: int = 0  # optimizer steps this call took
 
 
 def sft_records(triples: Sequence[tuple[str, str, str]]) -> dict[str, list[str]]:
@@ -85,7 +95,10 @@ def finetune(
     device: str,
     on_log=None,
     validation: Sequence[tuple[str, str, str]] = (),
+    checkpoints: Checkpoints | None = None,
 ) -> SFTResult:
+    """A LoRA adapter fine-tuned on `triples`; with `checkpoints`, saved every N steps there and
+    resumed from the last complete checkpoint found (the folder is removed once the adapter is saved)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -93,10 +106,15 @@ def finetune(
         raise ValueError("no (instruction, input, output) triples to fine-tune on")
     train = Dataset.from_dict(sft_records(triples))
     evaluated = {"train": train} | ({"validation": Dataset.from_dict(sft_records(validation))} if validation else {})
-    trainer = SFTTrainer(
+    counter = step_counter()
+    callbacks = [log_forwarder(on_log), counter]
+    resume = checkpoints.latest() if checkpoints is not None else None
+    if checkpoints is not None:
+        callbacks.append(step_state_saver(checkpoints, dict))
+    trainer = with_epoch_seeded_sampler(SFTTrainer, settings.seed)(
         model=model,
         args=SFTConfig(
-            **common_training_args(output_dir, settings.seed, device),
+            **common_training_args(output_dir, settings.seed, device, checkpoints),
             num_train_epochs=settings.epochs,
             per_device_train_batch_size=settings.train_batch_size,
             gradient_accumulation_steps=settings.batch_size // settings.train_batch_size,
@@ -112,12 +130,14 @@ def finetune(
         eval_dataset=evaluated.get("validation"),
         processing_class=tokenizer,
         peft_config=lora_config(settings.lora_r, settings.lora_alpha),
-        callbacks=[log_forwarder(on_log)],
+        callbacks=callbacks,
     )
     # Before any step: both losses of the untrained adapter (= the base model), the curves' origin.
     start = {name: trainer.evaluate(ds, metric_key_prefix=name)[f"{name}_loss"] for name, ds in evaluated.items()}
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     adapter_dir = save_adapter(trainer, tokenizer, output_dir)
+    if checkpoints is not None:
+        checkpoints.discard()
     steps = [
         {
             "step": int(h["step"]),
@@ -129,7 +149,13 @@ def finetune(
         if "loss" in h
     ]
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-    return SFTResult(adapter_dir, steps, epoch_log(steps, evals, start))
+    return SFTResult(
+        adapter_dir,
+        steps,
+        epoch_log(steps, evals, start),
+        step_of(resume) if resume is not None else 0,
+        counter.taken,
+    )
 
 
 def epoch_log(steps: Sequence[dict], evals: Sequence[dict], start: dict[str, float]) -> list[dict]:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checkpoints import Checkpoints, trainer_save_args
 
-def common_training_args(output_dir: Path, seed: int, device: str) -> dict:
-    return dict(
+
+def common_training_args(output_dir: Path, seed: int, device: str, checkpoints: Checkpoints | None = None) -> dict:
+    """The adapter is saved once, at the end, into the artifact store; with `checkpoints` the
+    trainer also saves every N steps into their folder (checkpoints.py), else nothing on the way."""
+    args = dict(
         output_dir=str(output_dir / "trainer"),
         logging_steps=1,
-        save_strategy="no",  # the adapter is saved once, at the end, into the artifact store
         report_to=[],
         seed=seed,
         use_cpu=device == "cpu",
         bf16=False,  # the weights already come in the resource's dtype; no extra autocast
         disable_tqdm=True,
     )
+    return args | trainer_save_args(checkpoints)
 
 
 def lora_config(r: int, alpha: int):
