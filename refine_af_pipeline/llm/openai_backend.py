@@ -1,5 +1,5 @@
 """The openai backend: any OpenAI-compatible completions server (vLLM `serve`, SGLang, llama.cpp
-server), one URL or a fleet of them shared round-robin.
+server), one URL or a fleet of them, each server with its own limit of requests in flight.
 
 Prompts are rendered and tokenized here and sent as token ids, so the server scores exactly the
 tokens the transformers backend would (no second BOS, no different split of the chat template).
@@ -8,18 +8,19 @@ token's log-probability, which gives both the continuation scores and, with the 
 appended, the next-token distribution. A server that does not return them is configured with
 `logprobs=False`, and the judges that need them fail at step start.
 
-One request per prompt, at most `concurrency` in flight: the server batches them itself
-(continuous batching), and a fleet's load balancing sees single requests. httpx is the client (the
-OpenAI SDK retries 408 and 409 too and cannot reach vLLM's adapter-loading endpoint); retries go
-through retry.call_with_retry, for connection errors, timeouts, 429 and 5xx only.
+One request per prompt, at most `concurrency` in flight on each server (`scoring_concurrency` for
+log-probability requests): the server batches them itself (continuous batching), and a request goes
+to the least busy server (fleet.Fleet). httpx is the client (the OpenAI SDK retries 408 and 409 too
+and cannot reach vLLM's adapter-loading endpoint). Connection errors, timeouts, 429 and 5xx are
+retried, at once on another server where one is up; a server failing `down_after` times in a row is
+set aside for a cooldown, so a stage goes on while one server lives. Any other error fails at once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
+import logging
 import math
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backend import ALL_CAPABILITIES, Generation, ProgressFn, Provenance, SamplingParams, TokenScoringModel, row_seed
+from .fleet import GENERATE, SCORE, Fleet, FleetDown
 from .retry import Backoff, RetriesExhausted, call_with_retry
 
 _RETRIED_STATUS = {429} | set(range(500, 600))
+log = logging.getLogger(__name__)
 
 
 class ServerError(RuntimeError):
@@ -44,12 +47,19 @@ class _TransientServerError(ServerError, ConnectionError):
 class ServerSettings:
     base_urls: tuple[str, ...]
     api_key: str | None = None
-    concurrency: int = 8
-    scoring_concurrency: int | None = None  # log-probability requests in flight (None: concurrency)
+    concurrency: int = 8  # requests in flight per server
+    scoring_concurrency: int | None = None  # log-probability requests in flight per server (None: concurrency)
     timeout_s: float = 300.0  # one request; a long generation on a loaded server takes a while
     connect_timeout_s: float = 3.0
     attempts: int = 4  # tries per request, the first included
     logprobs: bool = True
+    down_after: int = 3  # transient failures in a row that mark a server down
+    cooldown_s: float = 5.0  # a server's first time down; doubles with each marking in a row
+    max_cooldown_s: float = 60.0
+
+    def limit(self, kind: str) -> int:
+        """Requests of `kind` (fleet.GENERATE or fleet.SCORE) one server takes at once."""
+        return (self.scoring_concurrency or self.concurrency) if kind == SCORE else self.concurrency
 
     def __repr__(self) -> str:  # the key never reaches a log line
         return (
@@ -59,7 +69,8 @@ class ServerSettings:
 
 
 class ServerPool:
-    """The fleet: one HTTP client, URLs taken in turn per request (a retry goes to the next)."""
+    """The fleet: one HTTP client, each request sent to a server with a free slot (fleet.Fleet) and
+    retried on another when it fails transiently."""
 
     def __init__(self, settings: ServerSettings):
         import httpx
@@ -68,37 +79,99 @@ class ServerPool:
             raise ValueError("the openai backend needs at least one base URL (e.g. http://127.0.0.1:8000/v1)")
         self.settings = settings
         self.urls = [u.rstrip("/") for u in settings.base_urls]
-        self._next = itertools.cycle(range(len(self.urls)))
-        self._lock = threading.Lock()
+        self.fleet = Fleet(
+            self.urls,
+            {kind: settings.limit(kind) for kind in (GENERATE, SCORE)},
+            settings.down_after,
+            settings.cooldown_s,
+            settings.max_cooldown_s,
+        )
         headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        connections = self.capacity(GENERATE) + self.capacity(SCORE) + 4
         self.client = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            limits=httpx.Limits(max_connections=settings.concurrency * len(self.urls) + 4),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         )
+        # Tries per request; the pauses only where every server up has already failed the request.
         self.backoff = Backoff(attempts=settings.attempts, first_delay_s=0.5, factor=2.0, max_delay_s=8.0)
 
-    def _pick(self) -> str:
-        with self._lock:
-            return self.urls[next(self._next)]
+    def capacity(self, kind: str) -> int:
+        """Requests of `kind` the whole fleet takes at once."""
+        return self.settings.limit(kind) * len(self.urls)
 
     def request(
-        self, method: str, path: str, body: dict | None = None, url: str | None = None, backoff: Backoff | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        url: str | None = None,
+        backoff: Backoff | None = None,
+        kind: str = GENERATE,
     ) -> dict:
-        """JSON of `method path` on the next URL (or on `url`), retried on transient failures."""
+        """JSON of `method path` on a server of the fleet with a free slot of `kind` (or on `url`
+        only), retried on transient failures."""
+        backoff = backoff or self.backoff
+        if url is not None:
+            return self._request_pinned(method, path, body, url, backoff)
+        return self._request_on_fleet(method, path, body, kind, backoff)
+
+    def _request_on_fleet(self, method: str, path: str, body: dict | None, kind: str, backoff: Backoff) -> dict:
         tried: list[str] = []
+        failed_on: set[str] = set()
+        pauses = iter(backoff.delays())
+        last_error = ""
+        for attempt in range(1, backoff.attempts + 1):
+            try:
+                server = self.fleet.acquire(kind, avoid=failed_on)
+            except FleetDown as down:  # the fleet failed another probe while this request waited
+                tried.append(down.url)
+                last_error = down.cause
+                continue
+            tried.append(server.url)
+            answered: bool | None = None
+            try:
+                answer = self._send(method, server.url + path, body)
+                answered = True
+                return answer
+            except _TransientServerError as exc:
+                answered, last_error = False, str(exc)
+                failed_on.add(server.url)
+            except ServerError:
+                answered = True  # it answered: the request is wrong, not the server
+                raise
+            finally:
+                self.fleet.release(server, kind, answered, last_error)
+            if attempt == backoff.attempts:
+                break
+            # Another server up takes the retry at once; none up: acquire waits for a cooldown's end.
+            if self.fleet.only_failed_servers_up(failed_on):
+                pause = next(pauses)
+                log.warning(
+                    "%s %s failed (try %d of %d: %s); trying again in %.1f s",
+                    *(method, path, attempt, backoff.attempts, last_error, pause),
+                )
+                time.sleep(pause)
+        down = self.fleet.down_urls()
+        raise ServerError(
+            f"{method} {path} failed on {', '.join(dict.fromkeys(tried))} after {len(tried)} tries; the last error: "
+            f"{last_error}" + (f"; servers down: {', '.join(down)}" if down else "")
+        )
+
+    def _request_pinned(self, method: str, path: str, body: dict | None, url: str, backoff: Backoff) -> dict:
+        """On `url` only, outside the fleet's slots and health (the start-up checks, adapter loading)."""
+        tries = 0
 
         def once():
-            target = url or self._pick()
-            tried.append(target)
-            return self._send(method, target + path, body)
+            nonlocal tries
+            tries += 1
+            return self._send(method, url + path, body)
 
         try:
-            return call_with_retry(once, f"{method} {path}", backoff or self.backoff)
+            return call_with_retry(once, f"{method} {path}", backoff)
         except RetriesExhausted as exc:
-            urls = ", ".join(dict.fromkeys(tried))
             raise ServerError(
-                f"{method} {path} failed on {urls} after {len(tried)} tries; the last error: {exc.__cause__}"
+                f"{method} {path} failed on {url} after {tries} tries; the last error: {exc.__cause__}"
             ) from None
 
     def _send(self, method: str, url: str, body: dict | None) -> dict:
@@ -171,11 +244,12 @@ class OpenAIServedModel(TokenScoringModel):
     def _map(
         self, fn, items: Sequence, progress: ProgressFn | None = None, batch_size: int = 8, workers: int | None = None
     ) -> list:
-        """fn over items with `workers` (default: concurrency) requests in flight, results in item
-        order; progress per `batch_size` items done."""
+        """fn over items with `workers` (default: enough to fill every server's generation slots)
+        requests in flight, results in item order; progress per `batch_size` items done. The fleet's
+        slots keep each server within its limit."""
         started, total = time.monotonic(), -(-len(items) // batch_size) if items else 0
         out = []
-        with ThreadPoolExecutor(max_workers=workers or self.pool.settings.concurrency) as pool:
+        with ThreadPoolExecutor(max_workers=workers or self.pool.capacity(GENERATE)) as pool:
             for k, result in enumerate(pool.map(fn, items), start=1):
                 out.append(result)
                 if progress is not None and (k % batch_size == 0 or k == len(items)):
@@ -221,7 +295,7 @@ class OpenAIServedModel(TokenScoringModel):
             body = dict(
                 model=self.provenance.served_model, prompt=ids, max_tokens=1, temperature=0.0, echo=True, logprobs=0
             )
-            choice = self.pool.request("POST", "/completions", body)["choices"][0]
+            choice = self.pool.request("POST", "/completions", body, kind=SCORE)["choices"][0]
             values = (choice.get("logprobs") or {}).get("token_logprobs")
             if not values or len(values) < len(ids):
                 raise ServerError(
@@ -230,8 +304,7 @@ class OpenAIServedModel(TokenScoringModel):
                 )
             return [math.nan if v is None else float(v) for v in values[len(ids) - n : len(ids)]]
 
-        settings = self.pool.settings
-        return self._map(one, list(sequences), None, batch_size, settings.scoring_concurrency or settings.concurrency)
+        return self._map(one, list(sequences), None, batch_size, self.pool.capacity(SCORE))
 
     def close(self) -> None:
         pass  # the pool is shared by every model of the fleet; OpenAIFleet closes it
