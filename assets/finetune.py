@@ -6,14 +6,16 @@ on its draw, with the SFT settings recorded with it (sft_training_pairs' `sft` s
 
 import json
 import time
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from refine_af_pipeline.plots import line_chart_png
 from refine_af_pipeline.training.matched_data import ArmDraw, MatchedDataSettings, draw_matched
-from refine_af_pipeline.training.sft import SFTSettings, finetune, validation_never_improved
+from refine_af_pipeline.training.sft import SFTResult, SFTSettings, finetune, validation_never_improved
 from resources import ArtifactStore, LanguageModelResource, Warehouse
+from resources.training_launcher import TrainingLauncherResource
 
 from . import groups
 from .checkpointing import training_checkpoints
@@ -50,6 +52,7 @@ _EPOCH_LOG = {
     "validation_instruction_ids": "instruction ids whose pairs form the validation slice, as a JSON list",
     "resumed_from_step": "the checkpoint step this replicate's training went on from after a killed run (0: trained "
     "from the start)",
+    "training_processes": "processes that trained the adapter together (1: in the step; more: torchrun)",
 }
 COLUMNS = declare(
     {
@@ -270,6 +273,7 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
         warehouse: Warehouse,
         language_model: LanguageModelResource,
         artifact_store: ArtifactStore,
+        training_launcher: TrainingLauncherResource,
     ) -> dg.MaterializeResult:
         drawn = warehouse.read_table(SFT_DATA)
         drawn = drawn.filter(pl.col("branch") == arm) if drawn is not None else None
@@ -284,7 +288,7 @@ def build_finetuned_model_asset(name: str, arm: str, description: str) -> dg.Ass
         for rep in replicates:
             part = drawn.filter(pl.col("replicate") == rep) if "replicate" in drawn.columns else drawn
             frame, adapter, warning = _train_replicate(
-                context, name, arm, rep, part, config, language_model, artifact_store
+                context, name, arm, rep, part, config, language_model, artifact_store, training_launcher
             )
             frames.append(frame)
             adapters[str(rep)] = adapter
@@ -353,6 +357,7 @@ def _train_replicate(
     config: SFTSettings,
     language_model: LanguageModelResource,
     artifact_store: ArtifactStore,
+    training_launcher: TrainingLauncherResource,
 ) -> tuple[pl.DataFrame, str, str | None]:
     """SFT of a fresh copy of the base model on one replicate's draw (its own trainer seed): the
     epoch log, the adapter folder and a warning when the validation loss never improved."""
@@ -365,7 +370,7 @@ def _train_replicate(
         )
     held = set(val["instruction_id"].to_list())
     settings = SFTSettings(**{**config.model_dump(), "seed": config.seed + rep})
-    model, tokenizer, source, device = language_model.load()
+    source, device = language_model.source(), language_model.resolved_device()
     out_dir = artifact_store.run_dir(name, context.run_id) / (f"replicate-{rep}" if rep else "")
 
     def on_log(step, total, logs):
@@ -388,8 +393,16 @@ def _train_replicate(
         validation=_triples(val),
         model=source.model_id,
     )
-    result = finetune(model, tokenizer, _triples(train), settings, out_dir, device, on_log, _triples(val), checkpoints)
-    del model
+    if training_launcher.distributed:
+        result = _finetune_distributed(
+            context, training_launcher, language_model, settings, train, val, out_dir, checkpoints
+        )
+    else:
+        model, tokenizer, source, device = language_model.load()
+        result = finetune(
+            model, tokenizer, _triples(train), settings, out_dir, device, on_log, _triples(val), checkpoints
+        )
+        del model
     df = pl.DataFrame(result.epochs, schema_overrides={"step_losses": pl.List(pl.Float64)}).with_columns(
         pl.lit(rep).alias("replicate"),
         pl.lit(context.run_id).alias("run_id"),
@@ -403,6 +416,7 @@ def _train_replicate(
         pl.lit(json.dumps(sorted(held))).alias("validation_instruction_ids"),
         # A re-run of a killed step went on from this checkpoint step (0: trained from the start).
         pl.lit(result.resumed_from_step).alias("resumed_from_step"),
+        pl.lit(result.world_size).alias("training_processes"),
     )
     warning = None
     if val.height == 0:
@@ -414,6 +428,40 @@ def _train_replicate(
             "the adapter did not learn anything that carries over; check the pairs or the settings"
         )
     return df, str(result.adapter_dir), warning
+
+
+def _finetune_distributed(
+    context: dg.AssetExecutionContext,
+    training_launcher: TrainingLauncherResource,
+    language_model: LanguageModelResource,
+    settings: SFTSettings,
+    train: pl.DataFrame,
+    val: pl.DataFrame,
+    out_dir: Path,
+    checkpoints,
+) -> SFTResult:
+    """SFT as torchrun processes (training_launcher), each loading the base model."""
+    source = language_model.source()
+    spec = {
+        "kind": "sft",
+        "model": {"path": source.path, "model_id": source.model_id, "local_only": source.local_only},
+        "dtype": language_model.dtype,
+        "trust_remote_code": language_model.trust_remote_code,
+        "settings": settings.model_dump(),
+        "output_dir": str(out_dir),
+        "checkpoints": {"folder": str(checkpoints.folder), "every_steps": checkpoints.every_steps},
+        "train": _triples(train),
+        "validation": _triples(val),
+    }
+    done = training_launcher.train(context, spec, out_dir / "torchrun", language_model.resolved_device())
+    return SFTResult(
+        Path(done["adapter_dir"]),
+        done["log"],
+        done["epochs"],
+        done["resumed_from_step"],
+        done["steps_taken"],
+        done["world_size"],
+    )
 
 
 def _triples(pairs: pl.DataFrame) -> list[tuple[str, str, str]]:

@@ -1,8 +1,10 @@
 """Stage 2b: the RL-refined policy (LoRA adapter trained on the automated-feedback reward)."""
 
+import dataclasses
 import json
 import math
 import time
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -10,9 +12,10 @@ import polars as pl
 from refine_af_pipeline.feedback.scores import COMPONENTS
 from refine_af_pipeline.llm.adapters import AdapterView
 from refine_af_pipeline.llm.query_count import QueryCounter
-from refine_af_pipeline.training.rl import RLSettings, train_policy
+from refine_af_pipeline.training.rl import RLResult, RLSettings, train_policy
 from refine_af_pipeline.training.rl_diagnostics import reward_hacking_warnings
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
+from resources.training_launcher import TrainingLauncherResource
 
 from . import groups
 from .checkpointing import resume_metadata, training_checkpoints
@@ -73,6 +76,7 @@ def rl_refined_policy(
     language_model: LanguageModelResource,
     feedback_scorer: FeedbackScorerResource,
     artifact_store: ArtifactStore,
+    training_launcher: TrainingLauncherResource,
 ) -> dg.MaterializeResult:
     """A LoRA adapter trained with TRL's GRPO (or RLOO) to write input/output instances that the
     automated feedback rewards, KL-regularised towards the base model. The adapter goes to the
@@ -83,19 +87,11 @@ def rl_refined_policy(
     pool = current_pool(warehouse)
     require_pool(warehouse, STANDARDISATION, pool)
     stats = base_component_stats(warehouse)
-    policy, tokenizer, source, device = language_model.load()
-    # The judge is the base model: under transformers the policy's own weights with its LoRA
-    # adapter switched off (bound once the trainer has wrapped the policy), else the chosen engine's.
-    judge = AdapterView()
+    source, device = language_model.source(), language_model.resolved_device()
+    training_launcher.check_devices(device)
     queries = QueryCounter()
-    scorer = feedback_scorer.build(
-        queries.wrap(language_model.judge_model(judge, tokenizer, source), "judge"),
-        device,
-        stats,
-        language_model.scoring_batch_size,
-        learned_reward_dir(warehouse, feedback_scorer),
-    )
     out_dir = artifact_store.run_dir(RL_POLICY, context.run_id)
+    reward_dir = learned_reward_dir(warehouse, feedback_scorer)
     checkpoints = training_checkpoints(
         context,
         artifact_store,
@@ -106,12 +102,40 @@ def rl_refined_policy(
         model=source.model_id,
         standardisation=stats,
         scorer=feedback_scorer.model_dump(),
-        learned_reward=learned_reward_dir(warehouse, feedback_scorer),
+        learned_reward=reward_dir,
+    )
+    context.log.info(
+        f"RL ({config.algorithm}) on {train.height} instructions ({kept.height - train.height} held out), "
+        f"{source.model_id} on {device}"
     )
     started = time.monotonic()
-    result = _train(
-        context, config, kept, train, policy, tokenizer, source, device, scorer, judge, out_dir, started, checkpoints
-    )
+    if training_launcher.distributed:
+        result = _train_distributed(
+            context,
+            config,
+            train,
+            language_model,
+            feedback_scorer,
+            training_launcher,
+            stats,
+            reward_dir,
+            out_dir,
+            checkpoints,
+            queries,
+        )
+    else:
+        # The judge is the base model: under transformers the policy's own weights with its LoRA
+        # adapter switched off (bound once the trainer has wrapped the policy), else the chosen engine's.
+        policy, tokenizer, source, device = language_model.load()
+        judge = AdapterView()
+        scorer = feedback_scorer.build(
+            queries.wrap(language_model.judge_model(judge, tokenizer, source), "judge"),
+            device,
+            stats,
+            language_model.scoring_batch_size,
+            reward_dir,
+        )
+        result = _train(context, config, train, policy, tokenizer, device, scorer, judge, out_dir, started, checkpoints)
     seconds = time.monotonic() - started
     # TRL generates the completions itself: one generator query per completion of every step this run took.
     queries.add("generator", result.steps_taken * config.prompts_per_step * config.group_size)
@@ -139,11 +163,9 @@ def _train_instructions(context: dg.AssetExecutionContext, config: RLConfig, war
 def _train(
     context: dg.AssetExecutionContext,
     config: RLConfig,
-    kept: pl.DataFrame,
     train: pl.DataFrame,
     policy,
     tokenizer,
-    source,
     device,
     scorer,
     judge: AdapterView,
@@ -151,7 +173,8 @@ def _train(
     started: float,
     checkpoints,
 ):
-    """Runs the RL trainer on the train instructions, logging the reward and KL of each logged step."""
+    """Runs the RL trainer in this process on the train instructions, logging the reward and KL
+    of each logged step."""
 
     def on_log(step, total, logs):
         if "reward" in logs:
@@ -160,10 +183,6 @@ def _train(
                 f"{time.monotonic() - started:.0f} s elapsed"
             )
 
-    context.log.info(
-        f"RL ({config.algorithm}) on {train.height} instructions ({kept.height - train.height} held out), "
-        f"{source.model_id} on {device}"
-    )
     return train_policy(
         policy,
         tokenizer,
@@ -176,6 +195,46 @@ def _train(
         base_view=judge,
         is_classification=train["is_classification"].to_list(),
         checkpoints=checkpoints,
+    )
+
+
+def _train_distributed(
+    context: dg.AssetExecutionContext,
+    config: RLConfig,
+    train: pl.DataFrame,
+    language_model: LanguageModelResource,
+    feedback_scorer: FeedbackScorerResource,
+    training_launcher: TrainingLauncherResource,
+    stats,
+    reward_dir: str | None,
+    out_dir,
+    checkpoints,
+    queries: QueryCounter,
+) -> RLResult:
+    """The RL trainer as torchrun processes (training_launcher): each loads the policy and judges
+    its share of each step's completions with its own base weights; their judge queries are added
+    to `queries`."""
+    source = language_model.source()
+    spec = {
+        "kind": "rl",
+        "model": {"path": source.path, "model_id": source.model_id, "local_only": source.local_only},
+        "dtype": language_model.dtype,
+        "trust_remote_code": language_model.trust_remote_code,
+        "settings": config.model_dump(),
+        "output_dir": str(out_dir),
+        "checkpoints": {"folder": str(checkpoints.folder), "every_steps": checkpoints.every_steps},
+        "instructions": train["instruction"].to_list(),
+        "is_classification": train["is_classification"].to_list(),
+        "feedback_scorer": feedback_scorer.model_dump(),
+        "stats": dataclasses.asdict(stats),
+        "learned_reward_dir": reward_dir,
+        "scoring_batch_size": language_model.scoring_batch_size,
+        "max_batch_tokens": language_model.max_batch_tokens,
+    }
+    done = training_launcher.train(context, spec, out_dir / "torchrun", language_model.resolved_device())
+    queries.add("judge", done["judge_queries"])
+    return RLResult(
+        Path(done["adapter_dir"]), done["log"], done["resumed_from_step"], done["steps_taken"], done["world_size"]
     )
 
 
@@ -223,6 +282,7 @@ def _policy_metadata(
         "heldout_instructions": kept.height - train.height,
         "heldout_share": share,
         "train_seconds": round(seconds, 1),
+        "training_processes": result.world_size,
         **resume_metadata(result.resumed_from_step, result.steps_taken),
         "llm_queries": queries.as_json(),
         **peak_memory(device),

@@ -37,6 +37,7 @@ from refine_af_pipeline.profiles import (
     with_bootstrap_seed,
 )
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
+from resources.training_launcher import training_launcher_from_env
 
 STAGE_MODULES = [
     seed_pool,
@@ -171,6 +172,8 @@ def default_resources(root: Path | None = None) -> dict:
         # The audit judge: weights the policy never trained against (REFINE_AF_AUDIT_* to change).
         # In process by default: a 270M scorer beside a vLLM engine would ask vLLM for a second share of the GPU.
         "audit_model": model_resource("REFINE_AF_AUDIT", default_model=EMBEDDED_GEMMA, default_backend="transformers"),
+        # Where RL and SFT train: in the step, or torchrun processes (REFINE_AF_TRAINING_LAUNCHER).
+        "training_launcher": training_launcher_from_env(),
     }
 
 

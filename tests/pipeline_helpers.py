@@ -8,6 +8,7 @@ from warehouse_recorder import RecordingWarehouse
 
 from refine_af_pipeline.definitions import all_assets, all_checks, default_resources
 from resources import FeedbackScorerResource, LanguageModelResource
+from resources.training_launcher import TrainingLauncherResource
 
 
 def smallest_run_config(**overrides) -> dict:
@@ -85,10 +86,12 @@ def materialize(
     record_file: Path | None = None,
     model_settings: dict | None = None,
     gate_settings: dict | None = None,
+    training_launcher: dict | None = None,
 ) -> dg.ExecuteInProcessResult:
     """`record_file`: record every table each step reads and writes there (warehouse_recorder);
     `model_settings`: more fields of the language_model resource (a backend, its URLs ...);
-    `gate_settings`: fields of the feedback_scorer's instance gate. The tiny random model rarely
+    `gate_settings`: fields of the feedback_scorer's instance gate; `training_launcher`: fields of
+    the training_launcher resource (in process unless given). The tiny random model rarely
     ends a generation, so unless a test says otherwise cut outputs pass: with the gate on, no
     instance would be left to train on."""
     resources = default_resources(data_dir)
@@ -108,6 +111,7 @@ def materialize(
     # TeaMs-RL's expert and the audit judge are the base model unless a test says otherwise.
     resources["expert_model"] = resources["language_model"]
     resources["audit_model"] = resources["language_model"]
+    resources["training_launcher"] = TrainingLauncherResource(**(training_launcher or {}))
     ops = ops_for(run_config, selection)
     with instance_for(data_dir) as instance:
         return dg.materialize(

@@ -172,27 +172,6 @@ def test_killed_raw_instructions_run_is_finished_without_regenerating(tiny_model
 INSTANCE_CONFIG = {"max_instructions": 4, "instances_per_instruction": 2, "max_new_tokens": 24}
 
 
-@pytest.fixture(scope="module")
-def upstream_of_instances(tiny_model_dir, tmp_path_factory):
-    """A data directory with everything instance generation reads (kept pool, base scores, RL adapter)."""
-    data_dir = tmp_path_factory.mktemp("instances")
-    result = materialize(
-        data_dir,
-        str(tiny_model_dir),
-        smallest_run_config(),
-        selection=[
-            "seed_pool",
-            *BOOTSTRAP,
-            "reward_model",
-            "reward_scores",
-            "reward_standardisation",
-            "rl_refined_policy",
-        ],
-    )
-    assert result.success
-    return data_dir
-
-
 @pytest.mark.parametrize("asset", ["instance_output_pairs", "selfinstruct_instance_pairs"])
 def test_killed_instance_generation_run_is_finished_without_regenerating(
     upstream_of_instances, tiny_model_dir, asset, tmp_path

@@ -140,7 +140,7 @@ def step_counter():
 
 def epoch_seeded_length_sampler(sampler, seed: int):
     """transformers' LengthGroupedSampler drawing epoch e's order from a generator seeded with
-    (seed, e) instead of the global RNG."""
+    (seed, e) instead of the global RNG, its groups the size of the global batch."""
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -148,7 +148,10 @@ def epoch_seeded_length_sampler(sampler, seed: int):
         def set_epoch(self, epoch: int) -> None:
             self.generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
 
-    reseeded = _EpochSeeded(sampler.batch_size, lengths=sampler.lengths)
+    from .distributed import world_size
+
+    # Grouped by the global batch, not one process's share: every world size sees the same order.
+    reseeded = _EpochSeeded(sampler.batch_size * world_size(), lengths=sampler.lengths)
     reseeded.set_epoch(0)
     return reseeded
 

@@ -32,7 +32,9 @@ from ..settings_types import (
     Share,
 )
 from .checkpoints import Checkpoints, step_counter, step_of, step_state_saver, with_epoch_seeded_sampler
-from .rl_diagnostics import mean_repeat_share
+from .distributed import accumulation_steps, gathered, is_main_process, world_size
+from .rl_diagnostics import repeated_ngram_share
+from .rollouts import row_seeded_rollouts
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 
@@ -120,6 +122,7 @@ class RLResult:
     log: list[dict] = field(default_factory=list)
     resumed_from_step: int = 0  # the checkpoint's step a re-run went on from (0: trained from the start)
     steps_taken: int = 0  # optimizer steps this call took
+    world_size: int = 1  # processes that trained the adapter together
 
 
 class _RewardRecorder:
@@ -152,12 +155,19 @@ class _RewardRecorder:
         scored = self.scorer.score_texts(
             list(instruction), [INSTANCE_PREFIX + c for c in completions], cut, is_classification
         )
+        # Under several processes each scores its share of the step: the record is over all of them.
+        every = gathered(
+            [
+                (s.gate_reason is not None, repeated_ngram_share(c), s.components)
+                for s, c in zip(scored, completions, strict=True)
+            ]
+        )
         record = {
-            "gate_failure_share": sum(s.gate_reason is not None for s in scored) / max(len(scored), 1),
-            "repeat_share": mean_repeat_share(completions),
+            "gate_failure_share": sum(failed for failed, _, _ in every) / max(len(every), 1),
+            "repeat_share": sum(share for _, share, _ in every) / max(len(every), 1),
         }
         for name in COMPONENTS:
-            values = [s.components[name] for s in scored if s.components[name] is not None]
+            values = [parts[name] for _, _, parts in every if parts[name] is not None]
             record[f"{name}_mean"] = sum(values) / len(values) if values else math.nan
         self.calls.append(record)
         return [s.reward for s in scored]
@@ -212,7 +222,9 @@ def train_policy(
         # One generate call per optimizer step for all its completions (the large batch is where
         # generation is fast); the backward passes go through them train_batch_size at a time.
         per_device_train_batch_size=settings.train_batch_size,
-        gradient_accumulation_steps=completions_per_step // settings.train_batch_size,
+        gradient_accumulation_steps=accumulation_steps(
+            completions_per_step, settings.train_batch_size, "prompts_per_step x group_size"
+        ),
         num_generations=settings.group_size,
         max_completion_length=settings.max_completion_length,
         learning_rate=settings.learning_rate,
@@ -258,16 +270,18 @@ def train_policy(
     )
     if base_view is not None:
         base_view.bind(trainer.model)
-    with sort_free_rollouts(trainer, settings.top_p, settings.temperature):
+    # Installed first, so its draw runs after the nucleus processor sort_free_rollouts adds.
+    with row_seeded_rollouts(trainer, settings.seed), sort_free_rollouts(trainer, settings.top_p, settings.temperature):
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     adapter_dir = save_adapter(trainer, tokenizer, output_dir)
-    if checkpoints is not None:
+    if checkpoints is not None and is_main_process():
         checkpoints.discard()
     return RLResult(
         adapter_dir,
         _training_log(trainer.state.log_history, recorder.calls),
         step_of(resume) if resume is not None else 0,
         counter.taken,
+        world_size(),
     )
 
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..llm.prompts import sft_prompt
 from ..settings_types import NonNegativeInt, PositiveFloat, PositiveInt
 from .checkpoints import Checkpoints, step_counter, step_of, step_state_saver, with_epoch_seeded_sampler
+from .distributed import accumulation_steps, is_main_process, world_size
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 VALIDATION_SALT = "sft-validation"
@@ -80,6 +81,7 @@ class SFTResult:
     epochs: list[dict] = field(default_factory=list)  # epoch, steps, train_loss, validation_loss (epoch 0: before)
     resumed_from_step: int = 0  # the checkpoint's step a re-run went on from (0: trained from the start)
     steps_taken: int = 0  # optimizer steps this call took
+    world_size: int = 1  # processes that trained the adapter together
 
 
 def sft_records(triples: Sequence[tuple[str, str, str]]) -> dict[str, list[str]]:
@@ -107,17 +109,23 @@ def finetune(
     train = Dataset.from_dict(sft_records(triples))
     evaluated = {"train": train} | ({"validation": Dataset.from_dict(sft_records(validation))} if validation else {})
     counter = step_counter()
-    callbacks = [log_forwarder(on_log), counter]
     resume = checkpoints.latest() if checkpoints is not None else None
+    # Before any step: both losses of the untrained adapter (= the base model), the curves' origin;
+    # a resumed run has them from the checkpoint's step state.
+    start: dict[str, float] = checkpoints.read_state(step_of(resume)).get("start", {}) if resume else {}
+    first_losses = _StartLosses(evaluated, start)
+    callbacks = [log_forwarder(on_log), counter, first_losses]
     if checkpoints is not None:
-        callbacks.append(step_state_saver(checkpoints, dict))
+        callbacks.append(step_state_saver(checkpoints, lambda: {"start": start}))
     trainer = with_epoch_seeded_sampler(SFTTrainer, settings.seed)(
         model=model,
         args=SFTConfig(
             **common_training_args(output_dir, settings.seed, device, checkpoints),
             num_train_epochs=settings.epochs,
             per_device_train_batch_size=settings.train_batch_size,
-            gradient_accumulation_steps=settings.batch_size // settings.train_batch_size,
+            gradient_accumulation_steps=accumulation_steps(
+                settings.batch_size, settings.train_batch_size, "batch_size"
+            ),
             per_device_eval_batch_size=8,
             learning_rate=settings.learning_rate,
             max_length=settings.max_length,
@@ -132,11 +140,10 @@ def finetune(
         peft_config=lora_config(settings.lora_r, settings.lora_alpha),
         callbacks=callbacks,
     )
-    # Before any step: both losses of the untrained adapter (= the base model), the curves' origin.
-    start = {name: trainer.evaluate(ds, metric_key_prefix=name)[f"{name}_loss"] for name, ds in evaluated.items()}
+    first_losses.trainer = trainer
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     adapter_dir = save_adapter(trainer, tokenizer, output_dir)
-    if checkpoints is not None:
+    if checkpoints is not None and is_main_process():
         checkpoints.discard()
     steps = [
         {
@@ -155,7 +162,31 @@ def finetune(
         epoch_log(steps, evals, start),
         step_of(resume) if resume is not None else 0,
         counter.taken,
+        world_size(),
     )
+
+
+def _start_losses_callback():
+    from transformers import TrainerCallback
+
+    class StartLosses(TrainerCallback):
+        """Evaluates each dataset once training has begun, before its first step: inside train()
+        the model is already wrapped for several processes (an evaluate() before train() would
+        register it unwrapped, and each process would then train alone)."""
+
+        def __init__(self, datasets: dict, start: dict):
+            self.datasets, self.start, self.trainer = datasets, start, None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if not self.start:
+                for name, dataset in self.datasets.items():
+                    self.start[name] = self.trainer.evaluate(dataset, metric_key_prefix=name)[f"{name}_loss"]
+
+    return StartLosses
+
+
+def _StartLosses(datasets: dict, start: dict):
+    return _start_losses_callback()(datasets, start)
 
 
 def epoch_log(steps: Sequence[dict], evals: Sequence[dict], start: dict[str, float]) -> list[dict]:

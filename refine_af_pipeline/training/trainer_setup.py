@@ -42,7 +42,9 @@ def log_forwarder(on_log):
 
 
 def save_adapter(trainer, tokenizer, output_dir: Path) -> Path:
+    """The adapter and tokenizer into output_dir/adapter, written by the main process only."""
     adapter_dir = output_dir / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
+    trainer.save_model(str(adapter_dir))  # the Trainer writes on the main process only
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(adapter_dir))
     return adapter_dir
