@@ -11,7 +11,7 @@ export REFINE_AF_DATA_DIR ?= $(CURDIR)/data
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lock vllm-setup run experiment verdict test test-fast ui validate screenshot clean
+.PHONY: setup lock vllm-setup run cluster-demo experiment verdict test test-fast ui validate screenshot clean
 
 setup: $(STAMP)
 
@@ -76,6 +76,13 @@ run: setup $(DAGSTER_HOME)/dagster.yaml
 	@echo "DuckDB tables: $(REFINE_AF_DATA_DIR)/refine_af.duckdb"
 	@echo "Adapters:      $(REFINE_AF_DATA_DIR)/artifacts/{rl_refined_policy,finetuned_model}/<run id>/adapter"
 	@echo "Dagster runs:  $(DAGSTER_HOME)  (make ui to browse them)"
+
+# The demo through a Ray cluster started here: a head and a second node on loopback (one CPU each),
+# generation on two Ray actors and RL/SFT on two Ray Train workers, one per node; the cluster is
+# stopped at the end whatever the run did (refine_af_pipeline/cluster_demo.py, docs/distributed.md).
+cluster-demo: setup $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -c "from refine_af_pipeline.llm.embedded_model import ensure_embedded_model as e, ensure_embedded_gemma as g; print('embedded model:', e()); print('audit judge:', g())"
+	$(BIN)/python -m refine_af_pipeline.cluster_demo --config $(CONFIG)
 
 # The experiment profile (configs/experiment.yaml): the whole graph sized for a comparison with
 # statistical power and 3 replicates per arm, in its own data folder and Dagster home, so the

@@ -78,8 +78,15 @@ _INT_VARS = {
     "SCORING_CONCURRENCY": "scoring_concurrency",
     "REQUEST_ATTEMPTS": "request_attempts",
     "VLLM_MAX_MODEL_LEN": "vllm_max_model_len",
+    "RAY_ACTORS": "ray_actors",
+    "RAY_CPUS_PER_ACTOR": "ray_cpus_per_actor",
 }
-_FLOAT_VARS = {"REQUEST_TIMEOUT_S": "request_timeout_s", "VLLM_GPU_MEMORY_UTILIZATION": "vllm_gpu_memory_utilization"}
+_FLOAT_VARS = {
+    "REQUEST_TIMEOUT_S": "request_timeout_s",
+    "VLLM_GPU_MEMORY_UTILIZATION": "vllm_gpu_memory_utilization",
+    # Positive when set: 0 GPUs is the field's default (leave the variable unset).
+    "RAY_GPUS_PER_ACTOR": "ray_gpus_per_actor",
+}
 _BOOL_VARS = {"SERVER_LOGPROBS": "server_logprobs", "LOAD_ADAPTERS_ON_SERVER": "load_adapters_on_server"}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
@@ -123,10 +130,11 @@ def model_resource(
     _SERVED_MODEL, _API_KEY; the sizes a GPU box or a fleet sets: _BATCH_SIZE, _SCORING_BATCH_SIZE,
     _MAX_BATCH_TOKENS, _CONCURRENCY, _SCORING_CONCURRENCY (1 against vLLM servers with --enable-lora),
     _REQUEST_TIMEOUT_S, _REQUEST_ATTEMPTS, _SERVER_LOGPROBS, _LOAD_ADAPTERS_ON_SERVER,
-    _VLLM_GPU_MEMORY_UTILIZATION, _VLLM_MAX_MODEL_LEN (the resource fields of the same names). An
-    unset variable falls back to `fallback`'s (the expert model reads REFINE_AF_EXPERT_*, else the
-    base model's settings), then to the field's default; a value that does not parse fails the
-    code location's load with EnvSettingError naming the variable."""
+    _VLLM_GPU_MEMORY_UTILIZATION, _VLLM_MAX_MODEL_LEN; the ray backend's _RAY_ADDRESS,
+    _RAY_INNER_BACKEND, _RAY_ACTORS, _RAY_CPUS_PER_ACTOR, _RAY_GPUS_PER_ACTOR (the resource fields of
+    the same names). An unset variable falls back to `fallback`'s (the expert model reads
+    REFINE_AF_EXPERT_*, else the base model's settings), then to the field's default; a value that
+    does not parse fails the code location's load with EnvSettingError naming the variable."""
 
     def env(name: str, default=None):
         value = os.environ.get(f"{prefix}_{name}")
@@ -153,6 +161,8 @@ def model_resource(
         backend=env("BACKEND", default_backend),
         base_urls=[u.strip() for u in env("BASE_URLS", "").split(",") if u.strip()],
         served_model_name=env("SERVED_MODEL") or None,
+        ray_address=env("RAY_ADDRESS") or None,
+        ray_inner_backend=env("RAY_INNER_BACKEND", "transformers"),
         # Read when a step starts; Dagster shows the variable's name, never its value.
         api_key=dg.EnvVar(key_var) if key_var else None,
         **sizes,

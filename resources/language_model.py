@@ -25,6 +25,14 @@ from refine_af_pipeline.llm.models import (
     resolve_model_source,
 )
 from refine_af_pipeline.llm.openai_backend import OpenAIFleet, ServerSettings
+from refine_af_pipeline.llm.ray_backend import (
+    RAY_INSTALL,
+    RaySettings,
+    ReplicaPool,
+    ReplicaSpec,
+    open_ray_pool,
+    ray_available,
+)
 from refine_af_pipeline.llm.transformers_backend import TransformersModel
 from refine_af_pipeline.llm.vllm_backend import open_vllm_models, vllm_available
 
@@ -42,11 +50,21 @@ class BackendChoice:
 
 
 def choose_backend(
-    requested: str, base_urls: Sequence[str], device: Callable[[], str], vllm_installed: Callable[[], bool]
+    requested: str,
+    base_urls: Sequence[str],
+    device: Callable[[], str],
+    vllm_installed: Callable[[], bool],
+    ray_installed: Callable[[], bool] = ray_available,
+    ray_plan: str = "",
 ) -> BackendChoice:
     """The engine a `backend` setting resolves to on this machine, and why. `device` gives the
     resolved device and `vllm_installed` whether vllm imports; each is asked only when the answer
-    depends on it (importing vllm takes seconds). ModelUnavailable for a backend that cannot run."""
+    depends on it (importing vllm takes seconds). "ray" is only ever chosen by name (`ray_plan`
+    says where its actors run). ModelUnavailable for a backend that cannot run."""
+    if requested == "ray":
+        if not ray_installed():
+            raise ModelUnavailable(f"backend 'ray' was requested but ray is not installed here ({RAY_INSTALL})")
+        return BackendChoice(requested, "ray", f"requested ({ray_plan})" if ray_plan else "requested")
     if requested == "openai" or (requested == "auto" and base_urls):
         if not base_urls:
             raise ModelUnavailable("backend 'openai' needs base_urls (e.g. [http://127.0.0.1:8000/v1])")
@@ -83,9 +101,13 @@ class LanguageModelResource(dg.ConfigurableResource):
     `backend` is the engine every generation and likelihood read goes through (README,
     "Generation engines"): "transformers" in the step process; "vllm", vLLM's offline engine in
     the step process; "openai", any OpenAI-compatible server at `base_urls` (a list is a fleet,
-    shared round-robin). "auto" is openai when base_urls are set, vllm on CUDA when vLLM is
-    installed, transformers otherwise. Training (RL, SFT) always runs in the step process, from
-    `model`; with the openai backend `model` must be the served model's weights or tokenizer.
+    each server holding at most `concurrency` requests); "ray", `ray_actors` replicas of the model
+    on a Ray cluster, each call's rows split over them (docs/engines.md, "Ray: generation on a
+    cluster"). "auto" is openai when
+    base_urls are set, vllm on CUDA when vLLM is installed, transformers otherwise (never ray).
+    Training (RL, SFT) loads `model` where the training_launcher resource says (the step process,
+    torchrun processes or Ray Train workers); with the openai backend `model` must be the served
+    model's weights or tokenizer.
 
     Two batch sizes, both separate from the trainers' batch sizes (in the RL and SFT configs):
     `batch_size` prompts per generate call, for every generation stage whose config leaves
@@ -110,14 +132,12 @@ class LanguageModelResource(dg.ConfigurableResource):
     trust_remote_code: bool = False
     allow_download: bool = False
     cache_dir: str | None = None
-    backend: Literal["auto", "transformers", "vllm", "openai"] = Field(
-        default="auto", description="generation engine: auto | transformers | vllm | openai"
+    backend: Literal["auto", "transformers", "vllm", "openai", "ray"] = Field(
+        default="auto", description="generation engine: auto | transformers | vllm | openai | ray"
     )
     base_urls: list[str] = Field(
         default=[],
-        description=(
-            "openai backend: server URLs ending in /v1, e.g. [http://10.0.0.5:8000/v1]; several are used round-robin"
-        ),
+        description=("openai backend: server URLs ending in /v1, e.g. [http://10.0.0.5:8000/v1]; several form a fleet"),
     )
     api_key: str | None = Field(
         default=None, description=("openai backend: bearer token, best given as an EnvVar (never logged or recorded)")
@@ -128,14 +148,14 @@ class LanguageModelResource(dg.ConfigurableResource):
             "openai backend: the model name the servers serve (default: the first model the first server lists)"
         ),
     )
-    concurrency: int = Field(default=8, gt=0, description="openai backend: requests in flight at once")
+    concurrency: int = Field(default=8, gt=0, description="openai backend: requests in flight at once on each server")
     scoring_concurrency: int | None = Field(
         default=None,
         gt=0,
         description=(
-            "openai backend: log-probability requests in flight at once (default: concurrency); 1 for a vLLM server "
-            "with LoRA enabled, whose engine dies when prompt log-probabilities of several requests share a batch "
-            "(vLLM issues #29955, #16668)"
+            "openai backend: log-probability requests in flight at once on each server (default: concurrency); 1 for a "
+            "vLLM server with LoRA enabled, whose engine dies when prompt log-probabilities of several requests share "
+            "a batch (vLLM issues #29955, #16668)"
         ),
     )
     request_timeout_s: float = Field(default=300.0, gt=0, description="openai backend: seconds one request may take")
@@ -170,6 +190,26 @@ class LanguageModelResource(dg.ConfigurableResource):
         ),
     )
     vllm_max_model_len: int | None = Field(default=None, description="vllm backend: context length cap")
+    ray_address: str | None = Field(
+        default=None,
+        description=(
+            "ray backend: the cluster to join, host:port of its head (or ray://host:10001); unset: RAY_ADDRESS as "
+            "Ray reads it, else a local Ray started for the step"
+        ),
+    )
+    ray_inner_backend: Literal["transformers", "vllm"] = Field(
+        default="transformers",
+        description="ray backend: the engine in each actor (vllm: give each actor a GPU with ray_gpus_per_actor 1)",
+    )
+    ray_actors: int = Field(
+        default=2,
+        gt=0,
+        description="ray backend: actors, each one replica of the model; a call's rows are split over them",
+    )
+    ray_cpus_per_actor: int = Field(
+        default=1, gt=0, description="ray backend: CPUs Ray reserves for each actor, also its torch threads"
+    )
+    ray_gpus_per_actor: float = Field(default=0.0, ge=0, description="ray backend: GPUs per actor (0 on CPU nodes)")
 
     _opened: list = PrivateAttr(default_factory=list)
 
@@ -196,7 +236,8 @@ class LanguageModelResource(dg.ConfigurableResource):
 
     def backend_choice(self) -> BackendChoice:
         """The engine `backend` resolves to here, and why (choose_backend)."""
-        return choose_backend(self.backend, self.base_urls, self.resolved_device, vllm_available)
+        plan = self._ray_settings().summary() if self.backend == "ray" else ""
+        return choose_backend(self.backend, self.base_urls, self.resolved_device, vllm_available, ray_plan=plan)
 
     def open_models(self, adapters: Mapping[str, str | None]) -> dict[str, ServedModel]:
         """{label: model} for inference through the chosen backend, one copy of the base model
@@ -213,6 +254,8 @@ class LanguageModelResource(dg.ConfigurableResource):
             )
             self._opened.append(fleet)
             return {label: fleet.model(path) for label, path in adapters.items()}
+        if backend == "ray":
+            return self._ray_pool(adapters).models(adapters)
         if backend == "vllm":
             models, engine = open_vllm_models(
                 source.path,
@@ -241,6 +284,34 @@ class LanguageModelResource(dg.ConfigurableResource):
     def close(self) -> None:
         while self._opened:
             self._opened.pop().close()
+
+    def _ray_pool(self, adapters: Mapping[str, str | None]) -> ReplicaPool:
+        """The step's Ray actors: started by its first open_models, reused by the later ones (which
+        may add adapters) and killed when the step ends."""
+        pool = next((o for o in self._opened if isinstance(o, ReplicaPool)), None)
+        if pool is None:
+            tokenizer = load_tokenizer(self.source(), self.trust_remote_code)
+            pool = open_ray_pool(self._replica_spec(), self._ray_settings(), tokenizer, adapters)
+            self._opened.append(pool)
+        return pool
+
+    def _ray_settings(self) -> RaySettings:
+        return RaySettings(
+            self.ray_address, self.ray_inner_backend, self.ray_actors, self.ray_cpus_per_actor, self.ray_gpus_per_actor
+        )
+
+    def _replica_spec(self) -> ReplicaSpec:
+        return ReplicaSpec(
+            self.model,
+            self.cache_dir,
+            self.allow_download,
+            self.trust_remote_code,
+            self.device,
+            self.dtype,
+            self.max_batch_tokens,
+            self.vllm_gpu_memory_utilization,
+            self.vllm_max_model_len,
+        )
 
     def _server_settings(self) -> ServerSettings:
         return ServerSettings(

@@ -9,10 +9,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 from pydantic import Field
+
+if TYPE_CHECKING:
+    from refine_af_pipeline.training.ray_train_launch import RayTrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,9 +74,12 @@ class TrainingLauncherResource(dg.ConfigurableResource):
             )
 
     def train(self, context: dg.AssetExecutionContext, spec: dict, workdir: Path, device: str) -> dict:
-        """Runs torchrun_worker on `spec` with `processes` processes and returns its result."""
+        """Runs torchrun_worker's training on `spec` as `processes` torchrun processes or Ray Train
+        workers and returns its result."""
         if self.launcher == "ray":
-            context.log.info(f"training with Ray Train: {self.ray_settings().ask()} on {self.ray_settings().where()}")
+            ray = self.ray_settings()
+            # The workers' device follows gpus_per_worker, not the head's `device`.
+            context.log.info(f"training with Ray Train: {ray.ask()} on {ray.where()}, on {ray.device}")
             return self.train_on_ray(spec, workdir, context.log.info)
         self.check_devices(device)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +105,7 @@ class TrainingLauncherResource(dg.ConfigurableResource):
             raise dg.Failure(f"torchrun ended without a result in {result}")
         return json.loads(result.read_text())
 
-    def ray_settings(self):
+    def ray_settings(self) -> RayTrainSettings:
         from refine_af_pipeline.training.ray_train_launch import RayTrainSettings
 
         return RayTrainSettings(self.processes, self.ray_address, self.cpus_per_worker, self.gpus_per_worker)
@@ -113,10 +119,8 @@ class TrainingLauncherResource(dg.ConfigurableResource):
         self.check_devices("cuda" if self.gpus_per_worker else "cpu")
         try:
             return ray_train_launch.train(spec, self.ray_settings(), workdir, log)
-        except ray_train_launch.RayTrainError as exc:
+        except RuntimeError as exc:  # a bad cluster (RayTrainError), a failed worker, an adapter not seen here
             raise dg.Failure(str(exc)) from None
-        except RuntimeError as exc:
-            raise dg.Failure(f"{exc}; each worker's traceback is in the step's stderr (the compute log)") from None
 
     def _env(self, device: str) -> dict[str, str]:
         env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}

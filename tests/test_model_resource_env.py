@@ -19,6 +19,11 @@ FLEET = {
     "VLLM_GPU_MEMORY_UTILIZATION": ("vllm_gpu_memory_utilization", "0.45", 0.45),
     "SERVER_LOGPROBS": ("server_logprobs", "false", False),
     "LOAD_ADAPTERS_ON_SERVER": ("load_adapters_on_server", "0", False),
+    "RAY_ACTORS": ("ray_actors", "4", 4),
+    "RAY_CPUS_PER_ACTOR": ("ray_cpus_per_actor", "2", 2),
+    "RAY_GPUS_PER_ACTOR": ("ray_gpus_per_actor", "1", 1.0),
+    "RAY_ADDRESS": ("ray_address", "10.0.0.5:6379", "10.0.0.5:6379"),
+    "RAY_INNER_BACKEND": ("ray_inner_backend", "vllm", "vllm"),
 }
 
 
