@@ -22,6 +22,9 @@ def cluster_environment(address: str) -> dict[str, str]:
     return {
         "RAY_ADDRESS": address,
         "REFINE_AF_BACKEND": "ray",
+        # The TeaMs-RL steps open the expert beside the base model: a second pool of two actors would
+        # not fit on two one-CPU nodes, so the expert stays in the step.
+        "REFINE_AF_EXPERT_BACKEND": "transformers",
         "REFINE_AF_RAY_ACTORS": "2",
         "REFINE_AF_RAY_CPUS_PER_ACTOR": "1",
         "REFINE_AF_TRAINING_LAUNCHER": "ray",
