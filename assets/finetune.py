@@ -15,7 +15,7 @@ from refine_af_pipeline.plots import line_chart_png
 from refine_af_pipeline.training.matched_data import ArmDraw, MatchedDataSettings, draw_matched
 from refine_af_pipeline.training.sft import SFTResult, SFTSettings, finetune, validation_never_improved
 from resources import ArtifactStore, LanguageModelResource, Warehouse
-from resources.training_launcher import TrainingLauncherResource
+from resources.training_launcher import TrainingLauncherResource, training_spec
 
 from . import groups
 from .checkpointing import training_checkpoints
@@ -441,15 +441,8 @@ def _finetune_distributed(
     checkpoints,
 ) -> SFTResult:
     """SFT as torchrun processes (training_launcher), each loading the base model."""
-    source = language_model.source()
     spec = {
-        "kind": "sft",
-        "model": {"path": source.path, "model_id": source.model_id, "local_only": source.local_only},
-        "dtype": language_model.dtype,
-        "trust_remote_code": language_model.trust_remote_code,
-        "settings": settings.model_dump(),
-        "output_dir": str(out_dir),
-        "checkpoints": {"folder": str(checkpoints.folder), "every_steps": checkpoints.every_steps},
+        **training_spec("sft", language_model, settings.model_dump(), out_dir, checkpoints),
         "train": _triples(train),
         "validation": _triples(val),
     }

@@ -15,7 +15,7 @@ from refine_af_pipeline.llm.query_count import QueryCounter
 from refine_af_pipeline.training.rl import RLResult, RLSettings, train_policy
 from refine_af_pipeline.training.rl_diagnostics import reward_hacking_warnings
 from resources import ArtifactStore, FeedbackScorerResource, LanguageModelResource, Warehouse
-from resources.training_launcher import TrainingLauncherResource
+from resources.training_launcher import TrainingLauncherResource, training_spec
 
 from . import groups
 from .checkpointing import resume_metadata, training_checkpoints
@@ -214,15 +214,8 @@ def _train_distributed(
     """The RL trainer as torchrun processes (training_launcher): each loads the policy and judges
     its share of each step's completions with its own base weights; their judge queries are added
     to `queries`."""
-    source = language_model.source()
     spec = {
-        "kind": "rl",
-        "model": {"path": source.path, "model_id": source.model_id, "local_only": source.local_only},
-        "dtype": language_model.dtype,
-        "trust_remote_code": language_model.trust_remote_code,
-        "settings": config.model_dump(),
-        "output_dir": str(out_dir),
-        "checkpoints": {"folder": str(checkpoints.folder), "every_steps": checkpoints.every_steps},
+        **training_spec("rl", language_model, config.model_dump(), out_dir, checkpoints),
         "instructions": train["instruction"].to_list(),
         "is_classification": train["is_classification"].to_list(),
         "feedback_scorer": feedback_scorer.model_dump(),

@@ -158,3 +158,18 @@ def _non_negative_number(text: str) -> bool:
         return float(text) >= 0
     except ValueError:
         return False
+
+
+def training_spec(kind: str, language_model, settings: dict, output_dir: Path, checkpoints) -> dict:
+    """What every training spec says (torchrun_worker reads it): the kind, the base model as each
+    process loads it, the settings, and the output and checkpoint folders."""
+    source = language_model.source()
+    return {
+        "kind": kind,
+        "model": {"path": source.path, "model_id": source.model_id, "local_only": source.local_only},
+        "dtype": language_model.dtype,
+        "trust_remote_code": language_model.trust_remote_code,
+        "settings": settings,
+        "output_dir": str(output_dir),
+        "checkpoints": {"folder": str(checkpoints.folder), "every_steps": checkpoints.every_steps},
+    }

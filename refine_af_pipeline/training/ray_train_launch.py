@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -209,17 +207,14 @@ def _job_env(target: str | None) -> dict[str, str]:
 
 
 def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise RayTrainError(f"ray_address {address!r} is not host:port (or ray://host:port)")
+    """RayTrainError naming `address` unless it answers: the ray backend's check."""
+    from ..llm.ray_backend import RayClusterError
+    from ..llm.ray_backend import check_reachable as answers
+
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise RayTrainError(
-            f"cannot reach the Ray cluster at ray_address {address!r} within {timeout_s:g} s ({exc}); is "
-            "`ray start --head` running there, and its port open from this machine?"
-        ) from None
+        answers(address, timeout_s)
+    except RayClusterError as exc:
+        raise RayTrainError(str(exc).replace("the Ray cluster at", "the Ray cluster at ray_address", 1)) from None
 
 
 def check_capacity(ray, settings: RayTrainSettings) -> None:
@@ -238,10 +233,9 @@ def check_capacity(ray, settings: RayTrainSettings) -> None:
 
 
 def _workers_that_fit(node: Mapping[str, float], settings: RayTrainSettings) -> int:
-    fit = math.floor(node.get("CPU", 0) / settings.cpus_per_worker)
-    if settings.gpus_per_worker > 0:
-        fit = min(fit, math.floor(node.get("GPU", 0) / settings.gpus_per_worker + 1e-9))
-    return fit
+    from ..llm.ray_backend import actors_that_fit
+
+    return actors_that_fit(node, settings.cpus_per_worker, settings.gpus_per_worker)
 
 
 @contextmanager

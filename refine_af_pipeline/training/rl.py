@@ -34,7 +34,7 @@ from ..settings_types import (
 from .checkpoints import Checkpoints, step_counter, step_of, step_state_saver, with_epoch_seeded_sampler
 from .distributed import accumulation_steps, gathered, is_main_process, world_size
 from .rl_diagnostics import repeated_ngram_share
-from .rollouts import row_seeded_rollouts
+from .rollouts import processor_added, row_seeded_rollouts
 from .trainer_setup import common_training_args, log_forwarder, lora_config, save_adapter
 
 
@@ -294,8 +294,6 @@ def sort_free_rollouts(trainer, top_p: float, temperature: float) -> Iterator[bo
     its own warpers). The trainer's own temperature, which scales the logits it trains on, is left
     alone. Yields False, changing nothing, where the trainer does not sample with model.generate
     (vLLM rollouts). The policy's generate is restored on exit."""
-    from transformers import LogitsProcessorList
-
     from refine_af_pipeline.llm.sampling import nucleus_logits_processor
 
     config = getattr(trainer, "generation_config", None)
@@ -305,22 +303,9 @@ def sort_free_rollouts(trainer, top_p: float, temperature: float) -> Iterator[bo
     config.top_p, config.temperature = 1.0, 1.0
     if isinstance(getattr(trainer, "generation_kwargs", None), dict):
         trainer.generation_kwargs.update(top_p=1.0, temperature=1.0)
-    model, processor = trainer.model, nucleus_logits_processor(top_p, temperature)
-    original, own = model.generate, model.__dict__.get("generate")
-
-    def generate(*args, **kwargs):
-        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        processors.append(processor)
-        return original(*args, logits_processor=processors, **kwargs)
-
-    model.generate = generate
-    try:
+    processor = nucleus_logits_processor(top_p, temperature)
+    with processor_added(trainer.model, lambda *args, **kwargs: processor):
         yield True
-    finally:
-        if own is None:
-            del model.generate
-        else:
-            model.generate = own
 
 
 def _end_token_ids(model, tokenizer) -> set[int]:

@@ -49,25 +49,36 @@ def row_seeded_rollouts(trainer, seed: int) -> Iterator[bool]:
     process generates the same number of rows per step (TRL splits the step's batch evenly), so
     this process's row i is row rank x rows + i of the step. Yields False, changing nothing, where
     the trainer does not sample with model.generate (vLLM rollouts)."""
-    from transformers import LogitsProcessorList
-
     if getattr(trainer, "generation_config", None) is None:
         yield False
         return
-    model = trainer.model
+
+    def draw(*args, **kwargs):
+        rows = (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[0]
+        step_seed = seed * STEP_STRIDE + trainer.state.global_step
+        return row_seeded_processor([row_seed(step_seed, rank() * rows + i) for i in range(rows)])
+
+    with processor_added(trainer.model, draw):
+        yield True
+
+
+@contextmanager
+def processor_added(model, make_processor) -> Iterator[None]:
+    """Inside, every model.generate call runs the caller's logits processors, then
+    make_processor(*the call's arguments); transformers runs a caller's processors before its own
+    warpers. The model's generate is restored on exit, nested installs in reverse order."""
+    from transformers import LogitsProcessorList
+
     original, own = model.generate, model.__dict__.get("generate")
 
     def generate(*args, **kwargs):
-        rows = (kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape[0]
-        step_seed = seed * STEP_STRIDE + trainer.state.global_step
-        seeds = [row_seed(step_seed, rank() * rows + i) for i in range(rows)]
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        processors.append(row_seeded_processor(seeds))
+        processors.append(make_processor(*args, **kwargs))
         return original(*args, logits_processor=processors, **kwargs)
 
     model.generate = generate
     try:
-        yield True
+        yield
     finally:
         if own is None:
             del model.generate
