@@ -16,7 +16,7 @@ from ..llm.embedded_model import EMBEDDED_MODEL_ID
 from ..llm.models import EMBEDDED
 from .seeds import SeedTask
 
-# Rows written before pools were named read as this pool: name it in seed_pool's config to go on with it.
+# Rows written before pools were named read as this pool: name it in bootstrap_instructions' `pool` to go on with it.
 UNNAMED_POOL = "unnamed"
 # Letters, digits, dot, dash and underscore: safe as a file name, a SQL parameter and a Dagster partition key.
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
