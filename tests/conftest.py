@@ -97,23 +97,14 @@ def upstream_of_instances(tiny_model_dir, tmp_path_factory):
     """A data directory with everything RL and instance generation read (kept pool, base scores, the
     learned reward, an RL adapter), materialized once for the session on the tiny model; tests copy
     it (pipeline_helpers.copy_data_dir) before they write."""
-    from pipeline_helpers import materialize, smallest_run_config
+    from pipeline_helpers import STAGES_BEFORE_RL, materialize, smallest_run_config
 
     data_dir = tmp_path_factory.mktemp("instances")
     result = materialize(
         data_dir,
         str(tiny_model_dir),
         smallest_run_config(),
-        selection=[
-            "seed_pool",
-            "raw_instructions",
-            "deduplicated_instructions",
-            "instruction_pool",
-            "reward_model",
-            "reward_scores",
-            "reward_standardisation",
-            "rl_refined_policy",
-        ],
+        selection=[*STAGES_BEFORE_RL, "rl_refined_policy"],
     )
     assert result.success
     return data_dir

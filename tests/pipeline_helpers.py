@@ -10,6 +10,18 @@ from refine_af_pipeline.definitions import all_assets, all_checks, default_resou
 from resources import FeedbackScorerResource, LanguageModelResource
 from resources.training_launcher import TrainingLauncherResource
 
+# Every asset the RL and instance stages read, in the graph's order: the pool's stages, then the
+# reward model and the standardisation of its scores.
+STAGES_BEFORE_RL = [
+    "seed_pool",
+    "raw_instructions",
+    "deduplicated_instructions",
+    "instruction_pool",
+    "reward_model",
+    "reward_scores",
+    "reward_standardisation",
+]
+
 
 def smallest_run_config(**overrides) -> dict:
     """Per-asset config at the smallest sizes; `materialize` keeps the entries it selects."""

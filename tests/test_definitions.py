@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from pipeline_helpers import STAGES_BEFORE_RL
 
 from refine_af_pipeline.definitions import defs
 
@@ -14,15 +15,7 @@ ROOT = Path(__file__).parent.parent
 
 # Shared stages, then the REFINE-AF branch (RL policy writes the instances) beside the Self-Instruct
 # baseline branch (the base model writes them), joined again by the evaluation and the exports.
-SHARED = [
-    "seed_pool",
-    "raw_instructions",
-    "deduplicated_instructions",
-    "instruction_pool",
-    "reward_model",
-    "reward_scores",
-    "reward_standardisation",
-]
+SHARED = STAGES_BEFORE_RL
 REFINE_AF = ["rl_refined_policy", "instance_output_pairs", "finetuned_model"]
 SELF_INSTRUCT = ["selfinstruct_instance_pairs", "selfinstruct_finetuned_model"]
 BEST_OF_N = ["bestofn_instance_pairs", "bestofn_finetuned_model"]

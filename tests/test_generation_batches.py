@@ -6,7 +6,7 @@ import json
 import dagster as dg
 import duckdb
 import pytest
-from pipeline_helpers import materialize, smallest_run_config
+from pipeline_helpers import STAGES_BEFORE_RL, materialize, smallest_run_config
 
 from refine_af_pipeline.instructions.instances import InstancePairsSettings
 from refine_af_pipeline.llm.backend import SamplingParams, render_prompt
@@ -70,16 +70,7 @@ def test_a_stage_batch_size_sets_the_ledger_batches_and_rows_keep_their_prompts(
         str(tiny_model_dir),
         config,
         batch_size=2,
-        selection=[
-            "seed_pool",
-            "raw_instructions",
-            "deduplicated_instructions",
-            "instruction_pool",
-            "reward_model",
-            "reward_scores",
-            "reward_standardisation",
-            "selfinstruct_instance_pairs",
-        ],
+        selection=[*STAGES_BEFORE_RL, "selfinstruct_instance_pairs"],
     )
     assert result.success
     with duckdb.connect(str(tmp_path / "refine_af.duckdb"), read_only=True) as conn:

@@ -7,7 +7,7 @@ import dagster as dg
 import duckdb
 import polars as pl
 import pytest
-from pipeline_helpers import copy_data_dir, materialize, smallest_run_config
+from pipeline_helpers import STAGES_BEFORE_RL, copy_data_dir, materialize, smallest_run_config
 from warehouse_recorder import lineage_violations, load_records
 
 from assets.query_ledger import LEDGER_STAGES
@@ -23,13 +23,7 @@ from refine_af_pipeline.training.splits import in_share
 pytestmark = pytest.mark.slow  # minutes of tiny-model graph runs: out of make test-fast
 
 TABLES = [
-    "seed_pool",
-    "raw_instructions",
-    "deduplicated_instructions",
-    "instruction_pool",
-    "reward_model",
-    "reward_scores",
-    "reward_standardisation",
+    *STAGES_BEFORE_RL,
     "rl_refined_policy",
     "rl_heldout_comparison",
     "instance_output_pairs",
