@@ -19,18 +19,11 @@ from pathlib import Path
 
 import pytest
 from pipeline_helpers import copy_data_dir, instance_for, materialize, smallest_run_config
+from training_child import INSTRUCTIONS  # the prompts the kill/resume runs train on
 
 pytestmark = pytest.mark.slow
 
 TOLERANCE = 1e-4
-INSTRUCTIONS = [
-    "Describe a quiet river garden",
-    "List three useful habits for every student",
-    "Compare two ancient bridges",
-    "Suggest a simple recipe for a team",
-    "Explain why the sky looks blue",
-    "Write a short note to a neighbour",
-]
 
 
 def _spec(kind: str, model_dir: Path, folder: Path) -> dict:
