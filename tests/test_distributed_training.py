@@ -4,8 +4,14 @@ guard that ends an orphaned torchrun; and a world size larger than the machine.
 
 Tolerance: the two-process run computes the same per-step arithmetic (the same examples per step,
 the same rollouts: each row draws from its own seeded stream, training/rollouts.py), summed in
-another order across processes, so per-step losses and rewards agree within 1e-4 and KL within
-1e-4; the adapters of the two runs differ in their last bits and are not compared."""
+another order across processes, so per-step losses and rewards agree within 1e-4; the adapters of
+the two runs differ in their last bits and are not compared.
+
+TRL logs GRPO's KL and entropy as the mean, over a step's passes, of each pass's token-weighted
+mean. With gradient accumulation the passes hold different completions in one process and in two,
+so where completions differ in length those two figures differ between the runs (by 2e-4 KL on one
+CI machine) although the training is the same. They are compared where a step is one pass in both
+runs; the accumulating run is compared on the figures that do not depend on the grouping."""
 
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
 
 
-def _spec(kind: str, model_dir: Path, folder: Path) -> dict:
+def _spec(kind: str, model_dir: Path, folder: Path, train_batch_size: int | None = None) -> dict:
     common = {
         "kind": kind,
         "model": {"path": str(model_dir), "model_id": "tiny", "local_only": True},
@@ -44,7 +50,7 @@ def _spec(kind: str, model_dir: Path, folder: Path) -> dict:
         "max_steps": 3,
         "prompts_per_step": 2,
         "group_size": 4,
-        "train_batch_size": 2,
+        "train_batch_size": train_batch_size or 2,
         "max_completion_length": 12,
         "checkpoint_every_steps": 0,
     }
@@ -60,11 +66,13 @@ def _spec(kind: str, model_dir: Path, folder: Path) -> dict:
     }
 
 
-def _train(kind: str, model_dir: Path, folder: Path, processes: int) -> tuple[dict, list[dict]]:
+def _train(
+    kind: str, model_dir: Path, folder: Path, processes: int, train_batch_size: int | None = None
+) -> tuple[dict, list[dict]]:
     """The worker on `spec` as `processes` torchrun processes (1: plain python, no torchrun)."""
     folder.mkdir(parents=True)
     spec_file = folder / "spec.json"
-    spec_file.write_text(json.dumps(_spec(kind, model_dir, folder)))
+    spec_file.write_text(json.dumps(_spec(kind, model_dir, folder, train_batch_size)))
     worker = ["-m", "refine_af_pipeline.training.torchrun_worker", str(spec_file)]
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -74,14 +82,8 @@ def _train(kind: str, model_dir: Path, folder: Path, processes: int) -> tuple[di
     return json.loads((folder / "result.json").read_text()), ranks
 
 
-@pytest.mark.parametrize("kind", ["sft", "grpo"])
-def test_two_processes_train_what_one_process_trains(kind, tiny_model_dir, tmp_path):
-    spec_kind = "sft" if kind == "sft" else "rl"
-    one, [alone] = _train(spec_kind, tiny_model_dir, tmp_path / "one", 1)
-    two, ranks = _train(spec_kind, tiny_model_dir, tmp_path / "two", 2)
+def _same_training(one: dict, two: dict, ranks: list[dict], expected_steps: int, keys: tuple[str, ...]) -> None:
     assert one["world_size"] == 1 and two["world_size"] == 2 and [r["rank"] for r in ranks] == [0, 1]
-    # The global batch is the config's: 12 pairs in batches of 4 for 2 epochs, or max_steps.
-    expected_steps = 6 if kind == "sft" else 3
     assert two["steps_taken"] == one["steps_taken"] == expected_steps
     assert [r["steps_taken"] for r in ranks] == [expected_steps] * 2
     # DDP: both processes hold the same adapter at the end.
@@ -89,12 +91,34 @@ def test_two_processes_train_what_one_process_trains(kind, tiny_model_dir, tmp_p
     # Only the main process wrote the adapter.
     assert (Path(two["adapter_dir"]) / "adapter_model.safetensors").is_file()
     assert [s["step"] for s in two["log"]] == [s["step"] for s in one["log"]]
-    assert [s["loss"] for s in two["log"]] == pytest.approx([s["loss"] for s in one["log"]], abs=TOLERANCE)
-    if kind == "grpo":
-        for key in ("reward", "kl", "gate_failure_share", "learned_reward_mean"):
-            assert [s[key] for s in two["log"]] == pytest.approx([s[key] for s in one["log"]], abs=TOLERANCE), key
-        # Each process judged half of every step's completions; the step's count is their sum.
-        assert two["judge_queries"] == one["judge_queries"] > 0
+    for key in keys:
+        assert [s[key] for s in two["log"]] == pytest.approx([s[key] for s in one["log"]], abs=TOLERANCE), key
+
+
+def test_two_processes_fine_tune_what_one_process_fine_tunes(tiny_model_dir, tmp_path):
+    """SFT, 12 pairs in batches of 4 for 2 epochs: 4 passes a step in one process, 2 in each of two."""
+    one, _ = _train("sft", tiny_model_dir, tmp_path / "one", 1)
+    two, ranks = _train("sft", tiny_model_dir, tmp_path / "two", 2)
+    _same_training(one, two, ranks, 6, ("loss",))
+
+
+# Figures that are means over a step's completions or tokens, whatever the passes hold.
+GROUPING_FREE = ("loss", "reward", "gate_failure_share", "learned_reward_mean", "completion_length", "clipped_share")
+
+
+def test_two_processes_train_the_policy_one_process_trains(tiny_model_dir, tmp_path):
+    """GRPO, 3 steps of 2 prompts x 4 completions. One pass a step in one process (8 completions) and
+    in each of two (4 each): every logged figure agrees, KL and entropy included. Two passes a step
+    in each of two processes (gradient accumulation): the figures that do not depend on the grouping."""
+    one, _ = _train("rl", tiny_model_dir, tmp_path / "one", 1, train_batch_size=8)
+    two, ranks = _train("rl", tiny_model_dir, tmp_path / "two", 2, train_batch_size=4)
+    _same_training(one, two, ranks, 3, (*GROUPING_FREE, "kl", "entropy"))
+    assert any(s["kl"] > 0 for s in one["log"])  # the policy moved off the reference: KL is compared, not zeros
+    # Each process judged half of every step's completions; the step's count is their sum.
+    assert two["judge_queries"] == one["judge_queries"] > 0
+    accumulated, ranks = _train("rl", tiny_model_dir, tmp_path / "accumulated", 2, train_batch_size=2)
+    _same_training(one, accumulated, ranks, 3, GROUPING_FREE)
+    assert accumulated["judge_queries"] == one["judge_queries"]
 
 
 def test_torchrun_through_dagster_pipes(upstream_of_instances, tiny_model_dir, tmp_path):
